@@ -1,0 +1,149 @@
+/**
+ * A small pool of worker threads for CPU-bound work (hashing, compression, encryption), so the
+ * event loop stays free for I/O. A worker module calls {@link serveWorker} with its handlers; the
+ * pool sends each task to the least-loaded worker. Callers bound their own in-flight work; the
+ * pool queues nothing of its own beyond what they send.
+ */
+import { availableParallelism } from "node:os";
+import { isMainThread, parentPort, type Transferable, Worker, workerData } from "node:worker_threads";
+import { ErrorCode, StrataError } from "./errors.js";
+
+interface Request {
+  id: number;
+  method: string;
+  args: unknown;
+}
+
+type Reply = { id: number; ok: true; value: unknown } | { id: number; ok: false; error: SerializedError };
+
+interface SerializedError {
+  message: string;
+  code?: string;
+  strata?: boolean;
+}
+
+interface Slot {
+  worker: Worker;
+  pending: Map<number, { resolve: (v: unknown) => void; reject: (e: unknown) => void }>;
+}
+
+/** Number of worker threads to use by default: one per core. */
+export function defaultWorkerCount(): number {
+  return Math.max(1, availableParallelism());
+}
+
+export class WorkerPool {
+  private readonly slots: Slot[] = [];
+  private nextId = 1;
+  private closed = false;
+
+  /**
+   * @param moduleUrl URL of the worker module (it must call serveWorker).
+   * @param size number of threads.
+   * @param data passed to each worker as workerData (keys, settings).
+   */
+  constructor(moduleUrl: URL, size: number = defaultWorkerCount(), data?: unknown) {
+    for (let i = 0; i < size; i++) {
+      const worker = new Worker(moduleUrl, { workerData: data });
+      const slot: Slot = { worker, pending: new Map() };
+      worker.on("message", (reply: Reply) => {
+        const p = slot.pending.get(reply.id);
+        if (!p) return;
+        slot.pending.delete(reply.id);
+        if (reply.ok) p.resolve(reply.value);
+        else p.reject(deserializeError(reply.error));
+      });
+      worker.on("error", (err) => this.failSlot(slot, err));
+      worker.on("exit", (code) => {
+        if (!this.closed) this.failSlot(slot, new Error(`worker thread exited with code ${code}`));
+      });
+      worker.unref();
+      this.slots.push(slot);
+    }
+  }
+
+  get size(): number {
+    return this.slots.length;
+  }
+
+  /** Runs `method` in the least busy worker. `transfer` lists buffers handed over (not copied). */
+  run<T>(method: string, args: unknown, transfer: readonly Transferable[] = []): Promise<T> {
+    if (this.closed) return Promise.reject(new StrataError(ErrorCode.INTERNAL, "worker pool is closed"));
+    let slot = this.slots[0]!;
+    for (const s of this.slots) if (s.pending.size < slot.pending.size) slot = s;
+    const id = this.nextId++;
+    return new Promise<T>((resolve, reject) => {
+      slot.pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
+      if (slot.pending.size === 1) slot.worker.ref();
+      const req: Request = { id, method, args };
+      slot.worker.postMessage(req, transfer as Transferable[]);
+    }).finally(() => {
+      if (slot.pending.size === 0) slot.worker.unref();
+    });
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await Promise.all(this.slots.map((s) => s.worker.terminate()));
+  }
+
+  private failSlot(slot: Slot, err: unknown): void {
+    for (const p of slot.pending.values()) {
+      p.reject(new StrataError(ErrorCode.INTERNAL, `worker thread failed: ${String(err)}`, { cause: err }));
+    }
+    slot.pending.clear();
+  }
+}
+
+function deserializeError(e: SerializedError): Error {
+  if (e.strata && e.code) return new StrataError(e.code as ErrorCode, e.message);
+  const err = new Error(e.message) as Error & { code?: string };
+  if (e.code) err.code = e.code;
+  return err;
+}
+
+function serializeError(err: unknown): SerializedError {
+  if (err instanceof StrataError) return { message: err.message, code: err.code, strata: true };
+  if (err instanceof Error) {
+    const code = (err as { code?: unknown }).code;
+    return typeof code === "string" ? { message: err.message, code } : { message: err.message };
+  }
+  return { message: String(err) };
+}
+
+/** A handler returns its value, or `{ value, transfer }` made by {@link withTransfer}. */
+export type Handler = (args: never, data: unknown) => unknown | Promise<unknown>;
+
+const TRANSFER = Symbol("transfer");
+interface WithTransfer {
+  [TRANSFER]: true;
+  value: unknown;
+  transfer: Transferable[];
+}
+
+/** Marks a handler's result so that the listed buffers are moved, not copied, to the caller. */
+export function withTransfer(value: unknown, transfer: Transferable[]): WithTransfer {
+  return { [TRANSFER]: true, value, transfer };
+}
+
+/** Call at the top level of a worker module: answers the pool's requests with `handlers`. */
+export function serveWorker(handlers: Record<string, Handler>): void {
+  if (isMainThread || !parentPort) return;
+  const port = parentPort;
+  const data: unknown = workerData;
+  port.on("message", async (req: Request) => {
+    try {
+      const handler = handlers[req.method];
+      if (!handler) throw new Error(`unknown worker method ${req.method}`);
+      const result = await handler(req.args as never, data);
+      if (typeof result === "object" && result !== null && TRANSFER in result) {
+        const r = result as WithTransfer;
+        port.postMessage({ id: req.id, ok: true, value: r.value } satisfies Reply, r.transfer);
+      } else {
+        port.postMessage({ id: req.id, ok: true, value: result } satisfies Reply);
+      }
+    } catch (err) {
+      port.postMessage({ id: req.id, ok: false, error: serializeError(err) } satisfies Reply);
+    }
+  });
+}

@@ -1,0 +1,88 @@
+// Keeps the layering of ARCHITECTURE.md: each layer imports only from layers above it
+// (util → repo, nbd → image → hypervisor → engine → catalog, server, cli).
+import assert from "node:assert/strict";
+import { readdirSync, readFileSync, statSync } from "node:fs";
+import { dirname, join, relative, resolve, sep } from "node:path";
+import { test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..", "..");
+const src = join(root, "src");
+
+/** Rank of each layer; a file may import from a layer of lower rank, or its own layer. */
+const RANK: Record<string, number> = {
+  util: 0,
+  repo: 1,
+  nbd: 1,
+  image: 2,
+  hypervisor: 3,
+  engine: 4,
+  catalog: 5,
+  server: 6,
+  cli: 7,
+};
+
+/** Same-rank layers that must not see each other. */
+const SIBLINGS_APART = [["repo", "nbd"]];
+
+function walk(dir: string, out: string[] = []): string[] {
+  for (const name of readdirSync(dir)) {
+    const p = join(dir, name);
+    if (statSync(p).isDirectory()) walk(p, out);
+    else if (name.endsWith(".ts")) out.push(p);
+  }
+  return out;
+}
+
+function layerOf(file: string): string {
+  return relative(src, file).split(sep)[0]!;
+}
+
+test("every folder under src/ is a known layer", () => {
+  for (const name of readdirSync(src)) {
+    if (statSync(join(src, name)).isDirectory())
+      assert.ok(name in RANK, `src/${name} is not a layer in RANK`);
+  }
+});
+
+function violations(files: Array<{ path: string; text: string }>): string[] {
+  const out: string[] = [];
+  const importRe =
+    /(?:^|\n)\s*(?:import|export)[^'"]*?from\s*["']([^"']+)["']|import\(\s*["']([^"']+)["']\s*\)/g;
+  for (const { path: file, text } of files) {
+    const from = layerOf(file);
+    for (const m of text.matchAll(importRe)) {
+      const spec = m[1] ?? m[2]!;
+      if (!spec.startsWith(".")) continue;
+      const target = resolve(dirname(file), spec);
+      if (!target.startsWith(src + sep)) {
+        out.push(`${relative(root, file)} imports ${spec}, outside src/`);
+        continue;
+      }
+      const to = layerOf(target);
+      if (to === from) continue;
+      const apart = SIBLINGS_APART.some((pair) => pair.includes(from) && pair.includes(to));
+      if (RANK[to]! >= RANK[from]! || apart)
+        out.push(`${relative(root, file)} (${from}) imports ${spec} (${to})`);
+    }
+  }
+  return out;
+}
+
+test("no import points upward or across sibling layers", () => {
+  const files = walk(src).map((path) => ({ path, text: readFileSync(path, "utf8") }));
+  assert.ok(files.length > 0);
+  assert.deepEqual(violations(files), []);
+});
+
+test("the check reports upward, sibling and outside imports", () => {
+  const f = (layer: string, text: string) => ({ path: join(src, layer, "x.ts"), text });
+  const found = violations([
+    f("repo", 'import { backup } from "../engine/backup.js";'),
+    f("nbd", 'import type { Repo } from "../repo/repository.js";'),
+    f("util", 'export { x } from "../../test/helpers.js";'),
+    f("engine", 'const m = await import("../cli/main.js");'),
+    f("engine", 'import { Repo } from "../repo/repository.js";\nimport { z } from "./own.js";'),
+  ]);
+  assert.equal(found.length, 4, found.join("\n"));
+});
