@@ -1,0 +1,201 @@
+/** init, snapshots, verify, forget, gc: commands on the repository itself. */
+import type { Command } from "commander";
+import { FsStore } from "../repo/fs-store.js";
+import { manifestTotals } from "../repo/manifest.js";
+import { forget, gc } from "../repo/prune.js";
+import { Repository } from "../repo/repository.js";
+import { verifyRepository } from "../repo/verify.js";
+import { ErrorCode, StrataError } from "../util/errors.js";
+import { formatBytes, parseSize } from "../util/sizes.js";
+import { globals, interruptSignal, output, parseCount, password, repoPath, withRepo } from "./context.js";
+
+export function registerRepoCommands(program: Command): void {
+  program
+    .command("init")
+    .description("create a repository (encrypted when a password is given)")
+    .option("--chunk-size <size>", "chunk size, a power of two from 64K to 64M", "4M")
+    .addHelpText(
+      "after",
+      `
+A password (--password-file FILE or STRATA_PASSWORD) makes the repository encrypted with
+AES-256-GCM; without one it is not encrypted. Keep the password: without it nothing can be restored.
+
+Example:
+  strata init --repo /backup/strata --password-file /root/.strata-pass`,
+    )
+    .action(async (opts: { chunkSize: string }, cmd: Command) => {
+      const out = output(cmd);
+      const g = globals(cmd);
+      const pw = password(g);
+      const store = new FsStore(repoPath(g));
+      const config = await Repository.init(store, {
+        chunkSize: parseSize(opts.chunkSize),
+        ...(pw === undefined ? {} : { password: pw }),
+      });
+      out.result({ location: store.location, ...config }, () =>
+        [
+          `created repository ${config.id} at ${store.location}`,
+          `chunk size ${formatBytes(config.chunkSize)}, ${config.encryption === "none" ? "NOT encrypted" : "encrypted (AES-256-GCM)"}`,
+        ].join("\n"),
+      );
+    });
+
+  program
+    .command("snapshots")
+    .description("list restore points")
+    .option("--vm <name>", "only this VM's")
+    .action(async (opts: { vm?: string }, cmd: Command) => {
+      const out = output(cmd);
+      await withRepo(cmd, async (repo) => {
+        const snaps = await repo.snapshots(opts.vm, (vm, time, err) =>
+          out.warn(`${vm}/${time}: ${err.message}`),
+        );
+        const rows = snaps.map((s) => {
+          const t = manifestTotals(s.manifest);
+          return {
+            id: `${s.vm}/${s.time}`,
+            vm: s.vm,
+            time: s.time,
+            mode: s.manifest.mode,
+            consistency: s.manifest.consistency,
+            parent: s.manifest.parent,
+            disks: s.manifest.disks.map((d) => ({ name: d.name, size: d.size })),
+            size: t.size,
+            bytesNew: t.bytesNew,
+            bytesStored: t.bytesStored,
+          };
+        });
+        out.result(rows, () => {
+          if (rows.length === 0) return "no restore points";
+          const lines = rows.map(
+            (r) =>
+              `${r.id.padEnd(36)} ${r.consistency.padEnd(22)} ${r.disks
+                .map((d) => `${d.name}:${formatBytes(d.size)}`)
+                .join(" ")
+                .padEnd(24)} new ${formatBytes(r.bytesNew)}`,
+          );
+          return [
+            `${"ID".padEnd(36)} ${"CONSISTENCY".padEnd(22)} ${"DISKS".padEnd(24)} ADDED`,
+            ...lines,
+          ].join("\n");
+        });
+      });
+    });
+
+  program
+    .command("verify")
+    .description("check that every restore point can be restored")
+    .option("--read-data", "read and check every chunk, not only that it exists")
+    .action(async (opts: { readData?: boolean }, cmd: Command) => {
+      const out = output(cmd);
+      await withRepo(cmd, async (repo) => {
+        const lock = await repo.lock("read", "verify");
+        try {
+          const report = await verifyRepository(repo, {
+            readData: opts.readData === true,
+            progress: out.progress(),
+            signal: interruptSignal(),
+          });
+          out.result({ type: "summary", ...report }, () => {
+            const lines = [
+              `${report.snapshotsChecked} restore points, ${report.chunksChecked} chunks ${opts.readData ? "read" : "checked"}`,
+            ];
+            for (const d of report.damagedSnapshots)
+              lines.push(`DAMAGED ${d.id}:\n  ${d.problems.join("\n  ")}`);
+            for (const c of report.damagedChunks)
+              lines.push(`DAMAGED chunk ${c.digest}: ${c.problem} (used by ${c.usedBy.join(", ")})`);
+            lines.push(
+              report.ok
+                ? "no errors found"
+                : "errors found: the restore points above can't be restored whole",
+            );
+            return lines.join("\n");
+          });
+          if (!report.ok) {
+            throw new StrataError(
+              ErrorCode.DATA_CORRUPT,
+              `verify found ${report.damagedSnapshots.length} damaged restore point(s) and ${report.damagedChunks.length} damaged chunk(s)`,
+            );
+          }
+        } finally {
+          await lock.release();
+        }
+      });
+    });
+
+  const count = (flag: string) => parseCount(flag);
+  program
+    .command("forget")
+    .description("remove restore points by a retention policy (run gc to free the space)")
+    .option("--keep-last <n>", "keep the n newest", count("--keep-last"))
+    .option("--keep-hourly <n>", "keep the newest of each of the last n hours", count("--keep-hourly"))
+    .option("--keep-daily <n>", "keep the newest of each of the last n days", count("--keep-daily"))
+    .option("--keep-weekly <n>", "keep the newest of each of the last n weeks", count("--keep-weekly"))
+    .option("--keep-monthly <n>", "keep the newest of each of the last n months", count("--keep-monthly"))
+    .option("--keep-yearly <n>", "keep the newest of each of the last n years", count("--keep-yearly"))
+    .option("--vm <name>", "only this VM's restore points")
+    .option("-n, --dry-run", "show what would go, remove nothing")
+    .addHelpText(
+      "after",
+      `
+Rules apply to each VM apart; a restore point kept by any rule stays. Periods count in local time.
+
+Example: keep 7 dailies, 4 weeklies and 6 monthlies of every VM:
+  strata forget --keep-daily 7 --keep-weekly 4 --keep-monthly 6 --dry-run`,
+    )
+    .action(async (opts: Record<string, number | string | boolean | undefined>, cmd: Command) => {
+      const out = output(cmd);
+      await withRepo(cmd, async (repo) => {
+        const policy = {
+          ...(opts.keepLast === undefined ? {} : { last: opts.keepLast as number }),
+          ...(opts.keepHourly === undefined ? {} : { hourly: opts.keepHourly as number }),
+          ...(opts.keepDaily === undefined ? {} : { daily: opts.keepDaily as number }),
+          ...(opts.keepWeekly === undefined ? {} : { weekly: opts.keepWeekly as number }),
+          ...(opts.keepMonthly === undefined ? {} : { monthly: opts.keepMonthly as number }),
+          ...(opts.keepYearly === undefined ? {} : { yearly: opts.keepYearly as number }),
+        };
+        const plan = await forget(repo, policy, {
+          ...(typeof opts.vm === "string" ? { vm: opts.vm } : {}),
+          dryRun: opts.dryRun === true,
+        });
+        out.result({ type: "summary", dryRun: opts.dryRun === true, ...plan }, () =>
+          [
+            ...plan.keep.map((k) => `keep   ${k.id}  (${k.reasons.join(", ")})`),
+            ...plan.remove.map((id) => `${opts.dryRun ? "would remove" : "remove"} ${id}`),
+            `${plan.keep.length} kept, ${plan.remove.length} ${opts.dryRun ? "would be removed" : "removed"}`,
+          ].join("\n"),
+        );
+      });
+    });
+
+  program
+    .command("gc")
+    .description("remove chunks no restore point uses (safe beside running backups)")
+    .option("--grace <duration>", "keep chunks touched this recently, e.g. 1h, 30m, 0s", "1h")
+    .option("-n, --dry-run", "count what would go, remove nothing")
+    .action(async (opts: { grace: string; dryRun?: boolean }, cmd: Command) => {
+      const out = output(cmd);
+      await withRepo(cmd, async (repo) => {
+        const report = await gc(repo, {
+          graceMs: parseDuration(opts.grace),
+          dryRun: opts.dryRun === true,
+          progress: out.progress(),
+          signal: interruptSignal(),
+        });
+        out.result(
+          { type: "summary", ...report },
+          () =>
+            `${opts.dryRun ? "would remove" : "removed"} ${report.chunksRemoved} chunks (${formatBytes(report.bytesFreed)}), ` +
+            `${report.chunksReferenced} in use, ${report.chunksKeptRecent} unreferenced but recent kept, ` +
+            `${report.incompleteRemoved} incomplete restore points removed`,
+        );
+      });
+    });
+}
+
+export function parseDuration(text: string): number {
+  const m = /^(\d+)(ms|s|m|h|d)?$/.exec(text.trim());
+  if (!m) throw new StrataError(ErrorCode.USAGE, `not a duration: "${text}" (examples: 0s, 30m, 1h, 2d)`);
+  const mult = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[m[2] ?? "s"]!;
+  return Number(m[1]) * mult;
+}

@@ -1,0 +1,82 @@
+/** Global options and opening the repository, shared by every command. */
+import { readFileSync } from "node:fs";
+import { resolve } from "node:path";
+import type { Command } from "commander";
+import { FsStore } from "../repo/fs-store.js";
+import { Repository } from "../repo/repository.js";
+import { ErrorCode, StrataError } from "../util/errors.js";
+import { makeOutput, type Output } from "./output.js";
+
+export interface GlobalOptions {
+  repo?: string;
+  passwordFile?: string;
+  json?: boolean;
+  quiet?: boolean;
+}
+
+export function globals(cmd: Command): GlobalOptions {
+  return cmd.optsWithGlobals() as GlobalOptions;
+}
+
+export function output(cmd: Command): Output {
+  const g = globals(cmd);
+  return makeOutput({ json: g.json === true, quiet: g.quiet === true });
+}
+
+export function repoPath(g: GlobalOptions): string {
+  const p = g.repo ?? process.env.STRATA_REPO;
+  if (!p) throw new StrataError(ErrorCode.USAGE, "no repository given: use --repo DIR or set STRATA_REPO");
+  return resolve(p);
+}
+
+/** The password from --password-file or STRATA_PASSWORD, or undefined. */
+export function password(g: GlobalOptions): string | undefined {
+  if (g.passwordFile !== undefined) {
+    try {
+      return readFileSync(g.passwordFile, "utf8").replace(/\r?\n$/, "");
+    } catch (err) {
+      throw new StrataError(
+        ErrorCode.USAGE,
+        `cannot read password file ${g.passwordFile}: ${(err as Error).message}`,
+      );
+    }
+  }
+  return process.env.STRATA_PASSWORD;
+}
+
+export async function openRepo(cmd: Command): Promise<Repository> {
+  const g = globals(cmd);
+  const pw = password(g);
+  return Repository.open(new FsStore(repoPath(g)), pw === undefined ? {} : { password: pw });
+}
+
+/** Runs `fn` with an open repository and closes it afterwards. */
+export async function withRepo<T>(cmd: Command, fn: (repo: Repository) => Promise<T>): Promise<T> {
+  const repo = await openRepo(cmd);
+  try {
+    return await fn(repo);
+  } finally {
+    await repo.close();
+  }
+}
+
+/** An AbortSignal that fires on SIGINT/SIGTERM, so long jobs stop cleanly (and clean up). */
+export function interruptSignal(): AbortSignal {
+  const ac = new AbortController();
+  const stop = (sig: string) => {
+    if (ac.signal.aborted) process.exit(130);
+    ac.abort(new StrataError(ErrorCode.ABORTED, `interrupted by ${sig}`));
+  };
+  process.once("SIGINT", () => stop("SIGINT"));
+  process.once("SIGTERM", () => stop("SIGTERM"));
+  return ac.signal;
+}
+
+export function parseCount(flag: string): (v: string) => number {
+  return (v) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 0)
+      throw new StrataError(ErrorCode.USAGE, `${flag} takes a whole number, not "${v}"`);
+    return n;
+  };
+}

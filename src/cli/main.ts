@@ -1,0 +1,75 @@
+/**
+ * The strata command. Commands parse their arguments, call the engine or the repository, and
+ * render; this file alone prints errors and picks exit codes.
+ */
+import { Command, CommanderError } from "commander";
+import { ErrorCode, StrataError } from "../util/errors.js";
+import { registerBackupCommands } from "./cmd-backup.js";
+import { registerDemoCommand } from "./cmd-demo.js";
+import { registerRepoCommands } from "./cmd-repo.js";
+
+/** Exit codes, stable for scripts. */
+export const EXIT: Record<string, number> = {
+  [ErrorCode.USAGE]: 2,
+  [ErrorCode.DATA_CORRUPT]: 3,
+  [ErrorCode.DATA_MISSING]: 3,
+  [ErrorCode.REPO_NOT_FOUND]: 10,
+  [ErrorCode.LOCKED]: 11,
+  [ErrorCode.WRONG_PASSWORD]: 12,
+  [ErrorCode.PASSWORD_REQUIRED]: 12,
+  [ErrorCode.ABORTED]: 130,
+};
+
+export function buildProgram(): Command {
+  const program = new Command("strata")
+    .description("host-level backup and recovery for KVM/QEMU virtual machines")
+    .option("-r, --repo <dir>", "repository directory (default: $STRATA_REPO)")
+    .option("--password-file <file>", "file holding the repository password (default: $STRATA_PASSWORD)")
+    .option("--json", "machine-readable output: JSON documents, or one JSON event per line for long commands")
+    .option("-q, --quiet", "print only errors")
+    .showHelpAfterError()
+    .exitOverride()
+    .configureOutput({ writeErr: (s) => process.stderr.write(s) })
+    .addHelpText(
+      "after",
+      `
+Exit codes: 0 ok, 1 error, 2 usage, 3 damaged or missing data, 10 no repository,
+11 locked, 12 password missing or wrong, 130 interrupted.
+
+Getting started:
+  strata init --repo /backup/strata
+  strata backup --repo /backup/strata --vm web1 file:/var/lib/images/web1.img
+  strata snapshots --repo /backup/strata
+  strata restore --repo /backup/strata web1/latest --target /tmp/web1-restored`,
+    );
+  registerRepoCommands(program);
+  registerBackupCommands(program);
+  registerDemoCommand(program);
+  return program;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+    return 0;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      return err.exitCode === 0 ? 0 : 2;
+    }
+    const json = argv.includes("--json");
+    if (err instanceof StrataError) {
+      if (json)
+        process.stderr.write(`${JSON.stringify({ type: "error", code: err.code, message: err.message })}\n`);
+      else process.stderr.write(`strata: ${err.message}\n`);
+      return EXIT[err.code] ?? 1;
+    }
+    const e = err as Error & { code?: string };
+    if (e?.name === "AbortError") {
+      process.stderr.write("strata: interrupted\n");
+      return 130;
+    }
+    process.stderr.write(`strata: unexpected error: ${e?.stack ?? String(err)}\n`);
+    return 1;
+  }
+}

@@ -1,0 +1,51 @@
+/**
+ * The chunk pipeline's CPU work (digest, compress, encrypt, and the reverse with verification)
+ * on worker threads. Buffers passed in are moved to the worker: the caller must not touch them
+ * after the call, and gets them (or their replacement) back in the result.
+ */
+import { defaultWorkerCount, WorkerPool } from "../util/workers.js";
+import type { CodecKeys } from "./codec.js";
+
+export class ChunkPool {
+  private readonly pool: WorkerPool;
+
+  constructor(keys: CodecKeys | undefined, threads: number = defaultWorkerCount()) {
+    this.pool = new WorkerPool(new URL("./chunk-worker.js", import.meta.url), threads, keys ?? {});
+  }
+
+  get threads(): number {
+    return this.pool.size;
+  }
+
+  /** Digest of `data`; `data` is moved to the worker and comes back in the result. */
+  async hash(data: Buffer): Promise<{ data: Buffer; digest: Buffer }> {
+    const r = await this.pool.run<{ data: Uint8Array; digest: Uint8Array }>("hash", { data }, [
+      ownBuffer(data),
+    ]);
+    return { data: toBuffer(r.data), digest: toBuffer(r.digest) };
+  }
+
+  /** Stored form of `data` (moved to the worker). */
+  async encode(data: Buffer): Promise<Buffer> {
+    return toBuffer(await this.pool.run<Uint8Array>("encode", { data }, [ownBuffer(data)]));
+  }
+
+  /** Verified plaintext of a stored chunk (moved to the worker). */
+  async decode(stored: Buffer, digest: Buffer, what: string): Promise<Buffer> {
+    return toBuffer(await this.pool.run<Uint8Array>("decode", { stored, digest, what }, [ownBuffer(stored)]));
+  }
+
+  close(): Promise<void> {
+    return this.pool.close();
+  }
+}
+
+/** The ArrayBuffer to move, when `b` owns all of it; otherwise nothing is moved (it is copied). */
+function ownBuffer(b: Buffer): ArrayBuffer {
+  if (b.byteOffset === 0 && b.byteLength === b.buffer.byteLength) return b.buffer as ArrayBuffer;
+  return new ArrayBuffer(0);
+}
+
+function toBuffer(u: Uint8Array): Buffer {
+  return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
+}

@@ -1,0 +1,59 @@
+/**
+ * Frozen on-disk constants of repository format v1 (docs/format.md describes every byte).
+ *
+ * Magic numbers are derived from a versioned string, as Proxmox Backup Server does: the first
+ * eight bytes of SHA-256("<string>"). A new layout gets a new string, never a reused magic.
+ */
+import { createHash } from "node:crypto";
+
+function magic(text: string): Buffer {
+  return createHash("sha256").update(text).digest().subarray(0, 8);
+}
+
+export const FORMAT_VERSION = 1;
+
+/** Header of every stored chunk. */
+export const CHUNK_MAGIC = magic("strata chunk v1");
+/** Header of every fixed index. */
+export const FIXED_INDEX_MAGIC = magic("strata fixed index v1");
+
+/** Chunk header: magic(8) flags(1) reserved(3) plaintext length(4). */
+export const CHUNK_HEADER_SIZE = 16;
+/** Extra bytes of an encrypted chunk after its header: nonce(12) tag(16). */
+export const CHUNK_CRYPTO_SIZE = 28;
+export const CHUNK_FLAG_ZSTD = 0x01;
+export const CHUNK_FLAG_ENCRYPTED = 0x02;
+
+/** Fixed index header: magic(8) size(8) chunk size(4) reserved(4) digests checksum(32) reserved(8). */
+export const FIXED_INDEX_HEADER_SIZE = 64;
+
+export const DIGEST_SIZE = 32;
+/** Index entry of an all-zero chunk: such chunks are never stored. */
+export const ZERO_DIGEST = Buffer.alloc(DIGEST_SIZE);
+
+export const MIN_CHUNK_SIZE = 64 * 1024;
+export const MAX_CHUNK_SIZE = 64 * 1024 * 1024;
+export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
+
+/** Names of VMs and disks: they become directory and file names. */
+export const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
+/** Restore point time stamps: UTC to the second, sortable as text. */
+export const TIME_RE = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$/;
+
+export function formatTime(ms: number): string {
+  return new Date(Math.floor(ms / 1000) * 1000).toISOString().replace(".000Z", "Z");
+}
+
+/** Object keys inside a repository. */
+export const keys = {
+  config: "config",
+  key: (name: string) => `keys/${name}`,
+  chunk: (hex: string) => `chunks/${hex.slice(0, 2)}/${hex}`,
+  vmDir: (vm: string) => `vms/${vm}`,
+  snapshotDir: (vm: string, time: string) => `vms/${vm}/${time}`,
+  manifest: (vm: string, time: string) => `vms/${vm}/${time}/manifest.json`,
+  index: (vm: string, time: string, disk: string) => `vms/${vm}/${time}/${disk}.fidx`,
+  blob: (vm: string, time: string, name: string) => `vms/${vm}/${time}/${name}`,
+  lock: (id: string) => `locks/${id}`,
+} as const;

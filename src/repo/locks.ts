@@ -1,0 +1,164 @@
+/**
+ * Repository locks: one object per holder under `locks/`.
+ *
+ * | kind      | taken by                     | conflicts with     |
+ * |-----------|------------------------------|--------------------|
+ * | backup    | backup (a writer)            | nothing            |
+ * | read      | restore, verify, serve       | exclusive          |
+ * | exclusive | forget, gc                   | read, exclusive    |
+ *
+ * Backups run beside gc: gc never sweeps a chunk written or touched at or after the oldest live
+ * writer's start minus a grace period (see gc.ts), so writers only need to be seen, not excluded.
+ *
+ * A lock is stale, and anybody may remove it, when its process is gone: on the same host the PID
+ * is dead or belongs to a newer process (start time differs); from another host, it has not
+ * been refreshed for {@link STALE_AFTER_MS}. Holders refresh every {@link REFRESH_EVERY_MS}.
+ */
+import { randomBytes } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { hostname } from "node:os";
+import type { Clock } from "../util/clock.js";
+import { ErrorCode, StrataError } from "../util/errors.js";
+import { keys } from "./format.js";
+import type { Store } from "./store.js";
+
+export type LockKind = "backup" | "read" | "exclusive";
+
+export interface LockInfo {
+  id: string;
+  kind: LockKind;
+  host: string;
+  pid: number;
+  /** The process's start time (from /proc), to tell a reused PID from the holder. */
+  pidStart: string;
+  started: number;
+  refreshed: number;
+  /** What the holder does, for messages: "backup web1", "gc". */
+  what: string;
+  /** For backups: the restore point folder it is writing, "vm/time". */
+  claim?: string;
+}
+
+export const REFRESH_EVERY_MS = 5 * 60_000;
+export const STALE_AFTER_MS = 30 * 60_000;
+
+function conflicts(a: LockKind, b: LockKind): boolean {
+  if (a === "exclusive") return b !== "backup";
+  if (b === "exclusive") return a !== "backup";
+  return false;
+}
+
+/** Start time of a process from /proc/PID/stat (field 22), or "" where unknown. */
+export function processStart(pid: number): string {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return fields[19] ?? "";
+  } catch {
+    return "";
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+export function isStale(lock: LockInfo, clock: Clock, host = hostname()): boolean {
+  if (lock.host === host) {
+    if (!processAlive(lock.pid)) return true;
+    const start = processStart(lock.pid);
+    return start !== "" && lock.pidStart !== "" && start !== lock.pidStart;
+  }
+  return clock.now() - lock.refreshed > STALE_AFTER_MS;
+}
+
+/** Every lock in the repository; unreadable ones (half-written by a crash) are removed when old. */
+export async function listLocks(store: Store, clock: Clock): Promise<LockInfo[]> {
+  const out: LockInfo[] = [];
+  for await (const obj of store.list("locks/")) {
+    try {
+      out.push(JSON.parse((await store.get(obj.key)).toString("utf8")) as LockInfo);
+    } catch (err) {
+      if (store.isNotFound(err)) continue;
+      if (clock.now() - obj.mtimeMs > STALE_AFTER_MS) await store.delete(obj.key);
+    }
+  }
+  return out;
+}
+
+export class Lock {
+  private timer: NodeJS.Timeout | undefined;
+  private released = false;
+
+  private constructor(
+    private readonly store: Store,
+    readonly info: LockInfo,
+  ) {}
+
+  /**
+   * Takes a lock of `kind`, or throws LOCKED naming the holder of a conflicting one. Stale
+   * conflicting locks are removed first.
+   */
+  static async acquire(
+    store: Store,
+    clock: Clock,
+    kind: LockKind,
+    what: string,
+    claim?: string,
+  ): Promise<Lock> {
+    const now = clock.now();
+    const info: LockInfo = {
+      id: `${now.toString(36)}-${randomBytes(6).toString("hex")}`,
+      kind,
+      host: hostname(),
+      pid: process.pid,
+      pidStart: processStart(process.pid),
+      started: now,
+      refreshed: now,
+      what,
+      ...(claim === undefined ? {} : { claim }),
+    };
+    const lock = new Lock(store, info);
+    await lock.write();
+    try {
+      for (const other of await listLocks(store, clock)) {
+        if (other.id === info.id) continue;
+        const clash = conflicts(kind, other.kind) || (claim !== undefined && other.claim === claim);
+        if (!clash) continue;
+        if (isStale(other, clock)) {
+          await store.delete(keys.lock(other.id));
+          continue;
+        }
+        throw new StrataError(
+          ErrorCode.LOCKED,
+          `repository is locked by ${other.what} (${other.kind} lock, pid ${other.pid} on ${other.host}, since ${new Date(other.started).toISOString()})`,
+        );
+      }
+    } catch (err) {
+      await lock.release();
+      throw err;
+    }
+    lock.timer = setInterval(() => {
+      lock.info.refreshed = clock.now();
+      lock.write().catch(() => {});
+    }, REFRESH_EVERY_MS);
+    lock.timer.unref();
+    return lock;
+  }
+
+  private write(): Promise<void> {
+    return this.store.put(keys.lock(this.info.id), Buffer.from(JSON.stringify(this.info)), { durable: true });
+  }
+
+  async release(): Promise<void> {
+    if (this.released) return;
+    this.released = true;
+    if (this.timer) clearInterval(this.timer);
+    await this.store.delete(keys.lock(this.info.id));
+  }
+}

@@ -1,0 +1,181 @@
+/**
+ * forget (apply retention, remove manifests) and gc (mark and sweep chunks).
+ *
+ * gc is safe beside running backups. It marks every chunk that a complete restore point
+ * references, then sweeps the rest with Store.deleteIfUntouched(cutoff), where
+ * cutoff = min(gc start, start of the oldest live backup) − grace. A backup touches every chunk
+ * it reuses and writes every chunk it stores after it started, so nothing a live backup relies on
+ * is older than the cutoff. A damaged manifest or index stops gc before it sweeps anything: it
+ * can't know what such a restore point needs.
+ */
+import { ErrorCode, StrataError } from "../util/errors.js";
+import { forEachLimit } from "../util/pool.js";
+import { noProgress, type ProgressSink } from "../util/progress.js";
+import { keys, TIME_RE } from "./format.js";
+import { isStale, listLocks } from "./locks.js";
+import type { Repository, SnapshotRef } from "./repository.js";
+import { applyRetention, isEmptyPolicy, type KeepPolicy, type KeepRule } from "./retention.js";
+
+export interface ForgetPlan {
+  keep: Array<{ id: string; reasons: KeepRule[] }>;
+  remove: string[];
+}
+
+/** Applies `policy` to each VM's restore points (or only `vm`'s); removes unless `dryRun`. */
+export async function forget(
+  repo: Repository,
+  policy: KeepPolicy,
+  options: { vm?: string; dryRun?: boolean } = {},
+): Promise<ForgetPlan> {
+  if (isEmptyPolicy(policy)) {
+    throw new StrataError(
+      ErrorCode.USAGE,
+      "no keep policy given (e.g. --keep-last 7 --keep-daily 14): nothing would be kept, so nothing is removed",
+    );
+  }
+  const lock = options.dryRun ? undefined : await repo.lock("exclusive", "forget");
+  try {
+    const snaps = await repo.snapshots(options.vm);
+    const byVm = new Map<string, SnapshotRef[]>();
+    for (const s of snaps) byVm.set(s.vm, [...(byVm.get(s.vm) ?? []), s]);
+    const plan: ForgetPlan = { keep: [], remove: [] };
+    for (const group of byVm.values()) {
+      const d = applyRetention(group, policy, (s) => Date.parse(s.time));
+      plan.keep.push(...d.keep.map((k) => ({ id: `${k.item.vm}/${k.item.time}`, reasons: k.reasons })));
+      plan.remove.push(...d.remove.map((s) => `${s.vm}/${s.time}`));
+    }
+    if (!options.dryRun) {
+      for (const id of plan.remove) {
+        const [vm, time] = id.split("/") as [string, string];
+        // The manifest goes first: from then on the restore point no longer exists.
+        await repo.store.delete(keys.manifest(vm, time));
+        await repo.store.flush();
+        await repo.store.deletePrefix(`${keys.snapshotDir(vm, time)}/`);
+      }
+      await repo.store.flush();
+    }
+    return plan;
+  } finally {
+    await lock?.release();
+  }
+}
+
+export interface GcReport {
+  chunksReferenced: number;
+  chunksRemoved: number;
+  bytesFreed: number;
+  chunksKeptRecent: number;
+  incompleteRemoved: number;
+  tempsRemoved: number;
+  cutoff: string;
+}
+
+export const DEFAULT_GC_GRACE_MS = 60 * 60_000;
+
+export async function gc(
+  repo: Repository,
+  options: { graceMs?: number; dryRun?: boolean; progress?: ProgressSink; signal?: AbortSignal } = {},
+): Promise<GcReport> {
+  const progress = options.progress ?? noProgress;
+  const grace = options.graceMs ?? DEFAULT_GC_GRACE_MS;
+  const lock = await repo.lock("exclusive", "gc");
+  try {
+    const start = repo.clock.now();
+    // Writers first: anything a backup registered before this point is protected by the cutoff;
+    // anything it writes later is newer than the gc start.
+    const live = (await listLocks(repo.store, repo.clock)).filter((l) => !isStale(l, repo.clock));
+    const oldestWriter = Math.min(start, ...live.filter((l) => l.kind === "backup").map((l) => l.started));
+    const cutoff = oldestWriter - grace;
+    const claims = new Set(live.map((l) => l.claim).filter((c): c is string => c !== undefined));
+
+    const damaged: string[] = [];
+    const snaps = await repo.snapshots(undefined, (vm, time, err) =>
+      damaged.push(`${vm}/${time}: ${err.message}`),
+    );
+    const marked = new Set<string>();
+    for (const snap of snaps) {
+      for (const d of snap.manifest.disks) {
+        try {
+          const index = await repo.index(snap, d.name);
+          for (let i = 0; i < index.count; i++)
+            if (!index.isZero(i)) marked.add(index.digest(i).toString("hex"));
+        } catch (err) {
+          damaged.push(err instanceof Error ? err.message : String(err));
+        }
+      }
+    }
+    if (damaged.length > 0) {
+      throw new StrataError(
+        ErrorCode.DATA_CORRUPT,
+        `gc stopped before removing anything: ${damaged.length} restore point(s) can't be read, so the chunks they need are unknown:\n  ${damaged.join("\n  ")}\nRun "strata verify", then forget or repair them.`,
+      );
+    }
+
+    // Restore points whose writer died before the manifest: their folders are garbage.
+    let incompleteRemoved = 0;
+    const folders = new Map<string, number>();
+    for await (const obj of repo.store.list("vms/")) {
+      const parts = obj.key.split("/");
+      if (parts.length !== 4 || !TIME_RE.test(parts[2]!)) continue;
+      const id = `${parts[1]}/${parts[2]}`;
+      const newest = Math.max(folders.get(id) ?? 0, obj.mtimeMs);
+      folders.set(id, parts[3] === "manifest.json" ? Number.POSITIVE_INFINITY : newest);
+    }
+    for (const [id, newest] of folders) {
+      if (newest === Number.POSITIVE_INFINITY || claims.has(id) || newest >= cutoff) continue;
+      if (!options.dryRun) {
+        const [vm, time] = id.split("/") as [string, string];
+        await repo.store.deletePrefix(`${keys.snapshotDir(vm, time)}/`);
+      }
+      incompleteRemoved++;
+    }
+
+    const candidates: Array<{ key: string; size: number }> = [];
+    let total = 0;
+    let keptRecent = 0;
+    for await (const obj of repo.store.list("chunks/")) {
+      total++;
+      const hex = obj.key.slice(obj.key.lastIndexOf("/") + 1);
+      if (marked.has(hex)) continue;
+      if (obj.mtimeMs >= cutoff) keptRecent++;
+      else candidates.push({ key: obj.key, size: obj.size });
+    }
+    progress.emit({
+      type: "start",
+      job: "gc",
+      total: candidates.length,
+      message: `${candidates.length} of ${total} chunks unreferenced`,
+    });
+    let removed = 0;
+    let freed = 0;
+    let done = 0;
+    await forEachLimit(
+      candidates,
+      16,
+      async (c) => {
+        if (options.dryRun || (await repo.store.deleteIfUntouched(c.key, cutoff))) {
+          removed++;
+          freed += c.size;
+        } else {
+          keptRecent++;
+        }
+        progress.emit({ type: "progress", job: "gc", done: ++done, total: candidates.length });
+      },
+      options.signal,
+    );
+    const tempsRemoved = options.dryRun ? 0 : await repo.store.sweepTemporary(cutoff);
+    await repo.store.flush();
+    progress.emit({ type: "end", job: "gc" });
+    return {
+      chunksReferenced: marked.size,
+      chunksRemoved: removed,
+      bytesFreed: freed,
+      chunksKeptRecent: keptRecent,
+      incompleteRemoved,
+      tempsRemoved,
+      cutoff: new Date(cutoff).toISOString(),
+    };
+  } finally {
+    await lock.release();
+  }
+}

@@ -1,0 +1,466 @@
+/**
+ * A repository opened for use: its config, its key, and typed access to chunks, indexes,
+ * manifests and blobs, every read verified. Writers go through {@link BackupWriter}.
+ */
+import { createHash, createHmac, randomBytes } from "node:crypto";
+import { hostname } from "node:os";
+import { type Clock, systemClock } from "../util/clock.js";
+import { ErrorCode, StrataError } from "../util/errors.js";
+import { isPowerOfTwo } from "../util/sizes.js";
+import { ChunkPool } from "./chunk-pool.js";
+import type { CodecKeys } from "./codec.js";
+import { FixedIndex } from "./fixed-index.js";
+import {
+  DEFAULT_CHUNK_SIZE,
+  FORMAT_VERSION,
+  formatTime,
+  keys,
+  MAX_CHUNK_SIZE,
+  MIN_CHUNK_SIZE,
+  NAME_RE,
+  TIME_RE,
+} from "./format.js";
+import { createKeyFile, keyFingerprint, openKeyFile, SCRYPT_DEFAULTS } from "./keys.js";
+import { Lock, type LockKind, listLocks } from "./locks.js";
+import type { Manifest, ManifestBlob } from "./manifest.js";
+import { sealJson, unsealJson } from "./sealed-json.js";
+import type { Store } from "./store.js";
+
+export interface RepoConfig {
+  format: "strata-repository";
+  version: number;
+  /** Random id, hex; tells repositories apart (bitmap hand-over checks it). */
+  id: string;
+  chunkSize: number;
+  compression: "zstd";
+  encryption: "none" | "aes-256-gcm";
+  /** keyFingerprint() of the key, or null when unencrypted. */
+  keyFingerprint: string | null;
+  created: string;
+}
+
+export interface InitOptions {
+  chunkSize?: number;
+  /** Encrypts the repository under this password. */
+  password?: string;
+  clock?: Clock;
+  /** scrypt cost; the default is right for people. */
+  kdfCost?: { N: number; r: number; p: number };
+}
+
+export interface OpenOptions {
+  password?: string;
+  clock?: Clock;
+  /** Worker threads for the chunk codec. */
+  threads?: number;
+}
+
+/** A restore point as listed: where it is and what its manifest says. */
+export interface SnapshotRef {
+  vm: string;
+  time: string;
+  manifest: Manifest;
+}
+
+export function checkName(kind: string, name: string): void {
+  if (!NAME_RE.test(name)) {
+    throw new StrataError(
+      ErrorCode.USAGE,
+      `bad ${kind} name "${name}": use 1-64 letters, digits, ".", "_" or "-", starting with a letter or digit`,
+    );
+  }
+}
+
+export class Repository {
+  private pool: ChunkPool | undefined;
+
+  private constructor(
+    readonly store: Store,
+    readonly config: RepoConfig,
+    readonly keys: CodecKeys | undefined,
+    readonly clock: Clock,
+    private readonly threads: number | undefined,
+  ) {}
+
+  get chunkSize(): number {
+    return this.config.chunkSize;
+  }
+
+  get encrypted(): boolean {
+    return this.keys !== undefined;
+  }
+
+  /** Creates a repository in an empty store. */
+  static async init(store: Store, options: InitOptions = {}): Promise<RepoConfig> {
+    const clock = options.clock ?? systemClock;
+    const chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE;
+    if (!isPowerOfTwo(chunkSize) || chunkSize < MIN_CHUNK_SIZE || chunkSize > MAX_CHUNK_SIZE) {
+      throw new StrataError(
+        ErrorCode.USAGE,
+        `chunk size ${chunkSize} is not a power of two between ${MIN_CHUNK_SIZE} and ${MAX_CHUNK_SIZE}`,
+      );
+    }
+    if (await store.stat(keys.config)) {
+      throw new StrataError(ErrorCode.REPO_EXISTS, `a repository already exists at ${store.location}`);
+    }
+    const created = new Date(clock.now()).toISOString();
+    let fingerprint: string | null = null;
+    if (options.password !== undefined) {
+      const { file, keys: k } = await createKeyFile(
+        options.password,
+        created,
+        options.kdfCost ?? SCRYPT_DEFAULTS,
+      );
+      await store.put(keys.key("default"), file, { durable: true });
+      fingerprint = keyFingerprint(k);
+    }
+    const config: RepoConfig = {
+      format: "strata-repository",
+      version: FORMAT_VERSION,
+      id: randomBytes(16).toString("hex"),
+      chunkSize,
+      compression: "zstd",
+      encryption: options.password === undefined ? "none" : "aes-256-gcm",
+      keyFingerprint: fingerprint,
+      created,
+    };
+    await store.put(keys.config, sealJson(config), { durable: true });
+    return config;
+  }
+
+  /** Opens a repository, checking its config and, when encrypted, the password. */
+  static async open(store: Store, options: OpenOptions = {}): Promise<Repository> {
+    let bytes: Buffer;
+    try {
+      bytes = await store.get(keys.config);
+    } catch (err) {
+      if (store.isNotFound(err)) {
+        throw new StrataError(
+          ErrorCode.REPO_NOT_FOUND,
+          `no repository at ${store.location} (create one with "strata init")`,
+        );
+      }
+      throw new StrataError(
+        ErrorCode.REPO_CORRUPT,
+        `cannot read the repository config at ${store.location}: ${String(err)}`,
+      );
+    }
+    const r = unsealJson<RepoConfig>(bytes);
+    if (!r.ok)
+      throw new StrataError(
+        ErrorCode.REPO_CORRUPT,
+        `repository config at ${store.location} is damaged: ${r.why}`,
+      );
+    const config = r.doc;
+    if (config.format !== "strata-repository") {
+      throw new StrataError(
+        ErrorCode.REPO_CORRUPT,
+        `${store.location} does not hold a Strata repository config`,
+      );
+    }
+    if (config.version !== FORMAT_VERSION) {
+      throw new StrataError(
+        ErrorCode.REPO_VERSION,
+        `repository at ${store.location} has format version ${config.version}; this Strata reads version ${FORMAT_VERSION}`,
+      );
+    }
+    let codecKeys: CodecKeys | undefined;
+    if (config.encryption === "aes-256-gcm") {
+      if (options.password === undefined) {
+        throw new StrataError(
+          ErrorCode.PASSWORD_REQUIRED,
+          `repository at ${store.location} is encrypted: give its password with --password-file or STRATA_PASSWORD`,
+        );
+      }
+      let keyBytes: Buffer;
+      try {
+        keyBytes = await store.get(keys.key("default"));
+      } catch (err) {
+        throw new StrataError(
+          ErrorCode.REPO_CORRUPT,
+          `repository at ${store.location} has no readable key file`,
+          { cause: err },
+        );
+      }
+      codecKeys = await openKeyFile(keyBytes, options.password, `${store.location}/keys/default`);
+      if (keyFingerprint(codecKeys) !== config.keyFingerprint) {
+        throw new StrataError(
+          ErrorCode.REPO_CORRUPT,
+          `the key file does not belong to the repository at ${store.location}`,
+        );
+      }
+    } else if (config.encryption !== "none") {
+      throw new StrataError(ErrorCode.REPO_VERSION, `unknown encryption "${config.encryption}"`);
+    }
+    return new Repository(store, config, codecKeys, options.clock ?? systemClock, options.threads);
+  }
+
+  /** The worker pool for the chunk codec, started on first use. */
+  codec(): ChunkPool {
+    this.pool ??= new ChunkPool(this.keys, this.threads);
+    return this.pool;
+  }
+
+  async close(): Promise<void> {
+    await this.pool?.close();
+    this.pool = undefined;
+  }
+
+  lock(kind: LockKind, what: string, claim?: string): Promise<Lock> {
+    return Lock.acquire(this.store, this.clock, kind, what, claim);
+  }
+
+  /** The verified plaintext of a chunk. */
+  async readChunk(digest: Buffer): Promise<Buffer> {
+    const hex = digest.toString("hex");
+    let stored: Buffer;
+    try {
+      stored = await this.store.get(keys.chunk(hex));
+    } catch (err) {
+      if (this.store.isNotFound(err))
+        throw new StrataError(ErrorCode.DATA_MISSING, `chunk ${hex} is missing from the repository`);
+      throw err;
+    }
+    return this.codec().decode(stored, digest, hex);
+  }
+
+  /** Checksum of a blob's plaintext, keyed when encrypted. */
+  blobChecksum(data: Uint8Array): string {
+    return (this.keys ? createHmac("sha256", this.keys.macKey) : createHash("sha256"))
+      .update(data)
+      .digest("hex");
+  }
+
+  /** All complete restore points (those with a valid manifest), oldest first. Damaged ones are reported to `onDamaged`. */
+  async snapshots(
+    vm?: string,
+    onDamaged?: (vm: string, time: string, err: StrataError) => void,
+  ): Promise<SnapshotRef[]> {
+    const found: Array<{ vm: string; time: string }> = [];
+    for await (const obj of this.store.list(vm === undefined ? "vms/" : `${keys.vmDir(vm)}/`)) {
+      const parts = obj.key.split("/");
+      if (parts.length === 4 && parts[3] === "manifest.json" && TIME_RE.test(parts[2]!)) {
+        found.push({ vm: parts[1]!, time: parts[2]! });
+      }
+    }
+    found.sort((a, b) => (a.vm === b.vm ? a.time.localeCompare(b.time) : a.vm.localeCompare(b.vm)));
+    const out: SnapshotRef[] = [];
+    for (const f of found) {
+      try {
+        out.push({ ...f, manifest: await this.manifest(f.vm, f.time) });
+      } catch (err) {
+        if (!(err instanceof StrataError) || !onDamaged) throw err;
+        onDamaged(f.vm, f.time, err);
+      }
+    }
+    return out;
+  }
+
+  /** Resolves "vm/time" or "vm/latest" to a restore point. */
+  async findSnapshot(ref: string): Promise<SnapshotRef> {
+    const m = /^([^/]+)\/([^/]+)$/.exec(ref);
+    if (!m)
+      throw new StrataError(
+        ErrorCode.USAGE,
+        `restore point "${ref}" is not of the form VM/TIME or VM/latest`,
+      );
+    const [, vm, time] = m as unknown as [string, string, string];
+    checkName("VM", vm);
+    if (time === "latest") {
+      const all = await this.snapshots(vm);
+      const last = all.at(-1);
+      if (!last)
+        throw new StrataError(
+          ErrorCode.NOT_FOUND,
+          `no restore points of VM "${vm}" in ${this.store.location}`,
+        );
+      return last;
+    }
+    if (!TIME_RE.test(time)) {
+      throw new StrataError(
+        ErrorCode.USAGE,
+        `"${time}" is not a restore point time (YYYY-MM-DDTHH:MM:SSZ) or "latest"`,
+      );
+    }
+    return { vm, time, manifest: await this.manifest(vm, time) };
+  }
+
+  /** A verified manifest. */
+  async manifest(vm: string, time: string): Promise<Manifest> {
+    let bytes: Buffer;
+    try {
+      bytes = await this.store.get(keys.manifest(vm, time));
+    } catch (err) {
+      if (this.store.isNotFound(err))
+        throw new StrataError(ErrorCode.NOT_FOUND, `no restore point ${vm}/${time}`);
+      throw err;
+    }
+    const r = unsealJson<Manifest>(bytes, this.keys?.macKey, this.encrypted);
+    if (!r.ok)
+      throw new StrataError(ErrorCode.DATA_CORRUPT, `manifest of ${vm}/${time} is damaged: ${r.why}`);
+    if (r.doc.format !== "strata-manifest" || r.doc.vm !== vm || r.doc.time !== time) {
+      throw new StrataError(
+        ErrorCode.DATA_CORRUPT,
+        `manifest of ${vm}/${time} does not describe that restore point`,
+      );
+    }
+    if (r.doc.version !== 1)
+      throw new StrataError(ErrorCode.REPO_VERSION, `manifest of ${vm}/${time} has unknown version`);
+    return r.doc;
+  }
+
+  /** A disk's index, verified against its manifest. */
+  async index(snap: SnapshotRef, disk: string): Promise<FixedIndex> {
+    const d = snap.manifest.disks.find((x) => x.name === disk);
+    if (!d) {
+      const names = snap.manifest.disks.map((x) => x.name).join(", ");
+      throw new StrataError(
+        ErrorCode.NOT_FOUND,
+        `restore point ${snap.vm}/${snap.time} has no disk "${disk}" (it has: ${names})`,
+      );
+    }
+    const what = `${snap.vm}/${snap.time}/${disk}`;
+    let bytes: Buffer;
+    try {
+      bytes = await this.store.get(keys.index(snap.vm, snap.time, disk));
+    } catch (err) {
+      if (this.store.isNotFound(err))
+        throw new StrataError(ErrorCode.DATA_MISSING, `index ${what} is missing`);
+      throw err;
+    }
+    const index = FixedIndex.decode(bytes, what);
+    if (index.checksum() !== d.indexChecksum || index.size !== d.size) {
+      throw new StrataError(ErrorCode.DATA_CORRUPT, `index ${what} does not match its manifest`);
+    }
+    return index;
+  }
+
+  /** A blob of a restore point (the VM configuration), verified. */
+  async blob(snap: SnapshotRef, blob: ManifestBlob): Promise<Buffer> {
+    const stored = await this.store.get(keys.blob(snap.vm, snap.time, blob.name));
+    // A blob's checksum is the digest a chunk of the same bytes would have, so the codec verifies it.
+    return this.codec().decode(
+      stored,
+      Buffer.from(blob.checksum, "hex"),
+      `${snap.vm}/${snap.time}/${blob.name}`,
+    );
+  }
+
+  /** Starts writing a restore point of `vm`. */
+  async startBackup(vm: string, what: string): Promise<BackupWriter> {
+    checkName("VM", vm);
+    for (;;) {
+      const time = formatTime(this.clock.now());
+      const taken =
+        (await this.store.stat(keys.manifest(vm, time))) !== undefined ||
+        (await listLocks(this.store, this.clock)).some((l) => l.claim === `${vm}/${time}`);
+      if (!taken) {
+        try {
+          const lock = await this.lock("backup", what, `${vm}/${time}`);
+          return new BackupWriter(this, vm, time, lock);
+        } catch (err) {
+          if (!(err instanceof StrataError && err.code === ErrorCode.LOCKED)) throw err;
+        }
+      }
+      // Restore points are named by the second: wait for the next one.
+      await new Promise((r) => setTimeout(r, 1000 - (this.clock.now() % 1000) + 5));
+    }
+  }
+}
+
+/**
+ * Writes one restore point: chunks, then indexes and blobs, then the manifest (commit). Until
+ * commit nothing is visible to listings; abort (or a crash) leaves only garbage for gc.
+ */
+export class BackupWriter {
+  /** Chunks this writer stored or touched: known present until it ends. */
+  private readonly present = new Set<string>();
+  private done = false;
+
+  constructor(
+    readonly repo: Repository,
+    readonly vm: string,
+    readonly time: string,
+    private readonly lock: Lock,
+  ) {}
+
+  /** When this writer registered; gc keeps everything it touched since. */
+  get started(): number {
+    return this.lock.info.started;
+  }
+
+  /**
+   * Makes sure the chunk with `digest` is stored. Returns "reused" if it was (it is touched so
+   * gc keeps it), else encodes `data` (moved to a worker) and stores it: "new" with the stored size.
+   */
+  async putChunk(
+    digest: Buffer,
+    data: Buffer,
+  ): Promise<{ state: "reused" } | { state: "new"; stored: number }> {
+    const hex = digest.toString("hex");
+    if (this.present.has(hex)) return { state: "reused" };
+    const key = keys.chunk(hex);
+    if (await this.repo.store.touch(key)) {
+      this.present.add(hex);
+      return { state: "reused" };
+    }
+    const blob = await this.repo.codec().encode(data);
+    await this.repo.store.put(key, blob);
+    this.present.add(hex);
+    return { state: "new", stored: blob.length };
+  }
+
+  /** True (and touched) when the chunk is already stored. */
+  async haveChunk(digest: Buffer): Promise<boolean> {
+    const hex = digest.toString("hex");
+    if (this.present.has(hex)) return true;
+    if (await this.repo.store.touch(keys.chunk(hex))) {
+      this.present.add(hex);
+      return true;
+    }
+    return false;
+  }
+
+  async writeIndex(disk: string, index: FixedIndex): Promise<void> {
+    await this.repo.store.put(keys.index(this.vm, this.time, disk), index.encode());
+  }
+
+  /** Stores a blob (encrypted like a chunk) and returns its manifest entry. */
+  async writeBlob(name: string, data: Buffer): Promise<ManifestBlob> {
+    const checksum = this.repo.blobChecksum(data);
+    const size = data.length;
+    const stored = await this.repo.codec().encode(Buffer.from(data));
+    await this.repo.store.put(keys.blob(this.vm, this.time, name), stored);
+    return { name, size, checksum };
+  }
+
+  /** Makes everything durable, then writes the manifest: the restore point now exists. */
+  async commit(
+    manifest: Omit<Manifest, "format" | "version" | "vm" | "time" | "host" | "tool">,
+  ): Promise<Manifest> {
+    const full: Manifest = {
+      format: "strata-manifest",
+      version: 1,
+      vm: this.vm,
+      time: this.time,
+      ...manifest,
+      host: hostname(),
+      tool: "strata",
+    };
+    await this.repo.store.flush();
+    await this.repo.store.put(keys.manifest(this.vm, this.time), sealJson(full, this.repo.keys?.macKey), {
+      durable: true,
+    });
+    this.done = true;
+    await this.lock.release();
+    return full;
+  }
+
+  /** Gives up: removes what this restore point wrote besides chunks (gc takes those). */
+  async abort(): Promise<void> {
+    if (this.done) return;
+    this.done = true;
+    await this.repo.store.deletePrefix(`${keys.snapshotDir(this.vm, this.time)}/`).catch(() => {});
+    await this.lock.release().catch(() => {});
+  }
+}

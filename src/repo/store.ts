@@ -1,0 +1,66 @@
+/**
+ * The storage contract every repository backend (local directory now, S3 later) must keep.
+ * Stores do plain I/O on opaque keys ("chunks/ab/ab12…", "vms/web1/2026-…/manifest.json");
+ * they know nothing of what the bytes mean. Cross-cutting behaviour (retries, throttling,
+ * fault injection in tests) wraps a store rather than living in one.
+ */
+
+export interface ObjectInfo {
+  key: string;
+  size: number;
+  /** Last write or touch, milliseconds since the epoch. */
+  mtimeMs: number;
+}
+
+export interface Store {
+  /** Where the store lives, for messages. */
+  readonly location: string;
+
+  /** The object's bytes. Throws an error for which {@link Store.isNotFound} is true if absent. */
+  get(key: string): Promise<Buffer>;
+
+  /**
+   * Writes an object atomically: readers see the old object, no object, or the whole new one,
+   * never a part. The data is durable once {@link Store.flush} returns (or at once with
+   * `durable: true`). Overwrites an existing object.
+   */
+  put(key: string, data: Uint8Array, options?: { durable?: boolean }): Promise<void>;
+
+  /**
+   * Marks an existing object as used now (its mtime becomes now) and returns true; returns
+   * false if it does not exist. Used for "chunk already stored": a touched object is protected
+   * from a concurrent {@link Store.deleteIfUntouched}.
+   */
+  touch(key: string): Promise<boolean>;
+
+  /** Size and time of an object, or undefined if absent. */
+  stat(key: string): Promise<ObjectInfo | undefined>;
+
+  /** Every object whose key starts with `prefix` (a folder-like prefix ending in "/"), any order. */
+  list(prefix: string): AsyncIterable<ObjectInfo>;
+
+  /** Removes an object; absent is fine. */
+  delete(key: string): Promise<void>;
+
+  /** Removes every object under a folder-like prefix; absent is fine. */
+  deletePrefix(prefix: string): Promise<void>;
+
+  /**
+   * Deletes the object only if it was not written or touched at or after `cutoffMs`, atomically
+   * with respect to {@link Store.touch}: after this returns true, a touch that returned true
+   * happened before the cutoff check and can't have kept the object. Returns whether it deleted.
+   */
+  deleteIfUntouched(key: string, cutoffMs: number): Promise<boolean>;
+
+  /**
+   * Removes leftovers of interrupted puts (temporary objects) last written before `cutoffMs`.
+   * Returns how many it removed.
+   */
+  sweepTemporary(cutoffMs: number): Promise<number>;
+
+  /** Makes every put since the last flush durable (directory entries included). */
+  flush(): Promise<void>;
+
+  /** True when `err` means "no such object". */
+  isNotFound(err: unknown): boolean;
+}
