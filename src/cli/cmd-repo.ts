@@ -2,7 +2,7 @@
 import type { Command } from "commander";
 import { FsStore } from "../repo/fs-store.js";
 import { manifestTotals } from "../repo/manifest.js";
-import { forget, gc } from "../repo/prune.js";
+import { forget, forgetIds, gc } from "../repo/prune.js";
 import { Repository } from "../repo/repository.js";
 import { verifyRepository } from "../repo/verify.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
@@ -126,7 +126,8 @@ Example:
   const count = (flag: string) => parseCount(flag);
   program
     .command("forget")
-    .description("remove restore points by a retention policy (run gc to free the space)")
+    .description("remove restore points by a retention policy, or by id (run gc to free the space)")
+    .argument("[snapshot...]", "restore points to remove by id (VM/TIME), instead of a policy")
     .option("--keep-last <n>", "keep the n newest", count("--keep-last"))
     .option("--keep-hourly <n>", "keep the newest of each of the last n hours", count("--keep-hourly"))
     .option("--keep-daily <n>", "keep the newest of each of the last n days", count("--keep-daily"))
@@ -140,33 +141,46 @@ Example:
       `
 Rules apply to each VM apart; a restore point kept by any rule stays. Periods count in local time.
 
-Example: keep 7 dailies, 4 weeklies and 6 monthlies of every VM:
-  strata forget --keep-daily 7 --keep-weekly 4 --keep-monthly 6 --dry-run`,
+Examples:
+  strata forget --keep-daily 7 --keep-weekly 4 --keep-monthly 6 --dry-run
+  strata forget web1/2026-11-20T02:00:00Z`,
     )
-    .action(async (opts: Record<string, number | string | boolean | undefined>, cmd: Command) => {
-      const out = output(cmd);
-      await withRepo(cmd, async (repo) => {
-        const policy = {
-          ...(opts.keepLast === undefined ? {} : { last: opts.keepLast as number }),
-          ...(opts.keepHourly === undefined ? {} : { hourly: opts.keepHourly as number }),
-          ...(opts.keepDaily === undefined ? {} : { daily: opts.keepDaily as number }),
-          ...(opts.keepWeekly === undefined ? {} : { weekly: opts.keepWeekly as number }),
-          ...(opts.keepMonthly === undefined ? {} : { monthly: opts.keepMonthly as number }),
-          ...(opts.keepYearly === undefined ? {} : { yearly: opts.keepYearly as number }),
-        };
-        const plan = await forget(repo, policy, {
-          ...(typeof opts.vm === "string" ? { vm: opts.vm } : {}),
-          dryRun: opts.dryRun === true,
+    .action(
+      async (ids: string[], opts: Record<string, number | string | boolean | undefined>, cmd: Command) => {
+        const out = output(cmd);
+        await withRepo(cmd, async (repo) => {
+          if (ids.length > 0) {
+            if (Object.keys(opts).some((k) => k.startsWith("keep"))) {
+              throw new StrataError(ErrorCode.USAGE, "give restore point ids or --keep-* rules, not both");
+            }
+            const removed = await forgetIds(repo, ids, opts.dryRun === true);
+            out.result({ type: "summary", dryRun: opts.dryRun === true, keep: [], remove: removed }, () =>
+              removed.map((id) => `${opts.dryRun ? "would remove" : "removed"} ${id}`).join("\n"),
+            );
+            return;
+          }
+          const policy = {
+            ...(opts.keepLast === undefined ? {} : { last: opts.keepLast as number }),
+            ...(opts.keepHourly === undefined ? {} : { hourly: opts.keepHourly as number }),
+            ...(opts.keepDaily === undefined ? {} : { daily: opts.keepDaily as number }),
+            ...(opts.keepWeekly === undefined ? {} : { weekly: opts.keepWeekly as number }),
+            ...(opts.keepMonthly === undefined ? {} : { monthly: opts.keepMonthly as number }),
+            ...(opts.keepYearly === undefined ? {} : { yearly: opts.keepYearly as number }),
+          };
+          const plan = await forget(repo, policy, {
+            ...(typeof opts.vm === "string" ? { vm: opts.vm } : {}),
+            dryRun: opts.dryRun === true,
+          });
+          out.result({ type: "summary", dryRun: opts.dryRun === true, ...plan }, () =>
+            [
+              ...plan.keep.map((k) => `keep   ${k.id}  (${k.reasons.join(", ")})`),
+              ...plan.remove.map((id) => `${opts.dryRun ? "would remove" : "remove"} ${id}`),
+              `${plan.keep.length} kept, ${plan.remove.length} ${opts.dryRun ? "would be removed" : "removed"}`,
+            ].join("\n"),
+          );
         });
-        out.result({ type: "summary", dryRun: opts.dryRun === true, ...plan }, () =>
-          [
-            ...plan.keep.map((k) => `keep   ${k.id}  (${k.reasons.join(", ")})`),
-            ...plan.remove.map((id) => `${opts.dryRun ? "would remove" : "remove"} ${id}`),
-            `${plan.keep.length} kept, ${plan.remove.length} ${opts.dryRun ? "would be removed" : "removed"}`,
-          ].join("\n"),
-        );
-      });
-    });
+      },
+    );
 
   program
     .command("gc")

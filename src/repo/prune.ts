@@ -12,7 +12,7 @@ import { ErrorCode, StrataError } from "../util/errors.js";
 import { forEachLimit } from "../util/pool.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
 import { keys, TIME_RE } from "./format.js";
-import { isStale, listLocks } from "./locks.js";
+import { isStale, type LockInfo, listLocks } from "./locks.js";
 import type { Repository, SnapshotRef } from "./repository.js";
 import { applyRetention, isEmptyPolicy, type KeepPolicy, type KeepRule } from "./retention.js";
 
@@ -44,20 +44,36 @@ export async function forget(
       plan.keep.push(...d.keep.map((k) => ({ id: `${k.item.vm}/${k.item.time}`, reasons: k.reasons })));
       plan.remove.push(...d.remove.map((s) => `${s.vm}/${s.time}`));
     }
-    if (!options.dryRun) {
-      for (const id of plan.remove) {
-        const [vm, time] = id.split("/") as [string, string];
-        // The manifest goes first: from then on the restore point no longer exists.
-        await repo.store.delete(keys.manifest(vm, time));
-        await repo.store.flush();
-        await repo.store.deletePrefix(`${keys.snapshotDir(vm, time)}/`);
-      }
-      await repo.store.flush();
-    }
+    if (!options.dryRun) await removeSnapshots(repo, plan.remove);
     return plan;
   } finally {
     await lock?.release();
   }
+}
+
+/** Removes the named restore points ("vm/time"); each must exist. Returns their ids. */
+export async function forgetIds(repo: Repository, ids: readonly string[], dryRun = false): Promise<string[]> {
+  const lock = dryRun ? undefined : await repo.lock("exclusive", "forget");
+  try {
+    const snaps: SnapshotRef[] = [];
+    for (const id of ids) snaps.push(await repo.findSnapshot(id));
+    const resolved = [...new Set(snaps.map((s) => `${s.vm}/${s.time}`))];
+    if (!dryRun) await removeSnapshots(repo, resolved);
+    return resolved;
+  } finally {
+    await lock?.release();
+  }
+}
+
+async function removeSnapshots(repo: Repository, ids: readonly string[]): Promise<void> {
+  for (const id of ids) {
+    const [vm, time] = id.split("/") as [string, string];
+    // The manifest goes first: from then on the restore point no longer exists.
+    await repo.store.delete(keys.manifest(vm, time));
+    await repo.store.flush();
+    await repo.store.deletePrefix(`${keys.snapshotDir(vm, time)}/`);
+  }
+  await repo.store.flush();
 }
 
 export interface GcReport {
@@ -83,7 +99,11 @@ export async function gc(
     const start = repo.clock.now();
     // Writers first: anything a backup registered before this point is protected by the cutoff;
     // anything it writes later is newer than the gc start.
-    const live = (await listLocks(repo.store, repo.clock)).filter((l) => !isStale(l, repo.clock));
+    const live: LockInfo[] = [];
+    for (const l of await listLocks(repo.store, repo.clock)) {
+      if (!isStale(l, repo.clock)) live.push(l);
+      else if (!options.dryRun) await repo.store.delete(keys.lock(l.id));
+    }
     const oldestWriter = Math.min(start, ...live.filter((l) => l.kind === "backup").map((l) => l.started));
     const cutoff = oldestWriter - grace;
     const claims = new Set(live.map((l) => l.claim).filter((c): c is string => c !== undefined));

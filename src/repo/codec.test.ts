@@ -1,0 +1,63 @@
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { test } from "node:test";
+import { isStrataError } from "../util/errors.js";
+import { chunkDigest, decodeChunk, encodeChunk } from "./codec.js";
+import { CHUNK_FLAG_ENCRYPTED, CHUNK_FLAG_ZSTD, CHUNK_HEADER_SIZE } from "./format.js";
+
+const keys = { encKey: randomBytes(32), macKey: randomBytes(32) };
+const text = Buffer.from("the quick brown fox jumps over the lazy dog\n".repeat(5000));
+const random = randomBytes(100_000);
+
+test("round trip, plain and encrypted, compressible and not", () => {
+  for (const k of [undefined, keys]) {
+    for (const data of [text, random, Buffer.from([1])]) {
+      const stored = encodeChunk(data, k);
+      assert.deepEqual(decodeChunk(stored, chunkDigest(data, k), k, "t"), data);
+    }
+  }
+});
+
+test("compressible data is compressed; incompressible is kept raw", () => {
+  const a = encodeChunk(text);
+  assert.ok(a.length < text.length / 10);
+  assert.equal(a[8]! & CHUNK_FLAG_ZSTD, CHUNK_FLAG_ZSTD);
+  const b = encodeChunk(random);
+  assert.equal(b[8]! & CHUNK_FLAG_ZSTD, 0);
+  assert.equal(b.length, random.length + CHUNK_HEADER_SIZE);
+});
+
+test("encrypted chunks reveal no plaintext and digests are keyed", () => {
+  const stored = encodeChunk(text, keys);
+  assert.equal(stored[8]! & CHUNK_FLAG_ENCRYPTED, CHUNK_FLAG_ENCRYPTED);
+  assert.equal(stored.includes(Buffer.from("quick brown fox")), false);
+  assert.notDeepEqual(chunkDigest(text, keys), chunkDigest(text));
+  // Random nonces: the same plaintext is stored differently each time.
+  assert.notDeepEqual(encodeChunk(text, keys), stored);
+});
+
+test("every flipped byte is detected", () => {
+  for (const k of [undefined, keys]) {
+    const data = Buffer.concat([text.subarray(0, 3000), random.subarray(0, 3000)]);
+    const stored = encodeChunk(data, k);
+    const digest = chunkDigest(data, k);
+    for (let i = 0; i < stored.length; i += 7) {
+      const bad = Buffer.from(stored);
+      bad[i]! ^= 0x10;
+      assert.throws(
+        () => decodeChunk(bad, digest, k, "x"),
+        (e) => isStrataError(e, "DATA_CORRUPT"),
+        `byte ${i}`,
+      );
+    }
+  }
+});
+
+test("a chunk under the wrong name, or with the wrong key, is refused", () => {
+  const stored = encodeChunk(text);
+  assert.throws(() => decodeChunk(stored, chunkDigest(random), undefined, "x"), /digest mismatch/);
+  const enc = encodeChunk(text, keys);
+  const other = { encKey: randomBytes(32), macKey: keys.macKey };
+  assert.throws(() => decodeChunk(enc, chunkDigest(text, keys), other, "x"), /authentication failed/);
+  assert.throws(() => decodeChunk(stored, chunkDigest(text, keys), keys, "x"), /unencrypted chunk/);
+});

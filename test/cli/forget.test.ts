@@ -1,0 +1,58 @@
+// forget through the CLI: --dry-run shows and keeps, a policy removes what it doesn't keep, ids
+// remove exactly those, and gc then frees the space.
+import assert from "node:assert/strict";
+import { promises as fs } from "node:fs";
+import { join } from "node:path";
+import { test } from "node:test";
+import { fillContent, Prng } from "../../src/image/synthetic.js";
+import { strata, strataOk, summary, tempDir } from "../helpers/cli.js";
+
+test("forget by policy and by id, dry run first, then gc frees space", async (t) => {
+  const dir = tempDir(t);
+  const repo = join(dir, "repo");
+  await strataOk(["init", "--repo", repo, "--chunk-size", "64K"]);
+  const img = join(dir, "d.img");
+  const ids: string[] = [];
+  for (let i = 0; i < 4; i++) {
+    const b = Buffer.alloc(4 * 65536);
+    fillContent(b, "random", new Prng(`v${i}`));
+    await fs.writeFile(img, b);
+    ids.push(
+      summary(await strataOk(["backup", "--repo", repo, "--vm", "vm1", "--json", `file:${img}`]))
+        .id as string,
+    );
+  }
+  await strataOk(["backup", "--repo", repo, "--vm", "vm2", `file:${img}`]);
+
+  const noPolicy = await strata(["forget", "--repo", repo]);
+  assert.equal(noPolicy.code, 2);
+  assert.match(noPolicy.stderr, /no keep policy given/);
+
+  const dry = summary<{ keep: Array<{ id: string; reasons: string[] }>; remove: string[] }>(
+    await strataOk(["forget", "--repo", repo, "--keep-last", "2", "--dry-run", "--json"]),
+  );
+  assert.deepEqual(dry.remove.sort(), ids.slice(0, 2).sort());
+  assert.equal(dry.keep.length, 3, "two of vm1 and the one of vm2");
+  const text = await strataOk(["forget", "--repo", repo, "--keep-last", "2", "--dry-run"]);
+  assert.match(text.stdout, /would remove vm1\//);
+  let listed = JSON.parse((await strataOk(["snapshots", "--repo", repo, "--json"])).stdout) as unknown[];
+  assert.equal(listed.length, 5, "dry run removed nothing");
+
+  await strataOk(["forget", "--repo", repo, "--keep-last", "2", "--vm", "vm1"]);
+  listed = JSON.parse((await strataOk(["snapshots", "--repo", repo, "--json"])).stdout) as unknown[];
+  assert.equal(listed.length, 3);
+  await strataOk(["forget", "--repo", repo, ids[2]!]);
+  const left = (
+    JSON.parse((await strataOk(["snapshots", "--repo", repo, "--json"])).stdout) as Array<{ id: string }>
+  ).map((s) => s.id);
+  assert.equal(left.length, 2);
+  assert.ok(left.includes(ids[3]!));
+  const gone = await strata(["forget", "--repo", repo, ids[0]!]);
+  assert.equal(gone.code, 1);
+  assert.match(gone.stderr, /no restore point/);
+
+  const gc = summary(await strataOk(["gc", "--repo", repo, "--grace", "0s", "--json"]));
+  assert.equal(gc.chunksRemoved, 12, "the three removed versions' chunks");
+  assert.equal(gc.chunksReferenced, 4);
+  assert.equal(summary(await strataOk(["verify", "--repo", repo, "--read-data", "--json"])).ok, true);
+});
