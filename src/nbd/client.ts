@@ -779,8 +779,7 @@ export class NbdClient {
         if (p.type === Cmd.READ && this.structuredReplies)
           throw protocolError("simple reply to a read after structured replies were negotiated");
         if (p.type === Cmd.READ && errno === 0 && p.length > 0) {
-          const data = await r.readExact(p.length);
-          data.copy(p.into!);
+          await r.readInto(p.into!);
         }
         this.finish(p, errno === 0 ? undefined : this.requestError(p, errno, ""));
       } else if (magic === STRUCTURED_REPLY_MAGIC) {
@@ -820,8 +819,7 @@ export class NbdClient {
         start = readU64(head, 0, "chunk offset");
         n = length - 8;
         this.cover(p, start, n);
-        const data = await r.readExact(n);
-        data.copy(p.into!, start - p.offset);
+        await r.readInto(p.into!.subarray(start - p.offset, start - p.offset + n));
       } else {
         if (length !== 12) throw protocolError(`OFFSET_HOLE chunk of ${length} bytes`);
         const b = await r.readExact(12);

@@ -18,7 +18,9 @@ export function connectionClosed(what: string): StrataError {
 export class SocketReader {
   private chunks: Buffer[] = [];
   private buffered = 0;
-  private waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
+  private waiter:
+    | { n: number; dst?: Buffer; filled: number; resolve: (b: Buffer) => void; reject: (e: Error) => void }
+    | undefined;
   private failure: Error | undefined;
 
   /**
@@ -34,7 +36,7 @@ export class SocketReader {
       this.chunks.push(chunk);
       this.buffered += chunk.length;
       this.settle();
-      if (this.buffered >= this.highWater && (!this.waiter || this.buffered >= this.waiter.n)) socket.pause();
+      if (this.buffered >= this.highWater && !this.waiter) socket.pause();
     });
     socket.on("end", () => this.fail(connectionClosed("by the peer")));
     socket.on("close", () => this.fail(connectionClosed("")));
@@ -64,13 +66,49 @@ export class SocketReader {
     if (this.buffered >= n) return Promise.resolve(this.take(n));
     if (this.failure) return Promise.reject(this.failure);
     return new Promise<Buffer>((resolve, reject) => {
-      this.waiter = { n, resolve, reject };
+      this.waiter = { n, filled: 0, resolve, reject };
       this.socket.resume();
     });
   }
 
+  /**
+   * Fills `dst` completely with the next bytes, copying straight from the socket's chunks (no
+   * intermediate buffer). Same rules as {@link readExact}.
+   */
+  readInto(dst: Buffer): Promise<void> {
+    if (this.waiter) return Promise.reject(new StrataError(ErrorCode.INTERNAL, "concurrent readInto"));
+    const filled = this.drainInto(dst, 0);
+    if (filled === dst.length) return Promise.resolve();
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise<void>((resolve, reject) => {
+      this.waiter = { n: dst.length, dst, filled, resolve: () => resolve(), reject };
+      this.socket.resume();
+    });
+  }
+
+  private drainInto(dst: Buffer, at: number): number {
+    while (at < dst.length && this.chunks.length > 0) {
+      const c = this.chunks[0]!;
+      const k = Math.min(c.length, dst.length - at);
+      c.copy(dst, at, 0, k);
+      at += k;
+      this.buffered -= k;
+      if (k === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(k);
+    }
+    return at;
+  }
+
   private settle(): void {
     const w = this.waiter;
+    if (w?.dst) {
+      w.filled = this.drainInto(w.dst, w.filled);
+      if (w.filled === w.n) {
+        this.waiter = undefined;
+        w.resolve(w.dst);
+      }
+      return;
+    }
     if (w && this.buffered >= w.n) {
       this.waiter = undefined;
       w.resolve(this.take(w.n));
