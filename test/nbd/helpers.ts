@@ -23,8 +23,8 @@ export async function run(cmd: string, args: string[]): Promise<string> {
     const { stdout } = await execFileP(cmd, args, { timeout: 30_000, maxBuffer: 64 * 1024 * 1024 });
     return stdout;
   } catch (err) {
-    const e = err as { stderr?: string; message: string };
-    throw new Error(`${cmd} ${args.join(" ")} failed: ${e.stderr ?? ""} ${e.message}`);
+    const e = err as { stdout?: string; stderr?: string; message: string };
+    throw new Error(`${cmd} ${args.join(" ")} failed: ${e.stdout ?? ""} ${e.stderr ?? ""} ${e.message}`);
   }
 }
 
