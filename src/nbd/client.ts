@@ -98,6 +98,15 @@ const MAX_RANGE_REQUEST = 1 << 30;
 /** Most coverage intervals a read reply may be fragmented into. */
 const MAX_READ_FRAGMENTS = 4096;
 
+/** The one non-final reply type each option may get before its ACK. */
+const NON_FINAL_REPLY: Record<number, number> = {
+  [Opt.LIST]: Rep.SERVER,
+  [Opt.INFO]: Rep.INFO,
+  [Opt.GO]: Rep.INFO,
+  [Opt.SET_META_CONTEXT]: Rep.META_CONTEXT,
+  [Opt.LIST_META_CONTEXT]: Rep.META_CONTEXT,
+};
+
 interface OptionReply {
   type: number;
   data: Buffer;
@@ -189,6 +198,7 @@ class Negotiation {
 
   /** Sends one option and collects its replies up to the final one (ACK or error). */
   async option(option: number, data?: Buffer): Promise<{ replies: OptionReply[]; final: OptionReply }> {
+    const expected = NON_FINAL_REPLY[option];
     if (!this.fixed) throw protocolError("server lacks fixed newstyle; only NBD_OPT_EXPORT_NAME is possible");
     await this.writer.send(encodeOption(option, data));
     const replies: OptionReply[] = [];
@@ -197,8 +207,11 @@ class Negotiation {
       if (h.option !== option)
         throw protocolError(`reply for option ${h.option} while waiting for ${option}`);
       if (h.length > MAX_OPTION_REPLY_LENGTH) throw protocolError(`option reply of ${h.length} bytes`);
+      const final = h.type === Rep.ACK || isRepError(h.type);
+      if (!final && h.type !== expected)
+        throw protocolError(`${repName(h.type)} in reply to option ${option}`);
       const reply = { type: h.type, data: await this.reader.readExact(h.length) };
-      if (h.type === Rep.ACK || isRepError(h.type)) return { replies, final: reply };
+      if (final) return { replies, final: reply };
       if (replies.length >= MAX_OPTION_REPLIES) throw protocolError("too many option replies");
       replies.push(reply);
     }
