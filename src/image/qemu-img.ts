@@ -1,0 +1,76 @@
+/** What qemu-img says about an image: format, size, allocation, bitmaps. */
+import { ErrorCode, StrataError } from "../util/errors.js";
+import { runProgram } from "../util/process.js";
+
+/** Image formats Strata reads and writes through QEMU. */
+export const IMAGE_FORMATS = ["raw", "qcow2", "vmdk", "vhdx", "vpc", "vdi"] as const;
+export type ImageFormat = (typeof IMAGE_FORMATS)[number];
+
+export interface ImageInfo {
+  format: string;
+  virtualSize: number;
+  actualSize: number;
+  backingFile?: string;
+  bitmaps: Array<{ name: string; granularity: number; flags: string[] }>;
+}
+
+/**
+ * `qemu-img info`. With `format` the image is read as that format (no probing). `shared` reads
+ * an image another process holds open (-U); allocation seen that way may be stale.
+ */
+export async function imageInfo(
+  path: string,
+  options: { format?: string; shared?: boolean } = {},
+): Promise<ImageInfo> {
+  const args = ["info", "--output=json"];
+  if (options.format) args.push("-f", options.format);
+  if (options.shared) args.push("-U");
+  args.push(path);
+  let text: string;
+  try {
+    text = await runProgram("qemu-img", args);
+  } catch (err) {
+    const msg = err instanceof Error ? err.message : String(err);
+    if (/lock/i.test(msg)) {
+      throw new StrataError(
+        ErrorCode.SOURCE_UNREADABLE,
+        `image ${path} is in use by a running VM (QEMU holds its lock): back it up through the VM, or shut the VM down`,
+        { cause: err },
+      );
+    }
+    throw new StrataError(ErrorCode.SOURCE_UNREADABLE, `cannot read image ${path}: ${msg}`, { cause: err });
+  }
+  const j = JSON.parse(text) as {
+    format: string;
+    "virtual-size": number;
+    "actual-size"?: number;
+    "backing-filename"?: string;
+    "format-specific"?: {
+      data?: { bitmaps?: Array<{ name: string; granularity: number; flags: string[] }> };
+    };
+  };
+  return {
+    format: j.format,
+    virtualSize: j["virtual-size"],
+    actualSize: j["actual-size"] ?? 0,
+    ...(j["backing-filename"] === undefined ? {} : { backingFile: j["backing-filename"] }),
+    bitmaps: j["format-specific"]?.data?.bitmaps ?? [],
+  };
+}
+
+/** One run of `qemu-img map --output=json`. */
+export interface MapExtent {
+  offset: number;
+  length: number;
+  /** Bytes are stored (not a hole). */
+  data: boolean;
+  /** Reads as zeros. */
+  zero: boolean;
+}
+
+/** Allocation map of an image (uses SEEK_DATA/SEEK_HOLE on raw files, metadata on others). */
+export async function imageMap(path: string, format: string): Promise<MapExtent[]> {
+  const text = await runProgram("qemu-img", ["map", "--output=json", "-f", format, path]);
+  const rows = JSON.parse(text) as Array<{ start: number; length: number; data: boolean; zero: boolean }>;
+  return rows.map((r) => ({ offset: r.start, length: r.length, data: r.data, zero: r.zero }));
+}
