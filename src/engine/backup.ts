@@ -14,6 +14,13 @@ import { ErrorCode, StrataError } from "../util/errors.js";
 import { forEachLimit } from "../util/pool.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
 
+/** A run of a disk; `zero` when it reads as zeros (a hole, or zeros the format knows of). */
+export interface DataExtent {
+  offset: number;
+  length: number;
+  zero: boolean;
+}
+
 /** What the engine needs of a disk to back it up. */
 export interface DiskSource {
   name: string;
@@ -22,6 +29,29 @@ export interface DiskSource {
   size: number;
   /** Exactly `length` bytes at `offset`, in a buffer that owns its memory. */
   read(offset: number, length: number): Promise<Buffer>;
+  /**
+   * Which parts of the disk read as zeros, when the source knows (image metadata, SEEK_HOLE,
+   * NBD base:allocation). Chunks wholly inside such parts are never read.
+   */
+  allocation?(): Promise<DataExtent[]>;
+}
+
+/** For each chunk, whether any byte of it may be non-zero according to `extents`. */
+export function chunksWithData(extents: readonly DataExtent[], size: number, chunkSize: number): Uint8Array {
+  const count = Math.ceil(size / chunkSize);
+  const data = new Uint8Array(count);
+  let covered = 0;
+  for (const e of extents) {
+    if (e.offset !== covered)
+      throw new StrataError(ErrorCode.INTERNAL, `allocation map has a gap at ${covered}`);
+    covered = e.offset + e.length;
+    if (e.zero || e.length === 0) continue;
+    const first = Math.floor(e.offset / chunkSize);
+    const last = Math.min(count - 1, Math.floor((e.offset + e.length - 1) / chunkSize));
+    data.fill(1, first, last + 1);
+  }
+  if (covered < size) data.fill(1, Math.floor(covered / chunkSize));
+  return data;
 }
 
 export interface BackupOptions {
@@ -78,6 +108,9 @@ export async function backup(repo: Repository, options: BackupOptions): Promise<
         chunksReused: 0,
         chunksZero: 0,
       };
+      const hasData = disk.allocation
+        ? chunksWithData(await disk.allocation(), disk.size, chunkSize)
+        : undefined;
       const chunkIndices = (function* () {
         for (let i = 0; i < index.count; i++) yield i;
       })();
@@ -87,6 +120,13 @@ export async function backup(repo: Repository, options: BackupOptions): Promise<
         async (i) => {
           options.signal?.throwIfAborted();
           const length = index.chunkLength(i);
+          if (hasData && hasData[i] === 0) {
+            index.setDigest(i, ZERO_DIGEST);
+            stats.chunksZero++;
+            doneBytes += length;
+            progress.emit({ type: "progress", job: "backup", done: doneBytes, total, bytesNew: newBytes });
+            return;
+          }
           const data = await disk.read(i * chunkSize, length);
           stats.bytesRead += length;
           if (data.equals(length === chunkSize ? zero : zero.subarray(0, length))) {

@@ -1,0 +1,96 @@
+// Image-file sources: every format QEMU reads backs up and restores byte-identical to
+// `qemu-img convert -O raw` of the source; sparse images cost what they hold, not their size.
+import assert from "node:assert/strict";
+import { promises as fs } from "node:fs";
+import { join } from "node:path";
+import { test } from "node:test";
+import { StorageDaemon } from "../../src/image/storage-daemon.js";
+import { sha256File, writeSyntheticImage } from "../../src/image/synthetic.js";
+import { runProgram } from "../../src/util/process.js";
+import { strata, strataOk, summary, tempDir } from "../helpers/cli.js";
+
+const MiB = 1024 * 1024;
+
+test("raw, qcow2, vmdk, vhdx, vpc and vdi images restore identical to qemu-img's raw conversion", async (t) => {
+  const dir = tempDir(t);
+  const repo = join(dir, "repo");
+  await strataOk(["init", "--repo", repo, "--chunk-size", "256K"]);
+  const raw = join(dir, "src.raw");
+  await writeSyntheticImage(raw, { size: 48 * MiB + 4096, seed: "formats", holes: 0.4 });
+  const formats = ["qcow2", "vmdk", "vhdx", "vpc", "vdi"];
+  const sources = [`file:${raw},name=raw`];
+  for (const f of formats) {
+    const p = join(dir, `src.${f}`);
+    await runProgram("qemu-img", ["convert", "-f", "raw", "-O", f, raw, p]);
+    sources.push(`file:${p},name=${f}`);
+  }
+  const b = summary(await strataOk(["backup", "--repo", repo, "--vm", "fmt", "--json", ...sources]));
+  const out = join(dir, "out");
+  await strataOk(["restore", "--repo", repo, b.id as string, "--target", out]);
+  for (const f of ["raw", ...formats]) {
+    const src = f === "raw" ? raw : join(dir, `src.${f}`);
+    const expected = join(dir, `expected-${f}.raw`);
+    await runProgram("qemu-img", ["convert", "-O", "raw", src, expected]);
+    assert.equal(await sha256File(join(out, `${f}.raw`)), await sha256File(expected), f);
+    await fs.rm(expected);
+  }
+  // The same content in six formats is stored once: every format after the first reuses it.
+  const snaps = JSON.parse((await strataOk(["snapshots", "--repo", repo, "--json"])).stdout) as Array<{
+    bytesNew: number;
+  }>;
+  assert.ok(snaps[0]!.bytesNew < 50 * MiB, `stored ${snaps[0]!.bytesNew} new bytes for six copies`);
+});
+
+test("a 64 GiB sparse image with 100 MiB of data reads only its data", async (t) => {
+  const dir = tempDir(t);
+  const repo = join(dir, "repo");
+  await strataOk(["init", "--repo", repo]);
+  const raw = join(dir, "big.raw");
+  const fh = await fs.open(raw, "w");
+  await fh.truncate(64 * 1024 * MiB);
+  const data = Buffer.alloc(MiB, "strata sparse test data ");
+  for (let i = 0; i < 100; i++) await fh.write(data, 0, MiB, i * 613 * MiB + 4096);
+  await fh.close();
+  const qcow = join(dir, "big.qcow2");
+  await runProgram("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", raw, qcow]);
+  for (const src of [raw, qcow]) {
+    const b = summary(await strataOk(["backup", "--repo", repo, "--vm", "sparse", "--json", `file:${src}`]));
+    assert.equal(b.size, 64 * 1024 * MiB);
+    // 100 regions of 1 MiB, each touching at most two 4 MiB chunks.
+    assert.ok((b.bytesRead as number) <= 200 * 4 * MiB, `${src}: read ${b.bytesRead} bytes`);
+    assert.ok((b.bytesRead as number) >= 100 * MiB);
+  }
+  const out = join(dir, "out");
+  await strataOk(["restore", "--repo", repo, "sparse/latest", "--target", out]);
+  const restored = join(out, "big.raw");
+  assert.equal((await fs.stat(restored)).size, 64 * 1024 * MiB);
+  assert.ok((await fs.stat(restored)).blocks * 512 < 1024 * MiB, "the restored file is sparse");
+  const cmp = await runProgram("qemu-img", ["compare", "-f", "raw", "-F", "raw", raw, restored]);
+  assert.match(cmp, /Images are identical/);
+});
+
+test("an image a running VM holds open is refused; a stated format is not probed", async (t) => {
+  const dir = tempDir(t);
+  const repo = join(dir, "repo");
+  await strataOk(["init", "--repo", repo]);
+  const img = join(dir, "busy.qcow2");
+  await runProgram("qemu-img", ["create", "-f", "qcow2", img, "16M"]);
+  // A writable qemu-storage-daemon stands in for the VM: it takes the same image locks QEMU does.
+  const vm = await StorageDaemon.start([{ path: img, format: "qcow2", name: "busy", writable: true }]);
+  t.after(() => vm.stop());
+  const r = await strata(["backup", "--repo", repo, "--vm", "busy", `file:${img}`]);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /in use by a running VM/);
+  await vm.stop();
+  await strataOk(["backup", "--repo", repo, "--vm", "busy", `file:${img}`]);
+
+  // An overlay with a backing file must name its format: a probed one is refused.
+  const overlay = join(dir, "overlay.qcow2");
+  await runProgram("qemu-img", ["create", "-f", "qcow2", "-b", img, "-F", "qcow2", overlay]);
+  const probed = await strata(["backup", "--repo", repo, "--vm", "ov", `file:${overlay}`]);
+  assert.equal(probed.code, 2);
+  assert.match(probed.stderr, /state its format/);
+  await strataOk(["backup", "--repo", repo, "--vm", "ov", `file:${overlay},format=qcow2`]);
+  const badFormat = await strata(["backup", "--repo", repo, "--vm", "ov", `file:${overlay},format=qcow3`]);
+  assert.equal(badFormat.code, 2);
+});
