@@ -81,9 +81,11 @@ export function fillContent(buf: Buffer, kind: "zero" | "text" | "binary" | "ran
     }
     case "binary": {
       // Structured binary: mostly small values and zero bytes; compresses like executables (~2-3x).
-      rng.fill(buf);
-      const words = new Uint32Array(buf.buffer, buf.byteOffset, Math.floor(buf.length / 4));
+      const tmp = Buffer.alloc(buf.length + 3 - ((buf.length + 3) % 4));
+      rng.fill(tmp);
+      const words = new Uint32Array(tmp.buffer, tmp.byteOffset, tmp.length / 4);
       for (let i = 0; i < words.length; i++) if (words[i]! % 7 !== 0) words[i] = words[i]! & 0x00ff000f;
+      tmp.copy(buf, 0, 0, buf.length);
       return;
     }
   }

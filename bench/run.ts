@@ -1,0 +1,281 @@
+/**
+ * npm run bench: Strata against restic and borg on the same disk images, side by side, plus this
+ * machine's raw limits measured in the same run. Prints tables; figures are ratios against the
+ * peers measured here, since absolute numbers on a shared machine move from run to run.
+ *
+ * Environment: STRATA_BENCH_DAYS (default 2), STRATA_CACHE (default .cache).
+ */
+import { execFileSync, spawnSync } from "node:child_process";
+import { createHash } from "node:crypto";
+import { existsSync, mkdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { availableParallelism } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { compress } from "zstd-napi";
+import { fillContent, Prng } from "../src/image/synthetic.js";
+import { benchDisks } from "./disk.js";
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
+const CACHE = resolve(process.env.STRATA_CACHE ?? join(ROOT, ".cache"));
+const DAYS = Number(process.env.STRATA_BENCH_DAYS ?? 2);
+const WORK = join(CACHE, "bench-run");
+const MiB = 1024 * 1024;
+const PASSWORD = "bench password";
+
+interface Measure {
+  wall: number;
+  cpu: number;
+  rssMiB: number;
+}
+
+function ensureTools(): void {
+  const need = ["restic", "borg", "/usr/bin/time", "mkfs.ext4", "debugfs"];
+  const missing = need.filter((t) => spawnSync("sh", ["-c", `command -v ${t}`]).status !== 0);
+  if (missing.length > 0) {
+    console.error(`bench: installing restic, borgbackup, time, e2fsprogs (missing: ${missing.join(", ")})`);
+    execFileSync("apt-get", ["install", "-y", "-qq", "restic", "borgbackup", "time", "e2fsprogs"], {
+      stdio: "inherit",
+      env: { ...process.env, DEBIAN_FRONTEND: "noninteractive" },
+    });
+  }
+}
+
+/** Runs a command under GNU time; returns wall s, CPU s, peak RSS MiB. */
+function timed(cmd: string, args: string[], env: Record<string, string> = {}, stdinFile?: string): Measure {
+  const timeOut = join(WORK, "time.out");
+  const shell = stdinFile
+    ? ["sh", "-c", `exec /usr/bin/time -o ${timeOut} -f "%e %U %S %M" "$0" "$@" < ${stdinFile}`, cmd, ...args]
+    : ["/usr/bin/time", "-o", timeOut, "-f", "%e %U %S %M", cmd, ...args];
+  const r = spawnSync(shell[0]!, shell.slice(1), {
+    env: { ...process.env, ...env },
+    stdio: ["ignore", "ignore", "pipe"],
+    maxBuffer: 64 * MiB,
+  });
+  if (r.status !== 0)
+    throw new Error(`${cmd} ${args.join(" ")} failed (${r.status}): ${r.stderr.toString().slice(-2000)}`);
+  const [wall, user, sys, rss] = readFileSync(timeOut, "utf8")
+    .trim()
+    .split("\n")
+    .at(-1)!
+    .split(" ")
+    .map(Number);
+  return { wall: wall!, cpu: user! + sys!, rssMiB: rss! / 1024 };
+}
+
+function du(path: string): number {
+  return Number(execFileSync("du", ["-sb", path], { encoding: "utf8" }).split("\t")[0]);
+}
+
+function sha(path: string): string {
+  return execFileSync("sha256sum", [path], { encoding: "utf8" }).split(" ")[0]!;
+}
+
+interface Tool {
+  name: string;
+  init(repo: string): void;
+  backup(repo: string, image: string): Measure;
+  restore(repo: string, target: string, image: string): Measure;
+  /** Path of the restored image inside target. */
+  restoredPath(target: string, image: string): string;
+}
+
+const strataBin = join(ROOT, "bin", "strata");
+
+function strataTool(name: string, chunk: string, encrypted: boolean): Tool {
+  const env: Record<string, string> = encrypted ? { STRATA_PASSWORD: PASSWORD } : {};
+  return {
+    name,
+    init: (repo) =>
+      void execFileSync(process.execPath, [strataBin, "init", "--repo", repo, "--chunk-size", chunk], {
+        env: { ...process.env, ...env },
+      }),
+    backup: (repo, image) =>
+      timed(
+        process.execPath,
+        [strataBin, "backup", "-q", "--repo", repo, "--vm", "bench", `file:${image},name=disk`],
+        env,
+      ),
+    restore: (repo, target) =>
+      timed(
+        process.execPath,
+        [strataBin, "restore", "-q", "--repo", repo, "bench/latest", "--target", target],
+        env,
+      ),
+    restoredPath: (target) => join(target, "disk.raw"),
+  };
+}
+
+const restic: Tool = {
+  name: "restic 0.14 (CDC ~1 MiB, zstd auto, AES)",
+  init: (repo) =>
+    void execFileSync("restic", ["init", "-q", "--repo", repo], {
+      env: { ...process.env, RESTIC_PASSWORD: PASSWORD },
+    }),
+  backup: (repo, image) =>
+    timed(
+      "restic",
+      ["backup", "-q", "--repo", repo, "--stdin", "--stdin-filename", "disk.img"],
+      { RESTIC_PASSWORD: PASSWORD },
+      image,
+    ),
+  restore: (repo, target) =>
+    timed("restic", ["restore", "-q", "--repo", repo, "latest", "--target", target, "--sparse"], {
+      RESTIC_PASSWORD: PASSWORD,
+    }),
+  restoredPath: (target) => join(target, "disk.img"),
+};
+
+function borgTool(name: string, chunker: string[], compression: string): Tool {
+  const env = { BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK: "yes", BORG_RELOCATED_REPO_ACCESS_IS_OK: "yes" };
+  let n = 0;
+  return {
+    name,
+    init: (repo) =>
+      void execFileSync("borg", ["init", "-e", "none", repo], { env: { ...process.env, ...env } }),
+    backup: (repo, image) =>
+      timed(
+        "borg",
+        ["create", "--compression", compression, ...chunker, `${repo}::b${n++}`, "-"],
+        env,
+        image,
+      ),
+    restore: (repo, target) => {
+      mkdirSync(target, { recursive: true });
+      return timed("sh", ["-c", `cd ${target} && borg extract --sparse ${repo}::b${n - 1}`], env);
+    },
+    restoredPath: (target) => join(target, "stdin"),
+  };
+}
+
+interface Row {
+  tool: string;
+  full: Measure;
+  incr: Measure[];
+  restore: Measure;
+  storedFull: number;
+  storedPerDay: number[];
+}
+
+function runTool(tool: Tool, images: string[]): Row {
+  const dir = join(WORK, tool.name.replace(/[^a-z0-9]+/gi, "-"));
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
+  const repo = join(dir, "repo");
+  tool.init(repo);
+  console.error(`bench: ${tool.name}: full backup`);
+  const full = tool.backup(repo, images[0]!);
+  const storedFull = du(repo);
+  const incr: Measure[] = [];
+  const storedPerDay: number[] = [];
+  let prev = storedFull;
+  for (const img of images.slice(1)) {
+    console.error(`bench: ${tool.name}: incremental`);
+    incr.push(tool.backup(repo, img));
+    const now = du(repo);
+    storedPerDay.push(now - prev);
+    prev = now;
+  }
+  console.error(`bench: ${tool.name}: restore`);
+  const target = join(dir, "restore");
+  const restore = tool.restore(repo, target, images.at(-1)!);
+  const got = sha(tool.restoredPath(target, images.at(-1)!));
+  if (got !== sha(images.at(-1)!)) throw new Error(`${tool.name}: restored image differs from the source`);
+  rmSync(dir, { recursive: true, force: true });
+  const row = { tool: tool.name, full, incr, restore, storedFull, storedPerDay };
+  console.error(`bench: ${JSON.stringify(row)}`);
+  return row;
+}
+
+function limits(image: string): Record<string, number> {
+  // Sequential read of the image (page cache warm after the first tool: what the tools see too).
+  const t0 = process.hrtime.bigint();
+  execFileSync("sh", ["-c", `cat ${image} > /dev/null`]);
+  const readSecs = Number(process.hrtime.bigint() - t0) / 1e9;
+  const size = statSync(image).size;
+  // Mixed content like the disk's data: a third each of text, binary and incompressible bytes.
+  const buf = Buffer.alloc(256 * MiB);
+  const third = Math.floor(buf.length / 3);
+  const rng = new Prng("limits");
+  fillContent(buf.subarray(0, third), "text", rng);
+  fillContent(buf.subarray(third, 2 * third), "binary", rng);
+  fillContent(buf.subarray(2 * third), "random", rng);
+  let t = process.hrtime.bigint();
+  createHash("sha256").update(buf).digest();
+  const shaSecs = Number(process.hrtime.bigint() - t) / 1e9;
+  t = process.hrtime.bigint();
+  for (let off = 0; off < buf.length; off += 4 * MiB)
+    compress(buf.subarray(off, off + 4 * MiB), { compressionLevel: 1 });
+  const zstdSecs = Number(process.hrtime.bigint() - t) / 1e9;
+  // Sequential write of 1 GiB with fsync: what any restore is bound by on this disk.
+  t = process.hrtime.bigint();
+  execFileSync("dd", ["if=/dev/zero", `of=${join(WORK, "dd.out")}`, "bs=4M", "count=256", "conv=fsync"], {
+    stdio: "ignore",
+  });
+  const writeSecs = Number(process.hrtime.bigint() - t) / 1e9;
+  rmSync(join(WORK, "dd.out"), { force: true });
+  return {
+    "sequential write + fsync, MiB/s": 1024 / writeSecs,
+    "sequential read (page cache), MiB/s": size / MiB / readSecs,
+    "SHA-256, one core, MiB/s": 256 / shaSecs,
+    "zstd level 1, one core, MiB/s": 256 / zstdSecs,
+  };
+}
+
+function fmt(n: number, digits = 1): string {
+  return n.toFixed(digits);
+}
+
+function main(): void {
+  ensureTools();
+  mkdirSync(WORK, { recursive: true });
+  const images = benchDisks(CACHE, DAYS);
+  const size = statSync(images[0]!).size;
+  console.log(
+    `bench disk: ${images.length} images of ${size / MiB} MiB (ext4, ~2.4 GiB used), ${availableParallelism()} cores`,
+  );
+  const tools: Tool[] = [
+    strataTool("strata (4 MiB fixed, zstd-1)", "4M", false),
+    strataTool("strata (4 MiB fixed, zstd-1, AES)", "4M", true),
+    strataTool("strata (1 MiB fixed, zstd-1)", "1M", false),
+    strataTool("strata (256 KiB fixed, zstd-1)", "256K", false),
+    restic,
+    borgTool("borg 1.2 (fixed 4 MiB, lz4)", ["--chunker-params", "fixed,4194304"], "lz4"),
+    borgTool("borg 1.2 (buzhash CDC 2 MiB, lz4)", [], "lz4"),
+  ];
+  const only = process.env.STRATA_BENCH_ONLY;
+  const rows = tools.filter((t) => !only || t.name.includes(only)).map((t) => runTool(t, images));
+  const lim = limits(images[0]!);
+  const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
+
+  console.log(
+    "\n| tool | full: wall s | CPU s | peak RSS MiB | stored MiB | incr: wall s | stored MiB/day | restore: wall s | peak RSS MiB |",
+  );
+  console.log("|---|---|---|---|---|---|---|---|---|");
+  for (const r of rows) {
+    console.log(
+      `| ${r.tool} | ${fmt(r.full.wall)} | ${fmt(r.full.cpu)} | ${fmt(r.full.rssMiB, 0)} | ${fmt(r.storedFull / MiB)} | ${fmt(mean(r.incr.map((m) => m.wall)))} | ${fmt(mean(r.storedPerDay) / MiB)} | ${fmt(r.restore.wall)} | ${fmt(Math.max(r.restore.rssMiB, ...r.incr.map((m) => m.rssMiB)), 0)} |`,
+    );
+  }
+  const strata = rows.find((r) => r.tool.startsWith("strata (4 MiB fixed, zstd-1)"));
+  if (strata) {
+    console.log("\nRatios of strata (4 MiB fixed, unencrypted) to each peer (>1 = strata faster/smaller):");
+    console.log(
+      "| peer | full backup speed | incremental speed | restore speed | stored bytes/day (peer/strata) |",
+    );
+    console.log("|---|---|---|---|---|");
+    for (const r of rows.filter((x) => x !== strata)) {
+      console.log(
+        `| ${r.tool} | ${fmt(r.full.wall / strata.full.wall, 2)}x | ${fmt(mean(r.incr.map((m) => m.wall)) / mean(strata.incr.map((m) => m.wall)), 2)}x | ${fmt(r.restore.wall / strata.restore.wall, 2)}x | ${fmt(mean(r.storedPerDay) / Math.max(1, mean(strata.storedPerDay)), 2)} |`,
+      );
+    }
+    const dataMiB = size / MiB;
+    console.log(
+      `\nstrata full backup: ${fmt(dataMiB / strata.full.wall, 0)} MiB/s of disk; restore ${fmt(dataMiB / strata.restore.wall, 0)} MiB/s`,
+    );
+  }
+  console.log("\nThis machine's limits, same run:");
+  for (const [k, v] of Object.entries(lim)) console.log(`- ${k}: ${fmt(v, 0)}`);
+  if (!existsSync(images[0]!)) throw new Error("bench disk vanished");
+}
+
+main();
