@@ -42,7 +42,7 @@ export interface ServeSourceOptions {
 export interface CacheStats {
   /** Chunk lookups answered from the cache. */
   hits: number;
-  /** Chunk lookups that started a fetch. */
+  /** Chunk lookups that fetched the chunk. */
   misses: number;
   /** Chunk lookups that joined a fetch already under way (demand or read-ahead). */
   joined: number;
@@ -199,15 +199,22 @@ export class RestorePointSource {
       this.counters.joined++;
       return pending;
     }
-    this.counters.misses++;
-    await this.slot();
-    // Someone else may have fetched it, or started to, while this waited for a slot.
-    const cached = this.cache.get(key);
-    const other = cached === undefined ? this.fetching.get(key) : undefined;
-    if (cached || other) {
-      this.release();
-      return cached ?? other!;
+    // Taking a free slot and registering the fetch happen in the same tick, so a concurrent
+    // reader of the same chunk always finds the fetch under way.
+    if (this.active < this.fetchConcurrency) this.active++;
+    else {
+      await new Promise<void>((resolve) => this.waiters.push(resolve));
+      // Someone else may have fetched it, or started to, while this waited for a slot.
+      const cached = this.cache.get(key);
+      const other = cached === undefined ? this.fetching.get(key) : undefined;
+      if (cached || other) {
+        this.release();
+        if (cached) this.counters.hits++;
+        else this.counters.joined++;
+        return cached ?? other!;
+      }
     }
+    this.counters.misses++;
     return this.fetch(i, key);
   }
 
@@ -269,14 +276,6 @@ export class RestorePointSource {
     this.cache.set(key, data);
     this.counters.cachedBytes += data.length;
     this.counters.peakCachedBytes = Math.max(this.counters.peakCachedBytes, this.counters.cachedBytes);
-  }
-
-  private async slot(): Promise<void> {
-    if (this.active < this.fetchConcurrency) {
-      this.active++;
-      return;
-    }
-    await new Promise<void>((resolve) => this.waiters.push(resolve));
   }
 
   private release(): void {
