@@ -50,7 +50,9 @@ test("concurrent reads of one chunk share one fetch; later reads hit the cache",
   const i = zeros.findIndex((z) => !z);
   const reads = Array.from({ length: 10 }, (_, k) => source.read(i * CHUNK + k * 100, 4096));
   const got = await Promise.all(reads);
-  got.forEach((g, k) => assert.ok(g.equals(image.subarray(i * CHUNK + k * 100, i * CHUNK + k * 100 + 4096))));
+  for (const [k, g] of got.entries()) {
+    assert.ok(g.equals(image.subarray(i * CHUNK + k * 100, i * CHUNK + k * 100 + 4096)));
+  }
   let s = source.stats();
   assert.equal(s.misses, 1);
   assert.equal(s.joined + s.hits, 9);
@@ -100,7 +102,7 @@ test("sequential reads fetch ahead into free slots; random reads do not", async 
   const s = source.stats();
   // Chunks with the same content are one cache entry, fetched once.
   const digests = new Set<string>();
-  zeros.forEach((z, i) => z || digests.add(source.index.digest(i).toString("hex")));
+  for (const [i, z] of zeros.entries()) if (!z) digests.add(source.index.digest(i).toString("hex"));
   const dataChunks = digests.size;
   assert.ok(s.readAheadFetches > dataChunks / 2, JSON.stringify(s));
   // Every distinct data chunk fetched exactly once, by read-ahead or on demand.
