@@ -4,6 +4,7 @@ import { join, resolve } from "node:path";
 import type { Command } from "commander";
 import { backup } from "../engine/backup.js";
 import { restoreDiskToFile } from "../engine/restore.js";
+import { restoreDiskToDevice, restoreDiskToQcow2 } from "../engine/restore-sinks.js";
 import { openFileDisks, parseFileSpecs } from "../hypervisor/files/index.js";
 import { manifestTotals } from "../repo/manifest.js";
 import { checkName } from "../repo/repository.js";
@@ -85,22 +86,31 @@ Examples:
 
   program
     .command("restore")
-    .description("restore a restore point's disks as raw image files")
+    .description("restore a restore point's disks as raw or qcow2 image files, or onto a block device")
     .argument("<snapshot>", "VM/TIME or VM/latest (see strata snapshots)")
-    .requiredOption("--target <dir>", "directory to write <disk>.raw files into (created if missing)")
+    .option("--target <dir>", "directory to write <disk>.raw or <disk>.qcow2 files into (created if missing)")
+    .option("--format <format>", "image format of the files: raw or qcow2", "raw")
+    .option("--device <path>", "write the disk (--disk) onto this block device instead, overwriting it")
     .option("--disk <name>", "only this disk")
-    .option("--force", "replace existing files")
+    .option("--force", "replace existing files; allow overwriting --device")
     .addHelpText(
       "after",
       `
 Files are written sparsely (all-zero regions become holes) to a temporary name and renamed
 into place when complete and synced. Every chunk is verified before it is written.
 
-Example:
-  strata restore web1/latest --target /var/lib/images/restored`,
+qcow2 files are written through qemu-storage-daemon; all-zero regions stay unallocated.
+A block device (disk, partition, LV) must be at least as large as the disk; every byte of
+the disk is written, zeros included, and the device is synced at the end.
+
+Examples:
+  strata restore web1/latest --target /var/lib/images/restored
+  strata restore web1/latest --target /var/lib/images/restored --format qcow2
+  strata restore web1/latest --disk root --device /dev/vg0/web1-root --force`,
     )
-    .action(async (ref: string, opts: { target: string; disk?: string; force?: boolean }, cmd: Command) => {
+    .action(async (ref: string, opts: RestoreFlags, cmd: Command) => {
       const out = output(cmd);
+      checkRestoreFlags(opts);
       await withRepo(cmd, async (repo) => {
         const lock = await repo.lock("read", `restore of ${ref}`);
         try {
@@ -112,19 +122,19 @@ Example:
               `restore point ${snap.vm}/${snap.time} has no disk "${opts.disk}" (it has: ${snap.manifest.disks.map((d) => d.name).join(", ")})`,
             );
           }
-          const dir = resolve(opts.target);
-          await fs.mkdir(dir, { recursive: true });
           const signal = interruptSignal();
           const t0 = Date.now();
           const results: Array<Awaited<ReturnType<typeof restoreDiskToFile>>> = [];
-          for (const name of names) {
-            results.push(
-              await restoreDiskToFile(repo, snap, name, join(dir, `${name}.raw`), {
-                force: opts.force === true,
-                progress: out.progress(),
-                signal,
-              }),
-            );
+          const common = { force: opts.force === true, progress: out.progress(), signal };
+          if (opts.device !== undefined) {
+            results.push(await restoreDiskToDevice(repo, snap, names[0]!, opts.device, common));
+          } else {
+            const dir = resolve(opts.target!);
+            await fs.mkdir(dir, { recursive: true });
+            const sink = opts.format === "qcow2" ? restoreDiskToQcow2 : restoreDiskToFile;
+            for (const name of names) {
+              results.push(await sink(repo, snap, name, join(dir, `${name}.${opts.format}`), common));
+            }
           }
           const seconds = (Date.now() - t0) / 1000;
           const size = results.reduce((n, r) => n + r.size, 0);
@@ -148,4 +158,26 @@ Example:
         }
       });
     });
+}
+
+interface RestoreFlags {
+  target?: string;
+  format: string;
+  device?: string;
+  disk?: string;
+  force?: boolean;
+}
+
+function checkRestoreFlags(opts: RestoreFlags): void {
+  if ((opts.target === undefined) === (opts.device === undefined))
+    throw new StrataError(ErrorCode.USAGE, "give exactly one of --target DIR or --device PATH");
+  if (opts.format !== "raw" && opts.format !== "qcow2")
+    throw new StrataError(ErrorCode.USAGE, `--format ${opts.format}: restores write raw or qcow2`);
+  if (opts.device !== undefined && opts.disk === undefined)
+    throw new StrataError(ErrorCode.USAGE, "--device needs --disk NAME: one disk goes onto one device");
+  if (opts.device !== undefined && opts.format !== "raw")
+    throw new StrataError(
+      ErrorCode.USAGE,
+      "--format does not apply to --device (a device holds the raw disk)",
+    );
 }

@@ -7,6 +7,7 @@ import { ErrorCode, StrataError } from "../util/errors.js";
 import { registerBackupCommands } from "./cmd-backup.js";
 import { registerDemoCommand } from "./cmd-demo.js";
 import { registerRepoCommands } from "./cmd-repo.js";
+import { registerServeCommand } from "./cmd-serve.js";
 
 /** Exit codes, stable for scripts. */
 export const EXIT: Record<string, number> = {
@@ -44,6 +45,7 @@ Getting started:
     );
   registerRepoCommands(program);
   registerBackupCommands(program);
+  registerServeCommand(program);
   registerDemoCommand(program);
   return program;
 }
