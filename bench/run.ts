@@ -243,7 +243,14 @@ function main(): void {
     borgTool("borg 1.2 (buzhash CDC 2 MiB, lz4)", [], "lz4"),
   ];
   const only = process.env.STRATA_BENCH_ONLY;
-  const rows = tools.filter((t) => !only || t.name.includes(only)).map((t) => runTool(t, images));
+  const rows: Row[] = [];
+  for (const t of tools.filter((x) => !only || x.name.includes(only))) {
+    try {
+      rows.push(runTool(t, images));
+    } catch (err) {
+      console.log(`| ${t.name} | failed: ${(err as Error).message.split("\n")[0]} |`);
+    }
+  }
   const lim = limits(images[0]!);
   const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
 
