@@ -27,7 +27,7 @@
  *
  * Usage: strata-workload [options] TARGET
  *   -r RATE     records per second (default 50; 0 = as fast as possible)
- *   -o OFFSET   region start in bytes (default 0; multiple of 4096)
+ *   -o OFFSET   region start in bytes (default 0; multiple of 4096; K/M/G suffixes allowed)
  *   -s SIZE     region size in bytes (default: the rest of the device; required for an empty file)
  *   -n COUNT    stop after COUNT records (default: run until SIGTERM/SIGINT)
  *   -p EVERY    print a latency summary every EVERY records (default 250)
@@ -122,10 +122,14 @@ static void report(const char *tag, uint64_t seq, uint64_t *lat, size_t n) {
   }
 }
 
+/* A number, with an optional binary suffix K, M or G (sizes). */
 static uint64_t parse_u64(const char *s, const char *what) {
   char *end;
   errno = 0;
   unsigned long long v = strtoull(s, &end, 0);
+  if (*end == 'K' || *end == 'k') v <<= 10, end++;
+  else if (*end == 'M' || *end == 'm') v <<= 20, end++;
+  else if (*end == 'G' || *end == 'g') v <<= 30, end++;
   if (errno || *end || end == s) {
     fprintf(stderr, "strata-workload: bad %s: %s\n", what, s);
     exit(2);
@@ -184,6 +188,11 @@ int main(int argc, char **argv) {
     return 1;
   }
   uint64_t slots = size / REC;
+  /* A regular file is extended (sparsely) to hold the whole region, as a device would. */
+  if (S_ISREG(st.st_mode) && dev_size < offset + size && ftruncate(fd, (off_t)(offset + size)) < 0) {
+    perror("strata-workload: ftruncate");
+    return 1;
+  }
 
   if (log_path) {
     log_file = fopen(log_path, "a");
