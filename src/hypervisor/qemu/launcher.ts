@@ -190,6 +190,8 @@ export class QemuVm {
   private exitStatus: ExitStatus | undefined;
   private qmpClient: Promise<QmpClient> | undefined;
   private qgaClient: QgaClient | undefined;
+  /** Aborted when QEMU exits, so that nobody keeps trying to connect to a dead VM. */
+  private readonly exitSignal = new AbortController();
 
   constructor(
     private readonly child: ChildProcess,
@@ -207,6 +209,7 @@ export class QemuVm {
     this.exited = new Promise<ExitStatus>((resolve) => {
       child.once("exit", (code, signal) => {
         this.exitStatus = { code, signal };
+        this.exitSignal.abort(new Error("QEMU exited"));
         resolve(this.exitStatus);
       });
     });
@@ -254,7 +257,10 @@ export class QemuVm {
   /** The QMP connection (connected on first use, then shared). */
   qmp(): Promise<QmpClient> {
     if (!this.qmpClient) {
-      const p = QmpClient.connect(this.qmpSocket, { connectTimeoutMs: 10_000 });
+      const p = QmpClient.connect(this.qmpSocket, {
+        connectTimeoutMs: 10_000,
+        signal: this.exitSignal.signal,
+      });
       this.qmpClient = p;
       p.catch(() => {
         if (this.qmpClient === p) this.qmpClient = undefined;
@@ -400,7 +406,13 @@ export async function launchQemu(options: LaunchOptions): Promise<QemuVm> {
     return new StrataError(ErrorCode.EXTERNAL, `QEMU exited at start (${describeExit(s)}): ${msg.trim()}`);
   });
   try {
-    const early = await Promise.race([vm.qmp().then(() => undefined), exitedEarly]);
+    // QEMU opens the QMP socket before the disks: a connection may come up and then break
+    // because QEMU is exiting. Its exit status and message explain more than the socket error.
+    const connected = vm.qmp().then(
+      () => undefined,
+      async (err: unknown) => (await within(exitedEarly, 2000)) ?? err,
+    );
+    const early = await Promise.race([connected, exitedEarly]);
     if (early) throw early;
   } catch (err) {
     await vm.stop({ timeoutMs: 2000 }).catch(() => {});

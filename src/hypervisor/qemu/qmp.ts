@@ -38,6 +38,8 @@ export interface QmpConnectOptions {
   connectTimeoutMs?: number;
   /** Default deadline of each command (default 30 s). */
   commandTimeoutMs?: number;
+  /** Stops the connection attempts (e.g. when QEMU has exited). */
+  signal?: AbortSignal;
 }
 
 export interface ExecuteOptions {
@@ -87,7 +89,7 @@ export class QmpClient {
   static async connect(path: string, options: QmpConnectOptions = {}): Promise<QmpClient> {
     const connectTimeoutMs = options.connectTimeoutMs ?? 10_000;
     const where = `QMP ${path}`;
-    const socket = await connectUnix(path, connectTimeoutMs, where);
+    const socket = await connectUnix(path, connectTimeoutMs, where, options.signal);
     const client = new QmpClient(socket, where, options.commandTimeoutMs ?? 30_000);
     try {
       client.greeting = await client.readGreeting(connectTimeoutMs);
@@ -254,15 +256,16 @@ export class QmpClient {
 
   private onMessage(msg: Record<string, unknown>): void {
     if (this.greetingWaiter) {
-      const waiter = this.greetingWaiter;
-      this.greetingWaiter = undefined;
       const g = msg["QMP"];
       if (typeof g !== "object" || g === null) {
+        // thrown to onData, whose shutdown() rejects the greeting waiter with it
         throw new StrataError(
           ErrorCode.PROTOCOL,
           `${this.where}: expected the QMP greeting, got ${preview(msg)}`,
         );
       }
+      const waiter = this.greetingWaiter;
+      this.greetingWaiter = undefined;
       waiter.resolve(g as QmpGreeting);
       return;
     }

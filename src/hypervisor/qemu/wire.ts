@@ -106,11 +106,21 @@ export function preview(value: unknown): string {
 
 /**
  * Connects to a unix socket, retrying while it does not exist yet or refuses (QEMU still
- * starting) until `timeoutMs` has passed.
+ * starting) until `timeoutMs` has passed or `signal` aborts (QEMU exited: ABORTED).
  */
-export async function connectUnix(path: string, timeoutMs: number, what: string): Promise<Socket> {
+export async function connectUnix(
+  path: string,
+  timeoutMs: number,
+  what: string,
+  signal?: AbortSignal,
+): Promise<Socket> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
+    if (signal?.aborted) {
+      throw new StrataError(ErrorCode.ABORTED, `${what}: gave up connecting to ${path}`, {
+        cause: signal.reason,
+      });
+    }
     try {
       return await new Promise<Socket>((resolve, reject) => {
         const s = connect(path);
@@ -139,7 +149,7 @@ export async function connectUnix(path: string, timeoutMs: number, what: string)
           { cause: err },
         );
       }
-      await sleep(50);
+      await sleep(50, undefined, signal ? { signal } : {}).catch(() => {});
     }
   }
 }
