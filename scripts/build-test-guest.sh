@@ -25,7 +25,14 @@ die() {
 
 # The kernel package linux-image-amd64 points at (e.g. linux-image-6.1.0-56-amd64), and its version.
 KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*\)$/\1/p' | head -n1)
-[ -n "$KPKG" ] || die "cannot resolve the kernel package of linux-image-amd64 (apt-get update?)"
+if [ -z "$KPKG" ]; then
+  # No package lists (offline, no apt-get update): reuse the newest complete build if there is one.
+  newest=$(ls -td "$CACHE_ROOT"/"$GUEST_VERSION"-*/guest.json 2>/dev/null | head -n1 || true)
+  [ -n "$newest" ] || die "cannot resolve the kernel package of linux-image-amd64 (apt-get update?)"
+  say "warning: apt cannot resolve linux-image-amd64; using the cached $(dirname "$newest")"
+  dirname "$newest"
+  exit 0
+fi
 KVER_PKG=$(apt-cache policy "$KPKG" | sed -n 's/^ *Candidate: //p')
 
 INPUT_HASH=$(
