@@ -179,6 +179,24 @@ describe("test guest under QEMU", { timeout: 240_000 }, () => {
     }
   });
 
+  test("after QEMU is killed mid-write the disk still holds a gap-free prefix", async () => {
+    const disks = await makeDisks("k");
+    const vm = await bootGuest("k", disks);
+    try {
+      const m = await vm.waitForConsole(/STRATA-WORKLOAD stats seq=(100) /, 90_000);
+      const result = await vm.stop({ mode: "kill" });
+      assert.deepEqual([result.how, result.signal], ["killed", "SIGKILL"]);
+      // Every write the guest saw complete (O_DSYNC) is in the image; the rest is simply absent.
+      const scan = await verifyRecords(disks.workload, { format: "qcow2" });
+      assert.deepEqual(scan.badRecords, []);
+      assert.equal(scan.gapFree, true);
+      assert.equal(scan.firstSeq, 1);
+      assert.ok(scan.lastSeq >= Number(m[1]), `lastSeq ${scan.lastSeq} < ${m[1]} reported by the guest`);
+    } finally {
+      await vm.stop({ timeoutMs: 5000 });
+    }
+  });
+
   test("the ACPI power button shuts the guest down cleanly", async () => {
     const disks = await makeDisks("b");
     const vm = await bootGuest("b", disks);

@@ -171,8 +171,11 @@ export interface StopResult extends ExitStatus {
 }
 
 export interface StopOptions {
-  /** "quit" (default): QMP quit. "powerdown": ACPI power button first, then quit. */
-  mode?: "quit" | "powerdown";
+  /**
+   * "quit" (default): QMP quit. "powerdown": ACPI power button first, then quit. "kill": SIGKILL
+   * at once (a host crash as the guest's disks see it; for tests of crash consistency).
+   */
+  mode?: "quit" | "powerdown" | "kill";
   /** How long each graceful step may take before the next (default 10 s). */
   timeoutMs?: number;
 }
@@ -285,6 +288,10 @@ export class QemuVm {
     const timeoutMs = options.timeoutMs ?? 10_000;
     let how: StopResult["how"] | undefined;
     if (!this.running) how = "exited";
+    if (!how && options.mode === "kill") {
+      this.child.kill("SIGKILL");
+      how = "killed";
+    }
     if (!how && options.mode === "powerdown") {
       try {
         const qmp = await this.qmp();
