@@ -80,19 +80,21 @@ for pkg in "$KPKG" busybox-static qemu-guest-agent; do
   dpkg-deb -x "$deb" "$X"
 done
 
-# 2. Kernel: prefer the ELF vmlinux inside the bzImage (xz payload), which QEMU boots via PVH.
+# 2. Kernel: prefer the ELF vmlinux inside the bzImage, which QEMU boots via its PVH entry. The
+#    payload is xz: try the first places its magic (FD 37 7A 58 5A) appears until one decompresses
+#    to an ELF file; else boot the bzImage itself.
 VMLINUZ=$(ls "$X"/boot/vmlinuz-* | head -n1)
 KREL=${VMLINUZ##*/vmlinuz-}
 mkdir -p "$B"
 KFORMAT=bzImage
-off=$(grep -abo $'\xfd7zXZ\x00' "$VMLINUZ" | head -n1 | cut -d: -f1 || true)
-if [ -n "$off" ]; then
+for off in $(LC_ALL=C grep -abo $'\xfd7zXZ' "$VMLINUZ" | head -n5 | cut -d: -f1); do
   tail -c +$((off + 1)) "$VMLINUZ" | xz -dc 2>/dev/null >"$WORK/vmlinux" || true
   if [ "$(head -c4 "$WORK/vmlinux" 2>/dev/null | od -An -tx1 | tr -d ' ')" = 7f454c46 ]; then
     KFORMAT=vmlinux
     cp "$WORK/vmlinux" "$B/kernel"
+    break
   fi
-fi
+done
 [ "$KFORMAT" = vmlinux ] || cp "$VMLINUZ" "$B/kernel"
 
 # 3. The workload, static.
@@ -159,5 +161,7 @@ cat >"$B/guest.json" <<EOF
 EOF
 rm -rf "$OUT"
 mv "$B" "$OUT"
+# Keep the three newest builds (other branches sharing STRATA_CACHE may still use older ones).
+ls -td "$CACHE_ROOT"/[0-9]*-*/ 2>/dev/null | tail -n +4 | xargs -r rm -rf
 say "built $OUT ($KFORMAT kernel, initrd $(du -h "$OUT/initrd.cpio" | cut -f1))"
 echo "$OUT"
