@@ -132,9 +132,31 @@ describe("test guest under QEMU", { timeout: 240_000 }, () => {
       const thawMs = performance.now() - t1;
       assert.equal(await qga.fsfreezeStatus(), "thawed");
       t.diagnostic(`fsfreeze ${freezeMs.toFixed(0)} ms, thaw ${thawMs.toFixed(0)} ms`);
+      // While frozen, a guest write to the data disk blocks and nothing reaches the host's disk1.
+      // Device-level write counts of disk1 (accounting lives on the device's BlockBackend).
+      const writes = async () => {
+        const stats =
+          await qmp.execute<Array<{ qdev?: string; stats: { wr_operations: number } }>>("query-blockstats");
+        return stats.find((x) => x.qdev === "/machine/peripheral/vblk1/virtio-backend")!.stats.wr_operations;
+      };
+      // A guest process writes to the data disk every 50 ms (started before the freeze: a frozen
+      // agent refuses guest-exec). While frozen its writes block and none reaches disk1.
+      await qga.execute("guest-exec", {
+        path: "/bin/sh",
+        arg: ["-c", "i=0; while [ $i -lt 60 ]; do echo $i > /mnt/data/f; sync; i=$((i+1)); sleep 0.05; done"],
+      });
+      const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+      const start = await writes();
+      await sleep(500);
+      assert.ok((await writes()) > start, "the guest's writer reaches disk1");
       assert.equal(await qga.fsfreezeFreezeList(["/mnt/data"]), 1);
       assert.equal(await qga.fsfreezeStatus(), "frozen");
+      const before = await writes();
+      await sleep(1000);
+      assert.equal(await writes(), before, "no write reached disk1 while frozen");
       assert.equal(await qga.fsfreezeThaw(), 1);
+      await sleep(500);
+      assert.ok((await writes()) > before, "the guest's writes resume after the thaw");
       await assert.rejects(qga.execute("guest-no-such-command"), (err) => {
         assert.ok(err instanceof QemuCommandError);
         assert.equal(err.errorClass, "CommandNotFound");
