@@ -59,7 +59,7 @@ async function fakeAgent(
 }
 
 describe("guest-agent client against a fake peer", { timeout: 30_000 }, () => {
-  test("sync discards stale lines, then commands get their replies", async () => {
+  test("sync discards stale lines and fragments, then commands get their replies", async () => {
     const { path, server, received } = await fakeAgent(
       (cmd, sock) => {
         if (cmd.execute === "guest-fsfreeze-status") sock.write('{"return": "thawed"}\n');
@@ -68,6 +68,7 @@ describe("guest-agent client against a fake peer", { timeout: 30_000 }, () => {
         else sock.write('{"return": {}}\n');
       },
       [
+        'ment of a line meant for an earlier client"}}',
         '{"error": {"class": "GenericError", "desc": "JSON parse error, stray \'\\ufffd\'"}}',
         '{"return": 12345}',
       ],

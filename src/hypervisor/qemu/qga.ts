@@ -9,9 +9,10 @@
  * `guest-sync-delimited {id}` with a fresh random id; the agent answers with 0xFF followed by
  * `{"return": id}`. Lines before that reply are discarded.
  *
- * Every call has a deadline (TIMEOUT). An agent error becomes a QemuCommandError (EXTERNAL). A
- * reply that is not JSON is a PROTOCOL error; the connection is dropped and the next call
- * reconnects and synchronises again. Commands run strictly one after another.
+ * Every call has a deadline (TIMEOUT). An agent error becomes a QemuCommandError (EXTERNAL).
+ * Before the sync reply anything goes (fragments included); after it, a reply that is not JSON is
+ * a PROTOCOL error, the connection is dropped and the next call reconnects and synchronises
+ * again. Commands run strictly one after another.
  */
 import { randomInt } from "node:crypto";
 import type { Socket } from "node:net";
@@ -241,7 +242,17 @@ export class QgaClient {
       try {
         for (const line of this.splitter.push(chunk)) {
           if (line.trim() === "") continue;
-          this.deliver(parseObjectLine(this.where, line));
+          let msg: Record<string, unknown>;
+          try {
+            msg = parseObjectLine(this.where, line);
+          } catch (err) {
+            // Before the sync reply everything is stale, fragments too (we may have connected in
+            // the middle of a line meant for an earlier client): skip them. After it, garbage is
+            // a protocol violation.
+            if (!this.synced) continue;
+            throw err;
+          }
+          this.deliver(msg);
         }
       } catch (err) {
         this.drop(
