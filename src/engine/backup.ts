@@ -9,7 +9,7 @@
 import { FixedIndex } from "../repo/fixed-index.js";
 import { ZERO_DIGEST } from "../repo/format.js";
 import type { BackupMode, Consistency, Manifest, ManifestDisk } from "../repo/manifest.js";
-import type { Repository } from "../repo/repository.js";
+import type { Repository, SnapshotRef } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { forEachLimit } from "../util/pool.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
@@ -34,6 +34,14 @@ export interface DiskSource {
    * NBD base:allocation). Chunks wholly inside such parts are never read.
    */
   allocation?(): Promise<DataExtent[]>;
+  /**
+   * What changed since the restore point at time `since` (a dirty bitmap): extents with
+   * `zero: true` are unchanged. Unchanged chunks are carried over from that restore point's index
+   * by digest and never read.
+   */
+  changes?: { since: string; extents(): Promise<DataExtent[]> };
+  /** Why a disk that could have had change tracking has none this time (logged and recorded). */
+  fullReadReason?: string;
 }
 
 /** For each chunk, whether any byte of it may be non-zero according to `extents`. */
@@ -65,12 +73,43 @@ export interface BackupOptions {
   signal?: AbortSignal;
   /** Chunks in flight at once (read, hashed, encoded, written). */
   inflight?: number;
+  /** Checkpoint-bitmap state to record in the manifest (live backups). */
+  bitmap?: Record<string, unknown>;
+  /** Where notes for the user go (full reads and why). */
+  log?: (message: string) => void;
 }
 
 export interface BackupResult {
   manifest: Manifest;
   /** The restore point's id, "vm/time". */
   id: string;
+}
+
+/**
+ * Whether `disk` can be read incrementally: it reports changes since a restore point that is the
+ * latest of this VM, holds a disk of the same name and size. Otherwise a full read, and why.
+ */
+async function carryOver(
+  repo: Repository,
+  disk: DiskSource,
+  previous: SnapshotRef | undefined,
+  chunkSize: number,
+): Promise<{ parent?: FixedIndex; dirty?: Uint8Array; reason?: string }> {
+  if (!disk.changes) return disk.fullReadReason === undefined ? {} : { reason: disk.fullReadReason };
+  if (!previous || previous.time !== disk.changes.since) {
+    return { reason: `the changes are relative to ${disk.changes.since}, not to the latest restore point` };
+  }
+  const prevDisk = previous.manifest.disks.find((d) => d.name === disk.name);
+  if (!prevDisk) return { reason: `the previous restore point has no disk ${disk.name}` };
+  if (prevDisk.size !== disk.size) return { reason: `the disk changed size (${prevDisk.size} → ${disk.size})` };
+  try {
+    const parent = await repo.index(previous, disk.name);
+    if (parent.chunkSize !== chunkSize) return { reason: "the previous index has another chunk size" };
+    const dirty = chunksWithData(await disk.changes.extents(), disk.size, chunkSize);
+    return { parent, dirty };
+  } catch (err) {
+    return { reason: `the previous index can't be used (${err instanceof Error ? err.message : String(err)})` };
+  }
 }
 
 export async function backup(repo: Repository, options: BackupOptions): Promise<BackupResult> {
@@ -111,6 +150,12 @@ export async function backup(repo: Repository, options: BackupOptions): Promise<
       const hasData = disk.allocation
         ? chunksWithData(await disk.allocation(), disk.size, chunkSize)
         : undefined;
+      const carry = await carryOver(repo, disk, previous, chunkSize);
+      if (carry.reason) {
+        stats.fullReadReason = carry.reason;
+        options.log?.(`${disk.name}: reading the whole disk: ${carry.reason}`);
+      }
+      if (disk.changes || disk.fullReadReason !== undefined) stats.readMode = carry.parent ? "changed" : "full";
       const chunkIndices = (function* () {
         for (let i = 0; i < index.count; i++) yield i;
       })();
@@ -126,6 +171,18 @@ export async function backup(repo: Repository, options: BackupOptions): Promise<
             doneBytes += length;
             progress.emit({ type: "progress", job: "backup", done: doneBytes, total, bytesNew: newBytes });
             return;
+          }
+          if (carry.parent && carry.dirty![i] === 0) {
+            const digest = carry.parent.digest(i);
+            if (carry.parent.isZero(i) || (await writer.haveChunk(digest))) {
+              index.setDigest(i, digest);
+              if (carry.parent.isZero(i)) stats.chunksZero++;
+              else stats.chunksReused++;
+              doneBytes += length;
+              progress.emit({ type: "progress", job: "backup", done: doneBytes, total, bytesNew: newBytes });
+              return;
+            }
+            // The parent's chunk is gone from the repository: read it again.
           }
           const data = await disk.read(i * chunkSize, length);
           stats.bytesRead += length;
@@ -161,7 +218,7 @@ export async function backup(repo: Repository, options: BackupOptions): Promise<
       parent: previous?.time ?? null,
       disks,
       config,
-      bitmap: null,
+      bitmap: options.bitmap ?? null,
       durationMs: repo.clock.now() - started,
     });
     progress.emit({ type: "end", job: "backup" });

@@ -33,6 +33,10 @@ export interface ManifestDisk {
   chunksNew: number;
   chunksReused: number;
   chunksZero: number;
+  /** "changed": only changed chunks were read (dirty bitmap); "full": the whole disk was read. */
+  readMode?: "full" | "changed";
+  /** Why a disk with change tracking was read whole. */
+  fullReadReason?: string;
 }
 
 export interface ManifestBlob {
