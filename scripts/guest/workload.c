@@ -25,7 +25,10 @@
  * holds every record of a prefix 1..N of the current run (the last `slots` of them once the ring
  * has wrapped), and slot 0 always belongs to the newest run.
  *
- * Usage: strata-workload [options] TARGET
+ * Usage: strata-workload [options] TARGET [TARGET...]
+ *   With several targets, every record is written to each target in turn (first to last) before
+ *   the next seq: a copy of all targets cut at one instant has last seqs that differ by at most
+ *   one, the earlier targets ahead. The region size is the smallest that fits every target.
  *   -r RATE     records per second (default 50; 0 = as fast as possible)
  *   -o OFFSET   region start in bytes (default 0; multiple of 4096; K/M/G suffixes allowed)
  *   -s SIZE     region size in bytes (default: the rest of the device; required for an empty file)
@@ -154,17 +157,23 @@ int main(int argc, char **argv) {
         return 2;
     }
   }
-  if (optind + 1 != argc) {
-    fprintf(stderr, "strata-workload: exactly one TARGET expected\n");
+  if (optind >= argc || argc - optind > 8) {
+    fprintf(stderr, "strata-workload: one to eight TARGETs expected\n");
     return 2;
   }
-  const char *target = argv[optind];
+  int ntargets = argc - optind;
+  int fds[8];
   if (offset % REC || size % REC) {
     fprintf(stderr, "strata-workload: offset and size must be multiples of %d\n", REC);
     return 2;
   }
   if (every == 0) every = 250;
 
+  const uint64_t size_opt = size;
+  uint64_t want = 0;
+  for (int ti = 0; ti < ntargets; ti++) {
+  size = size_opt;
+  const char *target = argv[optind + ti];
   int fd = open(target, O_RDWR | O_DIRECT | O_DSYNC | O_CREAT, 0644);
   if (fd < 0 && errno == EINVAL) fd = open(target, O_RDWR | O_DSYNC | O_CREAT, 0644); /* no O_DIRECT here */
   if (fd < 0) {
@@ -187,12 +196,16 @@ int main(int argc, char **argv) {
             (unsigned long long)offset, (unsigned long long)size, target, (unsigned long long)dev_size);
     return 1;
   }
-  uint64_t slots = size / REC;
   /* A regular file is extended (sparsely) to hold the whole region, as a device would. */
   if (S_ISREG(st.st_mode) && dev_size < offset + size && ftruncate(fd, (off_t)(offset + size)) < 0) {
     perror("strata-workload: ftruncate");
     return 1;
   }
+  fds[ti] = fd;
+  if (ti == 0 || size < want) want = size;
+  }
+  size = want;
+  uint64_t slots = size / REC;
 
   if (log_path) {
     log_file = fopen(log_path, "a");
@@ -254,7 +267,8 @@ int main(int argc, char **argv) {
     for (size_t i = 72; i < REC - 4; i += 4) put_u32(buf + i, (uint32_t)splitmix64(&x));
     put_u32(buf + REC - 4, crc32_ieee(buf, REC - 4));
 
-    ssize_t w = pwrite(fd, buf, REC, (off_t)(offset + slot * REC));
+    ssize_t w = REC;
+    for (int ti = 0; ti < ntargets && w == REC; ti++) w = pwrite(fds[ti], buf, REC, (off_t)(offset + slot * REC));
     if (w != REC) {
       fprintf(stderr, "strata-workload: write seq %llu: %s\n", (unsigned long long)s,
               w < 0 ? strerror(errno) : "short write");
@@ -270,6 +284,6 @@ int main(int argc, char **argv) {
     }
   }
   report(" final", seq, lat, nlat);
-  close(fd);
+  for (int ti = 0; ti < ntargets; ti++) close(fds[ti]);
   return rc;
 }

@@ -2,87 +2,195 @@
 import { promises as fs } from "node:fs";
 import { join, resolve } from "node:path";
 import type { Command } from "commander";
-import { backup } from "../engine/backup.js";
+import { type BackupResult, backup } from "../engine/backup.js";
+import { liveBackup, parseQmpSpec, type QemuTarget } from "../engine/live-backup.js";
 import { restoreDiskToFile } from "../engine/restore.js";
 import { restoreDiskToDevice, restoreDiskToQcow2 } from "../engine/restore-sinks.js";
 import { openFileDisks, parseFileSpecs } from "../hypervisor/files/index.js";
+import type { QuiescePolicy } from "../hypervisor/qemu/live.js";
 import { manifestTotals } from "../repo/manifest.js";
 import { checkName } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes } from "../util/sizes.js";
 import { interruptSignal, output, withRepo } from "./context.js";
+import { DEFAULT_INVENTORY, loadInventory } from "./inventory.js";
+import type { Output } from "./output.js";
+
+function printBackupSummary(out: Output, r: BackupResult, ms: number, extra: Record<string, unknown>): void {
+  const seconds = ms / 1000;
+  const t = manifestTotals(r.manifest);
+  const chunksZero = r.manifest.disks.reduce((n, d) => n + d.chunksZero, 0);
+  out.result(
+    {
+      type: "summary",
+      id: r.id,
+      vm: r.manifest.vm,
+      time: r.manifest.time,
+      parent: r.manifest.parent,
+      mode: r.manifest.mode,
+      consistency: r.manifest.consistency,
+      size: t.size,
+      bytesRead: t.bytesRead,
+      bytesNew: t.bytesNew,
+      bytesStored: t.bytesStored,
+      chunksNew: t.chunksNew,
+      chunksReused: t.chunksReused,
+      chunksZero,
+      disks: r.manifest.disks.map((d) => ({
+        name: d.name,
+        size: d.size,
+        bytesRead: d.bytesRead,
+        bytesNew: d.bytesNew,
+        ...(d.readMode === undefined ? {} : { readMode: d.readMode }),
+        ...(d.fullReadReason === undefined ? {} : { fullReadReason: d.fullReadReason }),
+      })),
+      durationMs: Math.round(ms),
+      ...extra,
+    },
+    () =>
+      [
+        `restore point ${r.id} created (${r.manifest.consistency})`,
+        `read ${formatBytes(t.bytesRead)} of ${formatBytes(t.size)} in ${seconds.toFixed(1)} s (${formatBytes(t.bytesRead / Math.max(seconds, 0.001))}/s)`,
+        `new ${formatBytes(t.bytesNew)} (${formatBytes(t.bytesStored)} stored) in ${t.chunksNew} chunks; ${t.chunksReused} chunks reused, ${chunksZero} all-zero`,
+      ].join("\n"),
+  );
+}
+
+async function backupLive(
+  cmd: Command,
+  out: Output,
+  spec: string,
+  opts: { vm?: string; mode: string; quiesce: string; inventory: string; stateDir?: string },
+): Promise<void> {
+  let target: QemuTarget;
+  let vm = opts.vm;
+  let mode = opts.mode;
+  let quiesce = opts.quiesce;
+  if (spec.startsWith("vm:")) {
+    const name = spec.slice(3);
+    const entry = loadInventory(opts.inventory).get(name);
+    if (!entry)
+      throw new StrataError(ErrorCode.USAGE, `VM "${name}" is not in the inventory ${opts.inventory}`);
+    target = parseQmpSpec(`qmp:${entry.qmp}${entry.qga ? `,qga=${entry.qga}` : ""}`);
+    vm ??= name;
+    if (cmd.getOptionValueSource("mode") === "default" && entry.mode) mode = entry.mode;
+    if (cmd.getOptionValueSource("quiesce") === "default" && entry.quiesce) quiesce = entry.quiesce;
+  } else {
+    target = parseQmpSpec(spec);
+  }
+  if (!vm) throw new StrataError(ErrorCode.USAGE, "--vm NAME is required for qmp: sources");
+  checkName("VM", vm);
+  if (mode !== "snapshot" && mode !== "pause") {
+    throw new StrataError(ErrorCode.USAGE, `--mode ${mode} is not one of snapshot, pause`);
+  }
+  if (!["require", "try", "off"].includes(quiesce)) {
+    throw new StrataError(ErrorCode.USAGE, `--quiesce ${quiesce} is not one of require, try, off`);
+  }
+  const liveVm = vm;
+  await withRepo(cmd, async (repo) => {
+    const t0 = Date.now();
+    const r = await liveBackup(repo, {
+      vm: liveVm,
+      target,
+      mode,
+      quiesce: quiesce as QuiescePolicy,
+      ...(opts.stateDir === undefined ? {} : { stateDir: opts.stateDir }),
+      progress: out.progress(),
+      signal: interruptSignal(),
+      log: (m) => out.warn(m),
+    });
+    printBackupSummary(out, r, Date.now() - t0, { quiescedMs: r.quiescedMs, frozenFilesystems: r.frozen });
+  });
+}
 
 export function registerBackupCommands(program: Command): void {
   program
     .command("backup")
     .description("back up a VM's disks as a new restore point")
-    .argument("<source...>", "disks: file:PATH[,name=DISK] (raw image or block device), repeatable")
-    .requiredOption("--vm <name>", "VM name the restore point belongs to")
+    .argument(
+      "<source...>",
+      "qmp:SOCKET[,qga=SOCKET] (a running QEMU VM), vm:NAME (from the inventory), or file:PATH[,name=DISK][,format=FMT]...",
+    )
+    .option("--vm <name>", "VM name the restore point belongs to (default: NAME of vm:NAME)")
+    .option("--mode <mode>", "live VMs: snapshot (no downtime) or pause (milliseconds of pause)", "snapshot")
+    .option(
+      "--quiesce <policy>",
+      "snapshot mode: freeze guest filesystems through the agent: require, try or off",
+      "try",
+    )
+    .option("--inventory <file>", "VM inventory for vm:NAME", DEFAULT_INVENTORY)
+    .option(
+      "--state-dir <dir>",
+      "where fleecing images and the cleanup record live (default $STRATA_STATE_DIR or /var/lib/strata/state)",
+    )
     .addHelpText(
       "after",
       `
-Every restore point is complete: unchanged chunks are reused, not stored again, so the
-second and later backups store only what changed. All-zero regions cost nothing.
+Running VMs are backed up live: all disks are cut at one instant (one QMP transaction), the guest
+is frozen through its agent (snapshot mode) or paused (pause mode) only for those milliseconds,
+and Strata reads the point-in-time view over NBD while the guest keeps running. A checkpoint
+bitmap per disk makes the next backup read only what changed; when it can't be trusted (the VM
+was restarted with a raw disk, the bitmap is gone) the whole disk is read and the log says why.
+Nothing is left on the VM; if Strata is killed, the next run or "strata doctor --fix" cleans up.
+
+Image files and block devices (file:...) are read as they are; their restore points are
+crash-consistent. Every restore point is complete: unchanged chunks are reused, not stored again.
 
 Examples:
-  strata backup --vm web1 file:/var/lib/images/web1.img
+  strata backup --vm web1 qmp:/var/run/qemu-server/100.qmp
+  strata backup vm:web1 --mode pause
+  strata backup --vm web1 file:/var/lib/images/web1.qcow2
   strata backup --vm db1 file:/dev/vg0/db1-root,name=root file:/dev/vg0/db1-data,name=data`,
     )
-    .action(async (sources: string[], opts: { vm: string }, cmd: Command) => {
-      const out = output(cmd);
-      checkName("VM", opts.vm);
-      const specs = parseFileSpecs(sources);
-      await withRepo(cmd, async (repo) => {
-        const disks = await openFileDisks(specs);
-        try {
-          const config = Buffer.from(
-            JSON.stringify({
-              kind: "files",
-              disks: disks.map((d) => ({ name: d.name, source: d.source, size: d.size })),
-            }),
-          );
-          const t0 = Date.now();
-          const r = await backup(repo, {
-            vm: opts.vm,
-            disks,
-            mode: "file",
-            consistency: "crash-consistent",
-            config,
-            progress: out.progress(),
-            signal: interruptSignal(),
-          });
-          const seconds = (Date.now() - t0) / 1000;
-          const t = manifestTotals(r.manifest);
-          const chunksZero = r.manifest.disks.reduce((n, d) => n + d.chunksZero, 0);
-          out.result(
-            {
-              type: "summary",
-              id: r.id,
-              vm: r.manifest.vm,
-              time: r.manifest.time,
-              parent: r.manifest.parent,
-              consistency: r.manifest.consistency,
-              size: t.size,
-              bytesRead: t.bytesRead,
-              bytesNew: t.bytesNew,
-              bytesStored: t.bytesStored,
-              chunksNew: t.chunksNew,
-              chunksReused: t.chunksReused,
-              chunksZero,
-              durationMs: Math.round(seconds * 1000),
-            },
-            () =>
-              [
-                `restore point ${r.id} created`,
-                `read ${formatBytes(t.bytesRead)} in ${seconds.toFixed(1)} s (${formatBytes(t.bytesRead / Math.max(seconds, 0.001))}/s)`,
-                `new ${formatBytes(t.bytesNew)} (${formatBytes(t.bytesStored)} stored) in ${t.chunksNew} chunks; ${t.chunksReused} chunks reused, ${chunksZero} all-zero`,
-              ].join("\n"),
-          );
-        } finally {
-          await Promise.all(disks.map((d) => d.close()));
+    .action(
+      async (
+        sources: string[],
+        opts: { vm?: string; mode: string; quiesce: string; inventory: string; stateDir?: string },
+        cmd: Command,
+      ) => {
+        const out = output(cmd);
+        const live = sources.filter((s) => s.startsWith("qmp:") || s.startsWith("vm:"));
+        if (live.length > 0) {
+          if (sources.length !== 1) {
+            throw new StrataError(
+              ErrorCode.USAGE,
+              "a running VM (qmp: or vm:) is backed up on its own: give one source",
+            );
+          }
+          await backupLive(cmd, out, sources[0]!, opts);
+          return;
         }
-      });
-    });
+        if (!opts.vm) throw new StrataError(ErrorCode.USAGE, "--vm NAME is required for file: sources");
+        checkName("VM", opts.vm);
+        const vm = opts.vm;
+        const specs = parseFileSpecs(sources);
+        await withRepo(cmd, async (repo) => {
+          const disks = await openFileDisks(specs);
+          try {
+            const config = Buffer.from(
+              JSON.stringify({
+                kind: "files",
+                disks: disks.map((d) => ({ name: d.name, source: d.source, format: d.format, size: d.size })),
+              }),
+            );
+            const t0 = Date.now();
+            const r = await backup(repo, {
+              vm,
+              disks,
+              mode: "file",
+              consistency: "crash-consistent",
+              config,
+              progress: out.progress(),
+              signal: interruptSignal(),
+              log: (m) => out.warn(m),
+            });
+            printBackupSummary(out, r, Date.now() - t0, {});
+          } finally {
+            await Promise.all(disks.map((d) => d.close()));
+          }
+        });
+      },
+    );
 
   program
     .command("restore")

@@ -6,6 +6,7 @@ import { Command, CommanderError } from "commander";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { registerBackupCommands } from "./cmd-backup.js";
 import { registerDemoCommand } from "./cmd-demo.js";
+import { registerDoctorCommand } from "./cmd-doctor.js";
 import { registerRepoCommands } from "./cmd-repo.js";
 import { registerServeCommand } from "./cmd-serve.js";
 
@@ -46,6 +47,7 @@ Getting started:
   registerRepoCommands(program);
   registerBackupCommands(program);
   registerServeCommand(program);
+  registerDoctorCommand(program);
   registerDemoCommand(program);
   return program;
 }

@@ -101,14 +101,17 @@ async function carryOver(
   }
   const prevDisk = previous.manifest.disks.find((d) => d.name === disk.name);
   if (!prevDisk) return { reason: `the previous restore point has no disk ${disk.name}` };
-  if (prevDisk.size !== disk.size) return { reason: `the disk changed size (${prevDisk.size} → ${disk.size})` };
+  if (prevDisk.size !== disk.size)
+    return { reason: `the disk changed size (${prevDisk.size} → ${disk.size})` };
   try {
     const parent = await repo.index(previous, disk.name);
     if (parent.chunkSize !== chunkSize) return { reason: "the previous index has another chunk size" };
     const dirty = chunksWithData(await disk.changes.extents(), disk.size, chunkSize);
     return { parent, dirty };
   } catch (err) {
-    return { reason: `the previous index can't be used (${err instanceof Error ? err.message : String(err)})` };
+    return {
+      reason: `the previous index can't be used (${err instanceof Error ? err.message : String(err)})`,
+    };
   }
 }
 
@@ -155,7 +158,8 @@ export async function backup(repo: Repository, options: BackupOptions): Promise<
         stats.fullReadReason = carry.reason;
         options.log?.(`${disk.name}: reading the whole disk: ${carry.reason}`);
       }
-      if (disk.changes || disk.fullReadReason !== undefined) stats.readMode = carry.parent ? "changed" : "full";
+      if (disk.changes || disk.fullReadReason !== undefined)
+        stats.readMode = carry.parent ? "changed" : "full";
       const chunkIndices = (function* () {
         for (let i = 0; i < index.count; i++) yield i;
       })();

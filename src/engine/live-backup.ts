@@ -11,18 +11,26 @@
  * and the reason is logged and recorded in the manifest.
  */
 import { existsSync } from "node:fs";
-import { ErrorCode, StrataError } from "../util/errors.js";
-import type { ProgressSink } from "../util/progress.js";
-import { noProgress } from "../util/progress.js";
-import { BASE_ALLOCATION, NbdClient, StateFlag } from "../nbd/index.js";
-import { processStart } from "../repo/locks.js";
-import type { Repository, SnapshotRef } from "../repo/repository.js";
-import { cutView, describeVm, type LiveDisk, type LiveMode, listDisks, type PointInTimeView, type QuiescePolicy, release } from "../hypervisor/qemu/live.js";
+import {
+  cutView,
+  describeVm,
+  type LiveDisk,
+  type LiveMode,
+  listDisks,
+  type PointInTimeView,
+  type QuiescePolicy,
+  release,
+} from "../hypervisor/qemu/live.js";
 import { QgaClient } from "../hypervisor/qemu/qga.js";
 import { QmpClient } from "../hypervisor/qemu/qmp.js";
 import { defaultStateDir, StateRecord } from "../hypervisor/qemu/state.js";
-import { backup, type BackupResult, type DiskSource } from "./backup.js";
-
+import { BASE_ALLOCATION, NbdClient, StateFlag } from "../nbd/index.js";
+import { processStart } from "../repo/locks.js";
+import type { Repository, SnapshotRef } from "../repo/repository.js";
+import { ErrorCode, StrataError } from "../util/errors.js";
+import type { ProgressSink } from "../util/progress.js";
+import { noProgress } from "../util/progress.js";
+import { type BackupResult, backup, type DiskSource } from "./backup.js";
 
 export interface QemuTarget {
   qmp: string;
@@ -31,7 +39,11 @@ export interface QemuTarget {
 
 /** Parses `qmp:PATH[,qga=PATH]`; a sibling `X.qga` of `X.qmp` is used when present (Proxmox VE's layout). */
 export function parseQmpSpec(spec: string): QemuTarget {
-  if (!spec.startsWith("qmp:")) throw new StrataError(ErrorCode.USAGE, `not a QMP source: "${spec}" (qmp:/path/to/qmp.sock[,qga=/path/to/qga.sock])`);
+  if (!spec.startsWith("qmp:"))
+    throw new StrataError(
+      ErrorCode.USAGE,
+      `not a QMP source: "${spec}" (qmp:/path/to/qmp.sock[,qga=/path/to/qga.sock])`,
+    );
   const [path, ...opts] = spec.slice(4).split(",");
   if (!path) throw new StrataError(ErrorCode.USAGE, `source "${spec}" names no QMP socket`);
   const t: QemuTarget = { qmp: path };
@@ -40,7 +52,8 @@ export function parseQmpSpec(spec: string): QemuTarget {
     if (k === "qga" && v) t.qga = v;
     else throw new StrataError(ErrorCode.USAGE, `unknown option "${o}" in "${spec}" (known: qga=PATH)`);
   }
-  if (t.qga === undefined && path.endsWith(".qmp") && existsSync(`${path.slice(0, -4)}.qga`)) t.qga = `${path.slice(0, -4)}.qga`;
+  if (t.qga === undefined && path.endsWith(".qmp") && existsSync(`${path.slice(0, -4)}.qga`))
+    t.qga = `${path.slice(0, -4)}.qga`;
   return t;
 }
 
@@ -82,7 +95,8 @@ export function trustBitmaps(
   for (const d of disks) {
     const why = (() => {
       if (!previous) return "first backup of this VM";
-      if (!rec || rec.repository !== repo.config.id) return "the latest restore point has no checkpoint bitmap from this repository";
+      if (!rec || rec.repository !== repo.config.id)
+        return "the latest restore point has no checkpoint bitmap from this repository";
       const r = rec.disks[d.name];
       if (!r) return "the latest restore point has no checkpoint bitmap for this disk";
       if (r.size !== d.size) return `the disk changed size (${r.size} → ${d.size})`;
@@ -92,7 +106,8 @@ export function trustBitmaps(
           ? `checkpoint bitmap ${r.bitmap} is missing (deleted, or QEMU did not close the image cleanly)`
           : `checkpoint bitmap ${r.bitmap} is gone: bitmaps of ${d.format} disks live in QEMU's memory and the VM was restarted`;
       }
-      if (b.inconsistent) return `checkpoint bitmap ${r.bitmap} is inconsistent (QEMU did not close the image cleanly)`;
+      if (b.inconsistent)
+        return `checkpoint bitmap ${r.bitmap} is inconsistent (QEMU did not close the image cleanly)`;
       if (b.busy) return `checkpoint bitmap ${r.bitmap} is in use by another job`;
       if (!b.recording) return `checkpoint bitmap ${r.bitmap} is not recording`;
       return undefined;
@@ -104,7 +119,13 @@ export function trustBitmaps(
 }
 
 /** Releases what an earlier, dead run left on this VM (its state file), before a new run. */
-async function recover(stateDir: string, vm: string, qmp: QmpClient, qga: QgaClient | undefined, log: (m: string) => void) {
+async function recover(
+  stateDir: string,
+  vm: string,
+  qmp: QmpClient,
+  qga: QgaClient | undefined,
+  log: (m: string) => void,
+) {
   const rec = await StateRecord.load(`${stateDir}/${vm}.json`);
   if (!rec) return;
   const pid = rec.data.pid;
@@ -116,7 +137,10 @@ async function recover(stateDir: string, vm: string, qmp: QmpClient, qga: QgaCli
     alive = false;
   }
   if (alive && pid !== process.pid) {
-    throw new StrataError(ErrorCode.LOCKED, `another Strata run (pid ${pid}) is backing up VM ${vm} right now`);
+    throw new StrataError(
+      ErrorCode.LOCKED,
+      `another Strata run (pid ${pid}) is backing up VM ${vm} right now`,
+    );
   }
   log(`cleaning up after an earlier run that did not finish (${rec.items.length} item(s) in ${rec.path})`);
   await release(qmp, qga, rec, log, { success: false });
@@ -140,7 +164,8 @@ export async function liveBackup(repo: Repository, o: LiveBackupOptions): Promis
   try {
     await recover(stateDir, o.vm, qmp, qga, log);
     const disks = await listDisks(qmp);
-    if (disks.length === 0) throw new StrataError(ErrorCode.SOURCE_UNREADABLE, `VM ${o.vm} has no writable disks`);
+    if (disks.length === 0)
+      throw new StrataError(ErrorCode.SOURCE_UNREADABLE, `VM ${o.vm} has no writable disks`);
     const config = await describeVm(qmp, o.target.qmp, disks);
     const previous = (await repo.snapshots(o.vm, () => {})).at(-1);
     const { trusted, reasons } = trustBitmaps(repo, disks, previous);
@@ -163,7 +188,10 @@ export async function liveBackup(repo: Repository, o: LiveBackupOptions): Promis
     const sources: DiskSource[] = [];
     for (const ex of view.exports) {
       const contexts = [BASE_ALLOCATION, ...(ex.dirtyContext ? [ex.dirtyContext] : [])];
-      const client = await NbdClient.connect({ path: ex.socket }, { exportName: ex.exportName, metaContexts: contexts });
+      const client = await NbdClient.connect(
+        { path: ex.socket },
+        { exportName: ex.exportName, metaContexts: contexts },
+      );
       clients.push(client);
       const dirtyContext = ex.dirtyContext;
       const reason = reasons.get(ex.disk.name);
@@ -197,7 +225,10 @@ export async function liveBackup(repo: Repository, o: LiveBackupOptions): Promis
     const bitmap: BitmapRecord = {
       repository: repo.config.id,
       disks: Object.fromEntries(
-        disks.map((d) => [d.name, { node: d.node, bitmap: newBitmap, size: d.size, persistent: d.format === "qcow2" }]),
+        disks.map((d) => [
+          d.name,
+          { node: d.node, bitmap: newBitmap, size: d.size, persistent: d.format === "qcow2" },
+        ]),
       ),
     };
     const result = await backup(repo, {
@@ -220,7 +251,11 @@ export async function liveBackup(repo: Repository, o: LiveBackupOptions): Promis
     await Promise.all(clients.map((c) => c.close().catch(() => {})));
     if (view) await view.finish(false).catch((e: unknown) => log(`cleanup failed: ${String(e)}`));
     if (qmp.closed && !(err instanceof StrataError && err.code === ErrorCode.ABORTED)) {
-      throw new StrataError(ErrorCode.SOURCE_UNREADABLE, `VM ${o.vm} went away during the backup: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+      throw new StrataError(
+        ErrorCode.SOURCE_UNREADABLE,
+        `VM ${o.vm} went away during the backup: ${err instanceof Error ? err.message : String(err)}`,
+        { cause: err },
+      );
     }
     throw err;
   } finally {

@@ -322,6 +322,16 @@ export class QemuVm {
     return { ...status, how: how ?? "exited" };
   }
 
+  /**
+   * Closes the shared QMP connection, if any: QEMU serves one client per QMP socket, so a VM that
+   * others (a backup) must reach is left without one. qmp() connects again when called.
+   */
+  async releaseQmp(): Promise<void> {
+    const qmp = this.qmpClient;
+    this.qmpClient = undefined;
+    if (qmp) await qmp.then((c) => c.close()).catch(() => {});
+  }
+
   private async closeClients(): Promise<void> {
     const qmp = this.qmpClient;
     this.qmpClient = undefined;
@@ -367,7 +377,7 @@ async function within<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
 
 /**
  * Starts QEMU and returns once the QMP socket accepts connections (QEMU parsed its command line
- * and opened its disks). Rejects with EXTERNAL, with QEMU's own message, if QEMU exits first.
+ * and opened its disks). The QMP connection is closed again, so that other clients can connect. Rejects with EXTERNAL, with QEMU's own message, if QEMU exits first.
  */
 export async function launchQemu(options: LaunchOptions): Promise<QemuVm> {
   const accelerator: AcceleratorChoice =
@@ -421,6 +431,7 @@ export async function launchQemu(options: LaunchOptions): Promise<QemuVm> {
     );
     const early = await Promise.race([connected, exitedEarly]);
     if (early) throw early;
+    await vm.releaseQmp();
   } catch (err) {
     await vm.stop({ timeoutMs: 2000 }).catch(() => {});
     throw err;

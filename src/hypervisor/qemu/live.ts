@@ -134,7 +134,9 @@ export interface VmConfig {
 }
 
 /** The QEMU process that listens on `qmpSocket`, found through /proc (same host only). */
-export async function findQemuProcess(qmpSocket: string): Promise<{ pid: number; argv: string[] } | undefined> {
+export async function findQemuProcess(
+  qmpSocket: string,
+): Promise<{ pid: number; argv: string[] } | undefined> {
   let pids: string[];
   try {
     pids = (await fs.readdir("/proc")).filter((p) => /^\d+$/.test(p));
@@ -154,20 +156,28 @@ export async function findQemuProcess(qmpSocket: string): Promise<{ pid: number;
 }
 
 /** The VM's configuration from QMP (and its command line when the process is on this host). */
-export async function describeVm(qmp: QmpClient, qmpSocket: string, disks: readonly LiveDisk[]): Promise<VmConfig> {
+export async function describeVm(
+  qmp: QmpClient,
+  qmpSocket: string,
+  disks: readonly LiveDisk[],
+): Promise<VmConfig> {
   const soft = async <T>(cmd: string, args?: Record<string, unknown>): Promise<T | undefined> =>
     qmp.execute<T>(cmd, args).catch(() => undefined);
   const name = (await soft<{ name?: string }>("query-name"))?.name ?? null;
   const uuid = (await soft<{ UUID: string }>("query-uuid"))?.UUID ?? null;
   const cpus = (await soft<unknown[]>("query-cpus-fast"))?.length ?? 0;
-  const memoryBytes = (await soft<{ "base-memory": number }>("query-memory-size-summary"))?.["base-memory"] ?? 0;
-  const machine = (await soft<string>("qom-get", { path: "/machine", property: "type" }))?.replace(/-machine$/, "") ?? null;
+  const memoryBytes =
+    (await soft<{ "base-memory": number }>("query-memory-size-summary"))?.["base-memory"] ?? 0;
+  const machine =
+    (await soft<string>("qom-get", { path: "/machine", property: "type" }))?.replace(/-machine$/, "") ?? null;
   const nics: VmConfig["nics"] = [];
-  const periph = (await soft<Array<{ name: string; type: string }>>("qom-list", { path: "/machine/peripheral" })) ?? [];
+  const periph =
+    (await soft<Array<{ name: string; type: string }>>("qom-list", { path: "/machine/peripheral" })) ?? [];
   for (const p of periph) {
     const type = /^child<(.+)>$/.exec(p.type)?.[1];
     if (!type || !/net|e1000|rtl8139|vmxnet/.test(type)) continue;
-    const mac = (await soft<string>("qom-get", { path: `/machine/peripheral/${p.name}`, property: "mac" })) ?? null;
+    const mac =
+      (await soft<string>("qom-get", { path: `/machine/peripheral/${p.name}`, property: "mac" })) ?? null;
     nics.push({ id: p.name, type, mac });
   }
   const proc = await findQemuProcess(qmpSocket);
@@ -187,7 +197,14 @@ export async function describeVm(qmp: QmpClient, qmpSocket: string, disks: reado
     machine,
     cpus,
     memoryBytes,
-    disks: disks.map((d) => ({ name: d.name, node: d.node, device: d.device, format: d.format, file: d.file, size: d.size })),
+    disks: disks.map((d) => ({
+      name: d.name,
+      node: d.node,
+      device: d.device,
+      format: d.format,
+      file: d.file,
+      size: d.size,
+    })),
     nics,
     firmware,
     commandLine: argv,
@@ -244,7 +261,8 @@ async function tracked(record: StateRecord, item: StateItem, fn: () => Promise<u
 export async function cutView(o: CutOptions): Promise<PointInTimeView> {
   const { qmp, record } = o;
   const socket = join(o.workDir, `strata-nbd-${o.vm}.sock`);
-  if (socket.length > 107) throw new StrataError(ErrorCode.USAGE, `state directory path too long for a socket: ${socket}`);
+  if (socket.length > 107)
+    throw new StrataError(ErrorCode.USAGE, `state directory path too long for a socket: ${socket}`);
   let done = false;
   const finish = async (success: boolean) => {
     if (done) return;
@@ -265,7 +283,7 @@ export async function cutView(o: CutOptions): Promise<PointInTimeView> {
           "node-name": names.fleeceNode(d.name),
           file: { driver: "file", filename: file },
           backing: d.node,
-          "discard": "unmap",
+          discard: "unmap",
         }),
       );
     }
@@ -275,7 +293,12 @@ export async function cutView(o: CutOptions): Promise<PointInTimeView> {
       await record.add({ kind: "bitmap", node: d.node, name: o.newBitmap });
       actions.push({
         type: "block-dirty-bitmap-add",
-        data: { node: d.node, name: o.newBitmap, persistent: d.format === "qcow2", granularity: o.granularity },
+        data: {
+          node: d.node,
+          name: o.newBitmap,
+          persistent: d.format === "qcow2",
+          granularity: o.granularity,
+        },
       });
       const prev = o.previous.get(d.name);
       if (prev !== undefined) {
@@ -285,24 +308,37 @@ export async function cutView(o: CutOptions): Promise<PointInTimeView> {
           type: "block-dirty-bitmap-add",
           data: { node: d.node, name: names.tmpBitmap, persistent: false, disabled: true, granularity: g },
         });
-        actions.push({ type: "block-dirty-bitmap-merge", data: { node: d.node, target: names.tmpBitmap, bitmaps: [prev] } });
+        actions.push({
+          type: "block-dirty-bitmap-merge",
+          data: { node: d.node, target: names.tmpBitmap, bitmaps: [prev] },
+        });
       }
       await record.add({ kind: "job", id: names.job(d.name) });
       actions.push({
         type: "blockdev-backup",
-        data: { device: d.node, target: names.fleeceNode(d.name), sync: "none", "job-id": names.job(d.name), "auto-dismiss": true },
+        data: {
+          device: d.node,
+          target: names.fleeceNode(d.name),
+          sync: "none",
+          "job-id": names.job(d.name),
+          "auto-dismiss": true,
+        },
       });
     }
-    const { consistency, quiescedMs, frozen } = await quiesced(o, () => qmp.execute("transaction", { actions }));
+    const { consistency, quiescedMs, frozen } = await quiesced(o, () =>
+      qmp.execute("transaction", { actions }),
+    );
     // 3. Exports.
     await tracked(record, { kind: "nbd-server" }, async () => {
       await fs.rm(socket, { force: true });
-      await qmp.execute("nbd-server-start", { addr: { type: "unix", data: { path: socket } } }).catch((err: unknown) => {
-        throw new StrataError(
-          ErrorCode.EXTERNAL,
-          `cannot start QEMU's NBD server for the backup (${err instanceof Error ? err.message : String(err)}); is another backup tool using it?`,
-        );
-      });
+      await qmp
+        .execute("nbd-server-start", { addr: { type: "unix", data: { path: socket } } })
+        .catch((err: unknown) => {
+          throw new StrataError(
+            ErrorCode.EXTERNAL,
+            `cannot start QEMU's NBD server for the backup (${err instanceof Error ? err.message : String(err)}); is another backup tool using it?`,
+          );
+        });
     });
     const exports: ViewExport[] = [];
     for (const d of o.disks) {
@@ -360,22 +396,32 @@ async function quiesced(
   if (o.quiesce !== "off") {
     if (!o.qga) {
       if (o.quiesce === "require") {
-        throw new StrataError(ErrorCode.USAGE, `--quiesce require needs the guest agent socket (qmp:...,qga=PATH)`);
+        throw new StrataError(
+          ErrorCode.USAGE,
+          `--quiesce require needs the guest agent socket (qmp:...,qga=PATH)`,
+        );
       }
       o.log("no guest agent given: the restore point is crash-consistent");
     } else {
       try {
         await o.qga.ping({ timeoutMs: 3000 });
-        const os = await o.qga.execute<{ id?: string }>("guest-get-osinfo", undefined, { timeoutMs: 3000 }).catch(() => ({}) as { id?: string });
+        const os = await o.qga
+          .execute<{ id?: string }>("guest-get-osinfo", undefined, { timeoutMs: 3000 })
+          .catch(() => ({}) as { id?: string });
         windows = os.id === "mswindows";
         await record.add({ kind: "freeze" });
         frozen = await o.qga.fsfreezeFreeze({ timeoutMs: o.freezeTimeoutMs ?? 8000 });
       } catch (err) {
         await thaw(o.qga, record, o.log);
         if (o.quiesce === "require") {
-          throw new StrataError(ErrorCode.EXTERNAL, `cannot freeze the guest's filesystems: ${err instanceof Error ? err.message : String(err)}`);
+          throw new StrataError(
+            ErrorCode.EXTERNAL,
+            `cannot freeze the guest's filesystems: ${err instanceof Error ? err.message : String(err)}`,
+          );
         }
-        o.log(`guest agent did not freeze (${err instanceof Error ? err.message : String(err)}): the restore point is crash-consistent`);
+        o.log(
+          `guest agent did not freeze (${err instanceof Error ? err.message : String(err)}): the restore point is crash-consistent`,
+        );
         frozen = -1;
       }
     }
@@ -384,11 +430,14 @@ async function quiesced(
   try {
     await cut();
   } finally {
-    if (frozen >= 0 && o.qga && record.items.some((i) => i.kind === "freeze")) await thaw(o.qga, record, o.log);
+    if (frozen >= 0 && o.qga && record.items.some((i) => i.kind === "freeze"))
+      await thaw(o.qga, record, o.log);
   }
   const quiescedMs = Date.now() - t0;
-  if (frozen > 0) return { consistency: windows ? "application-consistent" : "filesystem-consistent", quiescedMs, frozen };
-  if (frozen === 0 && o.qga && o.quiesce !== "off") o.log("the guest agent froze no filesystem: the restore point is crash-consistent");
+  if (frozen > 0)
+    return { consistency: windows ? "application-consistent" : "filesystem-consistent", quiescedMs, frozen };
+  if (frozen === 0 && o.qga && o.quiesce !== "off")
+    o.log("the guest agent froze no filesystem: the restore point is crash-consistent");
   return { consistency: "crash-consistent", quiescedMs, frozen: Math.max(frozen, 0) };
 }
 
@@ -405,7 +454,10 @@ export async function thaw(qga: QgaClient, record: StateRecord, log: (m: string)
       log(`thaw attempt ${attempt} failed: ${err instanceof Error ? err.message : String(err)}`);
     }
   }
-  throw new StrataError(ErrorCode.EXTERNAL, `the guest's filesystems could not be thawed: run "strata doctor --fix" now`);
+  throw new StrataError(
+    ErrorCode.EXTERNAL,
+    `the guest's filesystems could not be thawed: run "strata doctor --fix" now`,
+  );
 }
 
 async function waitJobGone(qmp: QmpClient, id: string): Promise<void> {
@@ -445,7 +497,8 @@ export async function release(
     }
   };
   const items = [...record.items];
-  const of = <K extends StateItem["kind"]>(k: K) => items.filter((i): i is Extract<StateItem, { kind: K }> => i.kind === k);
+  const of = <K extends StateItem["kind"]>(k: K) =>
+    items.filter((i): i is Extract<StateItem, { kind: K }> => i.kind === k);
   for (const i of of("freeze")) {
     if (qga) await thaw(qga, record, log).catch((e: unknown) => errors.push(String(e)));
     else errors.push("the guest may be frozen and no guest agent socket is known");
@@ -495,7 +548,10 @@ export async function release(
   }
   for (const i of of("file")) await step(i, () => fs.rm(i.path, { force: true }));
   if (errors.length > 0) {
-    throw new StrataError(ErrorCode.EXTERNAL, `cleanup left work undone (state kept in ${record.path}): ${errors.join("; ")}`);
+    throw new StrataError(
+      ErrorCode.EXTERNAL,
+      `cleanup left work undone (state kept in ${record.path}): ${errors.join("; ")}`,
+    );
   }
   await record.finish();
 }

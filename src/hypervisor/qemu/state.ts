@@ -77,7 +77,10 @@ export class StateRecord {
     try {
       return new StateRecord(path, JSON.parse(text) as StateFile);
     } catch {
-      throw new StrataError(ErrorCode.REPO_CORRUPT, `state file ${path} is damaged; inspect it and remove it by hand`);
+      throw new StrataError(
+        ErrorCode.REPO_CORRUPT,
+        `state file ${path} is damaged; inspect it and remove it by hand`,
+      );
     }
   }
 
@@ -117,7 +120,10 @@ export class StateRecord {
   /** Deletes the record: nothing is left on the VM. */
   async finish(): Promise<void> {
     if (this.data.items.length > 0) {
-      throw new StrataError(ErrorCode.INTERNAL, `state ${this.path} still lists ${this.data.items.length} item(s)`);
+      throw new StrataError(
+        ErrorCode.INTERNAL,
+        `state ${this.path} still lists ${this.data.items.length} item(s)`,
+      );
     }
     await fs.rm(this.path, { force: true });
   }

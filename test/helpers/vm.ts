@@ -1,0 +1,167 @@
+/** A running test guest with the workload, for live-backup tests, and checks of what a VM holds. */
+import { execFile } from "node:child_process";
+import { mkdtemp, readdir, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { TestContext } from "node:test";
+import { promisify } from "node:util";
+import { type DiskSpec, launchQemu, type QemuVm } from "../../src/hypervisor/qemu/launcher.js";
+import { QgaClient } from "../../src/hypervisor/qemu/qga.js";
+import { QmpClient } from "../../src/hypervisor/qemu/qmp.js";
+import { testGuest } from "./guest.js";
+import { parseLatencySummaries } from "./records.js";
+
+const run = promisify(execFile);
+
+export interface WorkloadVm {
+  vm: QemuVm;
+  dir: string;
+  /** Disk files by device id. */
+  files: Record<string, string>;
+  /** Latest seq the workload reported on the console. */
+  seq(): Promise<number>;
+  /** Waits until the workload reported at least `n`. */
+  waitSeq(n: number, timeoutMs?: number): Promise<number>;
+  restart(): Promise<void>;
+}
+
+export interface VmDisk {
+  id: string;
+  format: "qcow2" | "raw";
+  size: string;
+  /** Holds an empty ext4 (mounted by the guest at /mnt/data when `data` names it). */
+  ext4?: boolean;
+}
+
+/**
+ * Boots the test guest with `disks` (device ids vblk0.. → /dev/vda..); the workload writes every
+ * record to each of `workload` (guest device names) at `rate` records/s.
+ */
+export async function bootWorkloadVm(
+  t: TestContext,
+  opts: {
+    disks: VmDisk[];
+    workload: string[];
+    data?: string;
+    rate?: number;
+    report?: number;
+    wlsize?: string;
+    agent?: boolean;
+  },
+): Promise<WorkloadVm> {
+  const guest = await testGuest();
+  const dir = await mkdtemp(join(tmpdir(), "strata-live-"));
+  const files: Record<string, string> = {};
+  const specs: DiskSpec[] = [];
+  for (const [i, d] of opts.disks.entries()) {
+    const file = join(dir, `${d.id}.${d.format}`);
+    if (d.ext4) {
+      const raw = `${file}.tmp`;
+      await run("qemu-img", ["create", "-q", "-f", "raw", raw, d.size]);
+      await run("mkfs.ext4", ["-q", "-F", raw]);
+      await run("qemu-img", ["convert", "-f", "raw", "-O", d.format, raw, file]);
+      await rm(raw);
+    } else {
+      await run("qemu-img", ["create", "-q", "-f", d.format, file, d.size]);
+    }
+    files[d.id] = file;
+    specs.push({ file, format: d.format, nodeName: `disk${i}`, id: d.id });
+  }
+  const append = [
+    "console=ttyS0 quiet panic=-1",
+    `strata.workload=${opts.workload.join(",")}`,
+    `strata.rate=${opts.rate ?? 100}`,
+    `strata.report=${opts.report ?? 20}`,
+    ...(opts.wlsize ? [`strata.wlsize=${opts.wlsize}`] : []),
+    ...(opts.data ? [`strata.data=${opts.data}`] : []),
+  ].join(" ");
+  const launch = () =>
+    launchQemu({
+      runDir: join(dir, "run"),
+      name: "live",
+      disks: specs,
+      kernel: { kernel: guest.kernel, initrd: guest.initrd, append },
+      noReboot: true,
+      guestAgent: opts.agent !== false,
+    });
+  let vm = await launch();
+  const handle: WorkloadVm = {
+    get vm() {
+      return vm;
+    },
+    dir,
+    files,
+    async seq() {
+      const s = parseLatencySummaries(await vm.console());
+      return s.at(-1)?.seq ?? 0;
+    },
+    async waitSeq(n, timeoutMs = 60_000) {
+      const end = Date.now() + timeoutMs;
+      for (;;) {
+        const s = await handle.seq();
+        if (s >= n) return s;
+        if (Date.now() > end || !vm.running) throw new Error(`workload did not reach seq ${n} (at ${s})`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    },
+    async restart() {
+      await vm.stop({ timeoutMs: 10_000 });
+      await rm(join(dir, "run"), { recursive: true, force: true });
+      vm = await launch();
+      await vm.waitForConsole(/STRATA-GUEST-READY/, 60_000);
+    },
+  };
+  t.after(async () => {
+    await vm.stop({ timeoutMs: 5000 }).catch(() => {});
+    await rm(dir, { recursive: true, force: true });
+  });
+  await vm.waitForConsole(/STRATA-GUEST-READY/, 60_000);
+  return handle;
+}
+
+/** Runs one QMP command on a connection of its own (QEMU serves one QMP client at a time). */
+export async function qmpOnce<T>(
+  socket: string,
+  command: string,
+  args?: Record<string, unknown>,
+): Promise<T> {
+  const qmp = await QmpClient.connect(socket, { connectTimeoutMs: 10_000 });
+  try {
+    return await qmp.execute<T>(command, args);
+  } finally {
+    await qmp.close();
+  }
+}
+
+/** Everything Strata could have left on a VM and in its state directory; empty lists mean clean. */
+export async function leftovers(vm: QemuVm, stateDir: string) {
+  const qmp = await QmpClient.connect(vm.qmpSocket, { connectTimeoutMs: 10_000 });
+  try {
+    const nodes = (
+      await qmp.execute<Array<{ "node-name": string }>>("query-named-block-nodes", { flat: true })
+    )
+      .map((n) => n["node-name"])
+      .filter((n) => n.startsWith("strata-"));
+    const exports = (await qmp.execute<Array<{ id: string }>>("query-block-exports")).map((e) => e.id);
+    const jobs = (await qmp.execute<Array<{ id: string }>>("query-jobs")).map((j) => j.id);
+    const blocks =
+      await qmp.execute<
+        Array<{ inserted?: { "node-name": string; "dirty-bitmaps"?: Array<{ name: string }> } }>
+      >("query-block");
+    const bitmaps: Record<string, string[]> = {};
+    for (const b of blocks) {
+      if (b.inserted)
+        bitmaps[b.inserted["node-name"]] = (b.inserted["dirty-bitmaps"] ?? []).map((x) => x.name);
+    }
+    const status = (await qmp.execute<{ status: string }>("query-status")).status;
+    let frozen = "no agent";
+    if (vm.qgaSocket) {
+      const qga = new QgaClient(vm.qgaSocket, { timeoutMs: 5000 });
+      frozen = await qga.fsfreezeStatus().finally(() => qga.close());
+    }
+    const files = (await readdir(stateDir).catch(() => [] as string[])).filter((f) => !f.startsWith("."));
+    return { nodes, exports, jobs, bitmaps, status, frozen, files };
+  } finally {
+    await qmp.close();
+  }
+}
