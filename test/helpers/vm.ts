@@ -151,7 +151,9 @@ export async function leftovers(vm: QemuVm, stateDir: string) {
     const bitmaps: Record<string, string[]> = {};
     for (const b of blocks) {
       if (b.inserted)
-        bitmaps[b.inserted["node-name"]] = (b.inserted["dirty-bitmaps"] ?? []).map((x) => x.name);
+        bitmaps[b.inserted["node-name"]] = (b.inserted["dirty-bitmaps"] ?? []).flatMap((x) =>
+          x.name === undefined ? [] : [x.name],
+        );
     }
     const status = (await qmp.execute<{ status: string }>("query-status")).status;
     let frozen = "no agent";

@@ -9,8 +9,6 @@ import { strata, strataOk, summary, tempDir } from "../helpers/cli.js";
 import { verifyRecords } from "../helpers/records.js";
 import { bootWorkloadVm, leftovers, qmpOnce } from "../helpers/vm.js";
 
-const MiB = 1024 * 1024;
-
 interface Summary {
   id: string;
   mode: string;

@@ -115,7 +115,8 @@ export async function inspectVm(t: DoctorTarget, fix: boolean, stateDir: string)
       const ins = b.inserted;
       if (!ins) continue;
       const dev = b.device || b.qdev || ins["node-name"];
-      for (const bm of ins["dirty-bitmaps"] ?? []) {
+      // Jobs keep bitmaps without a name; those are not anybody's leftovers.
+      for (const bm of (ins["dirty-bitmaps"] ?? []).filter((x) => x.name !== undefined)) {
         const size = Math.ceil(ins.image["virtual-size"] / bm.granularity / 8);
         if (bm.name === names.tmpBitmap) {
           if (fix)

@@ -98,15 +98,17 @@ export async function listDisks(qmp: QmpClient): Promise<LiveDisk[]> {
       format: ins.image.format,
       file: ins.image.filename,
       size: ins.image["virtual-size"],
-      bitmaps: (ins["dirty-bitmaps"] ?? []).map((b) => ({
-        name: b.name,
-        granularity: b.granularity,
-        recording: b.recording,
-        busy: b.busy,
-        persistent: b.persistent,
-        inconsistent: b.inconsistent === true,
-        count: b.count,
-      })),
+      bitmaps: (ins["dirty-bitmaps"] ?? [])
+        .filter((b) => b.name !== undefined)
+        .map((b) => ({
+          name: b.name,
+          granularity: b.granularity,
+          recording: b.recording,
+          busy: b.busy,
+          persistent: b.persistent,
+          inconsistent: b.inconsistent === true,
+          count: b.count,
+        })),
     });
   }
   const seen = new Set<string>();
