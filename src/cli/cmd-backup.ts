@@ -4,6 +4,7 @@ import { join, resolve } from "node:path";
 import type { Command } from "commander";
 import { type BackupResult, backup } from "../engine/backup.js";
 import { liveBackup, parseQmpSpec, type QemuTarget } from "../engine/live-backup.js";
+import { offlineBackup } from "../engine/offline-backup.js";
 import { restoreDiskToFile } from "../engine/restore.js";
 import { restoreDiskToDevice, restoreDiskToQcow2 } from "../engine/restore-sinks.js";
 import { openFileDisks, parseFileSpecs } from "../hypervisor/files/index.js";
@@ -15,6 +16,16 @@ import { formatBytes } from "../util/sizes.js";
 import { interruptSignal, output, withRepo } from "./context.js";
 import { DEFAULT_INVENTORY, loadInventory } from "./inventory.js";
 import type { Output } from "./output.js";
+
+interface BackupOpts {
+  vm?: string;
+  mode: string;
+  quiesce: string;
+  inventory: string;
+  stateDir?: string;
+  shutdown?: boolean;
+  shutdownTimeout: string;
+}
 
 function printBackupSummary(out: Output, r: BackupResult, ms: number, extra: Record<string, unknown>): void {
   const seconds = ms / 1000;
@@ -56,12 +67,7 @@ function printBackupSummary(out: Output, r: BackupResult, ms: number, extra: Rec
   );
 }
 
-async function backupLive(
-  cmd: Command,
-  out: Output,
-  spec: string,
-  opts: { vm?: string; mode: string; quiesce: string; inventory: string; stateDir?: string },
-): Promise<void> {
+async function backupLive(cmd: Command, out: Output, spec: string, opts: BackupOpts): Promise<void> {
   let target: QemuTarget;
   let vm = opts.vm;
   let mode = opts.mode;
@@ -80,13 +86,37 @@ async function backupLive(
   }
   if (!vm) throw new StrataError(ErrorCode.USAGE, "--vm NAME is required for qmp: sources");
   checkName("VM", vm);
-  if (mode !== "snapshot" && mode !== "pause") {
-    throw new StrataError(ErrorCode.USAGE, `--mode ${mode} is not one of snapshot, pause`);
+  if (mode !== "snapshot" && mode !== "pause" && mode !== "offline") {
+    throw new StrataError(ErrorCode.USAGE, `--mode ${mode} is not one of snapshot, pause, offline`);
   }
   if (!["require", "try", "off"].includes(quiesce)) {
     throw new StrataError(ErrorCode.USAGE, `--quiesce ${quiesce} is not one of require, try, off`);
   }
   const liveVm = vm;
+  if (mode === "offline") {
+    const timeout = Number(opts.shutdownTimeout);
+    if (!Number.isFinite(timeout) || timeout <= 0) {
+      throw new StrataError(
+        ErrorCode.USAGE,
+        `--shutdown-timeout takes seconds, not "${opts.shutdownTimeout}"`,
+      );
+    }
+    await withRepo(cmd, async (repo) => {
+      const t0 = Date.now();
+      const r = await offlineBackup(repo, {
+        vm: liveVm,
+        target,
+        shutdown: opts.shutdown === true,
+        shutdownTimeoutMs: timeout * 1000,
+        ...(opts.stateDir === undefined ? {} : { stateDir: opts.stateDir }),
+        progress: out.progress(),
+        signal: interruptSignal(),
+        log: (m) => out.warn(m),
+      });
+      printBackupSummary(out, r, Date.now() - t0, {});
+    });
+    return;
+  }
   await withRepo(cmd, async (repo) => {
     const t0 = Date.now();
     const r = await liveBackup(repo, {
@@ -112,7 +142,13 @@ export function registerBackupCommands(program: Command): void {
       "qmp:SOCKET[,qga=SOCKET] (a running QEMU VM), vm:NAME (from the inventory), or file:PATH[,name=DISK][,format=FMT]...",
     )
     .option("--vm <name>", "VM name the restore point belongs to (default: NAME of vm:NAME)")
-    .option("--mode <mode>", "live VMs: snapshot (no downtime) or pause (milliseconds of pause)", "snapshot")
+    .option(
+      "--mode <mode>",
+      "running VMs: snapshot (no downtime), pause (milliseconds of pause) or offline (shut down)",
+      "snapshot",
+    )
+    .option("--shutdown", "offline mode: shut the VM down for the backup and start it again afterwards")
+    .option("--shutdown-timeout <seconds>", "offline mode: how long the guest may take to shut down", "120")
     .option(
       "--quiesce <policy>",
       "snapshot mode: freeze guest filesystems through the agent: require, try or off",
@@ -139,58 +175,53 @@ crash-consistent. Every restore point is complete: unchanged chunks are reused, 
 Examples:
   strata backup --vm web1 qmp:/var/run/qemu-server/100.qmp
   strata backup vm:web1 --mode pause
+  strata backup vm:db1 --mode offline --shutdown
   strata backup --vm web1 file:/var/lib/images/web1.qcow2
   strata backup --vm db1 file:/dev/vg0/db1-root,name=root file:/dev/vg0/db1-data,name=data`,
     )
-    .action(
-      async (
-        sources: string[],
-        opts: { vm?: string; mode: string; quiesce: string; inventory: string; stateDir?: string },
-        cmd: Command,
-      ) => {
-        const out = output(cmd);
-        const live = sources.filter((s) => s.startsWith("qmp:") || s.startsWith("vm:"));
-        if (live.length > 0) {
-          if (sources.length !== 1) {
-            throw new StrataError(
-              ErrorCode.USAGE,
-              "a running VM (qmp: or vm:) is backed up on its own: give one source",
-            );
-          }
-          await backupLive(cmd, out, sources[0]!, opts);
-          return;
+    .action(async (sources: string[], opts: BackupOpts, cmd: Command) => {
+      const out = output(cmd);
+      const live = sources.filter((s) => s.startsWith("qmp:") || s.startsWith("vm:"));
+      if (live.length > 0) {
+        if (sources.length !== 1) {
+          throw new StrataError(
+            ErrorCode.USAGE,
+            "a running VM (qmp: or vm:) is backed up on its own: give one source",
+          );
         }
-        if (!opts.vm) throw new StrataError(ErrorCode.USAGE, "--vm NAME is required for file: sources");
-        checkName("VM", opts.vm);
-        const vm = opts.vm;
-        const specs = parseFileSpecs(sources);
-        await withRepo(cmd, async (repo) => {
-          const disks = await openFileDisks(specs);
-          try {
-            const config = Buffer.from(
-              JSON.stringify({
-                kind: "files",
-                disks: disks.map((d) => ({ name: d.name, source: d.source, format: d.format, size: d.size })),
-              }),
-            );
-            const t0 = Date.now();
-            const r = await backup(repo, {
-              vm,
-              disks,
-              mode: "file",
-              consistency: "crash-consistent",
-              config,
-              progress: out.progress(),
-              signal: interruptSignal(),
-              log: (m) => out.warn(m),
-            });
-            printBackupSummary(out, r, Date.now() - t0, {});
-          } finally {
-            await Promise.all(disks.map((d) => d.close()));
-          }
-        });
-      },
-    );
+        await backupLive(cmd, out, sources[0]!, opts);
+        return;
+      }
+      if (!opts.vm) throw new StrataError(ErrorCode.USAGE, "--vm NAME is required for file: sources");
+      checkName("VM", opts.vm);
+      const vm = opts.vm;
+      const specs = parseFileSpecs(sources);
+      await withRepo(cmd, async (repo) => {
+        const disks = await openFileDisks(specs);
+        try {
+          const config = Buffer.from(
+            JSON.stringify({
+              kind: "files",
+              disks: disks.map((d) => ({ name: d.name, source: d.source, format: d.format, size: d.size })),
+            }),
+          );
+          const t0 = Date.now();
+          const r = await backup(repo, {
+            vm,
+            disks,
+            mode: "file",
+            consistency: "crash-consistent",
+            config,
+            progress: out.progress(),
+            signal: interruptSignal(),
+            log: (m) => out.warn(m),
+          });
+          printBackupSummary(out, r, Date.now() - t0, {});
+        } finally {
+          await Promise.all(disks.map((d) => d.close()));
+        }
+      });
+    });
 
   program
     .command("restore")

@@ -6,7 +6,7 @@
  *     web1:
  *       qmp: /var/run/qemu-server/100.qmp    # Proxmox VE's sockets work as they are
  *       qga: /var/run/qemu-server/100.qga    # optional; X.qga beside X.qmp is found by itself
- *       mode: snapshot                       # optional: snapshot | pause
+ *       mode: snapshot                       # optional: snapshot | pause | offline
  *       quiesce: try                         # optional: require | try | off
  */
 import { readFileSync } from "node:fs";
@@ -17,7 +17,7 @@ import { ErrorCode, StrataError } from "../util/errors.js";
 export interface InventoryEntry {
   qmp: string;
   qga?: string;
-  mode?: "snapshot" | "pause";
+  mode?: "snapshot" | "pause" | "offline";
   quiesce?: "require" | "try" | "off";
 }
 
@@ -61,8 +61,8 @@ export function loadInventory(path: string): Map<string, InventoryEntry> {
       throw new StrataError(ErrorCode.USAGE, `${where}: "qmp" (the QMP socket path) is required`);
     if (e.qga !== undefined && typeof e.qga !== "string")
       throw new StrataError(ErrorCode.USAGE, `${where}: "qga" must be a path`);
-    if (e.mode !== undefined && e.mode !== "snapshot" && e.mode !== "pause") {
-      throw new StrataError(ErrorCode.USAGE, `${where}: mode must be snapshot or pause`);
+    if (e.mode !== undefined && !["snapshot", "pause", "offline"].includes(e.mode as string)) {
+      throw new StrataError(ErrorCode.USAGE, `${where}: mode must be snapshot, pause or offline`);
     }
     if (e.quiesce !== undefined && !["require", "try", "off"].includes(e.quiesce as string)) {
       throw new StrataError(ErrorCode.USAGE, `${where}: quiesce must be require, try or off`);

@@ -24,13 +24,14 @@ import {
 import { QgaClient } from "../hypervisor/qemu/qga.js";
 import { QmpClient } from "../hypervisor/qemu/qmp.js";
 import { defaultStateDir, StateRecord } from "../hypervisor/qemu/state.js";
-import { BASE_ALLOCATION, NbdClient, StateFlag } from "../nbd/index.js";
+import type { NbdClient } from "../nbd/index.js";
 import { processStart } from "../repo/locks.js";
 import type { Repository, SnapshotRef } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import type { ProgressSink } from "../util/progress.js";
 import { noProgress } from "../util/progress.js";
 import { type BackupResult, backup, type DiskSource } from "./backup.js";
+import { openNbdDisk } from "./nbd-disk.js";
 
 export interface QemuTarget {
   qmp: string;
@@ -74,12 +75,12 @@ export interface LiveBackupResult extends BackupResult {
 }
 
 /** Bitmap state kept in the manifest: per disk, the checkpoint bitmap this restore point started. */
-interface BitmapRecord {
+export interface BitmapRecord {
   repository: string;
   disks: Record<string, { node: string; bitmap: string; size: number; persistent: boolean }>;
 }
 
-function bitmapPrefix(repo: Repository): string {
+export function bitmapPrefix(repo: Repository): string {
   return `strata-${repo.config.id.slice(0, 8)}-`;
 }
 
@@ -119,7 +120,7 @@ export function trustBitmaps(
 }
 
 /** Releases what an earlier, dead run left on this VM (its state file), before a new run. */
-async function recover(
+export async function recover(
   stateDir: string,
   vm: string,
   qmp: QmpClient,
@@ -187,40 +188,17 @@ export async function liveBackup(repo: Repository, o: LiveBackupOptions): Promis
     });
     const sources: DiskSource[] = [];
     for (const ex of view.exports) {
-      const contexts = [BASE_ALLOCATION, ...(ex.dirtyContext ? [ex.dirtyContext] : [])];
-      const client = await NbdClient.connect(
-        { path: ex.socket },
-        { exportName: ex.exportName, metaContexts: contexts },
-      );
-      clients.push(client);
-      const dirtyContext = ex.dirtyContext;
       const reason = reasons.get(ex.disk.name);
-      sources.push({
+      const { disk, client } = await openNbdDisk({
+        socket: ex.socket,
+        exportName: ex.exportName,
         name: ex.disk.name,
         source: `${ex.disk.device} (${ex.disk.file})`,
-        size: client.size,
-        read: (off, len) => client.read(off, len),
-        allocation: async () =>
-          (await client.blockStatus(0, client.size, BASE_ALLOCATION)).map((e) => ({
-            offset: e.offset,
-            length: e.length,
-            zero: (e.flags & StateFlag.ZERO) !== 0,
-          })),
-        ...(dirtyContext && previous
-          ? {
-              changes: {
-                since: previous.time,
-                extents: async () =>
-                  (await client.blockStatus(0, client.size, dirtyContext)).map((e) => ({
-                    offset: e.offset,
-                    length: e.length,
-                    zero: (e.flags & 1) === 0,
-                  })),
-              },
-            }
-          : {}),
+        ...(ex.dirtyContext && previous ? { dirty: { context: ex.dirtyContext, since: previous.time } } : {}),
         ...(reason === undefined ? {} : { fullReadReason: reason }),
       });
+      clients.push(client);
+      sources.push(disk);
     }
     const bitmap: BitmapRecord = {
       repository: repo.config.id,

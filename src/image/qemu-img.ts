@@ -74,3 +74,22 @@ export async function imageMap(path: string, format: string): Promise<MapExtent[
   const rows = JSON.parse(text) as Array<{ start: number; length: number; data: boolean; zero: boolean }>;
   return rows.map((r) => ({ offset: r.start, length: r.length, data: r.data, zero: r.zero }));
 }
+
+/** Adds a persistent, enabled dirty bitmap to a qcow2 image that no process has open. */
+export async function addBitmap(path: string, name: string, granularity: number): Promise<void> {
+  await runProgram("qemu-img", [
+    "bitmap",
+    "--add",
+    "--granularity",
+    String(granularity),
+    "-f",
+    "qcow2",
+    path,
+    name,
+  ]);
+}
+
+/** Removes a persistent bitmap from a qcow2 image that no process has open. */
+export async function removeBitmap(path: string, name: string): Promise<void> {
+  await runProgram("qemu-img", ["bitmap", "--remove", "-f", "qcow2", path, name]);
+}

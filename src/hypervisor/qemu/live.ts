@@ -20,6 +20,7 @@ import { promises as fs } from "node:fs";
 import { join } from "node:path";
 import { ErrorCode, StrataError } from "../../util/errors.js";
 import { runProgram } from "../../util/process.js";
+import { restartVm } from "./offline.js";
 import type { QgaClient } from "./qga.js";
 import type { QmpClient } from "./qmp.js";
 import type { StateItem, StateRecord } from "./state.js";
@@ -501,12 +502,11 @@ export async function release(
   const items = [...record.items];
   const of = <K extends StateItem["kind"]>(k: K) =>
     items.filter((i): i is Extract<StateItem, { kind: K }> => i.kind === k);
-  for (const i of of("freeze")) {
+  const live = qmp !== undefined && !qmp.closed;
+  if (live && of("freeze").length > 0) {
     if (qga) await thaw(qga, record, log).catch((e: unknown) => errors.push(String(e)));
     else errors.push("the guest may be frozen and no guest agent socket is known");
-    void i;
   }
-  const live = qmp !== undefined && !qmp.closed;
   if (live) {
     for (const i of of("paused")) await step(i, () => qmp.execute("cont"));
     for (const i of of("export")) {
@@ -546,9 +546,12 @@ export async function release(
     }
   } else {
     // QEMU is gone: nothing of ours can be left inside it. Strike off everything but files.
-    for (const i of items.filter((x) => x.kind !== "file" && x.kind !== "freeze")) await record.remove(i);
+    for (const i of items.filter((x) => x.kind !== "file" && x.kind !== "restart")) {
+      await record.remove(i);
+    }
   }
   for (const i of of("file")) await step(i, () => fs.rm(i.path, { force: true }));
+  for (const i of of("restart")) await step(i, () => restartVm(i.argv, record.data.qmp));
   if (errors.length > 0) {
     throw new StrataError(
       ErrorCode.EXTERNAL,

@@ -18,7 +18,9 @@ export type StateItem =
   | { kind: "job"; id: string }
   | { kind: "nbd-server" }
   | { kind: "export"; id: string }
-  | { kind: "bitmap"; node: string; name: string };
+  | { kind: "bitmap"; node: string; name: string }
+  /** The VM was shut down by an offline backup and must be started again with this command line. */
+  | { kind: "restart"; argv: string[] };
 
 export interface StateFile {
   vm: string;
