@@ -119,7 +119,7 @@ const restic: Tool = {
       image,
     ),
   restore: (repo, target) =>
-    timed("restic", ["restore", "-q", "--repo", repo, "latest", "--target", target, "--sparse"], {
+    timed("restic", ["restore", "-q", "--repo", repo, "latest", "--target", target], {
       RESTIC_PASSWORD: PASSWORD,
     }),
   restoredPath: (target) => join(target, "disk.img"),

@@ -11,7 +11,7 @@ import { ZERO_DIGEST } from "../repo/format.js";
 import type { BackupMode, Consistency, Manifest, ManifestDisk } from "../repo/manifest.js";
 import type { Repository, SnapshotRef } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
-import { forEachLimit } from "../util/pool.js";
+import { forEachLimit, Semaphore } from "../util/pool.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
 
 /** A run of a disk; `zero` when it reads as zeros (a hole, or zeros the format knows of). */
@@ -27,8 +27,11 @@ export interface DiskSource {
   /** Where it comes from, for people. */
   source: string;
   size: number;
-  /** Exactly `length` bytes at `offset`, in a buffer that owns its memory. */
-  read(offset: number, length: number): Promise<Buffer>;
+  /**
+   * Exactly `length` bytes at `offset`. A source may read into `into` (at least `length` long,
+   * owning its memory) and return a view of it, or return a buffer of its own.
+   */
+  read(offset: number, length: number, into?: Buffer): Promise<Buffer>;
   /**
    * Which parts of the disk read as zeros, when the source knows (image metadata, SEEK_HOLE,
    * NBD base:allocation). Chunks wholly inside such parts are never read.
@@ -86,6 +89,30 @@ export interface BackupResult {
 }
 
 /**
+ * Chunk-size buffers reused across chunks, so that a backup allocates about `inflight` of them
+ * however large the disk (and the garbage collector is not left to catch up with 1 GB/s).
+ */
+class ChunkBuffers {
+  private readonly free: Buffer[] = [];
+  constructor(private readonly size: number) {}
+  take(): Buffer {
+    return this.free.pop() ?? Buffer.allocUnsafeSlow(this.size);
+  }
+  /** Takes back a buffer whose memory is a whole chunk-size ArrayBuffer; anything else is dropped. */
+  give(b: Buffer | undefined): void {
+    if (b && b.buffer.byteLength === this.size) this.free.push(Buffer.from(b.buffer, 0, this.size));
+  }
+}
+
+/**
+ * Chunks in flight: enough reads queued to keep the disk busy (about 32 MiB; measured: cold reads
+ * ran at 300 MiB/s one at a time and 1.5 GiB/s sixteen at a time), and at least two per worker.
+ */
+export function defaultInflight(threads: number, chunkSize: number): number {
+  return Math.min(64, Math.max(threads * 2 + 2, Math.ceil((32 * 1024 * 1024) / chunkSize)));
+}
+
+/**
  * Whether `disk` can be read incrementally: it reports changes since a restore point that is the
  * latest of this VM, holds a disk of the same name and size. Otherwise a full read, and why.
  */
@@ -135,7 +162,9 @@ export async function backup(repo: Repository, options: BackupOptions): Promise<
     const disks: ManifestDisk[] = [];
     const chunkSize = repo.chunkSize;
     const zero = Buffer.alloc(chunkSize);
-    const inflight = options.inflight ?? repo.codec().threads * 2 + 2;
+    const inflight = options.inflight ?? defaultInflight(repo.codec().threads, chunkSize);
+    const buffers = new ChunkBuffers(chunkSize);
+    const encodeSlots = new Semaphore(repo.codec().threads * 2 + 1);
     for (const disk of options.disks) {
       const index = new FixedIndex(disk.size, chunkSize);
       const stats: ManifestDisk = {
@@ -188,23 +217,33 @@ export async function backup(repo: Repository, options: BackupOptions): Promise<
             }
             // The parent's chunk is gone from the repository: read it again.
           }
-          const data = await disk.read(i * chunkSize, length);
-          stats.bytesRead += length;
-          if (data.equals(length === chunkSize ? zero : zero.subarray(0, length))) {
-            index.setDigest(i, ZERO_DIGEST);
-            stats.chunksZero++;
-          } else {
-            const hashed = await repo.codec().hash(data);
-            index.setDigest(i, hashed.digest);
-            const r = await writer.putChunk(hashed.digest, hashed.data);
-            if (r.state === "new") {
-              stats.chunksNew++;
-              stats.bytesNew += length;
-              stats.bytesStored += r.stored;
-              newBytes += length;
+          const slot = buffers.take();
+          // The slot's memory moves to a worker and back; `current` is whichever Buffer holds it now.
+          let current: Buffer | undefined;
+          try {
+            const data = await disk.read(i * chunkSize, length, slot);
+            stats.bytesRead += length;
+            if (data.equals(length === chunkSize ? zero : zero.subarray(0, length))) {
+              index.setDigest(i, ZERO_DIGEST);
+              stats.chunksZero++;
             } else {
-              stats.chunksReused++;
+              const hashed = await repo.codec().hash(data);
+              current = hashed.data;
+              index.setDigest(i, hashed.digest);
+              // Compression is where memory goes (input and output per chunk): fewer at once.
+              const r = await encodeSlots.with(() => writer.putChunk(hashed.digest, hashed.data));
+              current = r.data;
+              if (r.state === "new") {
+                stats.chunksNew++;
+                stats.bytesNew += length;
+                stats.bytesStored += r.stored;
+                newBytes += length;
+              } else {
+                stats.chunksReused++;
+              }
             }
+          } finally {
+            buffers.give(slot.buffer.byteLength > 0 ? slot : current);
           }
           doneBytes += length;
           progress.emit({ type: "progress", job: "backup", done: doneBytes, total, bytesNew: newBytes });

@@ -48,9 +48,12 @@ export class RawFileSource {
     }
   }
 
-  /** Reads exactly `length` bytes at `offset` into a buffer that owns its memory (so it can be moved to a worker). */
-  async read(offset: number, length: number): Promise<Buffer> {
-    const buf = Buffer.allocUnsafeSlow(length);
+  /**
+   * Reads exactly `length` bytes at `offset`, into `into` when given (a view of it is returned),
+   * else into a new buffer that owns its memory (so it can be moved to a worker).
+   */
+  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
+    const buf = into && into.length >= length ? into.subarray(0, length) : Buffer.allocUnsafeSlow(length);
     let done = 0;
     try {
       while (done < length) {

@@ -25,9 +25,12 @@ export class ChunkPool {
     return { data: toBuffer(r.data), digest: toBuffer(r.digest) };
   }
 
-  /** Stored form of `data` (moved to the worker). */
-  async encode(data: Buffer): Promise<Buffer> {
-    return toBuffer(await this.pool.run<Uint8Array>("encode", { data }, [ownBuffer(data)]));
+  /** Stored form of `data`; `data` is moved to the worker and comes back in the result. */
+  async encode(data: Buffer): Promise<{ blob: Buffer; data: Buffer }> {
+    const r = await this.pool.run<{ blob: Uint8Array; data: Uint8Array }>("encode", { data }, [
+      ownBuffer(data),
+    ]);
+    return { blob: toBuffer(r.blob), data: toBuffer(r.data) };
   }
 
   /** Verified plaintext of a stored chunk (moved to the worker). */

@@ -19,6 +19,17 @@ function keys(data: unknown): CodecKeys | undefined {
   return hit.keys;
 }
 
+/**
+ * `b` itself when it owns its whole ArrayBuffer, else a copy that does. Small Buffers share Node's
+ * 8 KiB allocation pool: moving that to another thread would pull it from under other Buffers.
+ */
+function owned(b: Buffer): Buffer {
+  if (b.byteOffset === 0 && b.byteLength === b.buffer.byteLength) return b;
+  const copy = Buffer.allocUnsafeSlow(b.length);
+  b.copy(copy);
+  return copy;
+}
+
 function view(u: Uint8Array): Buffer {
   return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
 }
@@ -29,17 +40,18 @@ serveWorker({
     const digest = chunkDigest(args.data, keys(data));
     return withTransfer({ data: args.data, digest }, [args.data.buffer as ArrayBuffer]);
   },
-  /** Stored form of a plaintext. */
+  /** Stored form of a plaintext; hands the plaintext back too, so the caller can reuse its memory. */
   encode: (args: { data: Uint8Array }, data) => {
-    const blob = encodeChunk(view(args.data), keys(data));
-    return withTransfer(blob, [blob.buffer as ArrayBuffer]);
+    const blob = owned(encodeChunk(view(args.data), keys(data)));
+    return withTransfer({ blob, data: args.data }, [
+      blob.buffer as ArrayBuffer,
+      args.data.buffer as ArrayBuffer,
+    ]);
   },
   /** Plaintext of a stored chunk, verified against its digest. */
   decode: (args: { stored: Uint8Array; digest: Uint8Array; what: string }, data) => {
     const plain = decodeChunk(args.stored, args.digest, keys(data), args.what);
-    // A Buffer from decompress may share a pooled ArrayBuffer: copy into one of its own to move it.
-    const own =
-      plain.byteOffset === 0 && plain.byteLength === plain.buffer.byteLength ? plain : Buffer.from(plain);
+    const own = owned(plain);
     return withTransfer(own, [own.buffer as ArrayBuffer]);
   },
 });

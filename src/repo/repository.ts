@@ -391,23 +391,24 @@ export class BackupWriter {
 
   /**
    * Makes sure the chunk with `digest` is stored. Returns "reused" if it was (it is touched so
-   * gc keeps it), else encodes `data` (moved to a worker) and stores it: "new" with the stored size.
+   * gc keeps it), else encodes `data` on a worker and stores it: "new" with the stored size.
+   * `data` is moved to the worker and back: use the returned `data`, not the argument, afterwards.
    */
   async putChunk(
     digest: Buffer,
     data: Buffer,
-  ): Promise<{ state: "reused" } | { state: "new"; stored: number }> {
+  ): Promise<{ state: "reused"; data: Buffer } | { state: "new"; stored: number; data: Buffer }> {
     const hex = digest.toString("hex");
-    if (this.present.has(hex)) return { state: "reused" };
+    if (this.present.has(hex)) return { state: "reused", data };
     const key = keys.chunk(hex);
     if (await this.repo.store.touch(key)) {
       this.present.add(hex);
-      return { state: "reused" };
+      return { state: "reused", data };
     }
-    const blob = await this.repo.codec().encode(data);
-    await this.repo.store.put(key, blob);
+    const encoded = await this.repo.codec().encode(data);
+    await this.repo.store.put(key, encoded.blob);
     this.present.add(hex);
-    return { state: "new", stored: blob.length };
+    return { state: "new", stored: encoded.blob.length, data: encoded.data };
   }
 
   /** True (and touched) when the chunk is already stored. */
@@ -429,7 +430,7 @@ export class BackupWriter {
   async writeBlob(name: string, data: Buffer): Promise<ManifestBlob> {
     const checksum = this.repo.blobChecksum(data);
     const size = data.length;
-    const stored = await this.repo.codec().encode(Buffer.from(data));
+    const { blob: stored } = await this.repo.codec().encode(Buffer.from(data));
     await this.repo.store.put(keys.blob(this.vm, this.time, name), stored);
     return { name, size, checksum };
   }

@@ -87,7 +87,7 @@ export interface OpenedDisk {
   /** Image format read ("raw" for block devices). */
   format: string;
   size: number;
-  read(offset: number, length: number): Promise<Buffer>;
+  read(offset: number, length: number, into?: Buffer): Promise<Buffer>;
   allocation?(): Promise<DataExtent[]>;
   close(): Promise<void>;
 }
@@ -99,7 +99,7 @@ async function openRaw(spec: FileSpec, withMap: boolean): Promise<OpenedDisk> {
     source: spec.path,
     format: "raw",
     size: src.size,
-    read: (o, l) => src.read(o, l),
+    read: (o, l, into) => src.read(o, l, into),
     close: () => src.close(),
   };
   if (withMap) {
