@@ -147,19 +147,29 @@ export async function recover(
   await release(qmp, qga, rec, log, { success: false });
 }
 
-export async function liveBackup(repo: Repository, o: LiveBackupOptions): Promise<LiveBackupResult> {
-  const log = o.log ?? (() => {});
-  const stateDir = o.stateDir ?? defaultStateDir();
+/** QMP (and agent) connections to a VM; an unreachable VM is a clear error, with `hint` added. */
+export async function connectVm(
+  vm: string,
+  target: QemuTarget,
+  hint = "",
+): Promise<{ qmp: QmpClient; qga: QgaClient | undefined }> {
   let qmp: QmpClient;
   try {
-    qmp = await QmpClient.connect(o.target.qmp, { connectTimeoutMs: 5000 });
+    qmp = await QmpClient.connect(target.qmp, { connectTimeoutMs: 5000 });
   } catch (err) {
     throw new StrataError(
       ErrorCode.SOURCE_UNREADABLE,
-      `cannot reach VM ${o.vm} at ${o.target.qmp}: ${err instanceof Error ? err.message : String(err)}`,
+      `cannot reach VM ${vm} at ${target.qmp}: ${err instanceof Error ? err.message : String(err)}${hint}`,
     );
   }
-  const qga = o.target.qga === undefined ? undefined : new QgaClient(o.target.qga, { timeoutMs: 10_000 });
+  const qga = target.qga === undefined ? undefined : new QgaClient(target.qga, { timeoutMs: 10_000 });
+  return { qmp, qga };
+}
+
+export async function liveBackup(repo: Repository, o: LiveBackupOptions): Promise<LiveBackupResult> {
+  const log = o.log ?? (() => {});
+  const stateDir = o.stateDir ?? defaultStateDir();
+  const { qmp, qga } = await connectVm(o.vm, o.target);
   const clients: NbdClient[] = [];
   let view: PointInTimeView | undefined;
   try {

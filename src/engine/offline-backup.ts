@@ -7,8 +7,6 @@
 
 import { describeVm, findQemuProcess, listDisks } from "../hypervisor/qemu/live.js";
 import { restartVm, shutdownVm } from "../hypervisor/qemu/offline.js";
-import { QgaClient } from "../hypervisor/qemu/qga.js";
-import { QmpClient } from "../hypervisor/qemu/qmp.js";
 import { defaultStateDir, StateRecord } from "../hypervisor/qemu/state.js";
 import { addBitmap, removeBitmap } from "../image/qemu-img.js";
 import { StorageDaemon } from "../image/storage-daemon.js";
@@ -17,7 +15,14 @@ import type { Repository } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
 import { type BackupResult, backup, type DiskSource } from "./backup.js";
-import { type BitmapRecord, bitmapPrefix, type QemuTarget, recover, trustBitmaps } from "./live-backup.js";
+import {
+  type BitmapRecord,
+  bitmapPrefix,
+  connectVm,
+  type QemuTarget,
+  recover,
+  trustBitmaps,
+} from "./live-backup.js";
 import { openNbdDisk } from "./nbd-disk.js";
 
 export interface OfflineBackupOptions {
@@ -35,16 +40,11 @@ export interface OfflineBackupOptions {
 export async function offlineBackup(repo: Repository, o: OfflineBackupOptions): Promise<BackupResult> {
   const log = o.log ?? (() => {});
   const stateDir = o.stateDir ?? defaultStateDir();
-  let qmp: QmpClient;
-  try {
-    qmp = await QmpClient.connect(o.target.qmp, { connectTimeoutMs: 5000 });
-  } catch (err) {
-    throw new StrataError(
-      ErrorCode.SOURCE_UNREADABLE,
-      `cannot reach VM ${o.vm} at ${o.target.qmp} (${err instanceof Error ? err.message : String(err)}); the disks of a VM that is already off can be backed up as file: sources`,
-    );
-  }
-  const qga = o.target.qga === undefined ? undefined : new QgaClient(o.target.qga, { timeoutMs: 10_000 });
+  const { qmp, qga } = await connectVm(
+    o.vm,
+    o.target,
+    "; the disks of a VM that is already off can be backed up as file: sources",
+  );
   let record: StateRecord | undefined;
   const daemons: StorageDaemon[] = [];
   const clients: NbdClient[] = [];
