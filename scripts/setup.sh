@@ -18,6 +18,8 @@ fi
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   echo "setup: installing npm packages"
-  npm ci --no-audit --no-fund --loglevel=error
+  # npm ci refuses lock files without the other platforms' optional packages, which this
+  # registry setup leaves out; npm install follows the lock file all the same.
+  npm install --no-audit --no-fund --loglevel=error
 fi
 npm run --silent build
