@@ -274,6 +274,17 @@ export async function cutView(o: CutOptions): Promise<PointInTimeView> {
   };
   try {
     await fs.mkdir(o.workDir, { recursive: true });
+    // The fleecing images hold the old data of every block the guest overwrites during the
+    // backup; in the worst case that is every disk whole. If the directory fills up, QEMU's
+    // copy-before-write fails the guest's writes: say so before starting.
+    const st = await fs.statfs(o.workDir);
+    const free = st.bavail * st.bsize;
+    const worst = o.disks.reduce((n, d) => n + d.size, 0);
+    if (free < worst) {
+      o.log(
+        `${o.workDir} has ${Math.floor(free / 2 ** 20)} MiB free; the fleecing images can grow to ${Math.floor(worst / 2 ** 20)} MiB if the guest rewrites its disks during the backup`,
+      );
+    }
     // 1. Fleecing nodes.
     for (const d of o.disks) {
       const file = join(o.workDir, `strata-fleece-${o.vm}-${d.name}.qcow2`);
