@@ -47,6 +47,7 @@ export async function bootWorkloadVm(
     report?: number;
     wlsize?: string;
     agent?: boolean;
+    extraArgs?: string[];
   },
 ): Promise<WorkloadVm> {
   const guest = await testGuest();
@@ -83,6 +84,7 @@ export async function bootWorkloadVm(
       kernel: { kernel: guest.kernel, initrd: guest.initrd, append },
       noReboot: true,
       guestAgent: opts.agent !== false,
+      ...(opts.extraArgs ? { extraArgs: opts.extraArgs } : {}),
     });
   let vm = await launch();
   const handle: WorkloadVm = {

@@ -10,7 +10,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { QgaClient } from "../../src/hypervisor/qemu/qga.js";
 import { startStrata, strata, strataOk, summary, tempDir } from "../helpers/cli.js";
 import { verifyRecords } from "../helpers/records.js";
-import { bootWorkloadVm, leftovers } from "../helpers/vm.js";
+import { bootWorkloadVm, leftovers, qmpOnce } from "../helpers/vm.js";
 
 function stateItems(path: string): string[] {
   if (!existsSync(path)) return [];
@@ -81,6 +81,22 @@ describe("kill -9 during a live backup", { timeout: 400_000 }, () => {
       // The previous checkpoint stays; the dead run's new bitmap and the temporary one are gone.
       assert.deepEqual(after.bitmaps.disk0!.filter((n) => n.startsWith("strata-")).length, 1, label);
     }
+
+    // What other tools leave is reported with its size, and never touched.
+    await qmpOnce(g.vm.qmpSocket, "block-dirty-bitmap-add", {
+      node: "disk0",
+      name: "other-tool",
+      granularity: 65536,
+    });
+    const foreign = summary<{
+      findings: Array<{ owner: string; what: string; bytes?: number; fixed: boolean }>;
+    }>(await strataOk(["doctor", "--fix", "--json", "--vm", "k", `qmp:${g.vm.qmpSocket}`], { env }));
+    const other = foreign.findings.find((f) => f.what.includes("other-tool"));
+    assert.ok(other, JSON.stringify(foreign.findings));
+    assert.equal(other.owner, "foreign");
+    assert.equal(other.fixed, false);
+    assert.equal(other.bytes, (192 * 1024 * 1024) / 65536 / 8);
+    assert.ok((await leftovers(g.vm, state)).bitmaps.disk0!.includes("other-tool"));
 
     // A freeze that a dead run left (recorded before it froze): doctor thaws it.
     const qga = new QgaClient(g.vm.qgaSocket!, { timeoutMs: 10_000 });

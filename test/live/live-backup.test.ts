@@ -5,8 +5,11 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { describe, test } from "node:test";
+import type { VmConfig } from "../../src/hypervisor/qemu/live.js";
+import { FsStore } from "../../src/repo/fs-store.js";
+import { Repository } from "../../src/repo/repository.js";
 import { strata, strataOk, summary, tempDir } from "../helpers/cli.js";
-import { verifyRecords } from "../helpers/records.js";
+import { parseLatencySummaries, verifyRecords } from "../helpers/records.js";
 import { bootWorkloadVm, leftovers, qmpOnce } from "../helpers/vm.js";
 
 interface Summary {
@@ -75,12 +78,54 @@ describe("live backup of a running QEMU VM", { timeout: 400_000 }, () => {
       workload: ["/dev/vda", "/dev/vdc"],
       data: "/dev/vdb",
       wlsize: "16M",
+      // A NIC (isolated: restrict=on) so that the configuration capture has a MAC to record.
+      extraArgs: [
+        "-netdev",
+        "user,id=n0,restrict=on",
+        "-device",
+        "virtio-net-pci,netdev=n0,id=net0,mac=52:54:00:12:34:56",
+      ],
     });
     const src = `qmp:${g.vm.qmpSocket},qga=${g.vm.qgaSocket}`;
     const seq1 = await g.waitSeq(40);
+    const consoleBefore = (await g.vm.console()).length;
     const r1 = summary<Summary>(
       await strataOk(["backup", "--repo", repo, "--vm", "live", "--json", src], { env }),
     );
+    // The guest's write latency while the backup ran (workload summaries every 20 records).
+    const during = parseLatencySummaries((await g.vm.console()).slice(consoleBefore));
+    const idle = parseLatencySummaries((await g.vm.console()).slice(0, consoleBefore)).slice(1);
+    const worst = (xs: typeof during, k: "p50Us" | "p99Us" | "maxUs") => Math.max(...xs.map((x) => x[k]));
+    t.diagnostic(
+      `guest write latency, idle: p50 ${worst(idle, "p50Us")} us, p99 ${worst(idle, "p99Us")} us, max ${worst(idle, "maxUs")} us; ` +
+        `during backup: p50 ${worst(during, "p50Us")} us, p99 ${worst(during, "p99Us")} us, max ${worst(during, "maxUs")} us`,
+    );
+    assert.ok(during.length > 0, "the workload kept reporting during the backup");
+    assert.ok(worst(during, "maxUs") < 5_000_000, "no guest write waited 5 s during the backup");
+    // The configuration went with the restore point.
+    const repoObj = await Repository.open(new FsStore(repo));
+    const snap = await repoObj.findSnapshot(r1.id);
+    const config = JSON.parse((await repoObj.blob(snap, snap.manifest.config!)).toString()) as VmConfig;
+    await repoObj.close();
+    assert.equal(config.kind, "qemu");
+    assert.equal(config.name, "live");
+    assert.match(config.uuid ?? "", /^[0-9a-f-]{36}$/);
+    assert.ok(config.cpus >= 1 && config.memoryBytes > 0);
+    assert.match(config.machine ?? "", /q35|pc/);
+    assert.deepEqual(
+      config.nics.map((n) => n.mac),
+      ["52:54:00:12:34:56"],
+    );
+    assert.deepEqual(
+      config.disks.map((d) => [d.name, d.format]),
+      [
+        ["vblk0", "qcow2"],
+        ["vblk1", "qcow2"],
+        ["vblk2", "raw"],
+      ],
+    );
+    assert.equal(config.firmware, "direct kernel boot");
+    assert.ok(config.commandLine?.includes("-blockdev"));
     assert.equal(r1.mode, "snapshot");
     assert.equal(r1.consistency, "filesystem-consistent");
     assert.ok(r1.quiescedMs < 5000);
