@@ -122,6 +122,8 @@ export async function planVmRestore(
   const name = o.name ?? `${original.name ?? snap.vm}-restored`;
   const identity = clone ? newIdentity(original) : undefined;
   const runDir = dir ? join(dir, "run") : "";
+  /** In place, for a command line without QMP: a run directory beside the first disk. */
+  const fallbackRunDir = join(dirname(planned[0]?.path ?? resolve(".")), `${name}.run`);
   const config: VmConfig = {
     ...original,
     disks: original.disks.map((d) => {
@@ -145,12 +147,16 @@ export async function planVmRestore(
       formats,
       fileFormats,
       accel: accelerator.accel,
+      runDir: runDir || fallbackRunDir,
       ...(identity ? { clone: { name, uuid: identity.uuid, macs: identity.macs, runDir } } : {}),
     };
     ({ argv, qmpSocket, warnings } = rewriteCommandLine(original.commandLine, rw));
   } else {
-    const where = runDir || join(dirname(planned[0]?.path ?? resolve(".")), `${name}.run`);
-    ({ argv, qmpSocket, warnings } = synthesiseCommandLine(config, where, accelerator.accel));
+    ({ argv, qmpSocket, warnings } = synthesiseCommandLine(
+      config,
+      runDir || fallbackRunDir,
+      accelerator.accel,
+    ));
   }
   config.commandLine = argv;
   return {

@@ -183,6 +183,14 @@ test("a command line without QMP gets one in the run directory", () => {
   const r = rewriteCommandLine(["qemu-system-x86_64", "-m", "256"], cloneRewrite());
   assert.equal(r.qmpSocket, "/clones/c1/run/qmp.sock");
   assert.equal(findQmpSocket(r.argv), "/clones/c1/run/qmp.sock");
+  const inPlace = rewriteCommandLine(["qemu-system-x86_64", "-m", "256"], {
+    files: new Map(),
+    formats: new Map(),
+    fileFormats: new Map(),
+    accel: "tcg",
+    runDir: "/vms/web1/web1.run",
+  });
+  assert.equal(inPlace.qmpSocket, "/vms/web1/web1.run/qmp.sock");
 });
 
 test("without a recorded command line one is synthesised from the configuration", () => {

@@ -110,6 +110,8 @@ export interface Rewrite {
     runDir: string;
   };
   accel: Accelerator;
+  /** Where a QMP socket goes when the recorded line has none (a clone's run directory otherwise). */
+  runDir?: string;
 }
 
 export interface RewriteResult {
@@ -388,7 +390,7 @@ export function rewriteCommandLine(argv: readonly string[], rw: Rewrite): Rewrit
   if (c && !sawUuid) out.push("-uuid", c.uuid);
   let qmpSocket = findQmpSocket(out);
   if (qmpSocket === undefined) {
-    qmpSocket = join(c?.runDir ?? ".", "qmp.sock");
+    qmpSocket = join(c?.runDir ?? rw.runDir ?? ".", "qmp.sock");
     out.push(
       "-chardev",
       `socket,id=strata-qmp,path=${qmpSocket.replaceAll(",", ",,")},server=on,wait=off`,
