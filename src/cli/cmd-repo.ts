@@ -1,5 +1,6 @@
 /** init, snapshots, verify, forget, gc: commands on the repository itself. */
 import type { Command } from "commander";
+import { bootHint } from "../engine/vm-restore.js";
 import { FsStore } from "../repo/fs-store.js";
 import { manifestTotals } from "../repo/manifest.js";
 import { forget, forgetIds, gc } from "../repo/prune.js";
@@ -69,14 +70,18 @@ Example:
           if (rows.length === 0) return "no restore points";
           const lines = rows.map(
             (r) =>
-              `${r.id.padEnd(36)} ${r.consistency.padEnd(22)} ${r.disks
+              `${r.id.padEnd(36)} ${r.mode.padEnd(8)} ${r.consistency.padEnd(22)} ${r.disks
                 .map((d) => `${d.name}:${formatBytes(d.size)}`)
                 .join(" ")
                 .padEnd(24)} new ${formatBytes(r.bytesNew)}`,
           );
+          // What a VM restored from each kind of restore point goes through when it boots.
+          const kinds = [...new Set(rows.map((r) => r.consistency))];
           return [
-            `${"ID".padEnd(36)} ${"CONSISTENCY".padEnd(22)} ${"DISKS".padEnd(24)} ADDED`,
+            `${"ID".padEnd(36)} ${"MODE".padEnd(8)} ${"CONSISTENCY".padEnd(22)} ${"DISKS".padEnd(24)} ADDED`,
             ...lines,
+            "",
+            ...kinds.map((k) => `${k}: ${bootHint(k)}`),
           ].join("\n");
         });
       });

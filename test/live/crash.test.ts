@@ -127,7 +127,7 @@ describe("kill -9 during a live backup", { timeout: 400_000 }, () => {
     assert.equal(next.parent, first.time);
     assert.equal(next.disks.find((d) => d.name === "vblk0")!.readMode, "changed");
     const out = join(dir, "out");
-    await strataOk(["restore", "--repo", repo, next.id, "--target", out]);
+    await strataOk(["restore", "--repo", repo, next.id, "--target", out, "--format", "raw"]);
     const r = await verifyRecords(join(out, "vblk0.raw"));
     assert.ok(r.gapFree);
     assert.ok(r.lastSeq >= seq);

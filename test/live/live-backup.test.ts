@@ -38,7 +38,7 @@ function clean(l: Awaited<ReturnType<typeof leftovers>>, checkpoint: number) {
 }
 
 async function restoreAndVerify(repo: string, id: string, out: string, seqBefore: number) {
-  await strataOk(["restore", "--repo", repo, id, "--target", out]);
+  await strataOk(["restore", "--repo", repo, id, "--target", out, "--format", "raw"]);
   const a = await verifyRecords(join(out, "vblk0.raw"));
   const c = await verifyRecords(join(out, "vblk2.raw"));
   for (const [name, r] of [

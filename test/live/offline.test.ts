@@ -69,7 +69,7 @@ describe("offline backup with --shutdown", { timeout: 300_000 }, () => {
     assert.equal(status.status, "running");
     await waitConsole(g.vm.consoleLog, /STRATA-GUEST-READY/);
     const out = join(dir, "r1");
-    await strataOk(["restore", "--repo", repo, r1.id, "--target", out]);
+    await strataOk(["restore", "--repo", repo, r1.id, "--target", out, "--format", "raw"]);
     const recs = await verifyRecords(join(out, "vblk0.raw"));
     assert.ok(recs.gapFree && recs.lastSeq >= seq, JSON.stringify(recs).slice(0, 300));
     assert.equal(
@@ -89,7 +89,7 @@ describe("offline backup with --shutdown", { timeout: 300_000 }, () => {
     );
     for (const d of r2.disks) assert.equal(d.readMode, "changed", d.name);
     assert.ok(r2.disks.find((d) => d.name === "vblk1")!.bytesRead < 4 * 1024 * 1024);
-    await strataOk(["restore", "--repo", repo, r2.id, "--target", join(dir, "r2")]);
+    await strataOk(["restore", "--repo", repo, r2.id, "--target", join(dir, "r2"), "--format", "raw"]);
     assert.ok((await verifyRecords(join(dir, "r2", "vblk0.raw"))).gapFree);
     assert.equal((await qmpOnce<{ status: string }>(socket, "query-status")).status, "running");
   });

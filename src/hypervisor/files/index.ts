@@ -12,13 +12,19 @@
  */
 import { promises as fs } from "node:fs";
 import { basename } from "node:path";
-import type { DataExtent } from "../../engine/backup.js";
 import { imageInfo, imageMap } from "../../image/qemu-img.js";
 import { RawFileSource } from "../../image/raw-file.js";
 import { StorageDaemon } from "../../image/storage-daemon.js";
 import { BASE_ALLOCATION, NbdClient, StateFlag } from "../../nbd/index.js";
 import { NAME_RE } from "../../repo/format.js";
 import { ErrorCode, ioError, StrataError } from "../../util/errors.js";
+
+/** An extent of a disk; structurally the engine's DataExtent (hypervisor must not import engine). */
+interface DataExtent {
+  offset: number;
+  length: number;
+  zero: boolean;
+}
 
 export interface FileSpec {
   path: string;
