@@ -503,7 +503,7 @@ export async function release(
     } catch (err) {
       const msg = err instanceof Error ? err.message : String(err);
       // Already gone is fine.
-      if (/not found|does not exist|No such|not running|cannot find|no job|is not active/i.test(msg)) {
+      if (/not found|does not exist|no such|not running|find|no job|not active|has no bitmap/i.test(msg)) {
         await record.remove(item);
         return;
       }
