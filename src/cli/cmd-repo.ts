@@ -14,7 +14,7 @@ export function registerRepoCommands(program: Command): void {
   program
     .command("init")
     .description("create a repository (encrypted when a password is given)")
-    .option("--chunk-size <size>", "chunk size, a power of two from 64K to 64M", "4M")
+    .option("--chunk-size <size>", "chunk size, a power of two from 64K to 64M", "1M")
     .addHelpText(
       "after",
       `

@@ -33,7 +33,13 @@ export const ZERO_DIGEST = Buffer.alloc(DIGEST_SIZE);
 
 export const MIN_CHUNK_SIZE = 64 * 1024;
 export const MAX_CHUNK_SIZE = 64 * 1024 * 1024;
-export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
+/**
+ * 1 MiB, chosen with `npm run bench` (4 GiB ext4 disk, two "next days"): as fast as 4 MiB for
+ * full backups (606 MiB/s of disk both), 1.9x faster incrementals, 31 % less stored per day
+ * (21.8 against 31.5 MiB), and half the restore memory; 256 KiB stored 8 % less again but took
+ * twice as long for a full backup.
+ */
+export const DEFAULT_CHUNK_SIZE = 1024 * 1024;
 
 /** Names of VMs and disks: they become directory and file names. */
 export const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
