@@ -375,6 +375,8 @@ export class Repository {
 export class BackupWriter {
   /** Chunks this writer stored or touched: known present until it ends. */
   private readonly present = new Set<string>();
+  /** Chunks being stored right now, by digest. */
+  private readonly storing = new Map<string, Promise<unknown>>();
   private done = false;
 
   constructor(
@@ -400,15 +402,27 @@ export class BackupWriter {
   ): Promise<{ state: "reused"; data: Buffer } | { state: "new"; stored: number; data: Buffer }> {
     const hex = digest.toString("hex");
     if (this.present.has(hex)) return { state: "reused", data };
-    const key = keys.chunk(hex);
-    if (await this.repo.store.touch(key)) {
-      this.present.add(hex);
+    // The same chunk twice at once (a disk repeating itself): the second waits for the first.
+    const pending = this.storing.get(hex);
+    if (pending) {
+      await pending;
       return { state: "reused", data };
     }
-    const encoded = await this.repo.codec().encode(data);
-    await this.repo.store.put(key, encoded.blob);
-    this.present.add(hex);
-    return { state: "new", stored: encoded.blob.length, data: encoded.data };
+    const key = keys.chunk(hex);
+    const work = (async () => {
+      if (await this.repo.store.touch(key)) return { state: "reused" as const, data };
+      const encoded = await this.repo.codec().encode(data);
+      await this.repo.store.put(key, encoded.blob);
+      return { state: "new" as const, stored: encoded.blob.length, data: encoded.data };
+    })();
+    this.storing.set(hex, work);
+    try {
+      const r = await work;
+      this.present.add(hex);
+      return r;
+    } finally {
+      this.storing.delete(hex);
+    }
   }
 
   /** True (and touched) when the chunk is already stored. */

@@ -52,6 +52,9 @@ test("random, zero, repeated, text and odd-sized disks restore bit-exact", async
   const b = summary(await strataOk(["backup", "--repo", repo, "--vm", "vm1", "--json", ...sources]));
   assert.equal(b.type, "summary");
   assert.equal(b.consistency, "crash-consistent");
+  // The repeated disk's eight identical chunks are stored once, even when hashed at the same time.
+  assert.equal(b.chunksReused, 7);
+  assert.equal(b.chunksNew, 16);
   // The repeated image is one chunk stored once; the zero image stores nothing.
   const snaps = JSON.parse((await strataOk(["snapshots", "--repo", repo, "--json"])).stdout) as Array<
     Record<string, unknown>
