@@ -28,6 +28,7 @@ import type { NbdClient } from "../nbd/index.js";
 import { processStart } from "../repo/locks.js";
 import type { Repository, SnapshotRef } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { processAlive } from "../util/process.js";
 import type { ProgressSink } from "../util/progress.js";
 import { noProgress } from "../util/progress.js";
 import { type BackupResult, backup, type DiskSource } from "./backup.js";
@@ -130,13 +131,7 @@ export async function recover(
   const rec = await StateRecord.load(`${stateDir}/${vm}.json`);
   if (!rec) return;
   const pid = rec.data.pid;
-  let alive = false;
-  try {
-    process.kill(pid, 0);
-    alive = processStart(pid) !== "";
-  } catch {
-    alive = false;
-  }
+  const alive = processAlive(pid) && processStart(pid) !== "";
   if (alive && pid !== process.pid) {
     throw new StrataError(
       ErrorCode.LOCKED,

@@ -19,6 +19,7 @@ import { readFileSync } from "node:fs";
 import { hostname } from "node:os";
 import type { Clock } from "../util/clock.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { processAlive } from "../util/process.js";
 import { keys } from "./format.js";
 import type { Store } from "./store.js";
 
@@ -56,15 +57,6 @@ export function processStart(pid: number): string {
     return fields[19] ?? "";
   } catch {
     return "";
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
   }
 }
 

@@ -130,3 +130,13 @@ export function socketAccepts(path: string): Promise<boolean> {
     s.once("error", () => resolve(false));
   });
 }
+
+/** True while a process with this PID exists (ours to signal or not). */
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}

@@ -6,18 +6,9 @@
  */
 import { spawn } from "node:child_process";
 import { ErrorCode, StrataError } from "../../util/errors.js";
-import { socketAccepts } from "../../util/process.js";
+import { processAlive, socketAccepts } from "../../util/process.js";
 import type { QgaClient } from "./qga.js";
 import type { QmpClient } from "./qmp.js";
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** Asks the guest to power off and waits until the QEMU process `pid` has exited. */
 export async function shutdownVm(
@@ -42,7 +33,7 @@ export async function shutdownVm(
   if (!asked) await qmp.execute("system_powerdown");
   const deadline = Date.now() + timeoutMs;
   let quitSent = false;
-  while (alive(pid)) {
+  while (processAlive(pid)) {
     if (Date.now() > deadline) {
       throw new StrataError(
         ErrorCode.TIMEOUT,
@@ -83,7 +74,7 @@ export async function restartVm(
     ]);
     if (err) throw new StrataError(ErrorCode.EXTERNAL, `cannot start the VM again: ${err.message}`);
     if (await socketAccepts(qmpSocket)) return pid ?? 0;
-    if (pid !== undefined && !alive(pid) && !argv.includes("-daemonize")) {
+    if (pid !== undefined && !processAlive(pid) && !argv.includes("-daemonize")) {
       throw new StrataError(
         ErrorCode.EXTERNAL,
         `the VM exited right after being started again (${argv.join(" ")})`,

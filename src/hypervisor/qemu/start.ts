@@ -14,16 +14,7 @@ import { promises as fs } from "node:fs";
 import { mkdir, open, readFile, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
-import { socketAccepts } from "../../util/process.js";
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
+import { processAlive, socketAccepts } from "../../util/process.js";
 
 /** QEMU processes on this host whose argv mentions one of `paths` (as a whole value or inside an option). */
 export async function qemuProcessesUsing(
@@ -100,7 +91,7 @@ export async function startDetached(
       throw new StrataError(ErrorCode.EXTERNAL, `QEMU exited at start (code ${exited}): ${await tail()}`);
     }
     if (Date.now() > deadline) {
-      if (pid !== undefined && alive(pid)) process.kill(pid, "SIGKILL");
+      if (pid !== undefined && processAlive(pid)) process.kill(pid, "SIGKILL");
       throw new StrataError(
         ErrorCode.TIMEOUT,
         `the VM's QMP socket ${qmpSocket} did not answer within ${timeoutMs / 1000} s: ${await tail()}`,
