@@ -13,6 +13,9 @@ import { forEachLimit } from "../util/pool.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
 import { defaultInflight } from "./backup.js";
 
+/** Written bytes between early flushes of a restore target. */
+const EARLY_FLUSH_BYTES = 256 * 1024 * 1024;
+
 export interface RestoreDiskOptions {
   /** Replace an existing target. */
   force?: boolean;
@@ -62,6 +65,9 @@ export async function restoreDiskToFile(
     throw ioError(ErrorCode.TARGET_CONFLICT, `cannot create ${tmp}`, err);
   }
   let bytesWritten = 0;
+  let flushedAt = 0;
+  let flushing: Promise<void> | undefined;
+  let flushError: unknown;
   try {
     await fh.truncate(index.size);
     const todo: number[] = [];
@@ -90,15 +96,32 @@ export async function restoreDiskToFile(
           off += n;
         }
         bytesWritten += data.length;
+        // Start writeback early, one flush at a time, so the disk writes while chunks decode
+        // instead of all at the final sync.
+        if (bytesWritten - flushedAt >= EARLY_FLUSH_BYTES && !flushing) {
+          flushedAt = bytesWritten;
+          // A writeback error is reported to one sync only: keep it for the final check.
+          flushing = fh
+            .datasync()
+            .catch((err: unknown) => {
+              flushError ??= err;
+            })
+            .finally(() => {
+              flushing = undefined;
+            });
+        }
         progress.emit({ type: "progress", job: "restore", done: bytesWritten, total });
       },
       options.signal,
     );
+    await flushing;
+    if (flushError !== undefined) throw flushError;
     await fh.sync();
     await fh.close();
     await fs.rename(tmp, target);
     progress.emit({ type: "end", job: "restore" });
   } catch (err) {
+    await flushing;
     await fh.close().catch(() => {});
     await fs.rm(tmp, { force: true });
     if (err instanceof StrataError) throw err;
