@@ -36,6 +36,12 @@ import { formatBytes } from "../util/sizes.js";
 import { padding, tarEnd, tarHeader } from "../util/tar.js";
 import { RestorePointSource, type ServeSourceOptions } from "./serve.js";
 
+/**
+ * Chunk cache per disk for file restores. Reads are mostly sequential, so a small cache (which
+ * still leaves room for read-ahead) does as well as serve's 256 MiB.
+ */
+export const FILES_CACHE_BYTES = 64 * 1024 * 1024;
+
 /** Which filesystem: a disk of the restore point and a partition of it (both optional). */
 export interface FsSelection {
   disk?: string;
@@ -120,7 +126,7 @@ export class FileBrowser {
     repo: Repository,
     snap: SnapshotRef,
     sel: FsSelection,
-    options: ServeSourceOptions = {},
+    options: ServeSourceOptions = { cacheBytes: FILES_CACHE_BYTES },
   ): Promise<FileBrowser> {
     const id = `${snap.vm}/${snap.time}`;
     const disks = snap.manifest.disks.map((d) => d.name);

@@ -398,3 +398,53 @@ test("errors: no restore point, no path, unknown filesystem, ambiguous disk or p
   await fail(["ls", "multi/latest", "sdz:1", "/"], "NOT_FOUND", /no disk "sdz"/);
   assert.equal((await fs.stat(join(dir, "x")).catch(() => undefined)) === undefined, true, "nothing written");
 });
+
+// Last: it damages a chunk that other tests' restore points share.
+test("a damaged chunk fails files get with DATA_CORRUPT and leaves no partial file", async (t) => {
+  // Where the 2nd MiB of /data/big.bin lies on the disk, and which chunk holds it.
+  const bmap = await sh("debugfs", ["-R", "bmap /data/big.bin 256", join(dir, "ext.img")]);
+  const offset = 1 * MiB + Number(bmap.trim()) * 4096;
+  const snaps = json<Array<{ vm: string; time: string }>>(
+    (await strataOk(["snapshots", "--repo", repo, "--json"])).stdout,
+  );
+  const snap = snaps.find((s) => s.vm === "one")!;
+  const index = await fs.readFile(join(repo, "vms", "one", snap.time, "root.fidx"));
+  const i = Math.floor(offset / (64 * 1024));
+  const digest = index.subarray(64 + 32 * i, 96 + 32 * i).toString("hex");
+  const chunk = join(repo, "chunks", digest.slice(0, 2), digest);
+  const data = await fs.readFile(chunk);
+  data[data.length - 1]! ^= 0xff;
+  await fs.writeFile(chunk, data);
+
+  const out = join(dir, "damaged");
+  t.after(() => fs.rm(out, { recursive: true, force: true }));
+  const r = await strata([
+    "files",
+    "get",
+    "--repo",
+    repo,
+    "one/latest",
+    "/data",
+    "--disk",
+    "root:1",
+    "--to",
+    out,
+    "--json",
+  ]);
+  assert.equal(r.code, 3, r.stderr);
+  assert.equal(json<{ code: string }>(r.stderr.trim().split("\n").at(-1)!).code, "DATA_CORRUPT");
+  assert.equal(await fs.stat(join(out, "data/big.bin")).catch(() => undefined), undefined);
+  // Other files of the same restore point still read.
+  await strataOk([
+    "files",
+    "get",
+    "--repo",
+    repo,
+    "one/latest",
+    "/etc/app.conf",
+    "--disk",
+    "root:1",
+    "--to",
+    out,
+  ]);
+});
