@@ -10,8 +10,9 @@
  * in-process (ext2/3/4 through libext2fs in WebAssembly, with the journal of an uncleanly
  * unmounted filesystem replayed in memory; FAT12/16/32 by our own reader). So listing a
  * directory of a 100 GiB disk fetches a handful of chunks, and nothing is ever written to the
- * repository or the guest. Filesystems Strata cannot read in-process (XFS, Btrfs, NTFS, LVM)
- * are named in a clear error.
+ * repository or the guest. XFS, Btrfs and NTFS are read through libguestfs when guestfish is
+ * installed (a sandboxed appliance VM against an NBD export of the disk, see files-guestfs.ts);
+ * anything else (LVM, LUKS, swap, unknown) is named in a clear error.
  *
  * `restoreFiles` first walks everything asked for (so a missing path fails before anything is
  * written), then writes files, symlinks and directories under the target directory, keeping
@@ -34,6 +35,7 @@ import { ErrorCode, errnoCode, ioError, StrataError } from "../util/errors.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
 import { formatBytes } from "../util/sizes.js";
 import { padding, tarEnd, tarHeader } from "../util/tar.js";
+import { GUESTFS_TYPES, GuestfishReader, haveGuestfish } from "./files-guestfs.js";
 import { RestorePointSource, type ServeSourceOptions } from "./serve.js";
 
 /**
@@ -169,7 +171,10 @@ export class FileBrowser {
       );
     }
     const where = `${id} disk ${disk}${part.number === 0 ? "" : ` partition ${part.number}`}`;
-    const fsys = await openFileSystem(slice(source, part.start, part.size), where);
+    const fsys =
+      part.filesystem !== null && GUESTFS_TYPES.has(part.filesystem) && haveGuestfish()
+        ? await GuestfishReader.open(repo, snap, disk, part.number, part.filesystem)
+        : await openFileSystem(slice(source, part.start, part.size), where);
     return new FileBrowser(snap, disk, part, fsys, source, where);
   }
 

@@ -17,7 +17,8 @@ export async function openFileSystem(source: ByteSource, where: string): Promise
   if (!READABLE.has(type))
     throw new StrataError(
       ErrorCode.USAGE,
-      `${where} holds ${type}, which Strata cannot read in-process (it reads ext2/3/4 and FAT); ` +
+      `${where} holds ${type}, which Strata cannot read in-process (it reads ext2/3/4 and FAT; ` +
+        "XFS, Btrfs and NTFS through libguestfs when libguestfs-tools is installed); " +
         "serve the restore point with `strata serve` and use libguestfs or a helper VM",
     );
   if (type === "vfat") return FatReader.open(source);

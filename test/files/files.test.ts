@@ -65,7 +65,7 @@ before(async () => {
   await fs.writeFile(join(fatTree, "EFI/Boot Loader Entries/entry-number-one.conf"), randomBytes(200 * 1024));
   await setTimes(fatTree);
 
-  // GPT disk: 1 ext4, 2 FAT32, 3 an XFS magic number, 4 nothing.
+  // GPT disk: 1 ext4, 2 FAT32, 3 a swap signature (a type Strata does not read), 4 nothing.
   const gpt = join(dir, "gpt.img");
   await makeDisk(
     gpt,
@@ -78,7 +78,7 @@ before(async () => {
   const fat32 = join(dir, "fat32.img");
   await makeFat(fat32, 40 * MiB, 32, fatTree);
   await writeAt(gpt, (2048 + 40 * 2048) * SECTOR, await fs.readFile(fat32));
-  await writeAt(gpt, (2048 + 80 * 2048) * SECTOR, Buffer.from("XFSB"));
+  await writeAt(gpt, (2048 + 80 * 2048) * SECTOR + 4086, Buffer.from("SWAPSPACE2"));
 
   // MBR disk: 1 FAT16, 2 extended with logical 5 (ext4) and 6 (FAT12).
   const mbr = join(dir, "mbr.img");
@@ -150,7 +150,7 @@ test("files ls lists GPT and MBR partitions (logical ones too) with their filesy
       parts: [
         [1, 1 * MiB, 40 * MiB, "ext4"],
         [2, 41 * MiB, 40 * MiB, "vfat"],
-        [3, 81 * MiB, 2 * MiB, "xfs"],
+        [3, 81 * MiB, 2 * MiB, "swap"],
         [4, 83 * MiB, 1 * MiB, null],
       ],
     },
@@ -386,7 +386,11 @@ test("errors: no restore point, no path, unknown filesystem, ambiguous disk or p
     "NOT_FOUND",
     /\/etc\/nope/,
   );
-  await fail(["ls", "one/latest", "root:3", "/"], "USAGE", /partition 3 holds xfs, which Strata cannot read/);
+  await fail(
+    ["ls", "one/latest", "root:3", "/"],
+    "USAGE",
+    /partition 3 holds swap, which Strata cannot read/,
+  );
   await fail(["ls", "one/latest", "root:4", "/"], "USAGE", /no filesystem Strata knows/);
   await fail(["ls", "one/latest", "root:9", "/"], "NOT_FOUND", /no partition 9; it has: root:1 .*root:4/);
   await fail(
