@@ -6,8 +6,9 @@
  * One appliance is started per browser (`guestfish --listen`, ~15-20 s under TCG) and driven
  * with `guestfish --remote` commands (~0.25 s each): `lstatns`/`lstatnslist` for entries, `ls`
  * for directories, `readlink`, and `download` into a private temporary file for contents, which
- * is then streamed and deleted. The filesystem is mounted with `mount-ro` (for XFS with
- * `norecovery`, so a dirty log is not replayed into the read-only device).
+ * is then streamed and deleted. The filesystem is mounted with `mount-ro`; libguestfs keeps a
+ * writable overlay under the read-only drive, so a dirty journal or log is replayed into the
+ * overlay, never into the restore point (XFS falls back to `norecovery` if that fails).
  */
 import { execFile, spawn } from "node:child_process";
 import { createReadStream, existsSync, promises as fs } from "node:fs";
@@ -84,8 +85,12 @@ export class GuestfishReader implements FileSystemReader {
         throw new StrataError(ErrorCode.EXTERNAL, `${(err as Error).message}\n${log.slice(-2000)}`.trim());
       });
       const dev = partition === 0 ? "/dev/sda" : `/dev/sda${partition}`;
-      if (type === "xfs") await reader.fish(["mount-options", "ro,norecovery", dev, "/"]);
-      else await reader.fish(["mount-ro", dev, "/"]);
+      // libguestfs puts a writable overlay under read-only drives, so a read-only mount can
+      // replay an XFS log into it; should that fail, XFS is read without recovery.
+      await reader.fish(["mount-ro", dev, "/"]).catch(async (err: unknown) => {
+        if (type !== "xfs") throw err;
+        await reader.fish(["mount-options", "ro,norecovery", dev, "/"]);
+      });
       return reader;
     } catch (err) {
       if (pid) await run("guestfish", [`--remote=${pid}`, "--", "exit"], env).catch(() => {});
