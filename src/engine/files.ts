@@ -28,7 +28,7 @@ import { type ByteSource, slice } from "../image/byte-source.js";
 import { detectFilesystem, type FsType } from "../image/fs-detect.js";
 import { openFileSystem } from "../image/fs-open.js";
 import type { FileSystemReader, FsEntry } from "../image/fs-types.js";
-import { normalPath } from "../image/fs-types.js";
+import { normalPath, pieceFor } from "../image/fs-types.js";
 import { readPartitionTable } from "../image/partitions.js";
 import type { Repository, SnapshotRef } from "../repo/repository.js";
 import { ErrorCode, errnoCode, ioError, StrataError } from "../util/errors.js";
@@ -286,7 +286,7 @@ export async function restoreFiles(
           throw targetError(dest, err);
         });
         try {
-          for await (const piece of browser.fs.read(entry.path)) {
+          for await (const piece of browser.fs.read(entry.path, pieceFor(entry.size))) {
             options.signal?.throwIfAborted();
             await fh.write(piece);
             summary.bytes += piece.length;
@@ -371,7 +371,7 @@ export async function tarFiles(
     } else if (entry.kind === "file") {
       await write(tarHeader({ ...common, kind: "file", size: entry.size }));
       let n = 0;
-      for await (const piece of browser.fs.read(entry.path)) {
+      for await (const piece of browser.fs.read(entry.path, pieceFor(entry.size))) {
         options.signal?.throwIfAborted();
         await write(piece);
         n += piece.length;

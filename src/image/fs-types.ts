@@ -42,6 +42,11 @@ export interface FileSystemReader {
 /** Default piece size of {@link FileSystemReader.read}. */
 export const READ_PIECE = 4 * 1024 * 1024;
 
+/** A read piece size for a file of `size` bytes: the file in one piece up to {@link READ_PIECE}. */
+export function pieceFor(size: number): number {
+  return Math.max(4096, Math.min(READ_PIECE, Math.ceil(size / 4096) * 4096));
+}
+
 /** Splits an absolute path into its names, rejecting "." and ".." games. */
 export function pathParts(path: string): string[] {
   if (!path.startsWith("/"))
