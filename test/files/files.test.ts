@@ -403,6 +403,56 @@ test("errors: no restore point, no path, unknown filesystem, ambiguous disk or p
   assert.equal((await fs.stat(join(dir, "x")).catch(() => undefined)) === undefined, true, "nothing written");
 });
 
+test("journal replay honours revoke records, as e2fsck's recovery does", async (t) => {
+  const d = join(dir, "revoke");
+  await fs.mkdir(join(d, "src/dir"), { recursive: true });
+  t.after(() => fs.rm(d, { recursive: true, force: true }));
+  await fs.writeFile(join(d, "src/dir/old.txt"), "old\n");
+  const base = join(d, "base.img");
+  const after = join(d, "after.img");
+  await makeExt4(base, 32 * MiB, join(d, "src"));
+  await fs.copyFile(base, after);
+  await fs.writeFile(join(d, "payload"), randomBytes(50 * 1024));
+  await sh("debugfs", ["-w", "-R", `write ${join(d, "payload")} dir/new.bin`, after]);
+  const dirBlock = Number(/\(0\):(\d+)/.exec(await sh("debugfs", ["-R", "stat /dir", after]))![1]);
+  const a = await fs.readFile(base);
+  const b = await fs.readFile(after);
+  const changed: number[] = [];
+  for (let i = 0; i < a.length / 4096; i++)
+    if (!a.subarray(i * 4096, (i + 1) * 4096).equals(b.subarray(i * 4096, (i + 1) * 4096))) changed.push(i);
+  assert.ok(changed.includes(dirBlock));
+  await fs.writeFile(
+    join(d, "blocks"),
+    Buffer.concat(changed.map((i) => b.subarray(i * 4096, (i + 1) * 4096))),
+  );
+  await fs.writeFile(join(d, "garbage"), Buffer.alloc(4096, 0xaa));
+  // T1 the new file; T2 garbage over the directory block; T3 revokes that block, which cancels
+  // both earlier copies of it: recovery leaves the directory as it was before T1.
+  await fs.writeFile(
+    join(d, "cmds"),
+    `jo -c -v 3\njw -b ${changed.join(",")} ${join(d, "blocks")}\n` +
+      `jw -b ${dirBlock} ${join(d, "garbage")}\njw -r ${dirBlock} ${join(d, "garbage")}\njc\n`,
+  );
+  await sh("debugfs", ["-w", "-f", join(d, "cmds"), base]);
+  // The oracle: e2fsck's own journal recovery on a copy.
+  const fsck = join(d, "fsck.img");
+  await fs.copyFile(base, fsck);
+  await sh("e2fsck", ["-E", "journal_only", "-y", fsck]);
+  const oracle = (await sh("debugfs", ["-R", "ls /dir", fsck]))
+    .split(/\s+/)
+    .filter((n) => /\.(txt|bin)$/.test(n));
+  assert.deepEqual(oracle, ["old.txt"]);
+
+  await strataOk(["backup", "--repo", repo, "--vm", "revoke", `file:${base},name=data`]);
+  const ls = json<{ entries: Array<{ name: string }> }>(
+    (await strataOk(["files", "ls", "--repo", repo, "revoke/latest", "/dir", "--json"])).stdout,
+  );
+  assert.deepEqual(
+    ls.entries.map((e) => e.name),
+    oracle,
+  );
+});
+
 // Last: it damages a chunk that other tests' restore points share.
 test("a damaged chunk fails files get with DATA_CORRUPT and leaves no partial file", async (t) => {
   // Where the 2nd MiB of /data/big.bin lies on the disk, and which chunk holds it.
