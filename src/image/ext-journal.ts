@@ -160,7 +160,8 @@ export async function replayJournal(fs: ByteSource): Promise<JournalOverlay | un
   const map = new Map<number, Buffer>();
   for (const l of committed) {
     const r = revoked.get(l.block);
-    if (r !== undefined && r - l.seq >= 0) continue;
+    // Sequence numbers wrap at 2^32: compare as the kernel's tid_geq does.
+    if (r !== undefined && ((r - l.seq) | 0) >= 0) continue;
     const data = Buffer.from(await readJ(l.at));
     if (l.escaped) data.writeUInt32BE(JBD2_MAGIC, 0);
     map.set(l.block, data);
