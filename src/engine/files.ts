@@ -28,7 +28,7 @@ import { type ByteSource, slice } from "../image/byte-source.js";
 import { detectFilesystem, type FsType } from "../image/fs-detect.js";
 import { openFileSystem } from "../image/fs-open.js";
 import type { FileSystemReader, FsEntry } from "../image/fs-types.js";
-import { normalPath, pieceFor } from "../image/fs-types.js";
+import { normalPath, pieceFor, READ_PIECE } from "../image/fs-types.js";
 import { readPartitionTable } from "../image/partitions.js";
 import type { Repository, SnapshotRef } from "../repo/repository.js";
 import { ErrorCode, errnoCode, ioError, StrataError } from "../util/errors.js";
@@ -286,12 +286,17 @@ export async function restoreFiles(
           throw targetError(dest, err);
         });
         try {
+          // All-zero pieces are skipped and the file is cut to length at the end, so a sparse
+          // file (a VM image, a database) comes back sparse.
+          let pos = 0;
           for await (const piece of browser.fs.read(entry.path, pieceFor(entry.size))) {
             options.signal?.throwIfAborted();
-            await fh.write(piece);
+            if (!isZero(piece)) await fh.write(piece, 0, piece.length, pos);
+            pos += piece.length;
             summary.bytes += piece.length;
             progress.emit({ type: "progress", job: "files", done: summary.bytes, total });
           }
+          await fh.truncate(pos);
         } catch (err) {
           // Never leave a file with wrong or missing bytes behind.
           await fh.close();
@@ -398,6 +403,12 @@ export async function tarFiles(
   progress.emit({ type: "end", job: "files" });
   summary.durationMs = Date.now() - started;
   return summary;
+}
+
+const ZERO = Buffer.alloc(READ_PIECE);
+
+function isZero(b: Buffer): boolean {
+  return b.length <= ZERO.length && b.equals(ZERO.subarray(0, b.length));
 }
 
 /** Creates a directory of the target, accepting an existing directory (not a symlink to one). */

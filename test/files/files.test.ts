@@ -47,6 +47,9 @@ before(async () => {
   await file("bin/run.sh", "#!/bin/sh\necho hi\n", 0o755);
   await file("data/big.bin", randomBytes(3 * MiB + 12345));
   await file("data/empty", "");
+  await file("data/sparse.img", "");
+  await fs.truncate(join(extTree, "data/sparse.img"), 8 * MiB);
+  await fs.appendFile(join(extTree, "data/sparse.img"), "the end\n");
   await file("deep/a/b/c/d/leaf.txt", "leaf\n");
   await file("name with spaces & ünïcödé.txt", "unicode\n");
   await file(`deep/${LONG}`, "long\n");
@@ -193,6 +196,11 @@ test("files get restores an ext4 tree exactly: bytes, modes, owners, times, syml
   assert.equal(got.get("lost+found")?.mode, 0o700);
   got.delete("lost+found");
   assert.deepEqual(got, await expectedExt());
+
+  // A sparse file comes back sparse.
+  const sparse = await fs.stat(join(out, "data/sparse.img"));
+  assert.equal(sparse.size, 8 * MiB + 8);
+  assert.ok(sparse.blocks * 512 < 1 * MiB, `${sparse.blocks} blocks allocated`);
 
   // A single file and a directory, by their last names.
   const one = join(dir, "get-one");
