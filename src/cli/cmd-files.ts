@@ -113,6 +113,11 @@ Examples:
       const out = output(cmd);
       if ((opts.to === undefined) === (opts.tar === undefined))
         throw new StrataError(ErrorCode.USAGE, "give exactly one of --to DIR or --tar");
+      if (opts.tar && process.stdout.isTTY)
+        throw new StrataError(
+          ErrorCode.USAGE,
+          "--tar writes a binary archive to stdout: redirect it to a file or a pipe",
+        );
       if (opts.tar && out.json)
         throw new StrataError(
           ErrorCode.USAGE,
