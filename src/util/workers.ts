@@ -82,9 +82,16 @@ export class WorkerPool {
     });
   }
 
+  /** Stops the threads; calls still pending are rejected (ABORTED) rather than left hanging. */
   async close(): Promise<void> {
     this.closed = true;
     await Promise.all(this.slots.map((s) => s.worker.terminate()));
+    for (const slot of this.slots) {
+      for (const p of slot.pending.values()) {
+        p.reject(new StrataError(ErrorCode.ABORTED, "worker pool closed before the call finished"));
+      }
+      slot.pending.clear();
+    }
   }
 
   private failSlot(slot: Slot, err: unknown): void {

@@ -1,0 +1,25 @@
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { test } from "node:test";
+import { pathToFileURL } from "node:url";
+import { isStrataError } from "./errors.js";
+import { WorkerPool } from "./workers.js";
+
+test("closing the pool rejects calls still pending instead of leaving them hanging", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "strata-workers-"));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const mod = join(dir, "slow-worker.mjs");
+  writeFileSync(
+    mod,
+    `import { serveWorker } from ${JSON.stringify(pathToFileURL(join(import.meta.dirname, "workers.js")).href)};
+serveWorker({ slow: () => new Promise((r) => setTimeout(() => r(1), 60_000)), echo: (a) => a });`,
+  );
+  const pool = new WorkerPool(pathToFileURL(mod), 1);
+  assert.equal(await pool.run("echo", 42), 42);
+  const pending = pool.run("slow", null);
+  await new Promise((r) => setTimeout(r, 50));
+  await pool.close();
+  await assert.rejects(pending, (e) => isStrataError(e, "ABORTED"));
+});
