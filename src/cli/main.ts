@@ -7,6 +7,7 @@ import { ErrorCode, StrataError } from "../util/errors.js";
 import { registerBackupCommands } from "./cmd-backup.js";
 import { registerDemoCommand } from "./cmd-demo.js";
 import { registerDoctorCommand } from "./cmd-doctor.js";
+import { registerInstantCommands } from "./cmd-instant.js";
 import { registerRepoCommands } from "./cmd-repo.js";
 import { registerServeCommand } from "./cmd-serve.js";
 
@@ -47,6 +48,7 @@ Getting started:
   registerRepoCommands(program);
   registerBackupCommands(program);
   registerServeCommand(program);
+  registerInstantCommands(program);
   registerDoctorCommand(program);
   registerDemoCommand(program);
   return program;

@@ -1,0 +1,252 @@
+// Instant recovery of live backups of the test guest (TCG here, one VM at a time): the VM boots
+// from the restore point in seconds, whatever its disk sizes (a 64 MiB disk alone, then beside a
+// 4 GiB sparse ext4 data disk that the guest mounts), and its workload writes to the overlays;
+// the serving process is killed and resumed while the guest runs; the disks migrate live to
+// production storage while the workload writes, and what lands there is a gap-free prefix that
+// holds every record the guest reported, the ones written after the backup included.
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { readFileSync } from "node:fs";
+import { readFile, stat } from "node:fs/promises";
+import { join } from "node:path";
+import { describe, type TestContext, test } from "node:test";
+import { promisify } from "node:util";
+import { strataOk, summary, tempDir } from "../helpers/cli.js";
+import { parseLatencySummaries, verifyRecords } from "../helpers/records.js";
+import { bootWorkloadVm, qmpOnce } from "../helpers/vm.js";
+
+const run = promisify(execFile);
+
+interface Described {
+  name: string;
+  phase: string;
+  qemu: { pid: number | null; running: boolean; qmpSocket: string; console: string | null };
+  serve: { pid: number | null; running: boolean; socket: string };
+  disks: Array<{ name: string; size: number; overlay: string; production?: string }>;
+}
+
+/** True while `pid` runs (an exited process not yet reaped, a zombie, does not count). */
+function alive(pid: number | null | undefined): boolean {
+  if (!pid) return false;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.charAt(stat.lastIndexOf(")") + 2) !== "Z";
+  } catch {
+    return false;
+  }
+}
+
+async function until<T>(what: string, timeoutMs: number, fn: () => Promise<T | undefined>): Promise<T> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v !== undefined) return v;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+/** The workload's latest reported seq on a console log (0 before its first report). */
+async function consoleSeq(path: string): Promise<number> {
+  return parseLatencySummaries(await readFile(path, "utf8").catch(() => "")).at(-1)?.seq ?? 0;
+}
+
+describe("instant recovery", { timeout: 420_000 }, () => {
+  test("boots from a backup in seconds, survives a server restart, migrates live", async (t: TestContext) => {
+    const dir = tempDir(t);
+    const repo = join(dir, "repo");
+    const stateDir = join(dir, "state");
+    const env = { STRATA_STATE_DIR: stateDir };
+    const st = (args: string[]) => strataOk(["--repo", repo, ...args], { env });
+    await strataOk(["init", "--repo", repo, "--chunk-size", "256K"]);
+    const started: number[] = [];
+    t.after(async () => {
+      // Whatever a failed assertion left running: every QEMU and server the test started.
+      const list = JSON.parse((await strataOk(["instant", "list", "--json"], { env })).stdout) as Described[];
+      for (const s of list) {
+        for (const pid of [s.qemu.pid, s.serve.pid]) if (alive(pid)) process.kill(pid!, "SIGKILL");
+      }
+      for (const pid of started) if (alive(pid)) process.kill(pid, "SIGKILL");
+    });
+
+    /** Live backup of a freshly booted guest, then the guest is stopped. */
+    const backUp = async (disks: Parameters<typeof bootWorkloadVm>[1]["disks"], data?: string) => {
+      const g = await bootWorkloadVm(t, {
+        disks,
+        workload: ["/dev/vda"],
+        wlsize: "8M",
+        ...(data ? { data } : {}),
+      });
+      await g.waitSeq(30);
+      const b = summary<{ id: string }>(
+        await st(["backup", "--vm", "live", "--json", `qmp:${g.vm.qmpSocket},qga=${g.vm.qgaSocket}`]),
+      );
+      const seqAfterBackup = await g.seq();
+      await g.vm.stop({ timeoutMs: 10_000 });
+      return { id: b.id, seqAfterBackup };
+    };
+
+    /** strata instant, timed until the guest's workload reported its first records. */
+    const boot = async (id: string, name: string) => {
+      const t0 = Date.now();
+      const s = summary<Described & { startMs: number }>(
+        await st(["instant", id, "--name", name, "--target", join(dir, name), "--json"]),
+      );
+      const commandMs = Date.now() - t0;
+      started.push(s.qemu.pid!, s.serve.pid!);
+      assert.ok(alive(s.qemu.pid) && alive(s.serve.pid), "QEMU and the server run detached");
+      const con = s.qemu.console!;
+      await until(`STRATA-GUEST-READY on ${name}'s console`, 120_000, async () =>
+        /STRATA-GUEST-READY/.test(await readFile(con, "utf8").catch(() => "")) ? true : undefined,
+      );
+      await until(`${name}'s workload`, 60_000, async () => ((await consoleSeq(con)) > 0 ? true : undefined));
+      return { s, commandMs, workloadMs: Date.now() - t0 };
+    };
+
+    const small = await backUp([{ id: "vblk0", format: "qcow2", size: "64M" }]);
+    const big = await backUp(
+      [
+        { id: "vblk0", format: "qcow2", size: "64M" },
+        { id: "vblk1", format: "raw", size: "4G", ext4: true },
+      ],
+      "/dev/vdb",
+    );
+
+    // Time to a running workload, three runs each; the last big one stays up for what follows.
+    const times: Record<string, number[]> = { small: [], big: [] };
+    const commandTimes: Record<string, number[]> = { small: [], big: [] };
+    let keep: Described | undefined;
+    for (const [label, b] of [
+      ["small", small],
+      ["big", big],
+    ] as const) {
+      for (let k = 0; k < 3; k++) {
+        const name = `ir-${label}-${k}`;
+        const r = await boot(b.id, name);
+        times[label]!.push(r.workloadMs);
+        commandTimes[label]!.push(r.commandMs);
+        const overlays = await Promise.all(r.s.disks.map((d) => stat(d.overlay)));
+        assert.ok(
+          overlays.every((o) => o.size < 16 * 1024 * 1024),
+          "overlays hold only what the guest wrote",
+        );
+        if (label === "big" && k === 2) {
+          keep = r.s;
+          break;
+        }
+        const stop = summary<{ qemu: string; discarded: string[] }>(
+          await st(["instant", "stop", name, "--discard", "--json"]),
+        );
+        assert.equal(stop.qemu, "quit");
+        assert.equal(stop.discarded.length, r.s.disks.length);
+        // Reaped by init a moment after they exit.
+        await until("QEMU and the server to be gone after stop", 5000, async () =>
+          alive(r.s.qemu.pid) || alive(r.s.serve.pid) ? undefined : true,
+        );
+      }
+    }
+    const mSmall = median(times.small!);
+    const mBig = median(times.big!);
+    t.diagnostic(
+      `time to a running workload (median of 3): 64 MiB ${mSmall} ms (${times.small!.join(", ")}), ` +
+        `64 MiB + 4 GiB sparse ${mBig} ms (${times.big!.join(", ")}); ` +
+        `the command itself: ${median(commandTimes.small!)} ms, ${median(commandTimes.big!)} ms`,
+    );
+    assert.ok(mBig < mSmall * 1.5 + 3000, `4 GiB: ${mBig} ms vs 64 MiB: ${mSmall} ms`);
+
+    // The big VM mounted its 4 GiB data disk from the backup.
+    const s = keep!;
+    const con = s.qemu.console!;
+    assert.match(await readFile(con, "utf8"), /mounted \/dev\/vdb on \/mnt\/data/);
+    const list = JSON.parse((await st(["instant", "list", "--json"])).stdout) as Described[];
+    assert.deepEqual(
+      list.map((x) => [x.name, x.phase, x.qemu.running, x.serve.running]),
+      [["ir-big-2", "running", true, true]],
+    );
+
+    // The server dies while the guest runs; resume starts it on the same socket.
+    await until("the workload past the backup's records", 60_000, async () =>
+      (await consoleSeq(con)) > big.seqAfterBackup + 20 ? true : undefined,
+    );
+    process.kill(s.serve.pid!, "SIGKILL");
+    await until("the server's exit", 10_000, async () => (alive(s.serve.pid) ? undefined : true));
+    await new Promise((r) => setTimeout(r, 1500));
+    const resumed = summary<Described & { restarted: string[] }>(
+      await st(["instant", "resume", "ir-big-2", "--json"]),
+    );
+    assert.deepEqual(resumed.restarted, ["serve"]);
+    assert.ok(alive(resumed.serve.pid) && resumed.serve.pid !== s.serve.pid);
+    started.push(resumed.serve.pid!);
+    assert.equal(resumed.qemu.pid, s.qemu.pid, "the guest kept running");
+    const again = await st(["instant", "resume", "ir-big-2", "--json"]);
+    assert.deepEqual(summary<{ restarted: string[] }>(again).restarted, []);
+    const seqResumed = await consoleSeq(con);
+    await until("the workload after resume", 60_000, async () =>
+      (await consoleSeq(con)) > seqResumed + 20 ? true : undefined,
+    );
+
+    // Live migration while the workload writes; the NBD client must have reconnected to read
+    // the whole backing.
+    const prod = join(dir, "prod");
+    const seqBefore = await consoleSeq(con);
+    const m = summary<{
+      disks: Array<{ disk: string; path: string; size: number; readyMs: number; bytesPerSecond: number }>;
+    }>(await st(["instant", "migrate", "ir-big-2", "--target", prod, "--json"]));
+    const seqPivot = await consoleSeq(con);
+    assert.deepEqual(
+      m.disks.map((d) => d.path),
+      [join(prod, "vblk0.qcow2"), join(prod, "vblk1.qcow2")],
+    );
+    t.diagnostic(
+      `migration: ${m.disks
+        .map(
+          (d) =>
+            `${d.disk} ${(d.size / 2 ** 20).toFixed(0)} MiB ready in ${d.readyMs} ms (${(d.bytesPerSecond / 2 ** 20).toFixed(0)} MiB/s of virtual size)`,
+        )
+        .join(", ")}; workload seq ${seqBefore} → ${seqPivot} meanwhile`,
+    );
+    assert.ok(seqPivot > seqBefore, "the workload wrote during the migration");
+    const after = (JSON.parse((await st(["instant", "list", "--json"])).stdout) as Described[])[0]!;
+    assert.equal(after.phase, "migrated");
+    assert.ok(after.qemu.running, "the guest runs on");
+    assert.ok(!after.serve.running, `the server is stopped: ${JSON.stringify(after.serve)}`);
+    await until("the server's exit", 5000, async () => (alive(resumed.serve.pid) ? undefined : true));
+    for (const d of s.disks) await assert.rejects(stat(d.overlay), "overlays are removed");
+    const nodes = (
+      await qmpOnce<Array<{ "node-name": string; file: string }>>(
+        s.qemu.qmpSocket,
+        "query-named-block-nodes",
+        {
+          flat: true,
+        },
+      )
+    ).map((n) => n["node-name"]);
+    assert.ok(!nodes.some((n) => n.startsWith("strata-ir-")), `NBD and backing nodes freed: ${nodes}`);
+    const blocks = await qmpOnce<Array<{ inserted?: { file: string } }>>(s.qemu.qmpSocket, "query-block");
+    assert.deepEqual(blocks.flatMap((b) => (b.inserted ? [b.inserted.file] : [])).sort(), [
+      join(prod, "vblk0.qcow2"),
+      join(prod, "vblk1.qcow2"),
+    ]);
+    // No second outage: the guest goes on writing, now to production storage.
+    await until("the workload after the pivot", 60_000, async () =>
+      (await consoleSeq(con)) > seqPivot + 30 ? true : undefined,
+    );
+    const seqLast = await consoleSeq(con);
+    const stop = summary<{ qemu: string }>(await st(["instant", "stop", "ir-big-2", "--json"]));
+    assert.equal(stop.qemu, "quit");
+    const r = await verifyRecords(join(prod, "vblk0.qcow2"), { format: "qcow2" });
+    assert.ok(r.gapFree, `missing ${r.missing.slice(0, 5)}, bad ${JSON.stringify(r.badRecords.slice(0, 2))}`);
+    assert.ok(r.lastSeq >= seqLast, `last record ${r.lastSeq}, the guest reported ${seqLast}`);
+    assert.ok(r.lastSeq > big.seqAfterBackup, `beyond the backup's ${big.seqAfterBackup}`);
+    const info = JSON.parse(
+      (await run("qemu-img", ["info", "--output=json", join(prod, "vblk1.qcow2")])).stdout,
+    ) as { "virtual-size": number; "actual-size": number; "backing-filename"?: string };
+    assert.equal(info["virtual-size"], 4 * 2 ** 30);
+    assert.equal(info["backing-filename"], undefined, "production disks stand alone");
+    assert.ok(info["actual-size"] < 512 * 2 ** 20, `sparse: ${info["actual-size"]} bytes allocated`);
+    await strataOk(["instant", "stop", "ir-big-2", "--discard"], { env });
+    assert.deepEqual(JSON.parse((await st(["instant", "list", "--json"])).stdout), []);
+  });
+});
