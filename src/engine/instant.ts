@@ -707,6 +707,27 @@ interface Job {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** Cancels a job (a mirror stops without pivot, READY or not) and waits until it is gone. */
+async function cancelJob(qmp: QmpClient, id: string, timeoutMs = 30_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  let cancelled = false;
+  for (;;) {
+    const j = (await qmp.execute<Job[]>("query-jobs")).find((x) => x.id === id);
+    if (!j) return;
+    if (j.status === "concluded") await qmp.execute("job-dismiss", { id });
+    else if (!cancelled && j.status !== "aborting") {
+      await qmp.execute("job-cancel", { id });
+      cancelled = true;
+    }
+    if (Date.now() > end)
+      throw new StrataError(
+        ErrorCode.TIMEOUT,
+        `job ${id} did not end within ${timeoutMs / 1000} s (${j.status})`,
+      );
+    await sleep(50);
+  }
+}
+
 /** Moves every disk of a running instantly recovered VM to `target` (see the module comment). */
 export async function migrateInstant(name: string, o: MigrateOptions): Promise<MigratedDisk[]> {
   const state = await loadInstantState(name, o.stateDir);
@@ -764,15 +785,7 @@ export async function migrateInstant(name: string, o: MigrateOptions): Promise<M
       const jobId = `strata-migrate${i}`;
       // Leftovers of an interrupted run: its job and target nodes.
       const jobs = await qmp.execute<Job[]>("query-jobs");
-      if (jobs.some((j) => j.id === jobId)) {
-        await qmp.execute("job-cancel", { id: jobId, force: true }).catch(() => {});
-        for (let k = 0; k < 200; k++) {
-          const j = (await qmp.execute<Job[]>("query-jobs")).find((x) => x.id === jobId);
-          if (!j) break;
-          if (j.status === "concluded") await qmp.execute("job-dismiss", { id: jobId }).catch(() => {});
-          await sleep(50);
-        }
-      }
+      if (jobs.some((j) => j.id === jobId)) await cancelJob(qmp, jobId);
       let nodes = await nodeNames();
       if (!nodes.has(d.node) && nodes.has(node)) {
         // Pivoted, but the record was not written: finish the bookkeeping only.
@@ -796,7 +809,7 @@ export async function migrateInstant(name: string, o: MigrateOptions): Promise<M
         let copied = 0;
         for (;;) {
           if (o.signal?.aborted) {
-            await qmp.execute("job-cancel", { id: jobId, force: true }).catch(() => {});
+            await cancelJob(qmp, jobId).catch(() => {});
             o.signal.throwIfAborted();
           }
           const bj = (await qmp.execute<BlockJob[]>("query-block-jobs")).find((j) => j.device === jobId);

@@ -11,7 +11,7 @@ import { readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, type TestContext, test } from "node:test";
 import { promisify } from "node:util";
-import { strataOk, summary, tempDir } from "../helpers/cli.js";
+import { startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
 import { parseLatencySummaries, verifyRecords } from "../helpers/records.js";
 import { bootWorkloadVm, qmpOnce } from "../helpers/vm.js";
 
@@ -187,9 +187,36 @@ describe("instant recovery", { timeout: 420_000 }, () => {
       (await consoleSeq(con)) > seqResumed + 20 ? true : undefined,
     );
 
+    // A migration throttled to 1 MiB/s is killed mid-way: its mirror job stays in QEMU, resume
+    // says so, and running it again (unthrottled) cancels the job and starts over.
+    const prod = join(dir, "prod");
+    const slow = startStrata(
+      ["--repo", repo, "instant", "migrate", "ir-big-2", "--target", prod, "--limit", "1", "--json"],
+      { env },
+    );
+    let slowOut = "";
+    slow.stdout!.on("data", (d: Buffer) => {
+      slowOut += d.toString();
+    });
+    await until("the throttled mirror's progress", 30_000, async () =>
+      /"type":"progress"/.test(slowOut) ? true : undefined,
+    );
+    slow.kill("SIGKILL");
+    await new Promise((r) => slow.once("close", r));
+    const jobs = await qmpOnce<Array<{ id: string; status: string }>>(s.qemu.qmpSocket, "query-jobs");
+    assert.deepEqual(
+      jobs.map((j) => [j.id, j.status]),
+      [["strata-migrate0", "running"]],
+      "the killed migration's mirror still runs",
+    );
+    const interrupted = await st(["instant", "resume", "ir-big-2"]);
+    assert.match(
+      interrupted.stdout,
+      /a migration to .*prod did not finish: run strata instant migrate ir-big-2/,
+    );
+
     // Live migration while the workload writes; the NBD client must have reconnected to read
     // the whole backing.
-    const prod = join(dir, "prod");
     const seqBefore = await consoleSeq(con);
     const m = summary<{
       disks: Array<{ disk: string; path: string; size: number; readyMs: number; bytesPerSecond: number }>;
