@@ -287,6 +287,26 @@ export function processAlive(pid: number | null | undefined): boolean {
   }
 }
 
+/** True while `pid` runs with `marker` (a socket path) in its command line: not a reused PID. */
+function runsWith(pid: number | null | undefined, marker: string): boolean {
+  if (!pid || !processAlive(pid)) return false;
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, "utf8").includes(marker);
+  } catch {
+    return false;
+  }
+}
+
+/** The recorded QEMU process still runs (and is that QEMU, not a process that reused its PID). */
+export function qemuRuns(state: InstantState): boolean {
+  return runsWith(state.qemu.pid, state.qemu.qmpSocket);
+}
+
+/** The recorded serving process still runs (and is that server). */
+export function serverRuns(state: InstantState): boolean {
+  return runsWith(state.serve.pid, state.socket);
+}
+
 /** Waits until `pid` is gone; false when it still runs after `timeoutMs`. */
 export async function waitForExit(pid: number, timeoutMs: number): Promise<boolean> {
   const end = Date.now() + timeoutMs;
@@ -405,7 +425,7 @@ export async function startInstant(
   const stateDir = o.stateDir;
   const existing = await loadInstantState(o.name, stateDir).catch(() => undefined);
   if (existing) {
-    if (processAlive(existing.qemu.pid) || processAlive(existing.serve.pid))
+    if (qemuRuns(existing) || serverRuns(existing))
       throw new StrataError(
         ErrorCode.TARGET_CONFLICT,
         `an instantly recovered VM named "${o.name}" runs (QEMU pid ${existing.qemu.pid}): stop it first, or pick another --name`,
@@ -581,7 +601,7 @@ export async function stopInstant(name: string, o: StopInstantOptions): Promise<
   const state = await loadInstantState(name, o.stateDir);
   let how: StopInstantResult["qemu"] = "not running";
   const pid = state.qemu.pid;
-  if (pid && processAlive(pid)) {
+  if (pid && qemuRuns(state)) {
     how = "killed";
     const qmp = await QmpClient.connect(state.qemu.qmpSocket, { connectTimeoutMs: 5000 }).catch(
       () => undefined,
@@ -602,7 +622,7 @@ export async function stopInstant(name: string, o: StopInstantOptions): Promise<
     }
     if (how === "killed") await terminate(pid, 1000);
   }
-  await terminate(state.serve.pid);
+  if (serverRuns(state)) await terminate(state.serve.pid);
   await fs.rm(state.socket, { force: true });
   state.qemu.pid = null;
   state.serve.pid = null;
@@ -640,14 +660,14 @@ export async function resumeInstant(
   const state = await loadInstantState(name, o.stateDir);
   const restarted: ResumeResult["restarted"] = [];
   const needsServer = state.disks.some((d) => !d.production);
-  if (needsServer && !(processAlive(state.serve.pid) && (await socketAccepts(state.socket)))) {
-    await terminate(state.serve.pid, 2000);
+  if (needsServer && !(serverRuns(state) && (await socketAccepts(state.socket)))) {
+    if (serverRuns(state)) await terminate(state.serve.pid, 2000);
     state.serve.pid = await startServer(o.serveCommand ?? state.serve.command, state.socket, state.serve.log);
     if (o.serveCommand) state.serve.command = o.serveCommand;
     restarted.push("serve");
     await saveInstantState(state, o.stateDir);
   }
-  if (!processAlive(state.qemu.pid)) {
+  if (!qemuRuns(state)) {
     for (const d of state.disks) {
       if (!d.production && !(await fs.lstat(d.overlay).catch(() => undefined)))
         throw new StrataError(ErrorCode.DATA_MISSING, `overlay ${d.overlay} of disk ${d.name} is gone`);
@@ -732,7 +752,7 @@ async function cancelJob(qmp: QmpClient, id: string, timeoutMs = 30_000): Promis
 export async function migrateInstant(name: string, o: MigrateOptions): Promise<MigratedDisk[]> {
   const state = await loadInstantState(name, o.stateDir);
   const progress = o.progress ?? noProgress;
-  if (!processAlive(state.qemu.pid))
+  if (!qemuRuns(state))
     throw new StrataError(
       ErrorCode.TARGET_CONFLICT,
       `"${name}" is not running: start it again with strata instant resume ${name}`,
@@ -874,7 +894,7 @@ export async function migrateInstant(name: string, o: MigrateOptions): Promise<M
     await qmp.close().catch(() => {});
   }
   // Every disk is local: the repository is no longer needed.
-  await terminate(state.serve.pid);
+  if (serverRuns(state)) await terminate(state.serve.pid);
   await fs.rm(state.socket, { force: true });
   state.serve.pid = null;
   for (const d of state.disks) await fs.rm(d.overlay, { force: true });
