@@ -107,8 +107,9 @@ seconds whatever its disk sizes. Then:
     .addHelpText(
       "after",
       `
-Without --name the VM keeps its name, UUID and MAC addresses (the original must not run on the
-same network); with it, it is a clone that runs beside the original. Its sockets, console and
+Without --name it is known to strata instant by its VM name in the repository and keeps its
+QEMU name, UUID and MAC addresses (the original must not run on the same network); with --name
+it is a clone that runs beside the original (new UUID and MACs). Its sockets, console and
 logs go to DIR/run/. QMP socket and console are printed.
 
 Examples:
@@ -126,7 +127,8 @@ Examples:
             ErrorCode.USAGE,
             `${snap.vm}/${snap.time} holds no VM configuration (a file: backup): serve its disks with strata serve instead`,
           );
-        const name = opts.name ?? config.name ?? snap.vm;
+        // What the user typed names it (list, stop, migrate); QEMU keeps its recorded -name.
+        const name = opts.name ?? snap.vm;
         checkName("VM", name);
         const id = `${snap.vm}/${snap.time}`;
         const dir = resolve(opts.target ?? join(instantStateDir(opts.stateDir), name));

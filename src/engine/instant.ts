@@ -634,6 +634,7 @@ export async function stopInstant(name: string, o: StopInstantOptions): Promise<
       await fs.rm(d.overlay, { force: true });
     }
     await fs.rm(state.runDir, { recursive: true, force: true });
+    await fs.rmdir(state.dir).catch(() => {}); // only when nothing else is in it
     await removeInstantState(name, o.stateDir);
   } else await saveInstantState(state, o.stateDir);
   return { state, qemu: how, discarded };
