@@ -264,6 +264,7 @@ Examples:
     .requiredOption("--target <dir>", "directory for the disks (DIR/<disk>.<format>)")
     .option("--format <fmt>", "qcow2 or raw", "qcow2")
     .option("--limit <MiB/s>", "copy at most this fast (MiB/s)")
+    .option("--active", "mirror every guest write synchronously, so the copy converges under any write load")
     .option(...stateDirOption)
     .addHelpText(
       "after",
@@ -271,12 +272,14 @@ Examples:
 Each disk is mirrored (blockdev-mirror sync=full) from its overlay and backing to the new file
 while the guest runs and writes; when the copy has caught up the device pivots to it
 (job-complete), the overlay and NBD nodes are released and, once every disk is local, the
-server stops and the overlays are removed. An interrupted migration can be run again.`,
+server stops and the overlays are removed. An interrupted migration can be run again.
+With --limit below the guest's write rate a background copy may never catch up: --active makes
+each guest write wait for both copies instead.`,
     )
     .action(
       async (
         name: string,
-        opts: { target: string; format: string; limit?: string; stateDir?: string },
+        opts: { target: string; format: string; limit?: string; active?: boolean; stateDir?: string },
         cmd: Command,
       ) => {
         const out = output(cmd);
@@ -294,6 +297,7 @@ server stops and the overlays are removed. An interrupted migration can be run a
           target: opts.target,
           format: opts.format,
           ...(limitBytes === undefined ? {} : { limitBytes }),
+          active: opts.active === true,
           ...(opts.stateDir === undefined ? {} : { stateDir: opts.stateDir }),
           progress: out.progress(),
           signal: interruptSignal(),

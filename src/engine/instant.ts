@@ -694,6 +694,12 @@ export interface MigrateOptions {
   format: "qcow2" | "raw";
   /** Mirror speed limit in bytes/s; undefined = unlimited. */
   limitBytes?: number;
+  /**
+   * Active mirror (`copy-mode: write-blocking`): every guest write goes to both nodes before it
+   * completes, so the copy converges whatever the guest's write rate (writes get slower
+   * meanwhile). Default: background copy of what the guest dirtied.
+   */
+  active?: boolean;
   stateDir?: string;
   progress?: ProgressSink;
   signal?: AbortSignal;
@@ -825,6 +831,7 @@ export async function migrateInstant(name: string, o: MigrateOptions): Promise<M
           sync: "full",
           "auto-dismiss": false,
           ...(o.limitBytes ? { speed: Math.round(o.limitBytes) } : {}),
+          ...(o.active ? { "copy-mode": "write-blocking" } : {}),
         });
         progress.emit({ type: "start", job: `migrate ${d.name}`, total: d.size });
         let copied = 0;
