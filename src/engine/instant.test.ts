@@ -20,8 +20,8 @@ const base = [
 
 const backing = (node: string, i: number) => ({
   node,
-  backingNode: `strata-ir-bk${i}`,
-  nbdNode: `strata-ir-nbd${i}`,
+  backingNode: `instant-bk${i}`,
+  nbdNode: `instant-nbd${i}`,
   socket: "/ir/run/nbd,sock",
   export: `vblk${i}`,
   reconnectDelay: 300,
@@ -35,15 +35,15 @@ describe("instant recovery command line", () => {
       "-blockdev",
       "driver=file,filename=/ir/vblk0.overlay.qcow2,node-name=disk0-file",
       "-blockdev",
-      "driver=nbd,node-name=strata-ir-nbd0,server.type=unix,server.path=/ir/run/nbd,,sock,export=vblk0,read-only=on,reconnect-delay=300",
+      "driver=nbd,node-name=instant-nbd0,server.type=unix,server.path=/ir/run/nbd,,sock,export=vblk0,read-only=on,reconnect-delay=300",
       "-blockdev",
-      "driver=raw,file=strata-ir-nbd0,node-name=strata-ir-bk0,read-only=on",
+      "driver=raw,file=instant-nbd0,node-name=instant-bk0,read-only=on",
       "-blockdev",
-      "driver=qcow2,file=disk0-file,node-name=disk0,backing=strata-ir-bk0",
+      "driver=qcow2,file=disk0-file,node-name=disk0,backing=instant-bk0",
     ]);
-    const j = out.indexOf('{"driver":"qcow2","file":"d1f","node-name":"disk1","backing":"strata-ir-bk1"}');
+    const j = out.indexOf('{"driver":"qcow2","file":"d1f","node-name":"disk1","backing":"instant-bk1"}');
     assert.ok(j > 0, out.join(" "));
-    assert.match(out[j - 4]!, /^driver=nbd,node-name=strata-ir-nbd1,.*export=vblk1/);
+    assert.match(out[j - 4]!, /^driver=nbd,node-name=instant-nbd1,.*export=vblk1/);
     assert.equal(out.length, base.length + 8);
     assert.equal(fileChildOf(base, "disk0"), "disk0-file");
     assert.equal(fileChildOf(base, "disk1"), "d1f");
@@ -66,8 +66,8 @@ describe("instant recovery command line", () => {
           size: 1,
           node: "disk0",
           fileNode: "disk0-file",
-          backingNode: "strata-ir-bk0",
-          nbdNode: "strata-ir-nbd0",
+          backingNode: "instant-bk0",
+          nbdNode: "instant-nbd0",
           overlay: "/ir/vblk0.overlay.qcow2",
           production: { path: "/prod/vblk0.raw", format: "raw", node: "p0", fileNode: "p0f" },
         },
@@ -76,8 +76,8 @@ describe("instant recovery command line", () => {
           size: 1,
           node: "disk1",
           fileNode: "d1f",
-          backingNode: "strata-ir-bk1",
-          nbdNode: "strata-ir-nbd1",
+          backingNode: "instant-bk1",
+          nbdNode: "instant-nbd1",
           overlay: "/ir/vblk1.overlay.qcow2",
         },
       ],
@@ -85,7 +85,7 @@ describe("instant recovery command line", () => {
     const out = instantArgv(state);
     assert.ok(out.includes("driver=file,filename=/prod/vblk0.raw,node-name=disk0-file"));
     assert.ok(out.includes("driver=raw,file=disk0-file,node-name=disk0"));
-    assert.ok(!out.some((a) => a.includes("strata-ir-nbd0")));
-    assert.ok(out.some((a) => a.includes("strata-ir-nbd1") && a.includes("reconnect-delay=60")));
+    assert.ok(!out.some((a) => a.includes("instant-nbd0")));
+    assert.ok(out.some((a) => a.includes("instant-nbd1") && a.includes("reconnect-delay=60")));
   });
 });

@@ -501,8 +501,8 @@ export async function startInstant(
       size: snap.manifest.disks.find((m) => m.name === d.name)?.size ?? d.size,
       node: d.node,
       fileNode,
-      backingNode: `strata-ir-bk${i}`,
-      nbdNode: `strata-ir-nbd${i}`,
+      backingNode: `instant-bk${i}`,
+      nbdNode: `instant-nbd${i}`,
       overlay: overlays[i]!,
     };
   });
@@ -807,9 +807,10 @@ export async function migrateInstant(name: string, o: MigrateOptions): Promise<M
       }
       o.signal?.throwIfAborted();
       const path = join(target, `${d.name}.${o.format}`);
-      const node = `strata-prod${i}`;
-      const fileNode = `strata-prod${i}-file`;
-      const jobId = `strata-migrate${i}`;
+      // Not "strata-…": backups skip such nodes and doctor --fix removes them as its leftovers.
+      const node = `instant-prod${i}`;
+      const fileNode = `instant-prod${i}-file`;
+      const jobId = `instant-migrate${i}`;
       // Leftovers of an interrupted run: its job and target nodes.
       const jobs = await qmp.execute<Job[]>("query-jobs");
       if (jobs.some((j) => j.id === jobId)) await cancelJob(qmp, jobId);

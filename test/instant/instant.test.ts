@@ -273,7 +273,7 @@ describe("instant recovery", { timeout: 420_000 }, () => {
     const jobs = await qmpOnce<Array<{ id: string; status: string }>>(s.qemu.qmpSocket, "query-jobs");
     assert.deepEqual(
       jobs.map((j) => [j.id, j.status]),
-      [["strata-migrate0", "running"]],
+      [["instant-migrate0", "running"]],
       "the killed migration's mirror still runs",
     );
     const interrupted = await st(["instant", "resume", "ir-big-2"]);
@@ -322,13 +322,31 @@ describe("instant recovery", { timeout: 420_000 }, () => {
         },
       )
     ).map((n) => n["node-name"]);
-    assert.ok(!nodes.some((n) => n.startsWith("strata-ir-")), `NBD and backing nodes freed: ${nodes}`);
+    assert.ok(!nodes.some((n) => /^instant-(nbd|bk)/.test(n)), `NBD and backing nodes freed: ${nodes}`);
     const blocks = await qmpOnce<Array<{ inserted?: { file: string } }>>(s.qemu.qmpSocket, "query-block");
     assert.deepEqual(blocks.flatMap((b) => (b.inserted ? [b.inserted.file] : [])).sort(), [
       join(prod, "vblk0.qcow2"),
       join(prod, "vblk1.qcow2"),
       join(prod, "vblk2.qcow2"),
     ]);
+    // The migrated VM backs up like any other: every disk, none taken for a leftover of Strata's.
+    const again2 = summary<{ disks: Array<{ name: string; size: number }> }>(
+      await st([
+        "backup",
+        "--vm",
+        "ir",
+        "--json",
+        `qmp:${s.qemu.qmpSocket},qga=${join(dir, "ir-big-2", "run", "qga.sock")}`,
+      ]),
+    );
+    assert.deepEqual(
+      again2.disks.map((d) => [d.name, d.size]),
+      [
+        ["vblk0", 64 * 2 ** 20],
+        ["vblk1", 4 * 2 ** 30],
+        ["vblk2", 256 * 2 ** 20],
+      ],
+    );
     // No second outage: the guest goes on writing, now to production storage.
     await until("the workload after the pivot", 60_000, async () =>
       (await consoleSeq(con)) > seqPivot + 30 ? true : undefined,
