@@ -8,8 +8,8 @@ import {
   listInstantStates,
   migrateInstant,
   qemuRuns,
-  serverRuns,
   resumeInstant,
+  serverRuns,
   startInstant,
   stopInstant,
 } from "../engine/instant.js";

@@ -402,7 +402,6 @@ export interface InstantOptions {
   stateDir?: string;
   reconnectDelay?: number;
   accelerator?: AcceleratorChoice;
-  progress?: ProgressSink;
 }
 
 export interface InstantStarted {
@@ -441,10 +440,12 @@ export async function startInstant(
   const socket = join(runDir, "nbd.sock");
   const inRepo = new Set(snap.manifest.disks.map((d) => d.name));
   const disks = config.disks.filter((d) => inRepo.has(d.name));
-  if (disks.length === 0)
+  const absent = config.disks.filter((d) => !inRepo.has(d.name));
+  // A disk left out would be opened at its original path: the original VM's own image.
+  if (absent.length > 0)
     throw new StrataError(
-      ErrorCode.NOT_FOUND,
-      `restore point ${snap.vm}/${snap.time} holds none of the VM's disks (${config.disks.map((d) => d.name).join(", ")})`,
+      ErrorCode.DATA_MISSING,
+      `restore point ${snap.vm}/${snap.time} does not hold disk ${absent.map((d) => `${d.name} (${d.file})`).join(", ")}: instant recovery needs every disk of the VM`,
     );
   const overlays = disks.map((d) => join(dir, `${d.name}.overlay.qcow2`));
   for (const p of overlays) {
