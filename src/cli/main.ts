@@ -8,6 +8,7 @@ import { registerBackupCommands } from "./cmd-backup.js";
 import { registerDemoCommand } from "./cmd-demo.js";
 import { registerDoctorCommand } from "./cmd-doctor.js";
 import { registerFilesCommands } from "./cmd-files.js";
+import { registerInstantCommands } from "./cmd-instant.js";
 import { registerRepoCommands } from "./cmd-repo.js";
 import { registerServeCommand } from "./cmd-serve.js";
 
@@ -49,6 +50,7 @@ Getting started:
   registerBackupCommands(program);
   registerServeCommand(program);
   registerFilesCommands(program);
+  registerInstantCommands(program);
   registerDoctorCommand(program);
   registerDemoCommand(program);
   return program;

@@ -1,0 +1,328 @@
+/** instant: boot a VM straight from a restore point, list, stop, resume, migrate it live. */
+import { join, resolve } from "node:path";
+import type { Command } from "commander";
+import {
+  DEFAULT_RECONNECT_DELAY,
+  type InstantState,
+  instantStateDir,
+  listInstantStates,
+  migrateInstant,
+  qemuRuns,
+  resumeInstant,
+  serverRuns,
+  startInstant,
+  stopInstant,
+} from "../engine/instant.js";
+import { bootHint, readVmConfig } from "../engine/vm-restore.js";
+import { checkName } from "../repo/repository.js";
+import { ErrorCode, StrataError } from "../util/errors.js";
+import { formatBytes } from "../util/sizes.js";
+import { globals, interruptSignal, output, parseCount, repoPath, withRepo } from "./context.js";
+
+interface StartFlags {
+  name?: string;
+  target?: string;
+  stateDir?: string;
+  reconnectDelay?: number;
+  cacheSize: string;
+}
+
+const stateDirOption = [
+  "--state-dir <dir>",
+  "where the records of instantly recovered VMs live (default $STRATA_STATE_DIR or /var/lib/strata/state)",
+] as const;
+
+/** `strata serve REF --repo R [--password-file F]`: the serving process, run detached. */
+function serveCommand(cmd: Command, ref: string, cacheSize: string): string[] {
+  const g = globals(cmd);
+  const script = process.argv[1];
+  if (!script) throw new StrataError(ErrorCode.EXTERNAL, "cannot tell how strata was started");
+  return [
+    process.execPath,
+    resolve(script),
+    "serve",
+    ref,
+    "--repo",
+    repoPath(g),
+    ...(g.passwordFile === undefined ? [] : ["--password-file", resolve(g.passwordFile)]),
+    "--cache-size",
+    cacheSize,
+  ];
+}
+
+function describeState(s: InstantState) {
+  return {
+    name: s.name,
+    restorePoint: s.restorePoint,
+    phase: s.phase,
+    qemu: {
+      pid: s.qemu.pid,
+      running: qemuRuns(s),
+      qmpSocket: s.qemu.qmpSocket,
+      console: s.qemu.console,
+      log: s.qemu.log,
+    },
+    serve: { pid: s.serve.pid, running: serverRuns(s), socket: s.socket, log: s.serve.log },
+    disks: s.disks.map((d) => ({
+      name: d.name,
+      size: d.size,
+      overlay: d.overlay,
+      ...(d.production ? { production: d.production.path, format: d.production.format } : {}),
+    })),
+    dir: s.dir,
+  };
+}
+
+export function registerInstantCommands(program: Command): void {
+  const instant = program
+    .command("instant")
+    .description("boot a VM straight from a restore point, then move it to production storage live")
+    .addHelpText(
+      "after",
+      `
+strata instant VM/TIME [--name NEW] [--target DIR] boots the VM on local qcow2 overlays whose
+backing is the restore point, served read-only over NBD by a detached strata serve. Guest writes
+go to the overlays, never to the repository; data is fetched on demand, so the VM runs in
+seconds whatever its disk sizes. Then:
+
+  strata instant list
+  strata instant migrate NAME --target /var/lib/images [--format qcow2|raw] [--limit 50]
+  strata instant resume NAME          # the server (or QEMU) died: start it again
+  strata instant stop NAME [--discard]`,
+    );
+
+  instant
+    .command("start", { isDefault: true })
+    .description("boot a VM from a restore point (the default: strata instant VM/TIME)")
+    .argument("<snapshot>", "VM/TIME or VM/latest (see strata snapshots)")
+    .option("--name <name>", "run as a clone with this name (new UUID and MAC addresses)")
+    .option("--target <dir>", "directory for the overlays and run files (default <state dir>/instant/NAME)")
+    .option(...stateDirOption)
+    .option(
+      "--reconnect-delay <s>",
+      `seconds QEMU holds disk requests while the server restarts (default ${DEFAULT_RECONNECT_DELAY})`,
+      parseCount("--reconnect-delay"),
+    )
+    .option("--cache-size <size>", "the server's chunk cache per disk", "256M")
+    .addHelpText(
+      "after",
+      `
+Without --name it is known to strata instant by its VM name in the repository and keeps its
+QEMU name, UUID and MAC addresses (the original must not run on the same network); with --name
+it is a clone that runs beside the original (new UUID and MACs). Its sockets, console and
+logs go to DIR/run/. QMP socket and console are printed.
+
+Examples:
+  strata instant web1/latest --name web1-ir --target /srv/ir/web1
+  strata instant migrate web1-ir --target /var/lib/images/web1 --limit 100`,
+    )
+    .action(async (ref: string, opts: StartFlags, cmd: Command) => {
+      const out = output(cmd);
+      if (opts.name !== undefined) checkName("VM", opts.name);
+      await withRepo(cmd, async (repo) => {
+        const snap = await repo.findSnapshot(ref);
+        const config = await readVmConfig(repo, snap);
+        if (!config)
+          throw new StrataError(
+            ErrorCode.USAGE,
+            `${snap.vm}/${snap.time} holds no VM configuration (a file: backup): serve its disks with strata serve instead`,
+          );
+        // What the user typed names it (list, stop, migrate); QEMU keeps its recorded -name.
+        const name = opts.name ?? snap.vm;
+        checkName("VM", name);
+        const id = `${snap.vm}/${snap.time}`;
+        const dir = resolve(opts.target ?? join(instantStateDir(opts.stateDir), name));
+        const started = await startInstant(snap, config, {
+          dir,
+          name,
+          clone: opts.name !== undefined,
+          repo: repoPath(globals(cmd)),
+          ...(globals(cmd).passwordFile === undefined
+            ? {}
+            : { passwordFile: resolve(globals(cmd).passwordFile!) }),
+          serveCommand: serveCommand(cmd, id, opts.cacheSize),
+          ...(opts.stateDir === undefined ? {} : { stateDir: opts.stateDir }),
+          ...(opts.reconnectDelay === undefined ? {} : { reconnectDelay: opts.reconnectDelay }),
+        });
+        const s = started.state;
+        for (const w of s.warnings) out.warn(w);
+        out.result(
+          {
+            type: "summary",
+            id,
+            ...describeState(s),
+            accelerator: started.accelerator.accel,
+            startMs: started.startMs,
+          },
+          () =>
+            [
+              `"${s.name}" runs from ${id} (QEMU pid ${s.qemu.pid}, ${started.accelerator.accel}: ${started.accelerator.reason}), started in ${(started.startMs / 1000).toFixed(1)} s`,
+              ...s.disks.map(
+                (d) =>
+                  `  ${d.name} (${formatBytes(d.size)}): overlay ${d.overlay} over nbd+unix:///${d.name}?socket=${s.socket}`,
+              ),
+              `QMP socket: ${s.qemu.qmpSocket}`,
+              ...(s.qemu.console ? [`console: ${s.qemu.console}`] : []),
+              `QEMU log: ${s.qemu.log}; NBD server pid ${s.serve.pid}, log ${s.serve.log}`,
+              `${id} is ${snap.manifest.consistency}: ${bootHint(snap.manifest.consistency)}`,
+              `guest writes go to the overlays; to keep them: strata instant migrate ${s.name} --target DIR`,
+            ].join("\n"),
+        );
+      });
+    });
+
+  instant
+    .command("list")
+    .description("instantly recovered VMs: what runs, where, and how far migrated")
+    .option(...stateDirOption)
+    .action(async (opts: { stateDir?: string }, cmd: Command) => {
+      const out = output(cmd);
+      const states = (await listInstantStates(opts.stateDir)).map(describeState);
+      out.result(states, () =>
+        states.length === 0
+          ? "no instantly recovered VMs"
+          : states
+              .map((s) =>
+                [
+                  `${s.name}  ${s.phase}  from ${s.restorePoint}  QEMU ${s.qemu.running ? `pid ${s.qemu.pid}` : "not running"}, server ${s.serve.running ? `pid ${s.serve.pid}` : "not running"}`,
+                  `  QMP ${s.qemu.qmpSocket}${s.qemu.console ? `, console ${s.qemu.console}` : ""}`,
+                  ...s.disks.map(
+                    (d) =>
+                      `  ${d.name} (${formatBytes(d.size)}): ${"production" in d ? d.production : d.overlay}`,
+                  ),
+                ].join("\n"),
+              )
+              .join("\n"),
+      );
+    });
+
+  instant
+    .command("stop")
+    .description("stop an instantly recovered VM and its server")
+    .argument("<name>")
+    .option("--discard", "also remove the overlays (the guest's unmigrated writes) and the record")
+    .option(
+      "--powerdown <s>",
+      "ask the guest to power down first, waiting this long before quitting",
+      parseCount("--powerdown"),
+    )
+    .option(...stateDirOption)
+    .action(
+      async (
+        name: string,
+        opts: { discard?: boolean; powerdown?: number; stateDir?: string },
+        cmd: Command,
+      ) => {
+        const out = output(cmd);
+        const r = await stopInstant(name, {
+          discard: opts.discard === true,
+          powerdownMs: (opts.powerdown ?? 0) * 1000,
+          ...(opts.stateDir === undefined ? {} : { stateDir: opts.stateDir }),
+        });
+        out.result({ type: "summary", name, qemu: r.qemu, discarded: r.discarded }, () =>
+          [
+            `stopped "${name}" (QEMU: ${r.qemu})`,
+            ...(opts.discard
+              ? [`removed ${r.discarded.length === 0 ? "its record" : r.discarded.join(", ")}`]
+              : r.state.disks.some((d) => !d.production)
+                ? [
+                    `overlays kept (strata instant resume ${name} starts it again; stop --discard removes them)`,
+                  ]
+                : []),
+          ].join("\n"),
+        );
+      },
+    );
+
+  instant
+    .command("resume")
+    .description("start the server (and QEMU) of an instantly recovered VM again after they died")
+    .argument("<name>")
+    .option(...stateDirOption)
+    .action(async (name: string, opts: { stateDir?: string }, cmd: Command) => {
+      const out = output(cmd);
+      const r = await resumeInstant(name, opts.stateDir === undefined ? {} : { stateDir: opts.stateDir });
+      const m = r.interruptedMigration;
+      out.result({ type: "summary", restarted: r.restarted, ...describeState(r.state) }, () =>
+        [
+          r.restarted.length === 0
+            ? `"${name}" runs: nothing to restart`
+            : `restarted ${r.restarted.map((x) => (x === "serve" ? `the NBD server (pid ${r.state.serve.pid})` : `QEMU (pid ${r.state.qemu.pid})`)).join(" and ")}`,
+          ...(m
+            ? [
+                `a migration to ${m.target} did not finish: run strata instant migrate ${name} --target ${m.target} --format ${m.format} again`,
+              ]
+            : []),
+        ].join("\n"),
+      );
+    });
+
+  instant
+    .command("migrate")
+    .description("move a running instantly recovered VM's disks to production storage, live")
+    .argument("<name>")
+    .requiredOption("--target <dir>", "directory for the disks (DIR/<disk>.<format>)")
+    .option("--format <fmt>", "qcow2 or raw", "qcow2")
+    .option("--limit <MiB/s>", "copy at most this fast (MiB/s)")
+    .option("--active", "mirror every guest write synchronously, so the copy converges under any write load")
+    .option(...stateDirOption)
+    .addHelpText(
+      "after",
+      `
+Each disk is mirrored (blockdev-mirror sync=full) from its overlay and backing to the new file
+while the guest runs and writes; when the copy has caught up the device pivots to it
+(job-complete), the overlay and NBD nodes are released and, once every disk is local, the
+server stops and the overlays are removed. An interrupted migration can be run again.
+With --limit below the guest's write rate a background copy may never catch up: --active makes
+each guest write wait for both copies instead.`,
+    )
+    .action(
+      async (
+        name: string,
+        opts: { target: string; format: string; limit?: string; active?: boolean; stateDir?: string },
+        cmd: Command,
+      ) => {
+        const out = output(cmd);
+        if (opts.format !== "qcow2" && opts.format !== "raw")
+          throw new StrataError(ErrorCode.USAGE, `--format ${opts.format}: migrate writes qcow2 or raw`);
+        let limitBytes: number | undefined;
+        if (opts.limit !== undefined) {
+          const n = Number(opts.limit);
+          if (!Number.isFinite(n) || n <= 0)
+            throw new StrataError(ErrorCode.USAGE, `--limit takes MiB/s above 0, not "${opts.limit}"`);
+          limitBytes = n * 1024 * 1024;
+        }
+        const t0 = Date.now();
+        const disks = await migrateInstant(name, {
+          target: opts.target,
+          format: opts.format,
+          ...(limitBytes === undefined ? {} : { limitBytes }),
+          active: opts.active === true,
+          ...(opts.stateDir === undefined ? {} : { stateDir: opts.stateDir }),
+          progress: out.progress(),
+          signal: interruptSignal(),
+        });
+        const ms = Date.now() - t0;
+        out.result(
+          {
+            type: "summary",
+            name,
+            disks: disks.map((d) => ({
+              ...d,
+              bytesPerSecond: d.readyMs > 0 ? Math.round(d.size / (d.readyMs / 1000)) : null,
+            })),
+            durationMs: ms,
+          },
+          () =>
+            [
+              ...disks.map((d) =>
+                d.skipped
+                  ? `${d.disk}: already on ${d.path}`
+                  : `${d.disk}: ${d.path} (${d.format}, ${formatBytes(d.size)}) ready in ${(d.readyMs / 1000).toFixed(1)} s (${formatBytes(d.size / Math.max(0.001, d.readyMs / 1000))}/s), pivoted at ${(d.pivotMs / 1000).toFixed(1)} s`,
+              ),
+              `"${name}" runs on local storage; the NBD server is stopped and the overlays are removed`,
+            ].join("\n"),
+        );
+      },
+    );
+}
