@@ -17,10 +17,10 @@ import { join } from "node:path";
 import { chooseAccelerator } from "../hypervisor/qemu/launcher.js";
 import type { FsType } from "../image/fs-detect.js";
 import {
-  type EntryKind,
   type FileSystemReader,
   type FsEntry,
   joinPath,
+  kindOf,
   normalPath,
   notFound,
   READ_PIECE,
@@ -206,19 +206,6 @@ function parseStats(text: string): Array<Record<string, number>> {
     cur[m[1]!] = Number(m[2]);
   }
   return out;
-}
-
-function kindOf(mode: number): EntryKind {
-  switch (mode & 0o170000) {
-    case 0o100000:
-      return "file";
-    case 0o040000:
-      return "directory";
-    case 0o120000:
-      return "symlink";
-    default:
-      return "other";
-  }
 }
 
 /**

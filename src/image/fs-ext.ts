@@ -19,10 +19,10 @@ import { ErrorCode, errnoCode, StrataError } from "../util/errors.js";
 import type { ByteSource } from "./byte-source.js";
 import { type JournalOverlay, replayJournal } from "./ext-journal.js";
 import {
-  type EntryKind,
   type FileSystemReader,
   type FsEntry,
   joinPath,
+  kindOf,
   normalPath,
   notFound,
   READ_PIECE,
@@ -199,19 +199,6 @@ export class ExtReader implements FileSystemReader {
           throw new StrataError(ErrorCode.DATA_CORRUPT, `${path}: ${describe(err)}`, { cause: err });
       }
     }
-  }
-}
-
-function kindOf(mode: number): EntryKind {
-  switch (mode & 0o170000) {
-    case 0o100000:
-      return "file";
-    case 0o040000:
-      return "directory";
-    case 0o120000:
-      return "symlink";
-    default:
-      return "other";
   }
 }
 

@@ -6,6 +6,20 @@ import { ErrorCode, StrataError } from "../util/errors.js";
 
 export type EntryKind = "file" | "directory" | "symlink" | "other";
 
+/** The kind of an entry from its POSIX mode bits (S_IFMT). */
+export function kindOf(mode: number): EntryKind {
+  switch (mode & 0o170000) {
+    case 0o100000:
+      return "file";
+    case 0o040000:
+      return "directory";
+    case 0o120000:
+      return "symlink";
+    default:
+      return "other";
+  }
+}
+
 /** One directory entry, with what `lstat` would say of it. */
 export interface FsEntry {
   /** The entry's name in its directory ("" for the root). */
