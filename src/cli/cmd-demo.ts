@@ -13,18 +13,22 @@ import { verifyRepository } from "../repo/verify.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes, parseSize } from "../util/sizes.js";
 import { output } from "./context.js";
+import { demoVm } from "./demo-vm.js";
 
 export function registerDemoCommand(program: Command): void {
   program
     .command("demo")
-    .description("show the whole cycle on a demo disk: init, backup, change 1 %, backup, verify, restore")
+    .description(
+      "show the whole cycle: a demo disk (backup, change 1 %, backup, verify, restore) and a demo VM backed up live",
+    )
     .option("--dir <dir>", "folder for the demo disk and repository", "demo")
     .option("--size <size>", "size of the demo disk", "512M")
-    .action(async (opts: { dir: string; size: string }, cmd: Command) => {
+    .option("--no-vm", "skip the demo VM (a test guest booted under QEMU and backed up live)")
+    .action(async (opts: { dir: string; size: string; vm: boolean }, cmd: Command) => {
       const out = output(cmd);
       const dir = resolve(opts.dir);
       await fs.mkdir(dir, { recursive: true });
-      const image = join(dir, "demo-vm.img");
+      const image = join(dir, "demo-disk.img");
       const store = new FsStore(join(dir, "repo"));
       if (!(await store.stat("config"))) {
         await Repository.init(store);
@@ -42,7 +46,7 @@ export function registerDemoCommand(program: Command): void {
           try {
             const t0 = Date.now();
             const r = await backup(repo, {
-              vm: "demo-vm",
+              vm: "demo-disk",
               disks,
               mode: "file",
               consistency: "crash-consistent",
@@ -69,12 +73,20 @@ export function registerDemoCommand(program: Command): void {
         await restoreDiskToFile(repo, snap, "disk0", target, { force: true, progress: out.progress() });
         const same = (await sha256File(target)) === (await sha256File(image));
         out.info(`restored ${target}: ${same ? "identical to the source" : "DIFFERENT from the source"}`);
-        out.result(
-          { type: "summary", repo: store.location, latest: second.id, verified: report.ok, identical: same },
-          () => "",
-        );
         if (!same || !report.ok)
           throw new StrataError(ErrorCode.INTERNAL, "demo failed: restore or verify did not match");
+        const live = opts.vm ? await demoVm(repo, dir, out) : undefined;
+        out.result(
+          {
+            type: "summary",
+            repo: store.location,
+            latest: second.id,
+            verified: report.ok,
+            identical: same,
+            ...(live ? { vm: live.ids, marker: live.marker } : {}),
+          },
+          () => "",
+        );
         out.info(`\nTry: bin/strata snapshots --repo ${store.location}`);
       } finally {
         await repo.close();
