@@ -58,7 +58,29 @@ interface Ext2fsModule {
   umount(fs: ExtFs): Promise<void>;
 }
 
-const ext2fs = createRequire(import.meta.url)("ext2fs") as Ext2fsModule;
+let loaded: Ext2fsModule | undefined;
+
+/**
+ * The `ext2fs` package, loaded on first use (it is a large WebAssembly module). Its Emscripten
+ * runtime installs process-wide "uncaughtException" and "unhandledRejection" listeners that
+ * rethrow anything: they would turn every stray error of the whole program into a dump of the
+ * module's source. Those listeners are removed right after loading.
+ */
+function ext2fsModule(): Ext2fsModule {
+  if (loaded) return loaded;
+  const before = {
+    uncaught: new Set(process.listeners("uncaughtException")),
+    rejection: new Set(process.listeners("unhandledRejection")),
+  };
+  loaded = createRequire(import.meta.url)("ext2fs") as Ext2fsModule;
+  for (const l of process.listeners("uncaughtException")) {
+    if (!before.uncaught.has(l)) process.removeListener("uncaughtException", l);
+  }
+  for (const l of process.listeners("unhandledRejection")) {
+    if (!before.rejection.has(l)) process.removeListener("unhandledRejection", l);
+  }
+  return loaded;
+}
 
 /** The disk object libext2fs reads through (the `file-disk` shape). */
 class OverlayDisk {
@@ -110,7 +132,7 @@ export class ExtReader implements FileSystemReader {
     const disk = new OverlayDisk(source, overlay);
     let fs: ExtFs;
     try {
-      fs = await ext2fs.mount(disk, 0);
+      fs = await ext2fsModule().mount(disk, 0);
     } catch (err) {
       if (disk.lastError !== undefined) throw disk.lastError;
       throw new StrataError(ErrorCode.DATA_CORRUPT, `cannot open the ${type} filesystem: ${describe(err)}`, {
@@ -177,7 +199,7 @@ export class ExtReader implements FileSystemReader {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await ext2fs.umount(this.fs);
+    await ext2fsModule().umount(this.fs);
   }
 
   /** Runs a libext2fs call, turning its errno errors into Strata's. */
