@@ -8,6 +8,7 @@
  */
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
+import { processAlive } from "../../util/process.js";
 import { names, release } from "./live.js";
 import { QgaClient } from "./qga.js";
 import { QmpClient } from "./qmp.js";
@@ -206,6 +207,15 @@ export async function strayFiles(stateDir: string, fix: boolean): Promise<Findin
     entries = await fs.readdir(stateDir);
   } catch {
     return out;
+  }
+  // A state file being rewritten when its run was killed leaves "<vm>.json.tmp-<hex>".
+  for (const e of entries) {
+    const m = /^(.+)\.json\.tmp-[0-9a-f]+$/.exec(e);
+    if (!m) continue;
+    const rec = await StateRecord.load(join(stateDir, `${m[1]}.json`)).catch(() => undefined);
+    if (rec && rec.data.pid !== process.pid && processAlive(rec.data.pid)) continue;
+    if (fix) await fs.rm(join(stateDir, e), { force: true });
+    out.push({ vm: m[1]!, owner: "strata", what: `unfinished state file ${join(stateDir, e)}`, fixed: fix });
   }
   const records = await StateRecord.all(stateDir);
   const listed = new Set(records.flatMap((r) => r.items.flatMap((i) => (i.kind === "file" ? [i.path] : []))));
