@@ -249,15 +249,14 @@ export interface RestoreFilesSummary {
   durationMs: number;
 }
 
-/** Copies `paths` (files, symlinks, directories recursively) of `browser` into `options.to`. */
-export async function restoreFiles(
+/** What restoreFiles and tarFiles start from: the walk of `paths`, its byte total, a zero summary. */
+async function startCopy(
   browser: FileBrowser,
   paths: readonly string[],
-  options: RestoreFilesOptions,
-): Promise<RestoreFilesSummary> {
+  options: { progress?: ProgressSink; signal?: AbortSignal },
+) {
   const started = Date.now();
   const progress = options.progress ?? noProgress;
-  const owners = options.owners ?? process.getuid?.() === 0;
   const plan = await browser.walk(paths, options.signal);
   const total = plan.reduce((n, p) => n + (p.entry.kind === "file" ? p.entry.size : 0), 0);
   const summary: RestoreFilesSummary = {
@@ -268,6 +267,17 @@ export async function restoreFiles(
     bytes: 0,
     durationMs: 0,
   };
+  return { started, progress, plan, total, summary };
+}
+
+/** Copies `paths` (files, symlinks, directories recursively) of `browser` into `options.to`. */
+export async function restoreFiles(
+  browser: FileBrowser,
+  paths: readonly string[],
+  options: RestoreFilesOptions,
+): Promise<RestoreFilesSummary> {
+  const owners = options.owners ?? process.getuid?.() === 0;
+  const { started, progress, plan, total, summary } = await startCopy(browser, paths, options);
   await mkdirTarget(options.to);
   progress.emit({ type: "start", job: "files", total });
   const dirs: PlannedEntry[] = [];
@@ -347,18 +357,7 @@ export async function tarFiles(
   out: Writable,
   options: { progress?: ProgressSink; signal?: AbortSignal } = {},
 ): Promise<RestoreFilesSummary> {
-  const started = Date.now();
-  const progress = options.progress ?? noProgress;
-  const plan = await browser.walk(paths, options.signal);
-  const total = plan.reduce((n, p) => n + (p.entry.kind === "file" ? p.entry.size : 0), 0);
-  const summary: RestoreFilesSummary = {
-    files: 0,
-    directories: 0,
-    symlinks: 0,
-    skipped: 0,
-    bytes: 0,
-    durationMs: 0,
-  };
+  const { started, progress, plan, total, summary } = await startCopy(browser, paths, options);
   const write = async (b: Buffer) => {
     if (!out.write(b)) await once(out, "drain");
   };

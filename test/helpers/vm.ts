@@ -169,3 +169,18 @@ export async function leftovers(vm: QemuVm, stateDir: string) {
     await qmp.close();
   }
 }
+
+/** Polls `fn` until it returns something other than undefined, or fails after `timeoutMs`. */
+export async function until<T>(
+  what: string,
+  timeoutMs: number,
+  fn: () => Promise<T | undefined>,
+): Promise<T> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v !== undefined) return v;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}

@@ -16,7 +16,7 @@ import { describe, type TestContext, test } from "node:test";
 import { promisify } from "node:util";
 import { startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
 import { parseLatencySummaries, verifyRecords } from "../helpers/records.js";
-import { bootWorkloadVm, qmpOnce } from "../helpers/vm.js";
+import { bootWorkloadVm, qmpOnce, until } from "../helpers/vm.js";
 
 const run = promisify(execFile);
 
@@ -36,16 +36,6 @@ function alive(pid: number | null | undefined): boolean {
     return stat.charAt(stat.lastIndexOf(")") + 2) !== "Z";
   } catch {
     return false;
-  }
-}
-
-async function until<T>(what: string, timeoutMs: number, fn: () => Promise<T | undefined>): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v !== undefined) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
   }
 }
 
