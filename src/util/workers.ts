@@ -85,6 +85,9 @@ export class WorkerPool {
   /** Stops the threads; calls still pending are rejected (ABORTED) rather than left hanging. */
   async close(): Promise<void> {
     this.closed = true;
+    // An idle worker is unref'd; unref'd, its exit may come after Node decided the event loop is
+    // empty, and the caller's await never settles (exit code 13). Hold the loop until it is gone.
+    for (const s of this.slots) s.worker.ref();
     await Promise.all(this.slots.map((s) => s.worker.terminate()));
     for (const slot of this.slots) {
       for (const p of slot.pending.values()) {
