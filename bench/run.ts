@@ -234,10 +234,10 @@ function main(): void {
     `bench disk: ${images.length} images of ${size / MiB} MiB (ext4, ~2.4 GiB used), ${availableParallelism()} cores`,
   );
   const tools: Tool[] = [
-    strataTool("strata (1 MiB fixed, zstd-1)", "1M", false),
-    strataTool("strata (1 MiB fixed, zstd-1, AES)", "1M", true),
-    strataTool("strata (4 MiB fixed, zstd-1)", "4M", false),
-    strataTool("strata (256 KiB fixed, zstd-1)", "256K", false),
+    strataTool("strata (1 MiB fixed, zstd 1/11)", "1M", false),
+    strataTool("strata (1 MiB fixed, zstd 1/11, AES)", "1M", true),
+    strataTool("strata (4 MiB fixed, zstd 1/11)", "4M", false),
+    strataTool("strata (256 KiB fixed, zstd 1/11)", "256K", false),
     restic,
     borgTool("borg 1.2 (fixed 4 MiB, lz4)", ["--chunker-params", "fixed,4194304"], "lz4"),
     borgTool("borg 1.2 (buzhash CDC 2 MiB, lz4)", [], "lz4"),
@@ -263,7 +263,7 @@ function main(): void {
       `| ${r.tool} | ${fmt(r.full.wall)} | ${fmt(r.full.cpu)} | ${fmt(r.full.rssMiB, 0)} | ${fmt(r.storedFull / MiB)} | ${fmt(mean(r.incr.map((m) => m.wall)))} | ${fmt(mean(r.storedPerDay) / MiB)} | ${fmt(r.restore.wall)} | ${fmt(Math.max(r.restore.rssMiB, ...r.incr.map((m) => m.rssMiB)), 0)} |`,
     );
   }
-  const strata = rows.find((r) => r.tool.startsWith("strata (1 MiB fixed, zstd-1)"));
+  const strata = rows.find((r) => r.tool.startsWith("strata (1 MiB fixed, zstd 1/11)"));
   if (strata) {
     console.log(
       "\nRatios of strata (default: 1 MiB fixed, unencrypted) to each peer (>1 = strata faster/smaller):",

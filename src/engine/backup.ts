@@ -152,9 +152,9 @@ export async function backup(repo: Repository, options: BackupOptions): Promise<
   if (options.disks.length === 0)
     throw new StrataError(ErrorCode.USAGE, "nothing to back up: no disks given");
   const started = repo.clock.now();
-  const writer = await repo.startBackup(options.vm, `backup of ${options.vm}`);
+  const previous = (await repo.snapshots(options.vm, () => {})).at(-1);
+  const writer = await repo.startBackup(options.vm, `backup of ${options.vm}`, previous !== undefined);
   try {
-    const previous = (await repo.snapshots(options.vm, () => {})).at(-1);
     const total = options.disks.reduce((n, d) => n + d.size, 0);
     progress.emit({ type: "start", job: "backup", total, message: `${options.vm}/${writer.time}` });
     let doneBytes = 0;

@@ -25,9 +25,12 @@ export class ChunkPool {
     return { data: toBuffer(r.data), digest: toBuffer(r.digest) };
   }
 
-  /** Stored form of `data`; `data` is moved to the worker and comes back in the result. */
-  async encode(data: Buffer): Promise<{ blob: Buffer; data: Buffer }> {
-    const r = await this.pool.run<{ blob: Uint8Array; data: Uint8Array }>("encode", { data }, [
+  /**
+   * Stored form of `data` (zstd `level`, default fast); `data` is moved to the worker and comes
+   * back in the result.
+   */
+  async encode(data: Buffer, level?: number): Promise<{ blob: Buffer; data: Buffer }> {
+    const r = await this.pool.run<{ blob: Uint8Array; data: Uint8Array }>("encode", { data, level }, [
       ownBuffer(data),
     ]);
     return { blob: toBuffer(r.blob), data: toBuffer(r.data) };

@@ -41,8 +41,8 @@ serveWorker({
     return withTransfer({ data: args.data, digest }, [args.data.buffer as ArrayBuffer]);
   },
   /** Stored form of a plaintext; hands the plaintext back too, so the caller can reuse its memory. */
-  encode: (args: { data: Uint8Array }, data) => {
-    const blob = owned(encodeChunk(view(args.data), keys(data)));
+  encode: (args: { data: Uint8Array; level?: number }, data) => {
+    const blob = owned(encodeChunk(view(args.data), keys(data), args.level));
     return withTransfer({ blob, data: args.data }, [
       blob.buffer as ArrayBuffer,
       args.data.buffer as ArrayBuffer,

@@ -9,6 +9,7 @@ import { ErrorCode, StrataError } from "../util/errors.js";
 import { isPowerOfTwo } from "../util/sizes.js";
 import { ChunkPool } from "./chunk-pool.js";
 import type { CodecKeys } from "./codec.js";
+import { CompressionPolicy } from "./compression.js";
 import { FixedIndex } from "./fixed-index.js";
 import {
   DEFAULT_CHUNK_SIZE,
@@ -346,8 +347,11 @@ export class Repository {
     );
   }
 
-  /** Starts writing a restore point of `vm`. */
-  async startBackup(vm: string, what: string): Promise<BackupWriter> {
+  /**
+   * Starts writing a restore point of `vm`. `incremental`: it has a parent restore point, so few
+   * chunks are expected to be new and those are compressed harder ({@link CompressionPolicy}).
+   */
+  async startBackup(vm: string, what: string, incremental = false): Promise<BackupWriter> {
     checkName("VM", vm);
     for (;;) {
       const time = formatTime(this.clock.now());
@@ -357,7 +361,7 @@ export class Repository {
       if (!taken) {
         try {
           const lock = await this.lock("backup", what, `${vm}/${time}`);
-          return new BackupWriter(this, vm, time, lock);
+          return new BackupWriter(this, vm, time, lock, new CompressionPolicy(incremental));
         } catch (err) {
           if (!(err instanceof StrataError && err.code === ErrorCode.LOCKED)) throw err;
         }
@@ -384,6 +388,7 @@ export class BackupWriter {
     readonly vm: string,
     readonly time: string,
     private readonly lock: Lock,
+    private readonly compression: CompressionPolicy = new CompressionPolicy(false),
   ) {}
 
   /** When this writer registered; gc keeps everything it touched since. */
@@ -401,6 +406,7 @@ export class BackupWriter {
     data: Buffer,
   ): Promise<{ state: "reused"; data: Buffer } | { state: "new"; stored: number; data: Buffer }> {
     const hex = digest.toString("hex");
+    this.compression.examined(data.length);
     if (this.present.has(hex)) return { state: "reused", data };
     // The same chunk twice at once (a disk repeating itself): the second waits for the first.
     const pending = this.storing.get(hex);
@@ -411,7 +417,7 @@ export class BackupWriter {
     const key = keys.chunk(hex);
     const work = (async () => {
       if (await this.repo.store.touch(key)) return { state: "reused" as const, data };
-      const encoded = await this.repo.codec().encode(data);
+      const encoded = await this.repo.codec().encode(data, this.compression.levelFor(data.length));
       await this.repo.store.put(key, encoded.blob);
       return { state: "new" as const, stored: encoded.blob.length, data: encoded.data };
     })();
