@@ -1,6 +1,6 @@
 /** A running test guest with the workload, for live-backup tests, and checks of what a VM holds. */
 import { execFile } from "node:child_process";
-import { mkdtemp, readdir, rm } from "node:fs/promises";
+import { mkdtemp, readdir, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestContext } from "node:test";
@@ -31,6 +31,43 @@ export interface VmDisk {
   size: string;
   /** Holds an empty ext4 (mounted by the guest at /mnt/data when `data` names it). */
   ext4?: boolean;
+  /**
+   * A partition table of this kind with two partitions, each holding an empty filesystem:
+   * 1 ext4 (the first half), 2 FAT32 (the rest). The guest sees them as /dev/vdX1 and /dev/vdX2.
+   */
+  partitions?: "gpt" | "mbr";
+}
+
+/** Writes an sfdisk table and two empty filesystems (ext4, FAT32) into the raw image `raw`. */
+async function partitionDisk(raw: string, kind: "gpt" | "mbr"): Promise<void> {
+  const bytes = (await stat(raw)).size;
+  const MiB = 1024 * 1024;
+  const half = Math.floor(bytes / 2 / MiB) * MiB;
+  // sfdisk: start and size in 512-byte sectors; GPT keeps 33 sectors at the end for its backup.
+  const script = [
+    `label: ${kind === "gpt" ? "gpt" : "dos"}`,
+    `start=2048, size=${(half - MiB) / 512}, type=${kind === "gpt" ? "L" : "83"}`,
+    `start=${half / 512}, type=${kind === "gpt" ? "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7" : "c"}`,
+    "",
+  ].join("\n");
+  const child = execFile("sfdisk", ["-q", raw]);
+  child.stdin!.end(script);
+  await new Promise<void>((resolve, reject) => {
+    child.on("error", reject);
+    child.on("close", (code) => (code === 0 ? resolve() : reject(new Error(`sfdisk exited ${code}`))));
+  });
+  const parts = JSON.parse((await run("sfdisk", ["--json", raw])).stdout) as {
+    partitiontable: { partitions: Array<{ start: number; size: number }> };
+  };
+  const [p1, p2] = parts.partitiontable.partitions;
+  await run("mkfs.ext4", ["-q", "-F", "-E", `offset=${p1!.start * 512}`, raw, `${(p1!.size * 512) / 1024}k`]);
+  await run("mkfs.vfat", [
+    "-F",
+    "32",
+    `--offset=${p2!.start}`,
+    raw,
+    String(Math.floor((p2!.size * 512) / 1024)),
+  ]);
 }
 
 /**
@@ -56,10 +93,11 @@ export async function bootWorkloadVm(
   const specs: DiskSpec[] = [];
   for (const [i, d] of opts.disks.entries()) {
     const file = join(dir, `${d.id}.${d.format}`);
-    if (d.ext4) {
+    if (d.ext4 || d.partitions) {
       const raw = `${file}.tmp`;
       await run("qemu-img", ["create", "-q", "-f", "raw", raw, d.size]);
-      await run("mkfs.ext4", ["-q", "-F", raw]);
+      if (d.partitions) await partitionDisk(raw, d.partitions);
+      else await run("mkfs.ext4", ["-q", "-F", raw]);
       await run("qemu-img", ["convert", "-f", "raw", "-O", d.format, raw, file]);
       await rm(raw);
     } else {
