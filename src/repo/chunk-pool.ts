@@ -41,6 +41,22 @@ export class ChunkPool {
     return toBuffer(await this.pool.run<Uint8Array>("decode", { stored, digest, what }, [ownBuffer(stored)]));
   }
 
+  /**
+   * Verified plaintext of a stored chunk (moved to the worker), written by the worker into
+   * `into` at `offset`; returns its length. A plaintext longer than `capacity` is an error.
+   */
+  decodeInto(
+    stored: Buffer,
+    digest: Buffer,
+    what: string,
+    into: { memory: SharedArrayBuffer; offset: number; capacity: number },
+  ): Promise<number> {
+    const { memory, offset, capacity } = into;
+    return this.pool.run<number>("decodeInto", { stored, digest, what, into: memory, offset, capacity }, [
+      ownBuffer(stored),
+    ]);
+  }
+
   close(): Promise<void> {
     return this.pool.close();
   }

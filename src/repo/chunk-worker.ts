@@ -2,6 +2,7 @@
  * Worker-thread side of the chunk pipeline (see {@link ChunkPool}). Each call moves its buffers
  * in and out without copying.
  */
+import { ErrorCode, StrataError } from "../util/errors.js";
 import { serveWorker, withTransfer } from "../util/workers.js";
 import { type CodecKeys, chunkDigest, decodeChunk, encodeChunk } from "./codec.js";
 
@@ -47,6 +48,27 @@ serveWorker({
       blob.buffer as ArrayBuffer,
       args.data.buffer as ArrayBuffer,
     ]);
+  },
+  /** Verified plaintext of a stored chunk, copied into shared memory at `offset`; returns its length. */
+  decodeInto: (
+    args: {
+      stored: Uint8Array;
+      digest: Uint8Array;
+      what: string;
+      into: SharedArrayBuffer;
+      offset: number;
+      capacity: number;
+    },
+    data,
+  ) => {
+    const plain = decodeChunk(args.stored, args.digest, keys(data), args.what);
+    if (plain.length > args.capacity)
+      throw new StrataError(
+        ErrorCode.DATA_CORRUPT,
+        `chunk ${args.what} is larger than its place (${plain.length} bytes)`,
+      );
+    new Uint8Array(args.into, args.offset, plain.length).set(plain);
+    return plain.length;
   },
   /** Plaintext of a stored chunk, verified against its digest. */
   decode: (args: { stored: Uint8Array; digest: Uint8Array; what: string }, data) => {

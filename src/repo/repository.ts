@@ -214,15 +214,30 @@ export class Repository {
   /** The verified plaintext of a chunk. */
   async readChunk(digest: Buffer): Promise<Buffer> {
     const hex = digest.toString("hex");
-    let stored: Buffer;
+    return this.codec().decode(await this.storedChunk(hex), digest, hex);
+  }
+
+  /**
+   * Like {@link readChunk}, but the verified plaintext is written into shared memory `into` at
+   * `offset` by the worker that decodes it (no copy on this thread); returns its length. A chunk
+   * longer than `capacity` fails as damaged.
+   */
+  async readChunkInto(
+    digest: Buffer,
+    into: { memory: SharedArrayBuffer; offset: number; capacity: number },
+  ): Promise<number> {
+    const hex = digest.toString("hex");
+    return this.codec().decodeInto(await this.storedChunk(hex), digest, hex, into);
+  }
+
+  private async storedChunk(hex: string): Promise<Buffer> {
     try {
-      stored = await this.store.get(keys.chunk(hex));
+      return await this.store.get(keys.chunk(hex));
     } catch (err) {
       if (this.store.isNotFound(err))
         throw new StrataError(ErrorCode.DATA_MISSING, `chunk ${hex} is missing from the repository`);
       throw err;
     }
-    return this.codec().decode(stored, digest, hex);
   }
 
   /** Checksum of a blob's plaintext, keyed when encrypted. */
