@@ -3,7 +3,8 @@
  * (a disk, a partition, an LVM logical volume).
  *
  * Both run the restore path of restore.ts: index → chunks fetched in parallel (bounded) and
- * verified on worker threads → positioned writes, in whatever order the fetches finish.
+ * verified on worker threads → positioned writes, in whatever order the fetches finish; onto a
+ * device around the page cache (O_DIRECT) where it takes it, as for raw files (chunk-writer.ts).
  *
  * qcow2: `qemu-img create` makes an empty image of the disk's size under a temporary name
  * beside the target; qemu-storage-daemon exports it writable over NBD; Strata's NBD client
@@ -29,21 +30,23 @@ import { ErrorCode, errnoCode, ioError, isNotFound, StrataError } from "../util/
 import { forEachLimit } from "../util/pool.js";
 import { runProgram } from "../util/process.js";
 import { noProgress } from "../util/progress.js";
+import { ChunkWriter } from "./chunk-writer.js";
 import type { RestoreDiskOptions, RestoreDiskResult } from "./restore.js";
 
 /** Largest zero write to a device, and the size of the one shared zero buffer. */
 const ZERO_WRITE = 8 * 1024 * 1024;
 
 /**
- * Fetches every non-zero chunk of `index` (at most `inflight` at a time, verified) and hands
- * it to `write`; returns the bytes written.
+ * Runs `writeChunk` (fetch, verify, write; returns the bytes written) for every non-zero chunk
+ * of `index`, at most `inflight` at a time, and the `extra` jobs beside them; returns the bytes
+ * of chunks written.
  */
 async function pumpChunks(
   repo: Repository,
   index: FixedIndex,
   what: string,
   options: RestoreDiskOptions & { total?: number; extra?: Array<() => Promise<number>> },
-  write: (offset: number, data: Buffer) => Promise<void>,
+  writeChunk: (i: number) => Promise<number>,
 ): Promise<number> {
   const progress = options.progress ?? noProgress;
   type Work = { chunk: number } | { run: () => Promise<number> };
@@ -61,19 +64,12 @@ async function pumpChunks(
     async (w) => {
       options.signal?.throwIfAborted();
       if ("run" in w) {
-        done += await w.run();
+        const n = await w.run();
+        done += n;
       } else {
-        const i = w.chunk;
-        const data = await repo.readChunk(index.digest(i));
-        if (data.length !== index.chunkLength(i)) {
-          throw new StrataError(
-            ErrorCode.DATA_CORRUPT,
-            `chunk ${index.digest(i).toString("hex")} has the wrong length for ${what}`,
-          );
-        }
-        await write(i * index.chunkSize, data);
-        bytesWritten += data.length;
-        done += data.length;
+        const n = await writeChunk(w.chunk);
+        bytesWritten += n;
+        done += n;
       }
       progress.emit({ type: "progress", job: "restore", done, total });
     },
@@ -133,13 +129,18 @@ export async function restoreDiskToQcow2(
       },
     );
     const c = client;
-    const bytesWritten = await pumpChunks(
-      repo,
-      index,
-      `${snap.vm}/${snap.time} ${disk}`,
-      options,
-      (off, data) => c.write(off, data),
-    );
+    const what = `${snap.vm}/${snap.time} ${disk}`;
+    const bytesWritten = await pumpChunks(repo, index, what, options, async (i) => {
+      const data = await repo.readChunk(index.digest(i));
+      if (data.length !== index.chunkLength(i)) {
+        throw new StrataError(
+          ErrorCode.DATA_CORRUPT,
+          `chunk ${index.digest(i).toString("hex")} has the wrong length for ${what}`,
+        );
+      }
+      await c.write(i * index.chunkSize, data);
+      return data.length;
+    });
     await client.flush();
     await client.close();
     client = undefined;
@@ -222,13 +223,7 @@ export async function restoreDiskToDevice(
       });
     throw ioError(ErrorCode.TARGET_CONFLICT, `cannot open device ${device}`, err);
   }
-  const writeAll = async (data: Buffer, at: number): Promise<void> => {
-    let off = 0;
-    while (off < data.length) {
-      const { bytesWritten } = await fh.write(data, off, data.length - off, at + off);
-      off += bytesWritten;
-    }
-  };
+  let writer: ChunkWriter | undefined;
   try {
     // Zero chunks, merged into runs and cut into pieces of at most ZERO_WRITE bytes.
     const zeroRuns: Array<[number, number]> = [];
@@ -240,29 +235,36 @@ export async function restoreDiskToDevice(
       if (last && last[0] + last[1] === start && last[1] + len <= ZERO_WRITE) last[1] += len;
       else zeroRuns.push([start, len]);
     }
-    const zero = Buffer.alloc(
-      Math.min(
+    const inflight = options.inflight ?? repo.codec().threads * 2 + 2;
+    writer = await ChunkWriter.open(fh, device, {
+      chunkSize: index.chunkSize,
+      inflight,
+      direct: options.direct !== false,
+      zeroWrite: Math.min(
         ZERO_WRITE,
         zeroRuns.reduce((m, r) => Math.max(m, r[1]), 0),
       ),
-    );
+    });
+    const w = writer;
     let bytesZeroed = 0;
     const extra = zeroRuns.map(([start, len]) => async () => {
-      await writeAll(zero.subarray(0, len), start);
+      await w.zeros(start, len);
       bytesZeroed += len;
       return len;
     });
+    const what = `${snap.vm}/${snap.time} ${disk}`;
     const bytesWritten = await pumpChunks(
       repo,
       index,
-      `${snap.vm}/${snap.time} ${disk}`,
-      { ...options, total: index.size, extra },
-      (off, data) => writeAll(data, off),
+      what,
+      { ...options, inflight, total: index.size, extra },
+      (i) => w.chunk(repo, index, i, what),
     );
-    await fh.sync();
+    await writer.finish();
     await fh.close();
     return { disk, path: device, size: index.size, bytesWritten, bytesZeroed, deviceSize };
   } catch (err) {
+    await writer?.abandon();
     await fh.close().catch(() => {});
     if (err instanceof StrataError) throw err;
     throw ioError(ErrorCode.TARGET_CONFLICT, `cannot write device ${device}`, err);

@@ -1,0 +1,170 @@
+/**
+ * Writes a restore point's chunks into a raw file or a block device at their offsets.
+ *
+ * Around the page cache (O_DIRECT) where the target allows it: the worker that verifies a chunk
+ * puts its plaintext straight into page-aligned shared memory ({@link AlignedSlots}), and the
+ * disk takes it from there. Measured on this machine's disk: buffered writes ran at ~650 MB/s,
+ * CPU-bound in the kernel's copy into the page cache, and then still had to be flushed; direct
+ * writes at ~1.6 GB/s. Targets without O_DIRECT (tmpfs), a write that is not whole 4 KiB blocks
+ * (the short last chunk of a disk), and a target that opened with O_DIRECT but refuses a write
+ * (EINVAL) go through the page cache, whose writeback is started every 256 MiB so the disk
+ * writes while chunks decode instead of all at the final sync.
+ */
+import { constants, promises as fs } from "node:fs";
+import type { FixedIndex } from "../repo/fixed-index.js";
+import type { Repository } from "../repo/repository.js";
+import { AlignedSlots } from "../util/aligned.js";
+import { ErrorCode, errnoCode, StrataError } from "../util/errors.js";
+
+/** Buffered bytes between early flushes. */
+const EARLY_FLUSH_BYTES = 256 * 1024 * 1024;
+
+/** Direct I/O wants offsets and lengths in whole blocks: 4 KiB suits 512-byte and 4K devices. */
+const DIRECT_ALIGN = 4096;
+
+/** Writes all of `data` at `position`. */
+export async function writeAll(fh: fs.FileHandle, data: Uint8Array, position: number): Promise<void> {
+  let off = 0;
+  while (off < data.length) {
+    const { bytesWritten } = await fh.write(data, off, data.length - off, position + off);
+    off += bytesWritten;
+  }
+}
+
+export interface ChunkWriterOptions {
+  chunkSize: number;
+  /** Chunks in flight at most (one aligned slot each). */
+  inflight: number;
+  /** Try O_DIRECT (default true). */
+  direct?: boolean;
+  /** Largest {@link ChunkWriter.zeros} write, for its aligned zero buffer (default 0: none). */
+  zeroWrite?: number;
+}
+
+export class ChunkWriter {
+  private buffered = 0;
+  private flushedAt = 0;
+  private flushing: Promise<void> | undefined;
+  private flushError: unknown;
+
+  /** Direct writes go here while it is set (the handle itself is closed in finish/abandon). */
+  private direct: fs.FileHandle | undefined;
+
+  private constructor(
+    private readonly fh: fs.FileHandle,
+    private readonly directHandle: fs.FileHandle | undefined,
+    private readonly slots: AlignedSlots | undefined,
+    private readonly zero: Uint8Array,
+  ) {
+    this.direct = directHandle;
+  }
+
+  /**
+   * A writer onto `fh`, open for writing on `path`; a second handle with O_DIRECT is opened on
+   * `path` when the target takes it. `fh` stays the caller's to close.
+   */
+  static async open(fh: fs.FileHandle, path: string, options: ChunkWriterOptions): Promise<ChunkWriter> {
+    let direct: fs.FileHandle | undefined;
+    if (options.direct !== false) {
+      direct = await fs.open(path, constants.O_WRONLY | constants.O_DIRECT).catch(() => undefined);
+    }
+    const zeroWrite = options.zeroWrite ?? 0;
+    const slots = direct ? new AlignedSlots(options.inflight, options.chunkSize) : undefined;
+    // Never written to, so all zeros; aligned when direct writes are possible.
+    const zero =
+      direct && zeroWrite > 0 ? new AlignedSlots(1, zeroWrite).view(0, zeroWrite) : new Uint8Array(zeroWrite);
+    return new ChunkWriter(fh, direct, slots, zero);
+  }
+
+  /** True while writes go around the page cache. */
+  get isDirect(): boolean {
+    return this.direct !== undefined;
+  }
+
+  /** Fetches chunk `i` of `index`, verified, and writes it at its offset; returns its length. */
+  async chunk(repo: Repository, index: FixedIndex, i: number, what: string): Promise<number> {
+    const position = i * index.chunkSize;
+    const length = index.chunkLength(i);
+    const wrongLength = () =>
+      new StrataError(
+        ErrorCode.DATA_CORRUPT,
+        `chunk ${index.digest(i).toString("hex")} has the wrong length for ${what}`,
+      );
+    const slots = this.slots;
+    if (!slots) {
+      const data = await repo.readChunk(index.digest(i));
+      if (data.length !== length) throw wrongLength();
+      await this.write(data, position);
+      return length;
+    }
+    const slot = await slots.take();
+    try {
+      const n = await repo.readChunkInto(index.digest(i), {
+        memory: slots.memory,
+        offset: slots.offset(slot),
+        capacity: slots.slotSize,
+      });
+      if (n !== length) throw wrongLength();
+      await this.write(slots.view(slot, n), position);
+      return length;
+    } finally {
+      slots.give(slot);
+    }
+  }
+
+  /** Writes `length` zero bytes (at most `zeroWrite`) at `position`. */
+  async zeros(position: number, length: number): Promise<void> {
+    if (length > this.zero.length)
+      throw new StrataError(ErrorCode.INTERNAL, "zero write larger than planned");
+    await this.write(this.zero.subarray(0, length), position);
+  }
+
+  private async write(data: Uint8Array, position: number): Promise<void> {
+    const d = this.direct;
+    if (d && position % DIRECT_ALIGN === 0 && data.length % DIRECT_ALIGN === 0) {
+      try {
+        await writeAll(d, data, position);
+        return;
+      } catch (err) {
+        if (errnoCode(err) !== "EINVAL") throw err;
+        // Opened with O_DIRECT but refuses this write: the page cache from here on (other
+        // writes may still be running on the handle: it is closed at the end).
+        this.direct = undefined;
+      }
+    }
+    await writeAll(this.fh, data, position);
+    this.buffered += data.length;
+    if (this.buffered - this.flushedAt >= EARLY_FLUSH_BYTES && !this.flushing) {
+      this.flushedAt = this.buffered;
+      // A writeback error is reported to one sync only: keep it for the final check.
+      this.flushing = this.fh
+        .datasync()
+        .catch((err: unknown) => {
+          this.flushError ??= err;
+        })
+        .finally(() => {
+          this.flushing = undefined;
+        });
+    }
+  }
+
+  /**
+   * Makes everything written durable: waits for writeback, fails with its error if it had one,
+   * fsyncs (per file, not per handle: this covers the direct writes' metadata and the disk's
+   * write cache too) and closes the direct handle.
+   */
+  async finish(): Promise<void> {
+    await this.flushing;
+    if (this.flushError !== undefined) throw this.flushError;
+    await this.fh.sync();
+    this.direct = undefined;
+    await this.directHandle?.close();
+  }
+
+  /** After a failure: waits for a running flush and closes the direct handle. */
+  async abandon(): Promise<void> {
+    await this.flushing;
+    this.direct = undefined;
+    await this.directHandle?.close().catch(() => {});
+  }
+}
