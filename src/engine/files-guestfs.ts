@@ -9,11 +9,20 @@
  * is then streamed and deleted. The filesystem is mounted with `mount-ro`; libguestfs keeps a
  * writable overlay under the read-only drive, so a dirty journal or log is replayed into the
  * overlay, never into the restore point (XFS falls back to `norecovery` if that fails).
+ *
+ * Leaving nothing behind. `guestfish --listen` forks a daemon that would outlive a killed
+ * Strata, with its QEMU, its overlays and sockets. So it is started by a small guard (`sh`, in a
+ * session of its own, so a Ctrl-C to the terminal reaches Strata first) that holds a pipe from
+ * Strata and waits for it to close: when Strata closes the browser, or dies in any way (even
+ * SIGKILL), the pipe closes and the guard tells the daemon to exit, kills it if it does not
+ * (libguestfs's recovery process then kills QEMU), and removes the private temporary directory
+ * that holds the NBD socket, the downloads and libguestfs's overlays (TMPDIR points there).
  */
-import { execFile, spawn } from "node:child_process";
+import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { createReadStream, existsSync, promises as fs } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { createInterface } from "node:readline";
 import { chooseAccelerator } from "../hypervisor/qemu/launcher.js";
 import type { FsType } from "../image/fs-detect.js";
 import {
@@ -37,6 +46,41 @@ export function haveGuestfish(): boolean {
   return (process.env.PATH ?? "").split(":").some((d) => d !== "" && existsSync(join(d, "guestfish")));
 }
 
+/**
+ * The guard: starts `guestfish --listen` with the arguments after $1 (the private directory),
+ * prints its PID, waits for stdin to close, then makes sure the daemon is gone and cleans up.
+ */
+const GUARD = `
+dir=$1; shift
+# The daemon, not a zombie nobody reaped, nor a process that took its PID over.
+alive() {
+  st=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+  case $st in *"(guestfish) "[!Z]*) return 0 ;; esac
+  return 1
+}
+gone_within() {
+  i=0
+  while alive && [ "$i" -lt "$1" ]; do sleep 0.2; i=$((i + 1)); done
+  ! alive
+}
+guestfish --listen "$@" >"$dir/guestfish.log" 2>&1 </dev/null
+pid=$(sed -n 's/^GUESTFISH_PID=\\([0-9][0-9]*\\).*/\\1/p' "$dir/guestfish.log")
+if [ -z "$pid" ]; then
+  echo "no daemon"
+  cat "$dir/guestfish.log"
+else
+  echo "$pid"
+  while read -r _; do :; done
+  if alive; then
+    timeout 30 guestfish --remote="$pid" -- exit >/dev/null 2>&1
+    gone_within 50 || { kill -TERM "$pid" 2>/dev/null; gone_within 10 || kill -KILL "$pid" 2>/dev/null; }
+  fi
+  sock="/tmp/.guestfish-$(id -u)/socket-$pid"
+  if [ -S "$sock" ]; then rm -f "$sock"; fi
+fi
+rm -rf "$dir"
+`;
+
 /** A filesystem read through a libguestfs appliance. */
 export class GuestfishReader implements FileSystemReader {
   private closed = false;
@@ -44,6 +88,7 @@ export class GuestfishReader implements FileSystemReader {
   private constructor(
     readonly type: string,
     private readonly pid: string,
+    private readonly guard: ChildProcess,
     private readonly env: NodeJS.ProcessEnv,
     private readonly serve: RunningServe,
     private readonly tmp: string,
@@ -63,23 +108,28 @@ export class GuestfishReader implements FileSystemReader {
     const tmp = await fs.mkdtemp(join(tmpdir(), "strata-guestfs-"));
     const socket = join(tmp, "nbd.sock");
     let serve: RunningServe | undefined;
-    let pid: string | undefined;
+    let guard: ChildProcess | undefined;
+    // libguestfs's overlays go to the private directory (TMPDIR), its appliance cache stays
+    // where it would be without that.
     const env: NodeJS.ProcessEnv = {
       ...process.env,
       LIBGUESTFS_BACKEND: process.env.LIBGUESTFS_BACKEND ?? "direct",
+      LIBGUESTFS_CACHEDIR: process.env.LIBGUESTFS_CACHEDIR ?? process.env.TMPDIR ?? "/var/tmp",
+      TMPDIR: tmp,
     };
-    // Where KVM cannot run stock guests (no vmx/svm, though /dev/kvm may exist) the appliance
-    // must be told to use TCG, or QEMU aborts or hangs; the launcher's test decides, as for VMs.
-    if (env.LIBGUESTFS_BACKEND_SETTINGS === undefined && (await chooseAccelerator()).accel === "tcg")
-      env.LIBGUESTFS_BACKEND_SETTINGS = "force_tcg";
     try {
+      // Where KVM cannot run stock guests (no vmx/svm, though /dev/kvm may exist) the appliance
+      // must be told to use TCG, or QEMU aborts or hangs; the launcher's test decides, as for VMs.
+      if (env.LIBGUESTFS_BACKEND_SETTINGS === undefined && (await chooseAccelerator()).accel === "tcg")
+        env.LIBGUESTFS_BACKEND_SETTINGS = "force_tcg";
       serve = await serveRestorePoint(repo, snap, { disks: [disk], listen: { path: socket } });
-      pid = await listen(
-        ["--listen", "--ro", "--format=raw", "-a", `nbd:///${disk}?socket=${socket}`],
+      const started = await startGuarded(
+        tmp,
+        ["--ro", "--format=raw", "-a", `nbd:///${disk}?socket=${socket}`],
         env,
-        join(tmp, "guestfish.log"),
       );
-      const reader = new GuestfishReader(type, pid, env, serve, tmp);
+      guard = started.guard;
+      const reader = new GuestfishReader(type, started.pid, guard, env, serve, tmp);
       await reader.fish(["run"]).catch(async (err: unknown) => {
         const log = await fs.readFile(join(tmp, "guestfish.log"), "utf8").catch(() => "");
         throw new StrataError(ErrorCode.EXTERNAL, `${(err as Error).message}\n${log.slice(-2000)}`.trim());
@@ -93,7 +143,7 @@ export class GuestfishReader implements FileSystemReader {
       });
       return reader;
     } catch (err) {
-      if (pid) await run("guestfish", [`--remote=${pid}`, "--", "exit"], env).catch(() => {});
+      await stopGuarded(guard);
       await serve?.close();
       await fs.rm(tmp, { recursive: true, force: true });
       throw err;
@@ -141,6 +191,7 @@ export class GuestfishReader implements FileSystemReader {
     if (this.closed) return;
     this.closed = true;
     await this.fish(["exit"]).catch(() => {});
+    await stopGuarded(this.guard);
     await this.serve.close();
     await fs.rm(this.tmp, { recursive: true, force: true });
   }
@@ -209,28 +260,58 @@ function parseStats(text: string): Array<Record<string, number>> {
 }
 
 /**
- * Starts `guestfish --listen` and returns the PID it prints. The parent prints the PID and exits;
- * the daemon it forks keeps the parent's stdout and stderr, so both go to a log file (not pipes,
- * which the daemon would outlive or die writing to).
+ * Starts the guard, which starts `guestfish --listen` and prints the daemon's PID. The guard
+ * runs in its own session and holds our pipe; see the module comment.
  */
-async function listen(args: string[], env: NodeJS.ProcessEnv, log: string): Promise<string> {
-  const fh = await fs.open(log, "w");
-  try {
-    const code = await new Promise<number | null>((resolve, reject) => {
-      const child = spawn("guestfish", args, { env, stdio: ["ignore", fh.fd, fh.fd] });
-      child.on("error", (e) =>
-        reject(new StrataError(ErrorCode.EXTERNAL, `cannot start guestfish: ${e.message}`)),
-      );
-      child.on("exit", resolve);
+async function startGuarded(
+  dir: string,
+  args: string[],
+  env: NodeJS.ProcessEnv,
+): Promise<{ pid: string; guard: ChildProcess }> {
+  const guard = spawn("sh", ["-c", GUARD, "strata-guestfish-guard", dir, ...args], {
+    env,
+    detached: true,
+    stdio: ["pipe", "pipe", "ignore"],
+  });
+  // The first line is the daemon's PID; otherwise guestfish's own words follow.
+  const [pid, ...rest] = await new Promise<string[]>((resolve, reject) => {
+    guard.once("error", (e) =>
+      reject(new StrataError(ErrorCode.EXTERNAL, `cannot start guestfish: ${e.message}`)),
+    );
+    const lines: string[] = [];
+    const input = createInterface({ input: guard.stdout! });
+    input.on("line", (l) => {
+      lines.push(l);
+      if (lines.length === 1 && /^\d+$/.test(l)) resolve(lines);
     });
-    const out = await fs.readFile(log, "utf8");
-    const pid = /GUESTFISH_PID=(\d+)/.exec(out)?.[1];
-    if (code !== 0 || !pid)
-      throw new StrataError(ErrorCode.EXTERNAL, `guestfish --listen exited ${code}: ${out.trim()}`);
-    return pid;
-  } finally {
-    await fh.close();
+    input.once("close", () => resolve(lines));
+  });
+  if (pid === undefined || !/^\d+$/.test(pid)) {
+    guard.stdin?.end();
+    throw new StrataError(
+      ErrorCode.EXTERNAL,
+      `guestfish --listen did not start: ${rest.join("\n").trim() || "no message (is libguestfs-tools installed?)"}`,
+    );
   }
+  // The guard must not keep Strata running, only outlive it.
+  guard.stdout?.destroy();
+  guard.unref();
+  (guard.stdin as unknown as { unref?: () => void } | null)?.unref?.();
+  return { pid, guard };
+}
+
+/**
+ * Closes the guard's pipe, which makes it stop the appliance and remove the private directory,
+ * and waits (boundedly) for that unless `wait` is false.
+ */
+async function stopGuarded(guard: ChildProcess | undefined, wait = true): Promise<void> {
+  if (!guard || guard.exitCode !== null || guard.signalCode !== null) return;
+  const exited = new Promise<void>((resolve) => guard.once("exit", () => resolve()));
+  guard.stdin?.end();
+  if (!wait) return;
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([exited, new Promise<void>((r) => (timer = setTimeout(r, 45_000)))]);
+  clearTimeout(timer);
 }
 
 function run(
