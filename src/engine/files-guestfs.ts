@@ -1,14 +1,20 @@
 /**
- * Filesystems Strata does not read in-process (XFS, Btrfs, NTFS), read through libguestfs: the
- * guest's kernel code runs inside libguestfs's appliance VM, never in Strata's process, against
- * the restore point served read-only over NBD ({@link serveRestorePoint}).
+ * Filesystems Strata does not read in-process (XFS, Btrfs, NTFS, and anything inside an LVM
+ * logical volume), read through libguestfs: the guest's kernel code runs inside libguestfs's
+ * appliance VM, never in Strata's process, against the restore point served read-only over NBD
+ * ({@link serveRestorePoint}).
  *
  * One appliance is started per browser (`guestfish --listen`, ~15-20 s under TCG) and driven
  * with `guestfish --remote` commands (~0.25 s each): `lstatns`/`lstatnslist` for entries, `ls`
  * for directories, `readlink`, and `download` into a private temporary file for contents, which
- * is then streamed and deleted. The filesystem is mounted with `mount-ro`; libguestfs keeps a
- * writable overlay under the read-only drive, so a dirty journal or log is replayed into the
- * overlay, never into the restore point (XFS falls back to `norecovery` if that fails).
+ * is then streamed and deleted. Every disk the filesystem needs is attached, in the restore
+ * point's order (all the PVs of a volume group may span several disks); the appliance's LVM
+ * activates the volume groups it finds at boot, and `vfs-type` says what the partition or LV
+ * holds before anything is mounted. The filesystem is mounted with `mount-ro` (Btrfs: the default
+ * subvolume, or the one asked for with `subvol=`); libguestfs keeps a writable overlay under the
+ * read-only drives, so a dirty journal or log is replayed into the overlay, never into the
+ * restore point (XFS falls back to `norecovery` if that fails). NTFS is mounted by ntfs-3g, which
+ * reports every entry as mode 0777 owned by root: Windows ACLs are not Unix modes.
  *
  * Leaving nothing behind. `guestfish --listen` forks a daemon that would outlive a killed
  * Strata, with its QEMU, its overlays and sockets. So it is started by a small guard (`sh`, in a
@@ -41,9 +47,39 @@ import { type RunningServe, serveRestorePoint } from "./serve.js";
 /** Filesystem types read through libguestfs when it is installed. */
 export const GUESTFS_TYPES: ReadonlySet<FsType> = new Set(["xfs", "btrfs", "ntfs"]);
 
+/** What blkid may find where a filesystem is expected, but which is none. */
+export const NOT_FILESYSTEMS: ReadonlySet<string> = new Set([
+  "swap",
+  "crypto_LUKS",
+  "LVM2_member",
+  "linux_raid_member",
+]);
+
 /** True when guestfish is on the PATH. */
 export function haveGuestfish(): boolean {
   return (process.env.PATH ?? "").split(":").some((d) => d !== "" && existsSync(join(d, "guestfish")));
+}
+
+/** Which filesystem of a restore point to open in the appliance. */
+export interface GuestfsTarget {
+  /** Disks of the restore point to attach, in this order. */
+  disks: readonly string[];
+  /** A partition of one of `disks` (0: the whole disk), or an LVM logical volume. */
+  device: { disk: string; partition: number } | { vg: string; lv: string };
+  /** Btrfs only: mount this subvolume (a path from the top level) instead of the default one. */
+  subvolume?: string;
+  /** "web1/… disk root partition 2", for messages. */
+  where: string;
+  signal?: AbortSignal;
+}
+
+/** A Btrfs subvolume. */
+export interface BtrfsSubvolume {
+  id: number;
+  /** Path from the filesystem's top level. */
+  path: string;
+  /** Mounted when no subvolume is asked for. */
+  default: boolean;
 }
 
 /**
@@ -84,9 +120,13 @@ rm -rf "$dir"
 /** A filesystem read through a libguestfs appliance. */
 export class GuestfishReader implements FileSystemReader {
   private closed = false;
+  private subvolumeList: BtrfsSubvolume[] | undefined;
 
   private constructor(
+    /** What `vfs-type` says: "xfs", "btrfs", "ntfs", "ext4"… */
     readonly type: string,
+    /** The device mounted, as the appliance names it ("/dev/sda2", "/dev/vg0/root"). */
+    readonly device: string,
     private readonly pid: string,
     private readonly guard: ChildProcess,
     private readonly env: NodeJS.ProcessEnv,
@@ -95,16 +135,12 @@ export class GuestfishReader implements FileSystemReader {
   ) {}
 
   /**
-   * Serves `disk` of the restore point over NBD, starts an appliance on it and mounts partition
-   * `partition` (0: the whole disk) read-only.
+   * Serves `target.disks` of the restore point over NBD, starts an appliance on them and mounts
+   * the partition or logical volume read-only. Errors: NOT_FOUND when the appliance does not see
+   * the device or subvolume, USAGE when it holds no filesystem, EXTERNAL when libguestfs fails.
    */
-  static async open(
-    repo: Repository,
-    snap: SnapshotRef,
-    disk: string,
-    partition: number,
-    type: FsType,
-  ): Promise<GuestfishReader> {
+  static async open(repo: Repository, snap: SnapshotRef, target: GuestfsTarget): Promise<GuestfishReader> {
+    target.signal?.throwIfAborted();
     const tmp = await fs.mkdtemp(join(tmpdir(), "strata-guestfs-"));
     const socket = join(tmp, "nbd.sock");
     let serve: RunningServe | undefined;
@@ -122,37 +158,50 @@ export class GuestfishReader implements FileSystemReader {
       // must be told to use TCG, or QEMU aborts or hangs; the launcher's test decides, as for VMs.
       if (env.LIBGUESTFS_BACKEND_SETTINGS === undefined && (await chooseAccelerator()).accel === "tcg")
         env.LIBGUESTFS_BACKEND_SETTINGS = "force_tcg";
-      serve = await serveRestorePoint(repo, snap, { disks: [disk], listen: { path: socket } });
-      const started = await startGuarded(
-        tmp,
-        ["--ro", "--format=raw", "-a", `nbd:///${disk}?socket=${socket}`],
-        env,
-      );
+      serve = await serveRestorePoint(repo, snap, { disks: [...target.disks], listen: { path: socket } });
+      const drives = target.disks.flatMap((d) => ["-a", `nbd:///${d}?socket=${socket}`]);
+      const started = await startGuarded(tmp, ["--ro", "--format=raw", ...drives], env);
       guard = started.guard;
-      const reader = new GuestfishReader(type, started.pid, guard, env, serve, tmp);
-      await reader.fish(["run"]).catch(async (err: unknown) => {
-        const log = await fs.readFile(join(tmp, "guestfish.log"), "utf8").catch(() => "");
-        throw new StrataError(ErrorCode.EXTERNAL, `${(err as Error).message}\n${log.slice(-2000)}`.trim());
-      });
-      const dev = partition === 0 ? "/dev/sda" : `/dev/sda${partition}`;
-      // libguestfs puts a writable overlay under read-only drives, so a read-only mount can
-      // replay an XFS log into it; should that fail, XFS is read without recovery.
-      await reader.fish(["mount-ro", dev, "/"]).catch(async (err: unknown) => {
-        if (type !== "xfs") throw err;
-        await reader.fish(["mount-options", "ro,norecovery", dev, "/"]);
-      });
-      return reader;
+      const cmd = (args: string[]) => fish(started.pid, env, args);
+      await abortable(
+        cmd(["run"]).catch(async (err: unknown) => {
+          const log = await fs.readFile(join(tmp, "guestfish.log"), "utf8").catch(() => "");
+          throw new StrataError(ErrorCode.EXTERNAL, `${(err as Error).message}\n${log.slice(-2000)}`.trim());
+        }),
+        target.signal,
+      );
+      const device = await deviceName(cmd, target);
+      const type = (await cmd(["vfs-type", device])).trim();
+      if (type === "" || type === "unknown")
+        throw new StrataError(
+          ErrorCode.USAGE,
+          `${target.where} holds no filesystem libguestfs recognises (blkid finds nothing on ${device})`,
+        );
+      if (NOT_FILESYSTEMS.has(type))
+        throw new StrataError(ErrorCode.USAGE, `${target.where} holds ${type}, not a filesystem`);
+      const opened = new GuestfishReader(type, device, started.pid, guard, env, serve, tmp);
+      await opened.mount(target);
+      return opened;
     } catch (err) {
-      await stopGuarded(guard);
+      // Interrupted: the guard finishes the clean-up on its own, so Strata can stop at once.
+      const aborted = target.signal?.aborted === true;
+      await stopGuarded(guard, !aborted);
       await serve?.close();
-      await fs.rm(tmp, { recursive: true, force: true });
+      if (!aborted) await fs.rm(tmp, { recursive: true, force: true });
       throw err;
     }
   }
 
+  /** The subvolumes of a Btrfs filesystem (empty for other types). */
+  async subvolumes(): Promise<BtrfsSubvolume[]> {
+    if (this.type !== "btrfs") return [];
+    this.subvolumeList ??= await this.listSubvolumes();
+    return this.subvolumeList;
+  }
+
   async stat(path: string): Promise<FsEntry> {
     const p = normalPath(path);
-    const st = parseStats(await this.fishPath(p, ["lstatns", p]))[0];
+    const st = parseRecords(await this.fishPath(p, ["lstatns", p]))[0];
     if (!st || st.st_ino === -1) throw notFound(p);
     return this.entry(p, st);
   }
@@ -168,9 +217,9 @@ export class GuestfishReader implements FileSystemReader {
     // are looked up one by one.
     const stats = names.some((n) => /[\s"'\\]/.test(n))
       ? await Promise.all(
-          names.map(async (n) => parseStats(await this.fishPath(p, ["lstatns", joinPath(p, n)]))[0]),
+          names.map(async (n) => parseRecords(await this.fishPath(p, ["lstatns", joinPath(p, n)]))[0]),
         )
-      : parseStats(await this.fishPath(p, ["lstatnslist", p, names.join(" ")]));
+      : parseRecords(await this.fishPath(p, ["lstatnslist", p, names.join(" ")]));
     const out: FsEntry[] = [];
     for (const [i, name] of names.entries()) out.push(await this.entry(joinPath(p, name), stats[i] ?? {}));
     return out;
@@ -187,6 +236,7 @@ export class GuestfishReader implements FileSystemReader {
     }
   }
 
+  /** Exits the appliance, stops the NBD server and removes the private directory. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
@@ -196,38 +246,76 @@ export class GuestfishReader implements FileSystemReader {
     await fs.rm(this.tmp, { recursive: true, force: true });
   }
 
-  private async entry(path: string, st: Record<string, number>): Promise<FsEntry> {
-    const mode = st.st_mode ?? 0;
+  private async mount(target: GuestfsTarget): Promise<void> {
+    const sub = target.subvolume;
+    if (sub !== undefined) {
+      if (this.type !== "btrfs")
+        throw new StrataError(
+          ErrorCode.USAGE,
+          `--subvolume is for Btrfs; ${target.where} holds ${this.type}`,
+        );
+      if (/[,\s]/.test(sub) || sub === "")
+        throw new StrataError(ErrorCode.USAGE, `"${sub}" is not a subvolume path Strata can mount`);
+      // The subvolume list needs a mounted filesystem: the default one, briefly.
+      await this.fish(["mount-ro", this.device, "/"]);
+      const subs = await this.subvolumes();
+      await this.fish(["umount", "/"]);
+      const want = sub.replace(/^\/+|\/+$/g, "");
+      if (want !== "" && !subs.some((s) => s.path === want))
+        throw new StrataError(
+          ErrorCode.NOT_FOUND,
+          `no Btrfs subvolume "${sub}" in ${target.where}; it has: ` +
+            (subs.map((s) => s.path).join(", ") || "none but the top level (/)"),
+        );
+      // "/" (or "") is the top level, whatever the default is.
+      await this.fish([
+        "mount-options",
+        want === "" ? "ro,subvolid=5" : `ro,subvol=${want}`,
+        this.device,
+        "/",
+      ]);
+      return;
+    }
+    // libguestfs puts a writable overlay under read-only drives, so a read-only mount can
+    // replay an XFS log into it; should that fail, XFS is read without recovery.
+    await this.fish(["mount-ro", this.device, "/"]).catch(async (err: unknown) => {
+      if (this.type !== "xfs") throw err;
+      await this.fish(["mount-options", "ro,norecovery", this.device, "/"]);
+    });
+  }
+
+  private async listSubvolumes(): Promise<BtrfsSubvolume[]> {
+    const def = Number((await this.fish(["btrfs-subvolume-get-default", "/"])).trim());
+    return parseRecords(await this.fish(["btrfs-subvolume-list", "/"]), "btrfssubvolume_id")
+      .map((r) => ({
+        id: Number(r.btrfssubvolume_id),
+        path: String(r.btrfssubvolume_path ?? ""),
+        default: Number(r.btrfssubvolume_id) === def,
+      }))
+      .sort((a, b) => a.path.localeCompare(b.path));
+  }
+
+  private async entry(path: string, st: Record<string, number | string>): Promise<FsEntry> {
+    const n = (k: string) => Number(st[k] ?? 0);
+    const mode = n("st_mode");
     const kind = kindOf(mode);
     const e: FsEntry = {
       name: path === "/" ? "" : path.slice(path.lastIndexOf("/") + 1),
       path,
       kind,
       mode: mode & 0o7777,
-      uid: st.st_uid ?? 0,
-      gid: st.st_gid ?? 0,
-      size: kind === "directory" ? 0 : (st.st_size ?? 0),
-      mtime: (st.st_mtime_sec ?? 0) * 1000 + Math.floor((st.st_mtime_nsec ?? 0) / 1e6),
-      atime: (st.st_atime_sec ?? 0) * 1000 + Math.floor((st.st_atime_nsec ?? 0) / 1e6),
+      uid: n("st_uid"),
+      gid: n("st_gid"),
+      size: kind === "directory" ? 0 : n("st_size"),
+      mtime: n("st_mtime_sec") * 1000 + Math.floor(n("st_mtime_nsec") / 1e6),
+      atime: n("st_atime_sec") * 1000 + Math.floor(n("st_atime_nsec") / 1e6),
     };
     if (kind === "symlink") e.target = (await this.fishPath(path, ["readlink", path])).replace(/\n$/, "");
     return e;
   }
 
-  /**
-   * One command in the appliance. The "-" prefix keeps the guestfish server alive when the
-   * command fails (it exits otherwise); the failure is then only on stderr.
-   */
-  private async fish(args: string[]): Promise<string> {
-    const [cmd, ...rest] = args;
-    const { stdout, stderr } = await run(
-      "guestfish",
-      [`--remote=${this.pid}`, "--", `-${cmd}`, ...rest],
-      this.env,
-    );
-    const error = /libguestfs: error: (.*)/.exec(stderr)?.[1];
-    if (error) throw new StrataError(ErrorCode.EXTERNAL, `guestfish ${cmd}: ${error}`);
-    return stdout;
+  private fish(args: string[]): Promise<string> {
+    return fish(this.pid, this.env, args);
   }
 
   /** A command about `path`, with "no such file" turned into NOT_FOUND. */
@@ -243,18 +331,60 @@ export class GuestfishReader implements FileSystemReader {
   }
 }
 
-/** Parses one or more `lstatns` records ("st_mode: 33188" lines; lists in "[n] = { … }"). */
-function parseStats(text: string): Array<Record<string, number>> {
-  const out: Array<Record<string, number>> = [];
-  let cur: Record<string, number> | undefined;
+type Fish = (args: string[]) => Promise<string>;
+
+/**
+ * One command in the appliance of daemon `pid`. The "-" prefix keeps the guestfish server alive
+ * when the command fails (it exits otherwise); the failure is then only on stderr.
+ */
+async function fish(pid: string, env: NodeJS.ProcessEnv, args: string[]): Promise<string> {
+  const [cmd, ...rest] = args;
+  const { stdout, stderr } = await run("guestfish", [`--remote=${pid}`, "--", `-${cmd}`, ...rest], env);
+  const error = /libguestfs: error: (.*)/.exec(stderr)?.[1];
+  if (error) throw new StrataError(ErrorCode.EXTERNAL, `guestfish ${cmd}: ${error}`);
+  return stdout;
+}
+
+/** The appliance's name for the target's partition or logical volume. */
+async function deviceName(cmd: Fish, target: GuestfsTarget): Promise<string> {
+  const dev = target.device;
+  if ("vg" in dev) {
+    const name = `/dev/${dev.vg}/${dev.lv}`;
+    const lvs = (await cmd(["lvs"])).split("\n");
+    if (!lvs.includes(name)) {
+      // The metadata names the LV, yet the appliance's LVM did not activate it.
+      const vgs = (await cmd(["vgs"])).split("\n").filter((l) => l !== "");
+      throw new StrataError(
+        ErrorCode.NOT_FOUND,
+        `LVM in the appliance did not activate ${dev.vg}/${dev.lv} of ${target.where} ` +
+          `(volume groups it sees: ${vgs.join(", ") || "none"}; logical volumes: ${lvs.filter((l) => l !== "").join(", ") || "none"})`,
+      );
+    }
+    return name;
+  }
+  const devices = (await cmd(["list-devices"])).split("\n").filter((l) => l !== "");
+  const disk = devices[target.disks.indexOf(dev.disk)];
+  if (disk === undefined)
+    throw new StrataError(ErrorCode.INTERNAL, `the appliance has no drive for disk ${dev.disk}`);
+  return dev.partition === 0 ? disk : `${disk}${dev.partition}`;
+}
+
+/**
+ * Parses guestfish's struct output: one record ("key: value" lines), or a list of them
+ * ("[n] = { … }"); a new record starts where `first` appears again.
+ */
+function parseRecords(text: string, first = "st_dev"): Array<Record<string, number | string>> {
+  const out: Array<Record<string, number | string>> = [];
+  let cur: Record<string, number | string> | undefined;
   for (const line of text.split("\n")) {
-    const m = /^\s*(st_\w+): (-?\d+)/.exec(line);
+    const m = /^\s*(\w+): (.*)$/.exec(line);
     if (!m) continue;
-    if (!cur || (m[1] === "st_dev" && "st_dev" in cur)) {
+    const [, key, value] = m as unknown as [string, string, string];
+    if (!cur || (key === first && first in cur)) {
       cur = {};
       out.push(cur);
     }
-    cur[m[1]!] = Number(m[2]);
+    cur[key] = /^-?\d+$/.test(value) ? Number(value) : value;
   }
   return out;
 }
@@ -312,6 +442,17 @@ async function stopGuarded(guard: ChildProcess | undefined, wait = true): Promis
   let timer: NodeJS.Timeout | undefined;
   await Promise.race([exited, new Promise<void>((r) => (timer = setTimeout(r, 45_000)))]);
   clearTimeout(timer);
+}
+
+/** `p`, or the signal's reason as soon as it aborts. */
+function abortable<T>(p: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (!signal) return p;
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    if (signal.aborted) return onAbort();
+    signal.addEventListener("abort", onAbort, { once: true });
+    p.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+  });
 }
 
 function run(
