@@ -12,7 +12,15 @@
  * directory of a 100 GiB disk fetches a handful of chunks, and nothing is ever written to the
  * repository or the guest. XFS, Btrfs and NTFS are read through libguestfs when guestfish is
  * installed (a sandboxed appliance VM against an NBD export of the disk, see files-guestfs.ts);
- * anything else (LVM, LUKS, swap, unknown) is named in a clear error.
+ * anything else (LUKS, swap, unknown) is named in a clear error.
+ *
+ * LVM. The label and metadata of every physical volume on every disk are read in-process
+ * (image/lvm.ts), so `files ls` lists volume groups and their logical volumes (a VG may span
+ * disks; a PV no disk holds is named as missing) without starting anything, and a linear LV's
+ * filesystem is recognised by magic number through its extents. A selection names an LV as
+ * `[DISK:]VG/LV`; its files are read through libguestfs with every disk that holds a PV of its
+ * VG attached, whatever filesystem it holds. A missing VG or LV, a missing PV, swap, or an LV
+ * whose head is all zeros fail before any appliance boots.
  *
  * `restoreFiles` first walks everything asked for (so a missing path fails before anything is
  * written), then writes files, symlinks and directories under the target directory, keeping
@@ -25,17 +33,33 @@ import { promises as fs } from "node:fs";
 import { join } from "node:path";
 import type { Writable } from "node:stream";
 import { type ByteSource, slice } from "../image/byte-source.js";
-import { detectFilesystem, type FsType } from "../image/fs-detect.js";
+import { blankHead, detectFilesystem, type FsType } from "../image/fs-detect.js";
 import { openFileSystem } from "../image/fs-open.js";
 import type { FileSystemReader, FsEntry } from "../image/fs-types.js";
 import { normalPath, pieceFor, READ_PIECE } from "../image/fs-types.js";
+import {
+  concat,
+  type LogicalVolume,
+  linearExtents,
+  lvLayout,
+  parseVolumeGroup,
+  pvsOf,
+  readPhysicalVolume,
+  type VolumeGroup,
+} from "../image/lvm.js";
 import { readPartitionTable } from "../image/partitions.js";
 import type { Repository, SnapshotRef } from "../repo/repository.js";
 import { ErrorCode, errnoCode, ioError, StrataError } from "../util/errors.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
 import { formatBytes } from "../util/sizes.js";
 import { padding, tarEnd, tarHeader } from "../util/tar.js";
-import { GUESTFS_TYPES, GuestfishReader, haveGuestfish } from "./files-guestfs.js";
+import {
+  type BtrfsSubvolume,
+  GUESTFS_TYPES,
+  GuestfishReader,
+  haveGuestfish,
+  NOT_FILESYSTEMS,
+} from "./files-guestfs.js";
 import { RestorePointSource, type ServeSourceOptions } from "./serve.js";
 
 /**
@@ -44,18 +68,33 @@ import { RestorePointSource, type ServeSourceOptions } from "./serve.js";
  */
 export const FILES_CACHE_BYTES = 64 * 1024 * 1024;
 
-/** Which filesystem: a disk of the restore point and a partition of it (both optional). */
+/**
+ * Which filesystem: a disk of the restore point and a partition of it, or an LVM logical volume
+ * (all optional), and for Btrfs the subvolume.
+ */
 export interface FsSelection {
   disk?: string;
   /** Partition number; 0 means the whole disk (no partition table). */
   partition?: number;
+  /** An LVM logical volume, by volume group and name. */
+  volume?: { vg: string; lv: string };
+  /** Btrfs only: this subvolume (path from the top level; "/" for the top level) instead of the default. */
+  subvolume?: string;
 }
 
-/** Parses `DISK`, `DISK:PART` or `:PART`. */
+/** LVM's characters for VG and LV names. */
+const LVM_NAME = "[A-Za-z0-9_.+-]+";
+
+/** Parses `DISK`, `DISK:PART`, `:PART`, `VG/LV` or `DISK:VG/LV`. */
 export function parseSelection(spec: string): FsSelection {
-  const m = /^([^:]*)(?::(\d+))?$/.exec(spec);
+  const lv = new RegExp(`^(?:([^:/]*):)?(${LVM_NAME})/(${LVM_NAME})$`).exec(spec);
+  if (lv) return { ...(lv[1] ? { disk: lv[1] } : {}), volume: { vg: lv[2]!, lv: lv[3]! } };
+  const m = /^([^:/]*)(?::(\d+))?$/.exec(spec);
   if (!m || (m[1] === "" && m[2] === undefined))
-    throw new StrataError(ErrorCode.USAGE, `"${spec}" is not DISK, DISK:PARTITION or :PARTITION`);
+    throw new StrataError(
+      ErrorCode.USAGE,
+      `"${spec}" is not DISK, DISK:PARTITION, :PARTITION, VG/LV or DISK:VG/LV`,
+    );
   return {
     ...(m[1] ? { disk: m[1] } : {}),
     ...(m[2] !== undefined ? { partition: Number(m[2]) } : {}),
@@ -73,6 +112,8 @@ export interface PartitionInfo {
   label?: string;
   /** What the magic numbers say, or null. */
   filesystem: FsType | null;
+  /** For an LVM physical volume: the volume group it belongs to, when its metadata says. */
+  volumeGroup?: string;
 }
 
 export interface DiskLayout {
@@ -80,6 +121,43 @@ export interface DiskLayout {
   size: number;
   scheme: "mbr" | "gpt" | "none";
   partitions: PartitionInfo[];
+}
+
+/** An LVM logical volume as `files ls` shows it (hidden parts of pools and RAIDs are left out). */
+export interface LogicalVolumeInfo {
+  /** "vg0/root": what a selection names. */
+  name: string;
+  size: number;
+  /** "linear", "striped", "thin", "raid1"… */
+  layout: string;
+  /** What the magic numbers say, for a linear LV whose PVs are all there; otherwise null. */
+  filesystem: FsType | null;
+  /** A linear LV whose first 68 KiB are zeros, where any filesystem's signature would be: none is there. */
+  blank: boolean;
+  /** PVs it needs that no disk of the restore point holds (see {@link PhysicalVolumeInfo}). */
+  missing: string[];
+}
+
+export interface PhysicalVolumeInfo {
+  /** LVM's UUID, with its dashes. */
+  uuid: string;
+  /** "root:3" (a partition) or "data" (a whole disk); null when no disk of the restore point holds it. */
+  location: string | null;
+  /** The device it had in the guest when the metadata was last written ("/dev/sdb"), a hint. */
+  device?: string;
+}
+
+export interface VolumeGroupInfo {
+  name: string;
+  size: number;
+  pvs: PhysicalVolumeInfo[];
+  lvs: LogicalVolumeInfo[];
+}
+
+/** The disks of a restore point, their partitions, and the LVM volume groups on them. */
+export interface RestorePointLayout {
+  disks: DiskLayout[];
+  volumeGroups: VolumeGroupInfo[];
 }
 
 /** Opens one disk of a restore point as a byte source. */
@@ -107,14 +185,203 @@ export async function diskLayout(disk: string, source: ByteSource): Promise<Disk
   return { disk, size: source.size, scheme: table.scheme, partitions };
 }
 
+/** A PV found on a disk of the restore point. */
+interface FoundPv {
+  disk: string;
+  partition: number;
+  source: ByteSource;
+}
+
+/** A volume group, its PVs found on the restore point's disks (by key), and how ls shows it. */
+interface ScannedGroup {
+  vg: VolumeGroup;
+  found: Map<string, FoundPv>;
+  info: VolumeGroupInfo;
+}
+
+interface Scan {
+  disks: DiskLayout[];
+  groups: ScannedGroup[];
+}
+
+function pvLocation(pv: FoundPv): string {
+  return pv.partition === 0 ? pv.disk : `${pv.disk}:${pv.partition}`;
+}
+
+function dashedUuid(u: string): string {
+  return u.length === 32
+    ? [
+        u.slice(0, 6),
+        u.slice(6, 10),
+        u.slice(10, 14),
+        u.slice(14, 18),
+        u.slice(18, 22),
+        u.slice(22, 26),
+        u.slice(26),
+      ].join("-")
+    : u;
+}
+
+/**
+ * Reads the partition tables of every disk of the restore point and the LVM metadata of every
+ * PV on them; volume groups are assembled across disks.
+ */
+async function scanRestorePoint(
+  repo: Repository,
+  snap: SnapshotRef,
+  options: ServeSourceOptions,
+): Promise<Scan> {
+  const disks: DiskLayout[] = [];
+  const byUuid = new Map<string, FoundPv>();
+  const texts: Array<{ text: string; seqno: number }> = [];
+  for (const { name } of snap.manifest.disks) {
+    const source = await openDisk(repo, snap, name, options);
+    const layout = await diskLayout(name, source);
+    disks.push(layout);
+    for (const p of layout.partitions) {
+      if (p.filesystem !== "LVM2_member") continue;
+      const pvSource = slice(source, p.start, p.size);
+      // A damaged label only hides this PV; the VG is reported with it missing.
+      const pv = await readPhysicalVolume(pvSource).catch(() => undefined);
+      if (!pv) continue;
+      byUuid.set(pv.uuid, { disk: name, partition: p.number, source: pvSource });
+      if (pv.metadata) texts.push(pv.metadata);
+    }
+  }
+  // The newest copy of each VG's metadata (by id; a VG's PVs all carry the same seqno normally).
+  const newest = new Map<string, VolumeGroup>();
+  for (const t of texts.sort((a, b) => b.seqno - a.seqno)) {
+    let vg: VolumeGroup;
+    try {
+      vg = parseVolumeGroup(t.text);
+    } catch {
+      continue;
+    }
+    if (!newest.has(vg.id)) newest.set(vg.id, vg);
+  }
+  const groups: ScannedGroup[] = [];
+  for (const vg of newest.values()) {
+    const found = new Map<string, FoundPv>();
+    for (const pv of vg.pvs) {
+      const f = byUuid.get(pv.uuid);
+      if (f) found.set(pv.key, f);
+    }
+    for (const f of found.values()) {
+      const part = disks.find((d) => d.disk === f.disk)?.partitions.find((p) => p.number === f.partition);
+      if (part) part.volumeGroup = vg.name;
+    }
+    const pvName = (key: string) => {
+      const pv = vg.pvs.find((p) => p.key === key);
+      return pv ? dashedUuid(pv.uuid) + (pv.device ? ` (${pv.device} in the guest)` : "") : key;
+    };
+    const lvs: LogicalVolumeInfo[] = [];
+    for (const lv of vg.lvs.filter((l) => l.visible)) {
+      const missing = [...pvsOf(vg, lv)].filter((k) => !found.has(k)).map(pvName);
+      const probe =
+        missing.length === 0 ? await probeLinear(vg, lv, found) : { filesystem: null, blank: false };
+      lvs.push({
+        name: `${vg.name}/${lv.name}`,
+        size: lv.size,
+        layout: lvLayout(lv),
+        ...probe,
+        missing,
+      });
+    }
+    groups.push({
+      vg,
+      found,
+      info: {
+        name: vg.name,
+        size: vg.pvs.reduce((n, p) => n + p.peCount, 0) * vg.extentSize,
+        pvs: vg.pvs.map((p) => {
+          const f = found.get(p.key);
+          return {
+            uuid: dashedUuid(p.uuid),
+            location: f ? pvLocation(f) : null,
+            ...(p.device === undefined ? {} : { device: p.device }),
+          };
+        }),
+        lvs,
+      },
+    });
+  }
+  groups.sort((a, b) => a.vg.name.localeCompare(b.vg.name));
+  return { disks, groups };
+}
+
+/** The bytes of a linear LV, from the PVs found; undefined when it is not linear. */
+function linearSource(
+  vg: VolumeGroup,
+  lv: LogicalVolume,
+  found: Map<string, FoundPv>,
+): ByteSource | undefined {
+  const extents = linearExtents(vg, lv);
+  if (!extents) return undefined;
+  try {
+    return concat(extents.map((e) => slice(found.get(e.pv)!.source, e.offset, e.length)));
+  } catch {
+    return undefined; // extents beyond the PV: metadata and disk disagree
+  }
+}
+
+/** What the magic numbers say of a linear LV, and whether its head is all zeros. */
+async function probeLinear(
+  vg: VolumeGroup,
+  lv: LogicalVolume,
+  found: Map<string, FoundPv>,
+): Promise<{ filesystem: FsType | null; blank: boolean }> {
+  const source = linearSource(vg, lv, found);
+  if (!source) return { filesystem: null, blank: false };
+  const filesystem = (await detectFilesystem(source)) ?? null;
+  return { filesystem, blank: filesystem === null && (await blankHead(source)) };
+}
+
+/** What a logical volume holds, in words, for listings and messages. */
+export function lvContents(lv: LogicalVolumeInfo): string {
+  if (lv.missing.length > 0) return "needs a missing PV";
+  if (lv.filesystem !== null) return lv.filesystem;
+  if (lv.blank) return "blank (zeros)";
+  return lv.layout === "linear" ? "no known filesystem" : "filesystem seen once mounted";
+}
+
+/**
+ * The disks of a restore point (or only `disk`), their partitions and filesystems, and the LVM
+ * volume groups and logical volumes on them (with `disk`: those with a PV on it).
+ */
+export async function restorePointLayout(
+  repo: Repository,
+  snap: SnapshotRef,
+  disk?: string,
+  options: ServeSourceOptions = { cacheBytes: FILES_CACHE_BYTES },
+): Promise<RestorePointLayout> {
+  if (disk !== undefined && !snap.manifest.disks.some((d) => d.name === disk))
+    await openDisk(repo, snap, disk, options); // fails with the repository's own NOT_FOUND
+  const scan = await scanRestorePoint(repo, snap, options);
+  if (disk === undefined) return { disks: scan.disks, volumeGroups: scan.groups.map((g) => g.info) };
+  return {
+    disks: scan.disks.filter((d) => d.disk === disk),
+    volumeGroups: scan.groups
+      .filter((g) => [...g.found.values()].some((f) => f.disk === disk))
+      .map((g) => g.info),
+  };
+}
+
+export interface FileBrowserOptions extends ServeSourceOptions {
+  /** Stops a slow open (an appliance boot). */
+  signal?: AbortSignal;
+}
+
 /** One filesystem of a restore point, open for browsing and copying. */
 export class FileBrowser {
   private constructor(
     readonly snap: SnapshotRef,
+    /** The disk (for a logical volume: the first disk with one of its PVs). */
     readonly disk: string,
-    readonly partition: PartitionInfo,
+    /** The partition, unless this is a logical volume. */
+    readonly partition: PartitionInfo | undefined,
+    /** The logical volume ("vg0/root"), if this is one. */
+    readonly volume: string | undefined,
     readonly fs: FileSystemReader,
-    readonly source: RestorePointSource,
     /** "web1/2026-…Z disk root partition 2", for messages. */
     readonly where: string,
   ) {}
@@ -122,27 +389,40 @@ export class FileBrowser {
   /**
    * Opens the filesystem `sel` points at. Without a disk, the restore point must have one disk;
    * without a partition, the disk must have one partition (or none); otherwise the error lists
-   * the choices.
+   * the choices, logical volumes included. A logical volume is found on whichever disks hold its
+   * volume group's PVs, and read through libguestfs.
    */
   static async open(
     repo: Repository,
     snap: SnapshotRef,
     sel: FsSelection,
-    options: ServeSourceOptions = { cacheBytes: FILES_CACHE_BYTES },
+    options: FileBrowserOptions = { cacheBytes: FILES_CACHE_BYTES },
   ): Promise<FileBrowser> {
     const id = `${snap.vm}/${snap.time}`;
+    const { signal, ...sourceOptions } = options;
+    if (sel.volume) return FileBrowser.openVolume(repo, snap, sel, sel.volume, sourceOptions, signal);
     const disks = snap.manifest.disks.map((d) => d.name);
     let disk = sel.disk;
     if (disk === undefined) {
       if (disks.length !== 1)
         throw new StrataError(
           ErrorCode.USAGE,
-          `restore point ${id} has ${disks.length} disks (${disks.join(", ")}): say which, as DISK or DISK:PARTITION`,
+          `restore point ${id} has ${disks.length} disks (${disks.join(", ")}): say which, as DISK, DISK:PARTITION or VG/LV`,
         );
       disk = disks[0]!;
     }
-    const source = await openDisk(repo, snap, disk, options);
+    const source = await openDisk(repo, snap, disk, sourceOptions);
     const layout = await diskLayout(disk, source);
+    // PVs are only looked into (on every disk: a VG may span them) when they matter.
+    const volumes = async () =>
+      layout.partitions.some((p) => p.filesystem === "LVM2_member")
+        ? (await scanRestorePoint(repo, snap, sourceOptions)).groups
+        : [];
+    const lvChoices = (groups: ScannedGroup[]) =>
+      groups
+        .filter((g) => [...g.found.values()].some((f) => f.disk === disk))
+        .flatMap((g) => g.info.lvs)
+        .map((lv) => `${disk}:${lv.name} (${lv.layout}, ${formatBytes(lv.size)}, ${lvContents(lv)})`);
     const choice = (p: PartitionInfo) =>
       `${disk}:${p.number} (${p.typeName}, ${formatBytes(p.size)}, ${p.filesystem ?? "no known filesystem"})`;
     let part: PartitionInfo | undefined;
@@ -163,19 +443,140 @@ export class FileBrowser {
     } else if (layout.partitions.length === 1) {
       part = layout.partitions[0]!;
     } else {
+      const lvs = lvChoices(await volumes());
       throw new StrataError(
         ErrorCode.USAGE,
         layout.partitions.length === 0
           ? `disk ${disk} of ${id} has an empty ${layout.scheme} partition table`
-          : `disk ${disk} of ${id} has ${layout.partitions.length} partitions, say which: ${layout.partitions.map(choice).join(", ")}`,
+          : `disk ${disk} of ${id} has ${layout.partitions.length} partitions, say which: ${layout.partitions.map(choice).join(", ")}` +
+              (lvs.length > 0 ? `; or a logical volume: ${lvs.join(", ")}` : ""),
       );
     }
     const where = `${id} disk ${disk}${part.number === 0 ? "" : ` partition ${part.number}`}`;
-    const fsys =
-      part.filesystem !== null && GUESTFS_TYPES.has(part.filesystem) && haveGuestfish()
-        ? await GuestfishReader.open(repo, snap, disk, part.number, part.filesystem)
-        : await openFileSystem(slice(source, part.start, part.size), where);
-    return new FileBrowser(snap, disk, part, fsys, source, where);
+    if (part.filesystem === "LVM2_member") {
+      const groups = await volumes();
+      const group = groups.find((g) =>
+        [...g.found.values()].some((f) => f.disk === disk && f.partition === part.number),
+      );
+      const lvs = group ? lvChoices([group]) : [];
+      throw new StrataError(
+        ErrorCode.USAGE,
+        group
+          ? `${where} is an LVM physical volume of volume group ${group.vg.name}: name a logical volume` +
+              (lvs.length > 0 ? `: ${lvs.join(", ")}` : ", but it has none")
+          : `${where} is an LVM physical volume whose metadata Strata cannot read (no volume group found)`,
+      );
+    }
+    if (sel.subvolume !== undefined && part.filesystem !== "btrfs")
+      throw new StrataError(
+        ErrorCode.USAGE,
+        `--subvolume is for Btrfs; ${where} holds ${part.filesystem ?? "no known filesystem"}`,
+      );
+    let fsys: FileSystemReader;
+    if (part.filesystem !== null && GUESTFS_TYPES.has(part.filesystem) && haveGuestfish()) {
+      fsys = await GuestfishReader.open(repo, snap, {
+        disks: [disk],
+        device: { disk, partition: part.number },
+        ...(sel.subvolume === undefined ? {} : { subvolume: sel.subvolume }),
+        where,
+        ...(signal === undefined ? {} : { signal }),
+      });
+    } else {
+      fsys = await openFileSystem(slice(source, part.start, part.size), where);
+    }
+    return new FileBrowser(snap, disk, part, undefined, fsys, where);
+  }
+
+  /** Opens a logical volume through libguestfs, with every disk holding a PV of its VG attached. */
+  private static async openVolume(
+    repo: Repository,
+    snap: SnapshotRef,
+    sel: FsSelection,
+    want: { vg: string; lv: string },
+    options: ServeSourceOptions,
+    signal: AbortSignal | undefined,
+  ): Promise<FileBrowser> {
+    const id = `${snap.vm}/${snap.time}`;
+    const name = `${want.vg}/${want.lv}`;
+    if (sel.disk !== undefined && !snap.manifest.disks.some((d) => d.name === sel.disk))
+      await openDisk(repo, snap, sel.disk, options); // fails with the repository's own NOT_FOUND
+    if (sel.partition !== undefined)
+      throw new StrataError(ErrorCode.USAGE, "name a partition or a logical volume, not both");
+    const { groups } = await scanRestorePoint(repo, snap, options);
+    const all = groups.map((g) => g.vg.name);
+    const named = groups.filter((g) => g.vg.name === want.vg);
+    if (named.length === 0)
+      throw new StrataError(
+        ErrorCode.NOT_FOUND,
+        `no LVM volume group ${want.vg} in ${id}` +
+          (all.length > 0
+            ? `; it has: ${[...new Set(all)].join(", ")}`
+            : "; no disk of it holds an LVM physical volume Strata can read"),
+      );
+    const onDisk =
+      sel.disk === undefined
+        ? named
+        : named.filter((g) => [...g.found.values()].some((f) => f.disk === sel.disk));
+    if (onDisk.length === 0)
+      throw new StrataError(
+        ErrorCode.NOT_FOUND,
+        `volume group ${want.vg} of ${id} has no physical volume on disk ${sel.disk}; its PVs are on ` +
+          named.flatMap((g) => g.info.pvs.map((p) => p.location ?? "a missing disk")).join(", "),
+      );
+    if (onDisk.length > 1)
+      throw new StrataError(
+        ErrorCode.USAGE,
+        `${id} has ${onDisk.length} volume groups named ${want.vg} (on ${onDisk.map((g) => g.info.pvs.map((p) => p.location).join("+")).join(" and ")}): ` +
+          "name the disk as DISK:VG/LV",
+      );
+    const group = onDisk[0]!;
+    const info = group.info.lvs.find((l) => l.name === name);
+    if (!info)
+      throw new StrataError(
+        ErrorCode.NOT_FOUND,
+        `volume group ${want.vg} of ${id} has no logical volume ${want.lv}; it has: ` +
+          (group.info.lvs.map((l) => l.name.slice(want.vg.length + 1)).join(", ") || "none"),
+      );
+    const where = `${id} logical volume ${name}`;
+    if (info.missing.length > 0)
+      throw new StrataError(
+        ErrorCode.NOT_FOUND,
+        `${where} needs LVM physical volume${info.missing.length > 1 ? "s" : ""} ${info.missing.join(", ")}, ` +
+          `which no disk of ${id} holds (back up every disk the volume group spans)`,
+      );
+    if (sel.subvolume !== undefined && info.filesystem !== null && info.filesystem !== "btrfs")
+      throw new StrataError(ErrorCode.USAGE, `--subvolume is for Btrfs; ${where} holds ${info.filesystem}`);
+    if (info.filesystem !== null && NOT_FILESYSTEMS.has(info.filesystem))
+      throw new StrataError(ErrorCode.USAGE, `${where} holds ${info.filesystem}, not a filesystem`);
+    // Only a head with bytes in it is worth an appliance boot: blkid would find nothing in zeros.
+    if (info.blank)
+      throw new StrataError(
+        ErrorCode.USAGE,
+        `${where} holds no filesystem: its first 68 KiB, where every filesystem keeps its signature, are zeros`,
+      );
+    if (!haveGuestfish())
+      throw new StrataError(
+        ErrorCode.USAGE,
+        `${where} is an LVM logical volume, which Strata reads through libguestfs: install libguestfs-tools ` +
+          "(or serve the restore point with `strata serve` and activate the volume group elsewhere)",
+      );
+    // The disks holding its VG's PVs, in the restore point's order (LVM needs them all to
+    // activate the VG cleanly, and an LV may span them).
+    const pvDisks = new Set([...group.found.values()].map((f) => f.disk));
+    const disks = snap.manifest.disks.map((d) => d.name).filter((d) => pvDisks.has(d));
+    const fsys = await GuestfishReader.open(repo, snap, {
+      disks,
+      device: want,
+      ...(sel.subvolume === undefined ? {} : { subvolume: sel.subvolume }),
+      where,
+      ...(signal === undefined ? {} : { signal }),
+    });
+    return new FileBrowser(snap, disks[0]!, undefined, name, fsys, where);
+  }
+
+  /** Btrfs subvolumes of the filesystem (empty for other types). */
+  async subvolumes(): Promise<BtrfsSubvolume[]> {
+    return this.fs instanceof GuestfishReader ? this.fs.subvolumes() : [];
   }
 
   /** The entries of a directory, or the entry itself when `path` is not a directory. */

@@ -23,7 +23,12 @@ export type FsType =
 /** Types {@link detectFilesystem} knows that Strata reads in-process. */
 export const READABLE: ReadonlySet<FsType> = new Set(["ext2", "ext3", "ext4", "vfat"]);
 
-const PROBE = 0x11000; // through the Btrfs superblock at 64 KiB
+/**
+ * How far into a device the magic numbers looked for reach: through the Btrfs superblock at
+ * 64 KiB. The signatures of other filesystems Linux mounts (ReiserFS and UFS at 64 KiB, JFS and
+ * ISO 9660 at 32 KiB, F2FS, HFS+, NILFS at 1 KiB…) lie within it too.
+ */
+const PROBE = 0x11000;
 
 /** The filesystem at the start of `source`, or undefined when no known magic number is there. */
 export async function detectFilesystem(source: ByteSource): Promise<FsType | undefined> {
@@ -44,6 +49,15 @@ export async function detectFilesystem(source: ByteSource): Promise<FsType | und
     if (at(page - 10, "SWAPSPACE2") || at(page - 10, "SWAP-SPACE")) return "swap";
   if (isFat(b)) return "vfat";
   return undefined;
+}
+
+/**
+ * True when the bytes every filesystem signature lives in (see PROBE) are all zeros: whatever
+ * the device holds, it is not a filesystem (a never-used logical volume, a wiped partition).
+ */
+export async function blankHead(source: ByteSource): Promise<boolean> {
+  const b = await readPadded(source, 0, Math.min(PROBE, source.size));
+  return b.every((x) => x === 0);
 }
 
 function extVariant(b: Buffer): FsType {
