@@ -137,6 +137,11 @@ test("the text format: sections, arrays, strings with escapes, comments", () => 
     () => parseLvmText('a = "open'),
     (e) => isStrataError(e, "DATA_CORRUPT"),
   );
+  // Hostile nesting is refused with an error, not a stack overflow.
+  assert.throws(
+    () => parseLvmText(`${"a { ".repeat(100_000)}${"} ".repeat(100_000)}`),
+    (e) => isStrataError(e, "DATA_CORRUPT"),
+  );
 });
 
 test("a volume group: PVs, visible LVs, linear mapping across PVs, what a thin LV needs", () => {

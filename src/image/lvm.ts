@@ -27,6 +27,8 @@ const INITIAL_CRC = 0xf597a6cf;
 const RAW_LOCN_IGNORED = 1;
 /** Metadata text larger than this is refused rather than read (LVM's own limit is far lower). */
 const MAX_METADATA = 64 * 1024 * 1024;
+/** Sections nest about five deep in real metadata; deeper is refused, not recursed into. */
+const MAX_NESTING = 32;
 
 /** LVM's CRC: the CRC-32 table without the initial and final inversion, seeded with 0xf597a6cf. */
 export function lvmCrc(data: Buffer, seed = INITIAL_CRC): number {
@@ -73,7 +75,8 @@ export function parseLvmText(text: string): LvmSection {
     i += m[0].length;
     return Number(m[0]);
   };
-  const section = (top: boolean): LvmSection => {
+  const section = (top: boolean, depth = 0): LvmSection => {
+    if (depth > MAX_NESTING) fail(`sections nested more than ${MAX_NESTING} deep`);
     const out: LvmSection = Object.create(null) as LvmSection;
     for (;;) {
       skip();
@@ -90,7 +93,7 @@ export function parseLvmText(text: string): LvmSection {
       skip();
       if (text[i] === "{") {
         i++;
-        out[key] = section(false);
+        out[key] = section(false, depth + 1);
       } else if (text[i] === "=") {
         i++;
         skip();
