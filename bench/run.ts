@@ -3,6 +3,11 @@
  * machine's raw limits measured in the same run. Prints tables; figures are ratios against the
  * peers measured here, since absolute numbers on a shared machine move from run to run.
  *
+ * Every command starts cold: dirty pages are flushed and, when running as root, the page cache
+ * is dropped first (untimed), so no tool reads what the one before it left cached (a VM's disk
+ * on a hypervisor is rarely in the host's page cache either). Without root the caches stay and
+ * the table says so.
+ *
  * Every timing is to durable state: dirty pages are flushed before a command starts, and the
  * time of `sync -f` on the repository (backups) or the restored image (restores) after it ends is
  * added to its wall time (restic and borg return from a restore before the kernel has written
@@ -12,11 +17,12 @@
  * random per repository, so its figures move between rounds).
  *
  * Environment: STRATA_BENCH_DAYS (default 2), STRATA_BENCH_ROUNDS (default 2),
- * STRATA_BENCH_ONLY (run only the tools whose name contains it), STRATA_CACHE (default .cache).
+ * STRATA_BENCH_ONLY (comma-separated: run only the tools whose name contains one of them),
+ * STRATA_CACHE (default .cache).
  */
 import { execFileSync, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -50,6 +56,16 @@ function ensureTools(): void {
   }
 }
 
+/** Drops the page cache (root only); false when it can't. */
+function dropCaches(): boolean {
+  try {
+    writeFileSync("/proc/sys/vm/drop_caches", "3\n");
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /**
  * Runs a command under GNU time; returns wall s, CPU s, peak RSS MiB. Dirty pages are flushed
  * first (untimed); `durable` is synced after the command and that time added to the wall time.
@@ -62,6 +78,7 @@ function timed(
   stdinFile?: string,
 ): Measure {
   execFileSync("sync");
+  dropCaches();
   const timeOut = join(WORK, "time.out");
   const shell = stdinFile
     ? ["sh", "-c", `exec /usr/bin/time -o ${timeOut} -f "%e %U %S %M" "$0" "$@" < ${stdinFile}`, cmd, ...args]
@@ -246,7 +263,8 @@ function fastestRound(rounds: Row[]): Row {
 }
 
 function limits(image: string): Record<string, number> {
-  // Sequential read of the image (page cache warm after the first tool: what the tools see too).
+  // Sequential read of the image from an empty page cache, as the tools start (when root).
+  dropCaches();
   const t0 = process.hrtime.bigint();
   execFileSync("sh", ["-c", `cat ${image} > /dev/null`]);
   const readSecs = Number(process.hrtime.bigint() - t0) / 1e9;
@@ -274,7 +292,7 @@ function limits(image: string): Record<string, number> {
   rmSync(join(WORK, "dd.out"), { force: true });
   return {
     "sequential write + fsync, MiB/s": 1024 / writeSecs,
-    "sequential read (page cache), MiB/s": size / MiB / readSecs,
+    "sequential read, one stream (cold when root), MiB/s": size / MiB / readSecs,
     "SHA-256, one core, MiB/s": 256 / shaSecs,
     "zstd level 1, one core, MiB/s": 256 / zstdSecs,
   };
@@ -302,7 +320,7 @@ function main(): void {
     borgTool("borg 1.2 (buzhash CDC 2 MiB, lz4)", [], "lz4"),
   ];
   const only = process.env.STRATA_BENCH_ONLY;
-  const chosen = tools.filter((x) => !only || x.name.includes(only));
+  const chosen = tools.filter((x) => !only || only.split(",").some((o) => x.name.includes(o)));
   const runs = new Map<string, Row[]>(chosen.map((t) => [t.name, []]));
   for (let round = 1; round <= ROUNDS; round++) {
     clearWork(true);
@@ -316,7 +334,12 @@ function main(): void {
     }
   }
   const rows = [...runs.values()].filter((rs) => rs.length > 0).map(fastestRound);
-  console.log(`\n${ROUNDS} interleaved rounds; times are the fastest round's, stored bytes the mean.`);
+  console.log(
+    `\n${ROUNDS} interleaved rounds; times are the fastest round's, stored bytes the mean. ` +
+      (dropCaches()
+        ? "Every command started with an empty page cache."
+        : "Not root: the page cache was NOT dropped between commands, so later tools may read what earlier ones cached."),
+  );
   const lim = limits(images[0]!);
   const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
 
