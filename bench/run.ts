@@ -17,7 +17,7 @@
  * random per repository, so its figures move between rounds).
  *
  * Environment: STRATA_BENCH_DAYS (default 2), STRATA_BENCH_ROUNDS (default 2),
- * STRATA_BENCH_ONLY (comma-separated: run only the tools whose name contains one of them),
+ * STRATA_BENCH_ONLY ("|"-separated: run only the tools whose name contains one of them),
  * STRATA_CACHE (default .cache).
  */
 import { execFileSync, spawnSync } from "node:child_process";
@@ -320,7 +320,7 @@ function main(): void {
     borgTool("borg 1.2 (buzhash CDC 2 MiB, lz4)", [], "lz4"),
   ];
   const only = process.env.STRATA_BENCH_ONLY;
-  const chosen = tools.filter((x) => !only || only.split(",").some((o) => x.name.includes(o)));
+  const chosen = tools.filter((x) => !only || only.split("|").some((o) => x.name.includes(o)));
   const runs = new Map<string, Row[]>(chosen.map((t) => [t.name, []]));
   for (let round = 1; round <= ROUNDS; round++) {
     clearWork(true);
