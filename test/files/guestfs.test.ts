@@ -180,6 +180,18 @@ const ready = () => {
   return built;
 };
 
+/** The tree the LVM and Btrfs volumes hold: contents, a symlink, modes, and owners when root. */
+async function assertUnixTree(out: string, greeting: string): Promise<void> {
+  assert.equal(await fs.readFile(join(out, "hello.txt"), "utf8"), greeting);
+  assert.equal(sha(await fs.readFile(join(out, "sub/data.bin"))), sha(payload));
+  assert.equal(await fs.readlink(join(out, "link")), "sub/data.bin");
+  const hello = await fs.stat(join(out, "hello.txt"));
+  assert.equal(hello.mode & 0o7777, 0o640);
+  assert.equal((await fs.stat(join(out, "sub"))).mode & 0o7777, 0o750);
+  assert.equal((await fs.stat(join(out, "sub/data.bin"))).mode & 0o7777, 0o600);
+  if (isRoot) assert.deepEqual([hello.uid, hello.gid], [1000, 1001]);
+}
+
 describe("Btrfs, NTFS and LVM through libguestfs", { concurrency: 2 }, () => {
   test("a killed files get leaves no appliance, guestfish, NBD socket or temporary file behind", async (t) => {
     const dir = tempDir(t, "strata-fskill-");
@@ -330,14 +342,7 @@ describe("Btrfs, NTFS and LVM through libguestfs", { concurrency: 2 }, () => {
     );
     assert.equal(s.volume, "vg0/root");
     assert.deepEqual([s.files, s.directories, s.symlinks], [2, 3, 1]); // /, sub, lost+found
-    assert.equal(await fs.readFile(join(out, "hello.txt"), "utf8"), "hello from lvm\n");
-    assert.equal(sha(await fs.readFile(join(out, "sub/data.bin"))), sha(payload));
-    assert.equal(await fs.readlink(join(out, "link")), "sub/data.bin");
-    const hello = await fs.stat(join(out, "hello.txt"));
-    assert.equal(hello.mode & 0o7777, 0o640);
-    assert.equal((await fs.stat(join(out, "sub"))).mode & 0o7777, 0o750);
-    assert.equal((await fs.stat(join(out, "sub/data.bin"))).mode & 0o7777, 0o600);
-    if (isRoot) assert.deepEqual([hello.uid, hello.gid], [1000, 1001]);
+    await assertUnixTree(out, "hello from lvm\n");
     await assertNothingLeft(tmp);
   });
 
@@ -354,14 +359,7 @@ describe("Btrfs, NTFS and LVM through libguestfs", { concurrency: 2 }, () => {
     assert.deepEqual([s.partition, s.files, s.directories, s.symlinks], [1, 2, 2, 1]);
     // The default subvolume is "vol", so the top level's top.txt is not there.
     assert.deepEqual((await fs.readdir(out)).sort(), ["hello.txt", "link", "sub"]);
-    assert.equal(await fs.readFile(join(out, "hello.txt"), "utf8"), "hello from btrfs\n");
-    assert.equal(sha(await fs.readFile(join(out, "sub/data.bin"))), sha(payload));
-    assert.equal(await fs.readlink(join(out, "link")), "sub/data.bin");
-    const hello = await fs.stat(join(out, "hello.txt"));
-    assert.equal(hello.mode & 0o7777, 0o640);
-    assert.equal((await fs.stat(join(out, "sub"))).mode & 0o7777, 0o750);
-    assert.equal((await fs.stat(join(out, "sub/data.bin"))).mode & 0o7777, 0o600);
-    if (isRoot) assert.deepEqual([hello.uid, hello.gid], [1000, 1001]);
+    await assertUnixTree(out, "hello from btrfs\n");
     await assertNothingLeft(tmp);
   });
 
