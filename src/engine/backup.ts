@@ -10,6 +10,7 @@ import { FixedIndex } from "../repo/fixed-index.js";
 import { ZERO_DIGEST } from "../repo/format.js";
 import type { BackupMode, Consistency, Manifest, ManifestDisk } from "../repo/manifest.js";
 import type { Repository, SnapshotRef } from "../repo/repository.js";
+import { AlignedSlots } from "../util/aligned.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { forEachLimit, Semaphore } from "../util/pool.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
@@ -89,18 +90,30 @@ export interface BackupResult {
 }
 
 /**
- * Chunk-size buffers reused across chunks, so that a backup allocates about `inflight` of them
- * however large the disk (and the garbage collector is not left to catch up with 1 GB/s).
+ * Chunk-size buffers reused across chunks, so that a backup allocates `inflight` of them however
+ * large the disk (and the garbage collector is not left to catch up with 1 GB/s). They are slots
+ * of page-aligned shared memory: sources read into them with O_DIRECT where they can, and the
+ * workers hash and compress them in place (shared, never moved).
  */
 class ChunkBuffers {
   private readonly free: Buffer[] = [];
-  constructor(private readonly size: number) {}
+  private readonly slots: AlignedSlots;
+  constructor(
+    private readonly size: number,
+    count: number,
+  ) {
+    this.slots = new AlignedSlots(count, size);
+    for (let i = 0; i < count; i++)
+      this.free.push(Buffer.from(this.slots.memory, this.slots.offset(i), size));
+  }
   take(): Buffer {
     return this.free.pop() ?? Buffer.allocUnsafeSlow(this.size);
   }
-  /** Takes back a buffer whose memory is a whole chunk-size ArrayBuffer; anything else is dropped. */
+  /** Takes back one of the slots, or a buffer whose memory is a whole chunk-size ArrayBuffer; anything else is dropped. */
   give(b: Buffer | undefined): void {
-    if (b && b.buffer.byteLength === this.size) this.free.push(Buffer.from(b.buffer, 0, this.size));
+    if (!b) return;
+    if (b.buffer === this.slots.memory) this.free.push(Buffer.from(b.buffer, b.byteOffset, this.size));
+    else if (b.buffer.byteLength === this.size) this.free.push(Buffer.from(b.buffer, 0, this.size));
   }
 }
 
@@ -163,7 +176,7 @@ export async function backup(repo: Repository, options: BackupOptions): Promise<
     const chunkSize = repo.chunkSize;
     const zero = Buffer.alloc(chunkSize);
     const inflight = options.inflight ?? defaultInflight(repo.codec().threads, chunkSize);
-    const buffers = new ChunkBuffers(chunkSize);
+    const buffers = new ChunkBuffers(chunkSize, inflight);
     const encodeSlots = new Semaphore(repo.codec().threads * 2 + 1);
     for (const disk of options.disks) {
       const index = new FixedIndex(disk.size, chunkSize);

@@ -62,8 +62,12 @@ export class ChunkPool {
   }
 }
 
-/** The ArrayBuffer to move, when `b` owns all of it; otherwise nothing is moved (it is copied). */
+/**
+ * The ArrayBuffer to move, when `b` owns all of it; otherwise nothing is moved (it is copied, or,
+ * for shared memory, shared).
+ */
 function ownBuffer(b: Buffer): ArrayBuffer {
+  if (b.buffer instanceof SharedArrayBuffer) return new ArrayBuffer(0);
   if (b.byteOffset === 0 && b.byteLength === b.buffer.byteLength) return b.buffer as ArrayBuffer;
   return new ArrayBuffer(0);
 }

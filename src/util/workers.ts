@@ -131,9 +131,12 @@ interface WithTransfer {
   transfer: Transferable[];
 }
 
-/** Marks a handler's result so that the listed buffers are moved, not copied, to the caller. */
+/**
+ * Marks a handler's result so that the listed buffers are moved, not copied, to the caller.
+ * Shared memory is never moved (it is shared already): a SharedArrayBuffer in the list is left out.
+ */
 export function withTransfer(value: unknown, transfer: Transferable[]): WithTransfer {
-  return { [TRANSFER]: true, value, transfer };
+  return { [TRANSFER]: true, value, transfer: transfer.filter((t) => !(t instanceof SharedArrayBuffer)) };
 }
 
 /** Call at the top level of a worker module: answers the pool's requests with `handlers`. */
