@@ -13,17 +13,14 @@
 import { constants, promises as fs } from "node:fs";
 import type { FixedIndex } from "../repo/fixed-index.js";
 import type { Repository } from "../repo/repository.js";
-import { AlignedSlots } from "../util/aligned.js";
+import { AlignedSlots, DIRECT_IO_ALIGN } from "../util/aligned.js";
 import { ErrorCode, errnoCode, StrataError } from "../util/errors.js";
 
 /** Buffered bytes between early flushes. */
 const EARLY_FLUSH_BYTES = 256 * 1024 * 1024;
 
-/** Direct I/O wants offsets and lengths in whole blocks: 4 KiB suits 512-byte and 4K devices. */
-const DIRECT_ALIGN = 4096;
-
 /** Writes all of `data` at `position`. */
-export async function writeAll(fh: fs.FileHandle, data: Uint8Array, position: number): Promise<void> {
+async function writeAll(fh: fs.FileHandle, data: Uint8Array, position: number): Promise<void> {
   let off = 0;
   while (off < data.length) {
     const { bytesWritten } = await fh.write(data, off, data.length - off, position + off);
@@ -76,11 +73,6 @@ export class ChunkWriter {
     return new ChunkWriter(fh, direct, slots, zero);
   }
 
-  /** True while writes go around the page cache. */
-  get isDirect(): boolean {
-    return this.direct !== undefined;
-  }
-
   /** Fetches chunk `i` of `index`, verified, and writes it at its offset; returns its length. */
   async chunk(repo: Repository, index: FixedIndex, i: number, what: string): Promise<number> {
     const position = i * index.chunkSize;
@@ -121,7 +113,7 @@ export class ChunkWriter {
 
   private async write(data: Uint8Array, position: number): Promise<void> {
     const d = this.direct;
-    if (d && position % DIRECT_ALIGN === 0 && data.length % DIRECT_ALIGN === 0) {
+    if (d && position % DIRECT_IO_ALIGN === 0 && data.length % DIRECT_IO_ALIGN === 0) {
       try {
         await writeAll(d, data, position);
         return;

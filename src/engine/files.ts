@@ -47,7 +47,7 @@ import {
   readPhysicalVolume,
   type VolumeGroup,
 } from "../image/lvm.js";
-import { readPartitionTable } from "../image/partitions.js";
+import { type Partition, readPartitionTable } from "../image/partitions.js";
 import type { Repository, SnapshotRef } from "../repo/repository.js";
 import { ErrorCode, errnoCode, ioError, StrataError } from "../util/errors.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
@@ -101,15 +101,11 @@ export function parseSelection(spec: string): FsSelection {
   };
 }
 
-/** A partition (or the whole disk) and the filesystem found in it. */
-export interface PartitionInfo {
-  /** 0 for the whole disk of a disk without a partition table. */
-  number: number;
-  start: number;
-  size: number;
-  type: string;
-  typeName: string;
-  label?: string;
+/**
+ * A partition (or the whole disk: number 0, for a disk without a partition table) and the
+ * filesystem found in it.
+ */
+export interface PartitionInfo extends Partition {
   /** What the magic numbers say, or null. */
   filesystem: FsType | null;
   /** For an LVM physical volume: the volume group it belongs to, when its metadata says. */

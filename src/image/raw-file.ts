@@ -9,10 +9,8 @@
  * not in whole 4 KiB blocks, and files that refuse O_DIRECT use the page cache.
  */
 import { constants, promises as fs } from "node:fs";
+import { DIRECT_IO_ALIGN } from "../util/aligned.js";
 import { ErrorCode, errnoCode, ioError, StrataError } from "../util/errors.js";
-
-/** Direct reads want offsets, lengths and memory in whole blocks: 4 KiB suits 512-byte and 4K devices. */
-const DIRECT_ALIGN = 4096;
 
 /** Size of a block device from sysfs (fstat reports 0 for one). */
 async function blockDeviceSize(rdev: number, path: string): Promise<number> {
@@ -74,9 +72,9 @@ export class RawFileSource {
     if (
       this.direct &&
       buf.buffer instanceof SharedArrayBuffer &&
-      buf.byteOffset % DIRECT_ALIGN === 0 &&
-      offset % DIRECT_ALIGN === 0 &&
-      length % DIRECT_ALIGN === 0
+      buf.byteOffset % DIRECT_IO_ALIGN === 0 &&
+      offset % DIRECT_IO_ALIGN === 0 &&
+      length % DIRECT_IO_ALIGN === 0
     ) {
       fh = this.direct;
     }

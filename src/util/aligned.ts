@@ -17,8 +17,11 @@ const Wasm = (
 /** WebAssembly memory page. */
 const WASM_PAGE = 64 * 1024;
 
-/** Alignment every slot has (its offset in the memory is a multiple of this, the base is page-aligned). */
-export const SLOT_ALIGN = WASM_PAGE;
+/**
+ * What direct I/O (O_DIRECT) wants offsets, lengths and memory to be multiples of: 4 KiB suits
+ * devices with 512-byte and with 4K sectors. Every slot is (64 KiB pages on a page-aligned base).
+ */
+export const DIRECT_IO_ALIGN = 4096;
 
 /** `count` slots of `size` bytes each (rounded up to 64 KiB), taken and given back. */
 export class AlignedSlots {
