@@ -8,9 +8,11 @@
  * writes at ~1.6 GB/s. Targets without O_DIRECT (tmpfs), a write that is not whole 4 KiB blocks
  * (the short last chunk of a disk), and a target that opened with O_DIRECT but refuses a write
  * (EINVAL) go through the page cache, whose writeback is started every 256 MiB so the disk
- * writes while chunks decode instead of all at the final sync.
+ * writes while chunks decode instead of all at the final sync. With direct writes, the stored
+ * chunks are read around the page cache as well, into aligned memory beside each slot.
  */
 import { constants, promises as fs } from "node:fs";
+import { storedSizeBound } from "../repo/codec.js";
 import type { FixedIndex } from "../repo/fixed-index.js";
 import type { Repository } from "../repo/repository.js";
 import { AlignedSlots, DIRECT_IO_ALIGN } from "../util/aligned.js";
@@ -51,6 +53,8 @@ export class ChunkWriter {
     private readonly fh: fs.FileHandle,
     private readonly directHandle: fs.FileHandle | undefined,
     private readonly slots: AlignedSlots | undefined,
+    /** Where slot i's stored chunk is read (around the page cache too), beside `slots`. */
+    private readonly stored: AlignedSlots | undefined,
     private readonly zero: Uint8Array,
   ) {
     this.direct = directHandle;
@@ -67,10 +71,13 @@ export class ChunkWriter {
     }
     const zeroWrite = options.zeroWrite ?? 0;
     const slots = direct ? new AlignedSlots(options.inflight, options.chunkSize) : undefined;
+    const stored = direct
+      ? new AlignedSlots(options.inflight, storedSizeBound(options.chunkSize))
+      : undefined;
     // Never written to, so all zeros; aligned when direct writes are possible.
     const zero =
       direct && zeroWrite > 0 ? new AlignedSlots(1, zeroWrite).view(0, zeroWrite) : new Uint8Array(zeroWrite);
-    return new ChunkWriter(fh, direct, slots, zero);
+    return new ChunkWriter(fh, direct, slots, stored, zero);
   }
 
   /** Fetches chunk `i` of `index`, verified, and writes it at its offset; returns its length. */
@@ -83,7 +90,8 @@ export class ChunkWriter {
         `chunk ${index.digest(i).toString("hex")} has the wrong length for ${what}`,
       );
     const slots = this.slots;
-    if (!slots) {
+    const stored = this.stored;
+    if (!slots || !stored) {
       const data = await repo.readChunk(index.digest(i));
       if (data.length !== length) throw wrongLength();
       await this.write(data, position);
@@ -91,11 +99,11 @@ export class ChunkWriter {
     }
     const slot = await slots.take();
     try {
-      const n = await repo.readChunkInto(index.digest(i), {
-        memory: slots.memory,
-        offset: slots.offset(slot),
-        capacity: slots.slotSize,
-      });
+      const n = await repo.readChunkInto(
+        index.digest(i),
+        { memory: slots.memory, offset: slots.offset(slot), capacity: slots.slotSize },
+        { memory: stored.memory, offset: stored.offset(slot), capacity: stored.slotSize },
+      );
       if (n !== length) throw wrongLength();
       await this.write(slots.view(slot, n), position);
       return length;

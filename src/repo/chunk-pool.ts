@@ -6,6 +6,13 @@
 import { defaultWorkerCount, WorkerPool } from "../util/workers.js";
 import type { CodecKeys } from "./codec.js";
 
+/** `capacity` bytes of shared memory at `offset`, where a worker writes its result. */
+export interface SharedSlot {
+  memory: SharedArrayBuffer;
+  offset: number;
+  capacity: number;
+}
+
 export class ChunkPool {
   private readonly pool: WorkerPool;
 
@@ -36,6 +43,24 @@ export class ChunkPool {
     return { blob: toBuffer(r.blob), data: toBuffer(r.data) };
   }
 
+  /**
+   * Like {@link encode}, but the worker writes the stored form into shared memory `into` at
+   * `offset` (at least storedSizeBound(data.length) bytes there); returns its length.
+   */
+  async encodeInto(
+    data: Buffer,
+    level: number | undefined,
+    into: SharedSlot,
+  ): Promise<{ length: number; data: Buffer }> {
+    const { memory, offset, capacity } = into;
+    const r = await this.pool.run<{ length: number; data: Uint8Array }>(
+      "encodeInto",
+      { data, level, into: memory, offset, capacity },
+      [ownBuffer(data)],
+    );
+    return { length: r.length, data: toBuffer(r.data) };
+  }
+
   /** Verified plaintext of a stored chunk (moved to the worker). */
   async decode(stored: Buffer, digest: Buffer, what: string): Promise<Buffer> {
     return toBuffer(await this.pool.run<Uint8Array>("decode", { stored, digest, what }, [ownBuffer(stored)]));
@@ -45,12 +70,7 @@ export class ChunkPool {
    * Verified plaintext of a stored chunk (moved to the worker), written by the worker into
    * `into` at `offset`; returns its length. A plaintext longer than `capacity` is an error.
    */
-  decodeInto(
-    stored: Buffer,
-    digest: Buffer,
-    what: string,
-    into: { memory: SharedArrayBuffer; offset: number; capacity: number },
-  ): Promise<number> {
+  decodeInto(stored: Buffer, digest: Buffer, what: string, into: SharedSlot): Promise<number> {
     const { memory, offset, capacity } = into;
     return this.pool.run<number>("decodeInto", { stored, digest, what, into: memory, offset, capacity }, [
       ownBuffer(stored),

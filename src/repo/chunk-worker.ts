@@ -2,9 +2,8 @@
  * Worker-thread side of the chunk pipeline (see {@link ChunkPool}). Each call moves its buffers
  * in and out without copying.
  */
-import { ErrorCode, StrataError } from "../util/errors.js";
 import { serveWorker, withTransfer } from "../util/workers.js";
-import { type CodecKeys, chunkDigest, decodeChunk, encodeChunk } from "./codec.js";
+import { type CodecKeys, chunkDigest, decodeChunk, encodeChunk, encodeChunkInto } from "./codec.js";
 
 function keysOf(data: unknown): CodecKeys | undefined {
   const d = data as { encKey?: Uint8Array; macKey?: Uint8Array } | undefined;
@@ -49,7 +48,19 @@ serveWorker({
       args.data.buffer as ArrayBuffer,
     ]);
   },
-  /** Verified plaintext of a stored chunk, copied into shared memory at `offset`; returns its length. */
+  /**
+   * Stored form of a plaintext written into shared memory at `offset` (`capacity` bytes there);
+   * returns its length and hands the plaintext back.
+   */
+  encodeInto: (
+    args: { data: Uint8Array; level?: number; into: SharedArrayBuffer; offset: number; capacity: number },
+    data,
+  ) => {
+    const out = new Uint8Array(args.into, args.offset, args.capacity);
+    const length = encodeChunkInto(args.data, out, keys(data), args.level);
+    return withTransfer({ length, data: args.data }, [args.data.buffer as ArrayBuffer]);
+  },
+  /** Verified plaintext of a stored chunk, decoded into shared memory at `offset`; returns its length. */
   decodeInto: (
     args: {
       stored: Uint8Array;
@@ -61,14 +72,8 @@ serveWorker({
     },
     data,
   ) => {
-    const plain = decodeChunk(args.stored, args.digest, keys(data), args.what);
-    if (plain.length > args.capacity)
-      throw new StrataError(
-        ErrorCode.DATA_CORRUPT,
-        `chunk ${args.what} is larger than its place (${plain.length} bytes)`,
-      );
-    new Uint8Array(args.into, args.offset, plain.length).set(plain);
-    return plain.length;
+    const into = new Uint8Array(args.into, args.offset, args.capacity);
+    return decodeChunk(args.stored, args.digest, keys(data), args.what, into).length;
   },
   /** Plaintext of a stored chunk, verified against its digest. */
   decode: (args: { stored: Uint8Array; digest: Uint8Array; what: string }, data) => {

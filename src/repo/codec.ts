@@ -7,7 +7,7 @@
  * chunk was asked for. A chunk that fails any check is never returned.
  */
 import { createCipheriv, createDecipheriv, createHash, createHmac, randomBytes } from "node:crypto";
-import { compress, decompress } from "zstd-napi";
+import zstd, { type CCtx, type DCtx } from "zstd-napi/binding.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import {
   CHUNK_CRYPTO_SIZE,
@@ -41,33 +41,80 @@ export function chunkDigest(data: Uint8Array, keys?: CodecKeys): Buffer {
 export const ZSTD_FAST = 1;
 export const ZSTD_STRONG = 11;
 
-export function encodeChunk(plain: Uint8Array, keys?: CodecKeys, level: number = ZSTD_FAST): Buffer {
+/** Largest stored form of an `n`-byte plaintext: header, crypto fields, and the payload kept raw. */
+export function storedSizeBound(n: number): number {
+  return CHUNK_HEADER_SIZE + CHUNK_CRYPTO_SIZE + n;
+}
+
+/** One compression and one decompression context per thread, reused for every chunk. */
+let cctx: CCtx | undefined;
+let dctx: DCtx | undefined;
+
+/**
+ * Writes the stored form of `plain` into `out` (at least {@link storedSizeBound} long) and returns
+ * its length. Unencrypted, zstd writes straight into `out`, so a caller that hands in page-aligned
+ * memory can give the result to the disk without another copy.
+ */
+export function encodeChunkInto(
+  plain: Uint8Array,
+  out: Uint8Array,
+  keys?: CodecKeys,
+  level: number = ZSTD_FAST,
+): number {
   if (plain.length > MAX_CHUNK_SIZE)
     throw new StrataError(ErrorCode.INTERNAL, "chunk larger than the format allows");
-  const packed = compress(plain, { compressionLevel: level });
-  const useZstd = packed.length < plain.length;
-  const payload = useZstd ? packed : plain;
-  const header = Buffer.alloc(CHUNK_HEADER_SIZE);
-  CHUNK_MAGIC.copy(header, 0);
-  header[8] = (useZstd ? CHUNK_FLAG_ZSTD : 0) | (keys ? CHUNK_FLAG_ENCRYPTED : 0);
-  header.writeUInt32LE(plain.length, 12);
-  if (!keys) return Buffer.concat([header, payload]);
+  if (out.length < storedSizeBound(plain.length))
+    throw new StrataError(ErrorCode.INTERNAL, "chunk output buffer too small");
+  const o = Buffer.from(out.buffer, out.byteOffset, out.byteLength);
+  const start = CHUNK_HEADER_SIZE + (keys ? CHUNK_CRYPTO_SIZE : 0);
+  cctx ??= new zstd.CCtx();
+  // Room for no more than the plaintext: whatever does not shrink fails here and is kept raw.
+  let packed = 0;
+  try {
+    packed = cctx.compress(o.subarray(start, start + plain.length), plain, level);
+  } catch {
+    packed = 0;
+  }
+  const useZstd = packed > 0 && packed < plain.length;
+  const payloadLength = useZstd ? packed : plain.length;
+  if (!useZstd) o.set(plain, start);
+  o.fill(0, 0, CHUNK_HEADER_SIZE);
+  CHUNK_MAGIC.copy(o, 0);
+  o[8] = (useZstd ? CHUNK_FLAG_ZSTD : 0) | (keys ? CHUNK_FLAG_ENCRYPTED : 0);
+  o.writeUInt32LE(plain.length, 12);
+  if (!keys) return start + payloadLength;
   const nonce = randomBytes(12);
   const cipher = createCipheriv("aes-256-gcm", keys.encKey, nonce);
-  cipher.setAAD(header);
-  const body = Buffer.concat([cipher.update(payload), cipher.final()]);
-  return Buffer.concat([header, nonce, cipher.getAuthTag(), body]);
+  cipher.setAAD(o.subarray(0, CHUNK_HEADER_SIZE));
+  const payload = o.subarray(start, start + payloadLength);
+  // GCM is a stream cipher: its output is as long as its input and may replace it in place.
+  let at = start;
+  for (const part of [cipher.update(payload), cipher.final()]) {
+    o.set(part, at);
+    at += part.length;
+  }
+  nonce.copy(o, CHUNK_HEADER_SIZE);
+  cipher.getAuthTag().copy(o, CHUNK_HEADER_SIZE + 12);
+  return at;
+}
+
+/** The stored form of `plain` in a buffer of its own. */
+export function encodeChunk(plain: Uint8Array, keys?: CodecKeys, level: number = ZSTD_FAST): Buffer {
+  const out = Buffer.allocUnsafe(storedSizeBound(plain.length));
+  return out.subarray(0, encodeChunkInto(plain, out, keys, level));
 }
 
 /**
  * Decodes a stored chunk and verifies it against `expected` (the digest it is stored under).
- * `what` names the chunk in error messages.
+ * `what` names the chunk in error messages. The plaintext goes into `into` when given (a chunk
+ * longer than it is damaged) and is returned as a view of it; else into a new buffer.
  */
 export function decodeChunk(
   stored: Uint8Array,
   expected: Uint8Array,
   keys: CodecKeys | undefined,
   what: string,
+  into?: Uint8Array,
 ): Buffer {
   const buf = Buffer.from(stored.buffer, stored.byteOffset, stored.byteLength);
   const bad = (why: string) => new StrataError(ErrorCode.DATA_CORRUPT, `chunk ${what} is damaged: ${why}`);
@@ -111,12 +158,26 @@ export function decodeChunk(
     payload = buf.subarray(CHUNK_HEADER_SIZE);
   }
   let plain: Buffer;
+  if (into && length > into.length) throw bad(`longer than its place (${length} bytes)`);
+  const out = into
+    ? Buffer.from(into.buffer, into.byteOffset, length)
+    : (flags & CHUNK_FLAG_ZSTD) !== 0
+      ? Buffer.allocUnsafe(length)
+      : undefined;
   if (flags & CHUNK_FLAG_ZSTD) {
+    dctx ??= new zstd.DCtx();
+    let n: number;
     try {
-      plain = decompress(payload);
+      // A frame that says it holds more than the header's length fails here ("too small").
+      n = dctx.decompress(out!, payload);
     } catch {
-      throw bad("zstd payload does not decompress");
+      throw bad("zstd payload does not decompress to its length");
     }
+    plain = out!.subarray(0, n);
+  } else if (out) {
+    if (payload.length !== length) throw bad(`length ${payload.length}, header says ${length}`);
+    out.set(payload);
+    plain = out;
   } else {
     plain = payload;
   }

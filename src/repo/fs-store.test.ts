@@ -46,3 +46,34 @@ test("deleteIfUntouched spares what was touched after the cutoff", async (t) => 
   assert.deepEqual(readdirSync(join(dir, "c")), ["touched"]);
   assert.equal((await s.get("c/touched")).toString(), "c/touched");
 });
+
+test("aligned puts and getInto give back exactly the bytes, direct or buffered", async (t) => {
+  const { AlignedSlots } = await import("../util/aligned.js");
+  const { randomBytes } = await import("node:crypto");
+  const { dir } = store(t);
+  const slots = new AlignedSlots(2, 2 * 1024 * 1024);
+  for (const directIo of [true, false]) {
+    const s = new FsStore(join(dir, String(directIo)), { directIo });
+    for (const size of [0, 1, 4095, 4096, 4097, 1024 * 1024 + 3]) {
+      const data = randomBytes(size);
+      // The memory after the data holds other bytes: they must not end up in the object.
+      slots.view(0).fill(0xee);
+      slots.view(0, size).set(data);
+      await s.put(`o/${size}`, slots.view(0, size), { aligned: true });
+      assert.ok((await s.get(`o/${size}`)).equals(data), `get ${size} (direct ${directIo})`);
+      assert.equal((await s.stat(`o/${size}`))?.size, size);
+      const into = Buffer.from(slots.memory, slots.offset(1), slots.slotSize);
+      const n = await s.getInto(`o/${size}`, into, { aligned: true });
+      assert.equal(n, size);
+      assert.ok(into.subarray(0, n).equals(data), `getInto ${size} (direct ${directIo})`);
+      // Unaligned memory is read through the page cache.
+      const odd = Buffer.alloc(size + 5);
+      assert.equal(await s.getInto(`o/${size}`, odd.subarray(5), { aligned: true }), size);
+      assert.ok(odd.subarray(5).equals(data));
+    }
+    assert.deepEqual(readdirSync(join(dir, String(directIo), "o")).length, 6, "no temporary files left");
+    const small = Buffer.from(slots.memory, slots.offset(1), 4096);
+    await assert.rejects(s.getInto(`o/${4097}`, small, { aligned: true }), (e) => s.isTooLarge(e));
+    await assert.rejects(s.getInto("o/none", small, { aligned: true }), (e) => s.isNotFound(e));
+  }
+});

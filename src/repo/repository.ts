@@ -4,11 +4,12 @@
  */
 import { createHash, createHmac, randomBytes } from "node:crypto";
 import { hostname } from "node:os";
+import { AlignedSlots } from "../util/aligned.js";
 import { type Clock, systemClock } from "../util/clock.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { isPowerOfTwo } from "../util/sizes.js";
-import { ChunkPool } from "./chunk-pool.js";
-import type { CodecKeys } from "./codec.js";
+import { ChunkPool, type SharedSlot } from "./chunk-pool.js";
+import { type CodecKeys, storedSizeBound } from "./codec.js";
 import { CompressionPolicy } from "./compression.js";
 import { FixedIndex } from "./fixed-index.js";
 import {
@@ -222,20 +223,28 @@ export class Repository {
    * `offset` by the worker that decodes it (no copy on this thread); returns its length. A chunk
    * longer than `capacity` fails as damaged.
    */
-  async readChunkInto(
-    digest: Buffer,
-    into: { memory: SharedArrayBuffer; offset: number; capacity: number },
-  ): Promise<number> {
+  async readChunkInto(digest: Buffer, into: SharedSlot, scratch?: SharedSlot): Promise<number> {
     const hex = digest.toString("hex");
-    return this.codec().decodeInto(await this.storedChunk(hex), digest, hex, into);
+    return this.codec().decodeInto(await this.storedChunk(hex, scratch), digest, hex, into);
   }
 
-  private async storedChunk(hex: string): Promise<Buffer> {
+  /**
+   * A chunk's stored bytes; read into `scratch` (page-aligned shared memory, a multiple of 4 KiB
+   * long) when given and the store can, so that a local store reads it around the page cache.
+   */
+  private async storedChunk(hex: string, scratch?: SharedSlot): Promise<Buffer> {
+    const key = keys.chunk(hex);
     try {
-      return await this.store.get(keys.chunk(hex));
+      if (scratch && this.store.getInto) {
+        const into = Buffer.from(scratch.memory, scratch.offset, scratch.capacity);
+        return into.subarray(0, await this.store.getInto(key, into, { aligned: true }));
+      }
+      return await this.store.get(key);
     } catch (err) {
       if (this.store.isNotFound(err))
         throw new StrataError(ErrorCode.DATA_MISSING, `chunk ${hex} is missing from the repository`);
+      if (this.store.isTooLarge?.(err))
+        throw new StrataError(ErrorCode.DATA_CORRUPT, `chunk ${hex} is damaged: larger than a chunk can be`);
       throw err;
     }
   }
@@ -396,6 +405,8 @@ export class BackupWriter {
   private readonly present = new Set<string>();
   /** Chunks being stored right now, by digest. */
   private readonly storing = new Map<string, Promise<unknown>>();
+  /** Page-aligned memory the workers encode into and the store writes from (made on first use). */
+  private out: AlignedSlots | undefined;
   private done = false;
 
   constructor(
@@ -432,9 +443,18 @@ export class BackupWriter {
     const key = keys.chunk(hex);
     const work = (async () => {
       if (await this.repo.store.touch(key)) return { state: "reused" as const, data };
-      const encoded = await this.repo.codec().encode(data, this.compression.levelFor(data.length));
-      await this.repo.store.put(key, encoded.blob);
-      return { state: "new" as const, stored: encoded.blob.length, data: encoded.data };
+      const codec = this.repo.codec();
+      this.out ??= new AlignedSlots(codec.threads * 2 + 1, storedSizeBound(this.repo.chunkSize));
+      const out = this.out;
+      const slot = await out.take();
+      try {
+        const into = { memory: out.memory, offset: out.offset(slot), capacity: out.slotSize };
+        const encoded = await codec.encodeInto(data, this.compression.levelFor(data.length), into);
+        await this.repo.store.put(key, out.view(slot, encoded.length), { aligned: true });
+        return { state: "new" as const, stored: encoded.length, data: encoded.data };
+      } finally {
+        out.give(slot);
+      }
     })();
     this.storing.set(hex, work);
     try {

@@ -12,6 +12,17 @@ export interface ObjectInfo {
   mtimeMs: number;
 }
 
+export interface PutOptions {
+  /** Durable when put returns, not only after the next flush. */
+  durable?: boolean;
+  /**
+   * The data starts on a 4 KiB boundary of memory, and the memory after it up to the next
+   * multiple of 4 KiB may be read: a local store may then write it around the page cache
+   * (O_DIRECT).
+   */
+  aligned?: boolean;
+}
+
 export interface Store {
   /** Where the store lives, for messages. */
   readonly location: string;
@@ -24,7 +35,15 @@ export interface Store {
    * never a part. The data is durable once {@link Store.flush} returns (or at once with
    * `durable: true`). Overwrites an existing object.
    */
-  put(key: string, data: Uint8Array, options?: { durable?: boolean }): Promise<void>;
+  put(key: string, data: Uint8Array, options?: PutOptions): Promise<void>;
+
+  /**
+   * Reads an object into `into` and returns its length, for stores that can read straight into
+   * the caller's memory (around the page cache when `aligned`: `into` starts on a 4 KiB
+   * boundary of memory and its length is a multiple of 4 KiB). An object longer than `into` is
+   * an error for which {@link Store.isTooLarge} is true.
+   */
+  getInto?(key: string, into: Uint8Array, options?: { aligned?: boolean }): Promise<number>;
 
   /**
    * Marks an existing object as used now (its mtime becomes now) and returns true; returns
@@ -63,4 +82,7 @@ export interface Store {
 
   /** True when `err` means "no such object". */
   isNotFound(err: unknown): boolean;
+
+  /** True when `err` means "the object is larger than the memory given to {@link Store.getInto}". */
+  isTooLarge?(err: unknown): boolean;
 }

@@ -37,6 +37,30 @@ test("a backup reads a raw image around the page cache and restores it exactly",
   const pages = await cachedPages(image);
   assert.ok(pages < 64, `pages of the image cached after the backup: ${pages}`);
 
+  // The chunks were written around the page cache too: only the last block of each stays
+  // cached (a file cut back to its length with ftruncate reads that block).
+  const chunks = await chunkFiles(repo);
+  assert.ok(chunks.length >= 20, `chunk files: ${chunks.length}`);
+  const cachedChunkPages = await cachedPagesOf(chunks);
+  assert.ok(cachedChunkPages <= chunks.length, `chunk pages cached after the backup: ${cachedChunkPages}`);
+
+  for (const c of chunks) await run("dd", [`if=${c}`, "iflag=nocache", "count=0", "status=none"]);
   await strataOk(["restore", "--repo", repo, "d/latest", "--target", join(dir, "out")]);
   assert.ok((await fs.readFile(join(dir, "out", "disk.raw"))).equals(data));
+  // A restore reads the chunks around the page cache.
+  const afterRestore = await cachedPagesOf(chunks);
+  assert.ok(afterRestore <= 2, `chunk pages cached after the restore: ${afterRestore}`);
 });
+
+async function chunkFiles(repo: string): Promise<string[]> {
+  const out: string[] = [];
+  for (const d of await fs.readdir(join(repo, "chunks")))
+    for (const f of await fs.readdir(join(repo, "chunks", d))) out.push(join(repo, "chunks", d, f));
+  return out;
+}
+
+async function cachedPagesOf(paths: string[]): Promise<number> {
+  let n = 0;
+  for (const p of paths) n += await cachedPages(p);
+  return n;
+}
