@@ -12,7 +12,7 @@ import type { BackupMode, Consistency, Manifest, ManifestDisk } from "../repo/ma
 import type { Repository, SnapshotRef } from "../repo/repository.js";
 import { AlignedSlots } from "../util/aligned.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
-import { forEachLimit, Semaphore } from "../util/pool.js";
+import { forEachLimit } from "../util/pool.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
 
 /** A run of a disk; `zero` when it reads as zeros (a hole, or zeros the format knows of). */
@@ -177,7 +177,6 @@ export async function backup(repo: Repository, options: BackupOptions): Promise<
     const zero = Buffer.alloc(chunkSize);
     const inflight = options.inflight ?? defaultInflight(repo.codec().threads, chunkSize);
     const buffers = new ChunkBuffers(chunkSize, inflight);
-    const encodeSlots = new Semaphore(repo.codec().threads * 2 + 1);
     for (const disk of options.disks) {
       const index = new FixedIndex(disk.size, chunkSize);
       const stats: ManifestDisk = {
@@ -243,8 +242,7 @@ export async function backup(repo: Repository, options: BackupOptions): Promise<
               const hashed = await repo.codec().hash(data);
               current = hashed.data;
               index.setDigest(i, hashed.digest);
-              // Compression is where memory goes (input and output per chunk): fewer at once.
-              const r = await encodeSlots.with(() => writer.putChunk(hashed.digest, hashed.data));
+              const r = await writer.putChunk(hashed.digest, hashed.data);
               current = r.data;
               if (r.state === "new") {
                 stats.chunksNew++;

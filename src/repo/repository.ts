@@ -397,6 +397,14 @@ export class Repository {
 }
 
 /**
+ * Chunks a writer encodes or stores at once, per worker thread (each holds one chunk-size slot of
+ * aligned memory): enough that the workers have work while earlier chunks wait on the disk's
+ * fdatasync. Measured on the bench disk with 2 threads: 5 at once, full backup 6.6 s; 10, 6.0 s;
+ * 16, 5.9 s.
+ */
+const PUTS_PER_THREAD = 4;
+
+/**
  * Writes one restore point: chunks, then indexes and blobs, then the manifest (commit). Until
  * commit nothing is visible to listings; abort (or a crash) leaves only garbage for gc.
  */
@@ -444,7 +452,10 @@ export class BackupWriter {
     const work = (async () => {
       if (await this.repo.store.touch(key)) return { state: "reused" as const, data };
       const codec = this.repo.codec();
-      this.out ??= new AlignedSlots(codec.threads * 2 + 1, storedSizeBound(this.repo.chunkSize));
+      this.out ??= new AlignedSlots(
+        codec.threads * PUTS_PER_THREAD + 2,
+        storedSizeBound(this.repo.chunkSize),
+      );
       const out = this.out;
       const slot = await out.take();
       try {
