@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { test } from "node:test";
 import { isStrataError } from "../util/errors.js";
-import { chunkDigest, decodeChunk, encodeChunk } from "./codec.js";
+import { chunkDigest, decodeChunk, encodeChunk, encodeChunkInto, storedSizeBound } from "./codec.js";
 import { CHUNK_FLAG_ENCRYPTED, CHUNK_FLAG_ZSTD, CHUNK_HEADER_SIZE } from "./format.js";
 
 const keys = { encKey: randomBytes(32), macKey: randomBytes(32) };
@@ -60,4 +60,27 @@ test("a chunk under the wrong name, or with the wrong key, is refused", () => {
   const other = { encKey: randomBytes(32), macKey: keys.macKey };
   assert.throws(() => decodeChunk(enc, chunkDigest(text, keys), other, "x"), /authentication failed/);
   assert.throws(() => decodeChunk(stored, chunkDigest(text, keys), keys, "x"), /unencrypted chunk/);
+});
+
+test("decoding into given memory: exact bytes, and a chunk longer than its place is damaged", () => {
+  for (const k of [undefined, keys]) {
+    for (const data of [text, random]) {
+      const stored = encodeChunk(data, k);
+      const into = new Uint8Array(new SharedArrayBuffer(data.length + 100));
+      const plain = decodeChunk(stored, chunkDigest(data, k), k, "t", into);
+      assert.equal(plain.buffer, into.buffer);
+      assert.deepEqual(Buffer.from(plain), data);
+      assert.throws(
+        () => decodeChunk(stored, chunkDigest(data, k), k, "t", into.subarray(0, data.length - 1)),
+        (e) => isStrataError(e, "DATA_CORRUPT") && /longer than its place/.test(String(e)),
+      );
+    }
+  }
+});
+
+test("encodeChunkInto writes the same stored form into given memory and asks for room enough", () => {
+  const out = new Uint8Array(new SharedArrayBuffer(storedSizeBound(text.length)));
+  const n = encodeChunkInto(text, out, undefined, 1);
+  assert.deepEqual(Buffer.from(out.subarray(0, n)), encodeChunk(text, undefined, 1));
+  assert.throws(() => encodeChunkInto(text, out.subarray(0, text.length), undefined, 1), /too small/);
 });
