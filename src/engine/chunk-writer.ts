@@ -5,7 +5,7 @@
  * puts its plaintext straight into page-aligned shared memory ({@link AlignedSlots}), and the
  * disk takes it from there. Measured on this machine's disk: buffered writes ran at ~650 MB/s,
  * CPU-bound in the kernel's copy into the page cache, and then still had to be flushed; direct
- * writes at ~1.6 GB/s. Targets without O_DIRECT (tmpfs), a write that is not whole 4 KiB blocks
+ * writes at ~1.6 GB/s. Targets without O_DIRECT (ramfs, tmpfs before Linux 6.6), a write that is not whole 4 KiB blocks
  * (the short last chunk of a disk), and a target that opened with O_DIRECT but refuses a write
  * (EINVAL) go through the page cache, whose writeback is started every 256 MiB so the disk
  * writes while chunks decode instead of all at the final sync. With direct writes, the stored

@@ -221,7 +221,8 @@ export class Repository {
   /**
    * Like {@link readChunk}, but the verified plaintext is written into shared memory `into` at
    * `offset` by the worker that decodes it (no copy on this thread); returns its length. A chunk
-   * longer than `capacity` fails as damaged.
+   * longer than `capacity` fails as damaged. With `scratch` (page-aligned, a multiple of 4 KiB),
+   * the stored bytes are read into it, around the page cache where the store can.
    */
   async readChunkInto(digest: Buffer, into: SharedSlot, scratch?: SharedSlot): Promise<number> {
     const hex = digest.toString("hex");
