@@ -17,12 +17,11 @@
 import { randomBytes } from "node:crypto";
 import { constants, promises as fs } from "node:fs";
 import { dirname, join, relative, sep } from "node:path";
+import { DIRECT_IO_ALIGN as ALIGN } from "../util/aligned.js";
 import { ErrorCode, errnoCode, ioError, isNotFound } from "../util/errors.js";
 import type { ObjectInfo, PutOptions, Store } from "./store.js";
 
 const TMP_MARK = ".tmp-";
-/** What O_DIRECT wants lengths, offsets and memory aligned to (see util/aligned.ts). */
-const ALIGN = 4096;
 const TOO_LARGE = "ESTRATATOOLARGE";
 
 function roundUp(n: number): number {
