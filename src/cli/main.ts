@@ -10,6 +10,7 @@ import { registerDoctorCommand } from "./cmd-doctor.js";
 import { registerFilesCommands } from "./cmd-files.js";
 import { registerInstantCommands } from "./cmd-instant.js";
 import { registerRepoCommands } from "./cmd-repo.js";
+import { registerRestoreCommand } from "./cmd-restore.js";
 import { registerServeCommand } from "./cmd-serve.js";
 
 /** Exit codes, stable for scripts. */
@@ -48,6 +49,7 @@ Getting started:
     );
   registerRepoCommands(program);
   registerBackupCommands(program);
+  registerRestoreCommand(program);
   registerServeCommand(program);
   registerFilesCommands(program);
   registerInstantCommands(program);

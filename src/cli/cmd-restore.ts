@@ -1,0 +1,283 @@
+/** restore: whole VMs, clones, single disks, configuration only. */
+import { promises as fs } from "node:fs";
+import { join, resolve } from "node:path";
+import type { Command } from "commander";
+import { type RestoreDiskResult, restoreDiskToFile } from "../engine/restore.js";
+import { restoreDiskToDevice, restoreDiskToQcow2 } from "../engine/restore-sinks.js";
+import {
+  bootHint,
+  checkVmTargets,
+  definitionJson,
+  planVmRestore,
+  readVmConfig,
+  renderDefinition,
+  restoreVmDisks,
+  startRestoredVm,
+  writeNew,
+} from "../engine/vm-restore.js";
+import type { VmConfig } from "../hypervisor/qemu/live.js";
+import { checkName, type Repository, type SnapshotRef } from "../repo/repository.js";
+import { ErrorCode, StrataError } from "../util/errors.js";
+import { formatBytes } from "../util/sizes.js";
+import { interruptSignal, output, withRepo } from "./context.js";
+import type { Output } from "./output.js";
+
+export function registerRestoreCommand(program: Command): void {
+  program
+    .command("restore")
+    .description(
+      "restore a whole VM (in place, or as a clone beside it), one disk, or only its configuration",
+    )
+    .argument("<snapshot>", "VM/TIME or VM/latest (see strata snapshots)")
+    .option(
+      "--target <dir>",
+      "restore into this directory: a VM as a clone (disks, run/, <name>.json), else <disk>.<format> files",
+    )
+    .option("--name <name>", "name of the clone restored with --target (default: <name>-restored)")
+    .option(
+      "--format <format>",
+      "image format of restored files: raw or qcow2 (default: as backed up; raw for file: backups)",
+    )
+    .option("--disk <name>", "only this disk (to --target, to --device, or back to its own path)")
+    .option("--device <path>", "write the disk (--disk) onto this block device instead, overwriting it")
+    .option("--config-only", "print (or write, --to) the VM's definition instead of restoring disks")
+    .option(
+      "--as <kind>",
+      "with --config-only: json (Strata's definition, default) or qemu-args (a QEMU command line)",
+    )
+    .option("--to <file>", "with --config-only: write the definition to this file")
+    .option("--start", "start the restored VM with QEMU, detached, and print its QMP socket")
+    .option("--force", "replace existing files; allow overwriting --device (never the disks of a running VM)")
+    .addHelpText(
+      "after",
+      `
+Restore points of VMs (backed up through qmp: or vm:) carry the VM's configuration:
+  strata restore VM/TIME                      every disk back to the path it had, same format;
+                                              refused while the VM runs, and over existing
+                                              files without --force
+  strata restore VM/TIME --target DIR         a clone in DIR: DIR/<disk>.<format>, sockets and
+        [--name NEW] [--start]                console in DIR/run/, definition in DIR/NEW.json;
+                                              new name, UUID and MAC addresses, so it runs
+                                              beside the original
+  strata restore VM/TIME --disk NAME [--target DIR | --device DEV]
+                                              one disk: back to its path, into DIR, or onto DEV
+  strata restore VM/TIME --config-only [--target DIR --name NEW] [--as json|qemu-args] [--to FILE]
+                                              the definition only, in place or for a clone
+
+--start runs QEMU with the recorded command line, rewritten for the clone (KVM where the CPU
+and /dev/kvm allow it, else TCG), leaves it running and prints its QMP socket. A VM restored
+from a crash-consistent or paused restore point boots as after a power loss; from a
+clean-shutdown one, cleanly ("strata snapshots" shows each restore point's consistency).
+
+Files are written sparsely to a temporary name and renamed into place when complete and
+synced; every chunk is verified before it is written. qcow2 files are written through
+qemu-storage-daemon. A block device must be at least as large as the disk; every byte of the
+disk is written, zeros included.
+
+Examples:
+  strata restore web1/latest
+  strata restore web1/latest --target /srv/clones/web1b --name web1b --start
+  strata restore web1/latest --config-only --as qemu-args
+  strata restore web1/latest --disk root --target /var/lib/images/restored --format raw
+  strata restore web1/latest --disk root --device /dev/vg0/web1-root --force`,
+    )
+    .action(async (ref: string, opts: RestoreFlags, cmd: Command) => {
+      const out = output(cmd);
+      checkRestoreFlags(opts);
+      await withRepo(cmd, async (repo) => {
+        const lock = await repo.lock("read", `restore of ${ref}`);
+        try {
+          const snap = await repo.findSnapshot(ref);
+          if (opts.disk !== undefined && !snap.manifest.disks.some((d) => d.name === opts.disk)) {
+            throw new StrataError(
+              ErrorCode.NOT_FOUND,
+              `restore point ${snap.vm}/${snap.time} has no disk "${opts.disk}" (it has: ${snap.manifest.disks.map((d) => d.name).join(", ")})`,
+            );
+          }
+          const vmConfig = opts.device === undefined ? await readVmConfig(repo, snap) : undefined;
+          if (vmConfig) await restoreVm(out, repo, snap, vmConfig, opts);
+          else await restoreDisks(out, repo, snap, opts);
+        } finally {
+          await lock.release();
+        }
+      });
+    });
+}
+
+/** Disks of a restore point without a VM configuration (file: backups), or one disk onto a device. */
+async function restoreDisks(
+  out: Output,
+  repo: Repository,
+  snap: SnapshotRef,
+  opts: RestoreFlags,
+): Promise<void> {
+  const vmOnly = [
+    ["--name", opts.name],
+    ["--config-only", opts.configOnly],
+    ["--start", opts.start],
+  ].find(([, v]) => v !== undefined);
+  if (vmOnly)
+    throw new StrataError(
+      ErrorCode.USAGE,
+      `${vmOnly[0]}: restore point ${snap.vm}/${snap.time} was taken from image files and carries no VM configuration`,
+    );
+  if (opts.target === undefined && opts.device === undefined)
+    throw new StrataError(ErrorCode.USAGE, "give --target DIR or --device PATH");
+  const names = opts.disk === undefined ? snap.manifest.disks.map((d) => d.name) : [opts.disk];
+  const signal = interruptSignal();
+  const t0 = Date.now();
+  const results: RestoreDiskResult[] = [];
+  const common = { force: opts.force === true, progress: out.progress(), signal };
+  if (opts.device !== undefined) {
+    results.push(await restoreDiskToDevice(repo, snap, names[0]!, opts.device, common));
+  } else {
+    const dir = resolve(opts.target!);
+    await fs.mkdir(dir, { recursive: true });
+    const format = opts.format ?? "raw";
+    const sink = format === "qcow2" ? restoreDiskToQcow2 : restoreDiskToFile;
+    for (const name of names) {
+      results.push(await sink(repo, snap, name, join(dir, `${name}.${format}`), common));
+    }
+  }
+  const ms = Date.now() - t0;
+  out.result(
+    { type: "summary", id: `${snap.vm}/${snap.time}`, disks: results, durationMs: Math.round(ms) },
+    () => diskLines(results, ms).join("\n"),
+  );
+}
+
+function diskLines(results: readonly RestoreDiskResult[], ms: number): string[] {
+  const seconds = ms / 1000;
+  const size = results.reduce((n, r) => n + r.size, 0);
+  return [
+    ...results.map(
+      (r) => `${r.disk}: ${r.path} (${formatBytes(r.size)}, ${formatBytes(r.bytesWritten)} data)`,
+    ),
+    `restored ${formatBytes(size)} in ${seconds.toFixed(1)} s (${formatBytes(size / Math.max(seconds, 0.001))}/s)`,
+  ];
+}
+
+/** Restore points with a VmConfig: in place, clone, one disk, configuration only, --start. */
+async function restoreVm(
+  out: Output,
+  repo: Repository,
+  snap: SnapshotRef,
+  vmConfig: VmConfig,
+  opts: RestoreFlags,
+): Promise<void> {
+  if (opts.name !== undefined) checkName("clone", opts.name);
+  const plan = await planVmRestore(snap, vmConfig, {
+    ...(opts.target === undefined ? {} : { target: opts.target }),
+    ...(opts.name === undefined ? {} : { name: opts.name }),
+    ...(opts.format === undefined ? {} : { format: opts.format as "raw" | "qcow2" }),
+    ...(opts.disk === undefined ? {} : { disk: opts.disk }),
+  });
+  for (const w of plan.warnings) out.warn(w);
+  const force = opts.force === true;
+  const id = `${snap.vm}/${snap.time}`;
+  if (opts.configOnly) {
+    const as = (opts.as ?? "json") as "json" | "qemu-args";
+    if (opts.to !== undefined) {
+      await writeNew(resolve(opts.to), renderDefinition(plan, as), force);
+      out.result(
+        { type: "summary", id, definition: resolve(opts.to), as },
+        () => `wrote ${resolve(opts.to!)}`,
+      );
+    } else if (out.json) {
+      out.result({ type: "summary", id, definition: definitionJson(plan), argv: plan.argv }, () => "");
+    } else {
+      process.stdout.write(renderDefinition(plan, as));
+    }
+    return;
+  }
+  await checkVmTargets(plan, force);
+  const t0 = Date.now();
+  const results = await restoreVmDisks(repo, plan, {
+    force,
+    progress: out.progress(),
+    signal: interruptSignal(),
+  });
+  const ms = Date.now() - t0;
+  const started = opts.start ? await startRestoredVm(plan) : undefined;
+  const consoleLog = started ? plan.consoleLog : undefined;
+  const consistency = snap.manifest.consistency;
+  const scenario = opts.disk !== undefined ? "disk" : plan.clone ? "clone" : "in-place";
+  out.result(
+    {
+      type: "summary",
+      id,
+      scenario,
+      consistency,
+      vm: { name: plan.config.name, uuid: plan.config.uuid, nics: plan.config.nics },
+      disks: results,
+      ...(plan.definitionFile ? { definition: plan.definitionFile } : {}),
+      ...(started
+        ? {
+            started: {
+              pid: started.pid,
+              qmpSocket: started.qmpSocket,
+              log: started.log,
+              ...(consoleLog ? { console: consoleLog } : {}),
+              accelerator: plan.accelerator.accel,
+            },
+          }
+        : {}),
+      durationMs: Math.round(ms),
+    },
+    () =>
+      [
+        ...diskLines(results, ms),
+        ...(plan.definitionFile
+          ? [
+              `clone "${plan.config.name}" (UUID ${plan.config.uuid}${plan.config.nics.map((n) => `, ${n.id} ${n.mac}`).join("")}) defined in ${plan.definitionFile}`,
+            ]
+          : []),
+        `${id} is ${consistency}: ${bootHint(consistency)}`,
+        ...(started
+          ? [
+              `started ${plan.config.name ?? "the VM"} (pid ${started.pid}, ${plan.accelerator.accel}: ${plan.accelerator.reason})`,
+              `QMP socket: ${started.qmpSocket}`,
+              ...(consoleLog ? [`console: ${consoleLog}`] : []),
+            ]
+          : []),
+      ].join("\n"),
+  );
+}
+
+interface RestoreFlags {
+  target?: string;
+  name?: string;
+  format?: string;
+  device?: string;
+  disk?: string;
+  configOnly?: boolean;
+  as?: string;
+  to?: string;
+  start?: boolean;
+  force?: boolean;
+}
+
+function checkRestoreFlags(opts: RestoreFlags): void {
+  const usage = (m: string) => new StrataError(ErrorCode.USAGE, m);
+  if (opts.format !== undefined && opts.format !== "raw" && opts.format !== "qcow2")
+    throw usage(`--format ${opts.format}: restores write raw or qcow2`);
+  if (opts.device !== undefined) {
+    if (opts.disk === undefined) throw usage("--device needs --disk NAME: one disk goes onto one device");
+    if (opts.target !== undefined) throw usage("give exactly one of --target DIR or --device PATH");
+    if (opts.format !== undefined)
+      throw usage("--format does not apply to --device (a device holds the raw disk)");
+    if (opts.name !== undefined || opts.configOnly || opts.start)
+      throw usage("--device restores one disk: --name, --config-only and --start do not apply");
+  }
+  if (opts.name !== undefined && opts.target === undefined)
+    throw usage("--name names a clone: give the directory it goes to with --target DIR");
+  if (opts.disk !== undefined && (opts.name !== undefined || opts.start || opts.configOnly))
+    throw usage("--disk restores one disk, not a VM: --name, --start and --config-only do not apply");
+  if (!opts.configOnly && (opts.as !== undefined || opts.to !== undefined))
+    throw usage("--as and --to go with --config-only");
+  if (opts.as !== undefined && opts.as !== "json" && opts.as !== "qemu-args")
+    throw usage(
+      `--as ${opts.as}: the definition is written as json or qemu-args (libvirt XML comes with the libvirt adapter)`,
+    );
+  if (opts.configOnly && opts.start) throw usage("--config-only restores nothing to start");
+}
