@@ -520,7 +520,10 @@ export class BackupWriter {
       durable: true,
     });
     this.done = true;
-    await this.lock.release();
+    // The restore point exists now: a lock that can't be removed does not undo that. It stops
+    // being refreshed, so it is stale once this process exits (same host) or after
+    // STALE_AFTER_MS (other hosts), and the next gc removes it.
+    await this.lock.release().catch(() => {});
     return full;
   }
 
