@@ -168,6 +168,8 @@ export interface RestorePlanOptions {
   disk?: string;
   /** The restore point's disks (a VM disk missing from it is not restored). */
   available: ReadonlyArray<{ name: string; size: number }>;
+  /** The restore point restored from, for the definition (and a clone's default name). */
+  restorePoint: { vm: string; time: string; consistency: Consistency };
 }
 
 /** What a VM restore will write and define; made before anything is written. */
@@ -189,6 +191,8 @@ export interface StartedVm {
   /** How to reach it, for people ("QMP /srv/x/run/qmp.sock", "libvirt domain web1b"). */
   where: string;
   pid?: number;
+  /** Facts for people and the summary, the platform's own keys (qmpSocket, console, log, ...). */
+  details?: Record<string, string>;
 }
 
 /** One disk served from the repository over NBD, for instant recovery. */
@@ -212,6 +216,12 @@ export interface InstantRequest {
   reconnectDelay: number;
   stateDir: string;
   log: (message: string) => void;
+  /**
+   * Saves the VM's record with the engine's (state dir). The adapter calls it before it creates
+   * anything (overlays, a process, a domain) and again whenever the record changes, so that a
+   * crash at any point leaves a record that names what exists.
+   */
+  record(vm: InstantVm): Promise<void>;
 }
 
 /**
@@ -232,6 +242,8 @@ export interface InstantVm {
     production?: { path: string; format: "qcow2" | "raw" };
   }>;
   data: Record<string, unknown>;
+  /** Facts for people and the summary, the platform's own keys (qmpSocket, console, log, ...). */
+  details: Record<string, string>;
   warnings: string[];
 }
 
@@ -243,21 +255,50 @@ export interface MigrateRequest {
   limitBytes: number | null;
   /** Copy-mode write-blocking: converges under any guest write rate. */
   active: boolean;
-  progress?: (done: number, total: number) => void;
+  /** Bytes of `disk` copied so far, of `total`; `done === total` once it has moved. */
+  progress?: (disk: string, done: number, total: number) => void;
   signal?: AbortSignal;
   log: (message: string) => void;
+  /** Saves the record (see {@link InstantRequest.record}); called once each disk has moved. */
+  record(vm: InstantVm): Promise<void>;
+}
+
+/** One disk of a migration. */
+export interface MigratedDisk {
+  disk: string;
+  path: string;
+  format: "qcow2" | "raw";
+  size: number;
+  /** Bytes the copy reported as its work, and the times to a synchronised copy and to the switch. */
+  copied: number;
+  readyMs: number;
+  pivotMs: number;
+  /** Moved by an earlier run. */
+  skipped: boolean;
 }
 
 /** Instant recovery on one platform. */
 export interface InstantRuntime {
-  /** Boots the VM on empty local overlays backed by the exports; nothing is copied first. */
+  /**
+   * Boots the VM on empty local overlays backed by the exports; nothing is copied first. Refuses
+   * (before creating anything) what it cannot run; on failure removes what it created.
+   */
   start(config: VmConfigDocument, request: InstantRequest): Promise<InstantVm>;
+  /**
+   * Checks a record read back from the state directory (its `data` above all) and returns it;
+   * throws DATA_CORRUPT naming what is wrong.
+   */
+  checkRecord(vm: InstantVm): InstantVm;
   /** Whether the VM's process (or domain) runs. */
   running(vm: InstantVm): Promise<boolean>;
   /** Starts a stopped VM again from its record (disks already migrated stay on production storage). */
   resume(vm: InstantVm, log: (message: string) => void): Promise<InstantVm>;
-  /** Moves every disk to production storage while the VM runs, then drops the NBD backing. */
-  migrate(vm: InstantVm, request: MigrateRequest): Promise<InstantVm>;
+  /**
+   * Moves every disk to production storage (`TARGET/<disk>.<format>`) while the VM runs, then
+   * drops the NBD backing. Run again after an interruption, it cleans up and goes on; disks
+   * that moved already are skipped.
+   */
+  migrate(vm: InstantVm, request: MigrateRequest): Promise<{ vm: InstantVm; disks: MigratedDisk[] }>;
   /** Stops the VM (a clean power-down first when `powerdownMs` > 0); overlays stay. */
   stop(vm: InstantVm, powerdownMs: number): Promise<"quit" | "powerdown" | "killed" | "not running">;
 }
