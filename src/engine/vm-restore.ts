@@ -29,6 +29,9 @@ import type { ProgressSink } from "../util/progress.js";
 import { type RestoreDiskResult, restoreDiskToFile } from "./restore.js";
 import { restoreDiskToDevice, restoreDiskToQcow2 } from "./restore-sinks.js";
 
+/** The configuration `kind` of file: restore points made before adapters. */
+const LEGACY_FILES_KIND = "files";
+
 /** A stored configuration is a small JSON document; anything larger is refused unread. */
 export const MAX_CONFIG_BYTES = 16 * 1024 * 1024;
 
@@ -52,7 +55,8 @@ export function need<K extends keyof VmAdapter>(adapter: VmAdapter, method: K, w
 
 /**
  * The VM configuration of a restore point, parsed by the adapter that wrote it (found in
- * `adapters` by its `kind`); undefined when there is none (file: restore points).
+ * `adapters` by its `kind`); undefined when there is none (file: restore points, whose document
+ * only lists their images). A kind no registered adapter has is an error, not a guess.
  */
 export async function readVmConfig(
   repo: Repository,
@@ -77,9 +81,15 @@ export async function readVmConfig(
   const kind = (doc as { kind?: unknown } | null)?.kind;
   if (typeof doc !== "object" || doc === null || typeof kind !== "string")
     throw new StrataError(ErrorCode.DATA_CORRUPT, `${where} names no adapter (no "kind")`);
+  // file: restore points list their images under kind "files": disks without a VM to define.
+  if (kind === LEGACY_FILES_KIND) return undefined;
   const adapter = adapters.adapter(kind);
-  const config = need(adapter, "parseConfig", "read a stored configuration")(doc as VmConfigDocument);
-  return { adapter, config };
+  // An adapter that cannot define a VM (plain image files) stores no VM to restore either.
+  if (!adapter.parseConfig) return undefined;
+  return {
+    adapter,
+    config: need(adapter, "parseConfig", "read a stored configuration")(doc as VmConfigDocument),
+  };
 }
 
 export interface PlanOptions {

@@ -327,19 +327,32 @@ export interface VmAdapter {
   resolve(uri: string): Promise<VmHandle>;
   /** Every VM this adapter can see on this host (the inventory). */
   list?(): Promise<VmSummary[]>;
-  /** Checks and parses a configuration document this adapter wrote. */
+  /**
+   * Checks and parses a configuration document this adapter wrote. It may come from a repository
+   * others can write: every field is checked (types, names that become file names, paths,
+   * programs it would run, sizes); throws DATA_CORRUPT naming the first wrong field.
+   */
   parseConfig?(doc: VmConfigDocument): VmConfigDocument;
-  /** Plans a restore of a VM from its configuration (paths, identity, definition). */
+  /**
+   * Plans a restore of a VM from its configuration (paths, identity, definition); writes nothing.
+   * Every path of a clone lies inside `options.target`.
+   */
   planRestore?(config: VmConfigDocument, options: RestorePlanOptions): Promise<RestorePlan>;
   /** Refuses (throws TARGET_CONFLICT) when the VM a plan restores over is running. */
   refuseIfRunning?(plan: RestorePlan): Promise<void>;
-  /** Defines the restored VM on the platform (libvirt define, a Proxmox config, a JSON file). */
+  /**
+   * Defines the restored VM on the platform (libvirt define, a Proxmox config, a JSON file), once
+   * its disks are written. The engine has refused an existing `definition.file` without `force`.
+   */
   define?(plan: RestorePlan, force: boolean): Promise<void>;
   /** Starts a defined VM. */
   start?(plan: RestorePlan): Promise<StartedVm>;
   /** Instant recovery (boot from the repository over NBD, then migrate). */
   instant?: InstantRuntime;
-  /** Renders a configuration for `restore --config-only` ("json", "qemu-args", "xml", "pve"). */
+  /**
+   * Renders a configuration (a planned restore's `plan.config`) for `restore --config-only`:
+   * "json" always, and the platform's own ("qemu-args", "xml", "pve"). Throws USAGE for others.
+   */
   renderConfig?(config: VmConfigDocument, as: string): string;
   /** Leftovers of dead runs on this platform; with `fix`, Strata's own are removed. */
   leftovers?(stateDir: string, fix: boolean): Promise<Finding[]>;

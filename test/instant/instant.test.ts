@@ -305,13 +305,9 @@ describe("instant recovery", { timeout: 420_000 }, () => {
     await until("the server's exit", 5000, async () => (alive(resumed.serve.pid) ? undefined : true));
     for (const d of s.disks) await assert.rejects(stat(d.overlay), "overlays are removed");
     const nodes = (
-      await qmpOnce<Array<{ "node-name": string; file: string }>>(
-        s.vm.qmpSocket,
-        "query-named-block-nodes",
-        {
-          flat: true,
-        },
-      )
+      await qmpOnce<Array<{ "node-name": string; file: string }>>(s.vm.qmpSocket, "query-named-block-nodes", {
+        flat: true,
+      })
     ).map((n) => n["node-name"]);
     assert.ok(!nodes.some((n) => /^instant-(nbd|bk)/.test(n)), `NBD and backing nodes freed: ${nodes}`);
     const blocks = await qmpOnce<Array<{ inserted?: { file: string } }>>(s.vm.qmpSocket, "query-block");

@@ -174,7 +174,8 @@ async function start(stored: VmConfigDocument, r: InstantRequest): Promise<Insta
       qmpSocket,
       log: data.log,
       ...(data.console ? { console: data.console } : {}),
-      accelerator: `${accelerator.accel}: ${accelerator.reason}`,
+      accelerator: accelerator.accel,
+      acceleratorReason: accelerator.reason,
     },
     warnings,
   };

@@ -271,7 +271,8 @@ export async function startQemuVm(p: RestorePlan): Promise<StartedVm> {
       qmpSocket: vm.qmpSocket,
       log: vm.log,
       ...(plan.consoleLog ? { console: plan.consoleLog } : {}),
-      accelerator: `${plan.accelerator.accel} (${plan.accelerator.reason})`,
+      accelerator: plan.accelerator.accel,
+      acceleratorReason: plan.accelerator.reason,
     },
   };
 }
