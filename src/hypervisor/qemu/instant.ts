@@ -165,7 +165,7 @@ async function start(stored: VmConfigDocument, r: InstantRequest): Promise<Insta
     throw new StrataError(ErrorCode.INTERNAL, "the QEMU adapter expects every export on one socket");
   const vm: InstantVm = {
     adapter: "qemu",
-    name: name ?? r.name,
+    name,
     where: `QMP socket ${qmpSocket}`,
     pid: null,
     disks: disks.map((d, i) => ({ name: d.name, overlay: overlays[i]! })),
