@@ -14,6 +14,8 @@
  *               `-pidfile`, `-D`, `-vnc` (made a unix socket)   → the clone's run directory
  *   accelerator `-machine accel=`, `-accel`, `-enable-kvm`, `-cpu host` → what this host runs
  *               ({@link chooseAccelerator}: KVM only where it works)
+ *   dropped     `-daemonize` (Strata detaches QEMU itself and keeps its pid), `-incoming` (the
+ *               VM boots from its restored disks instead of waiting for a migration)
  *
  * A restore to the original paths keeps identity, NICs and run files; only the accelerator is
  * adjusted. Values use QEMU's option syntax (`,,` is a comma inside a value); JSON-syntax
@@ -82,9 +84,9 @@ const NIC_TYPE = /net|e1000|rtl8139|vmxnet|ne2k|pcnet|i8255|eepro/;
 export interface Rewrite {
   /** Old disk path (resolved) → new path. */
   files: ReadonlyMap<string, string>;
-  /** Disk node-name → new format, for disks whose format changes. */
+  /** Disk node-name → its format (the format node's `driver=`). */
   formats: ReadonlyMap<string, string>;
-  /** Old disk path (resolved) → new format (for `-drive`). */
+  /** Old disk path (resolved) → its format (`-drive format=`, set even when unchanged: no probing). */
   fileFormats: ReadonlyMap<string, string>;
   clone?: {
     name: string;
@@ -207,7 +209,11 @@ export function rewriteCommandLine(argv: readonly string[], rw: Rewrite): Rewrit
           const np = diskPath(file);
           const fmt = rw.fileFormats.get(resolve(file));
           if (np) set(o, "file", np);
-          if (fmt) set(o, "format", fmt);
+          if (fmt) {
+            // Every format key QEMU would read: a -drive without one probes the (guest-written) image.
+            for (const x of o) if (x.key === "format" || x.key === "driver") x.value = fmt;
+            set(o, "format", fmt);
+          }
         }
         out.push(flag, joinOpts(o));
         break;
@@ -356,6 +362,14 @@ export function rewriteCommandLine(argv: readonly string[], rw: Rewrite): Rewrit
           sawAccel = true;
           out.push(flag);
         }
+        break;
+      }
+      case "-daemonize":
+        warnings.push("-daemonize dropped: Strata starts QEMU detached itself and keeps its pid");
+        break;
+      case "-incoming": {
+        i++;
+        warnings.push(`-incoming ${val ?? ""} dropped: the restored VM boots from its disks`);
         break;
       }
       case "-cpu": {

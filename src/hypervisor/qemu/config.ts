@@ -3,10 +3,12 @@
  * back. A repository can be written by others than the host that restores from it, and a
  * restore runs the recorded command line and writes to the recorded paths, so nothing is taken
  * on trust: every field is type-checked and bounded, names that become file names are plain
- * names, paths hold no `..`, and the command line's program is a `qemu-system-*` binary.
+ * names, paths hold no `..`, the command line's program is a `qemu-system-*` binary, and its
+ * options pass the command-line policy (cmdline-policy.ts).
  */
 import { basename } from "node:path";
 import { type Checker, CONTROL, checker, hasDotDot } from "../../util/check.js";
+import { checkRecordedCommandLine, QEMU_PROGRAM } from "./cmdline-policy.js";
 import type { VmConfig } from "./live.js";
 
 /** Limits on what a stored configuration may hold; far above any real VM. */
@@ -54,12 +56,14 @@ function diskFile(v: unknown, where: string): string {
   return file;
 }
 
-/** The program of a recorded command line: `qemu-system-<arch>`, by name or absolute path. */
+/**
+ * The program of a recorded command line: `qemu-system-<arch>` (or Proxmox VE's `kvm`), by name
+ * or absolute path. Where such a path lies is checked when it is about to run (cmdline-policy.ts).
+ */
 export function emulator(v: unknown, c: Checker = base): string {
   const bin = c.str(v, "the command line's program");
   const ok =
-    /^qemu-system-[A-Za-z0-9_]+$/.test(basename(bin)) &&
-    (bin === basename(bin) || (bin.startsWith("/") && !hasDotDot(bin)));
+    QEMU_PROGRAM.test(basename(bin)) && (bin === basename(bin) || (bin.startsWith("/") && !hasDotDot(bin)));
   if (!ok)
     c.refuse(
       `the command line runs ${JSON.stringify(bin)}, not a qemu-system-* binary: Strata runs only QEMU`,
@@ -67,7 +71,7 @@ export function emulator(v: unknown, c: Checker = base): string {
   return bin;
 }
 
-function commandLine(v: unknown): string[] | null {
+function commandLine(v: unknown, diskFiles: readonly string[]): string[] | null {
   if (v === null || v === undefined) return null;
   const argv = arr(v, "the command line", CONFIG_LIMITS.args).map((a, i) =>
     str(a, `argument ${i} of the command line`, CONFIG_LIMITS.argBytes),
@@ -77,6 +81,7 @@ function commandLine(v: unknown): string[] | null {
   const total = argv.reduce((n, a) => n + a.length, 0);
   if (total > CONFIG_LIMITS.commandLineBytes)
     refuse(`the command line is longer than ${CONFIG_LIMITS.commandLineBytes} bytes`);
+  checkRecordedCommandLine(argv, diskFiles, (what) => refuse(`its command line: ${what}`));
   return argv;
 }
 
@@ -134,6 +139,9 @@ export function parseQemuConfig(doc: unknown): VmConfig {
     disks,
     nics,
     firmware: strOrNull(c.firmware, "the firmware"),
-    commandLine: commandLine(c.commandLine),
+    commandLine: commandLine(
+      c.commandLine,
+      disks.map((d) => d.file),
+    ),
   };
 }

@@ -26,7 +26,7 @@
  * read back.
  */
 import { promises as fs } from "node:fs";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { ErrorCode, StrataError } from "../../util/errors.js";
 import { processRunsWith, runProgram, socketAccepts, terminate, waitForExit } from "../../util/process.js";
 import type { InstantRequest, InstantRuntime, InstantVm, VmConfigDocument } from "../adapter.js";
@@ -37,6 +37,7 @@ import {
   rewriteCommandLine,
   synthesiseCommandLine,
 } from "./clone.js";
+import type { RunPolicy } from "./cmdline-policy.js";
 import { parseQemuConfig } from "./config.js";
 import { migrateQemuInstant } from "./instant-migrate.js";
 import {
@@ -51,6 +52,23 @@ import { chooseAccelerator } from "./launcher.js";
 import type { VmConfig } from "./live.js";
 import { QmpClient } from "./qmp.js";
 import { startDetached } from "./start.js";
+
+/**
+ * Where an instant VM's QEMU may touch the host (cmdline-policy.ts): its overlays (qcow2) or,
+ * once moved, its production files; its run directory and the directory of its overlays; and
+ * the serving process's NBD socket.
+ */
+function instantPolicy(vm: InstantVm, data: QemuInstantData): RunPolicy {
+  const runDir = dirname(data.log);
+  return {
+    disks: new Map(
+      vm.disks.map((d) => (d.production ? [d.production.path, d.production.format] : [d.overlay, "qcow2"])),
+    ),
+    dirs: [runDir, dirname(runDir)],
+    sockets: [data.nbd.socket],
+    cwd: runDir,
+  };
+}
 
 const running = (vm: InstantVm): Promise<boolean> =>
   Promise.resolve(processRunsWith(vm.pid, qemuData(vm).qmpSocket));
@@ -191,7 +209,9 @@ async function start(stored: VmConfigDocument, r: InstantRequest): Promise<Insta
         createOverlay(overlays[i]!, served.get(d.name)!.size, socket, nodes[i]!.export, r.reconnectDelay),
       ),
     );
-    vm.pid = (await startDetached(argv, qmpSocket, data.log)).pid;
+    const started = await startDetached(argv, qmpSocket, data.log, instantPolicy(vm, data));
+    vm.pid = started.pid;
+    vm.warnings.push(...started.warnings);
     await r.record(vm);
   } catch (err) {
     await terminate(vm.pid);
@@ -209,7 +229,12 @@ async function resume(vm: InstantVm, log: (message: string) => void): Promise<In
     if (!d.production && !(await fs.lstat(d.overlay).catch(() => undefined)))
       throw new StrataError(ErrorCode.DATA_MISSING, `overlay ${d.overlay} of disk ${d.name} is gone`);
   }
-  const started = await startDetached(instantArgv(vm, data), data.qmpSocket, data.log);
+  const started = await startDetached(
+    instantArgv(vm, data),
+    data.qmpSocket,
+    data.log,
+    instantPolicy(vm, data),
+  );
   log(`started QEMU again (pid ${started.pid})`);
   return { ...vm, pid: started.pid };
 }

@@ -36,6 +36,7 @@ import {
   shellQuote,
   synthesiseCommandLine,
 } from "./clone.js";
+import type { RunPolicy } from "./cmdline-policy.js";
 import { PLAIN_NAME, parseQemuConfig } from "./config.js";
 import { type AcceleratorChoice, chooseAccelerator } from "./launcher.js";
 import type { VmConfig } from "./live.js";
@@ -132,10 +133,9 @@ export async function planQemuRestore(
   for (const [i, d] of disks.entries()) {
     const p = planned[i]!;
     files.set(resolve(d.file), p.path);
-    if (p.format !== d.format) {
-      formats.set(d.node, p.format);
-      fileFormats.set(resolve(d.file), p.format);
-    }
+    // Every disk's format is spelled out, changed or not: a restored image is guest data, never probed.
+    formats.set(d.node, p.format);
+    fileFormats.set(resolve(d.file), p.format);
   }
   const identity = clone ? newIdentity(original) : undefined;
   const runDir = dir ? join(dir, "run") : "";
@@ -259,11 +259,27 @@ export async function defineQemuVm(p: RestorePlan, force: boolean): Promise<void
   if (plan.definition.file) await writeNew(plan.definition.file, plan.definition.text, force);
 }
 
+/**
+ * Where the restored VM's QEMU may touch the host (cmdline-policy.ts): the disks this restore
+ * wrote (in place also the VM's disks the restore point lacks, which stay where they are), the
+ * run directory, and a clone's directory.
+ */
+export function runPolicy(plan: QemuRestorePlan): RunPolicy {
+  const disks = plan.clone
+    ? plan.disks.map((d) => [d.path, d.format] as const)
+    : plan.config.disks.map((d) => [d.file, d.format] as const);
+  return {
+    disks: new Map(disks),
+    dirs: plan.clone ? [plan.runDir, dirname(plan.runDir)] : [plan.runDir],
+    cwd: plan.runDir,
+  };
+}
+
 /** Starts the restored VM, detached; QEMU's output goes to <runDir>/qemu.log. */
 export async function startQemuVm(p: RestorePlan): Promise<StartedVm> {
   const plan = asQemuPlan(p);
   if (plan.clone) await fs.mkdir(plan.runDir, { recursive: true });
-  const vm = await startDetached(plan.argv, plan.qmpSocket, join(plan.runDir, "qemu.log"));
+  const vm = await startDetached(plan.argv, plan.qmpSocket, join(plan.runDir, "qemu.log"), runPolicy(plan));
   return {
     where: `QMP socket ${vm.qmpSocket}`,
     pid: vm.pid,
@@ -273,6 +289,7 @@ export async function startQemuVm(p: RestorePlan): Promise<StartedVm> {
       ...(plan.consoleLog ? { console: plan.consoleLog } : {}),
       accelerator: plan.accelerator.accel,
       acceleratorReason: plan.accelerator.reason,
+      ...(vm.warnings.length > 0 ? { warnings: vm.warnings.join("; ") } : {}),
     },
   };
 }

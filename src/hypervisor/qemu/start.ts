@@ -3,7 +3,9 @@
  *
  * {@link startDetached} runs a QEMU argv as a detached process (it outlives Strata, in a session
  * of its own) with its stdout/stderr in a log file, and returns once its QMP socket accepts a
- * connection; if QEMU exits first, the error carries the end of its log.
+ * connection; if QEMU exits first, the error carries the end of its log. Before it spawns, the
+ * exact argv passes the command-line policy (cmdline-policy.ts): defence in depth behind the
+ * check made when the configuration was read.
  *
  * {@link qemuProcessesUsing} scans /proc for QEMU processes whose command line names any of the
  * given paths (disk images, sockets): with the QMP socket answering and QEMU's image lock, the
@@ -15,6 +17,7 @@ import { mkdir, open, readFile, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
 import { processAlive, socketAccepts } from "../../util/process.js";
+import { checkCommandLineToRun, type RunPolicy } from "./cmdline-policy.js";
 
 /** QEMU processes on this host whose argv mentions one of `paths` (as a whole value or inside an option). */
 export async function qemuProcessesUsing(
@@ -46,25 +49,36 @@ export interface StartedVm {
   pid: number;
   qmpSocket: string;
   log: string;
+  /** What the command-line check noticed but let run (a firmware file others can change). */
+  warnings: string[];
 }
 
 /**
  * Starts `argv` (binary first) detached, output to `log`, and waits until `qmpSocket` accepts
- * connections (at most `timeoutMs`). `-daemonize` command lines may exit 0 after forking.
+ * connections (at most `timeoutMs`). The argv comes from a stored configuration: it is checked
+ * against `policy` (cmdline-policy.ts) right here, the exact one spawned, and QEMU runs in the
+ * policy's working directory.
  */
 export async function startDetached(
   argv: readonly string[],
   qmpSocket: string,
   log: string,
+  policy: RunPolicy,
   timeoutMs = 30_000,
 ): Promise<StartedVm> {
+  const warnings = await checkCommandLineToRun(argv, policy);
   if (await socketAccepts(qmpSocket))
     throw new StrataError(ErrorCode.TARGET_CONFLICT, `a VM already answers on ${qmpSocket}`);
   await mkdir(dirname(log), { recursive: true });
   await mkdir(dirname(qmpSocket), { recursive: true });
+  await mkdir(policy.cwd, { recursive: true });
   await writeFile(join(dirname(log), "cmdline.json"), `${JSON.stringify(argv, null, 2)}\n`).catch(() => {});
   const fh = await open(log, "w");
-  const child = spawn(argv[0]!, argv.slice(1), { detached: true, stdio: ["ignore", fh.fd, fh.fd] });
+  const child = spawn(argv[0]!, argv.slice(1), {
+    detached: true,
+    stdio: ["ignore", fh.fd, fh.fd],
+    cwd: policy.cwd,
+  });
   const failed = new Promise<Error>((resolve) => child.once("error", resolve));
   let exited: number | null | undefined;
   child.once("exit", (code) => {
@@ -73,7 +87,6 @@ export async function startDetached(
   await fh.close();
   child.unref();
   const pid = child.pid;
-  const daemonize = argv.includes("-daemonize");
   const tail = async () =>
     (await readFile(log, "utf8").catch(() => "")).trim().split("\n").slice(-5).join("\n");
   const deadline = Date.now() + timeoutMs;
@@ -86,8 +99,8 @@ export async function startDetached(
       throw new StrataError(ErrorCode.EXTERNAL, `cannot start ${argv[0]}: ${describeError(err)}`, {
         cause: err,
       });
-    if (await socketAccepts(qmpSocket)) return { pid: pid ?? 0, qmpSocket, log };
-    if (exited !== undefined && !(daemonize && exited === 0)) {
+    if (await socketAccepts(qmpSocket)) return { pid: pid ?? 0, qmpSocket, log, warnings };
+    if (exited !== undefined) {
       throw new StrataError(ErrorCode.EXTERNAL, `QEMU exited at start (code ${exited}): ${await tail()}`);
     }
     if (Date.now() > deadline) {
