@@ -30,7 +30,8 @@ test("every option the policy passes has the arity QEMU gives it", async () => {
   const wrong: string[] = [];
   for (const o of ARG_OPTIONS) {
     const a = await arity(o);
-    if (a !== (PROXMOX_ONLY.has(o) ? "unknown" : "arg")) wrong.push(`${o}: QEMU says ${a}, the policy says arg`);
+    if (a !== (PROXMOX_ONLY.has(o) ? "unknown" : "arg"))
+      wrong.push(`${o}: QEMU says ${a}, the policy says arg`);
   }
   for (const o of NO_ARG_OPTIONS) {
     const a = await arity(o);
