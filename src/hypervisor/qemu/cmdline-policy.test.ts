@@ -379,6 +379,16 @@ describe("the exact argv about to run", () => {
       ],
       /server\.path=\/run\/other\.sock connects to a socket outside the run directory/,
     ],
+    [
+      "a monitor socket QEMU would unlink (server=yes)",
+      () => ["-qmp", "unix:/etc/passwd,server=yes,wait=no"],
+      /-qmp unix:\/etc\/passwd,server=yes,wait=no: unix=\/etc\/passwd is outside the run directory/,
+    ],
+    [
+      "an NBD disk over TCP (a local server could export the host's disks)",
+      () => ["-blockdev", "driver=nbd,node-name=n0,server.type=inet,server.host=127.0.0.1,server.port=10809"],
+      /-blockdev nbd: server\.type=inet reaches storage over the network/,
+    ],
     ["-daemonize", () => ["-daemonize"], /-daemonize: Strata starts QEMU itself/],
     ["-incoming", () => ["-incoming", "defer"], /-incoming defer: Strata starts QEMU itself/],
     [
@@ -439,6 +449,24 @@ describe("the exact argv about to run", () => {
     await assert.rejects(checkCommandLineToRun(["/bin/sh"], policy), /not a qemu-system-\* binary/);
     // QEMU's own, named by path, is fine.
     await checkCommandLineToRun(["/usr/bin/qemu-system-x86_64"], policy);
+  });
+
+  test("a client socket only a monitor uses may be anywhere (Proxmox's event daemon), in place too", async (t) => {
+    const h = await host(t);
+    const argv = [
+      "qemu-system-x86_64",
+      "-chardev",
+      `socket,id=qmp,path=${join(h.run, "100.qmp")},server=on,wait=off`,
+      "-mon",
+      "chardev=qmp,mode=control",
+      "-chardev",
+      "socket,id=qmp-event,path=/var/run/qmeventd.sock,reconnect=5",
+      "-mon",
+      "chardev=qmp-event,mode=control",
+      "-qmp",
+      "unix:/run/other-manager.sock",
+    ];
+    await checkCommandLineToRun(argv, { disks: new Map(), dirs: [h.run], cwd: h.run });
   });
 
   test("a public kernel someone else may change runs, with a warning", async (t) => {

@@ -277,6 +277,8 @@ export interface CommandLineScan {
   fds: string[];
   /** Options the restore drops (-daemonize, -incoming): Strata starts QEMU itself. */
   dropped: string[];
+  /** Block nodes on network storage (a VM's own disk may be there; a restore makes it local). */
+  network: string[];
 }
 
 type Handler = (flag: string, value: string) => void;
@@ -459,7 +461,7 @@ function pathText(where: string, key: string, p: string, refuse: Refuse): void {
 
 /** Parses and checks an argv (program first) against the option policy; see the module comment. */
 export function scanCommandLine(argv: readonly string[], refuse: Refuse): CommandLineScan {
-  const scan: CommandLineScan = { paths: [], fds: [], dropped: [] };
+  const scan: CommandLineScan = { paths: [], fds: [], dropped: [], network: [] };
   const nodes: BlockNode[] = [];
   /** Values naming nodes, from devices, -machine, -drive and -global (any value may be a node-name). */
   const outsideRefs: Array<{ where: string; value: string }> = [];
@@ -487,8 +489,9 @@ export function scanCommandLine(argv: readonly string[], refuse: Refuse): Comman
     const o = splitOpts(v);
     const head = o[0]?.value ?? "";
     const where = `${flag} ${v}`;
-    const flags = new Set(o.slice(1).map((x) => (x.key === undefined ? x.value : `${x.key}=${x.value}`)));
-    const server = flags.has("server") || flags.has("server=on");
+    const server = o
+      .slice(1)
+      .some((x) => (x.key === undefined ? x.value === "server" : x.key === "server" && isTrue(x.value)));
     if (head.startsWith("mon:")) {
       if (monitor) refuse(`${where}: a monitor inside a monitor`);
       return shortChardev(flag, v.slice(4), true);
@@ -562,10 +565,13 @@ export function scanCommandLine(argv: readonly string[], refuse: Refuse): Comman
         if (p.value === "vvfat") refuse(`${where}: driver vvfat shares a host directory with the guest`);
         if (!BLOCK_LOCAL.has(p.value) && !BLOCK_NETWORK.has(p.value))
           refuse(`${where}: block driver ${p.value} is not one Strata passes through`);
+        if (BLOCK_NETWORK.has(p.value)) scan.network.push(`${where}: driver=${p.value}`);
       } else if (own === "filename") {
         if (HOST_FILE_DRIVERS.has(owner.driver)) owner.filename = p.value;
       } else if (own === "node-name") {
         /* its name */
+      } else if (own === "server.type" && owner.driver === "nbd" && p.value !== "unix") {
+        scan.network.push(`${where}: server.type=${p.value}`);
       } else if (own === "server.path" || own === "path" || own === "conf" || own === "config") {
         if (owner.driver === "nbd" && own === "server.path")
           add({ where, key: p.key, path: p.value, use: "connect" });
@@ -1030,6 +1036,10 @@ export async function checkCommandLineToRun(argv: readonly string[], policy: Run
   if (scan.fds.length > 0)
     refuse(
       `${scan.fds[0]} passes a file descriptor of the program that started the VM (libvirt?), which Strata cannot hand over`,
+    );
+  if (scan.network.length > 0)
+    refuse(
+      `${scan.network[0]} reaches storage over the network: a restored VM runs on the disks Strata wrote`,
     );
   const warnings: string[] = [];
   const cwd = resolve(policy.cwd);

@@ -235,7 +235,9 @@ describe("planRestore", () => {
     assert.equal(plan.config.uuid, stored().uuid);
     const nbd = tampered((x) => {
       x.disks[0]!.file = "nbd://storage:10809/root";
-      x.commandLine = x.commandLine!.map((a) => a.replace("/vms/web1/root.qcow2", "nbd://storage:10809/root"));
+      x.commandLine = x.commandLine!.map((a) =>
+        a.replace("/vms/web1/root.qcow2", "nbd://storage:10809/root"),
+      );
     });
     await assert.rejects(
       planQemuRestore(doc(nbd), options(), tcg),
