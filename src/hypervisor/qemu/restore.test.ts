@@ -167,6 +167,20 @@ describe("parseConfig", () => {
       /argument \d+ of the command line is not a string/,
     ],
     [
+      "a command line whose tap runs a host script",
+      (c) => {
+        c.commandLine!.push("-netdev", "tap,id=n1,script=/tmp/x/evil.sh");
+      },
+      /its command line: -netdev tap: script=\/tmp\/x\/evil\.sh runs a host program/,
+    ],
+    [
+      "a command line opening a host file writable",
+      (c) => {
+        c.commandLine!.push("-drive", "file=/etc/shadow,if=virtio,format=raw");
+      },
+      /its command line: -drive .*\/etc\/shadow is not one of the VM's disks, and would be opened writable/,
+    ],
+    [
       "another adapter's document",
       (c) => {
         (c as { kind: string }).kind = "libvirt";
