@@ -180,6 +180,11 @@ export interface RestorePlan {
   /** The definition to write or hand to the platform, in the platform's own syntax. */
   definition: { text: string; mediaType: string; file?: string };
   warnings: string[];
+  /**
+   * How a person starts the defined VM where the platform starts its own VMs and the adapter
+   * has no `start` (Proxmox VE: `qm start 101`); shown after the restore.
+   */
+  startHint?: string;
   /** The adapter's own planning data. */
   [key: string]: unknown;
 }

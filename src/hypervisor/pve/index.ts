@@ -1,0 +1,435 @@
+/**
+ * The Proxmox VE adapter: `pve:VMID`.
+ *
+ * A Proxmox VM is a QEMU process that qemu-server starts from `/etc/pve/qemu-server/VMID.conf`,
+ * with its QMP monitor at `/var/run/qemu-server/VMID.qmp` and its guest agent at `VMID.qga`.
+ * Strata backs it up exactly like any QEMU VM (the QEMU session of hypervisor/qemu/session.ts:
+ * one transaction cuts every disk, short QMP connections, checkpoint bitmaps) and keeps the
+ * VM's own configuration with the restore point: a {@link PveConfigDocument} holding VMID.conf
+ * byte for byte, its disks named by their configuration keys (`scsi0`, `virtio0`, `efidisk0`,
+ * which are also the names QEMU's device ids give them: qemu-server names the drives
+ * `drive-scsi0` and the devices `scsi0`), and the QEMU document of the running process.
+ *
+ * Restore plans a Proxmox VM again: in place (same VMID, each disk back onto the volume its
+ * storage maps it to, VMID.conf rewritten only when a path changes) or as a clone with a new VMID
+ * (the next free one, or `--name VMID`), new MACs, smbios1 UUID and vmgenid, and volumes renamed
+ * for the new VMID in the target directory (as volumes of a dir storage when the directory is
+ * one, else as absolute paths). `define` writes the new VMID.conf and never overwrites one.
+ * Strata does not start Proxmox VMs: qemu-server does (`qm start VMID`, the plan's start hint).
+ *
+ * The root (`/` on a Proxmox host) is a constructor option, so that tests run against fixture
+ * directories standing in for /etc/pve and /var/run/qemu-server.
+ */
+import { promises as fs } from "node:fs";
+import { join, resolve } from "node:path";
+import { NAME_RE } from "../../repo/format.js";
+import { ErrorCode, isNotFound, StrataError } from "../../util/errors.js";
+import { socketAccepts } from "../../util/process.js";
+import type {
+  PlannedDisk,
+  RestorePlan,
+  RestorePlanOptions,
+  VmAdapter,
+  VmConfigDocument,
+  VmHandle,
+  VmSummary,
+} from "../adapter.js";
+import { QmpClient } from "../qemu/qmp.js";
+import { qemuProcessesUsing } from "../qemu/start.js";
+import { cloneConf, nextFreeVmid, renameVolume, rewriteVolumes, usedVmids } from "./clone.js";
+import { PveConf } from "./conf.js";
+import { checkDocument, drives, type PveConfigDocument, VMID_RE } from "./model.js";
+import { parseStorageCfg, resolveVolume, type Storage } from "./storage.js";
+
+export { PveConf } from "./conf.js";
+export { checkDocument, type PveConfigDocument } from "./model.js";
+
+export interface PveAdapterOptions {
+  /** The host's root: `/` on Proxmox VE; a fixture directory in tests. */
+  root?: string;
+}
+
+/** What define does with VMID.conf. */
+type ConfAction = "create" | "rewrite" | "if-missing";
+
+const DNS_NAME_RE = /^(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$/;
+
+export class PveAdapter implements VmAdapter {
+  readonly id = "pve";
+  readonly schemes = ["pve"] as const;
+  readonly usage = "pve:VMID (a Proxmox VE VM)";
+  readonly etcPve: string;
+  readonly runDir: string;
+
+  constructor(o: PveAdapterOptions = {}) {
+    const root = resolve(o.root ?? "/");
+    this.etcPve = join(root, "etc", "pve");
+    this.runDir = join(root, "var", "run", "qemu-server");
+  }
+
+  confPath(vmid: number): string {
+    return join(this.etcPve, "qemu-server", `${vmid}.conf`);
+  }
+
+  qmpSocket(vmid: number): string {
+    return join(this.runDir, `${vmid}.qmp`);
+  }
+
+  qgaSocket(vmid: number): string {
+    return join(this.runDir, `${vmid}.qga`);
+  }
+
+  /** VMID.conf, parsed; NOT_FOUND when the VM does not exist. */
+  async readConf(vmid: number): Promise<PveConf> {
+    const path = this.confPath(vmid);
+    let buf: Buffer;
+    try {
+      buf = await fs.readFile(path);
+    } catch (err) {
+      if (isNotFound(err))
+        throw new StrataError(ErrorCode.NOT_FOUND, `no Proxmox VM ${vmid}: ${path} does not exist`);
+      throw new StrataError(ErrorCode.SOURCE_UNREADABLE, `cannot read ${path}: ${(err as Error).message}`);
+    }
+    return PveConf.parse(buf, { where: path });
+  }
+
+  /** storage.cfg, parsed (empty when the file does not exist). */
+  async storages(): Promise<Map<string, Storage>> {
+    const path = join(this.etcPve, "storage.cfg");
+    let text: string;
+    try {
+      text = await fs.readFile(path, "utf8");
+    } catch (err) {
+      if (isNotFound(err)) return new Map();
+      throw new StrataError(ErrorCode.SOURCE_UNREADABLE, `cannot read ${path}: ${(err as Error).message}`);
+    }
+    return parseStorageCfg(text, path);
+  }
+
+  parseVmid(uri: string): number {
+    const m = /^pve:(\d+)$/.exec(uri);
+    if (!m || !VMID_RE.test(m[1]!))
+      throw new StrataError(ErrorCode.USAGE, `bad source "${uri}": ${this.usage}, VMID 100 to 999999999`);
+    return Number(m[1]);
+  }
+
+  async resolve(uri: string): Promise<VmHandle> {
+    const vmid = this.parseVmid(uri);
+    const conf = await this.readConf(vmid);
+    const name = conf.get("name");
+    return {
+      adapter: this,
+      source: uri,
+      defaultName: name !== undefined && NAME_RE.test(name) ? name : `vm-${vmid}`,
+      openBackup: () => {
+        throw new StrataError(ErrorCode.INTERNAL, "the Proxmox backup session is not built yet");
+      },
+    };
+  }
+
+  /** Whether VMID's QEMU runs: its QMP socket answers, and `query-status` says how. */
+  async state(vmid: number): Promise<VmSummary["state"]> {
+    const socket = this.qmpSocket(vmid);
+    if (!(await socketAccepts(socket))) return "shut off";
+    let qmp: QmpClient | undefined;
+    try {
+      qmp = await QmpClient.connect(socket, { connectTimeoutMs: 3000 });
+      const s = await qmp.execute<{ running: boolean; status: string }>("query-status", undefined, {
+        timeoutMs: 3000,
+      });
+      return s.running ? "running" : "paused";
+    } catch {
+      // Another client holds the monitor (QEMU serves one at a time), or it is going away.
+      return "unknown";
+    } finally {
+      await qmp?.close().catch(() => {});
+    }
+  }
+
+  async list(): Promise<VmSummary[]> {
+    const dir = join(this.etcPve, "qemu-server");
+    const files = await fs.readdir(dir).catch((err: unknown) => {
+      if (isNotFound(err)) return [] as string[];
+      throw new StrataError(ErrorCode.SOURCE_UNREADABLE, `cannot list ${dir}: ${(err as Error).message}`);
+    });
+    const ids = files
+      .flatMap((f) => (/^[1-9]\d{2,8}\.conf$/.test(f) ? [Number(f.slice(0, -5))] : []))
+      .sort((a, b) => a - b);
+    const out: VmSummary[] = [];
+    for (const vmid of ids) {
+      let name = `vm-${vmid}`;
+      try {
+        name = (await this.readConf(vmid)).get("name") ?? name;
+      } catch {
+        // Listed all the same; a backup of it says what is wrong with its configuration.
+      }
+      out.push({ adapter: this.id, source: `pve:${vmid}`, name, state: await this.state(vmid) });
+    }
+    return out;
+  }
+
+  parseConfig(doc: VmConfigDocument): PveConfigDocument {
+    return checkDocument(doc);
+  }
+
+  async planRestore(config: VmConfigDocument, o: RestorePlanOptions): Promise<RestorePlan> {
+    const doc = checkDocument(config);
+    const conf = PveConf.parse(doc.conf, { where: `of VM ${doc.vmid}`, code: ErrorCode.DATA_CORRUPT });
+    const inRepo = new Map(o.available.map((d) => [d.name, d.size]));
+    let disks = doc.disks.filter((d) => inRepo.has(d.name));
+    if (o.disk !== undefined) {
+      disks = disks.filter((d) => d.name === o.disk);
+      if (disks.length === 0)
+        throw new StrataError(
+          ErrorCode.NOT_FOUND,
+          `the restore point has no disk "${o.disk}" (it has: ${[...inRepo.keys()].join(", ")})`,
+        );
+    }
+    const storages = await this.storages();
+    const warnings: string[] = [];
+    for (const d of drives(conf)) {
+      if (
+        d.media === "disk" &&
+        d.volume !== "none" &&
+        !disks.some((x) => x.name === d.key) &&
+        o.disk === undefined
+      )
+        warnings.push(`${d.key} (${d.volume}) is not in the restore point and is not restored`);
+    }
+    const formatOf = (d: (typeof disks)[number]): "raw" | "qcow2" =>
+      o.format ?? (d.format === "qcow2" ? "qcow2" : "raw");
+    const planned: PlannedDisk[] = [];
+    const volumes = new Map<string, { volume: string; format: string }>();
+    let vmid = doc.vmid;
+    let action: ConfAction;
+    let text: string;
+    let result: PveConfigDocument;
+
+    if (o.target === undefined) {
+      // In place: each disk onto the volume its storage maps it to now.
+      for (const d of disks) {
+        const fmt = formatOf(d);
+        const conflict = (why: string): never => {
+          throw new StrataError(
+            ErrorCode.TARGET_CONFLICT,
+            `disk ${d.name} (${d.volume}) can't be restored in place: ${why}; restore it as a clone with --target DIR`,
+          );
+        };
+        let r: ReturnType<typeof resolveVolume>;
+        try {
+          r = resolveVolume(storages, d.volume);
+        } catch (err) {
+          return conflict((err as Error).message);
+        }
+        if (r.kind === "unhandled") return conflict(r.reason);
+        let path = r.path;
+        let volume = d.volume;
+        const block = r.storage !== null && /^lvm/.test(r.storage.type);
+        if (block) {
+          if (fmt !== "raw")
+            throw new StrataError(
+              ErrorCode.USAGE,
+              `disk ${d.name} lives on ${r.storage!.type} storage ${r.storage!.id}, which holds raw volumes only: leave out --format qcow2`,
+            );
+          const st = await fs.stat(path).catch(() => undefined);
+          if (!st?.isBlockDevice())
+            conflict(
+              `its logical volume ${path} does not exist; create it first (lvcreate -n ${path.split("/").at(-1)} -L ${d.size}b ${path.split("/")[2]}${r.storage!.type === "lvmthin" ? ` --thinpool ${r.storage!.props.get("thinpool") ?? "data"}` : ""})`,
+            );
+        } else if (r.format !== undefined && r.format !== fmt) {
+          // A file whose name says its format: the restored file gets the new format's name.
+          volume = d.volume.replace(/\.(raw|qcow2|vmdk)$/, `.${fmt}`);
+          path = path.replace(/\.(raw|qcow2|vmdk)$/, `.${fmt}`);
+          volumes.set(d.name, { volume, format: fmt });
+        } else if (r.format === undefined && d.format !== fmt) {
+          volumes.set(d.name, { volume, format: fmt });
+        }
+        planned.push({ name: d.name, format: fmt, path, size: d.size });
+      }
+      if (volumes.size > 0) {
+        const rw = rewriteVolumes(conf, volumes);
+        warnings.push(...rw.warnings);
+        text = rw.conf.toString();
+        action = "rewrite";
+      } else {
+        text = doc.conf;
+        action = "if-missing";
+        const current = await this.readConf(vmid).catch(() => undefined);
+        const snaps = current?.snapshots() ?? [];
+        if (snaps.length > 0)
+          warnings.push(
+            `${this.confPath(vmid)} lists snapshots (${snaps.join(", ")}) that the restored disks no longer hold: remove them with "qm delsnapshot ${vmid} NAME --force"`,
+          );
+      }
+      result = {
+        ...doc,
+        disks: doc.disks.map((d) => {
+          const p = planned.find((x) => x.name === d.name);
+          const v = volumes.get(d.name);
+          return p ? { ...d, file: p.path, format: p.format, ...(v ? { volume: v.volume } : {}) } : d;
+        }),
+        conf: text,
+      };
+    } else {
+      // A clone: a new VMID, identity and volumes.
+      const wanted = o.name;
+      if (wanted !== undefined && /^\d+$/.test(wanted)) {
+        if (!VMID_RE.test(wanted))
+          throw new StrataError(ErrorCode.USAGE, `VMID ${wanted} is out of range (100 to 999999999)`);
+        vmid = Number(wanted);
+        if ((await usedVmids(this.etcPve)).includes(vmid))
+          throw new StrataError(
+            ErrorCode.TARGET_CONFLICT,
+            `VMID ${vmid} is taken on this Proxmox host or cluster: choose a free one, or leave out --name for the next free one`,
+          );
+      } else vmid = await nextFreeVmid(this.etcPve);
+      const name =
+        wanted !== undefined && !/^\d+$/.test(wanted) ? wanted : `${doc.name ?? `vm-${doc.vmid}`}-restored`;
+      if (!DNS_NAME_RE.test(name))
+        throw new StrataError(
+          ErrorCode.USAGE,
+          `"${name}" is not a valid Proxmox VM name (a DNS name: letters, digits, '-' and '.')`,
+        );
+      const target = resolve(o.target);
+      // A dir storage's own directory (or its images/VMID): the clone's disks become its volumes.
+      const store = [...storages.values()].find((s) => {
+        const p = s.props.get("path");
+        return (
+          /^(dir|nfs|cifs)$/.test(s.type) &&
+          p !== undefined &&
+          (resolve(p) === target || resolve(p, "images", String(vmid)) === target)
+        );
+      });
+      const dir = store ? resolve(store.props.get("path")!, "images", String(vmid)) : target;
+      const taken = new Set<string>();
+      for (const d of disks) {
+        const fmt = formatOf(d);
+        const file = `${renameVolume(d.volume, vmid, taken)}.${fmt}`;
+        const path = join(dir, file);
+        volumes.set(d.name, { volume: store ? `${store.id}:${vmid}/${file}` : path, format: fmt });
+        planned.push({ name: d.name, format: fmt, path, size: d.size });
+      }
+      if (!store)
+        warnings.push(
+          `${target} is not the directory of a dir storage in storage.cfg: the clone's disks are absolute paths, which Proxmox does not manage (move them with "qm disk move ${vmid} DISK STORAGE")`,
+        );
+      const c = cloneConf(conf, { vmid, name, volumes });
+      warnings.push(...c.warnings);
+      text = c.conf.toString();
+      action = "create";
+      result = {
+        ...doc,
+        vmid,
+        name,
+        uuid: c.uuid,
+        disks: doc.disks.flatMap((d) => {
+          const p = planned.find((x) => x.name === d.name);
+          const v = volumes.get(d.name)!;
+          return p
+            ? [
+                {
+                  ...d,
+                  file: p.path,
+                  format: p.format,
+                  volume: v.volume,
+                  storage: store?.id ?? null,
+                  storageType: store?.type ?? null,
+                },
+              ]
+            : [];
+        }),
+        nics: doc.nics.map((n) => ({ ...n, mac: c.macs.get(n.id) ?? n.mac })),
+        conf: text,
+        qemu: null,
+      };
+    }
+    const file = this.confPath(vmid);
+    return {
+      kind: "pve",
+      clone: o.target !== undefined,
+      config: result,
+      disks: planned,
+      definition: {
+        text,
+        mediaType: "text/x-proxmox-qemu-server-conf",
+        ...(o.disk === undefined ? { file } : {}),
+      },
+      warnings,
+      startHint: `qm start ${vmid}`,
+      vmid,
+      confAction: o.disk === undefined ? action : "none",
+    };
+  }
+
+  /** Refuses when the VM the plan restores (or the clone's VMID) runs. */
+  async refuseIfRunning(plan: RestorePlan): Promise<void> {
+    const vmid = planVmid(plan);
+    const socket = this.qmpSocket(vmid);
+    if (await socketAccepts(socket))
+      throw new StrataError(
+        ErrorCode.TARGET_CONFLICT,
+        `Proxmox VM ${vmid} is running (its QMP socket ${socket} answers): stop it first ("qm stop ${vmid}"); --force never overwrites the disks of a running VM`,
+      );
+    const procs = await qemuProcessesUsing([...plan.disks.map((d) => d.path), socket]);
+    if (procs.length > 0)
+      throw new StrataError(
+        ErrorCode.TARGET_CONFLICT,
+        `QEMU process ${procs[0]!.pid} is using ${procs[0]!.path}: stop that VM first; --force never overwrites the disks of a running VM`,
+      );
+  }
+
+  /**
+   * Writes VMID.conf: a clone's always as a new file (never over an existing one, --force or
+   * not); in place only when it is missing, or when the restore changed disk paths (then over
+   * the existing one with `force`).
+   */
+  async define(plan: RestorePlan, force: boolean): Promise<void> {
+    const vmid = planVmid(plan);
+    const action = plan.confAction;
+    if (action === "none") return;
+    const file = this.confPath(vmid);
+    const text = plan.definition.text;
+    PveConf.parse(text, { where: file, code: ErrorCode.INTERNAL });
+    if (action === "create" && (await usedVmids(this.etcPve)).includes(vmid))
+      throw new StrataError(
+        ErrorCode.TARGET_CONFLICT,
+        `VMID ${vmid} was taken meanwhile (${file} or another node's configuration exists): restore again for the next free VMID`,
+      );
+    const exists = await fs.stat(file).then(
+      () => true,
+      () => false,
+    );
+    if (action === "if-missing" && exists) return;
+    if (action === "rewrite" && exists && !force)
+      throw new StrataError(
+        ErrorCode.TARGET_CONFLICT,
+        `${file} exists and the restored disks have other paths: use --force to rewrite it`,
+      );
+    await fs.mkdir(join(this.etcPve, "qemu-server"), { recursive: true });
+    try {
+      await fs.writeFile(file, text, { flag: action === "rewrite" ? "w" : "wx" });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "EEXIST")
+        throw new StrataError(
+          ErrorCode.TARGET_CONFLICT,
+          `${file} exists: Strata never overwrites a Proxmox VM's configuration`,
+        );
+      throw new StrataError(ErrorCode.TARGET_CONFLICT, `cannot write ${file}: ${(err as Error).message}`);
+    }
+  }
+
+  /** "pve": the VMID.conf text; "json": the document. */
+  renderConfig(config: VmConfigDocument, as: string): string {
+    const doc = checkDocument(config);
+    if (as === "pve") return doc.conf;
+    if (as === "json") return `${JSON.stringify(doc, null, 2)}\n`;
+    throw new StrataError(ErrorCode.USAGE, `a Proxmox VM's configuration renders as pve or json, not ${as}`);
+  }
+}
+
+function planVmid(plan: RestorePlan): number {
+  const v = plan.vmid;
+  if (plan.kind !== "pve" || typeof v !== "number" || !VMID_RE.test(String(v)))
+    throw new StrataError(ErrorCode.INTERNAL, "not a Proxmox restore plan");
+  return v;
+}
