@@ -103,6 +103,16 @@ export function cloneConf(original: PveConf, c: CloneChanges): CloneResult {
       setDriveVolume(conf, d.key, v.volume, v.format);
       continue;
     }
+    const ci = /^([^:]+:(?:\d+\/)?)vm-\d+-cloudinit(\.[a-z0-9]+)?$/.exec(d.volume);
+    if (ci) {
+      // qemu-server's cloud-init drive is per VM: the clone gets its own, made at its first start.
+      const volume = `${ci[1]!.replace(/^([^:]+:)\d+\//, `$1${c.vmid}/`)}vm-${c.vmid}-cloudinit${ci[2] ?? ""}`;
+      setDriveVolume(conf, d.key, volume);
+      warnings.push(
+        `${d.key}: the clone's cloud-init drive is ${volume}; "qm cloudinit update ${c.vmid}" makes it`,
+      );
+      continue;
+    }
     if (d.media === "cdrom" || d.volume === "none") continue;
     conf.delete(d.key);
     warnings.push(
