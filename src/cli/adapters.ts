@@ -4,6 +4,7 @@
  * registry built here; nothing below the CLI knows the list.
  */
 import { ImageFileAdapter } from "../hypervisor/images/adapter.js";
+import { PveAdapter } from "../hypervisor/pve/index.js";
 import { QemuAdapter } from "../hypervisor/qemu/adapter.js";
 import { DEFAULT_INVENTORY } from "../hypervisor/qemu/inventory.js";
 import { defaultStateDir } from "../hypervisor/qemu/state.js";
@@ -23,7 +24,8 @@ export interface RegistryOptions {
 export function buildRegistry(options: RegistryOptions = {}): AdapterRegistry {
   return new AdapterRegistry()
     .register(new ImageFileAdapter())
-    .register(new QemuAdapter(options.inventory ?? DEFAULT_INVENTORY));
+    .register(new QemuAdapter(options.inventory ?? DEFAULT_INVENTORY))
+    .register(new PveAdapter());
 }
 
 /** The URI syntaxes of every adapter, one per line, for --help. */

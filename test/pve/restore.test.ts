@@ -426,3 +426,44 @@ describe("Proxmox VM restores (fixture root)", () => {
     assert.ok(!existsSync(join(r.etc, "qemu-server", "104.conf")));
   });
 });
+
+describe("the QEMU session's disks and VMID.conf", () => {
+  test("disks map to configuration keys by name; disks of one side only are said", () => {
+    const text = pveFixture("100.conf");
+    const conf = PveConf.parse(text, { where: "100.conf" });
+    const storages = new Map();
+    const logs: string[] = [];
+    const qemuDoc = { kind: "qemu", name: "web1", uuid: null, cpus: 2, memoryBytes: 1, disks: [], nics: [] };
+    const doc = buildDocument(
+      100,
+      text,
+      conf,
+      storages,
+      {
+        doc: qemuDoc,
+        disks: [
+          { name: "scsi0", file: "/dev/pve/vm-100-disk-0", format: "raw", size: 32 * 2 ** 30 },
+          { name: "ide5", file: "/tmp/hotplug.qcow2", format: "qcow2", size: 2 ** 20 },
+        ],
+      },
+      (m) => logs.push(m),
+    );
+    assert.deepEqual(
+      doc.disks.map((d) => [d.name, d.volume, d.file, d.size]),
+      [["scsi0", "local-lvm:vm-100-disk-0", "/dev/pve/vm-100-disk-0", 32 * 2 ** 30]],
+    );
+    assert.equal(doc.qemu, qemuDoc);
+    assert.ok(
+      logs.some((l) =>
+        /^disk ide5 \(\/tmp\/hotplug\.qcow2\) of the running VM is not a drive of 100\.conf/.test(l),
+      ),
+      logs.join("\n"),
+    );
+    assert.ok(
+      logs.some((l) => /^scsi1 \(local-lvm:vm-100-disk-1\) is in 100\.conf but not attached/.test(l)),
+      logs.join("\n"),
+    );
+    assert.ok(!logs.some((l) => /ide2/.test(l)), "a CD-ROM is no disk");
+    checkDocument(JSON.parse(JSON.stringify(doc)));
+  });
+});

@@ -9,6 +9,9 @@
  * byte for byte, its disks named by their configuration keys (`scsi0`, `virtio0`, `efidisk0`,
  * which are also the names QEMU's device ids give them: qemu-server names the drives
  * `drive-scsi0` and the devices `scsi0`), and the QEMU document of the running process.
+ * A VM that is shut off is backed up in offline mode from its volumes, read as they are
+ * (crash-consistent: nothing says how it was stopped). Strata never shuts a Proxmox VM down
+ * itself: qemu-server would not know, and could not start it again as it was.
  *
  * Restore plans a Proxmox VM again: in place (same VMID, each disk back onto the volume its
  * storage maps it to, VMID.conf rewritten only when a path changes) or as a clone with a new VMID
@@ -20,12 +23,14 @@
  * The root (`/` on a Proxmox host) is a constructor option, so that tests run against fixture
  * directories standing in for /etc/pve and /var/run/qemu-server.
  */
-import { promises as fs } from "node:fs";
+import { existsSync, promises as fs } from "node:fs";
 import { join, resolve } from "node:path";
 import { NAME_RE } from "../../repo/format.js";
 import { ErrorCode, isNotFound, StrataError } from "../../util/errors.js";
 import { socketAccepts } from "../../util/process.js";
 import type {
+  BackupRequest,
+  BackupSession,
   PlannedDisk,
   RestorePlan,
   RestorePlanOptions,
@@ -34,11 +39,14 @@ import type {
   VmHandle,
   VmSummary,
 } from "../adapter.js";
+import { openFileDisks } from "../images/index.js";
+import { inspectVm, strayFiles } from "../qemu/doctor.js";
 import { QmpClient } from "../qemu/qmp.js";
+import { openQemuSession, type QemuTarget } from "../qemu/session.js";
 import { qemuProcessesUsing } from "../qemu/start.js";
 import { cloneConf, nextFreeVmid, renameVolume, rewriteVolumes, usedVmids } from "./clone.js";
 import { PveConf } from "./conf.js";
-import { checkDocument, drives, type PveConfigDocument, VMID_RE } from "./model.js";
+import { buildDocument, checkDocument, drives, type PveConfigDocument, VMID_RE } from "./model.js";
 import { parseStorageCfg, resolveVolume, type Storage } from "./storage.js";
 
 export { PveConf } from "./conf.js";
@@ -121,8 +129,129 @@ export class PveAdapter implements VmAdapter {
       adapter: this,
       source: uri,
       defaultName: name !== undefined && NAME_RE.test(name) ? name : `vm-${vmid}`,
-      openBackup: () => {
-        throw new StrataError(ErrorCode.INTERNAL, "the Proxmox backup session is not built yet");
+      openBackup: (request) => this.openBackup(vmid, request),
+      leftovers: async (vm, stateDir, fix) => [
+        ...(await inspectVm({ vm, ...this.target(vmid) }, fix, stateDir)),
+        ...(await strayFiles(stateDir, fix)),
+      ],
+    };
+  }
+
+  /** VMID's QMP socket, and its agent's when qemu-server made one (`agent: 1`). */
+  target(vmid: number): QemuTarget {
+    const qga = this.qgaSocket(vmid);
+    return { qmp: this.qmpSocket(vmid), ...(existsSync(qga) ? { qga } : {}) };
+  }
+
+  /**
+   * A backup session of VM `vmid`: the QEMU session of its running process, with the
+   * configuration document replaced by the Proxmox one (VMID.conf as it was when the backup
+   * started, disks named by their configuration keys, the QEMU document inside). A VM that is
+   * shut off is read from its volumes in offline mode (crash-consistent: Strata can't tell how
+   * it was stopped).
+   */
+  async openBackup(vmid: number, request: BackupRequest): Promise<BackupSession> {
+    const conf = await this.readConf(vmid);
+    const text = conf.toString();
+    const storages = await this.storages().catch((err: unknown) => {
+      request.log(`${(err as Error).message}: volumes are recorded without their storage`);
+      return new Map<string, Storage>();
+    });
+    const target = this.target(vmid);
+    if (!(await socketAccepts(target.qmp))) {
+      if (request.mode === "offline") return this.openStopped(vmid, text, conf, storages, request);
+      throw new StrataError(
+        ErrorCode.SOURCE_UNREADABLE,
+        `Proxmox VM ${vmid}${conf.get("name") ? ` (${conf.get("name")})` : ""} is not running: no QEMU answers on ${target.qmp}; back it up with --mode offline, or start it ("qm start ${vmid}")`,
+      );
+    }
+    if (request.mode === "offline")
+      throw new StrataError(
+        ErrorCode.USAGE,
+        `Proxmox VM ${vmid} is running: Strata does not shut down Proxmox VMs (qemu-server would not know); use --mode snapshot or pause, or stop it first ("qm shutdown ${vmid}")`,
+      );
+    const session = await openQemuSession(request.vm, target, request);
+    let config: PveConfigDocument;
+    try {
+      const qemu = session.config;
+      config = buildDocument(
+        vmid,
+        text,
+        conf,
+        storages,
+        qemu ? { doc: qemu, disks: qemu.disks } : null,
+        request.log,
+      );
+      const named = new Set(config.disks.map((d) => d.name));
+      const unnamed = session.disks.filter((d) => !named.has(d.name)).map((d) => d.name);
+      if (unnamed.length === session.disks.length)
+        throw new StrataError(
+          ErrorCode.SOURCE_UNREADABLE,
+          `no disk of the QEMU process on ${target.qmp} (${unnamed.join(", ")}) is a drive of ${this.confPath(vmid)}: is it Proxmox VM ${vmid}?`,
+        );
+    } catch (err) {
+      await session.finish(false);
+      throw err;
+    }
+    return {
+      disks: session.disks,
+      mode: session.mode,
+      consistency: session.consistency,
+      checkpoint: session.checkpoint,
+      config,
+      details: { ...session.details, vmid },
+      finish: (ok) => session.finish(ok),
+    };
+  }
+
+  /** A VM that is shut off: its volumes read as they are. */
+  private async openStopped(
+    vmid: number,
+    text: string,
+    conf: PveConf,
+    storages: ReadonlyMap<string, Storage>,
+    request: BackupRequest,
+  ): Promise<BackupSession> {
+    const config = buildDocument(vmid, text, conf, storages, null, request.log);
+    const readable = config.disks.filter((d) => d.file.startsWith("/"));
+    if (readable.length === 0)
+      throw new StrataError(
+        ErrorCode.SOURCE_UNREADABLE,
+        `Proxmox VM ${vmid} is shut off and none of its disks is on a storage Strata can read (${config.disks.map((d) => d.volume).join(", ") || "no disks"})`,
+      );
+    if (readable.length < config.disks.length)
+      throw new StrataError(
+        ErrorCode.SOURCE_UNREADABLE,
+        `Proxmox VM ${vmid} is shut off and disks ${config.disks
+          .filter((d) => !readable.includes(d))
+          .map((d) => `${d.name} (${d.volume})`)
+          .join(", ")} are on storages Strata can't read: start the VM for a live backup`,
+      );
+    const opened = await openFileDisks(
+      readable.map((d) => ({ path: d.file, name: d.name, format: d.format })),
+    );
+    config.disks = config.disks.map((d) => {
+      const o = opened.find((x) => x.name === d.name)!;
+      return { ...d, format: /^(raw|qcow2|vmdk)$/.test(o.format) ? o.format : d.format, size: o.size };
+    });
+    let closing: Promise<void> | undefined;
+    request.log(`Proxmox VM ${vmid} is shut off: its disks are read as they are (crash-consistent)`);
+    return {
+      disks: opened.map((d) => ({
+        name: d.name,
+        source: d.source,
+        size: d.size,
+        read: (offset: number, length: number, into?: Buffer) => d.read(offset, length, into),
+        ...(d.allocation ? { allocation: d.allocation.bind(d) } : {}),
+      })),
+      mode: "offline",
+      consistency: "crash-consistent",
+      checkpoint: null,
+      config,
+      details: { vmid },
+      finish: () => {
+        closing ??= Promise.all(opened.map((d) => d.close().catch(() => {}))).then(() => {});
+        return closing;
       },
     };
   }
