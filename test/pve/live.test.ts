@@ -50,6 +50,7 @@ name: web1
 net0: virtio=BC:24:11:AA:BB:CC,bridge=vmbr0,firewall=1
 ostype: l26
 scsi0: local:100/vm-100-disk-1.raw,cache=none,size=32M
+scsi1: local:100/vm-100-disk-2.raw,backup=0,size=8M
 scsihw: virtio-scsi-pci
 smbios1: uuid=${UUID}
 virtio0: local:100/vm-100-disk-0.qcow2,cache=none,size=64M
@@ -116,6 +117,10 @@ async function startPveStyleQemu(root: string, run: string, images: string, dir:
     `file=${join(images, "vm-100-disk-1.raw")},if=none,id=drive-scsi0,cache=none,format=raw,aio=threads,detect-zeroes=on`,
     "-device",
     "scsi-hd,bus=scsihw0.0,channel=0,scsi-id=0,lun=0,drive=drive-scsi0,id=scsi0",
+    "-drive",
+    `file=${join(images, "vm-100-disk-2.raw")},if=none,id=drive-scsi1,format=raw,aio=threads,detect-zeroes=on`,
+    "-device",
+    "scsi-hd,bus=scsihw0.0,channel=0,scsi-id=0,lun=1,drive=drive-scsi1,id=scsi1",
     "-drive",
     `file=${join(images, "vm-100-disk-0.qcow2")},if=none,id=drive-virtio0,cache=none,format=qcow2,aio=threads,detect-zeroes=on`,
     "-device",
@@ -204,6 +209,7 @@ describe("live backup of a Proxmox-style VM through the pve adapter", { timeout:
     const scsi = Buffer.alloc(32 * MiB);
     for (let off = 0; off < scsi.length; off += 4 * MiB) randomBytes(MiB).copy(scsi, off);
     writeFileSync(join(images, "vm-100-disk-1.raw"), scsi);
+    writeFileSync(join(images, "vm-100-disk-2.raw"), Buffer.alloc(8 * MiB, 1));
     const vm = await startPveStyleQemu(r.root, r.run, images, dir);
     t.after(() => stopQemu(vm));
 
@@ -291,6 +297,11 @@ describe("live backup of a Proxmox-style VM through the pve adapter", { timeout:
       ["BC:24:11:AA:BB:CC"],
     );
     assert.ok(!logs.some((l) => /not a drive of|not attached/.test(l)), logs.join("\n"));
+    // scsi1 has backup=0: left out of the restore point and its document, and said so.
+    assert.ok(
+      logs.some((l) => /^scsi1 \(.*\) has backup=0 in .*100\.conf: not backed up$/.test(l)),
+      logs.join("\n"),
+    );
 
     // The restored disks: scsi0 exactly as written, virtio0 a gap-free prefix of the workload.
     const out = join(dir, "restored");
@@ -332,7 +343,9 @@ describe("live backup of a Proxmox-style VM through the pve adapter", { timeout:
     const blocks = await qmpOnce<
       Array<{ device: string; inserted?: { "dirty-bitmaps"?: Array<{ name: string }> } }>
     >(vm.qmp, "query-block");
-    for (const b of blocks.filter((x) => /^drive-(scsi0|virtio0)$/.test(x.device)))
+    const ours = blocks.filter((x) => /^drive-(scsi0|scsi1|virtio0)$/.test(x.device));
+    assert.equal(ours.length, 3);
+    for (const b of ours)
       assert.equal(
         b.inserted?.["dirty-bitmaps"]?.filter((x) => x.name.startsWith("strata-")).length,
         1,

@@ -193,8 +193,27 @@ export class PveAdapter implements VmAdapter {
       await session.finish(false);
       throw err;
     }
+    // Disks marked `backup=0` stay out of the restore point, as vzdump leaves them out. The
+    // checkpoint record keeps them, so that their bitmaps are handed over like the others' and
+    // none piles up; a disk later included is read whole (the restore point before has none).
+    const skipped = new Set(
+      drives(conf)
+        .filter((d) => !d.backup)
+        .map((d) => d.key),
+    );
+    for (const d of session.disks.filter((x) => skipped.has(x.name)))
+      request.log(`${d.name} (${d.source}) has backup=0 in ${this.confPath(vmid)}: not backed up`);
+    config.disks = config.disks.filter((d) => !skipped.has(d.name));
+    const disks = session.disks.filter((d) => !skipped.has(d.name));
+    if (disks.length === 0) {
+      await session.finish(false);
+      throw new StrataError(
+        ErrorCode.USAGE,
+        `every disk of Proxmox VM ${vmid} has backup=0: there is nothing to back up`,
+      );
+    }
     return {
-      disks: session.disks,
+      disks,
       mode: session.mode,
       consistency: session.consistency,
       checkpoint: session.checkpoint,
@@ -213,6 +232,11 @@ export class PveAdapter implements VmAdapter {
     request: BackupRequest,
   ): Promise<BackupSession> {
     const config = buildDocument(vmid, text, conf, storages, null, request.log);
+    const skipped = drives(conf).filter((d) => !d.backup);
+    for (const d of skipped) request.log(`${d.key} (${d.volume}) has backup=0: not backed up`);
+    config.disks = config.disks.filter((d) => !skipped.some((x) => x.key === d.name));
+    if (config.disks.length === 0)
+      throw new StrataError(ErrorCode.USAGE, `Proxmox VM ${vmid} has no disk to back up`);
     const readable = config.disks.filter((d) => d.file.startsWith("/"));
     if (readable.length === 0)
       throw new StrataError(
