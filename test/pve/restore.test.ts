@@ -467,3 +467,43 @@ describe("the QEMU session's disks and VMID.conf", () => {
     checkDocument(JSON.parse(JSON.stringify(doc)));
   });
 });
+
+describe("in place, paths a stored configuration names", () => {
+  test("absolute paths are written only inside a file storage or as block devices; another VM on the VMID is said", async (t) => {
+    const r = pveRoot(t, {});
+    const inside = join(r.local, "images", "100", "extra.raw");
+    writeFileSync(
+      join(r.etc, "qemu-server", "100.conf"),
+      `name: odd\nsmbios1: uuid=0b7e5c1e-4f2a-4c1b-9d3e-7a1f2b3c4d5e\nvirtio0: /etc/shadow,size=1M\nvirtio1: ${inside},size=1M\nvirtio2: /dev/null,size=1M\n`,
+    );
+    const adapter = new PveAdapter({ root: r.root });
+    const doc = await docOf(adapter, 100);
+    await refused(
+      adapter.planRestore(doc, { available: available(doc, ["virtio0"]) }),
+      ErrorCode.TARGET_CONFLICT,
+      /disk virtio0 \(\/etc\/shadow\) can't be restored in place: \/etc\/shadow is neither a block device nor inside a file storage/,
+    );
+    await refused(
+      adapter.planRestore(doc, { available: available(doc, ["virtio2"]) }),
+      ErrorCode.TARGET_CONFLICT,
+      /\/dev\/null is neither a block device/,
+    );
+    const ok = await adapter.planRestore(doc, { available: available(doc, ["virtio1"]) });
+    assert.deepEqual(
+      ok.disks.map((d) => d.path),
+      [inside],
+    );
+    assert.ok(!ok.warnings.some((w) => /another VM/.test(w)));
+    writeFileSync(
+      join(r.etc, "qemu-server", "100.conf"),
+      "name: new\nsmbios1: uuid=11111111-2222-4333-8444-555555555555\n",
+    );
+    const other = await adapter.planRestore(doc, { available: available(doc, ["virtio1"]) });
+    assert.ok(
+      other.warnings.some((w) =>
+        /100\.conf now describes another VM \(smbios1 UUID 11111111-2222-4333-8444-555555555555/.test(w),
+      ),
+      other.warnings.join("\n"),
+    );
+  });
+});

@@ -46,7 +46,7 @@ import { openQemuSession, type QemuTarget } from "../qemu/session.js";
 import { qemuProcessesUsing } from "../qemu/start.js";
 import { cloneConf, nextFreeVmid, renameVolume, rewriteVolumes, usedVmids } from "./clone.js";
 import { PveConf } from "./conf.js";
-import { buildDocument, checkDocument, drives, type PveConfigDocument, VMID_RE } from "./model.js";
+import { buildDocument, checkDocument, drives, identity, type PveConfigDocument, VMID_RE } from "./model.js";
 import { parseStorageCfg, resolveVolume, type Storage } from "./storage.js";
 
 export { PveConf } from "./conf.js";
@@ -375,6 +375,14 @@ export class PveAdapter implements VmAdapter {
           return conflict((err as Error).message);
         }
         if (r.kind === "unhandled") return conflict(r.reason);
+        if (r.storage === null && !insideStorage(r.path, storages)) {
+          // A path outside every storage comes only from the document: it could name any file.
+          const st = await fs.stat(r.path).catch(() => undefined);
+          if (!r.path.startsWith("/dev/") || !st?.isBlockDevice())
+            conflict(
+              `${r.path} is neither a block device nor inside a file storage of storage.cfg, and Strata does not write to other paths a stored configuration names`,
+            );
+        }
         let path = r.path;
         let volume = d.volume;
         const block = r.storage !== null && /^lvm/.test(r.storage.type);
@@ -409,6 +417,11 @@ export class PveAdapter implements VmAdapter {
         action = "if-missing";
         const current = await this.readConf(vmid).catch(() => undefined);
         const snaps = current?.snapshots() ?? [];
+        const uuid = current && identity(current).uuid;
+        if (uuid && doc.uuid && uuid !== doc.uuid)
+          warnings.push(
+            `${this.confPath(vmid)} now describes another VM (smbios1 UUID ${uuid}, the restore point's is ${doc.uuid}): its disks are the ones overwritten`,
+          );
         if (snaps.length > 0)
           warnings.push(
             `${this.confPath(vmid)} lists snapshots (${snaps.join(", ")}) that the restored disks no longer hold: remove them with "qm delsnapshot ${vmid} NAME --force"`,
@@ -578,6 +591,17 @@ export class PveAdapter implements VmAdapter {
     if (as === "json") return `${JSON.stringify(doc, null, 2)}\n`;
     throw new StrataError(ErrorCode.USAGE, `a Proxmox VM's configuration renders as pve or json, not ${as}`);
   }
+}
+
+/** Whether `path` lies inside the directory of a file storage (dir, nfs, cifs). */
+function insideStorage(path: string, storages: ReadonlyMap<string, Storage>): boolean {
+  const p = resolve(path);
+  for (const s of storages.values()) {
+    const dir = s.props.get("path");
+    if (/^(dir|nfs|cifs)$/.test(s.type) && dir?.startsWith("/") && p.startsWith(`${resolve(dir)}/`))
+      return true;
+  }
+  return false;
 }
 
 function planVmid(plan: RestorePlan): number {
