@@ -1,23 +1,24 @@
 /** instant: boot a VM straight from a restore point, list, stop, resume, migrate it live. */
 import { join, resolve } from "node:path";
 import type { Command } from "commander";
+import { resumeInstant, stopInstant } from "../engine/instant/control.js";
+import { migrateInstant } from "../engine/instant/migrate.js";
+import { startInstant } from "../engine/instant/start.js";
 import {
   DEFAULT_RECONNECT_DELAY,
-  type InstantState,
+  type InstantRecord,
   instantStateDir,
-  listInstantStates,
-  migrateInstant,
-  qemuRuns,
-  resumeInstant,
+  listInstantRecords,
+  runtimeOf,
   serverRuns,
-  startInstant,
-  stopInstant,
-} from "../engine/instant.js";
+} from "../engine/instant/state.js";
 import { bootHint, readVmConfig } from "../engine/vm-restore.js";
+import { defaultStateDir } from "../hypervisor/qemu/state.js";
 import { checkName } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes } from "../util/sizes.js";
 import { globals, interruptSignal, output, parseCount, repoPath, withRepo } from "./context.js";
+import { vmAdapters } from "./vm-adapters.js";
 
 interface StartFlags {
   name?: string;
@@ -50,28 +51,38 @@ function serveCommand(cmd: Command, ref: string, cacheSize: string): string[] {
   ];
 }
 
-function describeState(s: InstantState) {
+/** The record for people and --json: what runs, where, and how far migrated. */
+async function describe(r: InstantRecord) {
+  const vm = r.vm;
+  const running = vm ? await runtimeOf(r, vmAdapters()).running(vm) : false;
   return {
-    name: s.name,
-    restorePoint: s.restorePoint,
-    phase: s.phase,
-    qemu: {
-      pid: s.qemu.pid,
-      running: qemuRuns(s),
-      qmpSocket: s.qemu.qmpSocket,
-      console: s.qemu.console,
-      log: s.qemu.log,
+    name: r.name,
+    restorePoint: r.restorePoint,
+    phase: r.phase,
+    adapter: r.adapter,
+    vm: { pid: vm?.pid ?? null, running, where: vm?.where ?? null, ...vm?.details } as {
+      pid: number | null;
+      running: boolean;
+      where: string | null;
+      /** The adapter's details: QEMU's qmpSocket, console, log. */
+      [detail: string]: string | number | boolean | null;
     },
-    serve: { pid: s.serve.pid, running: serverRuns(s), socket: s.socket, log: s.serve.log },
-    disks: s.disks.map((d) => ({
-      name: d.name,
-      size: d.size,
-      overlay: d.overlay,
-      ...(d.production ? { production: d.production.path, format: d.production.format } : {}),
-    })),
-    dir: s.dir,
+    serve: { pid: r.serve.pid, running: serverRuns(r), socket: r.socket, log: r.serve.log },
+    disks: r.exports.map((e) => {
+      const d = vm?.disks.find((x) => x.name === e.name);
+      return {
+        name: e.name,
+        size: e.size,
+        overlay: d?.overlay ?? null,
+        ...(d?.production ? { production: d.production.path, format: d.production.format } : {}),
+      };
+    }),
+    dir: r.dir,
+    warnings: vm?.warnings ?? [],
   };
 }
+
+const stateDirOf = (opts: { stateDir?: string }) => opts.stateDir ?? defaultStateDir();
 
 export function registerInstantCommands(program: Command): void {
   const instant = program
@@ -121,8 +132,8 @@ Examples:
       if (opts.name !== undefined) checkName("VM", opts.name);
       await withRepo(cmd, async (repo) => {
         const snap = await repo.findSnapshot(ref);
-        const config = await readVmConfig(repo, snap);
-        if (!config)
+        const stored = await readVmConfig(repo, snap, vmAdapters());
+        if (!stored)
           throw new StrataError(
             ErrorCode.USAGE,
             `${snap.vm}/${snap.time} holds no VM configuration (a file: backup): serve its disks with strata serve instead`,
@@ -131,8 +142,8 @@ Examples:
         const name = opts.name ?? snap.vm;
         checkName("VM", name);
         const id = `${snap.vm}/${snap.time}`;
-        const dir = resolve(opts.target ?? join(instantStateDir(opts.stateDir), name));
-        const started = await startInstant(snap, config, {
+        const dir = resolve(opts.target ?? join(instantStateDir(stateDirOf(opts)), name));
+        const started = await startInstant(snap, stored, vmAdapters(), {
           dir,
           name,
           clone: opts.name !== undefined,
@@ -141,32 +152,24 @@ Examples:
             ? {}
             : { passwordFile: resolve(globals(cmd).passwordFile!) }),
           serveCommand: serveCommand(cmd, id, opts.cacheSize),
-          ...(opts.stateDir === undefined ? {} : { stateDir: opts.stateDir }),
+          stateDir: stateDirOf(opts),
           ...(opts.reconnectDelay === undefined ? {} : { reconnectDelay: opts.reconnectDelay }),
+          log: (m) => out.warn(m),
         });
-        const s = started.state;
+        const s = await describe(started.record);
         for (const w of s.warnings) out.warn(w);
-        out.result(
-          {
-            type: "summary",
-            id,
-            ...describeState(s),
-            accelerator: started.accelerator.accel,
-            startMs: started.startMs,
-          },
-          () =>
-            [
-              `"${s.name}" runs from ${id} (QEMU pid ${s.qemu.pid}, ${started.accelerator.accel}: ${started.accelerator.reason}), started in ${(started.startMs / 1000).toFixed(1)} s`,
-              ...s.disks.map(
-                (d) =>
-                  `  ${d.name} (${formatBytes(d.size)}): overlay ${d.overlay} over nbd+unix:///${d.name}?socket=${s.socket}`,
-              ),
-              `QMP socket: ${s.qemu.qmpSocket}`,
-              ...(s.qemu.console ? [`console: ${s.qemu.console}`] : []),
-              `QEMU log: ${s.qemu.log}; NBD server pid ${s.serve.pid}, log ${s.serve.log}`,
-              `${id} is ${snap.manifest.consistency}: ${bootHint(snap.manifest.consistency)}`,
-              `guest writes go to the overlays; to keep them: strata instant migrate ${s.name} --target DIR`,
-            ].join("\n"),
+        out.result({ type: "summary", id, ...s, startMs: started.startMs }, () =>
+          [
+            `"${s.name}" runs from ${id} (pid ${s.vm.pid}: ${s.vm.where}), started in ${(started.startMs / 1000).toFixed(1)} s`,
+            ...s.disks.map(
+              (d) =>
+                `  ${d.name} (${formatBytes(d.size)}): overlay ${d.overlay} over nbd+unix:///${d.name}?socket=${s.serve.socket}`,
+            ),
+            ...Object.entries(started.record.vm?.details ?? {}).map(([k, v]) => `${k}: ${v}`),
+            `NBD server pid ${s.serve.pid}, log ${s.serve.log}`,
+            `${id} is ${snap.manifest.consistency}: ${bootHint(snap.manifest.consistency)}`,
+            `guest writes go to the overlays; to keep them: strata instant migrate ${s.name} --target DIR`,
+          ].join("\n"),
         );
       });
     });
@@ -177,15 +180,19 @@ Examples:
     .option(...stateDirOption)
     .action(async (opts: { stateDir?: string }, cmd: Command) => {
       const out = output(cmd);
-      const states = (await listInstantStates(opts.stateDir)).map(describeState);
+      const { records, unreadable } = await listInstantRecords(stateDirOf(opts), vmAdapters());
+      for (const u of unreadable) out.warn(`${u.file} not listed: ${u.error}`);
+      const states = await Promise.all(records.map(describe));
       out.result(states, () =>
         states.length === 0
           ? "no instantly recovered VMs"
           : states
               .map((s) =>
                 [
-                  `${s.name}  ${s.phase}  from ${s.restorePoint}  QEMU ${s.qemu.running ? `pid ${s.qemu.pid}` : "not running"}, server ${s.serve.running ? `pid ${s.serve.pid}` : "not running"}`,
-                  `  QMP ${s.qemu.qmpSocket}${s.qemu.console ? `, console ${s.qemu.console}` : ""}`,
+                  `${s.name}  ${s.phase}  from ${s.restorePoint}  VM ${s.vm.running ? `pid ${s.vm.pid}` : "not running"}, server ${s.serve.running ? `pid ${s.serve.pid}` : "not running"}`,
+                  ...(s.vm.where
+                    ? [`  ${s.vm.where}${s.vm.console ? `, console ${s.vm.console}` : ""}`]
+                    : []),
                   ...s.disks.map(
                     (d) =>
                       `  ${d.name} (${formatBytes(d.size)}): ${"production" in d ? d.production : d.overlay}`,
@@ -214,17 +221,21 @@ Examples:
         cmd: Command,
       ) => {
         const out = output(cmd);
-        const r = await stopInstant(name, {
-          discard: opts.discard === true,
-          powerdownMs: (opts.powerdown ?? 0) * 1000,
-          ...(opts.stateDir === undefined ? {} : { stateDir: opts.stateDir }),
-        });
-        out.result({ type: "summary", name, qemu: r.qemu, discarded: r.discarded }, () =>
+        const r = await stopInstant(
+          name,
+          {
+            discard: opts.discard === true,
+            powerdownMs: (opts.powerdown ?? 0) * 1000,
+            stateDir: stateDirOf(opts),
+          },
+          vmAdapters(),
+        );
+        out.result({ type: "summary", name, vm: r.vm, discarded: r.discarded }, () =>
           [
-            `stopped "${name}" (QEMU: ${r.qemu})`,
+            `stopped "${name}" (VM: ${r.vm})`,
             ...(opts.discard
               ? [`removed ${r.discarded.length === 0 ? "its record" : r.discarded.join(", ")}`]
-              : r.state.disks.some((d) => !d.production)
+              : (r.record.vm?.disks ?? []).some((d) => !d.production)
                 ? [
                     `overlays kept (strata instant resume ${name} starts it again; stop --discard removes them)`,
                   ]
@@ -241,13 +252,17 @@ Examples:
     .option(...stateDirOption)
     .action(async (name: string, opts: { stateDir?: string }, cmd: Command) => {
       const out = output(cmd);
-      const r = await resumeInstant(name, opts.stateDir === undefined ? {} : { stateDir: opts.stateDir });
+      const r = await resumeInstant(
+        name,
+        { stateDir: stateDirOf(opts), log: (m) => out.warn(m) },
+        vmAdapters(),
+      );
       const m = r.interruptedMigration;
-      out.result({ type: "summary", restarted: r.restarted, ...describeState(r.state) }, () =>
+      out.result({ type: "summary", restarted: r.restarted, ...(await describe(r.record)) }, () =>
         [
           r.restarted.length === 0
             ? `"${name}" runs: nothing to restart`
-            : `restarted ${r.restarted.map((x) => (x === "serve" ? `the NBD server (pid ${r.state.serve.pid})` : `QEMU (pid ${r.state.qemu.pid})`)).join(" and ")}`,
+            : `restarted ${r.restarted.map((x) => (x === "serve" ? `the NBD server (pid ${r.record.serve.pid})` : `the VM (pid ${r.record.vm?.pid})`)).join(" and ")}`,
           ...(m
             ? [
                 `a migration to ${m.target} did not finish: run strata instant migrate ${name} --target ${m.target} --format ${m.format} again`,
@@ -293,15 +308,20 @@ each guest write wait for both copies instead.`,
           limitBytes = n * 1024 * 1024;
         }
         const t0 = Date.now();
-        const disks = await migrateInstant(name, {
-          target: opts.target,
-          format: opts.format,
-          ...(limitBytes === undefined ? {} : { limitBytes }),
-          active: opts.active === true,
-          ...(opts.stateDir === undefined ? {} : { stateDir: opts.stateDir }),
-          progress: out.progress(),
-          signal: interruptSignal(),
-        });
+        const disks = await migrateInstant(
+          name,
+          {
+            target: opts.target,
+            format: opts.format,
+            ...(limitBytes === undefined ? {} : { limitBytes }),
+            active: opts.active === true,
+            stateDir: stateDirOf(opts),
+            progress: out.progress(),
+            signal: interruptSignal(),
+            log: (m) => out.warn(m),
+          },
+          vmAdapters(),
+        );
         const ms = Date.now() - t0;
         out.result(
           {

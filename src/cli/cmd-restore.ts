@@ -6,21 +6,19 @@ import { type RestoreDiskResult, restoreDiskToFile } from "../engine/restore.js"
 import { restoreDiskToDevice, restoreDiskToQcow2 } from "../engine/restore-sinks.js";
 import {
   bootHint,
-  checkVmTargets,
-  definitionJson,
   planVmRestore,
   readVmConfig,
-  renderDefinition,
-  restoreVmDisks,
-  startRestoredVm,
-  writeNew,
+  renderVmConfig,
+  restoreVm,
+  type StoredVm,
 } from "../engine/vm-restore.js";
-import type { VmConfig } from "../hypervisor/qemu/live.js";
 import { checkName, type Repository, type SnapshotRef } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { writeNew } from "../util/files.js";
 import { formatBytes } from "../util/sizes.js";
 import { interruptSignal, output, withRepo } from "./context.js";
 import type { Output } from "./output.js";
+import { vmAdapters } from "./vm-adapters.js";
 
 export function registerRestoreCommand(program: Command): void {
   program
@@ -43,7 +41,7 @@ export function registerRestoreCommand(program: Command): void {
     .option("--config-only", "print (or write, --to) the VM's definition instead of restoring disks")
     .option(
       "--as <kind>",
-      "with --config-only: json (Strata's definition, default) or qemu-args (a QEMU command line)",
+      "with --config-only: json (Strata's definition, default), or the platform's own: qemu-args (a QEMU command line)",
     )
     .option("--to <file>", "with --config-only: write the definition to this file")
     .option("--start", "start the restored VM with QEMU, detached, and print its QMP socket")
@@ -94,8 +92,8 @@ Examples:
               `restore point ${snap.vm}/${snap.time} has no disk "${opts.disk}" (it has: ${snap.manifest.disks.map((d) => d.name).join(", ")})`,
             );
           }
-          const vmConfig = opts.device === undefined ? await readVmConfig(repo, snap) : undefined;
-          if (vmConfig) await restoreVm(out, repo, snap, vmConfig, opts);
+          const stored = opts.device === undefined ? await readVmConfig(repo, snap, vmAdapters()) : undefined;
+          if (stored) await restoreWholeVm(out, repo, snap, stored, opts);
           else await restoreDisks(out, repo, snap, opts);
         } finally {
           await lock.release();
@@ -157,16 +155,16 @@ function diskLines(results: readonly RestoreDiskResult[], ms: number): string[] 
   ];
 }
 
-/** Restore points with a VmConfig: in place, clone, one disk, configuration only, --start. */
-async function restoreVm(
+/** Restore points with a VM configuration: in place, clone, one disk, configuration only, --start. */
+async function restoreWholeVm(
   out: Output,
   repo: Repository,
   snap: SnapshotRef,
-  vmConfig: VmConfig,
+  stored: StoredVm,
   opts: RestoreFlags,
 ): Promise<void> {
   if (opts.name !== undefined) checkName("clone", opts.name);
-  const plan = await planVmRestore(snap, vmConfig, {
+  const plan = await planVmRestore(stored, snap, {
     ...(opts.target === undefined ? {} : { target: opts.target }),
     ...(opts.name === undefined ? {} : { name: opts.name }),
     ...(opts.format === undefined ? {} : { format: opts.format as "raw" | "qcow2" }),
@@ -176,32 +174,32 @@ async function restoreVm(
   const force = opts.force === true;
   const id = `${snap.vm}/${snap.time}`;
   if (opts.configOnly) {
-    const as = (opts.as ?? "json") as "json" | "qemu-args";
+    const as = opts.as ?? "json";
+    const text = renderVmConfig(stored, plan, as);
     if (opts.to !== undefined) {
-      await writeNew(resolve(opts.to), renderDefinition(plan, as), force);
+      await writeNew(resolve(opts.to), text, force);
       out.result(
         { type: "summary", id, definition: resolve(opts.to), as },
         () => `wrote ${resolve(opts.to!)}`,
       );
     } else if (out.json) {
-      out.result({ type: "summary", id, definition: definitionJson(plan), argv: plan.argv }, () => "");
+      out.result({ type: "summary", id, as, text }, () => "");
     } else {
-      process.stdout.write(renderDefinition(plan, as));
+      process.stdout.write(text);
     }
     return;
   }
-  await checkVmTargets(plan, force);
   const t0 = Date.now();
-  const results = await restoreVmDisks(repo, plan, {
+  const { disks: results, started } = await restoreVm(repo, snap, stored, plan, {
     force,
+    ...(opts.start ? { start: true } : {}),
     progress: out.progress(),
     signal: interruptSignal(),
   });
   const ms = Date.now() - t0;
-  const started = opts.start ? await startRestoredVm(plan) : undefined;
-  const consoleLog = started ? plan.consoleLog : undefined;
   const consistency = snap.manifest.consistency;
   const scenario = opts.disk !== undefined ? "disk" : plan.clone ? "clone" : "in-place";
+  const definition = plan.definition.file;
   out.result(
     {
       type: "summary",
@@ -210,34 +208,23 @@ async function restoreVm(
       consistency,
       vm: { name: plan.config.name, uuid: plan.config.uuid, nics: plan.config.nics },
       disks: results,
-      ...(plan.definitionFile ? { definition: plan.definitionFile } : {}),
-      ...(started
-        ? {
-            started: {
-              pid: started.pid,
-              qmpSocket: started.qmpSocket,
-              log: started.log,
-              ...(consoleLog ? { console: consoleLog } : {}),
-              accelerator: plan.accelerator.accel,
-            },
-          }
-        : {}),
+      ...(definition ? { definition } : {}),
+      ...(started ? { started: { pid: started.pid, where: started.where, ...started.details } } : {}),
       durationMs: Math.round(ms),
     },
     () =>
       [
         ...diskLines(results, ms),
-        ...(plan.definitionFile
+        ...(definition
           ? [
-              `clone "${plan.config.name}" (UUID ${plan.config.uuid}${plan.config.nics.map((n) => `, ${n.id} ${n.mac}`).join("")}) defined in ${plan.definitionFile}`,
+              `clone "${plan.config.name}" (UUID ${plan.config.uuid}${plan.config.nics.map((n) => `, ${n.id} ${n.mac}`).join("")}) defined in ${definition}`,
             ]
           : []),
         `${id} is ${consistency}: ${bootHint(consistency)}`,
         ...(started
           ? [
-              `started ${plan.config.name ?? "the VM"} (pid ${started.pid}, ${plan.accelerator.accel}: ${plan.accelerator.reason})`,
-              `QMP socket: ${started.qmpSocket}`,
-              ...(consoleLog ? [`console: ${consoleLog}`] : []),
+              `started ${plan.config.name ?? "the VM"}${started.pid ? ` (pid ${started.pid})` : ""}: ${started.where}`,
+              ...Object.entries(started.details ?? {}).map(([k, v]) => `  ${k}: ${v}`),
             ]
           : []),
       ].join("\n"),
@@ -275,9 +262,5 @@ function checkRestoreFlags(opts: RestoreFlags): void {
     throw usage("--disk restores one disk, not a VM: --name, --start and --config-only do not apply");
   if (!opts.configOnly && (opts.as !== undefined || opts.to !== undefined))
     throw usage("--as and --to go with --config-only");
-  if (opts.as !== undefined && opts.as !== "json" && opts.as !== "qemu-args")
-    throw usage(
-      `--as ${opts.as}: the definition is written as json or qemu-args (libvirt XML comes with the libvirt adapter)`,
-    );
   if (opts.configOnly && opts.start) throw usage("--config-only restores nothing to start");
 }

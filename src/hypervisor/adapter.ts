@@ -179,6 +179,8 @@ export interface RestorePlanOptions {
   disk?: string;
   /** The restore point's disks (a VM disk missing from it is not restored). */
   available: ReadonlyArray<{ name: string; size: number }>;
+  /** The restore point restored from, for the definition (and a clone's default name). */
+  restorePoint: { vm: string; time: string; consistency: Consistency };
 }
 
 /** What a VM restore will write and define; made before anything is written. */
@@ -205,6 +207,8 @@ export interface StartedVm {
   /** How to reach it, for people ("QMP /srv/x/run/qmp.sock", "libvirt domain web1b"). */
   where: string;
   pid?: number;
+  /** Facts for people and the summary, the platform's own keys (qmpSocket, console, log, ...). */
+  details?: Record<string, string>;
 }
 
 /** One disk served from the repository over NBD, for instant recovery. */
@@ -228,6 +232,12 @@ export interface InstantRequest {
   reconnectDelay: number;
   stateDir: string;
   log: (message: string) => void;
+  /**
+   * Saves the VM's record with the engine's (state dir). The adapter calls it before it creates
+   * anything (overlays, a process, a domain) and again whenever the record changes, so that a
+   * crash at any point leaves a record that names what exists.
+   */
+  record(vm: InstantVm): Promise<void>;
 }
 
 /**
@@ -248,6 +258,8 @@ export interface InstantVm {
     production?: { path: string; format: "qcow2" | "raw" };
   }>;
   data: Record<string, unknown>;
+  /** Facts for people and the summary, the platform's own keys (qmpSocket, console, log, ...). */
+  details: Record<string, string>;
   warnings: string[];
 }
 
@@ -259,21 +271,50 @@ export interface MigrateRequest {
   limitBytes: number | null;
   /** Copy-mode write-blocking: converges under any guest write rate. */
   active: boolean;
-  progress?: (done: number, total: number) => void;
+  /** Bytes of `disk` copied so far, of `total`; `done === total` once it has moved. */
+  progress?: (disk: string, done: number, total: number) => void;
   signal?: AbortSignal;
   log: (message: string) => void;
+  /** Saves the record (see {@link InstantRequest.record}); called once each disk has moved. */
+  record(vm: InstantVm): Promise<void>;
+}
+
+/** One disk of a migration. */
+export interface MigratedDisk {
+  disk: string;
+  path: string;
+  format: "qcow2" | "raw";
+  size: number;
+  /** Bytes the copy reported as its work, and the times to a synchronised copy and to the switch. */
+  copied: number;
+  readyMs: number;
+  pivotMs: number;
+  /** Moved by an earlier run. */
+  skipped: boolean;
 }
 
 /** Instant recovery on one platform. */
 export interface InstantRuntime {
-  /** Boots the VM on empty local overlays backed by the exports; nothing is copied first. */
+  /**
+   * Boots the VM on empty local overlays backed by the exports; nothing is copied first. Refuses
+   * (before creating anything) what it cannot run; on failure removes what it created.
+   */
   start(config: VmConfigDocument, request: InstantRequest): Promise<InstantVm>;
+  /**
+   * Checks a record read back from the state directory (its `data` above all) and returns it;
+   * throws DATA_CORRUPT naming what is wrong.
+   */
+  checkRecord(vm: InstantVm): InstantVm;
   /** Whether the VM's process (or domain) runs. */
   running(vm: InstantVm): Promise<boolean>;
   /** Starts a stopped VM again from its record (disks already migrated stay on production storage). */
   resume(vm: InstantVm, log: (message: string) => void): Promise<InstantVm>;
-  /** Moves every disk to production storage while the VM runs, then drops the NBD backing. */
-  migrate(vm: InstantVm, request: MigrateRequest): Promise<InstantVm>;
+  /**
+   * Moves every disk to production storage (`TARGET/<disk>.<format>`) while the VM runs, then
+   * drops the NBD backing. Run again after an interruption, it cleans up and goes on; disks
+   * that moved already are skipped.
+   */
+  migrate(vm: InstantVm, request: MigrateRequest): Promise<{ vm: InstantVm; disks: MigratedDisk[] }>;
   /** Stops the VM (a clean power-down first when `powerdownMs` > 0); overlays stay. */
   stop(vm: InstantVm, powerdownMs: number): Promise<"quit" | "powerdown" | "killed" | "not running">;
 }
@@ -307,19 +348,32 @@ export interface VmAdapter {
   resolveGroup?(uris: readonly string[]): Promise<VmHandle>;
   /** Every VM this adapter can see on this host (the inventory). */
   list?(): Promise<VmSummary[]>;
-  /** Checks and parses a configuration document this adapter wrote. */
+  /**
+   * Checks and parses a configuration document this adapter wrote. It may come from a repository
+   * others can write: every field is checked (types, names that become file names, paths,
+   * programs it would run, sizes); throws DATA_CORRUPT naming the first wrong field.
+   */
   parseConfig?(doc: VmConfigDocument): VmConfigDocument;
-  /** Plans a restore of a VM from its configuration (paths, identity, definition). */
+  /**
+   * Plans a restore of a VM from its configuration (paths, identity, definition); writes nothing.
+   * Every path of a clone lies inside `options.target`.
+   */
   planRestore?(config: VmConfigDocument, options: RestorePlanOptions): Promise<RestorePlan>;
   /** Refuses (throws TARGET_CONFLICT) when the VM a plan restores over is running. */
   refuseIfRunning?(plan: RestorePlan): Promise<void>;
-  /** Defines the restored VM on the platform (libvirt define, a Proxmox config, a JSON file). */
+  /**
+   * Defines the restored VM on the platform (libvirt define, a Proxmox config, a JSON file), once
+   * its disks are written. The engine has refused an existing `definition.file` without `force`.
+   */
   define?(plan: RestorePlan, force: boolean): Promise<void>;
   /** Starts a defined VM. */
   start?(plan: RestorePlan): Promise<StartedVm>;
   /** Instant recovery (boot from the repository over NBD, then migrate). */
   instant?: InstantRuntime;
-  /** Renders a configuration for `restore --config-only` ("json", "qemu-args", "xml", "pve"). */
+  /**
+   * Renders a configuration (a planned restore's `plan.config`) for `restore --config-only`:
+   * "json" always, and the platform's own ("qemu-args", "xml", "pve"). Throws USAGE for others.
+   */
   renderConfig?(config: VmConfigDocument, as: string): string;
   /** Leftovers of dead runs on this platform; with `fix`, Strata's own are removed. */
   leftovers?(stateDir: string, fix: boolean): Promise<Finding[]>;

@@ -24,7 +24,7 @@ import {
 } from "./format.js";
 import { createKeyFile, keyFingerprint, openKeyFile, SCRYPT_DEFAULTS } from "./keys.js";
 import { Lock, type LockKind, listLocks } from "./locks.js";
-import type { Manifest, ManifestBlob } from "./manifest.js";
+import { type Manifest, type ManifestBlob, manifestProblem } from "./manifest.js";
 import { sealJson, unsealJson } from "./sealed-json.js";
 import type { Store } from "./store.js";
 
@@ -324,14 +324,17 @@ export class Repository {
     const r = unsealJson<Manifest>(bytes, this.keys?.macKey, this.encrypted);
     if (!r.ok)
       throw new StrataError(ErrorCode.DATA_CORRUPT, `manifest of ${vm}/${time} is damaged: ${r.why}`);
-    if (r.doc.format !== "strata-manifest" || r.doc.vm !== vm || r.doc.time !== time) {
+    if (r.doc.version !== undefined && r.doc.version !== 1 && r.doc.format === "strata-manifest")
+      throw new StrataError(ErrorCode.REPO_VERSION, `manifest of ${vm}/${time} has unknown version`);
+    const problem = manifestProblem(r.doc);
+    if (problem !== undefined)
+      throw new StrataError(ErrorCode.DATA_CORRUPT, `manifest of ${vm}/${time} is damaged: ${problem}`);
+    if (r.doc.vm !== vm || r.doc.time !== time) {
       throw new StrataError(
         ErrorCode.DATA_CORRUPT,
         `manifest of ${vm}/${time} does not describe that restore point`,
       );
     }
-    if (r.doc.version !== 1)
-      throw new StrataError(ErrorCode.REPO_VERSION, `manifest of ${vm}/${time} has unknown version`);
     return r.doc;
   }
 
@@ -520,7 +523,10 @@ export class BackupWriter {
       durable: true,
     });
     this.done = true;
-    await this.lock.release();
+    // The restore point exists now: a lock that can't be removed does not undo that. It stops
+    // being refreshed, so it is stale once this process exits (same host) or after
+    // STALE_AFTER_MS (other hosts), and the next gc removes it.
+    await this.lock.release().catch(() => {});
     return full;
   }
 

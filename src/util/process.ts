@@ -1,5 +1,6 @@
 /** Running external programs: run to completion, or keep a daemon and stop it surely. */
 import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { readFileSync } from "node:fs";
 import { connect } from "node:net";
 import { ErrorCode, StrataError } from "./errors.js";
 
@@ -131,12 +132,62 @@ export function socketAccepts(path: string): Promise<boolean> {
   });
 }
 
-/** True while a process with this PID exists (ours to signal or not). */
-export function processAlive(pid: number): boolean {
+/**
+ * True while a process with this PID exists (ours to signal or not). A zombie (exited, not yet
+ * reaped by its parent) is gone for every purpose of ours.
+ */
+export function processAlive(pid: number | null | undefined): boolean {
+  if (!pid) return false;
   try {
     process.kill(pid, 0);
-    return true;
   } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
+    if ((err as NodeJS.ErrnoException).code !== "EPERM") return false;
   }
+  // /proc/<pid>/stat is "pid (comm) S ...", and comm may hold spaces and parentheses.
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.charAt(stat.lastIndexOf(")") + 2) !== "Z";
+  } catch {
+    return true;
+  }
+}
+
+/**
+ * True while `pid` runs with `marker` (a socket path, say) in its command line: the process a
+ * record names, not another one that reused its PID.
+ */
+export function processRunsWith(pid: number | null | undefined, marker: string): boolean {
+  if (!pid || !processAlive(pid)) return false;
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, "utf8").includes(marker);
+  } catch {
+    return false;
+  }
+}
+
+/** Waits until `pid` is gone; false when it still runs after `timeoutMs`. */
+export async function waitForExit(pid: number, timeoutMs: number): Promise<boolean> {
+  const end = Date.now() + timeoutMs;
+  while (processAlive(pid)) {
+    if (Date.now() > end) return false;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return true;
+}
+
+/** SIGTERM, then SIGKILL after `graceMs`; resolves once the process is gone (or 5 s after KILL). */
+export async function terminate(pid: number | null | undefined, graceMs = 5000): Promise<void> {
+  if (!pid || !processAlive(pid)) return;
+  try {
+    process.kill(pid, "SIGTERM");
+  } catch {
+    return;
+  }
+  if (await waitForExit(pid, graceMs)) return;
+  try {
+    process.kill(pid, "SIGKILL");
+  } catch {
+    return;
+  }
+  await waitForExit(pid, 5000);
 }

@@ -5,6 +5,7 @@ import { promises as fs } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { fillContent, Prng } from "../../src/image/synthetic.js";
+import { sealJson } from "../../src/repo/sealed-json.js";
 import { strata, strataOk, summary, tempDir } from "../helpers/cli.js";
 
 async function setup(dir: string, password?: string) {
@@ -168,4 +169,25 @@ test("init refuses an existing repository; --help teaches", async (t) => {
   for (const cmd of ["init", "backup", "snapshots", "restore", "verify", "forget", "gc"])
     assert.match(help.stdout, new RegExp(`\\n  ${cmd}\\b`));
   assert.match((await strataOk(["backup", "--help"])).stdout, /Examples:/);
+});
+
+test("a resealed manifest naming a disk ../../x is refused before anything is written", async (t) => {
+  const dir = tempDir(t);
+  const { repo, ids } = await setup(dir);
+  const [vm, time] = ids[0]!.split("/") as [string, string];
+  const path = join(repo, "vms", vm, time, "manifest.json");
+  const doc = JSON.parse(await fs.readFile(path, "utf8")) as Record<string, unknown> & {
+    disks: Array<{ name: string }>;
+  };
+  delete doc.seal;
+  doc.disks[0]!.name = "../../escaped";
+  // An unencrypted repository's seal is a plain SHA-256: anyone who can write there recomputes it.
+  await fs.writeFile(path, sealJson(doc));
+  const target = join(dir, "out", "deep");
+  const r = await strata(["restore", "--repo", repo, ids[0]!, "--target", target]);
+  assert.equal(r.code, 3, r.stderr);
+  assert.match(r.stderr, /manifest of .* is damaged: disks\.0\.name: not a plain name/);
+  assert.deepEqual((await fs.readdir(dir)).sort(), ["disk.img", "repo"], "nothing written beside the target");
+  const v = summary(await strata(["verify", "--repo", repo, "--json"]));
+  assert.equal(v.ok, false);
 });

@@ -23,7 +23,8 @@ const run = promisify(execFile);
 interface Described {
   name: string;
   phase: string;
-  qemu: { pid: number | null; running: boolean; qmpSocket: string; console: string | null };
+  /** The VM, with the QEMU adapter's details (QMP socket, console). */
+  vm: { pid: number | null; running: boolean; qmpSocket: string; console: string | null };
   serve: { pid: number | null; running: boolean; socket: string };
   disks: Array<{ name: string; size: number; overlay: string; production?: string }>;
 }
@@ -59,7 +60,7 @@ describe("instant recovery", { timeout: 420_000 }, () => {
       // Whatever a failed assertion left running: every QEMU and server the test started.
       const list = JSON.parse((await strataOk(["instant", "list", "--json"], { env })).stdout) as Described[];
       for (const s of list) {
-        for (const pid of [s.qemu.pid, s.serve.pid]) if (alive(pid)) process.kill(pid!, "SIGKILL");
+        for (const pid of [s.vm.pid, s.serve.pid]) if (alive(pid)) process.kill(pid!, "SIGKILL");
       }
       for (const pid of started) if (alive(pid)) process.kill(pid, "SIGKILL");
     });
@@ -93,9 +94,9 @@ describe("instant recovery", { timeout: 420_000 }, () => {
         await st(["instant", id, "--name", name, "--target", join(dir, name), "--json"]),
       );
       const commandMs = Date.now() - t0;
-      started.push(s.qemu.pid!, s.serve.pid!);
-      assert.ok(alive(s.qemu.pid) && alive(s.serve.pid), "QEMU and the server run detached");
-      const con = s.qemu.console!;
+      started.push(s.vm.pid!, s.serve.pid!);
+      assert.ok(alive(s.vm.pid) && alive(s.serve.pid), "QEMU and the server run detached");
+      const con = s.vm.console!;
       await until(`STRATA-GUEST-READY on ${name}'s console`, 120_000, async () =>
         /STRATA-GUEST-READY/.test(await readFile(con, "utf8").catch(() => "")) ? true : undefined,
       );
@@ -163,12 +164,12 @@ describe("instant recovery", { timeout: 420_000 }, () => {
         if (label === "small" && k === 2) {
           // An active mirror to raw files: every guest write goes to both copies until the pivot.
           const rawDir = join(dir, "prod-raw");
-          const seqBefore = await consoleSeq(r.s.qemu.console!);
+          const seqBefore = await consoleSeq(r.s.vm.console!);
           await st(["instant", "migrate", name, "--target", rawDir, "--format", "raw", "--active"]);
           await until(`${name}'s workload after the pivot`, 60_000, async () =>
-            (await consoleSeq(r.s.qemu.console!)) > seqBefore + 60 ? true : undefined,
+            (await consoleSeq(r.s.vm.console!)) > seqBefore + 60 ? true : undefined,
           );
-          const last = await consoleSeq(r.s.qemu.console!);
+          const last = await consoleSeq(r.s.vm.console!);
           await st(["instant", "stop", name]);
           const rec = await verifyRecords(join(rawDir, "vblk0.raw"));
           assert.ok(
@@ -179,14 +180,14 @@ describe("instant recovery", { timeout: 420_000 }, () => {
           await st(["instant", "stop", name, "--discard"]);
           continue;
         }
-        const stop = summary<{ qemu: string; discarded: string[] }>(
+        const stop = summary<{ vm: string; discarded: string[] }>(
           await st(["instant", "stop", name, "--discard", "--json"]),
         );
-        assert.equal(stop.qemu, "quit");
+        assert.equal(stop.vm, "quit");
         assert.equal(stop.discarded.length, r.s.disks.length);
         // Reaped by init a moment after they exit.
         await until("QEMU and the server to be gone after stop", 5000, async () =>
-          alive(r.s.qemu.pid) || alive(r.s.serve.pid) ? undefined : true,
+          alive(r.s.vm.pid) || alive(r.s.serve.pid) ? undefined : true,
         );
       }
     }
@@ -201,11 +202,11 @@ describe("instant recovery", { timeout: 420_000 }, () => {
 
     // The big VM mounted its 4 GiB data disk from the backup.
     const s = keep!;
-    const con = s.qemu.console!;
+    const con = s.vm.console!;
     assert.match(await readFile(con, "utf8"), /mounted \/dev\/vdb on \/mnt\/data/);
     const list = JSON.parse((await st(["instant", "list", "--json"])).stdout) as Described[];
     assert.deepEqual(
-      list.map((x) => [x.name, x.phase, x.qemu.running, x.serve.running]),
+      list.map((x) => [x.name, x.phase, x.vm.running, x.serve.running]),
       [["ir-big-2", "running", true, true]],
     );
 
@@ -227,7 +228,7 @@ describe("instant recovery", { timeout: 420_000 }, () => {
     assert.deepEqual(resumed.restarted, ["serve"]);
     assert.ok(alive(resumed.serve.pid) && resumed.serve.pid !== s.serve.pid);
     started.push(resumed.serve.pid!);
-    assert.equal(resumed.qemu.pid, s.qemu.pid, "the guest kept running");
+    assert.equal(resumed.vm.pid, s.vm.pid, "the guest kept running");
     const again = await st(["instant", "resume", "ir-big-2", "--json"]);
     assert.deepEqual(summary<{ restarted: string[] }>(again).restarted, []);
     const seqResumed = await consoleSeq(con);
@@ -260,7 +261,7 @@ describe("instant recovery", { timeout: 420_000 }, () => {
     );
     slow.kill("SIGKILL");
     await new Promise((r) => slow.once("close", r));
-    const jobs = await qmpOnce<Array<{ id: string; status: string }>>(s.qemu.qmpSocket, "query-jobs");
+    const jobs = await qmpOnce<Array<{ id: string; status: string }>>(s.vm.qmpSocket, "query-jobs");
     assert.deepEqual(
       jobs.map((j) => [j.id, j.status]),
       [["instant-migrate0", "running"]],
@@ -299,21 +300,17 @@ describe("instant recovery", { timeout: 420_000 }, () => {
     assert.ok(seqPivot > seqBefore, "the workload wrote during the migration");
     const after = (JSON.parse((await st(["instant", "list", "--json"])).stdout) as Described[])[0]!;
     assert.equal(after.phase, "migrated");
-    assert.ok(after.qemu.running, "the guest runs on");
+    assert.ok(after.vm.running, "the guest runs on");
     assert.ok(!after.serve.running, `the server is stopped: ${JSON.stringify(after.serve)}`);
     await until("the server's exit", 5000, async () => (alive(resumed.serve.pid) ? undefined : true));
     for (const d of s.disks) await assert.rejects(stat(d.overlay), "overlays are removed");
     const nodes = (
-      await qmpOnce<Array<{ "node-name": string; file: string }>>(
-        s.qemu.qmpSocket,
-        "query-named-block-nodes",
-        {
-          flat: true,
-        },
-      )
+      await qmpOnce<Array<{ "node-name": string; file: string }>>(s.vm.qmpSocket, "query-named-block-nodes", {
+        flat: true,
+      })
     ).map((n) => n["node-name"]);
     assert.ok(!nodes.some((n) => /^instant-(nbd|bk)/.test(n)), `NBD and backing nodes freed: ${nodes}`);
-    const blocks = await qmpOnce<Array<{ inserted?: { file: string } }>>(s.qemu.qmpSocket, "query-block");
+    const blocks = await qmpOnce<Array<{ inserted?: { file: string } }>>(s.vm.qmpSocket, "query-block");
     assert.deepEqual(blocks.flatMap((b) => (b.inserted ? [b.inserted.file] : [])).sort(), [
       join(prod, "vblk0.qcow2"),
       join(prod, "vblk1.qcow2"),
@@ -326,7 +323,7 @@ describe("instant recovery", { timeout: 420_000 }, () => {
         "--vm",
         "ir",
         "--json",
-        `qmp:${s.qemu.qmpSocket},qga=${join(dir, "ir-big-2", "run", "qga.sock")}`,
+        `qmp:${s.vm.qmpSocket},qga=${join(dir, "ir-big-2", "run", "qga.sock")}`,
       ]),
     );
     assert.deepEqual(
@@ -342,8 +339,8 @@ describe("instant recovery", { timeout: 420_000 }, () => {
       (await consoleSeq(con)) > seqPivot + 30 ? true : undefined,
     );
     const seqLast = await consoleSeq(con);
-    const stop = summary<{ qemu: string }>(await st(["instant", "stop", "ir-big-2", "--json"]));
-    assert.equal(stop.qemu, "quit");
+    const stop = summary<{ vm: string }>(await st(["instant", "stop", "ir-big-2", "--json"]));
+    assert.equal(stop.vm, "quit");
     const r = await verifyRecords(join(prod, "vblk0.qcow2"), { format: "qcow2" });
     assert.ok(r.gapFree, `missing ${r.missing.slice(0, 5)}, bad ${JSON.stringify(r.badRecords.slice(0, 2))}`);
     assert.ok(r.lastSeq >= seqLast, `last record ${r.lastSeq}, the guest reported ${seqLast}`);

@@ -34,6 +34,10 @@ import { pveRoot } from "../helpers/pve.js";
 import { parseLatencySummaries, verifyRecords } from "../helpers/records.js";
 import { qmpOnce, until } from "../helpers/vm.js";
 
+/** Where a plan is restored from (the engine passes the restore point). */
+const RP = {
+  restorePoint: { vm: "web1", time: "2026-11-29T10:00:00Z", consistency: "crash-consistent" as const },
+};
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
 const UUID = "0b7e5c1e-4f2a-4c1b-9d3e-7a1f2b3c4d5e";
@@ -357,7 +361,7 @@ describe("live backup of a Proxmox-style VM through the pve adapter", { timeout:
     );
 
     // Restoring over the running VM in place is refused; a clone gets VMID 101 in the same storage.
-    const plan = await adapter.planRestore(doc, { available: r2.manifest.disks });
+    const plan = await adapter.planRestore(doc, { ...RP, available: r2.manifest.disks });
     await assert.rejects(
       adapter.refuseIfRunning(plan),
       (e: unknown) =>
@@ -365,7 +369,7 @@ describe("live backup of a Proxmox-style VM through the pve adapter", { timeout:
         e.code === ErrorCode.TARGET_CONFLICT &&
         /Proxmox VM 100 is running/.test(e.message),
     );
-    const clone = await adapter.planRestore(doc, { target: r.local, available: r2.manifest.disks });
+    const clone = await adapter.planRestore(doc, { ...RP, target: r.local, available: r2.manifest.disks });
     assert.equal(clone.vmid, 101);
     assert.deepEqual(
       clone.disks.map((d) => d.path),

@@ -21,6 +21,10 @@ import {
 import { ErrorCode, StrataError } from "../../src/util/errors.js";
 import { pveFixture, pveRoot } from "../helpers/pve.js";
 
+/** Where a plan is restored from (the engine passes the restore point). */
+const RP = {
+  restorePoint: { vm: "web1", time: "2026-11-29T10:00:00Z", consistency: "crash-consistent" as const },
+};
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 const PVE_MAC = /^BC:24:11:[0-9A-F]{2}:[0-9A-F]{2}:[0-9A-F]{2}$/;
 
@@ -59,7 +63,7 @@ describe("Proxmox VM restores (fixture root)", () => {
     const r = pveRoot(t, { 100: "100.conf", 101: "101.conf", 102: "102.conf" });
     const adapter = new PveAdapter({ root: r.root });
     const doc = await docOf(adapter, 100);
-    const plan = await adapter.planRestore(doc, { target: r.local, available: available(doc) });
+    const plan = await adapter.planRestore(doc, { ...RP, target: r.local, available: available(doc) });
     assert.equal(plan.vmid, 103, "one above the highest VMID in use");
     assert.equal(plan.clone, true);
     assert.equal(plan.startHint, "qm start 103");
@@ -133,13 +137,16 @@ describe("Proxmox VM restores (fixture root)", () => {
     assert.equal(readFileSync(join(r.etc, "qemu-server", "103.conf"), "utf8"), text);
     // Nor over another node's VM of a cluster.
     writeFileSync(join(r.etc, "qemu-server", "103.conf"), "name: other\n");
-    const again = await adapter.planRestore(doc, { target: r.local, available: available(doc) });
+    const again = await adapter.planRestore(doc, { ...RP, target: r.local, available: available(doc) });
     assert.equal(again.vmid, 104);
     const nodeDir = join(r.etc, "nodes", "pve2", "lxc");
     await import("node:fs/promises").then((fs) => fs.mkdir(nodeDir, { recursive: true }));
     writeFileSync(join(nodeDir, "104.conf"), "hostname: ct\n");
     await refused(adapter.define(again, false), ErrorCode.TARGET_CONFLICT, /VMID 104 was taken meanwhile/);
-    assert.equal((await adapter.planRestore(doc, { target: r.local, available: available(doc) })).vmid, 105);
+    assert.equal(
+      (await adapter.planRestore(doc, { ...RP, target: r.local, available: available(doc) })).vmid,
+      105,
+    );
   });
 
   test("--name picks the clone's VMID or its name; a taken VMID or a bad name is refused", async (t) => {
@@ -147,26 +154,26 @@ describe("Proxmox VM restores (fixture root)", () => {
     const adapter = new PveAdapter({ root: r.root });
     const doc = await docOf(adapter, 100);
     const opts = { target: r.local, available: available(doc) };
-    const p205 = await adapter.planRestore(doc, { ...opts, name: "205" });
+    const p205 = await adapter.planRestore(doc, { ...RP, ...opts, name: "205" });
     assert.equal(p205.vmid, 205);
     assert.equal(PveConf.parse(p205.definition.text, { where: "x" }).get("name"), "web1-restored");
-    const named = await adapter.planRestore(doc, { ...opts, name: "web1-copy" });
+    const named = await adapter.planRestore(doc, { ...RP, ...opts, name: "web1-copy" });
     assert.equal(named.vmid, 102);
     assert.equal(named.config.name, "web1-copy");
     await refused(
-      adapter.planRestore(doc, { ...opts, name: "101" }),
+      adapter.planRestore(doc, { ...RP, ...opts, name: "101" }),
       ErrorCode.TARGET_CONFLICT,
       /VMID 101 is taken/,
     );
-    await refused(adapter.planRestore(doc, { ...opts, name: "42" }), ErrorCode.USAGE, /out of range/);
+    await refused(adapter.planRestore(doc, { ...RP, ...opts, name: "42" }), ErrorCode.USAGE, /out of range/);
     await refused(
-      adapter.planRestore(doc, { ...opts, name: "web_1!" }),
+      adapter.planRestore(doc, { ...RP, ...opts, name: "web_1!" }),
       ErrorCode.USAGE,
       /not a valid Proxmox VM name/,
     );
     // A directory that is no storage's: absolute paths, said so.
     const elsewhere = join(r.root, "srv", "clones");
-    const abs = await adapter.planRestore(doc, { target: elsewhere, available: available(doc) });
+    const abs = await adapter.planRestore(doc, { ...RP, target: elsewhere, available: available(doc) });
     assert.equal(
       PveConf.parse(abs.definition.text, { where: "x" }).get("scsi0"),
       `${join(elsewhere, "vm-102-disk-0.raw")},iothread=1,size=32G`,
@@ -179,6 +186,7 @@ describe("Proxmox VM restores (fixture root)", () => {
     const adapter = new PveAdapter({ root: r.root });
     const doc = await docOf(adapter, 101);
     const plan = await adapter.planRestore(doc, {
+      ...RP,
       target: join(r.local, "images", "102"),
       available: available(doc, ["efidisk0", "virtio0"]),
     });
@@ -212,7 +220,7 @@ describe("Proxmox VM restores (fixture root)", () => {
     const adapter = new PveAdapter({ root: r.root });
     const doc = await docOf(adapter, 101);
     const opts = { available: available(doc, ["efidisk0", "virtio0"]) };
-    const plan = await adapter.planRestore(doc, opts);
+    const plan = await adapter.planRestore(doc, { ...RP, ...opts });
     assert.equal(plan.clone, false);
     assert.equal(plan.vmid, 101);
     assert.deepEqual(
@@ -240,7 +248,7 @@ describe("Proxmox VM restores (fixture root)", () => {
     );
 
     // Another format changes the file names: the configuration is rewritten, with --force only.
-    const raw = await adapter.planRestore(doc, { ...opts, format: "raw" });
+    const raw = await adapter.planRestore(doc, { ...RP, ...opts, format: "raw" });
     assert.deepEqual(
       raw.disks.map((d) => d.path),
       [
@@ -262,14 +270,14 @@ describe("Proxmox VM restores (fixture root)", () => {
     assert.equal(readFileSync(confFile, "utf8"), raw.definition.text);
 
     // One disk: no configuration is written.
-    const one = await adapter.planRestore(doc, { ...opts, disk: "virtio0" });
+    const one = await adapter.planRestore(doc, { ...RP, ...opts, disk: "virtio0" });
     assert.deepEqual(
       one.disks.map((d) => d.name),
       ["virtio0"],
     );
     assert.equal(one.definition.file, undefined);
     await refused(
-      adapter.planRestore(doc, { ...opts, disk: "scsi7" }),
+      adapter.planRestore(doc, { ...RP, ...opts, disk: "scsi7" }),
       ErrorCode.NOT_FOUND,
       /no disk "scsi7" \(it has: efidisk0, virtio0\)/,
     );
@@ -280,23 +288,23 @@ describe("Proxmox VM restores (fixture root)", () => {
     const adapter = new PveAdapter({ root: r.root });
     const d100 = await docOf(adapter, 100);
     await refused(
-      adapter.planRestore(d100, { available: available(d100) }),
+      adapter.planRestore(d100, { ...RP, available: available(d100) }),
       ErrorCode.TARGET_CONFLICT,
       /disk scsi0 \(local-lvm:vm-100-disk-0\) can't be restored in place: its logical volume \/dev\/pve\/vm-100-disk-0 does not exist; create it first \(lvcreate -n vm-100-disk-0 .* --thinpool data\).*--target DIR/,
     );
     await refused(
-      adapter.planRestore(d100, { available: available(d100), format: "qcow2" }),
+      adapter.planRestore(d100, { ...RP, available: available(d100), format: "qcow2" }),
       ErrorCode.USAGE,
       /lvmthin storage local-lvm, which holds raw volumes only/,
     );
     const d102 = await docOf(adapter, 102);
     await refused(
-      adapter.planRestore(d102, { available: available(d102, ["scsi0"]) }),
+      adapter.planRestore(d102, { ...RP, available: available(d102, ["scsi0"]) }),
       ErrorCode.TARGET_CONFLICT,
       /disk scsi0 \(ceph-vm:vm-102-disk-0\) can't be restored in place: storage ceph-vm is of type rbd, which Strata does not map to a path/,
     );
     // As a clone into a directory it works.
-    const clone = await adapter.planRestore(d102, { target: r.local, available: available(d102) });
+    const clone = await adapter.planRestore(d102, { ...RP, target: r.local, available: available(d102) });
     assert.deepEqual(
       clone.disks.map((d) => d.path),
       [
@@ -373,7 +381,7 @@ describe("Proxmox VM restores (fixture root)", () => {
       d.uuid = "not-a-uuid";
     }, /bad uuid/);
     await refused(
-      adapter.planRestore({ ...good, kind: "libvirt" } as VmConfigDocument, { available: [] }),
+      adapter.planRestore({ ...good, kind: "libvirt" } as VmConfigDocument, { ...RP, available: [] }),
       ErrorCode.DATA_CORRUPT,
       /not "pve"/,
     );
@@ -412,6 +420,7 @@ describe("Proxmox VM restores (fixture root)", () => {
     // In place over a VM whose monitor answers: refused.
     const d101 = await docOf(adapter, 101);
     const plan = (await adapter.planRestore(d101, {
+      ...RP,
       available: available(d101, ["virtio0"]),
     })) as RestorePlan;
     await refused(
@@ -479,16 +488,16 @@ describe("in place, paths a stored configuration names", () => {
     const adapter = new PveAdapter({ root: r.root });
     const doc = await docOf(adapter, 100);
     await refused(
-      adapter.planRestore(doc, { available: available(doc, ["virtio0"]) }),
+      adapter.planRestore(doc, { ...RP, available: available(doc, ["virtio0"]) }),
       ErrorCode.TARGET_CONFLICT,
       /disk virtio0 \(\/etc\/shadow\) can't be restored in place: \/etc\/shadow is neither a block device nor inside a file storage/,
     );
     await refused(
-      adapter.planRestore(doc, { available: available(doc, ["virtio2"]) }),
+      adapter.planRestore(doc, { ...RP, available: available(doc, ["virtio2"]) }),
       ErrorCode.TARGET_CONFLICT,
       /\/dev\/null is neither a block device/,
     );
-    const ok = await adapter.planRestore(doc, { available: available(doc, ["virtio1"]) });
+    const ok = await adapter.planRestore(doc, { ...RP, available: available(doc, ["virtio1"]) });
     assert.deepEqual(
       ok.disks.map((d) => d.path),
       [inside],
@@ -498,7 +507,7 @@ describe("in place, paths a stored configuration names", () => {
       join(r.etc, "qemu-server", "100.conf"),
       "name: new\nsmbios1: uuid=11111111-2222-4333-8444-555555555555\n",
     );
-    const other = await adapter.planRestore(doc, { available: available(doc, ["virtio1"]) });
+    const other = await adapter.planRestore(doc, { ...RP, available: available(doc, ["virtio1"]) });
     assert.ok(
       other.warnings.some((w) =>
         /100\.conf now describes another VM \(smbios1 UUID 11111111-2222-4333-8444-555555555555/.test(w),

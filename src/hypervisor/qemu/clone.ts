@@ -32,22 +32,6 @@ export function randomMac(): string {
   return ["52", "54", "00", ...[...b].map((x) => x.toString(16).padStart(2, "0"))].join(":");
 }
 
-/** Parses a VM configuration blob; undefined when it is not a QEMU VmConfig (file: restore points). */
-export function parseVmConfig(blob: Buffer | undefined): VmConfig | undefined {
-  if (!blob) return undefined;
-  let doc: unknown;
-  try {
-    doc = JSON.parse(blob.toString("utf8"));
-  } catch {
-    return undefined;
-  }
-  if (typeof doc !== "object" || doc === null || (doc as { kind?: unknown }).kind !== "qemu")
-    return undefined;
-  const c = doc as VmConfig;
-  if (!Array.isArray(c.disks) || !Array.isArray(c.nics)) return undefined;
-  return c;
-}
-
 /** One `key=value` (or bare `flag`) of a QEMU option string, value unescaped. */
 interface Opt {
   key: string | undefined;

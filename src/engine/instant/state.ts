@@ -1,0 +1,250 @@
+/**
+ * The record of an instantly recovered VM, `<state dir>/instant/<name>.json`, and the serving
+ * process it names.
+ *
+ * The engine owns the envelope: the restore point and repository, the serving process
+ * (`strata serve`, detached, on DIR/run/nbd.sock), the exports it serves, the phase and a
+ * migration in progress. The adapter owns `vm` (an {@link InstantVm}: its process, overlays and
+ * its own `data`), which it checks when the record is read back. The record is written before
+ * anything is started and after every step, so `list`, `stop`, `resume` and `migrate` work
+ * from any shell, and a crash leaves a record naming what exists.
+ *
+ * Records of format version 1 (written before adapters, QEMU fields at the top level) are not
+ * read: loading one fails with an error that says what to stop and remove by hand.
+ */
+import { spawn } from "node:child_process";
+import { promises as fs } from "node:fs";
+import { dirname, join } from "node:path";
+import type { InstantRuntime, InstantVm, NbdBackedDisk } from "../../hypervisor/adapter.js";
+import type { AdapterRegistry } from "../../hypervisor/registry.js";
+import { checker } from "../../util/check.js";
+import { describeError, ErrorCode, isNotFound, StrataError } from "../../util/errors.js";
+import { processRunsWith, socketAccepts, terminate } from "../../util/process.js";
+
+/** Seconds a VM's NBD client holds requests while it reconnects to a restarted server. */
+export const DEFAULT_RECONNECT_DELAY = 300;
+
+export type InstantPhase = "starting" | "running" | "migrating" | "migrated" | "stopped";
+
+export const INSTANT_RECORD_VERSION = 2;
+
+/** The record of one instantly recovered VM. */
+export interface InstantRecord {
+  format: "strata-instant";
+  version: 2;
+  /** The name `strata instant` knows it by. */
+  name: string;
+  /** `vm/time` of the restore point. */
+  restorePoint: string;
+  repo: string;
+  passwordFile?: string;
+  clone: boolean;
+  /** Directory of the overlays and run files (DIR/run). */
+  dir: string;
+  /** The serving process's unix socket. */
+  socket: string;
+  reconnectDelay: number;
+  phase: InstantPhase;
+  serve: { pid: number | null; log: string; command: string[] };
+  /** What the serving process exports: one per disk. */
+  exports: NbdBackedDisk[];
+  /** The adapter's record of the running VM; null until the adapter first records it. */
+  vm: InstantVm | null;
+  /** The adapter that runs it (the restore point's configuration kind). */
+  adapter: string;
+  migration?: { target: string; format: "qcow2" | "raw"; limitBytes: number | null; finished?: string };
+  created: string;
+}
+
+export function instantStateDir(stateDir: string): string {
+  return join(stateDir, "instant");
+}
+
+function recordPath(name: string, stateDir: string): string {
+  return join(instantStateDir(stateDir), `${name}.json`);
+}
+
+export async function saveInstantRecord(record: InstantRecord, stateDir: string): Promise<void> {
+  const path = recordPath(record.name, stateDir);
+  await fs.mkdir(dirname(path), { recursive: true });
+  const tmp = `${path}.tmp`;
+  await fs.writeFile(tmp, `${JSON.stringify(record, null, 2)}\n`);
+  await fs.rename(tmp, path);
+}
+
+export async function removeInstantRecord(name: string, stateDir: string): Promise<void> {
+  await fs.rm(recordPath(name, stateDir), { force: true });
+}
+
+/** The adapter's instant runtime for a record. */
+export function runtimeOf(
+  record: Pick<InstantRecord, "adapter" | "name">,
+  adapters: AdapterRegistry,
+): InstantRuntime {
+  const runtime = adapters.adapter(record.adapter).instant;
+  if (!runtime)
+    throw new StrataError(
+      ErrorCode.USAGE,
+      `the ${record.adapter} adapter of "${record.name}" has no instant recovery`,
+    );
+  return runtime;
+}
+
+/**
+ * Checks a record as read from `file`: the envelope here, `vm` by its adapter. A version 1
+ * record gets an error saying what to do by hand.
+ */
+export function parseInstantRecord(doc: unknown, file: string, adapters: AdapterRegistry): InstantRecord {
+  const c = checker(`the instant recovery record ${file} is damaged`);
+  const r = c.obj(doc, "the record");
+  if (r.format !== "strata-instant") c.refuse("it is not a strata-instant record");
+  if (r.version === 1) {
+    const pids = (x: unknown) => (x as { pid?: unknown } | undefined)?.pid;
+    throw new StrataError(
+      ErrorCode.REPO_VERSION,
+      `${file} was written by an earlier Strata (record version 1), which this one does not run: stop its QEMU (pid ${pids(r.qemu) ?? "?"}) and NBD server (pid ${pids(r.serve) ?? "?"}) if they run, keep or remove ${typeof r.dir === "string" ? r.dir : "its directory"}, then delete ${file}`,
+    );
+  }
+  if (r.version !== INSTANT_RECORD_VERSION) c.refuse(`its version ${JSON.stringify(r.version)} is unknown`);
+  const name = c.str(r.name, "the name");
+  c.str(r.restorePoint, "the restore point");
+  c.path(r.repo, "the repository");
+  if (r.passwordFile !== undefined) c.path(r.passwordFile, "the password file");
+  if (typeof r.clone !== "boolean") c.refuse("clone is not true or false");
+  c.path(r.dir, "the directory");
+  c.path(r.socket, "the NBD socket");
+  c.int(r.reconnectDelay, "the reconnect delay", 365 * 86400);
+  if (!["starting", "running", "migrating", "migrated", "stopped"].includes(r.phase as string))
+    c.refuse(`the phase ${JSON.stringify(r.phase)} is unknown`);
+  const serve = c.obj(r.serve, "the server");
+  if (serve.pid !== null) c.int(serve.pid, "the server's pid", 2 ** 31);
+  c.path(serve.log, "the server's log");
+  for (const [i, a] of c.arr(serve.command, "the server's command", 100).entries())
+    c.str(a, `argument ${i} of the server's command`);
+  for (const [i, x] of c.arr(r.exports, "the exports", 1024).entries()) {
+    const e = c.obj(x, `export ${i}`);
+    c.str(e.name, `the name of export ${i}`);
+    c.int(e.size, `the size of export ${i}`, Number.MAX_SAFE_INTEGER);
+    c.path(e.socket, `the socket of export ${i}`);
+    c.str(e.exportName, `the export name of export ${i}`);
+  }
+  const adapter = c.str(r.adapter, "the adapter");
+  if (r.migration !== undefined) {
+    const m = c.obj(r.migration, "the migration");
+    c.path(m.target, "the migration target");
+    if (m.format !== "qcow2" && m.format !== "raw") c.refuse("the migration format is not qcow2 or raw");
+  }
+  const record = r as unknown as InstantRecord;
+  if (record.vm !== null) record.vm = runtimeOf({ adapter, name }, adapters).checkRecord(record.vm);
+  return record;
+}
+
+export async function loadInstantRecord(
+  name: string,
+  stateDir: string,
+  adapters: AdapterRegistry,
+): Promise<InstantRecord> {
+  const file = recordPath(name, stateDir);
+  let text: string;
+  try {
+    text = await fs.readFile(file, "utf8");
+  } catch (err) {
+    if (isNotFound(err))
+      throw new StrataError(
+        ErrorCode.NOT_FOUND,
+        `no instantly recovered VM named "${name}" (see strata instant list; state in ${instantStateDir(stateDir)})`,
+      );
+    throw new StrataError(ErrorCode.EXTERNAL, `cannot read the record of "${name}": ${describeError(err)}`, {
+      cause: err,
+    });
+  }
+  let doc: unknown;
+  try {
+    doc = JSON.parse(text);
+  } catch (err) {
+    throw new StrataError(ErrorCode.DATA_CORRUPT, `${file} is not JSON: ${describeError(err)}`);
+  }
+  return parseInstantRecord(doc, file, adapters);
+}
+
+/** Every record, and the files that could not be read as one (with why). */
+export async function listInstantRecords(
+  stateDir: string,
+  adapters: AdapterRegistry,
+): Promise<{ records: InstantRecord[]; unreadable: Array<{ file: string; error: string }> }> {
+  const dir = instantStateDir(stateDir);
+  const names = await fs.readdir(dir).catch((err: unknown) => {
+    if (isNotFound(err)) return [] as string[];
+    throw err;
+  });
+  const records: InstantRecord[] = [];
+  const unreadable: Array<{ file: string; error: string }> = [];
+  for (const n of names.filter((x) => x.endsWith(".json")).sort()) {
+    try {
+      records.push(await loadInstantRecord(n.slice(0, -".json".length), stateDir, adapters));
+    } catch (err) {
+      // A record removed meanwhile is not listed; a damaged or old one is named.
+      if (!(err instanceof StrataError && err.code === ErrorCode.NOT_FOUND))
+        unreadable.push({ file: join(dir, n), error: describeError(err) });
+    }
+  }
+  return { records, unreadable };
+}
+
+/** The recorded serving process still runs (and is that server, not a process that reused its PID). */
+export function serverRuns(record: InstantRecord): boolean {
+  return processRunsWith(record.serve.pid, record.socket);
+}
+
+async function tail(path: string): Promise<string> {
+  return (await fs.readFile(path, "utf8").catch(() => "")).trim().split("\n").slice(-5).join("\n");
+}
+
+/**
+ * Starts the serving process (`command` is `strata serve ...` without `--socket`) detached, its
+ * output in `log`, and waits until `socket` accepts connections.
+ */
+export async function startServer(
+  command: readonly string[],
+  socket: string,
+  log: string,
+  timeoutMs = 30_000,
+): Promise<number> {
+  await fs.mkdir(dirname(socket), { recursive: true });
+  const fh = await fs.open(log, "a");
+  const child = spawn(command[0]!, [...command.slice(1), "--socket", socket], {
+    detached: true,
+    stdio: ["ignore", fh.fd, fh.fd],
+  });
+  let exited: number | null | undefined;
+  let failed: Error | undefined;
+  child.once("exit", (code) => {
+    exited = code;
+  });
+  child.once("error", (err) => {
+    failed = err;
+  });
+  await fh.close();
+  child.unref();
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    await new Promise((r) => setTimeout(r, 25));
+    if (failed)
+      throw new StrataError(ErrorCode.EXTERNAL, `cannot start the NBD server: ${describeError(failed)}`, {
+        cause: failed,
+      });
+    if (exited !== undefined)
+      throw new StrataError(
+        ErrorCode.EXTERNAL,
+        `the NBD server exited at start (code ${exited}): ${await tail(log)}`,
+      );
+    if (await socketAccepts(socket)) return child.pid!;
+    if (Date.now() > deadline) {
+      if (child.pid) await terminate(child.pid, 1000);
+      throw new StrataError(
+        ErrorCode.TIMEOUT,
+        `the NBD server did not listen on ${socket} within ${timeoutMs / 1000} s: ${await tail(log)}`,
+      );
+    }
+  }
+}
