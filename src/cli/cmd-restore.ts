@@ -210,6 +210,7 @@ async function restoreWholeVm(
       disks: results,
       ...(definition ? { definition } : {}),
       ...(started ? { started: { pid: started.pid, where: started.where, ...started.details } } : {}),
+      ...(!started && plan.startHint ? { startHint: plan.startHint } : {}),
       durationMs: Math.round(ms),
     },
     () =>
@@ -217,7 +218,7 @@ async function restoreWholeVm(
         ...diskLines(results, ms),
         ...(definition
           ? [
-              `clone "${plan.config.name}" (UUID ${plan.config.uuid}${plan.config.nics.map((n) => `, ${n.id} ${n.mac}`).join("")}) defined in ${definition}`,
+              `${plan.clone ? "clone" : "VM"} "${plan.config.name}" (UUID ${plan.config.uuid}${plan.config.nics.map((n) => `, ${n.id} ${n.mac}`).join("")}) defined in ${definition}`,
             ]
           : []),
         `${id} is ${consistency}: ${bootHint(consistency)}`,
@@ -226,7 +227,9 @@ async function restoreWholeVm(
               `started ${plan.config.name ?? "the VM"}${started.pid ? ` (pid ${started.pid})` : ""}: ${started.where}`,
               ...Object.entries(started.details ?? {}).map(([k, v]) => `  ${k}: ${v}`),
             ]
-          : []),
+          : plan.startHint
+            ? [`start it with: ${plan.startHint}`]
+            : []),
       ].join("\n"),
   );
 }

@@ -4,6 +4,7 @@
  * stand here on their own until they join the QEMU adapter that resolves backup sources.
  */
 import type { VmAdapter } from "../hypervisor/adapter.js";
+import { PveAdapter } from "../hypervisor/pve/index.js";
 import { qemuInstant } from "../hypervisor/qemu/instant.js";
 import { qemuRestore } from "../hypervisor/qemu/restore.js";
 import { AdapterRegistry } from "../hypervisor/registry.js";
@@ -23,6 +24,6 @@ let registry: AdapterRegistry | undefined;
 
 /** The registry of adapters that restore and boot VMs. */
 export function vmAdapters(): AdapterRegistry {
-  registry ??= new AdapterRegistry().register(qemuRestoreAdapter);
+  registry ??= new AdapterRegistry().register(qemuRestoreAdapter).register(new PveAdapter());
   return registry;
 }

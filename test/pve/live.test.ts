@@ -20,24 +20,23 @@ import { describe, test } from "node:test";
 import { promisify } from "node:util";
 import { restoreDiskToFile } from "../../src/engine/restore.js";
 import { backupVm } from "../../src/engine/vm-backup.js";
+import { planVmRestore, readVmConfig, restoreVm } from "../../src/engine/vm-restore.js";
 import type { VmHandle } from "../../src/hypervisor/adapter.js";
 import { PveAdapter } from "../../src/hypervisor/pve/index.js";
 import { checkDocument, type PveConfigDocument } from "../../src/hypervisor/pve/model.js";
 import { chooseAccelerator } from "../../src/hypervisor/qemu/launcher.js";
 import { QmpClient } from "../../src/hypervisor/qemu/qmp.js";
+import { AdapterRegistry } from "../../src/hypervisor/registry.js";
 import { FsStore } from "../../src/repo/fs-store.js";
 import { Repository } from "../../src/repo/repository.js";
 import { ErrorCode, StrataError } from "../../src/util/errors.js";
+import { noProgress } from "../../src/util/progress.js";
 import { tempDir } from "../helpers/cli.js";
 import { testGuest } from "../helpers/guest.js";
 import { pveRoot } from "../helpers/pve.js";
 import { parseLatencySummaries, verifyRecords } from "../helpers/records.js";
 import { qmpOnce, until } from "../helpers/vm.js";
 
-/** Where a plan is restored from (the engine passes the restore point). */
-const RP = {
-  restorePoint: { vm: "web1", time: "2026-11-29T10:00:00Z", consistency: "crash-consistent" as const },
-};
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
 const UUID = "0b7e5c1e-4f2a-4c1b-9d3e-7a1f2b3c4d5e";
@@ -360,30 +359,46 @@ describe("live backup of a Proxmox-style VM through the pve adapter", { timeout:
       [],
     );
 
-    // Restoring over the running VM in place is refused; a clone gets VMID 101 in the same storage.
-    const plan = await adapter.planRestore(doc, { ...RP, available: r2.manifest.disks });
+    // Restores through the engine (engine/vm-restore.ts finds the adapter by the document's kind):
+    // in place over the running VM is refused; a clone gets VMID 101 in the same storage.
+    const registry = new AdapterRegistry().register(adapter);
+    const snap2 = await repo.findSnapshot(r2.id);
+    const stored = await readVmConfig(repo, snap2, registry);
+    assert.equal(stored?.adapter, adapter);
+    const inPlace = await planVmRestore(stored!, snap2, {});
     await assert.rejects(
-      adapter.refuseIfRunning(plan),
+      restoreVm(repo, snap2, stored!, inPlace, { force: true, progress: noProgress }),
       (e: unknown) =>
         e instanceof StrataError &&
         e.code === ErrorCode.TARGET_CONFLICT &&
-        /Proxmox VM 100 is running/.test(e.message),
+        /Proxmox VM 100 is running .*qm stop 100/.test(e.message),
     );
-    const clone = await adapter.planRestore(doc, { ...RP, target: r.local, available: r2.manifest.disks });
+    const clone = await planVmRestore(stored!, snap2, { target: r.local });
     assert.equal(clone.vmid, 101);
+    assert.equal(clone.startHint, "qm start 101");
+    const cloned = {
+      scsi0: join(r.local, "images", "101", "vm-101-disk-1.raw"),
+      virtio0: join(r.local, "images", "101", "vm-101-disk-0.qcow2"),
+    };
     assert.deepEqual(
       clone.disks.map((d) => d.path),
-      [
-        join(r.local, "images", "101", "vm-101-disk-1.raw"),
-        join(r.local, "images", "101", "vm-101-disk-0.qcow2"),
-      ],
+      [cloned.scsi0, cloned.virtio0],
     );
-    await adapter.refuseIfRunning(clone);
-    await adapter.define(clone, false);
-    assert.match(
-      readFileSync(join(r.etc, "qemu-server", "101.conf"), "utf8"),
-      /^virtio0: local:101\/vm-101-disk-0\.qcow2,cache=none,size=64M$/m,
+    assert.ok(
+      clone.warnings.some((w) => /^scsi1 .* is left out: it is not in the restore point$/.test(w)),
+      clone.warnings.join("\n"),
     );
+    await restoreVm(repo, snap2, stored!, clone, { force: false, progress: noProgress });
+    const conf101 = readFileSync(join(r.etc, "qemu-server", "101.conf"), "utf8");
+    assert.match(conf101, /^virtio0: local:101\/vm-101-disk-0\.qcow2,cache=none,size=64M$/m);
+    assert.match(conf101, /^scsi0: local:101\/vm-101-disk-1\.raw,cache=none,size=32M$/m);
+    assert.doesNotMatch(conf101, /^scsi1:/m);
+    assert.ok(readFileSync(cloned.scsi0).equals(scsi), "the clone's scsi0 is the original's bytes");
+    const rec2 = await verifyRecords(cloned.virtio0, { format: "qcow2" });
+    assert.ok(rec2.gapFree && rec2.lastSeq > rec.lastSeq, `the clone's virtio0 at seq ${rec2.lastSeq}`);
+    // A second clone gets the next VMID; the first clone's configuration is never overwritten.
+    assert.equal((await planVmRestore(stored!, snap2, { target: r.local })).vmid, 102);
+    await assert.rejects(adapter.define(clone, true), /VMID 101 was taken meanwhile/);
 
     // Offline mode is refused while the VM runs: Strata does not shut down Proxmox VMs.
     await assert.rejects(

@@ -231,6 +231,7 @@ describe("Proxmox VM restores (fixture root)", () => {
       ],
     );
     assert.equal(plan.definition.text, pveFixture("101.conf"));
+    assert.equal(plan.definition.file, undefined, "the existing configuration is not written");
     const confFile = join(r.etc, "qemu-server", "101.conf");
     writeFileSync(confFile, `${pveFixture("101.conf")}tags: edited-since\n`);
     await adapter.define(plan, true);
@@ -240,11 +241,18 @@ describe("Proxmox VM restores (fixture root)", () => {
       "an existing configuration is left alone",
     );
     rmSync(confFile);
-    await adapter.define(plan, false);
+    const gone = await adapter.planRestore(doc, { ...RP, ...opts });
+    assert.equal(gone.definition.file, confFile);
+    await adapter.define(gone, false);
     assert.equal(
       readFileSync(confFile, "utf8"),
       pveFixture("101.conf"),
       "a deleted VM comes back byte for byte",
+    );
+    await refused(
+      adapter.define(gone, true),
+      ErrorCode.TARGET_CONFLICT,
+      /101\.conf exists: Strata never overwrites/,
     );
 
     // Another format changes the file names: the configuration is rewritten, with --force only.

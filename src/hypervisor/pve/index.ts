@@ -57,8 +57,12 @@ export interface PveAdapterOptions {
   root?: string;
 }
 
-/** What define does with VMID.conf. */
-type ConfAction = "create" | "rewrite" | "if-missing";
+/**
+ * What define does with VMID.conf: write a clone's new one (`create`), put back a deleted VM's
+ * (`restore`), rewrite an existing one whose disk paths changed (`rewrite`), or nothing (`keep`:
+ * in place, paths unchanged, the configuration there; `none`: one disk).
+ */
+type ConfAction = "create" | "restore" | "rewrite" | "keep" | "none";
 
 const DNS_NAME_RE = /^(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$/;
 
@@ -414,8 +418,12 @@ export class PveAdapter implements VmAdapter {
         action = "rewrite";
       } else {
         text = doc.conf;
-        action = "if-missing";
-        const current = await this.readConf(vmid).catch(() => undefined);
+        const exists = await fs.stat(this.confPath(vmid)).then(
+          () => true,
+          () => false,
+        );
+        action = exists ? "keep" : "restore";
+        const current = exists ? await this.readConf(vmid).catch(() => undefined) : undefined;
         const snaps = current?.snapshots() ?? [];
         const uuid = current && identity(current).uuid;
         if (uuid && doc.uuid && uuid !== doc.uuid)
@@ -510,6 +518,7 @@ export class PveAdapter implements VmAdapter {
       };
     }
     const file = this.confPath(vmid);
+    const confAction: ConfAction = o.disk === undefined ? action : "none";
     return {
       kind: "pve",
       clone: o.target !== undefined,
@@ -518,12 +527,13 @@ export class PveAdapter implements VmAdapter {
       definition: {
         text,
         mediaType: "text/x-proxmox-qemu-server-conf",
-        ...(o.disk === undefined ? { file } : {}),
+        // The file only when the restore writes it.
+        ...(confAction === "keep" || confAction === "none" ? {} : { file }),
       },
       warnings,
       startHint: `qm start ${vmid}`,
       vmid,
-      confAction: o.disk === undefined ? action : "none",
+      confAction,
     };
   }
 
@@ -552,7 +562,15 @@ export class PveAdapter implements VmAdapter {
   async define(plan: RestorePlan, force: boolean): Promise<void> {
     const vmid = planVmid(plan);
     const action = plan.confAction;
-    if (action === "none") return;
+    if (
+      action !== "create" &&
+      action !== "restore" &&
+      action !== "rewrite" &&
+      action !== "keep" &&
+      action !== "none"
+    )
+      throw new StrataError(ErrorCode.INTERNAL, `not a Proxmox restore plan (confAction ${String(action)})`);
+    if (action === "none" || action === "keep") return;
     const file = this.confPath(vmid);
     const text = plan.definition.text;
     PveConf.parse(text, { where: file, code: ErrorCode.INTERNAL });
@@ -565,7 +583,6 @@ export class PveAdapter implements VmAdapter {
       () => true,
       () => false,
     );
-    if (action === "if-missing" && exists) return;
     if (action === "rewrite" && exists && !force)
       throw new StrataError(
         ErrorCode.TARGET_CONFLICT,
