@@ -23,7 +23,7 @@ const MiB = 1024 * 1024;
 
 describe("backups of Proxmox VMs that are shut off", () => {
   test("offline: the volumes as they are, named by configuration keys; live modes say the VM is off", async (t) => {
-    const r = pveRoot(t, { 101: "101.conf", 102: "102.conf" });
+    const r = pveRoot(t, { 100: "100.conf", 101: "101.conf", 102: "102.conf" });
     const dir = tempDir(t, "strata-pve-off-");
     const images = join(r.local, "images", "101");
     mkdirSync(images, { recursive: true });
@@ -96,7 +96,13 @@ describe("backups of Proxmox VMs that are shut off", () => {
         .equals(data),
     );
 
-    // A VM whose disks are on storages Strata can't read is refused, naming them.
+    // An LVM volume that is not active (no /dev/VG/LV), and disks on storages Strata can't read,
+    // are refused, naming them; backup=0 disks (100's scsi1) are not asked for.
+    await assert.rejects(
+      backupVm(repo, await adapter.resolve("pve:100"), { ...opts, vm: "web1", mode: "offline" }),
+      /Proxmox VM 100 is shut off and the logical volume of scsi0 \(local-lvm:vm-100-disk-0\) is not active: \/dev\/pve\/vm-100-disk-0 does not exist \(activate it with "lvchange -ay pve\/vm-100-disk-0"\)/,
+    );
+    assert.ok(logs.some((l) => /^scsi1 \(local-lvm:vm-100-disk-1\) has backup=0: not backed up$/.test(l)));
     await assert.rejects(
       backupVm(repo, await adapter.resolve("pve:102"), { ...opts, vm: "k8s", mode: "offline" }),
       /Proxmox VM 102 is shut off and none of its disks is on a storage Strata can read \(ceph-vm:vm-102-disk-0, local-zfs:vm-102-disk-1\)/,

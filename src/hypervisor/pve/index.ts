@@ -255,6 +255,13 @@ export class PveAdapter implements VmAdapter {
           .map((d) => `${d.name} (${d.volume})`)
           .join(", ")} are on storages Strata can't read: start the VM for a live backup`,
       );
+    for (const d of readable) {
+      if (d.storageType?.startsWith("lvm") && !existsSync(d.file))
+        throw new StrataError(
+          ErrorCode.SOURCE_UNREADABLE,
+          `Proxmox VM ${vmid} is shut off and the logical volume of ${d.name} (${d.volume}) is not active: ${d.file} does not exist (activate it with "lvchange -ay ${d.file.slice(5)}")`,
+        );
+    }
     const opened = await openFileDisks(
       readable.map((d) => ({ path: d.file, name: d.name, format: d.format })),
     );
