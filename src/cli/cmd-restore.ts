@@ -41,7 +41,7 @@ export function registerRestoreCommand(program: Command): void {
     .option("--config-only", "print (or write, --to) the VM's definition instead of restoring disks")
     .option(
       "--as <kind>",
-      "with --config-only: json (Strata's definition, default), or the platform's own: qemu-args (a QEMU command line)",
+      "with --config-only: json (Strata's definition, default), or the platform's own: qemu-args (a QEMU command line), pve (a Proxmox VMID.conf)",
     )
     .option("--to <file>", "with --config-only: write the definition to this file")
     .option("--start", "start the restored VM with QEMU, detached, and print its QMP socket")
