@@ -1,6 +1,7 @@
 /**
- * The "files" adapter: disk images and block devices named on the command line as
- * `file:PATH[,name=DISK][,format=FMT]`. No hypervisor is involved; Strata can't tell how the
+ * Image files and block devices named on the command line as `file:PATH[,name=DISK][,format=FMT]`:
+ * parsing the specs and opening them as block sources (the image-file adapter, adapter.ts, makes a
+ * backup session of them). No hypervisor is involved; Strata can't tell how the
  * VM left the disks, so such restore points are recorded as crash-consistent.
  *
  * Raw files are read directly with positioned reads (fastest), skipping holes found with
