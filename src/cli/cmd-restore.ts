@@ -16,9 +16,9 @@ import { checkName, type Repository, type SnapshotRef } from "../repo/repository
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { writeNew } from "../util/files.js";
 import { formatBytes } from "../util/sizes.js";
+import { buildRegistry } from "./adapters.js";
 import { interruptSignal, output, withRepo } from "./context.js";
 import type { Output } from "./output.js";
-import { vmAdapters } from "./vm-adapters.js";
 
 export function registerRestoreCommand(program: Command): void {
   program
@@ -92,7 +92,8 @@ Examples:
               `restore point ${snap.vm}/${snap.time} has no disk "${opts.disk}" (it has: ${snap.manifest.disks.map((d) => d.name).join(", ")})`,
             );
           }
-          const stored = opts.device === undefined ? await readVmConfig(repo, snap, vmAdapters()) : undefined;
+          const stored =
+            opts.device === undefined ? await readVmConfig(repo, snap, buildRegistry()) : undefined;
           if (stored) await restoreWholeVm(out, repo, snap, stored, opts);
           else await restoreDisks(out, repo, snap, opts);
         } finally {

@@ -8,7 +8,7 @@
 import type { BackupRequest, BackupSession, VmAdapter, VmConfigDocument, VmHandle } from "../adapter.js";
 import { type FileSpec, openFileDisks, parseFileSpecs } from "./index.js";
 
-export const FILE_USAGE = "file:PATH[,name=DISK][,format=FMT]...";
+export const FILE_USAGE = "file:PATH[,name=DISK][,format=FMT] (image files and block devices, one disk each)";
 
 /**
  * The configuration a file restore point keeps: `{kind: "files", disks: [{name, source, format,

@@ -4,13 +4,16 @@
  * inventory.ts). Backups are sessions of session.ts (snapshot, pause, offline); leftovers are
  * doctor.ts's: the state records of dead runs, what is named strata-* on the VM, stray files.
  */
+
 import { existsSync } from "node:fs";
 import { ErrorCode, StrataError } from "../../util/errors.js";
 import { socketAccepts } from "../../util/process.js";
 import type { BackupRequest, Finding, VmAdapter, VmHandle, VmSummary } from "../adapter.js";
 import { inspectVm, stateDirLeftovers, strayFiles } from "./doctor.js";
+import { qemuInstant } from "./instant.js";
 import { DEFAULT_INVENTORY, type InventoryEntry, loadInventory } from "./inventory.js";
 import { QmpClient } from "./qmp.js";
+import { qemuRestore } from "./restore.js";
 import { openQemuSession, type QemuTarget } from "./session.js";
 
 export type { QemuTarget };
@@ -69,6 +72,15 @@ export class QemuAdapter implements VmAdapter {
   readonly id = "qemu";
   readonly schemes = ["qmp", "vm"] as const;
   readonly usage = "qmp:SOCKET[,qga=SOCKET] (a running QEMU VM), vm:NAME (from the inventory)";
+
+  // Restore (restore.ts) and instant recovery (instant.ts) of VMs from their QEMU configuration.
+  readonly parseConfig = qemuRestore.parseConfig;
+  readonly planRestore = qemuRestore.planRestore;
+  readonly refuseIfRunning = qemuRestore.refuseIfRunning;
+  readonly define = qemuRestore.define;
+  readonly start = qemuRestore.start;
+  readonly renderConfig = qemuRestore.renderConfig;
+  readonly instant = qemuInstant;
 
   /** `inventory`: the YAML file `vm:NAME` is looked up in. */
   constructor(private readonly inventory: string = DEFAULT_INVENTORY) {}

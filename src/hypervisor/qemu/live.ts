@@ -338,7 +338,9 @@ export async function cutView(o: CutOptions): Promise<PointInTimeView> {
     const { consistency, quiescedMs, frozen } = await quiesced(o, () =>
       qmp.execute("transaction", { actions }),
     );
-    // 3. Exports.
+    // 3. Exports. QEMU removes its socket when the server stops; if QEMU dies first, the socket
+    // file stays: it is recorded, so that release() removes it either way.
+    await record.add({ kind: "file", path: socket });
     await tracked(record, { kind: "nbd-server" }, async () => {
       await fs.rm(socket, { force: true });
       await qmp
