@@ -81,7 +81,10 @@ export const names = {
 };
 
 function diskName(e: QueryBlockEntry): string {
-  const qdev = /\/machine\/peripheral\/([^/]+)/.exec(e.qdev ?? "")?.[1];
+  // `qdev` is the device's id when the device itself holds the drive (scsi-hd, ide-hd: "scsi0"),
+  // or its QOM path when a child does (virtio-blk: "/machine/peripheral/vblk0/virtio-backend").
+  const q = e.qdev ?? "";
+  const qdev = q.startsWith("/") ? /^\/machine\/peripheral\/([^/]+)/.exec(q)?.[1] : q || undefined;
   const raw = e.device !== "" ? e.device.replace(/^drive-/, "") : (qdev ?? e.inserted!["node-name"]);
   return raw.replace(/[^A-Za-z0-9._-]/g, "_").replace(/^[^A-Za-z0-9]+/, "") || "disk";
 }
