@@ -11,10 +11,10 @@ import { PveConf } from "../../src/hypervisor/pve/conf.js";
 import { drives, identity, nics, parseSize } from "../../src/hypervisor/pve/model.js";
 import { parseStorageCfg, resolveVolume } from "../../src/hypervisor/pve/storage.js";
 import { ErrorCode, StrataError } from "../../src/util/errors.js";
-import { ROOT } from "../helpers/cli.js";
+import { PVE_FIXTURES } from "../helpers/pve.js";
 
-const FIXTURES = join(ROOT, "test", "pve", "fixtures");
-const fixture = (name: string) => readFileSync(join(FIXTURES, name));
+/** A fixture's bytes, as Proxmox VE wrote them. */
+const fixture = (name: string) => readFileSync(join(PVE_FIXTURES, name));
 
 function rejects(text: string | Buffer, pattern: RegExp, code: string = ErrorCode.SOURCE_UNREADABLE) {
   assert.throws(
