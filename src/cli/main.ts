@@ -22,6 +22,7 @@ export const EXIT: Record<string, number> = {
   [ErrorCode.LOCKED]: 11,
   [ErrorCode.WRONG_PASSWORD]: 12,
   [ErrorCode.PASSWORD_REQUIRED]: 12,
+  [ErrorCode.PASSWORD_UNEXPECTED]: 12,
   [ErrorCode.ABORTED]: 130,
 };
 

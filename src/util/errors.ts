@@ -23,6 +23,13 @@ export const ErrorCode = {
   PASSWORD_REQUIRED: "PASSWORD_REQUIRED",
   /** The password does not open the repository's key. */
   WRONG_PASSWORD: "WRONG_PASSWORD",
+  /** A password was given for a repository that is not encrypted. */
+  PASSWORD_UNEXPECTED: "PASSWORD_UNEXPECTED",
+  /**
+   * The repository's config contradicts its key: edited, or downgraded from encrypted to plain.
+   * Nothing is written to such a repository.
+   */
+  REPO_TAMPERED: "REPO_TAMPERED",
   /** A stored object (chunk, index, manifest) failed verification. */
   DATA_CORRUPT: "DATA_CORRUPT",
   /** A stored object that should exist does not. */
