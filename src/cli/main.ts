@@ -3,7 +3,7 @@
  * render; this file alone prints errors and picks exit codes.
  */
 import { Command, CommanderError } from "commander";
-import { ErrorCode, StrataError } from "../util/errors.js";
+import { ErrorCode, errnoCode, ioError, StrataError } from "../util/errors.js";
 import { registerBackupCommands } from "./cmd-backup.js";
 import { registerDemoCommand } from "./cmd-demo.js";
 import { registerDoctorCommand } from "./cmd-doctor.js";
@@ -76,6 +76,15 @@ export async function main(argv: string[]): Promise<number> {
       return EXIT[err.code] ?? 1;
     }
     const e = err as Error & { code?: string };
+    const errno = errnoCode(err);
+    if (errno !== undefined && /^E[A-Z]+$/.test(errno)) {
+      // A system error nobody wrapped: Node's message names the call and the path.
+      const se = ioError(ErrorCode.IO_ERROR, e.message, err);
+      if (json)
+        process.stderr.write(`${JSON.stringify({ type: "error", code: se.code, message: e.message })}\n`);
+      else process.stderr.write(`strata: ${e.message}\n`);
+      return EXIT[se.code] ?? 1;
+    }
     if (e?.name === "AbortError") {
       process.stderr.write("strata: interrupted\n");
       return 130;

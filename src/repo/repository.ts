@@ -55,6 +55,8 @@ export interface OpenOptions {
   clock?: Clock;
   /** Worker threads for the chunk codec. */
   threads?: number;
+  /** How often held locks are refreshed (default every 5 minutes; tests shorten it). */
+  lockRefreshMs?: number;
 }
 
 interface LegacyUpgrade {
@@ -114,6 +116,7 @@ export class Repository {
      * configs were keyed): what the next writer needs to key it.
      */
     private legacy: LegacyUpgrade | undefined,
+    private readonly lockRefreshMs?: number,
   ) {}
 
   get chunkSize(): number {
@@ -280,6 +283,7 @@ export class Repository {
       options.clock ?? systemClock,
       options.threads,
       peek.keyed ? undefined : { password: options.password, keyCreated: opened.created, cost: opened.cost },
+      options.lockRefreshMs,
     );
   }
 
@@ -297,7 +301,14 @@ export class Repository {
   /** Takes a lock; a writer (backup, exclusive) first seals a legacy config with the key. */
   async lock(kind: LockKind, what: string, claim?: string): Promise<Lock> {
     if (kind !== "read") await this.sealLegacyConfig();
-    return Lock.acquire(this.store, this.clock, kind, what, claim);
+    return Lock.acquire(
+      this.store,
+      this.clock,
+      kind,
+      what,
+      claim,
+      this.lockRefreshMs === undefined ? {} : { refreshEveryMs: this.lockRefreshMs },
+    );
   }
 
   /**
@@ -548,6 +559,7 @@ export class BackupWriter {
     digest: Buffer,
     data: Buffer,
   ): Promise<{ state: "reused"; data: Buffer } | { state: "new"; stored: number; data: Buffer }> {
+    this.lock.check();
     const hex = digest.toString("hex");
     this.compression.examined(data.length);
     if (this.present.has(hex)) return { state: "reused", data };
@@ -588,6 +600,7 @@ export class BackupWriter {
 
   /** True (and touched) when the chunk is already stored. */
   async haveChunk(digest: Buffer): Promise<boolean> {
+    this.lock.check();
     const hex = digest.toString("hex");
     if (this.present.has(hex)) return true;
     if (await this.repo.store.touch(keys.chunk(hex))) {
@@ -598,11 +611,13 @@ export class BackupWriter {
   }
 
   async writeIndex(disk: string, index: FixedIndex): Promise<void> {
+    this.lock.check();
     await this.repo.store.put(keys.index(this.vm, this.time, disk), index.encode());
   }
 
   /** Stores a blob (encrypted like a chunk) and returns its manifest entry. */
   async writeBlob(name: string, data: Buffer): Promise<ManifestBlob> {
+    this.lock.check();
     const checksum = this.repo.blobChecksum(data);
     const size = data.length;
     const { blob: stored } = await this.repo.codec().encode(Buffer.from(data));
@@ -624,6 +639,8 @@ export class BackupWriter {
       tool: "strata",
     };
     await this.repo.store.flush();
+    // The last moment to find out that gc may have taken this backup for dead.
+    this.lock.check();
     await this.repo.store.put(keys.manifest(this.vm, this.time), sealJson(full, this.repo.keys?.macKey), {
       durable: true,
     });
