@@ -222,6 +222,7 @@ export class Repository {
         options.clock ?? systemClock,
         options.threads,
         undefined,
+        options.lockRefreshMs,
       );
     }
     if (peek.encryption !== "aes-256-gcm") {
@@ -645,7 +646,9 @@ export class BackupWriter {
       durable: true,
     });
     this.done = true;
-    await this.lock.release();
+    // The restore point exists now; a lock that can't be removed is left for others to find
+    // stale (its process gone), not reported as a failed backup.
+    await this.lock.release().catch(() => {});
     return full;
   }
 
