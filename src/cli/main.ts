@@ -40,7 +40,7 @@ export function buildProgram(): Command {
       "after",
       `
 Exit codes: 0 ok, 1 error, 2 usage, 3 damaged or missing data, 10 no repository,
-11 locked, 12 password missing or wrong, 130 interrupted.
+11 locked, 12 password missing, wrong, or given for an unencrypted repository, 130 interrupted.
 
 Getting started:
   strata init --repo /backup/strata
