@@ -45,6 +45,19 @@ function gatedDisk(gateAt: number) {
   return { disk, open, atGate };
 }
 
+/** Runs `fn` until it stops failing with "busy" (a file briefly open in the mount), up to 5 s. */
+async function retryBusy(fn: () => Promise<unknown>): Promise<void> {
+  for (let i = 0; ; i++) {
+    try {
+      await fn();
+      return;
+    } catch (err) {
+      if (i >= 100 || !/busy/i.test(String(err))) throw err;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+}
+
 for (const how of ["the locks folder becomes read-only", "the lock object is removed"] as const) {
   test(`a backup stops with LOCK_LOST when ${how}, and leaves no restore point`, async (t) => {
     const dir = tempDir(t);
@@ -71,7 +84,8 @@ for (const how of ["the locks folder becomes read-only", "the lock object is rem
       if (how === "the locks folder becomes read-only") {
         await runProgram("mount", ["--bind", locks, locks]);
         mounted = true;
-        await runProgram("mount", ["-o", "remount,bind,ro", locks]);
+        // EBUSY while a refresh has a file open for writing in it: try again.
+        await retryBusy(() => runProgram("mount", ["-o", "remount,bind,ro", locks]));
       } else {
         await fs.rm(join(locks, lockFile));
       }
@@ -91,7 +105,7 @@ for (const how of ["the locks folder becomes read-only", "the lock object is rem
         return true;
       });
     } finally {
-      if (mounted) await runProgram("umount", [locks]);
+      if (mounted) await retryBusy(() => runProgram("umount", [locks]));
     }
     // Nothing half-visible: no restore point, no index or folder of one.
     assert.deepEqual(await repo.snapshots(), []);
