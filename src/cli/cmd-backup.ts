@@ -98,13 +98,16 @@ was restarted with a raw disk, the bitmap is gone) the whole disk is read and th
 Nothing is left on the VM; if Strata is killed, the next run or "strata doctor --fix" cleans up.
 
 Image files and block devices (file:...) are read as they are; their restore points are
-crash-consistent. Every restore point is complete: unchanged chunks are reused, not stored again.
+crash-consistent. They are read as raw unless ,format=FMT says otherwise (qcow2, vmdk, vhdx, vpc,
+vdi, ...): a format is never guessed from the first bytes, which the guest wrote (a raw disk
+beginning like an image header only gets a warning). Images that refer to other files (backing
+files, external data files, VMDK extents, json: names) are refused; flatten them first. Every restore point is complete: unchanged chunks are reused, not stored again.
 
 Examples:
   strata backup --vm web1 qmp:/var/run/qemu-server/100.qmp
   strata backup vm:web1 --mode pause
   strata backup vm:db1 --mode offline --shutdown
-  strata backup --vm web1 file:/var/lib/images/web1.qcow2
+  strata backup --vm web1 file:/var/lib/images/web1.qcow2,format=qcow2
   strata backup --vm db1 file:/dev/vg0/db1-root,name=root file:/dev/vg0/db1-data,name=data`,
     )
     .action(async (sources: string[], opts: BackupOpts, cmd: Command) => {

@@ -19,8 +19,8 @@ export interface FilesConfig extends VmConfigDocument {
   disks: Array<{ name: string; source: string; file: string; format: string; size: number }>;
 }
 
-async function openFilesSession(specs: readonly FileSpec[], _request: BackupRequest): Promise<BackupSession> {
-  const opened = await openFileDisks(specs);
+async function openFilesSession(specs: readonly FileSpec[], request: BackupRequest): Promise<BackupSession> {
+  const opened = await openFileDisks(specs, { warn: request.log });
   let closing: Promise<void> | undefined;
   const config: FilesConfig = {
     kind: "files",
