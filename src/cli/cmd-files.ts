@@ -2,6 +2,7 @@
 import { resolve } from "node:path";
 import type { Command } from "commander";
 import {
+  type BtrfsSubvolume,
   type DiskLayout,
   FileBrowser,
   type FsSelection,
@@ -12,8 +13,7 @@ import {
   restorePointLayout,
   tarFiles,
   type VolumeGroupInfo,
-} from "../engine/files.js";
-import type { BtrfsSubvolume } from "../engine/files-guestfs.js";
+} from "../engine/files/index.js";
 import type { FsEntry } from "../image/fs-types.js";
 import type { Repository } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
