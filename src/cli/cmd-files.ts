@@ -17,6 +17,7 @@ import {
 import type { FsEntry } from "../image/fs-types.js";
 import type { Repository } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
+import type { ProgressEvent } from "../util/progress.js";
 import { formatBytes } from "../util/sizes.js";
 import { interruptSignal, output, withRepo } from "./context.js";
 
@@ -26,6 +27,8 @@ interface GetFlags {
   subvolume?: string;
   tar?: boolean;
   overwrite?: boolean;
+  sameOwner?: boolean;
+  keepSetuid?: boolean;
 }
 
 const SELECTION_HELP = `Which filesystem (DISK and PART may be left out when there is only one to choose):
@@ -132,13 +135,22 @@ Examples:
       "Btrfs: this subvolume (from the top level; / for the top level) instead of the default one",
     )
     .option("--overwrite", "replace files and symlinks that exist under --to")
+    .option("--same-owner", "give files the owners recorded in the guest (root only; default: yours)")
+    .option("--keep-setuid", "keep setuid and setgid bits (default: dropped)")
     .addHelpText(
       "after",
       `
 Each PATH lands under --to by its last name (like cp -r): /etc/hosts becomes DIR/hosts, /etc
-becomes DIR/etc/…, / becomes the contents of DIR. Mode, times and symlinks are kept, owners too
-when running as root. Chunks are fetched from the repository on demand and verified: a damaged
-chunk stops the restore. Device nodes, fifos and sockets are skipped with a warning.
+becomes DIR/etc/…, / becomes the contents of DIR. Modes, times and symlinks are kept; files
+belong to you and setuid/setgid bits are dropped unless --same-owner and --keep-setuid say
+otherwise. Chunks are fetched from the repository on demand and verified: a damaged chunk stops
+the restore. Device nodes, fifos and sockets are skipped with a warning.
+
+Nothing is written outside DIR, whatever the guest's files are: symlinks are created as symlinks
+and never followed, names with "/", "..", NUL or more than 255 bytes are skipped with a warning
+(in --tar too), and existing symlinks in DIR are replaced (--overwrite) or refused, never
+followed. DIR is created mode 0700 if missing, and refused if another user owns or could write
+it or its parent (a sticky directory like /tmp is fine); its own mode is never changed.
 
 ${SELECTION_HELP}
 
@@ -175,7 +187,17 @@ Examples:
         const browser = await FileBrowser.open(repo, snap, sel, { signal });
         try {
           if (opts.tar) {
-            const s = await tarFiles(browser, paths, process.stdout, { signal });
+            if (opts.sameOwner || opts.keepSetuid || opts.overwrite)
+              throw new StrataError(
+                ErrorCode.USAGE,
+                "--same-owner, --keep-setuid and --overwrite are for --to; a tar keeps the guest's owners and modes",
+              );
+            const progress = {
+              emit: (e: ProgressEvent) => {
+                if (e.type === "log" && e.level === "warn") out.warn(e.message);
+              },
+            };
+            const s = await tarFiles(browser, paths, process.stdout, { signal, progress });
             if (!out.quiet)
               process.stderr.write(
                 `${s.files} files, ${s.directories} directories, ${s.symlinks} symlinks, ${formatBytes(s.bytes)} from ${browser.where}\n`,
@@ -186,6 +208,8 @@ Examples:
           const s = await restoreFiles(browser, paths, {
             to,
             overwrite: opts.overwrite === true,
+            sameOwner: opts.sameOwner === true,
+            keepSetuid: opts.keepSetuid === true,
             progress: out.progress(),
             signal,
           });
@@ -202,7 +226,10 @@ Examples:
             () =>
               `restored ${s.files} files, ${s.directories} directories, ${s.symlinks} symlinks ` +
               `(${formatBytes(s.bytes)}) from ${browser.where} to ${to} in ${(s.durationMs / 1000).toFixed(1)} s` +
-              (s.skipped > 0 ? `; skipped ${s.skipped} special files` : ""),
+              (s.skipped > 0 ? `; skipped ${s.skipped} entries (see the warnings)` : "") +
+              (s.setuidDropped > 0
+                ? `; dropped the setuid/setgid bits of ${s.setuidDropped} (--keep-setuid keeps them)`
+                : ""),
           );
         } finally {
           await browser.close();

@@ -16,11 +16,13 @@
 import { constants } from "node:fs";
 import { createRequire } from "node:module";
 import { ErrorCode, errnoCode, StrataError } from "../util/errors.js";
+import { badName } from "../util/names.js";
 import type { ByteSource } from "./byte-source.js";
 import { type JournalOverlay, replayJournal } from "./ext-journal.js";
 import {
   type FileSystemReader,
   type FsEntry,
+  invalidEntry,
   joinPath,
   kindOf,
   normalPath,
@@ -163,11 +165,29 @@ export class ExtReader implements FileSystemReader {
 
   async list(path: string): Promise<FsEntry[]> {
     const p = normalPath(path);
+    // The package decodes names as UTF-8 whatever is asked (invalid bytes become U+FFFD).
     const names = await this.call(p, () => this.fs.promises.readdir(p));
     const out: FsEntry[] = [];
     for (const name of names.sort()) {
       if (name === "." || name === "..") continue;
-      out.push(await this.stat(joinPath(p, name)));
+      // A guest can write any bytes but "/" and NUL into an ext name, and a damaged or crafted
+      // directory holds worse: such an entry is listed as invalid, and its directory stays readable.
+      const why = badName(name);
+      if (why) {
+        out.push(invalidEntry(p, name, why));
+        continue;
+      }
+      try {
+        out.push(await this.stat(joinPath(p, name)));
+      } catch (err) {
+        // A failed read of the restore point (a damaged chunk) fails the listing, as any read does.
+        if (this.disk.lastError !== undefined || !(err instanceof StrataError)) throw err;
+        if (err.code === ErrorCode.INTERNAL) throw err;
+        const lossy = name.includes("\uFFFD") && err.code === ErrorCode.NOT_FOUND;
+        out.push(
+          invalidEntry(p, name, lossy ? "a name that is not valid UTF-8" : `unreadable: ${err.message}`),
+        );
+      }
     }
     return out;
   }

@@ -12,10 +12,12 @@
  * 0644 (0444 when read-only), and timestamps are read as UTC. Access times are dates only.
  */
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { badName } from "../util/names.js";
 import { type ByteSource, readPadded } from "./byte-source.js";
 import {
   type FileSystemReader,
   type FsEntry,
+  invalidEntry,
   joinPath,
   notFound,
   pathParts,
@@ -24,6 +26,8 @@ import {
 
 interface RawEntry {
   name: string;
+  /** Why the name is not one FAT allows (see {@link fatNameProblem}). */
+  invalid?: string;
   attr: number;
   cluster: number;
   size: number;
@@ -126,6 +130,8 @@ export class FatReader implements FileSystemReader {
   // ---- internals ------------------------------------------------------------------------------
 
   private entry(path: string, name: string, e: RawEntry): FsEntry {
+    if (e.invalid !== undefined)
+      return invalidEntry(path.slice(0, path.lastIndexOf("/")) || "/", name, e.invalid);
     const dir = (e.attr & ATTR_DIR) !== 0;
     return {
       name,
@@ -147,7 +153,7 @@ export class FatReader implements FileSystemReader {
       if (found && !(found.attr & ATTR_DIR))
         throw notFound(`/${parts.slice(0, i).join("/")}`, "not a directory");
       const want = part.toLowerCase();
-      found = (await this.readDir(cluster)).find((e) => e.name.toLowerCase() === want);
+      found = (await this.readDir(cluster)).find((e) => !e.invalid && e.name.toLowerCase() === want);
       if (!found) throw notFound(path);
       cluster = found.cluster;
     }
@@ -185,10 +191,14 @@ export class FatReader implements FileSystemReader {
       lfn = [];
       if (attr & ATTR_VOLUME) continue;
       const name = longName ?? shortName(short, data[o + 12]!);
-      if (name === "." || name === "..") continue;
+      // The "." and ".." entries of a subdirectory are short entries; a long name of "." or
+      // "..", or one holding "/", is something no FAT driver writes: flagged, never used.
+      if (longName === undefined && (name === "." || name === "..")) continue;
+      const invalid = fatNameProblem(name);
       const hi = this.bits === 32 ? data.readUInt16LE(o + 20) : 0;
       out.push({
         name,
+        ...(invalid === undefined ? {} : { invalid }),
         attr,
         cluster: hi * 65536 + data.readUInt16LE(o + 26),
         size: data.readUInt32LE(o + 28),
@@ -253,6 +263,18 @@ export class FatReader implements FileSystemReader {
     }
     return { buf, at: offset - piece * FAT_PIECE };
   }
+}
+
+/** Characters a FAT long name may not hold (besides controls), as Microsoft's specification says. */
+const FAT_FORBIDDEN = /[\x00-\x1f"*/:<>?\\|]/;
+
+/** Why `name` is not a name FAT allows (or the host can take), or undefined. */
+function fatNameProblem(name: string): string | undefined {
+  const why = badName(name);
+  if (why) return why;
+  const bad = FAT_FORBIDDEN.exec(name);
+  if (bad) return `a name FAT does not allow (it holds ${JSON.stringify(bad[0])})`;
+  return undefined;
 }
 
 function lfnPart(e: Buffer): string {

@@ -38,6 +38,28 @@ export interface FsEntry {
   atime: number;
   /** Symlink target. */
   target?: string;
+  /**
+   * Why this entry cannot be read or restored, when it cannot: a name no host file can have
+   * (see `badName`), a name that is not valid for its filesystem, an unreadable inode. It is
+   * listed, and skipped by copies with a warning, so one bad entry leaves its directory readable.
+   */
+  invalid?: string;
+}
+
+/** An entry that is listed but cannot be read or restored (see {@link FsEntry.invalid}). */
+export function invalidEntry(dir: string, name: string, why: string): FsEntry {
+  return {
+    name,
+    path: joinPath(dir, name),
+    kind: "other",
+    mode: 0,
+    uid: 0,
+    gid: 0,
+    size: 0,
+    mtime: 0,
+    atime: 0,
+    invalid: why,
+  };
 }
 
 export interface FileSystemReader {

@@ -5,6 +5,7 @@ import type { FileSystemReader, FsEntry } from "../../image/fs-types.js";
 import { normalPath } from "../../image/fs-types.js";
 import type { Repository, SnapshotRef } from "../../repo/repository.js";
 import { ErrorCode, StrataError } from "../../util/errors.js";
+import { badName } from "../../util/names.js";
 import { formatBytes } from "../../util/sizes.js";
 import type { ServeSourceOptions } from "../serve.js";
 import {
@@ -255,16 +256,24 @@ export class FileBrowser {
     }
   }
 
-  /** Everything under `paths`, each with the relative path it gets in the target (its basename). */
+  /**
+   * Everything under `paths`, each with the relative path it gets in the target (its basename).
+   * Entries that cannot be restored safely are kept in the plan with `invalid` set (and not
+   * descended into), so copies can skip them with a warning: names no host file can have ("",
+   * ".", "..", "/" or NUL in them, longer than 255 bytes) whatever the filesystem reader said,
+   * and symlinks whose target is empty, holds NUL or is longer than Linux's PATH_MAX.
+   */
   async walk(paths: readonly string[], signal?: AbortSignal): Promise<PlannedEntry[]> {
     const out: PlannedEntry[] = [];
     const seen = new Set<string>();
     const visit = async (entry: FsEntry, rel: string): Promise<void> => {
       signal?.throwIfAborted();
       out.push({ entry, rel });
-      if (entry.kind === "directory")
-        for (const child of await this.fs.list(entry.path))
-          await visit(child, rel === "" ? child.name : `${rel}/${child.name}`);
+      if (entry.kind !== "directory" || entry.invalid !== undefined) return;
+      for (const child of await this.fs.list(entry.path)) {
+        const checked = checkEntry(child);
+        await visit(checked, rel === "" ? checked.name : `${rel}/${checked.name}`);
+      }
     };
     for (const p of paths) {
       const entry = await this.stat(p);
@@ -272,7 +281,7 @@ export class FileBrowser {
       if (seen.has(rel))
         throw new StrataError(ErrorCode.USAGE, `two paths would both be restored as "${rel || "/"}"`);
       seen.add(rel);
-      await visit(entry, rel);
+      await visit(checkEntry(entry, rel === ""), rel);
     }
     return out;
   }
@@ -286,4 +295,24 @@ export class FileBrowser {
 export interface PlannedEntry {
   entry: FsEntry;
   rel: string;
+}
+
+/** Linux's PATH_MAX: the longest symlink target it stores. */
+const PATH_MAX = 4096;
+
+/** `entry`, marked invalid when its name (unless it is the root) or symlink target cannot be used. */
+function checkEntry(entry: FsEntry, root = false): FsEntry {
+  if (entry.invalid !== undefined) return entry;
+  const why =
+    (root ? undefined : badName(entry.name)) ??
+    (entry.kind !== "symlink"
+      ? undefined
+      : !entry.target
+        ? "a symlink without a target"
+        : entry.target.includes("\0")
+          ? "a symlink whose target holds NUL"
+          : Buffer.byteLength(entry.target) >= PATH_MAX
+            ? `a symlink whose target is longer than ${PATH_MAX - 1} bytes`
+            : undefined);
+  return why === undefined ? entry : { ...entry, invalid: why };
 }

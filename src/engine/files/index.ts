@@ -23,9 +23,11 @@
  * whose head is all zeros fail before any appliance boots.
  *
  * `restoreFiles` first walks everything asked for (so a missing path fails before anything is
- * written), then writes files, symlinks and directories under the target directory, keeping
- * mode, times and, when running as root, owners; directories get their times and modes last,
- * after their contents. `tarFiles` writes the same walk as a pax tar stream, with backpressure.
+ * written), then creates files, symlinks and directories relative to open directory handles
+ * under the target, so that nothing the guest wrote (symlinks, `../` in a name, modes) can make
+ * it write outside the target (see extract.ts); modes and times are kept, owners and
+ * setuid/setgid bits only on request; directories get their metadata last, after their
+ * contents. `tarFiles` writes the same walk as a pax tar stream, with backpressure.
  * A damaged or missing chunk fails the read: a file is never restored with wrong bytes.
  *
  * Files: locate.ts (disk layout, LVM, selections), browse.ts (FileBrowser: open, ls, stat,
