@@ -17,6 +17,7 @@ import {
 import type { FsEntry } from "../image/fs-types.js";
 import type { Repository } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { printable } from "../util/names.js";
 import type { ProgressEvent } from "../util/progress.js";
 import { formatBytes } from "../util/sizes.js";
 import { interruptSignal, output, withRepo } from "./context.js";
@@ -254,7 +255,11 @@ async function withReadLock(
 }
 
 function renderLayout(layout: RestorePointLayout): string {
-  return [...layout.disks.map(renderDisk), ...layout.volumeGroups.map(renderVolumeGroup)].join("\n");
+  return [
+    ...layout.disks.map(renderDisk),
+    ...layout.volumeGroups.map(renderVolumeGroup),
+    ...layout.warnings.map((w) => `warning: ${printable(w)}`),
+  ].join("\n");
 }
 
 function renderDisk(l: DiskLayout): string {

@@ -31,6 +31,7 @@ import {
 } from "./fs-types.js";
 
 interface ExtStats {
+  ino: number;
   mode: number;
   uid: number;
   gid: number;
@@ -99,7 +100,7 @@ class OverlayDisk {
       const avail = Math.max(0, Math.min(length, this.source.size - position));
       if (avail > 0) (await this.source.read(position, avail)).copy(buffer, bufferOffset);
       if (avail < length) buffer.fill(0, bufferOffset + avail, bufferOffset + length);
-      this.overlay?.apply(buffer.subarray(bufferOffset, bufferOffset + length), position);
+      await this.overlay?.apply(buffer.subarray(bufferOffset, bufferOffset + length), position);
       return { bytesRead: length, buffer };
     } catch (err) {
       this.lastError = err;
@@ -158,6 +159,7 @@ export class ExtReader implements FileSystemReader {
       size: kind === "directory" ? 0 : st.size,
       mtime: st.mtime.getTime(),
       atime: st.atime.getTime(),
+      id: st.ino,
     };
     if (kind === "symlink") entry.target = await this.call(p, () => this.fs.promises.readlink(p));
     return entry;

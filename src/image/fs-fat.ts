@@ -40,11 +40,19 @@ const ATTR_VOLUME = 0x08;
 const ATTR_DIR = 0x10;
 const ATTR_LFN = 0x0f;
 const FAT_PIECE = 64 * 1024;
+/** FAT pieces cached at most (16 MiB). */
+const FAT_CACHE_PIECES = 256;
+/** A FAT directory holds at most 65,536 entries of 32 bytes (the specification's limit). */
+const MAX_DIR_BYTES = 65536 * 32;
+/** Directories whose place (first cluster) is remembered by path, so walks don't look each path up from the root. */
+const DIR_CACHE = 4096;
 
 /** A FAT12/16/32 filesystem, read-only. */
 export class FatReader implements FileSystemReader {
   readonly type = "vfat";
   private readonly fatCache = new Map<number, Buffer>();
+  /** Directory path ("a/b", lower case) → its entry, for the last {@link DIR_CACHE} looked up. */
+  private readonly dirCache = new Map<string, RawEntry>();
   private readonly bps: number;
   private readonly clusterSize: number;
   private readonly fatStart: number;
@@ -136,6 +144,7 @@ export class FatReader implements FileSystemReader {
     return {
       name,
       path,
+      ...(dir ? { id: e.cluster === 0 ? this.rootCluster : e.cluster } : {}),
       kind: dir ? "directory" : "file",
       mode: dir ? 0o755 : e.attr & ATTR_READONLY ? 0o444 : 0o644,
       uid: 0,
@@ -149,13 +158,34 @@ export class FatReader implements FileSystemReader {
   private async lookup(parts: string[], path: string): Promise<RawEntry> {
     let cluster = this.rootCluster;
     let found: RawEntry | undefined;
-    for (const [i, part] of parts.entries()) {
+    let i = 0;
+    // Start from the deepest directory on the way that was looked up before.
+    for (let k = parts.length - 1; k > 0; k--) {
+      const hit = this.dirCache.get(parts.slice(0, k).join("/").toLowerCase());
+      if (hit) {
+        found = hit;
+        cluster = hit.cluster;
+        i = k;
+        break;
+      }
+    }
+    for (; i < parts.length; i++) {
       if (found && !(found.attr & ATTR_DIR))
         throw notFound(`/${parts.slice(0, i).join("/")}`, "not a directory");
-      const want = part.toLowerCase();
+      const want = parts[i]!.toLowerCase();
       found = (await this.readDir(cluster)).find((e) => !e.invalid && e.name.toLowerCase() === want);
       if (!found) throw notFound(path);
       cluster = found.cluster;
+      if (found.attr & ATTR_DIR) {
+        if (this.dirCache.size >= DIR_CACHE) this.dirCache.clear();
+        this.dirCache.set(
+          parts
+            .slice(0, i + 1)
+            .join("/")
+            .toLowerCase(),
+          found,
+        );
+      }
     }
     return found!;
   }
@@ -165,8 +195,12 @@ export class FatReader implements FileSystemReader {
     const pieces: Buffer[] = [];
     if (cluster === 0 && this.bits !== 32)
       pieces.push(await this.source.read(this.rootStart, this.rootBytes));
-    else
-      for await (const [o, n] of this.runs(cluster, "directory")) pieces.push(await this.source.read(o, n));
+    else {
+      // A chain running on through the volume (or around a loop) is not a directory: refused
+      // after 65536 entries.
+      for await (const [o, n] of this.runs(cluster, "directory", MAX_DIR_BYTES))
+        pieces.push(await this.source.read(o, n));
+    }
     const data = Buffer.concat(pieces);
     const out: RawEntry[] = [];
     let lfn: string[] = [];
@@ -210,7 +244,7 @@ export class FatReader implements FileSystemReader {
   }
 
   /** Byte ranges of a cluster chain, contiguous clusters merged. */
-  private async *runs(start: number, what: string): AsyncIterable<[number, number]> {
+  private async *runs(start: number, what: string, maxBytes = Infinity): AsyncIterable<[number, number]> {
     if (start === 0) return; // an empty file
     let runStart = start;
     let runLen = 1;
@@ -218,6 +252,11 @@ export class FatReader implements FileSystemReader {
     for (let steps = 0; ; steps++) {
       if (c < 2 || c >= this.clusters + 2 || steps > this.clusters)
         throw new StrataError(ErrorCode.DATA_CORRUPT, `${what}: broken cluster chain at cluster ${c}`);
+      if ((steps + 1) * this.clusterSize > maxBytes)
+        throw new StrataError(
+          ErrorCode.DATA_CORRUPT,
+          `${what} at cluster ${start} is longer than FAT allows (${maxBytes / 32} entries): its cluster chain is damaged`,
+        );
       const next = await this.next(c);
       if (next === c + 1) {
         runLen++;
@@ -259,6 +298,7 @@ export class FatReader implements FileSystemReader {
     let buf = this.fatCache.get(piece);
     if (!buf) {
       buf = await readPadded(this.source, this.fatStart + piece * FAT_PIECE, FAT_PIECE);
+      if (this.fatCache.size >= FAT_CACHE_PIECES) this.fatCache.clear(); // bounded, whatever the volume
       this.fatCache.set(piece, buf);
     }
     return { buf, at: offset - piece * FAT_PIECE };

@@ -39,6 +39,12 @@ export interface FsEntry {
   /** Symlink target. */
   target?: string;
   /**
+   * The entry's identity in its filesystem when the reader knows it (an inode number; on FAT a
+   * directory's first cluster): two directories with the same id are one, so a walk that meets
+   * one again has found a loop.
+   */
+  id?: number;
+  /**
    * Why this entry cannot be read or restored, when it cannot: a name no host file can have
    * (see `badName`), a name that is not valid for its filesystem, an unreadable inode. It is
    * listed, and skipped by copies with a warning, so one bad entry leaves its directory readable.

@@ -5,7 +5,7 @@ import type { FileSystemReader, FsEntry } from "../../image/fs-types.js";
 import { normalPath } from "../../image/fs-types.js";
 import type { Repository, SnapshotRef } from "../../repo/repository.js";
 import { ErrorCode, StrataError } from "../../util/errors.js";
-import { badName } from "../../util/names.js";
+import { badName, printable } from "../../util/names.js";
 import { formatBytes } from "../../util/sizes.js";
 import type { ServeSourceOptions } from "../serve.js";
 import {
@@ -132,6 +132,8 @@ export class FileBrowser {
         ErrorCode.USAGE,
         `--subvolume is for Btrfs; ${where} holds ${part.filesystem ?? "no known filesystem"}`,
       );
+    if (part.size === 0 || part.start + part.size > source.size)
+      throw new StrataError(ErrorCode.DATA_CORRUPT, `${where} is empty or lies beyond the end of the disk`);
     let fsys: FileSystemReader;
     if (part.filesystem !== null && GUESTFS_TYPES.has(part.filesystem) && haveGuestfish()) {
       fsys = await GuestfishReader.open(repo, snap, {
@@ -266,13 +268,31 @@ export class FileBrowser {
   async walk(paths: readonly string[], signal?: AbortSignal): Promise<PlannedEntry[]> {
     const out: PlannedEntry[] = [];
     const seen = new Set<string>();
-    const visit = async (entry: FsEntry, rel: string): Promise<void> => {
+    // Every directory once: a guest's filesystem can point a directory at one of its ancestors
+    // (a loop) or two directories at one (each would be copied again and again).
+    const dirs = new Map<number, string>();
+    const visit = async (entry: FsEntry, rel: string, depth: number): Promise<void> => {
       signal?.throwIfAborted();
       out.push({ entry, rel });
       if (entry.kind !== "directory" || entry.invalid !== undefined) return;
+      if (entry.id !== undefined) {
+        const before = dirs.get(entry.id);
+        if (before !== undefined)
+          throw new StrataError(
+            ErrorCode.DATA_CORRUPT,
+            `${printable(entry.path)} is the directory ${printable(before)} again (a directory loop or a ` +
+              `shared directory: the ${this.fs.type} filesystem in ${this.where} is damaged)`,
+          );
+        dirs.set(entry.id, entry.path);
+      }
+      if (depth >= MAX_DEPTH)
+        throw new StrataError(
+          ErrorCode.DATA_CORRUPT,
+          `${printable(entry.path.slice(0, 200))}…: directories nested more than ${MAX_DEPTH} deep (in ${this.where})`,
+        );
       for (const child of await this.fs.list(entry.path)) {
         const checked = checkEntry(child);
-        await visit(checked, rel === "" ? checked.name : `${rel}/${checked.name}`);
+        await visit(checked, rel === "" ? checked.name : `${rel}/${checked.name}`, depth + 1);
       }
     };
     for (const p of paths) {
@@ -281,7 +301,7 @@ export class FileBrowser {
       if (seen.has(rel))
         throw new StrataError(ErrorCode.USAGE, `two paths would both be restored as "${rel || "/"}"`);
       seen.add(rel);
-      await visit(checkEntry(entry, rel === ""), rel);
+      await visit(checkEntry(entry, rel === ""), rel, 0);
     }
     return out;
   }
@@ -296,6 +316,12 @@ export interface PlannedEntry {
   entry: FsEntry;
   rel: string;
 }
+
+/**
+ * How deep a walk goes: a path of PATH_MAX bytes holds at most 2048 names, so no tree a guest
+ * made through paths is deeper (a deeper one is made by hand, or by a loop without ids).
+ */
+const MAX_DEPTH = 2048;
 
 /** Linux's PATH_MAX: the longest symlink target it stores. */
 const PATH_MAX = 4096;

@@ -11,6 +11,7 @@ import {
   type LogicalVolume,
   linearExtents,
   lvLayout,
+  MAX_LVS,
   parseVolumeGroup,
   pvsOf,
   readPhysicalVolume,
@@ -18,7 +19,7 @@ import {
 } from "../../image/lvm.js";
 import { type Partition, readPartitionTable } from "../../image/partitions.js";
 import type { Repository, SnapshotRef } from "../../repo/repository.js";
-import { ErrorCode, StrataError } from "../../util/errors.js";
+import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
 import { RestorePointSource, type ServeSourceOptions } from "../serve.js";
 
 /**
@@ -113,6 +114,8 @@ export interface VolumeGroupInfo {
 export interface RestorePointLayout {
   disks: DiskLayout[];
   volumeGroups: VolumeGroupInfo[];
+  /** What could not be read or was left out (unreadable LVM metadata, LVs beyond a limit). */
+  warnings: string[];
 }
 
 /** Opens one disk of a restore point as a byte source. */
@@ -157,6 +160,7 @@ export interface ScannedGroup {
 interface Scan {
   disks: DiskLayout[];
   groups: ScannedGroup[];
+  warnings: string[];
 }
 
 function pvLocation(pv: FoundPv): string {
@@ -188,7 +192,8 @@ export async function scanRestorePoint(
 ): Promise<Scan> {
   const disks: DiskLayout[] = [];
   const byUuid = new Map<string, FoundPv>();
-  const texts: Array<{ text: string; seqno: number }> = [];
+  const texts: Array<{ text: string; seqno: number; where: string }> = [];
+  const warnings: string[] = [];
   for (const { name } of snap.manifest.disks) {
     const source = await openDisk(repo, snap, name, options);
     const layout = await diskLayout(name, source);
@@ -196,23 +201,38 @@ export async function scanRestorePoint(
     for (const p of layout.partitions) {
       if (p.filesystem !== "LVM2_member") continue;
       const pvSource = slice(source, p.start, p.size);
+      const where = p.number === 0 ? name : `${name}:${p.number}`;
       // A damaged label only hides this PV; the VG is reported with it missing.
-      const pv = await readPhysicalVolume(pvSource).catch(() => undefined);
+      const pv = await readPhysicalVolume(pvSource).catch((err: unknown) => {
+        warnings.push(`the LVM label on ${where} cannot be read: ${describeError(err)}`);
+        return undefined;
+      });
       if (!pv) continue;
       byUuid.set(pv.uuid, { disk: name, partition: p.number, source: pvSource });
-      if (pv.metadata) texts.push(pv.metadata);
+      if (pv.metadata) texts.push({ ...pv.metadata, where });
     }
   }
   // The newest copy of each VG's metadata (by id; a VG's PVs all carry the same seqno normally).
   const newest = new Map<string, VolumeGroup>();
+  const parsed = new Set<string>(); // every PV of a VG normally holds the same text: parse it once
   for (const t of texts.sort((a, b) => b.seqno - a.seqno)) {
+    if (parsed.has(t.text)) continue;
+    parsed.add(t.text);
     let vg: VolumeGroup;
     try {
       vg = parseVolumeGroup(t.text);
-    } catch {
+    } catch (err) {
+      warnings.push(`the LVM metadata on ${t.where} cannot be read: ${describeError(err)}`);
       continue;
     }
-    if (!newest.has(vg.id)) newest.set(vg.id, vg);
+    if (newest.has(vg.id)) continue;
+    newest.set(vg.id, vg);
+    if (vg.omittedLvs > 0 || vg.omittedPvs > 0)
+      warnings.push(
+        `volume group ${vg.name} lists ${vg.lvs.length + vg.omittedLvs} logical and ` +
+          `${vg.pvs.length + vg.omittedPvs} physical volumes; Strata reads the first ${MAX_LVS} of each ` +
+          "and leaves the rest out",
+      );
   }
   const groups: ScannedGroup[] = [];
   for (const vg of newest.values()) {
@@ -226,7 +246,7 @@ export async function scanRestorePoint(
       if (part) part.volumeGroup = vg.name;
     }
     const pvName = (key: string) => {
-      const pv = vg.pvs.find((p) => p.key === key);
+      const pv = vg.pvByKey.get(key);
       return pv ? dashedUuid(pv.uuid) + (pv.device ? ` (${pv.device} in the guest)` : "") : key;
     };
     const lvs: LogicalVolumeInfo[] = [];
@@ -261,7 +281,7 @@ export async function scanRestorePoint(
     });
   }
   groups.sort((a, b) => a.vg.name.localeCompare(b.vg.name));
-  return { disks, groups };
+  return { disks, groups, warnings };
 }
 
 /** The bytes of a linear LV, from the PVs found; undefined when it is not linear. */
@@ -312,8 +332,10 @@ export async function restorePointLayout(
   if (disk !== undefined && !snap.manifest.disks.some((d) => d.name === disk))
     await openDisk(repo, snap, disk, options); // fails with the repository's own NOT_FOUND
   const scan = await scanRestorePoint(repo, snap, options);
-  if (disk === undefined) return { disks: scan.disks, volumeGroups: scan.groups.map((g) => g.info) };
+  if (disk === undefined)
+    return { disks: scan.disks, volumeGroups: scan.groups.map((g) => g.info), warnings: scan.warnings };
   return {
+    warnings: scan.warnings,
     disks: scan.disks.filter((d) => d.disk === disk),
     volumeGroups: scan.groups
       .filter((g) => [...g.found.values()].some((f) => f.disk === disk))
