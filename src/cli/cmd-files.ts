@@ -92,13 +92,13 @@ Examples:
         const snap = await repo.findSnapshot(ref);
         const id = `${snap.vm}/${snap.time}`;
         if (path === undefined && sel.partition === undefined && !sel.volume && sel.subvolume === undefined) {
-          const layout = await restorePointLayout(repo, snap, sel.disk);
+          const layout = await restorePointLayout(repo, snap, sel.disk, undefined, signal);
           out.result({ id, ...layout }, () => renderLayout(layout));
           return;
         }
         const browser = await FileBrowser.open(repo, snap, sel, { signal });
         try {
-          const entries = await browser.list(path ?? "/");
+          const entries = await browser.list(path ?? "/", signal);
           const subvolumes = (path ?? "/") === "/" ? await browser.subvolumes() : [];
           out.result(
             {

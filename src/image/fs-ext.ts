@@ -15,6 +15,7 @@
  */
 import { constants } from "node:fs";
 import { createRequire } from "node:module";
+import { checkpoint } from "../util/checkpoint.js";
 import { ErrorCode, errnoCode, StrataError } from "../util/errors.js";
 import { badName } from "../util/names.js";
 import type { ByteSource } from "./byte-source.js";
@@ -165,12 +166,14 @@ export class ExtReader implements FileSystemReader {
     return entry;
   }
 
-  async list(path: string): Promise<FsEntry[]> {
+  async list(path: string, signal?: AbortSignal): Promise<FsEntry[]> {
     const p = normalPath(path);
     // The package decodes names as UTF-8 whatever is asked (invalid bytes become U+FFFD).
     const names = await this.call(p, () => this.fs.promises.readdir(p));
     const out: FsEntry[] = [];
+    const tick = checkpoint(signal);
     for (const name of names.sort()) {
+      await tick();
       if (name === "." || name === "..") continue;
       // A guest can write any bytes but "/" and NUL into an ext name, and a damaged or crafted
       // directory holds worse: such an entry is listed as invalid, and its directory stays readable.

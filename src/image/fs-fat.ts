@@ -11,6 +11,7 @@
  * FAT has no owners, modes or time zones: entries get uid/gid 0, mode 0755 (directories) or
  * 0644 (0444 when read-only), and timestamps are read as UTC. Access times are dates only.
  */
+import { checkpoint } from "../util/checkpoint.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { badName } from "../util/names.js";
 import { type ByteSource, readPadded } from "./byte-source.js";
@@ -101,12 +102,12 @@ export class FatReader implements FileSystemReader {
     return this.entry(`/${parts.join("/")}`, raw.name, raw);
   }
 
-  async list(path: string): Promise<FsEntry[]> {
+  async list(path: string, signal?: AbortSignal): Promise<FsEntry[]> {
     const parts = pathParts(path);
     const dir = parts.length === 0 ? undefined : await this.lookup(parts, path);
     if (dir && !(dir.attr & ATTR_DIR)) throw notFound(path, "not a directory");
     const p = `/${parts.join("/")}`;
-    const entries = await this.readDir(dir?.cluster ?? this.rootCluster);
+    const entries = await this.readDir(dir?.cluster ?? this.rootCluster, signal);
     return entries
       .map((e) => this.entry(joinPath(p, e.name), e.name, e))
       .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
@@ -191,15 +192,18 @@ export class FatReader implements FileSystemReader {
   }
 
   /** The entries of a directory (cluster 0: the FAT12/16 root region). */
-  private async readDir(cluster: number): Promise<RawEntry[]> {
+  private async readDir(cluster: number, signal?: AbortSignal): Promise<RawEntry[]> {
     const pieces: Buffer[] = [];
     if (cluster === 0 && this.bits !== 32)
       pieces.push(await this.source.read(this.rootStart, this.rootBytes));
     else {
       // A chain running on through the volume (or around a loop) is not a directory: refused
       // after 65536 entries.
-      for await (const [o, n] of this.runs(cluster, "directory", MAX_DIR_BYTES))
+      const tick = checkpoint(signal);
+      for await (const [o, n] of this.runs(cluster, "directory", MAX_DIR_BYTES)) {
+        await tick();
         pieces.push(await this.source.read(o, n));
+      }
     }
     const data = Buffer.concat(pieces);
     const out: RawEntry[] = [];

@@ -73,8 +73,11 @@ export interface FileSystemReader {
   readonly type: string;
   /** The entry at `path` (symlinks are not followed). NOT_FOUND when there is none. */
   stat(path: string): Promise<FsEntry>;
-  /** The entries of the directory at `path`, without "." and "..", sorted by name. */
-  list(path: string): Promise<FsEntry[]>;
+  /**
+   * The entries of the directory at `path`, without "." and "..", sorted by name. Stops with the
+   * signal's reason when it aborts (a directory may hold many thousands of entries).
+   */
+  list(path: string, signal?: AbortSignal): Promise<FsEntry[]>;
   /** The bytes of the file at `path`, in order, in pieces of at most `pieceSize`. */
   read(path: string, pieceSize?: number): AsyncIterable<Buffer>;
   /** Releases the reader (further calls fail). */

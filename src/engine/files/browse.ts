@@ -4,6 +4,7 @@ import { openFileSystem } from "../../image/fs-open.js";
 import type { FileSystemReader, FsEntry } from "../../image/fs-types.js";
 import { normalPath } from "../../image/fs-types.js";
 import type { Repository, SnapshotRef } from "../../repo/repository.js";
+import { checkpoint } from "../../util/checkpoint.js";
 import { ErrorCode, StrataError } from "../../util/errors.js";
 import { badName, printable } from "../../util/names.js";
 import { formatBytes } from "../../util/sizes.js";
@@ -76,7 +77,7 @@ export class FileBrowser {
     // PVs are only looked into (on every disk: a VG may span them) when they matter.
     const volumes = async () =>
       layout.partitions.some((p) => p.filesystem === "LVM2_member")
-        ? (await scanRestorePoint(repo, snap, sourceOptions)).groups
+        ? (await scanRestorePoint(repo, snap, sourceOptions, signal)).groups
         : [];
     const lvChoices = (groups: ScannedGroup[]) =>
       groups
@@ -164,7 +165,7 @@ export class FileBrowser {
       await openDisk(repo, snap, sel.disk, options); // fails with the repository's own NOT_FOUND
     if (sel.partition !== undefined)
       throw new StrataError(ErrorCode.USAGE, "name a partition or a logical volume, not both");
-    const { groups } = await scanRestorePoint(repo, snap, options);
+    const { groups } = await scanRestorePoint(repo, snap, options, signal);
     const all = groups.map((g) => g.vg.name);
     const named = groups.filter((g) => g.vg.name === want.vg);
     if (named.length === 0)
@@ -242,9 +243,9 @@ export class FileBrowser {
   }
 
   /** The entries of a directory, or the entry itself when `path` is not a directory. */
-  async list(path: string): Promise<FsEntry[]> {
+  async list(path: string, signal?: AbortSignal): Promise<FsEntry[]> {
     const entry = await this.stat(path);
-    return entry.kind === "directory" ? this.fs.list(entry.path) : [entry];
+    return entry.kind === "directory" ? this.fs.list(entry.path, signal) : [entry];
   }
 
   /** The entry at `path`, with where it is in a NOT_FOUND message. */
@@ -271,8 +272,9 @@ export class FileBrowser {
     // Every directory once: a guest's filesystem can point a directory at one of its ancestors
     // (a loop) or two directories at one (each would be copied again and again).
     const dirs = new Map<number, string>();
+    const tick = checkpoint(signal);
     const visit = async (entry: FsEntry, rel: string, depth: number): Promise<void> => {
-      signal?.throwIfAborted();
+      await tick();
       out.push({ entry, rel });
       if (entry.kind !== "directory" || entry.invalid !== undefined) return;
       if (entry.id !== undefined) {
@@ -290,7 +292,7 @@ export class FileBrowser {
           ErrorCode.DATA_CORRUPT,
           `${printable(entry.path.slice(0, 200))}…: directories nested more than ${MAX_DEPTH} deep (in ${this.where})`,
         );
-      for (const child of await this.fs.list(entry.path)) {
+      for (const child of await this.fs.list(entry.path, signal)) {
         const checked = checkEntry(child);
         await visit(checked, rel === "" ? checked.name : `${rel}/${checked.name}`, depth + 1);
       }

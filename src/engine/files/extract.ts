@@ -26,6 +26,7 @@ import { once } from "node:events";
 import type { FileHandle } from "node:fs/promises";
 import type { Writable } from "node:stream";
 import { type FsEntry, pieceFor, READ_PIECE } from "../../image/fs-types.js";
+import { checkpoint } from "../../util/checkpoint.js";
 import { type DirHandle, openTargetDir } from "../../util/dirfd.js";
 import { ErrorCode, StrataError } from "../../util/errors.js";
 import { badRelativePath, printable } from "../../util/names.js";
@@ -114,6 +115,7 @@ export async function restoreFiles(
     summary.setuidDropped++;
     return entry.mode & 0o7777 & ~SETID;
   };
+  const tick = checkpoint(options.signal);
   const { dir: root } = await openTargetDir(options.to);
   // The open directories from the target down to the current one (a depth-first plan).
   const stack: OpenDir[] = [{ rel: "", dir: root }];
@@ -132,7 +134,7 @@ export async function restoreFiles(
   try {
     progress.emit({ type: "start", job: "files", total });
     for (const item of plan) {
-      options.signal?.throwIfAborted();
+      await tick();
       const { entry, rel } = item;
       if (skipped(entry, progress, summary)) continue;
       if (rel === "") {
@@ -162,7 +164,7 @@ export async function restoreFiles(
             // file (a VM image, a database) comes back sparse.
             let pos = 0;
             for await (const piece of browser.fs.read(entry.path, pieceFor(entry.size))) {
-              options.signal?.throwIfAborted();
+              await tick();
               if (!isZero(piece)) await fh.write(piece, 0, piece.length, pos);
               pos += piece.length;
               summary.bytes += piece.length;
@@ -280,9 +282,10 @@ export async function tarFiles(
   const write = async (b: Buffer) => {
     if (!out.write(b)) await once(out, "drain");
   };
+  const tick = checkpoint(options.signal);
   progress.emit({ type: "start", job: "files", total });
   for (const { entry, rel } of plan) {
-    options.signal?.throwIfAborted();
+    await tick();
     if (skipped(entry, progress, summary)) continue;
     if (rel === "") continue; // the root directory itself has no name in the archive
     // Member names are relative, without "." or ".." (walk() checked every name).
@@ -299,7 +302,7 @@ export async function tarFiles(
       await write(tarHeader({ ...common, kind: "file", size: entry.size }));
       let n = 0;
       for await (const piece of browser.fs.read(entry.path, pieceFor(entry.size))) {
-        options.signal?.throwIfAborted();
+        await tick();
         await write(piece);
         n += piece.length;
         summary.bytes += piece.length;

@@ -206,7 +206,8 @@ export class GuestfishReader implements FileSystemReader {
     return this.entry(p, st);
   }
 
-  async list(path: string): Promise<FsEntry[]> {
+  async list(path: string, signal?: AbortSignal): Promise<FsEntry[]> {
+    signal?.throwIfAborted();
     const p = normalPath(path);
     const names = (await this.fishPath(p, ["ls", p]))
       .split("\n")

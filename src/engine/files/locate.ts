@@ -19,6 +19,7 @@ import {
 } from "../../image/lvm.js";
 import { type Partition, readPartitionTable } from "../../image/partitions.js";
 import type { Repository, SnapshotRef } from "../../repo/repository.js";
+import { checkpoint } from "../../util/checkpoint.js";
 import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
 import { RestorePointSource, type ServeSourceOptions } from "../serve.js";
 
@@ -189,12 +190,15 @@ export async function scanRestorePoint(
   repo: Repository,
   snap: SnapshotRef,
   options: ServeSourceOptions,
+  signal?: AbortSignal,
 ): Promise<Scan> {
   const disks: DiskLayout[] = [];
   const byUuid = new Map<string, FoundPv>();
+  const tick = checkpoint(signal);
   const texts: Array<{ text: string; seqno: number; where: string }> = [];
   const warnings: string[] = [];
   for (const { name } of snap.manifest.disks) {
+    await tick();
     const source = await openDisk(repo, snap, name, options);
     const layout = await diskLayout(name, source);
     disks.push(layout);
@@ -216,6 +220,7 @@ export async function scanRestorePoint(
   const newest = new Map<string, VolumeGroup>();
   const parsed = new Set<string>(); // every PV of a VG normally holds the same text: parse it once
   for (const t of texts.sort((a, b) => b.seqno - a.seqno)) {
+    await tick();
     if (parsed.has(t.text)) continue;
     parsed.add(t.text);
     let vg: VolumeGroup;
@@ -251,6 +256,7 @@ export async function scanRestorePoint(
     };
     const lvs: LogicalVolumeInfo[] = [];
     for (const lv of vg.lvs.filter((l) => l.visible)) {
+      await tick();
       const missing = [...pvsOf(vg, lv)].filter((k) => !found.has(k)).map(pvName);
       const probe =
         missing.length === 0 ? await probeLinear(vg, lv, found) : { filesystem: null, blank: false };
@@ -328,10 +334,11 @@ export async function restorePointLayout(
   snap: SnapshotRef,
   disk?: string,
   options: ServeSourceOptions = { cacheBytes: FILES_CACHE_BYTES },
+  signal?: AbortSignal,
 ): Promise<RestorePointLayout> {
   if (disk !== undefined && !snap.manifest.disks.some((d) => d.name === disk))
     await openDisk(repo, snap, disk, options); // fails with the repository's own NOT_FOUND
-  const scan = await scanRestorePoint(repo, snap, options);
+  const scan = await scanRestorePoint(repo, snap, options, signal);
   if (disk === undefined)
     return { disks: scan.disks, volumeGroups: scan.groups.map((g) => g.info), warnings: scan.warnings };
   return {
