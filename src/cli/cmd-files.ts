@@ -267,8 +267,8 @@ function renderDisk(l: DiskLayout): string {
   const rows = l.partitions.map(
     (p) =>
       `  ${p.number === 0 ? `${l.disk}` : `${l.disk}:${p.number}`}  start ${p.start}  size ${formatBytes(p.size)}  ` +
-      `${p.typeName}${p.label ? ` "${p.label}"` : ""}  ${p.filesystem ?? "no known filesystem"}` +
-      (p.volumeGroup === undefined ? "" : ` (volume group ${p.volumeGroup})`),
+      `${p.typeName}${p.label ? ` "${printable(p.label)}"` : ""}  ${p.filesystem ?? "no known filesystem"}` +
+      (p.volumeGroup === undefined ? "" : ` (volume group ${printable(p.volumeGroup)})`),
   );
   return [head, ...rows].join("\n");
 }
@@ -277,12 +277,13 @@ function renderVolumeGroup(g: VolumeGroupInfo): string {
   const on = g.pvs.filter((p) => p.location !== null).map((p) => p.location);
   const missing = g.pvs.filter((p) => p.location === null);
   const head =
-    `LVM volume group ${g.name} (${formatBytes(g.size)}), PVs on ${on.join(", ") || "no disk"}` +
+    `LVM volume group ${printable(g.name)} (${formatBytes(g.size)}), PVs on ${on.join(", ") || "no disk"}` +
     (missing.length > 0
-      ? `; missing: ${missing.map((p) => `${p.uuid}${p.device ? ` (${p.device} in the guest)` : ""}`).join(", ")}`
+      ? `; missing: ${missing.map((p) => printable(`${p.uuid}${p.device ? ` (${p.device} in the guest)` : ""}`)).join(", ")}`
       : "");
   const rows = g.lvs.map(
-    (lv) => `  ${lv.name}  size ${formatBytes(lv.size)}  ${lv.layout}  ${lvContents(lv)}`,
+    (lv) =>
+      `  ${printable(lv.name)}  size ${formatBytes(lv.size)}  ${printable(lv.layout)}  ${printable(lvContents(lv))}`,
   );
   return [head, ...(rows.length > 0 ? rows : ["  (no logical volumes)"])].join("\n");
 }
@@ -293,7 +294,8 @@ function renderSubvolumes(subs: BtrfsSubvolume[]): string[] {
     "",
     "Btrfs subvolumes (browse one with --subvolume PATH; / is the top level):",
     ...subs.map(
-      (s) => `  ${s.path}  id ${s.id}${s.default ? "  (default: mounted without --subvolume)" : ""}`,
+      (s) =>
+        `  ${printable(s.path)}  id ${s.id}${s.default ? "  (default: mounted without --subvolume)" : ""}`,
     ),
   ];
 }
@@ -307,5 +309,7 @@ function renderEntry(e: FsEntry): string {
     })
     .join("");
   const time = new Date(e.mtime).toISOString().replace("T", " ").slice(0, 19);
-  return `${kind}${perms} ${String(e.uid).padStart(5)} ${String(e.gid).padStart(5)} ${String(e.size).padStart(12)} ${time} ${e.name}${e.target !== undefined ? ` -> ${e.target}` : ""}`;
+  // Guest names may hold terminal escape sequences: escaped here (--json keeps them exact).
+  const name = `${printable(e.name)}${e.target !== undefined ? ` -> ${printable(e.target)}` : ""}`;
+  return `${kind}${perms} ${String(e.uid).padStart(5)} ${String(e.gid).padStart(5)} ${String(e.size).padStart(12)} ${time} ${name}${e.invalid ? `  (${printable(e.invalid)})` : ""}`;
 }

@@ -17,7 +17,7 @@ import { constants } from "node:fs";
 import { createRequire } from "node:module";
 import { checkpoint } from "../util/checkpoint.js";
 import { ErrorCode, errnoCode, StrataError } from "../util/errors.js";
-import { badName } from "../util/names.js";
+import { badName, printable } from "../util/names.js";
 import type { ByteSource } from "./byte-source.js";
 import { type JournalOverlay, replayJournal } from "./ext-journal.js";
 import {
@@ -241,9 +241,11 @@ export class ExtReader implements FileSystemReader {
         case "ENOTDIR":
           throw notFound(path, "not a directory");
         case "EISDIR":
-          throw new StrataError(ErrorCode.USAGE, `${path}: is a directory`);
+          throw new StrataError(ErrorCode.USAGE, `${printable(path)}: is a directory`);
         default:
-          throw new StrataError(ErrorCode.DATA_CORRUPT, `${path}: ${describe(err)}`, { cause: err });
+          throw new StrataError(ErrorCode.DATA_CORRUPT, `${printable(path)}: ${describe(err)}`, {
+            cause: err,
+          });
       }
     }
   }

@@ -13,7 +13,7 @@
  */
 import { checkpoint } from "../util/checkpoint.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
-import { badName } from "../util/names.js";
+import { badName, printable } from "../util/names.js";
 import { type ByteSource, readPadded } from "./byte-source.js";
 import {
   type FileSystemReader,
@@ -115,9 +115,9 @@ export class FatReader implements FileSystemReader {
 
   async *read(path: string, pieceSize = READ_PIECE): AsyncIterable<Buffer> {
     const raw = await this.lookup(pathParts(path), path);
-    if (raw.attr & ATTR_DIR) throw new StrataError(ErrorCode.USAGE, `${path}: is a directory`);
+    if (raw.attr & ATTR_DIR) throw new StrataError(ErrorCode.USAGE, `${printable(path)}: is a directory`);
     let left = raw.size;
-    for await (const [offset, length] of this.runs(raw.cluster, path)) {
+    for await (const [offset, length] of this.runs(raw.cluster, printable(path))) {
       if (left <= 0) return;
       let take = Math.min(length, left);
       for (let o = offset; take > 0; ) {
@@ -129,7 +129,10 @@ export class FatReader implements FileSystemReader {
       }
     }
     if (left > 0)
-      throw new StrataError(ErrorCode.DATA_CORRUPT, `${path}: cluster chain ends before the file does`);
+      throw new StrataError(
+        ErrorCode.DATA_CORRUPT,
+        `${printable(path)}: cluster chain ends before the file does`,
+      );
   }
 
   async close(): Promise<void> {

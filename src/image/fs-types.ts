@@ -3,6 +3,7 @@
  * directory, read a file. Readers are read-only and never write to their source.
  */
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { printable } from "../util/names.js";
 
 export type EntryKind = "file" | "directory" | "symlink" | "other";
 
@@ -111,5 +112,5 @@ export function joinPath(dir: string, name: string): string {
 }
 
 export function notFound(path: string, why = "no such file or directory"): StrataError {
-  return new StrataError(ErrorCode.NOT_FOUND, `${path}: ${why}`);
+  return new StrataError(ErrorCode.NOT_FOUND, `${printable(path)}: ${why}`);
 }

@@ -21,6 +21,7 @@ let repo = "";
 /** Host files a guest would like to reach: /etc/passwd, a file, a directory. */
 let sentinel = "";
 let targets = 0;
+const ESCAPES = "\x1b]0;pwned\x07\x1b[2Jevil\nname\u202etxt";
 
 before(async () => {
   dir = await fs.mkdtemp(join(tmpdir(), "strata-hostile-"));
@@ -42,6 +43,9 @@ before(async () => {
   await fs.chmod(join(t1, "bin/su"), 0o4755);
   await fs.mkdir(join(t1, "shared"));
   await fs.chmod(join(t1, "shared"), 0o2775);
+  // Names and a link target that would retitle and clear a terminal, and break a line.
+  await fs.writeFile(join(t1, ESCAPES), "escapes\n");
+  await fs.symlink("\x1b[31mred\x1b[0m", join(t1, "esc-link"));
   await ext4(join(dir, "evil1.img"), t1, [
     "sif / mode 041777",
     "sif /bin/su uid 1234",
@@ -271,4 +275,16 @@ test("targets another user could swap are refused; a missing one is created 0700
   assert.equal(r3.code, 0, r3.stderr);
   assert.equal((await fs.stat(join(to, "new/deeper"))).mode & 0o7777, 0o700);
   await unchanged();
+});
+
+test("files ls prints guest names with terminal escapes escaped; --json keeps them exact", async () => {
+  const text = await strataOk(["files", "ls", "--repo", repo, "evil1/latest", "/"]);
+  assert.doesNotMatch(text.stdout, /[\x00-\x08\x0b-\x1f\x7f\u202e]/, "no control characters but line ends");
+  assert.equal(text.stdout.trim().split("\n").length, 7, text.stdout); // one line per entry
+  assert.match(text.stdout, / \\e\]0;pwned\\x07\\e\[2Jevil\\nname\\u\{202e\}txt$/m);
+  assert.match(text.stdout, /esc-link -> \\e\[31mred\\e\[0m$/m);
+  const json = await strataOk(["files", "ls", "--repo", repo, "evil1/latest", "/", "--json"]);
+  const entries = (JSON.parse(json.stdout) as { entries: Array<{ name: string; target?: string }> }).entries;
+  assert.ok(entries.some((e) => e.name === ESCAPES));
+  assert.equal(entries.find((e) => e.name === "esc-link")?.target, "\x1b[31mred\x1b[0m");
 });
