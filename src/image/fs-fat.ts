@@ -109,7 +109,11 @@ export class FatReader implements FileSystemReader {
     const p = `/${parts.join("/")}`;
     const entries = await this.readDir(dir?.cluster ?? this.rootCluster, signal);
     return entries
-      .map((e) => this.entry(joinPath(p, e.name), e.name, e))
+      .map((e) =>
+        e.invalid === undefined
+          ? this.entry(joinPath(p, e.name), e.name, e)
+          : invalidEntry(p, e.name, e.invalid),
+      )
       .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   }
 
@@ -142,8 +146,6 @@ export class FatReader implements FileSystemReader {
   // ---- internals ------------------------------------------------------------------------------
 
   private entry(path: string, name: string, e: RawEntry): FsEntry {
-    if (e.invalid !== undefined)
-      return invalidEntry(path.slice(0, path.lastIndexOf("/")) || "/", name, e.invalid);
     const dir = (e.attr & ATTR_DIR) !== 0;
     return {
       name,
