@@ -179,6 +179,14 @@ test("symlinks already in the target (to a host file, to a host directory) are r
   await fs.mkdir(join(to, "data"));
   await fs.symlink(join(sentinel, "important"), join(to, "data/link"));
   const before = await snapshot(sentinel, []);
+  // data/link -> HOST/important, and the guest's data/link is a file: --overwrite replaces the
+  // link, it does not write the guest's bytes into HOST/important.
+  const r0 = await get("evil2", ["/data"], to, "--overwrite");
+  assert.equal(r0.code, 0, r0.stderr);
+  assert.ok((await fs.lstat(join(to, "data/link"))).isFile());
+  assert.deepEqual(await snapshot(sentinel, []), before);
+  await fs.rm(join(to, "data/link"));
+  await fs.symlink(join(sentinel, "important"), join(to, "data/link"));
   const r = await get("evil2", ["/etc", "/data"], to);
   assert.equal(r.code, 1);
   assert.match(r.stderr, /etc exists and is not a directory/);
