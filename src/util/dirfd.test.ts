@@ -106,3 +106,31 @@ test("DirHandle never follows a symlink in the final component", async (t) => {
   assert.deepEqual(await fs.readdir(outside), ["victim"]);
   assert.deepEqual(await fs.readdir(join(target, "moved")), ["inside"]);
 });
+
+test("openTargetDir refuses a target reached through a directory another user could change", async (t) => {
+  const d = await scratch(t);
+  await fs.mkdir(join(d, "open/a/b"), { recursive: true });
+  await fs.chmod(join(d, "open"), 0o777);
+  // open/ is world-writable: anyone could rename a/ away and put a symlink to / in its place.
+  await assert.rejects(
+    openTargetDir(join(d, "open/a/b/target")),
+    conflict(/reached through .*open is writable by every user/),
+  );
+  // Through a symlink, the resolved way is checked too.
+  await fs.symlink(join(d, "open/a"), join(d, "via"));
+  await assert.rejects(openTargetDir(join(d, "via/b/target")), conflict(/open is writable by every user/));
+  // Sticky and root's (as /tmp), with our own names in it: fine.
+  if (isRoot) {
+    await fs.chmod(join(d, "open"), 0o1777);
+    const ok = await openTargetDir(join(d, "open/a/b/target"));
+    await ok.dir.close();
+  }
+});
+
+test("a target whose missing parent would be made in a directory another user can write is refused first", async (t) => {
+  const d = await scratch(t);
+  await fs.mkdir(join(d, "open"));
+  await fs.chmod(join(d, "open"), 0o777);
+  await assert.rejects(openTargetDir(join(d, "open/new/target")), conflict(/open is writable by every user/));
+  assert.deepEqual(await fs.readdir(join(d, "open")), [], "nothing made");
+});

@@ -183,12 +183,45 @@ function othersCanWrite(st: BigIntStats, me: number): string | undefined {
 }
 
 /**
+ * Why another user could swap a directory on the way to `dir` (as written, and as resolved)
+ * for a symlink before it is opened: a directory above it they own or may write, unless it is
+ * sticky and root's (as /tmp) and the next name on the way is ours or root's. Undefined when none.
+ */
+async function unsafeAncestor(dir: string, me: number): Promise<string | undefined> {
+  const check = async (path: string): Promise<string | undefined> => {
+    const parts = path.split("/").filter((p) => p !== "");
+    for (let k = 0; k < parts.length; k++) {
+      const above = `/${parts.slice(0, k).join("/")}`;
+      const st = await fs.stat(above, { bigint: true });
+      const why = othersCanWrite(st, me);
+      if (!why) continue;
+      const next = await fs.lstat(join(above, parts[k]!), { bigint: true }).catch(() => undefined);
+      if (next === undefined) return `${printable(above)} ${why}`; // what we would create there could be swapped
+      const nextOwner = Number(next.uid);
+      const sticky = (Number(st.mode) & 0o1000) !== 0 && Number(st.uid) === 0;
+      if (!sticky || (nextOwner !== me && nextOwner !== 0)) return `${printable(above)} ${why}`;
+    }
+    return undefined;
+  };
+  // Directories still to be made will be ours: the way is checked down to the deepest that
+  // exists and the first name to be made in it.
+  let existing = dir;
+  let tail = "";
+  while (existing !== "/" && !(await fs.stat(existing).catch(() => undefined))?.isDirectory()) {
+    tail = basename(existing);
+    existing = dirname(existing);
+  }
+  return (await check(join(existing, tail))) ?? (await check(join(await fs.realpath(existing), tail)));
+}
+
+/**
  * Opens (creating it, mode 0700, when missing) the directory a restore writes into. Refused:
  * a symlink or non-directory at `path` (a symlink could be swapped under the restore); a target
  * another user could write or owns; a parent another user could write without the sticky bit
- * (that user could rename the target away and put a symlink in its place). A sticky,
- * world-writable parent such as /tmp is fine: there, only the target's owner may rename it.
- * The target's own mode, owner and times are never changed.
+ * (that user could rename the target away and put a symlink in its place), and the same for
+ * every directory further up, as written and as resolved. A sticky, world-writable directory
+ * such as /tmp is fine: there, only the owner of a name may rename it. The target's own mode,
+ * owner and times are never changed.
  */
 export async function openTargetDir(path: string): Promise<{ dir: DirHandle; created: boolean }> {
   const abs = resolve(path);
@@ -200,6 +233,8 @@ export async function openTargetDir(path: string): Promise<{ dir: DirHandle; cre
     return { dir, created: false };
   }
   const parentPath = dirname(abs);
+  const above = await unsafeAncestor(parentPath, me);
+  if (above) throw refuse(`is reached through ${above}: the way to it could be swapped for a symlink`);
   await fs.mkdir(parentPath, { recursive: true, mode: 0o700 }).catch((err: unknown) => {
     throw ioError(ErrorCode.TARGET_CONFLICT, `cannot create ${printable(parentPath)}`, err);
   });
