@@ -8,7 +8,7 @@ import { spawn } from "node:child_process";
 import { promises as fs, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { after, before, test } from "node:test";
+import { after, before, type TestContext, test } from "node:test";
 import { crc32 } from "node:zlib";
 import { lvmCrc } from "../../src/image/lvm.js";
 import { BIN, strataOk } from "../helpers/cli.js";
@@ -71,7 +71,8 @@ async function bounded(args: string[]): Promise<Bounded> {
   return { code, stdout, stderr, ms: Date.now() - started, peakKiB };
 }
 
-function within(r: Bounded, what: string): void {
+function within(t: TestContext, r: Bounded, what: string): void {
+  t.diagnostic(`${what}: ${r.ms} ms, peak ${Math.round(r.peakKiB / 1024)} MiB, exit ${r.code}`);
   assert.ok(r.ms < LIMIT_MS, `${what}: ${r.ms} ms\n${r.stderr}`);
   assert.ok(r.peakKiB < LIMIT_KIB, `${what}: peak ${Math.round(r.peakKiB / 1024)} MiB`);
   assert.ok(r.peakKiB > 0, `${what}: memory was sampled`);
@@ -86,7 +87,7 @@ async function backup(vm: string, image: string): Promise<void> {
   await strataOk(["backup", "--repo", repo, "--vm", vm, `file:${image},name=disk`]);
 }
 
-test("GPT: an entry size of 1 GiB on a sparse 8 GiB disk is refused without reading it", async () => {
+test("GPT: an entry size of 1 GiB on a sparse 8 GiB disk is refused without reading it", async (t) => {
   const image = join(dir, "gpt.img");
   await fs.writeFile(image, "");
   await fs.truncate(image, 8 * GiB);
@@ -108,7 +109,7 @@ test("GPT: an entry size of 1 GiB on a sparse 8 GiB disk is refused without read
   await writeAt(image, 0, head);
   await backup("gpt", image);
   const r = await bounded(["files", "ls", "--repo", repo, "gpt/latest", "--json"]);
-  within(r, "gpt");
+  within(t, r, "gpt");
   assert.equal(r.code, 3, r.stderr);
   assert.equal(error(r).code, "DATA_CORRUPT");
   assert.match(error(r).message, /entry size 1073741824 .*Linux only 128/);
@@ -134,7 +135,7 @@ function shortEntry(img: Buffer, short: string): number {
   return at;
 }
 
-test("FAT: a directory that contains itself again (a loop) stops files get before anything is written", async () => {
+test("FAT: a directory that contains itself again (a loop) stops files get before anything is written", async (t) => {
   const image = await fatImage("fatloop", 16 * MiB, 16, ["LOOPDIR/INNER/DEEPER"]);
   const img = await fs.readFile(image);
   const loop = shortEntry(img, "LOOPDIR");
@@ -145,7 +146,7 @@ test("FAT: a directory that contains itself again (a loop) stops files get befor
   await backup("fatloop", image);
   const to = join(dir, "loop-target");
   const r = await bounded(["files", "get", "--repo", repo, "fatloop/latest", "/", "--to", to, "--json"]);
-  within(r, "fat loop");
+  within(t, r, "fat loop");
   assert.equal(r.code, 3, r.stderr);
   assert.match(error(r).message, /\/LOOPDIR\/INNER is the directory \/LOOPDIR again/i);
   assert.equal(await fs.stat(to).catch(() => undefined), undefined, "nothing written");
@@ -159,11 +160,11 @@ test("FAT: a directory that contains itself again (a loop) stops files get befor
     "/LOOPDIR/INNER/INNER",
     "--json",
   ]);
-  within(ls, "fat loop ls");
+  within(t, ls, "fat loop ls");
   assert.equal(ls.code, 0, ls.stderr);
 });
 
-test("FAT: a directory whose cluster chain runs through a whole 1 GiB volume is refused at 65536 entries", async () => {
+test("FAT: a directory whose cluster chain runs through a whole 1 GiB volume is refused at 65536 entries", async (t) => {
   const image = await fatImage("fatchain", GiB, 32, ["BIG"]);
   const img = await fs.open(image, "r+");
   try {
@@ -188,12 +189,12 @@ test("FAT: a directory whose cluster chain runs through a whole 1 GiB volume is 
   }
   await backup("fatchain", image);
   const r = await bounded(["files", "ls", "--repo", repo, "fatchain/latest", "/BIG", "--json"]);
-  within(r, "fat chain");
+  within(t, r, "fat chain");
   assert.equal(r.code, 3, r.stderr);
   assert.match(error(r).message, /longer than FAT allows \(65536 entries\)/);
 });
 
-test("ext4: a journal inode of absurd size (2^50 bytes) is refused before allocating", async () => {
+test("ext4: a journal inode of absurd size (2^50 bytes) is refused before allocating", async (t) => {
   const tree = join(dir, "jtree");
   await fs.mkdir(tree);
   await fs.writeFile(join(tree, "a.txt"), "a\n");
@@ -205,12 +206,12 @@ test("ext4: a journal inode of absurd size (2^50 bytes) is refused before alloca
   await sh("debugfs", ["-w", "-f", join(dir, "jcmds"), image]);
   await backup("journal", image);
   const r = await bounded(["files", "ls", "--repo", repo, "journal/latest", "/", "--json"]);
-  within(r, "journal");
+  within(t, r, "journal");
   assert.equal(r.code, 3, r.stderr);
   assert.match(error(r).message, /journal inode claims 1125899906842624 bytes .*at most/);
 });
 
-test("ext4: a name holding / is listed as invalid and skipped; the rest of its directory reads", async () => {
+test("ext4: a name holding / is listed as invalid and skipped; the rest of its directory reads", async (t) => {
   const tree = join(dir, "ntree");
   await fs.mkdir(tree);
   await fs.writeFile(join(tree, "good.txt"), "good\n");
@@ -226,7 +227,7 @@ test("ext4: a name holding / is listed as invalid and skipped; the rest of its d
   await writeAt(image, at + 5, Buffer.from("/"));
   await backup("names", image);
   const ls = await bounded(["files", "ls", "--repo", repo, "names/latest", "/", "--json"]);
-  within(ls, "ext names");
+  within(t, ls, "ext names");
   assert.equal(ls.code, 0, ls.stderr);
   const entries = (JSON.parse(ls.stdout) as { entries: Array<{ name: string; invalid?: string }> }).entries;
   assert.deepEqual(
@@ -244,7 +245,7 @@ test("ext4: a name holding / is listed as invalid and skipped; the rest of its d
   assert.equal(await fs.stat(join(to, "slash")).catch(() => undefined), undefined);
 });
 
-test("LVM: 40,000 logical volumes are listed up to 4096, with a warning, in seconds", async () => {
+test("LVM: 40,000 logical volumes are listed up to 4096, with a warning, in seconds", async (t) => {
   const n = 40_000;
   const lvs: string[] = [];
   for (let k = 0; k < n; k++)
@@ -291,12 +292,12 @@ test("LVM: 40,000 logical volumes are listed up to 4096, with a warning, in seco
   await writeAt(image, mdaOffset + 512, text);
   await backup("lvm", image);
   const r = await bounded(["files", "ls", "--repo", repo, "lvm/latest", "--json"]);
-  within(r, "lvm");
+  within(t, r, "lvm");
   assert.equal(r.code, 0, r.stderr);
   const doc = JSON.parse(r.stdout) as { volumeGroups: Array<{ lvs: unknown[] }>; warnings: string[] };
   assert.equal(doc.volumeGroups[0]!.lvs.length, 4096);
   assert.match(doc.warnings.join("\n"), /lists 40000 logical .* the first 4096/);
   const text2 = await bounded(["files", "ls", "--repo", repo, "lvm/latest"]);
-  within(text2, "lvm text");
+  within(t, text2, "lvm text");
   assert.match(text2.stdout, /warning: volume group vg0 lists 40000 logical/);
 });
