@@ -9,7 +9,7 @@ import { existsSync, promises as fs } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
-import { FileBrowser } from "../engine/files.js";
+import { FileBrowser } from "../engine/files/index.js";
 import { backupVm } from "../engine/vm-backup.js";
 import { launchQemu } from "../hypervisor/qemu/launcher.js";
 import { manifestTotals } from "../repo/manifest.js";

@@ -31,13 +31,6 @@ const SIBLINGS_APART = [["repo", "nbd"]];
  */
 const ENGINE_MAY_IMPORT = new Set(["hypervisor/adapter.ts", "hypervisor/registry.ts"]);
 
-/** Engine files still allowed to reach into an adapter, each for a stated reason. */
-const ENGINE_ADAPTER_EXEMPT: Record<string, string> = {
-  // Boots the libguestfs appliance with QEMU's accelerator choice (launcher.ts): not a VM
-  // adapter's job; goes once chooseAccelerator moves below the hypervisor layer.
-  "engine/files-guestfs.ts": "chooseAccelerator",
-};
-
 function walk(dir: string, out: string[] = []): string[] {
   for (const name of readdirSync(dir)) {
     const p = join(dir, name);
@@ -73,14 +66,8 @@ function violations(files: Array<{ path: string; text: string }>): string[] {
         continue;
       }
       const to = layerOf(target);
-      const fromPath = relative(src, file).split(sep).join("/");
       const toPath = relative(src, target).split(sep).join("/").replace(/\.js$/, ".ts");
-      if (
-        from === "engine" &&
-        to === "hypervisor" &&
-        !ENGINE_MAY_IMPORT.has(toPath) &&
-        !(fromPath in ENGINE_ADAPTER_EXEMPT)
-      ) {
+      if (from === "engine" && to === "hypervisor" && !ENGINE_MAY_IMPORT.has(toPath)) {
         out.push(
           `${relative(root, file)} (engine) imports ${spec}: the engine may use only hypervisor/adapter.ts and registry.ts`,
         );
@@ -122,8 +109,7 @@ test("the engine reaches platforms only through the adapter interface", () => {
     f("engine/d.ts", 'import { parseFileSpecs } from "../hypervisor/images/index.js";'),
     f("engine/sub/e.ts", 'export { LibvirtAdapter } from "../../hypervisor/libvirt/adapter.js";'),
     f("engine/f.ts", 'const pve = await import("../hypervisor/pve/adapter.js");'),
-    // An exempt file (see ENGINE_ADAPTER_EXEMPT) and a CLI file (the composition root) may.
-    f("engine/files-guestfs.ts", 'import { chooseAccelerator } from "../hypervisor/qemu/launcher.js";'),
+    // The CLI's composition root may.
     f("cli/adapters.ts", 'import { QemuAdapter } from "../hypervisor/qemu/adapter.js";'),
   ]);
   assert.equal(found.length, 4, found.join("\n"));
@@ -132,28 +118,4 @@ test("the engine reaches platforms only through the adapter interface", () => {
       found.some((v) => v.startsWith(`src/${x} (engine) imports`)),
       `${x} is reported:\n${found.join("\n")}`,
     );
-});
-
-test("every engine file exempt from the adapter rule still needs it", () => {
-  const importRe = /(?:import|export)[^'"]*?from\s*["']([^"']+)["']|import\(\s*["']([^"']+)["']\s*\)/g;
-  for (const rel of Object.keys(ENGINE_ADAPTER_EXEMPT)) {
-    const path = join(src, ...rel.split("/"));
-    let text: string;
-    try {
-      text = readFileSync(path, "utf8");
-    } catch {
-      assert.fail(`src/${rel} is exempt from the adapter rule but does not exist: drop it from the list`);
-    }
-    const inner = [...text.matchAll(importRe)]
-      .map((m) => m[1] ?? m[2]!)
-      .filter((spec) => spec.startsWith("."))
-      .map((spec) =>
-        relative(src, resolve(dirname(path), spec))
-          .split(sep)
-          .join("/")
-          .replace(/\.js$/, ".ts"),
-      )
-      .filter((t) => t.startsWith("hypervisor/") && !ENGINE_MAY_IMPORT.has(t));
-    assert.ok(inner.length > 0, `src/${rel} no longer imports adapter internals: drop it from the list`);
-  }
 });
