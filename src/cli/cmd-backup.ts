@@ -1,16 +1,14 @@
-/** backup: running VMs and image files into a new restore point. */
+/** backup: a VM (running, or its image files) into a new restore point, through its adapter. */
 import type { Command } from "commander";
-import { type BackupResult, backup } from "../engine/backup.js";
-import { liveBackup, parseQmpSpec, type QemuTarget } from "../engine/live-backup.js";
-import { offlineBackup } from "../engine/offline-backup.js";
-import { openFileDisks, parseFileSpecs } from "../hypervisor/files/index.js";
-import type { QuiescePolicy } from "../hypervisor/qemu/live.js";
+import type { BackupResult } from "../engine/backup.js";
+import { backupVm } from "../engine/vm-backup.js";
+import type { BackupRequest, QuiescePolicy } from "../hypervisor/adapter.js";
 import { manifestTotals } from "../repo/manifest.js";
 import { checkName } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes } from "../util/sizes.js";
+import { buildRegistry, DEFAULT_INVENTORY, defaultStateDir, schemeOf, sourceSyntaxes } from "./adapters.js";
 import { interruptSignal, output, withRepo } from "./context.js";
-import { DEFAULT_INVENTORY, loadInventory } from "./inventory.js";
 import type { Output } from "./output.js";
 
 interface BackupOpts {
@@ -63,80 +61,11 @@ function printBackupSummary(out: Output, r: BackupResult, ms: number, extra: Rec
   );
 }
 
-async function backupLive(cmd: Command, out: Output, spec: string, opts: BackupOpts): Promise<void> {
-  let target: QemuTarget;
-  let vm = opts.vm;
-  let mode = opts.mode;
-  let quiesce = opts.quiesce;
-  if (spec.startsWith("vm:")) {
-    const name = spec.slice(3);
-    const entry = loadInventory(opts.inventory).get(name);
-    if (!entry)
-      throw new StrataError(ErrorCode.USAGE, `VM "${name}" is not in the inventory ${opts.inventory}`);
-    target = parseQmpSpec(`qmp:${entry.qmp}${entry.qga ? `,qga=${entry.qga}` : ""}`);
-    vm ??= name;
-    if (cmd.getOptionValueSource("mode") === "default" && entry.mode) mode = entry.mode;
-    if (cmd.getOptionValueSource("quiesce") === "default" && entry.quiesce) quiesce = entry.quiesce;
-  } else {
-    target = parseQmpSpec(spec);
-  }
-  if (!vm) throw new StrataError(ErrorCode.USAGE, "--vm NAME is required for qmp: sources");
-  checkName("VM", vm);
-  if (mode !== "snapshot" && mode !== "pause" && mode !== "offline") {
-    throw new StrataError(ErrorCode.USAGE, `--mode ${mode} is not one of snapshot, pause, offline`);
-  }
-  if (!["require", "try", "off"].includes(quiesce)) {
-    throw new StrataError(ErrorCode.USAGE, `--quiesce ${quiesce} is not one of require, try, off`);
-  }
-  const liveVm = vm;
-  if (mode === "offline") {
-    const timeout = Number(opts.shutdownTimeout);
-    if (!Number.isFinite(timeout) || timeout <= 0) {
-      throw new StrataError(
-        ErrorCode.USAGE,
-        `--shutdown-timeout takes seconds, not "${opts.shutdownTimeout}"`,
-      );
-    }
-    await withRepo(cmd, async (repo) => {
-      const t0 = Date.now();
-      const r = await offlineBackup(repo, {
-        vm: liveVm,
-        target,
-        shutdown: opts.shutdown === true,
-        shutdownTimeoutMs: timeout * 1000,
-        ...(opts.stateDir === undefined ? {} : { stateDir: opts.stateDir }),
-        progress: out.progress(),
-        signal: interruptSignal(),
-        log: (m) => out.warn(m),
-      });
-      printBackupSummary(out, r, Date.now() - t0, {});
-    });
-    return;
-  }
-  await withRepo(cmd, async (repo) => {
-    const t0 = Date.now();
-    const r = await liveBackup(repo, {
-      vm: liveVm,
-      target,
-      mode,
-      quiesce: quiesce as QuiescePolicy,
-      ...(opts.stateDir === undefined ? {} : { stateDir: opts.stateDir }),
-      progress: out.progress(),
-      signal: interruptSignal(),
-      log: (m) => out.warn(m),
-    });
-    printBackupSummary(out, r, Date.now() - t0, { quiescedMs: r.quiescedMs, frozenFilesystems: r.frozen });
-  });
-}
-
 export function registerBackupCommands(program: Command): void {
   program
     .command("backup")
     .description("back up a VM's disks as a new restore point")
-    .argument(
-      "<source...>",
-      "qmp:SOCKET[,qga=SOCKET] (a running QEMU VM), vm:NAME (from the inventory), or file:PATH[,name=DISK][,format=FMT]...",
-    )
+    .argument("<source...>", "the VM: one source, or several file: sources (its disks); see below")
     .option("--vm <name>", "VM name the restore point belongs to (default: NAME of vm:NAME)")
     .option(
       "--mode <mode>",
@@ -157,7 +86,10 @@ export function registerBackupCommands(program: Command): void {
     )
     .addHelpText(
       "after",
-      `
+      () => `
+Sources:
+${sourceSyntaxes()}
+
 Running VMs are backed up live: all disks are cut at one instant (one QMP transaction), the guest
 is frozen through its agent (snapshot mode) or paused (pause mode) only for those milliseconds,
 and Strata reads the point-in-time view over NBD while the guest keeps running. A checkpoint
@@ -166,56 +98,59 @@ was restarted with a raw disk, the bitmap is gone) the whole disk is read and th
 Nothing is left on the VM; if Strata is killed, the next run or "strata doctor --fix" cleans up.
 
 Image files and block devices (file:...) are read as they are; their restore points are
-crash-consistent. Every restore point is complete: unchanged chunks are reused, not stored again.
+crash-consistent. They are read as raw unless ,format=FMT says otherwise (qcow2, vmdk, vhdx, vpc,
+vdi, ...): a format is never guessed from the first bytes, which the guest wrote (a raw disk
+beginning like an image header only gets a warning). Images that refer to other files (backing
+files, external data files, VMDK extents, json: names) are refused; flatten them first. Every restore point is complete: unchanged chunks are reused, not stored again.
 
 Examples:
   strata backup --vm web1 qmp:/var/run/qemu-server/100.qmp
   strata backup vm:web1 --mode pause
   strata backup vm:db1 --mode offline --shutdown
-  strata backup --vm web1 file:/var/lib/images/web1.qcow2
+  strata backup --vm web1 file:/var/lib/images/web1.qcow2,format=qcow2
   strata backup --vm db1 file:/dev/vg0/db1-root,name=root file:/dev/vg0/db1-data,name=data`,
     )
     .action(async (sources: string[], opts: BackupOpts, cmd: Command) => {
       const out = output(cmd);
-      const live = sources.filter((s) => s.startsWith("qmp:") || s.startsWith("vm:"));
-      if (live.length > 0) {
-        if (sources.length !== 1) {
-          throw new StrataError(
-            ErrorCode.USAGE,
-            "a running VM (qmp: or vm:) is backed up on its own: give one source",
-          );
-        }
-        await backupLive(cmd, out, sources[0]!, opts);
-        return;
+      const vmHandle = await buildRegistry({ inventory: opts.inventory }).resolveAll(sources);
+      const vm = opts.vm ?? vmHandle.defaultName;
+      if (!vm)
+        throw new StrataError(ErrorCode.USAGE, `--vm NAME is required for ${schemeOf(sources[0]!)}: sources`);
+      checkName("VM", vm);
+      let mode = opts.mode;
+      let quiesce = opts.quiesce;
+      if (cmd.getOptionValueSource("mode") === "default" && vmHandle.defaults?.mode)
+        mode = vmHandle.defaults.mode;
+      if (cmd.getOptionValueSource("quiesce") === "default" && vmHandle.defaults?.quiesce)
+        quiesce = vmHandle.defaults.quiesce;
+      if (mode !== "snapshot" && mode !== "pause" && mode !== "offline") {
+        throw new StrataError(ErrorCode.USAGE, `--mode ${mode} is not one of snapshot, pause, offline`);
       }
-      if (!opts.vm) throw new StrataError(ErrorCode.USAGE, "--vm NAME is required for file: sources");
-      checkName("VM", opts.vm);
-      const vm = opts.vm;
-      const specs = parseFileSpecs(sources);
+      if (quiesce !== "require" && quiesce !== "try" && quiesce !== "off") {
+        throw new StrataError(ErrorCode.USAGE, `--quiesce ${quiesce} is not one of require, try, off`);
+      }
+      const timeout = Number(opts.shutdownTimeout);
+      if (mode === "offline" && (!Number.isFinite(timeout) || timeout <= 0)) {
+        throw new StrataError(
+          ErrorCode.USAGE,
+          `--shutdown-timeout takes seconds, not "${opts.shutdownTimeout}"`,
+        );
+      }
+      const request: { mode: BackupRequest["mode"]; quiesce: QuiescePolicy } = { mode, quiesce };
       await withRepo(cmd, async (repo) => {
-        const disks = await openFileDisks(specs);
-        try {
-          const config = Buffer.from(
-            JSON.stringify({
-              kind: "files",
-              disks: disks.map((d) => ({ name: d.name, source: d.source, format: d.format, size: d.size })),
-            }),
-          );
-          const t0 = Date.now();
-          const r = await backup(repo, {
-            vm,
-            disks,
-            mode: "file",
-            consistency: "crash-consistent",
-            config,
-            progress: out.progress(),
-            signal: interruptSignal(),
-            log: (m) => out.warn(m),
-          });
-          printBackupSummary(out, r, Date.now() - t0, {});
-        } finally {
-          await Promise.all(disks.map((d) => d.close()));
-        }
+        const t0 = Date.now();
+        const r = await backupVm(repo, vmHandle, {
+          vm,
+          ...request,
+          ...(mode === "offline"
+            ? { shutdown: opts.shutdown === true, shutdownTimeoutMs: timeout * 1000 }
+            : {}),
+          stateDir: opts.stateDir ?? defaultStateDir(),
+          progress: out.progress(),
+          signal: interruptSignal(),
+          log: (m) => out.warn(m),
+        });
+        printBackupSummary(out, r, Date.now() - t0, r.details);
       });
     });
 }

@@ -2,9 +2,8 @@
 import { promises as fs } from "node:fs";
 import { join, resolve } from "node:path";
 import type { Command } from "commander";
-import { backup } from "../engine/backup.js";
 import { restoreDiskToFile } from "../engine/restore.js";
-import { openFileDisks, parseFileSpecs } from "../hypervisor/files/index.js";
+import { backupVm } from "../engine/vm-backup.js";
 import { mutateImage, sha256File, writeSyntheticImage } from "../image/synthetic.js";
 import { FsStore } from "../repo/fs-store.js";
 import { manifestTotals } from "../repo/manifest.js";
@@ -12,6 +11,7 @@ import { Repository } from "../repo/repository.js";
 import { verifyRepository } from "../repo/verify.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes, parseSize } from "../util/sizes.js";
+import { buildRegistry, defaultStateDir } from "./adapters.js";
 import { output } from "./context.js";
 import { demoVm } from "./demo-vm.js";
 
@@ -40,27 +40,22 @@ export function registerDemoCommand(program: Command): void {
       }
       const repo = await Repository.open(store);
       try {
-        const specs = parseFileSpecs([`file:${image},name=disk0`]);
+        const disk = await buildRegistry().resolve(`file:${image},name=disk0`);
         const once = async (label: string) => {
-          const disks = await openFileDisks(specs);
-          try {
-            const t0 = Date.now();
-            const r = await backup(repo, {
-              vm: "demo-disk",
-              disks,
-              mode: "file",
-              consistency: "crash-consistent",
-              progress: out.progress(),
-            });
-            const t = manifestTotals(r.manifest);
-            const s = (Date.now() - t0) / 1000;
-            out.info(
-              `${label}: ${r.id} read ${formatBytes(t.bytesRead)} in ${s.toFixed(1)} s, stored ${formatBytes(t.bytesStored)} new`,
-            );
-            return r;
-          } finally {
-            await Promise.all(disks.map((d) => d.close()));
-          }
+          const t0 = Date.now();
+          const r = await backupVm(repo, disk, {
+            vm: "demo-disk",
+            mode: "snapshot",
+            quiesce: "off",
+            stateDir: defaultStateDir(),
+            progress: out.progress(),
+          });
+          const t = manifestTotals(r.manifest);
+          const s = (Date.now() - t0) / 1000;
+          out.info(
+            `${label}: ${r.id} read ${formatBytes(t.bytesRead)} in ${s.toFixed(1)} s, stored ${formatBytes(t.bytesStored)} new`,
+          );
+          return r;
         };
         await once("backup");
         const changed = await mutateImage(image, 0.01, `demo ${Date.now()}`);

@@ -1,13 +1,11 @@
 /** doctor: find and remove what interrupted backups left on VMs; report what others left. */
 import type { Command } from "commander";
-import { parseQmpSpec } from "../engine/live-backup.js";
-import { type DoctorTarget, type Finding, inspectVm, strayFiles } from "../hypervisor/qemu/doctor.js";
-import { defaultStateDir, StateRecord } from "../hypervisor/qemu/state.js";
+import type { Finding } from "../hypervisor/adapter.js";
 import { checkName } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes } from "../util/sizes.js";
+import { buildRegistry, DEFAULT_INVENTORY, defaultStateDir, schemeOf } from "./adapters.js";
 import { output } from "./context.js";
-import { DEFAULT_INVENTORY, loadInventory } from "./inventory.js";
 
 export function registerDoctorCommand(program: Command): void {
   program
@@ -48,37 +46,42 @@ Examples:
       ) => {
         const out = output(cmd);
         const stateDir = opts.stateDir ?? defaultStateDir();
-        const targets: DoctorTarget[] = [];
-        for (const a of args) {
-          if (a.startsWith("vm:")) {
-            const name = a.slice(3);
-            const e = loadInventory(opts.inventory).get(name);
-            if (!e)
+        const fix = opts.fix === true;
+        const registry = buildRegistry({ inventory: opts.inventory });
+        const found: Finding[] = [];
+        if (args.length > 0) {
+          const handles = [];
+          for (const a of args) {
+            const h = await registry.resolve(a);
+            const vm = h.defaultName ?? opts.vm;
+            if (!vm)
+              throw new StrataError(ErrorCode.USAGE, `--vm NAME is needed with a ${schemeOf(a)}: argument`);
+            checkName("VM", vm);
+            if (!h.leftovers)
               throw new StrataError(
                 ErrorCode.USAGE,
-                `VM "${name}" is not in the inventory ${opts.inventory}`,
+                `${a}: ${h.adapter.id} sources leave nothing behind to look for`,
               );
-            targets.push({ vm: name, qmp: e.qmp, ...(e.qga ? { qga: e.qga } : {}) });
-          } else {
-            if (!opts.vm) throw new StrataError(ErrorCode.USAGE, "--vm NAME is needed with a qmp: argument");
-            checkName("VM", opts.vm);
-            const t = parseQmpSpec(a);
-            targets.push({ vm: opts.vm, qmp: t.qmp, ...(t.qga ? { qga: t.qga } : {}) });
+            handles.push({ h, vm, leftovers: h.leftovers });
           }
+          for (const { vm, leftovers } of handles) found.push(...(await leftovers(vm, stateDir, fix)));
+        } else {
+          for (const a of registry.adapters())
+            if (a.leftovers) found.push(...(await a.leftovers(stateDir, fix)));
         }
-        if (args.length === 0) {
-          for (const r of await StateRecord.all(stateDir)) {
-            targets.push({ vm: r.data.vm, qmp: r.data.qmp, ...(r.data.qga ? { qga: r.data.qga } : {}) });
-          }
-        }
-        const findings: Finding[] = [];
-        for (const t of targets) findings.push(...(await inspectVm(t, opts.fix === true, stateDir)));
-        findings.push(...(await strayFiles(stateDir, opts.fix === true)));
+        // Checks that span the state directory answer once per VM inspected: keep one of each.
+        const seen = new Set<string>();
+        const findings = found.filter((f) => {
+          const key = JSON.stringify([f.vm, f.owner, f.what]);
+          if (seen.has(key)) return false;
+          seen.add(key);
+          return true;
+        });
         const ours = findings.filter((f) => f.owner === "strata");
         const left = ours.filter((f) => !f.fixed);
         out.result({ type: "summary", findings, clean: left.length === 0 }, () => {
           if (findings.length === 0)
-            return `nothing left behind${targets.length === 0 ? " (no unfinished runs)" : ""}`;
+            return `nothing left behind${args.length === 0 ? " (no unfinished runs)" : ""}`;
           return findings
             .map(
               (f) =>

@@ -2,6 +2,7 @@
 import { resolve } from "node:path";
 import type { Command } from "commander";
 import {
+  type BtrfsSubvolume,
   type DiskLayout,
   FileBrowser,
   type FsSelection,
@@ -12,11 +13,12 @@ import {
   restorePointLayout,
   tarFiles,
   type VolumeGroupInfo,
-} from "../engine/files.js";
-import type { BtrfsSubvolume } from "../engine/files-guestfs.js";
+} from "../engine/files/index.js";
 import type { FsEntry } from "../image/fs-types.js";
 import type { Repository } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { printable } from "../util/names.js";
+import type { ProgressEvent } from "../util/progress.js";
 import { formatBytes } from "../util/sizes.js";
 import { interruptSignal, output, withRepo } from "./context.js";
 
@@ -26,6 +28,8 @@ interface GetFlags {
   subvolume?: string;
   tar?: boolean;
   overwrite?: boolean;
+  sameOwner?: boolean;
+  keepSetuid?: boolean;
 }
 
 const SELECTION_HELP = `Which filesystem (DISK and PART may be left out when there is only one to choose):
@@ -88,13 +92,13 @@ Examples:
         const snap = await repo.findSnapshot(ref);
         const id = `${snap.vm}/${snap.time}`;
         if (path === undefined && sel.partition === undefined && !sel.volume && sel.subvolume === undefined) {
-          const layout = await restorePointLayout(repo, snap, sel.disk);
+          const layout = await restorePointLayout(repo, snap, sel.disk, undefined, signal);
           out.result({ id, ...layout }, () => renderLayout(layout));
           return;
         }
         const browser = await FileBrowser.open(repo, snap, sel, { signal });
         try {
-          const entries = await browser.list(path ?? "/");
+          const entries = await browser.list(path ?? "/", signal);
           const subvolumes = (path ?? "/") === "/" ? await browser.subvolumes() : [];
           out.result(
             {
@@ -132,13 +136,22 @@ Examples:
       "Btrfs: this subvolume (from the top level; / for the top level) instead of the default one",
     )
     .option("--overwrite", "replace files and symlinks that exist under --to")
+    .option("--same-owner", "give files the owners recorded in the guest (root only; default: yours)")
+    .option("--keep-setuid", "keep setuid and setgid bits (default: dropped)")
     .addHelpText(
       "after",
       `
 Each PATH lands under --to by its last name (like cp -r): /etc/hosts becomes DIR/hosts, /etc
-becomes DIR/etc/…, / becomes the contents of DIR. Mode, times and symlinks are kept, owners too
-when running as root. Chunks are fetched from the repository on demand and verified: a damaged
-chunk stops the restore. Device nodes, fifos and sockets are skipped with a warning.
+becomes DIR/etc/…, / becomes the contents of DIR. Modes, times and symlinks are kept; files
+belong to you and setuid/setgid bits are dropped unless --same-owner and --keep-setuid say
+otherwise. Chunks are fetched from the repository on demand and verified: a damaged chunk stops
+the restore. Device nodes, fifos and sockets are skipped with a warning.
+
+Nothing is written outside DIR, whatever the guest's files are: symlinks are created as symlinks
+and never followed, names with "/", "..", NUL or more than 255 bytes are skipped with a warning
+(in --tar too), and existing symlinks in DIR are replaced (--overwrite) or refused, never
+followed. DIR is created mode 0700 if missing, and refused if another user owns or could write
+it or its parent (a sticky directory like /tmp is fine); its own mode is never changed.
 
 ${SELECTION_HELP}
 
@@ -175,7 +188,17 @@ Examples:
         const browser = await FileBrowser.open(repo, snap, sel, { signal });
         try {
           if (opts.tar) {
-            const s = await tarFiles(browser, paths, process.stdout, { signal });
+            if (opts.sameOwner || opts.keepSetuid || opts.overwrite)
+              throw new StrataError(
+                ErrorCode.USAGE,
+                "--same-owner, --keep-setuid and --overwrite are for --to; a tar keeps the guest's owners and modes",
+              );
+            const progress = {
+              emit: (e: ProgressEvent) => {
+                if (e.type === "log" && e.level === "warn") out.warn(e.message);
+              },
+            };
+            const s = await tarFiles(browser, paths, process.stdout, { signal, progress });
             if (!out.quiet)
               process.stderr.write(
                 `${s.files} files, ${s.directories} directories, ${s.symlinks} symlinks, ${formatBytes(s.bytes)} from ${browser.where}\n`,
@@ -186,6 +209,8 @@ Examples:
           const s = await restoreFiles(browser, paths, {
             to,
             overwrite: opts.overwrite === true,
+            sameOwner: opts.sameOwner === true,
+            keepSetuid: opts.keepSetuid === true,
             progress: out.progress(),
             signal,
           });
@@ -202,7 +227,10 @@ Examples:
             () =>
               `restored ${s.files} files, ${s.directories} directories, ${s.symlinks} symlinks ` +
               `(${formatBytes(s.bytes)}) from ${browser.where} to ${to} in ${(s.durationMs / 1000).toFixed(1)} s` +
-              (s.skipped > 0 ? `; skipped ${s.skipped} special files` : ""),
+              (s.skipped > 0 ? `; skipped ${s.skipped} entries (see the warnings)` : "") +
+              (s.setuidDropped > 0
+                ? `; dropped the setuid/setgid bits of ${s.setuidDropped} (--keep-setuid keeps them)`
+                : ""),
           );
         } finally {
           await browser.close();
@@ -227,7 +255,11 @@ async function withReadLock(
 }
 
 function renderLayout(layout: RestorePointLayout): string {
-  return [...layout.disks.map(renderDisk), ...layout.volumeGroups.map(renderVolumeGroup)].join("\n");
+  return [
+    ...layout.disks.map(renderDisk),
+    ...layout.volumeGroups.map(renderVolumeGroup),
+    ...layout.warnings.map((w) => `warning: ${printable(w)}`),
+  ].join("\n");
 }
 
 function renderDisk(l: DiskLayout): string {
@@ -235,8 +267,8 @@ function renderDisk(l: DiskLayout): string {
   const rows = l.partitions.map(
     (p) =>
       `  ${p.number === 0 ? `${l.disk}` : `${l.disk}:${p.number}`}  start ${p.start}  size ${formatBytes(p.size)}  ` +
-      `${p.typeName}${p.label ? ` "${p.label}"` : ""}  ${p.filesystem ?? "no known filesystem"}` +
-      (p.volumeGroup === undefined ? "" : ` (volume group ${p.volumeGroup})`),
+      `${p.typeName}${p.label ? ` "${printable(p.label)}"` : ""}  ${p.filesystem ?? "no known filesystem"}` +
+      (p.volumeGroup === undefined ? "" : ` (volume group ${printable(p.volumeGroup)})`),
   );
   return [head, ...rows].join("\n");
 }
@@ -245,12 +277,13 @@ function renderVolumeGroup(g: VolumeGroupInfo): string {
   const on = g.pvs.filter((p) => p.location !== null).map((p) => p.location);
   const missing = g.pvs.filter((p) => p.location === null);
   const head =
-    `LVM volume group ${g.name} (${formatBytes(g.size)}), PVs on ${on.join(", ") || "no disk"}` +
+    `LVM volume group ${printable(g.name)} (${formatBytes(g.size)}), PVs on ${on.join(", ") || "no disk"}` +
     (missing.length > 0
-      ? `; missing: ${missing.map((p) => `${p.uuid}${p.device ? ` (${p.device} in the guest)` : ""}`).join(", ")}`
+      ? `; missing: ${missing.map((p) => printable(`${p.uuid}${p.device ? ` (${p.device} in the guest)` : ""}`)).join(", ")}`
       : "");
   const rows = g.lvs.map(
-    (lv) => `  ${lv.name}  size ${formatBytes(lv.size)}  ${lv.layout}  ${lvContents(lv)}`,
+    (lv) =>
+      `  ${printable(lv.name)}  size ${formatBytes(lv.size)}  ${printable(lv.layout)}  ${printable(lvContents(lv))}`,
   );
   return [head, ...(rows.length > 0 ? rows : ["  (no logical volumes)"])].join("\n");
 }
@@ -261,7 +294,8 @@ function renderSubvolumes(subs: BtrfsSubvolume[]): string[] {
     "",
     "Btrfs subvolumes (browse one with --subvolume PATH; / is the top level):",
     ...subs.map(
-      (s) => `  ${s.path}  id ${s.id}${s.default ? "  (default: mounted without --subvolume)" : ""}`,
+      (s) =>
+        `  ${printable(s.path)}  id ${s.id}${s.default ? "  (default: mounted without --subvolume)" : ""}`,
     ),
   ];
 }
@@ -275,5 +309,7 @@ function renderEntry(e: FsEntry): string {
     })
     .join("");
   const time = new Date(e.mtime).toISOString().replace("T", " ").slice(0, 19);
-  return `${kind}${perms} ${String(e.uid).padStart(5)} ${String(e.gid).padStart(5)} ${String(e.size).padStart(12)} ${time} ${e.name}${e.target !== undefined ? ` -> ${e.target}` : ""}`;
+  // Guest names may hold terminal escape sequences: escaped here (--json keeps them exact).
+  const name = `${printable(e.name)}${e.target !== undefined ? ` -> ${printable(e.target)}` : ""}`;
+  return `${kind}${perms} ${String(e.uid).padStart(5)} ${String(e.gid).padStart(5)} ${String(e.size).padStart(12)} ${time} ${name}${e.invalid ? `  (${printable(e.invalid)})` : ""}`;
 }

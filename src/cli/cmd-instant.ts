@@ -17,8 +17,8 @@ import { defaultStateDir } from "../hypervisor/qemu/state.js";
 import { checkName } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes } from "../util/sizes.js";
+import { buildRegistry } from "./adapters.js";
 import { globals, interruptSignal, output, parseCount, repoPath, withRepo } from "./context.js";
-import { vmAdapters } from "./vm-adapters.js";
 
 interface StartFlags {
   name?: string;
@@ -54,7 +54,7 @@ function serveCommand(cmd: Command, ref: string, cacheSize: string): string[] {
 /** The record for people and --json: what runs, where, and how far migrated. */
 async function describe(r: InstantRecord) {
   const vm = r.vm;
-  const running = vm ? await runtimeOf(r, vmAdapters()).running(vm) : false;
+  const running = vm ? await runtimeOf(r, buildRegistry()).running(vm) : false;
   return {
     name: r.name,
     restorePoint: r.restorePoint,
@@ -132,7 +132,7 @@ Examples:
       if (opts.name !== undefined) checkName("VM", opts.name);
       await withRepo(cmd, async (repo) => {
         const snap = await repo.findSnapshot(ref);
-        const stored = await readVmConfig(repo, snap, vmAdapters());
+        const stored = await readVmConfig(repo, snap, buildRegistry());
         if (!stored)
           throw new StrataError(
             ErrorCode.USAGE,
@@ -143,7 +143,7 @@ Examples:
         checkName("VM", name);
         const id = `${snap.vm}/${snap.time}`;
         const dir = resolve(opts.target ?? join(instantStateDir(stateDirOf(opts)), name));
-        const started = await startInstant(snap, stored, vmAdapters(), {
+        const started = await startInstant(snap, stored, buildRegistry(), {
           dir,
           name,
           clone: opts.name !== undefined,
@@ -180,7 +180,7 @@ Examples:
     .option(...stateDirOption)
     .action(async (opts: { stateDir?: string }, cmd: Command) => {
       const out = output(cmd);
-      const { records, unreadable } = await listInstantRecords(stateDirOf(opts), vmAdapters());
+      const { records, unreadable } = await listInstantRecords(stateDirOf(opts), buildRegistry());
       for (const u of unreadable) out.warn(`${u.file} not listed: ${u.error}`);
       const states = await Promise.all(records.map(describe));
       out.result(states, () =>
@@ -228,7 +228,7 @@ Examples:
             powerdownMs: (opts.powerdown ?? 0) * 1000,
             stateDir: stateDirOf(opts),
           },
-          vmAdapters(),
+          buildRegistry(),
         );
         out.result({ type: "summary", name, vm: r.vm, discarded: r.discarded }, () =>
           [
@@ -255,7 +255,7 @@ Examples:
       const r = await resumeInstant(
         name,
         { stateDir: stateDirOf(opts), log: (m) => out.warn(m) },
-        vmAdapters(),
+        buildRegistry(),
       );
       const m = r.interruptedMigration;
       out.result({ type: "summary", restarted: r.restarted, ...(await describe(r.record)) }, () =>
@@ -320,7 +320,7 @@ each guest write wait for both copies instead.`,
             signal: interruptSignal(),
             log: (m) => out.warn(m),
           },
-          vmAdapters(),
+          buildRegistry(),
         );
         const ms = Date.now() - t0;
         out.result(

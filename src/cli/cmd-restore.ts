@@ -16,9 +16,9 @@ import { checkName, type Repository, type SnapshotRef } from "../repo/repository
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { writeNew } from "../util/files.js";
 import { formatBytes } from "../util/sizes.js";
+import { buildRegistry } from "./adapters.js";
 import { interruptSignal, output, withRepo } from "./context.js";
 import type { Output } from "./output.js";
-import { vmAdapters } from "./vm-adapters.js";
 
 export function registerRestoreCommand(program: Command): void {
   program
@@ -41,7 +41,7 @@ export function registerRestoreCommand(program: Command): void {
     .option("--config-only", "print (or write, --to) the VM's definition instead of restoring disks")
     .option(
       "--as <kind>",
-      "with --config-only: json (Strata's definition, default), or the platform's own: qemu-args (a QEMU command line)",
+      "with --config-only: json (Strata's definition, default), or the platform's own: qemu-args (a QEMU command line), pve (a Proxmox VMID.conf)",
     )
     .option("--to <file>", "with --config-only: write the definition to this file")
     .option("--start", "start the restored VM with QEMU, detached, and print its QMP socket")
@@ -92,7 +92,8 @@ Examples:
               `restore point ${snap.vm}/${snap.time} has no disk "${opts.disk}" (it has: ${snap.manifest.disks.map((d) => d.name).join(", ")})`,
             );
           }
-          const stored = opts.device === undefined ? await readVmConfig(repo, snap, vmAdapters()) : undefined;
+          const stored =
+            opts.device === undefined ? await readVmConfig(repo, snap, buildRegistry()) : undefined;
           if (stored) await restoreWholeVm(out, repo, snap, stored, opts);
           else await restoreDisks(out, repo, snap, opts);
         } finally {
@@ -210,6 +211,7 @@ async function restoreWholeVm(
       disks: results,
       ...(definition ? { definition } : {}),
       ...(started ? { started: { pid: started.pid, where: started.where, ...started.details } } : {}),
+      ...(!started && plan.startHint ? { startHint: plan.startHint } : {}),
       durationMs: Math.round(ms),
     },
     () =>
@@ -217,7 +219,7 @@ async function restoreWholeVm(
         ...diskLines(results, ms),
         ...(definition
           ? [
-              `clone "${plan.config.name}" (UUID ${plan.config.uuid}${plan.config.nics.map((n) => `, ${n.id} ${n.mac}`).join("")}) defined in ${definition}`,
+              `${plan.clone ? "clone" : "VM"} "${plan.config.name}" (UUID ${plan.config.uuid}${plan.config.nics.map((n) => `, ${n.id} ${n.mac}`).join("")}) defined in ${definition}`,
             ]
           : []),
         `${id} is ${consistency}: ${bootHint(consistency)}`,
@@ -226,7 +228,9 @@ async function restoreWholeVm(
               `started ${plan.config.name ?? "the VM"}${started.pid ? ` (pid ${started.pid})` : ""}: ${started.where}`,
               ...Object.entries(started.details ?? {}).map(([k, v]) => `  ${k}: ${v}`),
             ]
-          : []),
+          : plan.startHint
+            ? [`start it with: ${plan.startHint}`]
+            : []),
       ].join("\n"),
   );
 }

@@ -9,13 +9,14 @@ import { existsSync, promises as fs } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
-import { FileBrowser } from "../engine/files.js";
-import { liveBackup } from "../engine/live-backup.js";
+import { FileBrowser } from "../engine/files/index.js";
+import { backupVm } from "../engine/vm-backup.js";
 import { launchQemu } from "../hypervisor/qemu/launcher.js";
 import { manifestTotals } from "../repo/manifest.js";
 import type { Repository } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes } from "../util/sizes.js";
+import { buildRegistry } from "./adapters.js";
 import type { Output } from "./output.js";
 
 const run = promisify(execFile);
@@ -67,9 +68,9 @@ export async function demoVm(
     const ids: string[] = [];
     for (const label of ["live backup", "incremental live backup"]) {
       const t0 = Date.now();
-      const r = await liveBackup(repo, {
+      const source = `qmp:${vm.qmpSocket}${vm.qgaSocket ? `,qga=${vm.qgaSocket}` : ""}`;
+      const r = await backupVm(repo, await buildRegistry().resolve(source), {
         vm: "demo-live",
-        target: { qmp: vm.qmpSocket, ...(vm.qgaSocket ? { qga: vm.qgaSocket } : {}) },
         mode: "snapshot",
         quiesce: "try",
         stateDir: join(vmDir, "state"),
@@ -78,7 +79,7 @@ export async function demoVm(
       });
       const t = manifestTotals(r.manifest);
       out.info(
-        `${label}: ${r.id} (${r.manifest.consistency}, guest frozen ${r.quiescedMs} ms) read ${formatBytes(t.bytesRead)} of ${formatBytes(t.size)} in ${((Date.now() - t0) / 1000).toFixed(1)} s`,
+        `${label}: ${r.id} (${r.manifest.consistency}, guest frozen ${r.details.quiescedMs} ms) read ${formatBytes(t.bytesRead)} of ${formatBytes(t.size)} in ${((Date.now() - t0) / 1000).toFixed(1)} s`,
       );
       ids.push(r.id);
       await new Promise((res) => setTimeout(res, 2000));

@@ -3,7 +3,7 @@
  * render; this file alone prints errors and picks exit codes.
  */
 import { Command, CommanderError } from "commander";
-import { ErrorCode, StrataError } from "../util/errors.js";
+import { ErrorCode, errnoCode, ioError, StrataError } from "../util/errors.js";
 import { registerBackupCommands } from "./cmd-backup.js";
 import { registerDemoCommand } from "./cmd-demo.js";
 import { registerDoctorCommand } from "./cmd-doctor.js";
@@ -22,6 +22,7 @@ export const EXIT: Record<string, number> = {
   [ErrorCode.LOCKED]: 11,
   [ErrorCode.WRONG_PASSWORD]: 12,
   [ErrorCode.PASSWORD_REQUIRED]: 12,
+  [ErrorCode.PASSWORD_UNEXPECTED]: 12,
   [ErrorCode.ABORTED]: 130,
 };
 
@@ -39,7 +40,7 @@ export function buildProgram(): Command {
       "after",
       `
 Exit codes: 0 ok, 1 error, 2 usage, 3 damaged or missing data, 10 no repository,
-11 locked, 12 password missing or wrong, 130 interrupted.
+11 locked, 12 password missing, wrong, or given for an unencrypted repository, 130 interrupted.
 
 Getting started:
   strata init --repo /backup/strata
@@ -75,6 +76,15 @@ export async function main(argv: string[]): Promise<number> {
       return EXIT[err.code] ?? 1;
     }
     const e = err as Error & { code?: string };
+    const errno = errnoCode(err);
+    if (errno !== undefined && /^E[A-Z]+$/.test(errno)) {
+      // A system error nobody wrapped: Node's message names the call and the path.
+      const se = ioError(ErrorCode.IO_ERROR, e.message, err);
+      if (json)
+        process.stderr.write(`${JSON.stringify({ type: "error", code: se.code, message: e.message })}\n`);
+      else process.stderr.write(`strata: ${e.message}\n`);
+      return EXIT[se.code] ?? 1;
+    }
     if (e?.name === "AbortError") {
       process.stderr.write("strata: interrupted\n");
       return 130;

@@ -19,7 +19,7 @@
  */
 import { promises as fs } from "node:fs";
 import { dirname } from "node:path";
-import type { Extent, NbdExport, NbdListenAddress } from "../nbd/index.js";
+import type { Extent, NbdExport, NbdListenAddress, NbdTlsOptions } from "../nbd/index.js";
 import { BASE_ALLOCATION, NbdServer, StateFlag } from "../nbd/index.js";
 import type { FixedIndex } from "../repo/fixed-index.js";
 import type { Repository, SnapshotRef } from "../repo/repository.js";
@@ -296,6 +296,11 @@ export interface ServeOptions extends ServeSourceOptions {
   maxInFlight?: number;
   /** Errors of single connections (the connection is closed; serving goes on). */
   onError?: (err: Error) => void;
+  /**
+   * TLS with required client certificates (NBD_OPT_STARTTLS). Required for TCP: a decrypted
+   * disk is never offered to whoever can reach a port. A unix socket is made owner-only instead.
+   */
+  tls?: NbdTlsOptions;
 }
 
 export interface ServedDisk {
@@ -321,6 +326,12 @@ export async function serveRestorePoint(
   snap: SnapshotRef,
   options: ServeOptions,
 ): Promise<RunningServe> {
+  if (!("path" in options.listen) && options.tls === undefined) {
+    throw new StrataError(
+      ErrorCode.USAGE,
+      "serving over TCP needs TLS with client certificates (--tls-cert, --tls-key, --tls-ca): anyone who can reach the port could read the disks; use a unix socket (--socket) otherwise",
+    );
+  }
   const names = options.disks ?? snap.manifest.disks.map((d) => d.name);
   if (names.length === 0)
     throw new StrataError(ErrorCode.NOT_FOUND, `restore point ${snap.vm}/${snap.time} has no disks`);
@@ -336,10 +347,14 @@ export async function serveRestorePoint(
     exports,
     ...(options.maxInFlight === undefined ? {} : { maxInFlight: options.maxInFlight }),
     ...(options.onError === undefined ? {} : { onError: options.onError }),
+    ...(options.tls === undefined ? {} : { tls: options.tls }),
   });
   const where = options.listen;
   if ("path" in where) await prepareSocketPath(where.path);
   let address: NbdListenAddress;
+  // The socket is created owner-only (connecting to a unix socket needs write permission on it):
+  // no window in which another local user could connect.
+  const umask = "path" in where ? process.umask(0o077) : undefined;
   try {
     address = await server.listen(where);
   } catch (err) {
@@ -350,6 +365,8 @@ export async function serveRestorePoint(
         cause: err,
       });
     throw ioError(ErrorCode.TARGET_CONFLICT, `cannot listen on ${at}`, err);
+  } finally {
+    if (umask !== undefined) process.umask(umask);
   }
   let closed: Promise<void> | undefined;
   return {

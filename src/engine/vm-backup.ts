@@ -39,6 +39,7 @@ export async function backupVm(repo: Repository, vm: VmHandle, o: VmBackupOption
   const log = o.log ?? (() => {});
   const previous = (await repo.snapshots(o.vm, () => {})).at(-1);
   const session = await vm.openBackup({
+    vm: o.vm,
     repository: repo.config.id,
     mode: o.mode,
     quiesce: o.quiesce,

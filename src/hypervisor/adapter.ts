@@ -86,6 +86,11 @@ export type QuiescePolicy = "require" | "try" | "off";
 
 /** What the engine asks of a backup session. */
 export interface BackupRequest {
+  /**
+   * The name the restore point is filed under (`--vm`, else the handle's defaultName). Adapters key
+   * their state record and messages on it, so that `strata doctor --vm NAME` finds a dead run.
+   */
+  vm: string;
   /** The repository's id: checkpoints of another repository are never trusted. */
   repository: string;
   /** snapshot (no downtime), pause, or offline (the VM down for the read). */
@@ -147,6 +152,12 @@ export interface VmHandle {
   defaults?: { mode?: BackupRequest["mode"]; quiesce?: QuiescePolicy };
   /** Opens a backup session (see {@link BackupSession}); the VM must exist. */
   openBackup(request: BackupRequest): Promise<BackupSession>;
+  /**
+   * Leftovers of dead runs on this one VM, and what other tools left on it (`strata doctor
+   * SOURCE`); `vm` is the name its runs were filed under (as BackupRequest.vm). With `fix`,
+   * Strata's own are removed. Absent when the platform leaves nothing.
+   */
+  leftovers?(vm: string, stateDir: string, fix: boolean): Promise<Finding[]>;
 }
 
 /** Where each disk of a restored VM goes. */
@@ -182,6 +193,11 @@ export interface RestorePlan {
   /** The definition to write or hand to the platform, in the platform's own syntax. */
   definition: { text: string; mediaType: string; file?: string };
   warnings: string[];
+  /**
+   * How a person starts the defined VM where the platform starts its own VMs and the adapter
+   * has no `start` (Proxmox VE: `qm start 101`); shown after the restore.
+   */
+  startHint?: string;
   /** The adapter's own planning data. */
   [key: string]: unknown;
 }
@@ -325,6 +341,11 @@ export interface VmAdapter {
   readonly usage: string;
   /** Parses a source URI of one of its schemes; throws USAGE errors that show the syntax. */
   resolve(uri: string): Promise<VmHandle>;
+  /**
+   * Resolves several sources of its schemes as one VM (`strata backup --vm db1 file:a file:b`:
+   * plain image files name one disk each). Absent when every source names a whole VM.
+   */
+  resolveGroup?(uris: readonly string[]): Promise<VmHandle>;
   /** Every VM this adapter can see on this host (the inventory). */
   list?(): Promise<VmSummary[]>;
   /**

@@ -58,4 +58,30 @@ export class AdapterRegistry {
   resolve(uri: string): Promise<VmHandle> {
     return this.adapterFor(uri).resolve(uri);
   }
+
+  /**
+   * The VM that `uris` name together: one source, or several of one adapter that groups them
+   * (image files, one disk each). Mixing adapters, or several sources that each name a whole VM,
+   * is a USAGE error.
+   */
+  resolveAll(uris: readonly string[]): Promise<VmHandle> {
+    if (uris.length === 0) throw new StrataError(ErrorCode.USAGE, "no source given");
+    const adapters = uris.map((u) => this.adapterFor(u));
+    const first = adapters[0]!;
+    if (uris.length === 1) return first.resolve(uris[0]!);
+    const other = adapters.findIndex((a) => a !== first);
+    if (other >= 0) {
+      throw new StrataError(
+        ErrorCode.USAGE,
+        `sources "${uris[0]}" and "${uris[other]}" belong to different platforms (${first.id}, ${adapters[other]!.id}) and cannot make one VM`,
+      );
+    }
+    if (!first.resolveGroup) {
+      throw new StrataError(
+        ErrorCode.USAGE,
+        `a ${first.id} source (${first.schemes.map((s) => `${s}:`).join(" or ")}) names a whole VM and is backed up on its own: give one source`,
+      );
+    }
+    return first.resolveGroup(uris);
+  }
 }

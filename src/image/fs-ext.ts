@@ -15,12 +15,15 @@
  */
 import { constants } from "node:fs";
 import { createRequire } from "node:module";
+import { checkpoint } from "../util/checkpoint.js";
 import { ErrorCode, errnoCode, StrataError } from "../util/errors.js";
+import { badName, printable } from "../util/names.js";
 import type { ByteSource } from "./byte-source.js";
 import { type JournalOverlay, replayJournal } from "./ext-journal.js";
 import {
   type FileSystemReader,
   type FsEntry,
+  invalidEntry,
   joinPath,
   kindOf,
   normalPath,
@@ -29,6 +32,7 @@ import {
 } from "./fs-types.js";
 
 interface ExtStats {
+  ino: number;
   mode: number;
   uid: number;
   gid: number;
@@ -97,7 +101,7 @@ class OverlayDisk {
       const avail = Math.max(0, Math.min(length, this.source.size - position));
       if (avail > 0) (await this.source.read(position, avail)).copy(buffer, bufferOffset);
       if (avail < length) buffer.fill(0, bufferOffset + avail, bufferOffset + length);
-      this.overlay?.apply(buffer.subarray(bufferOffset, bufferOffset + length), position);
+      await this.overlay?.apply(buffer.subarray(bufferOffset, bufferOffset + length), position);
       return { bytesRead: length, buffer };
     } catch (err) {
       this.lastError = err;
@@ -156,18 +160,39 @@ export class ExtReader implements FileSystemReader {
       size: kind === "directory" ? 0 : st.size,
       mtime: st.mtime.getTime(),
       atime: st.atime.getTime(),
+      id: st.ino,
     };
     if (kind === "symlink") entry.target = await this.call(p, () => this.fs.promises.readlink(p));
     return entry;
   }
 
-  async list(path: string): Promise<FsEntry[]> {
+  async list(path: string, signal?: AbortSignal): Promise<FsEntry[]> {
     const p = normalPath(path);
+    // The package decodes names as UTF-8 whatever is asked (invalid bytes become U+FFFD).
     const names = await this.call(p, () => this.fs.promises.readdir(p));
     const out: FsEntry[] = [];
+    const tick = checkpoint(signal);
     for (const name of names.sort()) {
+      await tick();
       if (name === "." || name === "..") continue;
-      out.push(await this.stat(joinPath(p, name)));
+      // A guest can write any bytes but "/" and NUL into an ext name, and a damaged or crafted
+      // directory holds worse: such an entry is listed as invalid, and its directory stays readable.
+      const why = badName(name);
+      if (why) {
+        out.push(invalidEntry(p, name, why));
+        continue;
+      }
+      try {
+        out.push(await this.stat(joinPath(p, name)));
+      } catch (err) {
+        // A failed read of the restore point (a damaged chunk) fails the listing, as any read does.
+        if (this.disk.lastError !== undefined || !(err instanceof StrataError)) throw err;
+        if (err.code === ErrorCode.INTERNAL) throw err;
+        const lossy = name.includes("\uFFFD") && err.code === ErrorCode.NOT_FOUND;
+        out.push(
+          invalidEntry(p, name, lossy ? "a name that is not valid UTF-8" : `unreadable: ${err.message}`),
+        );
+      }
     }
     return out;
   }
@@ -216,9 +241,11 @@ export class ExtReader implements FileSystemReader {
         case "ENOTDIR":
           throw notFound(path, "not a directory");
         case "EISDIR":
-          throw new StrataError(ErrorCode.USAGE, `${path}: is a directory`);
+          throw new StrataError(ErrorCode.USAGE, `${printable(path)}: is a directory`);
         default:
-          throw new StrataError(ErrorCode.DATA_CORRUPT, `${path}: ${describe(err)}`, { cause: err });
+          throw new StrataError(ErrorCode.DATA_CORRUPT, `${printable(path)}: ${describe(err)}`, {
+            cause: err,
+          });
       }
     }
   }

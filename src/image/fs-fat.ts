@@ -11,11 +11,14 @@
  * FAT has no owners, modes or time zones: entries get uid/gid 0, mode 0755 (directories) or
  * 0644 (0444 when read-only), and timestamps are read as UTC. Access times are dates only.
  */
+import { checkpoint } from "../util/checkpoint.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { badName, printable } from "../util/names.js";
 import { type ByteSource, readPadded } from "./byte-source.js";
 import {
   type FileSystemReader,
   type FsEntry,
+  invalidEntry,
   joinPath,
   notFound,
   pathParts,
@@ -24,6 +27,8 @@ import {
 
 interface RawEntry {
   name: string;
+  /** Why the name is not one FAT allows (see {@link fatNameProblem}). */
+  invalid?: string;
   attr: number;
   cluster: number;
   size: number;
@@ -36,11 +41,19 @@ const ATTR_VOLUME = 0x08;
 const ATTR_DIR = 0x10;
 const ATTR_LFN = 0x0f;
 const FAT_PIECE = 64 * 1024;
+/** FAT pieces cached at most (16 MiB). */
+const FAT_CACHE_PIECES = 256;
+/** A FAT directory holds at most 65,536 entries of 32 bytes (the specification's limit). */
+const MAX_DIR_BYTES = 65536 * 32;
+/** Directories whose place (first cluster) is remembered by path, so walks don't look each path up from the root. */
+const DIR_CACHE = 4096;
 
 /** A FAT12/16/32 filesystem, read-only. */
 export class FatReader implements FileSystemReader {
   readonly type = "vfat";
   private readonly fatCache = new Map<number, Buffer>();
+  /** Directory path ("a/b", lower case) → its entry, for the last {@link DIR_CACHE} looked up. */
+  private readonly dirCache = new Map<string, RawEntry>();
   private readonly bps: number;
   private readonly clusterSize: number;
   private readonly fatStart: number;
@@ -89,22 +102,26 @@ export class FatReader implements FileSystemReader {
     return this.entry(`/${parts.join("/")}`, raw.name, raw);
   }
 
-  async list(path: string): Promise<FsEntry[]> {
+  async list(path: string, signal?: AbortSignal): Promise<FsEntry[]> {
     const parts = pathParts(path);
     const dir = parts.length === 0 ? undefined : await this.lookup(parts, path);
     if (dir && !(dir.attr & ATTR_DIR)) throw notFound(path, "not a directory");
     const p = `/${parts.join("/")}`;
-    const entries = await this.readDir(dir?.cluster ?? this.rootCluster);
+    const entries = await this.readDir(dir?.cluster ?? this.rootCluster, signal);
     return entries
-      .map((e) => this.entry(joinPath(p, e.name), e.name, e))
+      .map((e) =>
+        e.invalid === undefined
+          ? this.entry(joinPath(p, e.name), e.name, e)
+          : invalidEntry(p, e.name, e.invalid),
+      )
       .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   }
 
   async *read(path: string, pieceSize = READ_PIECE): AsyncIterable<Buffer> {
     const raw = await this.lookup(pathParts(path), path);
-    if (raw.attr & ATTR_DIR) throw new StrataError(ErrorCode.USAGE, `${path}: is a directory`);
+    if (raw.attr & ATTR_DIR) throw new StrataError(ErrorCode.USAGE, `${printable(path)}: is a directory`);
     let left = raw.size;
-    for await (const [offset, length] of this.runs(raw.cluster, path)) {
+    for await (const [offset, length] of this.runs(raw.cluster, printable(path))) {
       if (left <= 0) return;
       let take = Math.min(length, left);
       for (let o = offset; take > 0; ) {
@@ -116,7 +133,10 @@ export class FatReader implements FileSystemReader {
       }
     }
     if (left > 0)
-      throw new StrataError(ErrorCode.DATA_CORRUPT, `${path}: cluster chain ends before the file does`);
+      throw new StrataError(
+        ErrorCode.DATA_CORRUPT,
+        `${printable(path)}: cluster chain ends before the file does`,
+      );
   }
 
   async close(): Promise<void> {
@@ -130,6 +150,7 @@ export class FatReader implements FileSystemReader {
     return {
       name,
       path,
+      ...(dir ? { id: e.cluster === 0 ? this.rootCluster : e.cluster } : {}),
       kind: dir ? "directory" : "file",
       mode: dir ? 0o755 : e.attr & ATTR_READONLY ? 0o444 : 0o644,
       uid: 0,
@@ -143,24 +164,52 @@ export class FatReader implements FileSystemReader {
   private async lookup(parts: string[], path: string): Promise<RawEntry> {
     let cluster = this.rootCluster;
     let found: RawEntry | undefined;
-    for (const [i, part] of parts.entries()) {
+    let i = 0;
+    // Start from the deepest directory on the way that was looked up before.
+    for (let k = parts.length - 1; k > 0; k--) {
+      const hit = this.dirCache.get(parts.slice(0, k).join("/").toLowerCase());
+      if (hit) {
+        found = hit;
+        cluster = hit.cluster;
+        i = k;
+        break;
+      }
+    }
+    for (; i < parts.length; i++) {
       if (found && !(found.attr & ATTR_DIR))
         throw notFound(`/${parts.slice(0, i).join("/")}`, "not a directory");
-      const want = part.toLowerCase();
-      found = (await this.readDir(cluster)).find((e) => e.name.toLowerCase() === want);
+      const want = parts[i]!.toLowerCase();
+      found = (await this.readDir(cluster)).find((e) => !e.invalid && e.name.toLowerCase() === want);
       if (!found) throw notFound(path);
       cluster = found.cluster;
+      if (found.attr & ATTR_DIR) {
+        if (this.dirCache.size >= DIR_CACHE) this.dirCache.clear();
+        this.dirCache.set(
+          parts
+            .slice(0, i + 1)
+            .join("/")
+            .toLowerCase(),
+          found,
+        );
+      }
     }
     return found!;
   }
 
   /** The entries of a directory (cluster 0: the FAT12/16 root region). */
-  private async readDir(cluster: number): Promise<RawEntry[]> {
+  private async readDir(cluster: number, signal?: AbortSignal): Promise<RawEntry[]> {
     const pieces: Buffer[] = [];
     if (cluster === 0 && this.bits !== 32)
       pieces.push(await this.source.read(this.rootStart, this.rootBytes));
-    else
-      for await (const [o, n] of this.runs(cluster, "directory")) pieces.push(await this.source.read(o, n));
+    else {
+      // A chain running on through the volume (or around a loop) is not a directory: refused
+      // after 65536 entries.
+      const tick = checkpoint(signal);
+      for await (const [o, n] of this.runs(cluster, "directory", MAX_DIR_BYTES)) {
+        await tick();
+        pieces.push(await this.source.read(o, n));
+      }
+    }
     const data = Buffer.concat(pieces);
     const out: RawEntry[] = [];
     let lfn: string[] = [];
@@ -185,10 +234,14 @@ export class FatReader implements FileSystemReader {
       lfn = [];
       if (attr & ATTR_VOLUME) continue;
       const name = longName ?? shortName(short, data[o + 12]!);
-      if (name === "." || name === "..") continue;
+      // The "." and ".." entries of a subdirectory are short entries; a long name of "." or
+      // "..", or one holding "/", is something no FAT driver writes: flagged, never used.
+      if (longName === undefined && (name === "." || name === "..")) continue;
+      const invalid = fatNameProblem(name);
       const hi = this.bits === 32 ? data.readUInt16LE(o + 20) : 0;
       out.push({
         name,
+        ...(invalid === undefined ? {} : { invalid }),
         attr,
         cluster: hi * 65536 + data.readUInt16LE(o + 26),
         size: data.readUInt32LE(o + 28),
@@ -200,7 +253,7 @@ export class FatReader implements FileSystemReader {
   }
 
   /** Byte ranges of a cluster chain, contiguous clusters merged. */
-  private async *runs(start: number, what: string): AsyncIterable<[number, number]> {
+  private async *runs(start: number, what: string, maxBytes = Infinity): AsyncIterable<[number, number]> {
     if (start === 0) return; // an empty file
     let runStart = start;
     let runLen = 1;
@@ -208,6 +261,11 @@ export class FatReader implements FileSystemReader {
     for (let steps = 0; ; steps++) {
       if (c < 2 || c >= this.clusters + 2 || steps > this.clusters)
         throw new StrataError(ErrorCode.DATA_CORRUPT, `${what}: broken cluster chain at cluster ${c}`);
+      if ((steps + 1) * this.clusterSize > maxBytes)
+        throw new StrataError(
+          ErrorCode.DATA_CORRUPT,
+          `${what} at cluster ${start} is longer than FAT allows (${maxBytes / 32} entries): its cluster chain is damaged`,
+        );
       const next = await this.next(c);
       if (next === c + 1) {
         runLen++;
@@ -249,10 +307,23 @@ export class FatReader implements FileSystemReader {
     let buf = this.fatCache.get(piece);
     if (!buf) {
       buf = await readPadded(this.source, this.fatStart + piece * FAT_PIECE, FAT_PIECE);
+      if (this.fatCache.size >= FAT_CACHE_PIECES) this.fatCache.clear(); // bounded, whatever the volume
       this.fatCache.set(piece, buf);
     }
     return { buf, at: offset - piece * FAT_PIECE };
   }
+}
+
+/** Characters a FAT long name may not hold (besides controls), as Microsoft's specification says. */
+const FAT_FORBIDDEN = /[\x00-\x1f"*/:<>?\\|]/;
+
+/** Why `name` is not a name FAT allows (or the host can take), or undefined. */
+function fatNameProblem(name: string): string | undefined {
+  const why = badName(name);
+  if (why) return why;
+  const bad = FAT_FORBIDDEN.exec(name);
+  if (bad) return `a name FAT does not allow (it holds ${JSON.stringify(bad[0])})`;
+  return undefined;
 }
 
 function lfnPart(e: Buffer): string {

@@ -3,6 +3,7 @@
  * directory, read a file. Readers are read-only and never write to their source.
  */
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { printable } from "../util/names.js";
 
 export type EntryKind = "file" | "directory" | "symlink" | "other";
 
@@ -38,6 +39,34 @@ export interface FsEntry {
   atime: number;
   /** Symlink target. */
   target?: string;
+  /**
+   * The entry's identity in its filesystem when the reader knows it (an inode number; on FAT a
+   * directory's first cluster): two directories with the same id are one, so a walk that meets
+   * one again has found a loop.
+   */
+  id?: number;
+  /**
+   * Why this entry cannot be read or restored, when it cannot: a name no host file can have
+   * (see `badName`), a name that is not valid for its filesystem, an unreadable inode. It is
+   * listed, and skipped by copies with a warning, so one bad entry leaves its directory readable.
+   */
+  invalid?: string;
+}
+
+/** An entry that is listed but cannot be read or restored (see {@link FsEntry.invalid}). */
+export function invalidEntry(dir: string, name: string, why: string): FsEntry {
+  return {
+    name,
+    path: joinPath(dir, name),
+    kind: "other",
+    mode: 0,
+    uid: 0,
+    gid: 0,
+    size: 0,
+    mtime: 0,
+    atime: 0,
+    invalid: why,
+  };
 }
 
 export interface FileSystemReader {
@@ -45,8 +74,11 @@ export interface FileSystemReader {
   readonly type: string;
   /** The entry at `path` (symlinks are not followed). NOT_FOUND when there is none. */
   stat(path: string): Promise<FsEntry>;
-  /** The entries of the directory at `path`, without "." and "..", sorted by name. */
-  list(path: string): Promise<FsEntry[]>;
+  /**
+   * The entries of the directory at `path`, without "." and "..", sorted by name. Stops with the
+   * signal's reason when it aborts (a directory may hold many thousands of entries).
+   */
+  list(path: string, signal?: AbortSignal): Promise<FsEntry[]>;
   /** The bytes of the file at `path`, in order, in pieces of at most `pieceSize`. */
   read(path: string, pieceSize?: number): AsyncIterable<Buffer>;
   /** Releases the reader (further calls fail). */
@@ -80,5 +112,5 @@ export function joinPath(dir: string, name: string): string {
 }
 
 export function notFound(path: string, why = "no such file or directory"): StrataError {
-  return new StrataError(ErrorCode.NOT_FOUND, `${path}: ${why}`);
+  return new StrataError(ErrorCode.NOT_FOUND, `${printable(path)}: ${why}`);
 }

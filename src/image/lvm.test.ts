@@ -12,6 +12,8 @@ import {
   linearExtents,
   lvLayout,
   lvmCrc,
+  MAX_LVS,
+  MAX_METADATA,
   parseLvmText,
   parseVolumeGroup,
   pvsOf,
@@ -239,4 +241,42 @@ test("concat lays sources end to end, reads across the seams", async () => {
   assert.equal((await s.read(4, 8)).toString(), "efghijkl");
   assert.equal((await s.read(6, 4)).toString(), "ghij");
   await assert.rejects(s.read(10, 8), RangeError);
+});
+
+/** Metadata of a VG with `n` linear LVs of one 4 MiB extent each, all on pv0's first extent. */
+function manyLvs(n: number): string {
+  const lvs: string[] = [];
+  for (let k = 0; k < n; k++)
+    lvs.push(
+      `lv${k} {\nid = "aaaaaa-aaaa-aaaa-aaaa-aaaa-aaaa-aaaaaa"\nstatus = ["READ", "WRITE", "VISIBLE"]\n` +
+        `segment_count = 1\nsegment1 {\nstart_extent = 0\nextent_count = 1\ntype = "striped"\n` +
+        `stripe_count = 1\nstripes = ["pv0", 0]\n}\n}\n`,
+    );
+  return (
+    `vg0 {\nid = "zlKE9r-3ml5-lZoU-Gaf2-N2RA-nvMI-zU6IgC"\nseqno = 1\nextent_size = 8192\n` +
+    `physical_volumes {\npv0 {\nid = "xJwcBs-6Wsk-15PE-Uojz-1ZC2-vmT6-CghnDe"\npe_start = 2048\npe_count = 10\n}\n}\n` +
+    `logical_volumes {\n${lvs.join("")}}\n}\n`
+  );
+}
+
+test("hostile metadata: an unterminated string, a string of escapes, 40,000 LVs, each in seconds", () => {
+  const started = Date.now();
+  assert.throws(
+    () => parseLvmText(`a = "${"x".repeat(15 * 1024 * 1024)}`),
+    (e) => isStrataError(e, "DATA_CORRUPT") && /unterminated string/.test(e.message),
+  );
+  const escapes = parseLvmText(`a = "${'\\"'.repeat(2_000_000)}"\nb = 1`);
+  assert.equal(escapes.a, '"'.repeat(2_000_000));
+  assert.equal(escapes.b, 1);
+  const text = manyLvs(40_000);
+  assert.ok(text.length < MAX_METADATA, `${text.length} bytes`);
+  const vg = parseVolumeGroup(text);
+  assert.equal(vg.lvs.length, MAX_LVS);
+  assert.equal(vg.omittedLvs, 40_000 - MAX_LVS);
+  for (const lv of vg.lvs) {
+    assert.equal(linearExtents(vg, lv)?.length, 1);
+    assert.deepEqual([...pvsOf(vg, lv)], ["pv0"]);
+  }
+  const ms = Date.now() - started;
+  assert.ok(ms < 10_000, `${ms} ms`);
 });

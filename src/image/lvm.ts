@@ -13,6 +13,12 @@
  * which PVs an LV needs (following its segments through sub-LVs: thin pools, RAID images,
  * mirrors), and maps a linear LV to byte ranges of its PVs so its filesystem can be recognised
  * by magic number. Reading an LV's files is left to libguestfs, whose kernel activates the VG.
+ *
+ * The metadata is the guest's: its text is read only up to {@link MAX_METADATA}, strings are
+ * found with indexOf (an unterminated one fails at once, not after 16 M string appends),
+ * nesting is bounded, at most {@link MAX_LVS} LVs and {@link MAX_PVS} PVs of a VG are taken
+ * (the rest are counted and said), and LVs and PVs are found by name through maps, so nothing
+ * costs the square of their number.
  */
 import { crc32 } from "node:zlib";
 import { ErrorCode, StrataError } from "../util/errors.js";
@@ -25,8 +31,15 @@ const MDA_HEADER_SIZE = 512;
 const INITIAL_CRC = 0xf597a6cf;
 /** A raw_locn flag: this metadata area is to be ignored (`pvchange --metadataignore`). */
 const RAW_LOCN_IGNORED = 1;
-/** Metadata text larger than this is refused rather than read (LVM's own limit is far lower). */
-const MAX_METADATA = 64 * 1024 * 1024;
+/**
+ * Metadata text larger than this is refused rather than read: LVM's default metadata area is
+ * 1 MiB, and 40,000 LVs take about 14 MiB of text.
+ */
+export const MAX_METADATA = 16 * 1024 * 1024;
+/** LVs of one VG taken from its metadata; more are counted in {@link VolumeGroup.omittedLvs}. */
+export const MAX_LVS = 4096;
+/** PVs of one VG taken from its metadata. */
+export const MAX_PVS = 4096;
 /** Sections nest about five deep in real metadata; deeper is refused, not recursed into. */
 const MAX_NESTING = 32;
 
@@ -64,11 +77,24 @@ export function parseLvmText(text: string): LvmSection {
   };
   const scalar = (): string | number => {
     if (text[i] === '"') {
-      let s = "";
-      for (i++; i < text.length && text[i] !== '"'; i++) s += text[i] === "\\" ? text[++i] : text[i];
-      if (text[i] !== '"') fail("unterminated string");
+      // Pieces between escapes: the closing quote is searched for once (again only when an
+      // escape consumed it), a backslash only up to it, so a string costs its length once.
+      const parts: string[] = [];
+      let quote = -1;
       i++;
-      return s;
+      for (;;) {
+        if (quote < i) quote = text.indexOf('"', i);
+        if (quote < 0) return fail("unterminated string");
+        const piece = text.slice(i, quote);
+        const at = piece.indexOf("\\");
+        if (at < 0) {
+          parts.push(piece);
+          i = quote + 1;
+          return parts.join("");
+        }
+        parts.push(piece.slice(0, at), text[i + at + 1] ?? "");
+        i += at + 2;
+      }
     }
     const m = /^-?\d+(\.\d+)?/.exec(text.slice(i, i + 64));
     if (!m) return fail(`expected a value at "${text.slice(i, i + 20)}"`);
@@ -258,6 +284,14 @@ export interface VolumeGroup {
   extentSize: number;
   pvs: VgPhysicalVolume[];
   lvs: LogicalVolume[];
+  /** The same LVs and PVs by name and key. */
+  lvByName: Map<string, LogicalVolume>;
+  pvByKey: Map<string, VgPhysicalVolume>;
+  /** LVs holding an old-style snapshot's copy-on-write store (used by a "snapshot" segment). */
+  cowLvs: Set<string>;
+  /** LVs and PVs in the metadata beyond {@link MAX_LVS} and {@link MAX_PVS}: not taken. */
+  omittedLvs: number;
+  omittedPvs: number;
 }
 
 /** The volume group in a metadata text. */
@@ -268,8 +302,13 @@ export function parseVolumeGroup(text: string): VolumeGroup {
   const [name, vg] = entry as [string, LvmSection];
   const extentSize = num(vg.extent_size) * SECTOR;
   const pvs: VgPhysicalVolume[] = [];
+  let omittedPvs = 0;
   for (const [key, v] of Object.entries(section(vg.physical_volumes))) {
     if (!isSection(v)) continue;
+    if (pvs.length >= MAX_PVS) {
+      omittedPvs++;
+      continue;
+    }
     const device = typeof v.device === "string" ? v.device : undefined;
     pvs.push({
       key,
@@ -280,8 +319,13 @@ export function parseVolumeGroup(text: string): VolumeGroup {
     });
   }
   const lvs: LogicalVolume[] = [];
+  let omittedLvs = 0;
   for (const [lvName, v] of Object.entries(section(vg.logical_volumes))) {
     if (!isSection(v)) continue;
+    if (lvs.length >= MAX_LVS) {
+      omittedLvs++;
+      continue;
+    }
     const status = Array.isArray(v.status) ? v.status.map(String) : [];
     const segments: LvSegment[] = [];
     for (const seg of Object.values(v)) {
@@ -310,7 +354,22 @@ export function parseVolumeGroup(text: string): VolumeGroup {
     const extents = segments.reduce((n, s) => n + s.extentCount, 0);
     lvs.push({ name: lvName, visible: status.includes("VISIBLE"), size: extents * extentSize, segments });
   }
-  return { name, id: String(vg.id ?? ""), seqno: num(vg.seqno), extentSize, pvs, lvs };
+  const cowLvs = new Set<string>();
+  for (const l of lvs)
+    for (const seg of l.segments) if (seg.type === "snapshot") for (const u of seg.uses) cowLvs.add(u);
+  return {
+    name,
+    id: String(vg.id ?? ""),
+    seqno: num(vg.seqno),
+    extentSize,
+    pvs,
+    lvs,
+    lvByName: new Map(lvs.map((l) => [l.name, l])),
+    pvByKey: new Map(pvs.map((p) => [p.key, p])),
+    cowLvs,
+    omittedLvs,
+    omittedPvs,
+  };
 }
 
 /** The keys of the PVs `lv` is built on, through whatever LVs its segments use. */
@@ -323,7 +382,7 @@ export function pvsOf(vg: VolumeGroup, lv: LogicalVolume): Set<string> {
     for (const seg of l.segments) {
       for (const s of seg.stripes) if (s.pv !== undefined) out.add(s.pv);
       for (const u of seg.uses) {
-        const sub = vg.lvs.find((x) => x.name === u);
+        const sub = vg.lvByName.get(u);
         if (sub) visit(sub);
       }
     }
@@ -345,15 +404,14 @@ export interface LinearExtent {
  */
 export function linearExtents(vg: VolumeGroup, lv: LogicalVolume): LinearExtent[] | undefined {
   // An old-style snapshot shows as an LV whose own extents hold the copy-on-write store.
-  const isCow = vg.lvs.some((l) => l.segments.some((s) => s.type === "snapshot" && s.uses.includes(lv.name)));
-  if (isCow) return undefined;
+  if (vg.cowLvs.has(lv.name)) return undefined;
   const out: LinearExtent[] = [];
   let next = 0;
   for (const seg of lv.segments) {
     const stripe = seg.stripes[0];
     if (seg.type !== "striped" || seg.stripes.length !== 1 || stripe?.pv === undefined) return undefined;
     if (seg.startExtent !== next) return undefined;
-    const pv = vg.pvs.find((p) => p.key === stripe.pv);
+    const pv = vg.pvByKey.get(stripe.pv);
     if (!pv) return undefined;
     out.push({
       pv: pv.key,

@@ -151,3 +151,67 @@ test("magic numbers: ext4 by its features, XFS, Btrfs, NTFS, LVM, LUKS, swap; ze
   assert.equal(await img((b) => b.write("SWAPSPACE2", 4086, "latin1")), "swap");
   assert.equal(await img(() => {}), undefined);
 });
+
+test("GPT: absurd entry sizes and counts are refused before anything is read or allocated", async () => {
+  const sectors = 8192;
+  for (const [entrySize, count, pattern] of [
+    [1024 * 1024 * 1024, 4, /entry size 1073741824/],
+    [0xffffffff, 1, /entry size 4294967295/],
+    [192, 128, /entry size 192/],
+    [128, 100000, /100000 entries/],
+  ] as const) {
+    const disk = Buffer.alloc(sectors * SECTOR);
+    mbrEntry(disk, 0, 0xee, 1, sectors - 1);
+    gptHeader(disk, 1, Buffer.alloc(0), 2);
+    const h = disk.subarray(SECTOR, 2 * SECTOR);
+    h.writeUInt32LE(count, 80);
+    h.writeUInt32LE(entrySize, 84);
+    h.writeUInt32LE(0, 16);
+    h.writeUInt32LE(crc32(h.subarray(0, 92)), 16);
+    let largest = 0;
+    const source: ByteSource = {
+      size: 1024 * 1024 * 1024 * 1024, // a sparse 1 TiB disk: the size alone does not stop it
+      read: async (o, n) => {
+        largest = Math.max(largest, n);
+        return o < disk.length ? Buffer.from(disk.subarray(o, o + n)) : Buffer.alloc(n);
+      },
+    };
+    await assert.rejects(
+      readPartitionTable(source),
+      (e) => isStrataError(e, "DATA_CORRUPT") && pattern.test(e.message),
+      String(entrySize),
+    );
+    assert.ok(largest <= 2 * SECTOR, `read ${largest} bytes`);
+  }
+});
+
+test("MBR: an EBR chain that loops ends, and a long one stops at 100 links as Linux does", async () => {
+  const disk = Buffer.alloc(8192 * SECTOR);
+  mbrEntry(disk, 0, 0x05, 2048, 6000);
+  // EBR at 2048 links to 2048 + 4, which links back to the start.
+  const e1 = disk.subarray(2048 * SECTOR, 2049 * SECTOR);
+  mbrEntry(e1, 0, 0x83, 1, 1);
+  mbrEntry(e1, 1, 0x05, 4, 2);
+  const e2 = disk.subarray(2052 * SECTOR, 2053 * SECTOR);
+  mbrEntry(e2, 0, 0x83, 1, 1);
+  mbrEntry(e2, 1, 0x05, 0 + 1, 2); // +1 from the extended start: a third EBR...
+  const e3 = disk.subarray(2049 * SECTOR, 2050 * SECTOR);
+  mbrEntry(e3, 0, 0x83, 1, 1);
+  mbrEntry(e3, 1, 0x05, 4, 2); // ...that links back to the second: a loop
+  const looped = await readPartitionTable(memory(disk));
+  assert.deepEqual(
+    looped.partitions.map((p) => p.number),
+    [1, 5, 6, 7],
+  );
+  // 200 EBRs in a row, each with a logical partition.
+  const long = Buffer.alloc(8192 * SECTOR);
+  mbrEntry(long, 0, 0x05, 2048, 6000);
+  for (let i = 0; i < 200; i++) {
+    const e = long.subarray((2048 + i * 2) * SECTOR, (2049 + i * 2) * SECTOR);
+    mbrEntry(e, 0, 0x83, 1, 1);
+    mbrEntry(e, 1, 0x05, (i + 1) * 2, 2);
+  }
+  const t = await readPartitionTable(memory(long));
+  assert.equal(t.partitions.length, 1 + 100);
+  assert.equal(t.partitions.at(-1)!.number, 104);
+});

@@ -8,6 +8,12 @@
  * at least one entry is used; this rejects the boot sector of a filesystem written straight onto
  * the disk (a FAT boot sector also ends in 0x55AA, but its "entries" are boot code or zeros).
  * Logical partitions are numbered from 5 in the order of the EBR chain, as Linux does.
+ *
+ * The table is the guest's, so every count and size in it is bounded before it is used: GPT
+ * entries of 128 to 4096 bytes (a power-of-two multiple of 128, as UEFI requires; Linux itself
+ * reads only 128-byte entries) and at most 4096 of them, so the entry array read is at most
+ * 16 MiB; an EBR chain of at most 100 links (Linux's own limit in msdos.c), never visiting an
+ * EBR twice (a loop) and never leaving the extended partition's disk.
  */
 import { crc32 } from "node:zlib";
 import { ErrorCode, StrataError } from "../util/errors.js";
@@ -71,6 +77,13 @@ const GPT_TYPES: Record<string, string> = {
 
 const EXTENDED = new Set([0x05, 0x0f, 0x85]);
 
+/** GPT entry sizes read: 128 × 2^n bytes up to this. */
+export const GPT_MAX_ENTRY_SIZE = 4096;
+/** GPT entries read at most (the usual table has 128). */
+export const GPT_MAX_ENTRIES = 4096;
+/** EBRs followed at most, as Linux (block/partitions/msdos.c) does. */
+export const MAX_EBR_CHAIN = 100;
+
 /** Reads the partition table of a disk. A damaged table is an error; no table is `none`. */
 export async function readPartitionTable(disk: ByteSource): Promise<PartitionTable> {
   if (disk.size < 2 * SECTOR) return { scheme: "none", partitions: [] };
@@ -80,11 +93,11 @@ export async function readPartitionTable(disk: ByteSource): Promise<PartitionTab
   const protective = signed && [0, 1, 2, 3].some((i) => mbr[446 + i * 16 + 4] === 0xee);
   if (protective || head.subarray(SECTOR, SECTOR + 8).toString("latin1") === "EFI PART") {
     const gpt = await readGpt(disk, head.subarray(SECTOR));
-    if (gpt) return gpt;
+    if (typeof gpt === "object") return gpt;
     if (protective)
       throw new StrataError(
         ErrorCode.DATA_CORRUPT,
-        "the disk has a protective MBR but neither GPT header (primary or backup) is valid",
+        `the disk has a protective MBR but neither GPT header (primary or backup) is valid: ${gpt}`,
       );
   }
   if (!signed) return { scheme: "none", partitions: [] };
@@ -143,7 +156,7 @@ async function readLogical(disk: ByteSource, base: number): Promise<MbrEntry[]> 
   const out: MbrEntry[] = [];
   const seen = new Set<number>();
   let ebr = base;
-  while (!seen.has(ebr) && seen.size < 128 && (ebr + 1) * SECTOR <= disk.size) {
+  while (!seen.has(ebr) && seen.size < MAX_EBR_CHAIN && (ebr + 1) * SECTOR <= disk.size) {
     seen.add(ebr);
     const s = await disk.read(ebr * SECTOR, SECTOR);
     if (s[510] !== 0x55 || s[511] !== 0xaa) break;
@@ -156,31 +169,44 @@ async function readLogical(disk: ByteSource, base: number): Promise<MbrEntry[]> 
   return out;
 }
 
-/** A GPT from the primary header (given) or, if that is damaged, the backup one. */
-async function readGpt(disk: ByteSource, primary: Buffer): Promise<PartitionTable | undefined> {
+/**
+ * A GPT from the primary header (given) or, if that is damaged, the backup one; or why neither
+ * could be read.
+ */
+async function readGpt(disk: ByteSource, primary: Buffer): Promise<PartitionTable | string> {
   const last = Math.floor(disk.size / SECTOR) - 1;
-  for (const header of [primary, await readPadded(disk, last * SECTOR, SECTOR)]) {
+  const why: string[] = [];
+  for (const [name, header] of [
+    ["primary", primary],
+    ["backup", await readPadded(disk, last * SECTOR, SECTOR)],
+  ] as const) {
     const parsed = await parseGpt(disk, header);
-    if (parsed) return parsed;
+    if (typeof parsed === "object") return parsed;
+    why.push(`${name}: ${parsed}`);
   }
-  return undefined;
+  return why.join("; ");
 }
 
-async function parseGpt(disk: ByteSource, h: Buffer): Promise<PartitionTable | undefined> {
-  if (h.subarray(0, 8).toString("latin1") !== "EFI PART") return undefined;
+/** The table a GPT header describes, or why it is not valid. */
+async function parseGpt(disk: ByteSource, h: Buffer): Promise<PartitionTable | string> {
+  if (h.subarray(0, 8).toString("latin1") !== "EFI PART") return "no EFI PART signature";
   const headerSize = h.readUInt32LE(12);
-  if (headerSize < 92 || headerSize > SECTOR) return undefined;
+  if (headerSize < 92 || headerSize > SECTOR) return `header size ${headerSize}`;
   const copy = Buffer.from(h.subarray(0, headerSize));
   const crc = copy.readUInt32LE(16);
   copy.writeUInt32LE(0, 16);
-  if (crc32(copy) !== crc) return undefined;
+  if (crc32(copy) !== crc) return "header checksum mismatch";
   const entriesLba = Number(h.readBigUInt64LE(72));
   const count = h.readUInt32LE(80);
   const entrySize = h.readUInt32LE(84);
-  if (entrySize < 128 || count > 4096 || entriesLba * SECTOR + count * entrySize > disk.size)
-    return undefined;
+  // Checked before anything is read or allocated: a guest may write any numbers here.
+  if (entrySize < 128 || entrySize > GPT_MAX_ENTRY_SIZE || (entrySize & (entrySize - 1)) !== 0)
+    return `entry size ${entrySize} (Strata reads 128 × 2^n up to ${GPT_MAX_ENTRY_SIZE} bytes; Linux only 128)`;
+  if (count > GPT_MAX_ENTRIES) return `${count} entries (Strata reads at most ${GPT_MAX_ENTRIES})`;
+  if (entriesLba < 1 || entriesLba * SECTOR + count * entrySize > disk.size)
+    return "the entry array lies beyond the disk";
   const table = await disk.read(entriesLba * SECTOR, count * entrySize);
-  if (crc32(table) !== h.readUInt32LE(88)) return undefined;
+  if (crc32(table) !== h.readUInt32LE(88)) return "entry array checksum mismatch";
   const partitions: Partition[] = [];
   for (let i = 0; i < count; i++) {
     const e = table.subarray(i * entrySize, (i + 1) * entrySize);

@@ -1,4 +1,5 @@
 /** What qemu-img says about an image: format, size, allocation, bitmaps. */
+import { resolve } from "node:path";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { runProgram } from "../util/process.js";
 
@@ -11,6 +12,12 @@ export interface ImageInfo {
   virtualSize: number;
   actualSize: number;
   backingFile?: string;
+  /** The file name QEMU opened ("json:{…}" when options were parsed out of it). */
+  filename?: string;
+  /** qcow2's external data file, when it has one. */
+  dataFile?: string;
+  /** The files of a VMDK's extents. */
+  extentFiles: string[];
   bitmaps: Array<{ name: string; granularity: number; flags: string[] }>;
 }
 
@@ -25,7 +32,8 @@ export async function imageInfo(
   const args = ["info", "--output=json"];
   if (options.format) args.push("-f", options.format);
   if (options.shared) args.push("-U");
-  args.push(path);
+  // Absolute, so that no file name is taken for "json:{…}" options or a protocol ("nbd:…").
+  args.push(resolve(path));
   let text: string;
   try {
     text = await runProgram("qemu-img", args);
@@ -42,11 +50,16 @@ export async function imageInfo(
   }
   const j = JSON.parse(text) as {
     format: string;
+    filename?: string;
     "virtual-size": number;
     "actual-size"?: number;
     "backing-filename"?: string;
     "format-specific"?: {
-      data?: { bitmaps?: Array<{ name: string; granularity: number; flags: string[] }> };
+      data?: {
+        bitmaps?: Array<{ name: string; granularity: number; flags: string[] }>;
+        "data-file"?: string;
+        extents?: Array<{ filename?: string }>;
+      };
     };
   };
   return {
@@ -54,6 +67,13 @@ export async function imageInfo(
     virtualSize: j["virtual-size"],
     actualSize: j["actual-size"] ?? 0,
     ...(j["backing-filename"] === undefined ? {} : { backingFile: j["backing-filename"] }),
+    ...(j.filename === undefined ? {} : { filename: j.filename }),
+    ...(j["format-specific"]?.data?.["data-file"] === undefined
+      ? {}
+      : { dataFile: j["format-specific"].data["data-file"] }),
+    extentFiles: (j["format-specific"]?.data?.extents ?? []).flatMap((e) =>
+      e.filename === undefined ? [] : [e.filename],
+    ),
     bitmaps: j["format-specific"]?.data?.bitmaps ?? [],
   };
 }
@@ -70,7 +90,7 @@ export interface MapExtent {
 
 /** Allocation map of an image (uses SEEK_DATA/SEEK_HOLE on raw files, metadata on others). */
 export async function imageMap(path: string, format: string): Promise<MapExtent[]> {
-  const text = await runProgram("qemu-img", ["map", "--output=json", "-f", format, path]);
+  const text = await runProgram("qemu-img", ["map", "--output=json", "-f", format, resolve(path)]);
   const rows = JSON.parse(text) as Array<{ start: number; length: number; data: boolean; zero: boolean }>;
   return rows.map((r) => ({ offset: r.start, length: r.length, data: r.data, zero: r.zero }));
 }

@@ -8,6 +8,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Daemon, socketAccepts } from "../util/process.js";
+import { FORMATS_WITH_BACKING } from "./image-safety.js";
 
 export interface ExportSpec {
   /** Image file. */
@@ -19,6 +20,11 @@ export interface ExportSpec {
   writable?: boolean;
   /** Persistent bitmaps of the image to expose as `qemu:dirty-bitmap:NAME`. */
   bitmaps?: string[];
+  /**
+   * Open no backing file, whatever the image header names (`backing: null`): for images a guest
+   * could write, whose header must not make QEMU read a host file.
+   */
+  noBacking?: boolean;
 }
 
 export class StorageDaemon {
@@ -44,7 +50,21 @@ export class StorageDaemon {
         "--blockdev",
         `driver=file,filename=${e.path.replace(/,/g, ",,")},node-name=f${i},read-only=${ro}`,
       );
-      args.push("--blockdev", `driver=${e.format},file=f${i},node-name=d${i},read-only=${ro}`);
+      if (e.noBacking && FORMATS_WITH_BACKING.has(e.format)) {
+        // The key=value syntax can't say null (backing=null names a node "null"); JSON can.
+        args.push(
+          "--blockdev",
+          JSON.stringify({
+            driver: e.format,
+            file: `f${i}`,
+            "node-name": `d${i}`,
+            "read-only": !e.writable,
+            backing: null,
+          }),
+        );
+      } else {
+        args.push("--blockdev", `driver=${e.format},file=f${i},node-name=d${i},read-only=${ro}`);
+      }
     });
     args.push("--nbd-server", `addr.type=unix,addr.path=${socket},max-connections=0`);
     exports.forEach((e, i) => {

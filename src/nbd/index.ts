@@ -73,4 +73,5 @@ export {
   type NbdListenAddress,
   NbdServer,
   type NbdServerOptions,
+  type NbdTlsOptions,
 } from "./server.js";

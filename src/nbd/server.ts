@@ -5,6 +5,7 @@
  */
 
 import { createServer, type Server, type Socket } from "node:net";
+import { createSecureContext, type SecureContext, TLSSocket } from "node:tls";
 import { ErrorCode, isStrataError, StrataError } from "../util/errors.js";
 import {
   BASE_ALLOCATION,
@@ -90,6 +91,19 @@ export interface NbdServerOptions {
   maxPayload?: number;
   /** Called with errors from connections (already handled: the connection is closed). */
   onError?: (err: Error) => void;
+  /**
+   * Require TLS (NBD_OPT_STARTTLS, as QEMU's server with tls-creds): every option but STARTTLS
+   * and ABORT is answered NBD_REP_ERR_TLS_REQD until the client has upgraded, and the client
+   * must present a certificate signed by `ca` (PEM).
+   */
+  tls?: NbdTlsOptions;
+}
+
+/** PEM server certificate and key, and the CA that client certificates must be signed by. */
+export interface NbdTlsOptions {
+  cert: string | Buffer;
+  key: string | Buffer;
+  ca: string | Buffer;
 }
 
 /** Address the server is listening on. */
@@ -156,8 +170,22 @@ export class NbdServer {
   private readonly handshakeTimeoutMs: number;
   private readonly maxPayload: number;
   private server: Server | undefined;
+  private readonly tls: SecureContext | undefined;
 
   constructor(private readonly opts: NbdServerOptions = {}) {
+    if (opts.tls) {
+      try {
+        this.tls = createSecureContext({ cert: opts.tls.cert, key: opts.tls.key, ca: opts.tls.ca });
+      } catch (err) {
+        throw new StrataError(
+          ErrorCode.USAGE,
+          `TLS certificate, key or CA unusable: ${(err as Error).message}`,
+          {
+            cause: err,
+          },
+        );
+      }
+    }
     for (const [name, exp] of Object.entries(opts.exports ?? {})) this.addExport(name, exp);
     this.maxInFlight = Math.max(1, opts.maxInFlight ?? 16);
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 10_000;
@@ -225,29 +253,69 @@ export class NbdServer {
   }
 
   private async serve(socket: Socket): Promise<void> {
-    const reader = new SocketReader(socket);
-    const writer = new SocketWriter(socket);
+    let stream = socket;
+    let reader = new SocketReader(socket);
+    let writer = new SocketWriter(socket);
     const timer = setTimeout(() => {
       reader.fail(new StrataError(ErrorCode.TIMEOUT, "NBD: client did not finish the handshake in time"));
       socket.destroy();
     }, this.handshakeTimeoutMs);
     let session: Session | undefined;
     try {
-      session = await this.handshake(reader, writer);
+      const noZeroes = await this.greet(reader, writer);
+      let secure = this.tls === undefined;
+      for (;;) {
+        const r = await this.handshake(reader, writer, noZeroes, secure);
+        if (r !== "starttls") {
+          session = r;
+          break;
+        }
+        // Everything negotiated so far is forgotten; the options go on inside TLS.
+        stream = await this.startTls(socket);
+        reader = new SocketReader(stream);
+        writer = new SocketWriter(stream);
+        secure = true;
+      }
     } finally {
       clearTimeout(timer);
     }
     if (!session) {
-      socket.end();
-      setTimeout(() => socket.destroy(), 1000).unref();
+      stream.end();
+      setTimeout(() => stream.destroy(), 1000).unref();
       return;
     }
-    await this.transmission(session, socket, reader, writer);
+    await this.transmission(session, stream, reader, writer);
+  }
+
+  /** TLS over the connection after NBD_OPT_STARTTLS's ACK; the client must show a trusted certificate. */
+  private async startTls(socket: Socket): Promise<TLSSocket> {
+    const t = new TLSSocket(socket, {
+      isServer: true,
+      secureContext: this.tls!,
+      requestCert: true,
+      rejectUnauthorized: true,
+    });
+    this.sockets.add(t);
+    t.on("close", () => this.sockets.delete(t));
+    await new Promise<void>((resolve, reject) => {
+      t.once("secure", () => resolve());
+      t.once("error", (err) =>
+        reject(
+          new StrataError(ErrorCode.PROTOCOL, `NBD: TLS handshake failed: ${err.message}`, { cause: err }),
+        ),
+      );
+      t.once("close", () =>
+        reject(new StrataError(ErrorCode.PROTOCOL, "NBD: connection closed during the TLS handshake")),
+      );
+    });
+    t.on("error", () => {}); // reported through the reader from now on
+    return t;
   }
 
   // ---- handshake --------------------------------------------------------------------------
 
-  private async handshake(reader: SocketReader, writer: SocketWriter): Promise<Session | undefined> {
+  /** Sends the greeting and reads the client's flags; returns whether it asked for no zeroes. */
+  private async greet(reader: SocketReader, writer: SocketWriter): Promise<boolean> {
     const hello = Buffer.alloc(18);
     hello.writeBigUInt64BE(NBD_MAGIC, 0);
     hello.writeBigUInt64BE(IHAVEOPT, 8);
@@ -256,7 +324,20 @@ export class NbdServer {
     const cflags = (await reader.readExact(4)).readUInt32BE(0);
     if ((cflags & ~(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)) !== 0)
       throw protocolError(`unknown client flags 0x${cflags.toString(16)}`);
-    const noZeroes = (cflags & ClientFlag.NO_ZEROES) !== 0;
+    return (cflags & ClientFlag.NO_ZEROES) !== 0;
+  }
+
+  /**
+   * Option haggling until an export is chosen (the session), the client leaves (undefined), or
+   * STARTTLS was acknowledged ("starttls": the caller upgrades the socket and calls again).
+   * Until `secure`, only STARTTLS and ABORT are served.
+   */
+  private async handshake(
+    reader: SocketReader,
+    writer: SocketWriter,
+    noZeroes: boolean,
+    secure: boolean,
+  ): Promise<Session | undefined | "starttls"> {
     let structured = false;
     let contexts = new Map<number, string>();
     let contextsFor: string | undefined;
@@ -269,6 +350,24 @@ export class NbdServer {
       const reply = (type: number, payload?: Buffer) =>
         writer.send(encodeOptionReply(h.option, type, payload));
       const refuse = (type: number, message: string) => reply(type, Buffer.from(message, "utf8"));
+
+      if (h.option === Opt.STARTTLS) {
+        if (!this.tls) await refuse(Rep.ERR_UNSUP, "this server has no TLS");
+        else if (secure) await refuse(Rep.ERR_INVALID, "TLS is already on");
+        else if (h.length !== 0) await refuse(Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+        else {
+          reader.detach();
+          await reply(Rep.ACK);
+          return "starttls";
+        }
+        continue;
+      }
+      if (!secure && h.option !== Opt.ABORT) {
+        // NBD_OPT_EXPORT_NAME can't be refused with a reply: only by closing.
+        if (h.option === Opt.EXPORT_NAME) return undefined;
+        await refuse(Rep.ERR_TLS_REQD, "this server requires TLS: send NBD_OPT_STARTTLS first");
+        continue;
+      }
 
       if (h.option === Opt.EXPORT_NAME) {
         const name = data.toString("utf8");

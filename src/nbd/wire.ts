@@ -32,15 +32,34 @@ export class SocketReader {
     private readonly highWater = 256 * 1024,
   ) {
     socket.pause();
-    socket.on("data", (chunk: Buffer) => {
-      this.chunks.push(chunk);
-      this.buffered += chunk.length;
-      this.settle();
-      if (this.buffered >= this.highWater && !this.waiter) socket.pause();
-    });
-    socket.on("end", () => this.fail(connectionClosed("by the peer")));
-    socket.on("close", () => this.fail(connectionClosed("")));
-    socket.on("error", (err) => this.fail(err));
+    socket.on("data", this.onData);
+    socket.on("end", this.onEnd);
+    socket.on("close", this.onClose);
+    socket.on("error", this.onError);
+  }
+
+  private readonly onData = (chunk: Buffer): void => {
+    this.chunks.push(chunk);
+    this.buffered += chunk.length;
+    this.settle();
+    if (this.buffered >= this.highWater && !this.waiter) this.socket.pause();
+  };
+  private readonly onEnd = (): void => this.fail(connectionClosed("by the peer"));
+  private readonly onClose = (): void => this.fail(connectionClosed(""));
+  private readonly onError = (err: Error): void => this.fail(err);
+
+  /**
+   * Gives the socket back, paused, with nothing read from it left over (NBD_OPT_STARTTLS: TLS
+   * takes the socket over). Throws if bytes were received that nobody consumed.
+   */
+  detach(): void {
+    this.socket.pause();
+    this.socket.off("data", this.onData);
+    this.socket.off("end", this.onEnd);
+    this.socket.off("close", this.onClose);
+    this.socket.off("error", this.onError);
+    if (this.buffered !== 0 || this.waiter)
+      throw new StrataError(ErrorCode.PROTOCOL, "NBD: client sent data before the TLS handshake");
   }
 
   /** Bytes received but not yet consumed. */

@@ -43,3 +43,10 @@ test("docs/format.md states the same magic numbers and sizes", () => {
 test("restore point times are UTC to the second", () => {
   assert.equal(formatTime(Date.UTC(2026, 10, 22, 1, 2, 3, 999)), "2026-11-22T01:02:03Z");
 });
+
+test("docs/format.md states the key file's config-seal additional data", async () => {
+  const { CONFIG_SEAL_AAD } = await import("./keys.js");
+  const doc = readFileSync(new URL("../../../docs/format.md", import.meta.url), "utf8");
+  assert.ok(doc.includes(`${Buffer.byteLength(CONFIG_SEAL_AAD)} ASCII`));
+  assert.ok(doc.includes(`\`${CONFIG_SEAL_AAD}\``));
+});

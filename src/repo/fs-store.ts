@@ -83,7 +83,9 @@ export class FsStore implements Store {
       await fs.rename(tmp, path);
     } catch (err) {
       await fs.rm(tmp, { force: true }).catch(() => {});
-      throw ioError(ErrorCode.REPO_CORRUPT, `cannot write ${path}`, err);
+      // A failed write says why (disk full, permission, read-only, device error): the
+      // repository is not damaged by it.
+      throw ioError(ErrorCode.IO_ERROR, `cannot write ${path}`, err);
     }
     if (options?.durable) await syncDir(dir);
     else this.markDirty(dir);
@@ -188,7 +190,7 @@ export class FsStore implements Store {
       return true;
     } catch (err) {
       if (isNotFound(err)) return false;
-      throw ioError(ErrorCode.REPO_CORRUPT, `cannot touch ${this.path(key)}`, err);
+      throw ioError(ErrorCode.IO_ERROR, `cannot touch ${this.path(key)}`, err);
     }
   }
 
@@ -228,7 +230,9 @@ export class FsStore implements Store {
   }
 
   async delete(key: string): Promise<void> {
-    await fs.rm(this.path(key), { force: true });
+    await fs.rm(this.path(key), { force: true }).catch((err: unknown) => {
+      throw ioError(ErrorCode.IO_ERROR, `cannot delete ${this.path(key)}`, err);
+    });
     this.markDirty(dirname(this.path(key)));
   }
 
@@ -312,7 +316,7 @@ async function syncDir(dir: string): Promise<void> {
     fh = await fs.open(dir, constants.O_RDONLY | constants.O_DIRECTORY);
     await fh.sync();
   } catch (err) {
-    if (!isNotFound(err)) throw err;
+    if (!isNotFound(err)) throw ioError(ErrorCode.IO_ERROR, `cannot sync directory ${dir}`, err);
   } finally {
     await fh?.close();
   }

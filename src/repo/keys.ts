@@ -22,6 +22,23 @@ export interface KeyFile {
   /** The 64 key bytes, encrypted, base64. */
   data: string;
   created: string;
+  /**
+   * "hmac-sha256": the repository's config is sealed with the MAC key, and a config under a
+   * plain seal is refused. Bound to the wrapped key (GCM additional data {@link CONFIG_SEAL_AAD}),
+   * so removing it fails the tag. Absent in key files written before configs were keyed.
+   */
+  configSeal?: "hmac-sha256";
+}
+
+/** GCM additional data of a key file with `configSeal`: the field can't be removed unnoticed. */
+export const CONFIG_SEAL_AAD = "strata key: config sealed with hmac-sha256";
+
+export interface OpenedKey {
+  keys: CodecKeys;
+  /** The config must carry an HMAC seal (the key file says so, authenticated). */
+  configSealed: boolean;
+  created: string;
+  cost: { N: number; r: number; p: number };
 }
 
 /** scrypt cost: 2^17 × 8 × 128 B = 128 MiB and about half a second, the OWASP recommendation. */
@@ -39,12 +56,13 @@ export async function createKeyFile(
   password: string,
   created: string,
   cost: { N: number; r: number; p: number } = SCRYPT_DEFAULTS,
+  master: Buffer = randomBytes(64),
 ): Promise<{ file: Buffer; keys: CodecKeys }> {
-  const master = randomBytes(64);
   const salt = randomBytes(16);
   const nonce = randomBytes(12);
   const wrap = await derive(password, salt, cost.N, cost.r, cost.p);
   const cipher = createCipheriv("aes-256-gcm", wrap, nonce);
+  cipher.setAAD(Buffer.from(CONFIG_SEAL_AAD));
   const data = Buffer.concat([cipher.update(master), cipher.final()]);
   const doc: KeyFile = {
     format: "strata-key",
@@ -56,29 +74,46 @@ export async function createKeyFile(
     tag: cipher.getAuthTag().toString("base64"),
     data: data.toString("base64"),
     created,
+    configSeal: "hmac-sha256",
   };
   return { file: sealJson(doc), keys: splitKeys(master) };
 }
 
-export async function openKeyFile(bytes: Buffer, password: string, where: string): Promise<CodecKeys> {
+export async function openKeyFile(bytes: Buffer, password: string, where: string): Promise<OpenedKey> {
   const r = unsealJson<KeyFile>(bytes);
   if (!r.ok) throw new StrataError(ErrorCode.REPO_CORRUPT, `key file ${where} is damaged: ${r.why}`);
   const k = r.doc;
   if (k.format !== "strata-key" || k.version !== 1 || k.kdf !== "scrypt") {
     throw new StrataError(ErrorCode.REPO_VERSION, `key file ${where} has an unknown format or version`);
   }
+  if (k.configSeal !== undefined && k.configSeal !== "hmac-sha256")
+    throw new StrataError(ErrorCode.REPO_VERSION, `key file ${where} names an unknown config seal`);
   const wrap = await derive(password, Buffer.from(k.salt, "base64"), k.N, k.r, k.p);
   const decipher = createDecipheriv("aes-256-gcm", wrap, Buffer.from(k.nonce, "base64"));
   decipher.setAuthTag(Buffer.from(k.tag, "base64"));
+  if (k.configSeal !== undefined) decipher.setAAD(Buffer.from(CONFIG_SEAL_AAD));
   let master: Buffer;
   try {
     master = Buffer.concat([decipher.update(Buffer.from(k.data, "base64")), decipher.final()]);
   } catch {
-    throw new StrataError(ErrorCode.WRONG_PASSWORD, "wrong password: it does not open the repository key");
+    throw new StrataError(
+      ErrorCode.WRONG_PASSWORD,
+      `wrong password: it does not open the repository key (or ${where} was changed)`,
+    );
   }
   if (master.length !== 64)
     throw new StrataError(ErrorCode.REPO_CORRUPT, `key file ${where} holds a key of the wrong size`);
-  return splitKeys(master);
+  return {
+    keys: splitKeys(master),
+    configSealed: k.configSeal === "hmac-sha256",
+    created: k.created,
+    cost: { N: k.N, r: k.r, p: k.p },
+  };
+}
+
+/** The 64 key bytes again, for re-wrapping them (a legacy key file upgraded to `configSeal`). */
+export function joinKeys(keys: CodecKeys): Buffer {
+  return Buffer.concat([keys.encKey, keys.macKey]);
 }
 
 function splitKeys(master: Buffer): CodecKeys {

@@ -13,12 +13,20 @@
  * A lock is stale, and anybody may remove it, when its process is gone: on the same host the PID
  * is dead or belongs to a newer process (start time differs); from another host, it has not
  * been refreshed for {@link STALE_AFTER_MS}. Holders refresh every {@link REFRESH_EVERY_MS}.
+ *
+ * A refresh that fails (the lock object can't be written, or is gone because another host
+ * judged it stale) loses the lock: {@link Lock.check} throws LOCK_LOST from then on, and writers
+ * stop rather than go on unseen by gc.
+ *
+ * A read lock on a repository that can't be written (read-only media, a directory the user may
+ * only read) is not written at all: nobody can change such a repository through this path, and
+ * readers must be able to restore from it. Conflicting locks are still looked for.
  */
 import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { hostname } from "node:os";
 import type { Clock } from "../util/clock.js";
-import { ErrorCode, StrataError } from "../util/errors.js";
+import { ErrorCode, isStrataError, StrataError } from "../util/errors.js";
 import { processAlive } from "../util/process.js";
 import { keys } from "./format.js";
 import type { Store } from "./store.js";
@@ -70,27 +78,46 @@ export function isStale(lock: LockInfo, clock: Clock, host = hostname()): boolea
 }
 
 /** Every lock in the repository; unreadable ones (half-written by a crash) are removed when old. */
-export async function listLocks(store: Store, clock: Clock): Promise<LockInfo[]> {
+export async function listLocks(store: Store, clock: Clock, removeBroken = true): Promise<LockInfo[]> {
   const out: LockInfo[] = [];
   for await (const obj of store.list("locks/")) {
     try {
       out.push(JSON.parse((await store.get(obj.key)).toString("utf8")) as LockInfo);
     } catch (err) {
       if (store.isNotFound(err)) continue;
-      if (clock.now() - obj.mtimeMs > STALE_AFTER_MS) await store.delete(obj.key);
+      if (removeBroken && clock.now() - obj.mtimeMs > STALE_AFTER_MS) await store.delete(obj.key);
     }
   }
   return out;
 }
 
+export interface LockOptions {
+  /** How often the lock is refreshed (default {@link REFRESH_EVERY_MS}). */
+  refreshEveryMs?: number;
+}
+
 export class Lock {
   private timer: NodeJS.Timeout | undefined;
   private released = false;
+  /** Set when a refresh failed: the lock no longer protects its holder. */
+  private lostError: StrataError | undefined;
+  /** Not written: a read lock on a repository that can't be written. */
+  private unwritten = false;
 
   private constructor(
     private readonly store: Store,
     readonly info: LockInfo,
   ) {}
+
+  /** True when this is a read lock that could not be written (read-only repository). */
+  get notWritten(): boolean {
+    return this.unwritten;
+  }
+
+  /** Throws LOCK_LOST if a refresh failed. Writers call it before each step. */
+  check(): void {
+    if (this.lostError) throw this.lostError;
+  }
 
   /**
    * Takes a lock of `kind`, or throws LOCKED naming the holder of a conflicting one. Stale
@@ -102,6 +129,7 @@ export class Lock {
     kind: LockKind,
     what: string,
     claim?: string,
+    options: LockOptions = {},
   ): Promise<Lock> {
     const now = clock.now();
     const info: LockInfo = {
@@ -116,14 +144,24 @@ export class Lock {
       ...(claim === undefined ? {} : { claim }),
     };
     const lock = new Lock(store, info);
-    await lock.write();
     try {
-      for (const other of await listLocks(store, clock)) {
+      await lock.write();
+    } catch (err) {
+      if (
+        kind !== "read" ||
+        !isStrataError(err) ||
+        (err.code !== ErrorCode.READ_ONLY && err.code !== ErrorCode.PERMISSION_DENIED)
+      )
+        throw err;
+      lock.unwritten = true;
+    }
+    try {
+      for (const other of await listLocks(store, clock, !lock.unwritten)) {
         if (other.id === info.id) continue;
         const clash = conflicts(kind, other.kind) || (claim !== undefined && other.claim === claim);
         if (!clash) continue;
         if (isStale(other, clock)) {
-          await store.delete(keys.lock(other.id));
+          if (!lock.unwritten) await store.delete(keys.lock(other.id));
           continue;
         }
         throw new StrataError(
@@ -135,12 +173,28 @@ export class Lock {
       await lock.release();
       throw err;
     }
+    if (lock.unwritten) return lock;
     lock.timer = setInterval(() => {
-      lock.info.refreshed = clock.now();
-      lock.write().catch(() => {});
-    }, REFRESH_EVERY_MS);
+      lock.refresh(clock).catch((err: unknown) => {
+        lock.lostError ??= new StrataError(
+          ErrorCode.LOCK_LOST,
+          `lost the repository lock of ${what} in ${store.location}: ${err instanceof Error ? err.message : String(err)}; stopping, since another host's gc could now take it for dead`,
+          { cause: err },
+        );
+        if (lock.timer) clearInterval(lock.timer);
+      });
+    }, options.refreshEveryMs ?? REFRESH_EVERY_MS);
     lock.timer.unref();
     return lock;
+  }
+
+  /** Rewrites the lock with a new time, if it is still there (gone: someone took it for stale). */
+  private async refresh(clock: Clock): Promise<void> {
+    if (this.released || this.lostError) return;
+    if ((await this.store.stat(keys.lock(this.info.id))) === undefined)
+      throw new Error("the lock object was removed (taken for stale by someone else)");
+    this.info.refreshed = clock.now();
+    await this.write();
   }
 
   private write(): Promise<void> {
@@ -151,6 +205,6 @@ export class Lock {
     if (this.released) return;
     this.released = true;
     if (this.timer) clearInterval(this.timer);
-    await this.store.delete(keys.lock(this.info.id));
+    if (!this.unwritten) await this.store.delete(keys.lock(this.info.id));
   }
 }

@@ -22,7 +22,7 @@ import {
   NAME_RE,
   TIME_RE,
 } from "./format.js";
-import { createKeyFile, keyFingerprint, openKeyFile, SCRYPT_DEFAULTS } from "./keys.js";
+import { createKeyFile, joinKeys, keyFingerprint, openKeyFile, SCRYPT_DEFAULTS } from "./keys.js";
 import { Lock, type LockKind, listLocks } from "./locks.js";
 import { type Manifest, type ManifestBlob, manifestProblem } from "./manifest.js";
 import { sealJson, unsealJson } from "./sealed-json.js";
@@ -55,6 +55,35 @@ export interface OpenOptions {
   clock?: Clock;
   /** Worker threads for the chunk codec. */
   threads?: number;
+  /** How often held locks are refreshed (default every 5 minutes; tests shorten it). */
+  lockRefreshMs?: number;
+}
+
+interface LegacyUpgrade {
+  password: string;
+  keyCreated: string;
+  cost: { N: number; r: number; p: number };
+}
+
+/** What a config claims, read before its seal can be checked (that may need the key it names). */
+function peekConfig(
+  bytes: Uint8Array,
+): { format: unknown; version: unknown; encryption: unknown; keyed: boolean } | string {
+  let doc: unknown;
+  try {
+    doc = JSON.parse(Buffer.from(bytes).toString("utf8"));
+  } catch (err) {
+    return `not valid JSON (${(err as Error).message})`;
+  }
+  if (typeof doc !== "object" || doc === null || Array.isArray(doc)) return "not an object";
+  const d = doc as Record<string, unknown>;
+  if (typeof d.seal !== "string") return "no seal";
+  return {
+    format: d.format,
+    version: d.version,
+    encryption: d.encryption,
+    keyed: d.seal.startsWith("hmac-sha256:"),
+  };
 }
 
 /** A restore point as listed: where it is and what its manifest says. */
@@ -82,6 +111,12 @@ export class Repository {
     readonly keys: CodecKeys | undefined,
     readonly clock: Clock,
     private readonly threads: number | undefined,
+    /**
+     * Set for an encrypted repository whose config is still under a plain seal (written before
+     * configs were keyed): what the next writer needs to key it.
+     */
+    private legacy: LegacyUpgrade | undefined,
+    private readonly lockRefreshMs?: number,
   ) {}
 
   get chunkSize(): number {
@@ -107,6 +142,7 @@ export class Repository {
     }
     const created = new Date(clock.now()).toISOString();
     let fingerprint: string | null = null;
+    let macKey: Buffer | undefined;
     if (options.password !== undefined) {
       const { file, keys: k } = await createKeyFile(
         options.password,
@@ -115,6 +151,7 @@ export class Repository {
       );
       await store.put(keys.key("default"), file, { durable: true });
       fingerprint = keyFingerprint(k);
+      macKey = k.macKey;
     }
     const config: RepoConfig = {
       format: "strata-repository",
@@ -126,7 +163,9 @@ export class Repository {
       keyFingerprint: fingerprint,
       created,
     };
-    await store.put(keys.config, sealJson(config), { durable: true });
+    // An encrypted repository's config is sealed with its MAC key: editing it (to say "no
+    // encryption", another chunk size or id) breaks the seal, and only the key can make a new one.
+    await store.put(keys.config, sealJson(config, macKey), { durable: true });
     return config;
   }
 
@@ -147,54 +186,106 @@ export class Repository {
         `cannot read the repository config at ${store.location}: ${String(err)}`,
       );
     }
-    const r = unsealJson<RepoConfig>(bytes);
-    if (!r.ok)
-      throw new StrataError(
-        ErrorCode.REPO_CORRUPT,
-        `repository config at ${store.location} is damaged: ${r.why}`,
-      );
-    const config = r.doc;
-    if (config.format !== "strata-repository") {
-      throw new StrataError(
-        ErrorCode.REPO_CORRUPT,
-        `${store.location} does not hold a Strata repository config`,
-      );
+    const where = store.location;
+    // The seal says how the config was written: "hmac-sha256:" under the repository's MAC key
+    // (encrypted repositories since this version), "sha256:" otherwise. What the config claims is
+    // believed only once its seal is checked with the key that the claim itself requires.
+    const peek = peekConfig(bytes);
+    if (typeof peek === "string")
+      throw new StrataError(ErrorCode.REPO_CORRUPT, `repository config at ${where} is damaged: ${peek}`);
+    if (peek.format !== "strata-repository") {
+      throw new StrataError(ErrorCode.REPO_CORRUPT, `${where} does not hold a Strata repository config`);
     }
-    if (config.version !== FORMAT_VERSION) {
+    if (peek.version !== FORMAT_VERSION) {
       throw new StrataError(
         ErrorCode.REPO_VERSION,
-        `repository at ${store.location} has format version ${config.version}; this Strata reads version ${FORMAT_VERSION}`,
+        `repository at ${where} has format version ${String(peek.version)}; this Strata reads version ${FORMAT_VERSION}`,
       );
     }
-    let codecKeys: CodecKeys | undefined;
-    if (config.encryption === "aes-256-gcm") {
-      if (options.password === undefined) {
+    const keyFile = await store.stat(keys.key("default"));
+    const encrypted = peek.keyed || peek.encryption !== "none" || keyFile !== undefined;
+    if (!encrypted) {
+      const r = unsealJson<RepoConfig>(bytes);
+      if (!r.ok)
+        throw new StrataError(ErrorCode.REPO_CORRUPT, `repository config at ${where} is damaged: ${r.why}`);
+      if (options.password !== undefined) {
         throw new StrataError(
-          ErrorCode.PASSWORD_REQUIRED,
-          `repository at ${store.location} is encrypted: give its password with --password-file or STRATA_PASSWORD`,
+          ErrorCode.PASSWORD_UNEXPECTED,
+          `repository at ${where} is not encrypted, but a password was given (--password-file or STRATA_PASSWORD): ` +
+            "refusing to store or read anything unencrypted that was meant to be encrypted; drop the password to use it",
         );
       }
-      let keyBytes: Buffer;
-      try {
-        keyBytes = await store.get(keys.key("default"));
-      } catch (err) {
-        throw new StrataError(
-          ErrorCode.REPO_CORRUPT,
-          `repository at ${store.location} has no readable key file`,
-          { cause: err },
-        );
-      }
-      codecKeys = await openKeyFile(keyBytes, options.password, `${store.location}/keys/default`);
-      if (keyFingerprint(codecKeys) !== config.keyFingerprint) {
-        throw new StrataError(
-          ErrorCode.REPO_CORRUPT,
-          `the key file does not belong to the repository at ${store.location}`,
-        );
-      }
-    } else if (config.encryption !== "none") {
-      throw new StrataError(ErrorCode.REPO_VERSION, `unknown encryption "${config.encryption}"`);
+      return new Repository(
+        store,
+        r.doc,
+        undefined,
+        options.clock ?? systemClock,
+        options.threads,
+        undefined,
+        options.lockRefreshMs,
+      );
     }
-    return new Repository(store, config, codecKeys, options.clock ?? systemClock, options.threads);
+    if (peek.encryption !== "aes-256-gcm") {
+      if (peek.encryption === "none") {
+        throw new StrataError(
+          ErrorCode.REPO_TAMPERED,
+          `repository at ${where} has a key file (keys/default) but its config says it is not encrypted: ` +
+            "the config was changed (an encrypted repository is never turned into a plain one); refusing to use it",
+        );
+      }
+      throw new StrataError(
+        ErrorCode.REPO_VERSION,
+        `unknown encryption "${String(peek.encryption)}" at ${where}`,
+      );
+    }
+    if (options.password === undefined) {
+      throw new StrataError(
+        ErrorCode.PASSWORD_REQUIRED,
+        `repository at ${where} is encrypted: give its password with --password-file or STRATA_PASSWORD`,
+      );
+    }
+    let keyBytes: Buffer;
+    try {
+      keyBytes = await store.get(keys.key("default"));
+    } catch (err) {
+      throw new StrataError(ErrorCode.REPO_CORRUPT, `repository at ${where} has no readable key file`, {
+        cause: err,
+      });
+    }
+    const opened = await openKeyFile(keyBytes, options.password, `${where}/keys/default`);
+    const codecKeys = opened.keys;
+    // A keyed seal proves the config was written by someone holding the key; a plain one is a
+    // config from before configs were keyed, accepted (and re-sealed by the next writer) only
+    // while the key file, whose flag is authenticated with the key, does not say configs are keyed.
+    if (!peek.keyed && opened.configSealed) {
+      throw new StrataError(
+        ErrorCode.REPO_TAMPERED,
+        `repository config at ${where} is not sealed with the repository key, as its key file requires: it was replaced; refusing to use it`,
+      );
+    }
+    const r = unsealJson<RepoConfig>(bytes, peek.keyed ? codecKeys.macKey : undefined);
+    if (!r.ok) {
+      throw new StrataError(
+        peek.keyed ? ErrorCode.REPO_TAMPERED : ErrorCode.REPO_CORRUPT,
+        `repository config at ${where} ${peek.keyed ? "fails its keyed seal (it was changed)" : "is damaged"}: ${r.why}`,
+      );
+    }
+    const config = r.doc;
+    if (keyFingerprint(codecKeys) !== config.keyFingerprint) {
+      throw new StrataError(
+        ErrorCode.REPO_CORRUPT,
+        `the key file does not belong to the repository at ${where}`,
+      );
+    }
+    return new Repository(
+      store,
+      config,
+      codecKeys,
+      options.clock ?? systemClock,
+      options.threads,
+      peek.keyed ? undefined : { password: options.password, keyCreated: opened.created, cost: opened.cost },
+      options.lockRefreshMs,
+    );
   }
 
   /** The worker pool for the chunk codec, started on first use. */
@@ -208,8 +299,37 @@ export class Repository {
     this.pool = undefined;
   }
 
-  lock(kind: LockKind, what: string, claim?: string): Promise<Lock> {
-    return Lock.acquire(this.store, this.clock, kind, what, claim);
+  /** Takes a lock; a writer (backup, exclusive) first seals a legacy config with the key. */
+  async lock(kind: LockKind, what: string, claim?: string): Promise<Lock> {
+    if (kind !== "read") await this.sealLegacyConfig();
+    return Lock.acquire(
+      this.store,
+      this.clock,
+      kind,
+      what,
+      claim,
+      this.lockRefreshMs === undefined ? {} : { refreshEveryMs: this.lockRefreshMs },
+    );
+  }
+
+  /**
+   * Re-seals an encrypted repository's config written before configs were keyed (plain
+   * SHA-256 seal) with the MAC key, so that from now on an edit is caught. Same document, new seal.
+   */
+  private async sealLegacyConfig(): Promise<void> {
+    const legacy = this.legacy;
+    if (!legacy || !this.keys) return;
+    // Config first: a keyed config is accepted whatever the key file says, so a crash between
+    // the two writes leaves a repository that opens.
+    await this.store.put(keys.config, sealJson(this.config, this.keys.macKey), { durable: true });
+    const { file } = await createKeyFile(
+      legacy.password,
+      legacy.keyCreated,
+      legacy.cost,
+      joinKeys(this.keys),
+    );
+    await this.store.put(keys.key("default"), file, { durable: true });
+    this.legacy = undefined;
   }
 
   /** The verified plaintext of a chunk. */
@@ -443,6 +563,7 @@ export class BackupWriter {
     digest: Buffer,
     data: Buffer,
   ): Promise<{ state: "reused"; data: Buffer } | { state: "new"; stored: number; data: Buffer }> {
+    this.lock.check();
     const hex = digest.toString("hex");
     this.compression.examined(data.length);
     if (this.present.has(hex)) return { state: "reused", data };
@@ -483,6 +604,7 @@ export class BackupWriter {
 
   /** True (and touched) when the chunk is already stored. */
   async haveChunk(digest: Buffer): Promise<boolean> {
+    this.lock.check();
     const hex = digest.toString("hex");
     if (this.present.has(hex)) return true;
     if (await this.repo.store.touch(keys.chunk(hex))) {
@@ -493,11 +615,13 @@ export class BackupWriter {
   }
 
   async writeIndex(disk: string, index: FixedIndex): Promise<void> {
+    this.lock.check();
     await this.repo.store.put(keys.index(this.vm, this.time, disk), index.encode());
   }
 
   /** Stores a blob (encrypted like a chunk) and returns its manifest entry. */
   async writeBlob(name: string, data: Buffer): Promise<ManifestBlob> {
+    this.lock.check();
     const checksum = this.repo.blobChecksum(data);
     const size = data.length;
     const { blob: stored } = await this.repo.codec().encode(Buffer.from(data));
@@ -519,6 +643,8 @@ export class BackupWriter {
       tool: "strata",
     };
     await this.repo.store.flush();
+    // The last moment to find out that gc may have taken this backup for dead.
+    this.lock.check();
     await this.repo.store.put(keys.manifest(this.vm, this.time), sealJson(full, this.repo.keys?.macKey), {
       durable: true,
     });

@@ -23,6 +23,13 @@ export const ErrorCode = {
   PASSWORD_REQUIRED: "PASSWORD_REQUIRED",
   /** The password does not open the repository's key. */
   WRONG_PASSWORD: "WRONG_PASSWORD",
+  /** A password was given for a repository that is not encrypted. */
+  PASSWORD_UNEXPECTED: "PASSWORD_UNEXPECTED",
+  /**
+   * The repository's config contradicts its key: edited, or downgraded from encrypted to plain.
+   * Nothing is written to such a repository.
+   */
+  REPO_TAMPERED: "REPO_TAMPERED",
   /** A stored object (chunk, index, manifest) failed verification. */
   DATA_CORRUPT: "DATA_CORRUPT",
   /** A stored object that should exist does not. */
@@ -35,10 +42,21 @@ export const ErrorCode = {
   TARGET_CONFLICT: "TARGET_CONFLICT",
   /** Another process holds a conflicting repository lock. */
   LOCKED: "LOCKED",
+  /**
+   * A held lock could not be refreshed (or was removed): others may take its holder for dead,
+   * so the holder stops.
+   */
+  LOCK_LOST: "LOCK_LOST",
   /** The operation was cancelled (signal, abort). */
   ABORTED: "ABORTED",
   /** No space left on a device. */
   NO_SPACE: "NO_SPACE",
+  /** The operating system refused access (EACCES, EPERM). */
+  PERMISSION_DENIED: "PERMISSION_DENIED",
+  /** A write to a read-only filesystem (EROFS). */
+  READ_ONLY: "READ_ONLY",
+  /** A read or write failed in the operating system or device (EIO and other I/O errors). */
+  IO_ERROR: "IO_ERROR",
   /** A network peer broke the protocol. */
   PROTOCOL: "PROTOCOL",
   /** An operation did not finish within its time limit. */
@@ -87,13 +105,23 @@ export function describeError(err: unknown): string {
 }
 
 /**
- * Wraps a Node system error from an I/O call with context. Disk-full becomes NO_SPACE so that
- * the message says so plainly; anything else gets `fallback`.
+ * Wraps a Node system error from an I/O call with context, naming the real cause: disk full
+ * (NO_SPACE), permission (PERMISSION_DENIED), read-only filesystem (READ_ONLY) and device errors
+ * (IO_ERROR) say so plainly; anything else gets `fallback`.
  */
 export function ioError(fallback: ErrorCode, what: string, err: unknown): StrataError {
+  if (err instanceof StrataError) return err;
   const errno = errnoCode(err);
   if (errno === "ENOSPC" || errno === "EDQUOT") {
     return new StrataError(ErrorCode.NO_SPACE, `${what}: no space left on device`, { cause: err });
   }
+  if (errno === "EACCES" || errno === "EPERM")
+    return new StrataError(ErrorCode.PERMISSION_DENIED, `${what}: permission denied (${errno})`, {
+      cause: err,
+    });
+  if (errno === "EROFS")
+    return new StrataError(ErrorCode.READ_ONLY, `${what}: read-only filesystem (EROFS)`, { cause: err });
+  if (errno === "EIO")
+    return new StrataError(ErrorCode.IO_ERROR, `${what}: input/output error (EIO)`, { cause: err });
   return new StrataError(fallback, `${what}: ${describeError(err)}`, { cause: err });
 }

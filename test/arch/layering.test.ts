@@ -25,6 +25,12 @@ const RANK: Record<string, number> = {
 /** Same-rank layers that must not see each other. */
 const SIBLINGS_APART = [["repo", "nbd"]];
 
+/**
+ * The engine speaks to platforms only through the VM adapter interface: of src/hypervisor it may
+ * import these files, never an adapter's internals (hypervisor/qemu/*, images/*, libvirt/*, pve/*).
+ */
+const ENGINE_MAY_IMPORT = new Set(["hypervisor/adapter.ts", "hypervisor/registry.ts"]);
+
 function walk(dir: string, out: string[] = []): string[] {
   for (const name of readdirSync(dir)) {
     const p = join(dir, name);
@@ -60,6 +66,13 @@ function violations(files: Array<{ path: string; text: string }>): string[] {
         continue;
       }
       const to = layerOf(target);
+      const toPath = relative(src, target).split(sep).join("/").replace(/\.js$/, ".ts");
+      if (from === "engine" && to === "hypervisor" && !ENGINE_MAY_IMPORT.has(toPath)) {
+        out.push(
+          `${relative(root, file)} (engine) imports ${spec}: the engine may use only hypervisor/adapter.ts and registry.ts`,
+        );
+        continue;
+      }
       if (to === from) continue;
       const apart = SIBLINGS_APART.some((pair) => pair.includes(from) && pair.includes(to));
       if (RANK[to]! >= RANK[from]! || apart)
@@ -85,4 +98,24 @@ test("the check reports upward, sibling and outside imports", () => {
     f("engine", 'import { Repo } from "../repo/repository.js";\nimport { z } from "./own.js";'),
   ]);
   assert.equal(found.length, 4, found.join("\n"));
+});
+
+test("the engine reaches platforms only through the adapter interface", () => {
+  const f = (path: string, text: string) => ({ path: join(src, path), text });
+  const found = violations([
+    f("engine/a.ts", 'import type { VmHandle } from "../hypervisor/adapter.js";'),
+    f("engine/b.ts", 'import { AdapterRegistry } from "../hypervisor/registry.js";'),
+    f("engine/c.ts", 'import { openQemuSession } from "../hypervisor/qemu/session.js";'),
+    f("engine/d.ts", 'import { parseFileSpecs } from "../hypervisor/images/index.js";'),
+    f("engine/sub/e.ts", 'export { LibvirtAdapter } from "../../hypervisor/libvirt/adapter.js";'),
+    f("engine/f.ts", 'const pve = await import("../hypervisor/pve/adapter.js");'),
+    // The CLI's composition root may.
+    f("cli/adapters.ts", 'import { QemuAdapter } from "../hypervisor/qemu/adapter.js";'),
+  ]);
+  assert.equal(found.length, 4, found.join("\n"));
+  for (const x of ["engine/c.ts", "engine/d.ts", "engine/sub/e.ts", "engine/f.ts"])
+    assert.ok(
+      found.some((v) => v.startsWith(`src/${x} (engine) imports`)),
+      `${x} is reported:\n${found.join("\n")}`,
+    );
 });

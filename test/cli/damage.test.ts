@@ -155,7 +155,8 @@ test("bad input gets one clear line and a non-zero exit", async (t) => {
   assert.ok(oneLine(trunc.stderr));
   await fs.writeFile(config, good.replace('"chunkSize": 65536', '"chunkSize": 65537'));
   const changed = await strata(["snapshots", "--repo", repo], { env });
-  assert.match(changed.stderr, /config .* is damaged: checksum mismatch/);
+  // An encrypted repository's config is sealed with its key: a changed byte breaks that seal.
+  assert.match(changed.stderr, /config .* fails its keyed seal \(it was changed\): checksum mismatch/);
 });
 
 test("init refuses an existing repository; --help teaches", async (t) => {

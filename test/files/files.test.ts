@@ -188,6 +188,8 @@ test("files get restores an ext4 tree exactly: bytes, modes, owners, times, syml
     "--to",
     out,
     "--json",
+    ...(isRoot ? ["--same-owner"] : []),
+    "--keep-setuid",
   ]);
   const s = json<Record<string, number>>(r.stdout.trim().split("\n").at(-1)!);
   assert.equal(s.type as unknown, "summary");

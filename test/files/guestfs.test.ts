@@ -180,6 +180,9 @@ const ready = () => {
   return built;
 };
 
+/** Files get the guest's owners only when asked (and when root). */
+const sameOwner = isRoot ? ["--same-owner"] : [];
+
 /** The tree the LVM and Btrfs volumes hold: contents, a symlink, modes, and owners when root. */
 async function assertUnixTree(out: string, greeting: string): Promise<void> {
   assert.equal(await fs.readFile(join(out, "hello.txt"), "utf8"), greeting);
@@ -336,7 +339,20 @@ describe("Btrfs, NTFS and LVM through libguestfs", { concurrency: 2 }, () => {
     const out = join(tempDir(t, "strata-fsvol-out-"), "lv");
     const s = summary<Record<string, unknown>>(
       await strataOk(
-        ["files", "get", "--repo", repo, "x/latest", "/", "--disk", "vg0/root", "--to", out, "--json"],
+        [
+          "files",
+          "get",
+          "--repo",
+          repo,
+          "x/latest",
+          "/",
+          "--disk",
+          "vg0/root",
+          "--to",
+          out,
+          "--json",
+          ...sameOwner,
+        ],
         scoped(tmp),
       ),
     );
@@ -352,7 +368,20 @@ describe("Btrfs, NTFS and LVM through libguestfs", { concurrency: 2 }, () => {
     const out = join(tempDir(t, "strata-fsvol-out-"), "btrfs");
     const s = summary<Record<string, unknown>>(
       await strataOk(
-        ["files", "get", "--repo", repo, "x/latest", "/", "--disk", "data:1", "--to", out, "--json"],
+        [
+          "files",
+          "get",
+          "--repo",
+          repo,
+          "x/latest",
+          "/",
+          "--disk",
+          "data:1",
+          "--to",
+          out,
+          "--json",
+          ...sameOwner,
+        ],
         scoped(tmp),
       ),
     );

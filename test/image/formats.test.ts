@@ -22,7 +22,7 @@ test("raw, qcow2, vmdk, vhdx, vpc and vdi images restore identical to qemu-img's
   for (const f of formats) {
     const p = join(dir, `src.${f}`);
     await runProgram("qemu-img", ["convert", "-f", "raw", "-O", f, raw, p]);
-    sources.push(`file:${p},name=${f}`);
+    sources.push(`file:${p},name=${f},format=${f}`);
   }
   const b = summary(await strataOk(["backup", "--repo", repo, "--vm", "fmt", "--json", ...sources]));
   const out = join(dir, "out");
@@ -53,7 +53,7 @@ test("a 64 GiB sparse image with 100 MiB of data reads only its data", async (t)
   await fh.close();
   const qcow = join(dir, "big.qcow2");
   await runProgram("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", raw, qcow]);
-  for (const src of [raw, qcow]) {
+  for (const src of [raw, `${qcow},format=qcow2`]) {
     const b = summary(await strataOk(["backup", "--repo", repo, "--vm", "sparse", "--json", `file:${src}`]));
     assert.equal(b.size, 64 * 1024 * MiB);
     // 100 regions of 1 MiB, each touching at most two 4 MiB chunks.
@@ -69,7 +69,7 @@ test("a 64 GiB sparse image with 100 MiB of data reads only its data", async (t)
   assert.match(cmp, /Images are identical/);
 });
 
-test("an image a running VM holds open is refused; a stated format is not probed", async (t) => {
+test("an image a running VM holds open is refused; an overlay is refused, read as raw unless stated", async (t) => {
   const dir = tempDir(t);
   const repo = join(dir, "repo");
   await strataOk(["init", "--repo", repo]);
@@ -78,19 +78,22 @@ test("an image a running VM holds open is refused; a stated format is not probed
   // A writable qemu-storage-daemon stands in for the VM: it takes the same image locks QEMU does.
   const vm = await StorageDaemon.start([{ path: img, format: "qcow2", name: "busy", writable: true }]);
   t.after(() => vm.stop());
-  const r = await strata(["backup", "--repo", repo, "--vm", "busy", `file:${img}`]);
+  const r = await strata(["backup", "--repo", repo, "--vm", "busy", `file:${img},format=qcow2`]);
   assert.equal(r.code, 1);
   assert.match(r.stderr, /in use by a running VM/);
   await vm.stop();
-  await strataOk(["backup", "--repo", repo, "--vm", "busy", `file:${img}`]);
+  await strataOk(["backup", "--repo", repo, "--vm", "busy", `file:${img},format=qcow2`]);
 
-  // An overlay with a backing file must name its format: a probed one is refused.
+  // An overlay refers to its backing file: refused as qcow2; without a format it is read as raw
+  // (its own bytes, header included), with a warning.
   const overlay = join(dir, "overlay.qcow2");
   await runProgram("qemu-img", ["create", "-f", "qcow2", "-b", img, "-F", "qcow2", overlay]);
-  const probed = await strata(["backup", "--repo", repo, "--vm", "ov", `file:${overlay}`]);
-  assert.equal(probed.code, 2);
-  assert.match(probed.stderr, /state its format/);
-  await strataOk(["backup", "--repo", repo, "--vm", "ov", `file:${overlay},format=qcow2`]);
+  const stated = await strata(["backup", "--repo", repo, "--vm", "ov", `file:${overlay},format=qcow2`]);
+  assert.equal(stated.code, 1);
+  assert.match(stated.stderr, /refers to another file: a backing file/);
+  const raw = await strataOk(["backup", "--repo", repo, "--vm", "ov", "--json", `file:${overlay}`]);
+  assert.match(raw.stderr, /begins like a qcow2 image but is read as raw/);
+  assert.equal(summary(raw).size, (await fs.stat(overlay)).size);
   const badFormat = await strata(["backup", "--repo", repo, "--vm", "ov", `file:${overlay},format=qcow3`]);
   assert.equal(badFormat.code, 2);
 });

@@ -109,8 +109,12 @@ export interface Served {
 }
 
 /** Starts `strata serve --json ...args` and waits for its ready line; killed after the test if still running. */
-export async function startServe(t: TestContext, args: string[]): Promise<Served> {
-  const child = startStrata(["serve", "--json", ...args]);
+export async function startServe(
+  t: TestContext,
+  args: string[],
+  env?: Record<string, string | undefined>,
+): Promise<Served> {
+  const child = startStrata(["serve", "--json", ...args], env === undefined ? {} : { env });
   let stdout = "";
   let stderr = "";
   child.stdout!.on("data", (d: Buffer) => {
@@ -154,4 +158,108 @@ export function serveSummary(stdout: string): {
 } {
   const lines = stdout.trim().split("\n");
   return JSON.parse(lines[lines.length - 1]!);
+}
+
+export interface TlsFiles {
+  /** The server's files: --tls-cert, --tls-key, --tls-ca. */
+  serverArgs: string[];
+  /** A client directory as QEMU's tls-creds-x509 (and libnbd's tls-certificates) want it. */
+  client: string;
+  /** The CA certificate alone: a client with no certificate of its own. */
+  noCert: string;
+  /** A client certificate signed by another CA. */
+  otherCa: string;
+}
+
+/** A test CA, a server certificate for 127.0.0.1 and client certificates, made with openssl. */
+export async function makeTlsFiles(dir: string): Promise<TlsFiles> {
+  const key = (path: string) =>
+    tool("openssl", [
+      "genpkey",
+      "-algorithm",
+      "EC",
+      "-pkeyopt",
+      "ec_paramgen_curve:prime256v1",
+      "-out",
+      path,
+    ]);
+  const ca = async (name: string) => {
+    await key(join(dir, `${name}-key.pem`));
+    await tool("openssl", [
+      "req",
+      "-x509",
+      "-new",
+      "-key",
+      join(dir, `${name}-key.pem`),
+      "-out",
+      join(dir, `${name}-cert.pem`),
+      "-days",
+      "2",
+      "-subj",
+      `/CN=${name}`,
+    ]);
+  };
+  const sign = async (name: string, caName: string, outDir: string, ext: string) => {
+    const k = join(outDir, `${name}-key.pem`);
+    await key(k);
+    const csr = join(dir, `${name}-${caName}.csr`);
+    await tool("openssl", ["req", "-new", "-key", k, "-out", csr, "-subj", `/CN=strata-test-${name}`]);
+    const extFile = join(dir, `${name}-${caName}.ext`);
+    await fs.writeFile(
+      extFile,
+      `${ext}\nkeyUsage=digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n`,
+    );
+    await tool("openssl", [
+      "x509",
+      "-req",
+      "-in",
+      csr,
+      "-CA",
+      join(dir, `${caName}-cert.pem`),
+      "-CAkey",
+      join(dir, `${caName}-key.pem`),
+      "-CAcreateserial",
+      "-out",
+      join(outDir, `${name}-cert.pem`),
+      "-days",
+      "2",
+      "-extfile",
+      extFile,
+    ]);
+  };
+  await ca("ca");
+  await ca("other-ca");
+  await sign("server", "ca", dir, "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth");
+  const client = join(dir, "client");
+  const noCert = join(dir, "no-cert");
+  const otherCa = join(dir, "other-ca-client");
+  for (const d of [client, noCert, otherCa]) {
+    await fs.mkdir(d);
+    await fs.copyFile(join(dir, "ca-cert.pem"), join(d, "ca-cert.pem"));
+  }
+  await sign("client", "ca", client, "extendedKeyUsage=clientAuth");
+  await sign("client", "other-ca", otherCa, "extendedKeyUsage=clientAuth");
+  return {
+    serverArgs: [
+      "--tls-cert",
+      join(dir, "server-cert.pem"),
+      "--tls-key",
+      join(dir, "server-key.pem"),
+      "--tls-ca",
+      join(dir, "ca-cert.pem"),
+    ],
+    client,
+    noCert,
+    otherCa,
+  };
+}
+
+/** qemu-img arguments that open `exportName` at 127.0.0.1:`port` over TLS with the client files in `dir`. */
+export function qemuTlsArgs(dir: string, port: number, exportName: string): string[] {
+  return [
+    "--object",
+    `tls-creds-x509,id=tls0,dir=${dir},endpoint=client`,
+    "--image-opts",
+    `driver=nbd,host=127.0.0.1,port=${port},export=${exportName},tls-creds=tls0`,
+  ];
 }

@@ -10,7 +10,9 @@ import { strata, strataOk, tempDir } from "../helpers/cli.js";
 import {
   backedUpImage,
   CHUNK,
+  makeTlsFiles,
   offsetOfDigest,
+  qemuTlsArgs,
   runTool,
   serveSummary,
   startServe,
@@ -181,11 +183,16 @@ test("serve over TCP exports every disk, or the one asked for; holds a read lock
   await writeSyntheticImage(c, { size: 3 * 1024 * 1024, seed: "c", runSize: 128 * 1024 });
   await strataOk(["backup", "--repo", repo, "--vm", "vm2", `file:${a},name=sys`, `file:${c},name=data`]);
 
-  const s = await startServe(t, ["--repo", repo, "vm2/latest", "--port", "0"]);
+  const tls = await makeTlsFiles(dir);
+  const s = await startServe(t, ["--repo", repo, "vm2/latest", "--port", "0", ...tls.serverArgs]);
   const port = s.ready.port!;
   assert.ok(port > 0);
   assert.deepEqual(s.ready.exports.map((e) => e.name).sort(), ["data", "sys"]);
-  const list = await tool("nbdinfo", ["--list", "--json", `nbd://127.0.0.1:${port}`]);
+  const list = await tool("nbdinfo", [
+    "--list",
+    "--json",
+    `nbds://127.0.0.1:${port}?tls-certificates=${tls.client}`,
+  ]);
   const listed = (JSON.parse(list) as { exports: Array<{ "export-name": string; "export-size": number }> })
     .exports;
   assert.deepEqual(listed.map((e) => [e["export-name"], e["export-size"]]).sort(), [
@@ -194,9 +201,7 @@ test("serve over TCP exports every disk, or the one asked for; holds a read lock
   ]);
   await tool("qemu-img", [
     "convert",
-    "-f",
-    "raw",
-    `nbd://127.0.0.1:${port}/data`,
+    ...qemuTlsArgs(tls.client, port, "data"),
     "-O",
     "raw",
     join(dir, "d.raw"),
@@ -208,7 +213,16 @@ test("serve over TCP exports every disk, or the one asked for; holds a read lock
   assert.equal((await s.stop()).code, 0);
   await strataOk(["gc", "--repo", repo]);
 
-  const one = await startServe(t, ["--repo", repo, "vm2/latest", "--port", "0", "--disk", "sys"]);
+  const one = await startServe(t, [
+    "--repo",
+    repo,
+    "vm2/latest",
+    "--port",
+    "0",
+    "--disk",
+    "sys",
+    ...tls.serverArgs,
+  ]);
   assert.deepEqual(
     one.ready.exports.map((e) => e.name),
     ["sys"],
@@ -225,8 +239,7 @@ test("serve refuses clearly: missing restore point or disk, socket in a missing 
     [["nosuch/latest", "--socket", sock], 1, /no restore points of VM "nosuch"/],
     [[b.id, "--disk", "nope", "--socket", sock], 1, /has no disk "nope"/],
     [[b.id, "--socket", join(dir, "missing", "s.sock")], 2, /socket directory .*missing does not exist/],
-    [[b.id], 2, /exactly one of --socket PATH or --port N/],
-    [[b.id, "--socket", sock, "--port", "1"], 2, /exactly one of --socket PATH or --port N/],
+    [[b.id, "--socket", sock, "--port", "1"], 2, /one of --socket PATH or --port N, not both/],
   ];
   for (const [args, code, message] of cases) {
     const r = await strata(["serve", "--repo", b.repo, ...args]);

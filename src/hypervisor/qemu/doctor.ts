@@ -9,20 +9,13 @@
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
 import { processAlive } from "../../util/process.js";
+import type { Finding } from "../adapter.js";
 import { names, release } from "./live.js";
 import { QgaClient } from "./qga.js";
 import { QmpClient } from "./qmp.js";
 import { StateRecord } from "./state.js";
 
-export interface Finding {
-  vm: string;
-  /** "strata" for our leftovers, "foreign" for what other tools left. */
-  owner: "strata" | "foreign";
-  what: string;
-  /** Bytes it holds, where known. */
-  bytes?: number;
-  fixed: boolean;
-}
+export type { Finding };
 
 interface BlockEntry {
   device: string;
@@ -233,4 +226,18 @@ export async function strayFiles(stateDir: string, fix: boolean): Promise<Findin
     });
   }
   return out;
+}
+
+/**
+ * Every unfinished run recorded in `stateDir` (each VM inspected through the QMP socket its record
+ * names), and the stray files there.
+ */
+export async function stateDirLeftovers(stateDir: string, fix: boolean): Promise<Finding[]> {
+  const findings: Finding[] = [];
+  for (const r of await StateRecord.all(stateDir)) {
+    const t: DoctorTarget = { vm: r.data.vm, qmp: r.data.qmp, ...(r.data.qga ? { qga: r.data.qga } : {}) };
+    findings.push(...(await inspectVm(t, fix, stateDir)));
+  }
+  findings.push(...(await strayFiles(stateDir, fix)));
+  return findings;
 }

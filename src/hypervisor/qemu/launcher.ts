@@ -14,9 +14,10 @@
  * otherwise (see {@link chooseAccelerator}). The choice and its reason are on the handle.
  */
 import { type ChildProcess, spawn } from "node:child_process";
-import { constants, createWriteStream } from "node:fs";
-import { access, mkdir, open, readFile, writeFile } from "node:fs/promises";
+import { createWriteStream } from "node:fs";
+import { mkdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { type Accelerator, type AcceleratorChoice, chooseAccelerator } from "../../util/accel.js";
 import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
 import { QgaClient, type QgaOptions } from "./qga.js";
 import { QmpClient } from "./qmp.js";
@@ -39,12 +40,7 @@ export interface DiskSpec {
   bootIndex?: number;
 }
 
-export type Accelerator = "kvm" | "tcg";
-
-export interface AcceleratorChoice {
-  accel: Accelerator;
-  reason: string;
-}
+export { type Accelerator, type AcceleratorChoice, chooseAccelerator } from "../../util/accel.js";
 
 export interface LaunchOptions {
   /** Directory for sockets, logs and the recorded command line (created if missing). */
@@ -65,35 +61,6 @@ export interface LaunchOptions {
   qemuBinary?: string;
   /** Appended to the generated arguments. */
   extraArgs?: string[];
-}
-
-/** Decides between KVM and TCG from /proc/cpuinfo and /dev/kvm. */
-export async function chooseAccelerator(
-  cpuinfoPath = "/proc/cpuinfo",
-  kvmPath = "/dev/kvm",
-): Promise<AcceleratorChoice> {
-  let cpuinfo = "";
-  try {
-    cpuinfo = await readFile(cpuinfoPath, "utf8");
-  } catch (err) {
-    return { accel: "tcg", reason: `cannot read ${cpuinfoPath}: ${describeError(err)}` };
-  }
-  const flags = /^flags\s*:(.*)$/m.exec(cpuinfo)?.[1]?.split(/\s+/) ?? [];
-  const virt = flags.find((f) => f === "vmx" || f === "svm");
-  if (!virt) {
-    return {
-      accel: "tcg",
-      reason: `CPU has neither vmx nor svm (${kvmPath} may exist but cannot run stock guests)`,
-    };
-  }
-  try {
-    await access(kvmPath, constants.R_OK | constants.W_OK);
-    const fh = await open(kvmPath, "r+");
-    await fh.close();
-  } catch (err) {
-    return { accel: "tcg", reason: `CPU has ${virt} but ${kvmPath} is not usable: ${describeError(err)}` };
-  }
-  return { accel: "kvm", reason: `CPU has ${virt} and ${kvmPath} opens read-write` };
 }
 
 /** QEMU's option syntax doubles commas inside values. */

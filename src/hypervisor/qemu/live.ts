@@ -11,9 +11,11 @@
  *  3. `nbd-server-start` on a private unix socket, one read-only `block-export-add` per disk with
  *     the temporary bitmap, read as `qemu:dirty-bitmap:strata-tmp`.
  *
- * finish() tears down in order: export, NBD server, job, fleecing node and file, temporary
- * bitmap; on success the previous checkpoint bitmap goes, on failure the new one does and the
- * previous one (still recording) keeps every change for the next run. Every item is recorded in
+ * The view outlives the QMP connection that cut it: exports, jobs and nodes belong to QEMU, not
+ * to the monitor session, so the caller closes QMP while it reads (session.ts). release() tears
+ * down in order: export, NBD server, job, fleecing node and file, temporary bitmap; on success
+ * the previous checkpoint bitmap goes, on failure the new one does and the previous one (still
+ * recording) keeps every change for the next run. Every item is recorded in
  * the state file before it is created (state.ts), so a crash leaves a list for `strata doctor`.
  */
 import { promises as fs } from "node:fs";
@@ -79,7 +81,10 @@ export const names = {
 };
 
 function diskName(e: QueryBlockEntry): string {
-  const qdev = /\/machine\/peripheral\/([^/]+)/.exec(e.qdev ?? "")?.[1];
+  // `qdev` is the device's id when the device itself holds the drive (scsi-hd, ide-hd: "scsi0"),
+  // or its QOM path when a child does (virtio-blk: "/machine/peripheral/vblk0/virtio-backend").
+  const q = e.qdev ?? "";
+  const qdev = q.startsWith("/") ? /^\/machine\/peripheral\/([^/]+)/.exec(q)?.[1] : q || undefined;
   const raw = e.device !== "" ? e.device.replace(/^drive-/, "") : (qdev ?? e.inserted!["node-name"]);
   return raw.replace(/[^A-Za-z0-9._-]/g, "_").replace(/^[^A-Za-z0-9]+/, "") || "disk";
 }
@@ -122,7 +127,8 @@ export async function listDisks(qmp: QmpClient): Promise<LiveDisk[]> {
   return out;
 }
 
-export interface VmConfig {
+/** A type, not an interface: it is a VmConfigDocument (adapter.ts) as it stands. */
+export type VmConfig = {
   kind: "qemu";
   name: string | null;
   uuid: string | null;
@@ -134,7 +140,7 @@ export interface VmConfig {
   firmware: string | null;
   /** QEMU's command line, when the process could be found on this host. */
   commandLine: string[] | null;
-}
+};
 
 /** The QEMU process that listens on `qmpSocket`, found through /proc (same host only). */
 export async function findQemuProcess(
@@ -252,7 +258,6 @@ export interface PointInTimeView {
   /** How long the guest was frozen or paused around the cut, ms. */
   quiescedMs: number;
   frozen: number;
-  finish(success: boolean): Promise<void>;
 }
 
 /** Runs `fn` with `item` recorded before and struck off after. */
@@ -266,12 +271,6 @@ export async function cutView(o: CutOptions): Promise<PointInTimeView> {
   const socket = join(o.workDir, `strata-nbd-${o.vm}.sock`);
   if (socket.length > 107)
     throw new StrataError(ErrorCode.USAGE, `state directory path too long for a socket: ${socket}`);
-  let done = false;
-  const finish = async (success: boolean) => {
-    if (done) return;
-    done = true;
-    await release(qmp, o.qga, record, o.log, { success, previous: o.previous, disks: o.disks });
-  };
   try {
     await fs.mkdir(o.workDir, { recursive: true });
     // The fleecing images hold the old data of every block the guest overwrites during the
@@ -342,7 +341,9 @@ export async function cutView(o: CutOptions): Promise<PointInTimeView> {
     const { consistency, quiescedMs, frozen } = await quiesced(o, () =>
       qmp.execute("transaction", { actions }),
     );
-    // 3. Exports.
+    // 3. Exports. QEMU removes its socket when the server stops; if QEMU dies first, the socket
+    // file stays: it is recorded, so that release() removes it either way.
+    await record.add({ kind: "file", path: socket });
     await tracked(record, { kind: "nbd-server" }, async () => {
       await fs.rm(socket, { force: true });
       await qmp
@@ -374,9 +375,11 @@ export async function cutView(o: CutOptions): Promise<PointInTimeView> {
         ...(hasPrev ? { dirtyContext: `qemu:dirty-bitmap:${names.tmpBitmap}` } : {}),
       });
     }
-    return { consistency, exports, quiescedMs, frozen, finish };
+    return { consistency, exports, quiescedMs, frozen };
   } catch (err) {
-    await finish(false).catch((e: unknown) => o.log(`cleanup after a failed cut: ${String(e)}`));
+    await release(qmp, o.qga, record, o.log, { success: false }).catch((e: unknown) =>
+      o.log(`cleanup after a failed cut: ${String(e)}`),
+    );
     throw err;
   }
 }

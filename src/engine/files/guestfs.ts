@@ -29,8 +29,7 @@ import { createReadStream, existsSync, promises as fs } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
-import { chooseAccelerator } from "../hypervisor/qemu/launcher.js";
-import type { FsType } from "../image/fs-detect.js";
+import type { FsType } from "../../image/fs-detect.js";
 import {
   type FileSystemReader,
   type FsEntry,
@@ -39,10 +38,11 @@ import {
   normalPath,
   notFound,
   READ_PIECE,
-} from "../image/fs-types.js";
-import type { Repository, SnapshotRef } from "../repo/repository.js";
-import { ErrorCode, StrataError } from "../util/errors.js";
-import { type RunningServe, serveRestorePoint } from "./serve.js";
+} from "../../image/fs-types.js";
+import type { Repository, SnapshotRef } from "../../repo/repository.js";
+import { chooseAccelerator } from "../../util/accel.js";
+import { ErrorCode, StrataError } from "../../util/errors.js";
+import { type RunningServe, serveRestorePoint } from "../serve.js";
 
 /** Filesystem types read through libguestfs when it is installed. */
 export const GUESTFS_TYPES: ReadonlySet<FsType> = new Set(["xfs", "btrfs", "ntfs"]);
@@ -206,7 +206,8 @@ export class GuestfishReader implements FileSystemReader {
     return this.entry(p, st);
   }
 
-  async list(path: string): Promise<FsEntry[]> {
+  async list(path: string, signal?: AbortSignal): Promise<FsEntry[]> {
+    signal?.throwIfAborted();
     const p = normalPath(path);
     const names = (await this.fishPath(p, ["ls", p]))
       .split("\n")

@@ -1,6 +1,29 @@
-/** A disk read over NBD as the engine's DiskSource: data, allocation, and changes from a bitmap context. */
-import { BASE_ALLOCATION, NbdClient, StateFlag } from "../nbd/index.js";
-import type { DataExtent, DiskSource } from "./backup.js";
+/**
+ * A disk read over NBD as a block source (structurally the engine's DiskSource and the adapter
+ * interface's SessionDisk): data, allocation from `base:allocation`, and the changes since a
+ * restore point from a `qemu:dirty-bitmap:NAME` context. Hypervisor adapters build their backup
+ * sessions' disks with it (QEMU's own NBD exports, qemu-storage-daemon).
+ */
+import { NbdClient } from "./client.js";
+import { BASE_ALLOCATION, StateFlag } from "./protocol.js";
+
+/** A run of a disk; `zero` when it reads as zeros (or, for changes, when it is unchanged). */
+export interface NbdExtent {
+  offset: number;
+  length: number;
+  zero: boolean;
+}
+
+/** The disk as a block source. */
+export interface NbdDisk {
+  name: string;
+  source: string;
+  size: number;
+  read(offset: number, length: number, into?: Buffer): Promise<Buffer>;
+  allocation(): Promise<NbdExtent[]>;
+  changes?: { since: string; extents(): Promise<NbdExtent[]> };
+  fullReadReason?: string;
+}
 
 export interface NbdDiskOptions {
   socket: string;
@@ -14,19 +37,19 @@ export interface NbdDiskOptions {
 }
 
 /** Connects and returns the source with its client (close the client when done). */
-export async function openNbdDisk(o: NbdDiskOptions): Promise<{ disk: DiskSource; client: NbdClient }> {
+export async function openNbdDisk(o: NbdDiskOptions): Promise<{ disk: NbdDisk; client: NbdClient }> {
   const contexts = [BASE_ALLOCATION, ...(o.dirty ? [o.dirty.context] : [])];
   const client = await NbdClient.connect(
     { path: o.socket },
     { exportName: o.exportName, metaContexts: contexts },
   );
-  const extents = async (context: string, zero: (flags: number) => boolean): Promise<DataExtent[]> =>
+  const extents = async (context: string, zero: (flags: number) => boolean): Promise<NbdExtent[]> =>
     (await client.blockStatus(0, client.size, context)).map((e) => ({
       offset: e.offset,
       length: e.length,
       zero: zero(e.flags),
     }));
-  const disk: DiskSource = {
+  const disk: NbdDisk = {
     name: o.name,
     source: o.source,
     size: client.size,

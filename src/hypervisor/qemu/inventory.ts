@@ -1,5 +1,6 @@
 /**
- * The VM inventory: names → how to reach them, so that `strata backup vm:NAME` works.
+ * The VM inventory of the qemu adapter: names → how to reach them, so that `strata backup vm:NAME`
+ * works. An entry's mode and quiesce become the resolved handle's defaults (the command line wins).
  *
  *   # /etc/strata/vms.yaml
  *   vms:
@@ -11,8 +12,8 @@
  */
 import { readFileSync } from "node:fs";
 import { parse } from "yaml";
-import { checkName } from "../repo/repository.js";
-import { ErrorCode, StrataError } from "../util/errors.js";
+import { checkName } from "../../repo/repository.js";
+import { ErrorCode, StrataError } from "../../util/errors.js";
 
 export interface InventoryEntry {
   qmp: string;

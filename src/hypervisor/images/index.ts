@@ -1,7 +1,12 @@
 /**
- * The "files" adapter: disk images and block devices named on the command line as
- * `file:PATH[,name=DISK][,format=FMT]`. No hypervisor is involved; Strata can't tell how the
+ * Image files and block devices named on the command line as `file:PATH[,name=DISK][,format=FMT]`:
+ * parsing the specs and opening them as block sources (the image-file adapter, adapter.ts, makes a
+ * backup session of them). No hypervisor is involved; Strata can't tell how the
  * VM left the disks, so such restore points are recorded as crash-consistent.
+ *
+ * An image is read as raw unless `format=` says otherwise: never probed, since a guest that
+ * writes an image header into its raw disk must not choose how the host reads it (see
+ * image/image-safety.ts, which also refuses images that refer to other files).
  *
  * Raw files are read directly with positioned reads (fastest), skipping holes found with
  * SEEK_DATA/SEEK_HOLE (qemu-img map). Block devices are read whole (zero chunks are still never
@@ -12,7 +17,8 @@
  */
 import { promises as fs } from "node:fs";
 import { basename } from "node:path";
-import { imageInfo, imageMap } from "../../image/qemu-img.js";
+import { vetImageSource } from "../../image/image-safety.js";
+import { imageMap } from "../../image/qemu-img.js";
 import { RawFileSource } from "../../image/raw-file.js";
 import { StorageDaemon } from "../../image/storage-daemon.js";
 import { BASE_ALLOCATION, NbdClient, StateFlag } from "../../nbd/index.js";
@@ -29,7 +35,7 @@ interface DataExtent {
 export interface FileSpec {
   path: string;
   name: string;
-  /** Image format as the user stated it; probed when absent. */
+  /** Image format as the user stated it; raw when absent (never probed: the guest writes the image). */
   format?: string;
 }
 
@@ -120,7 +126,7 @@ async function openRaw(spec: FileSpec, withMap: boolean): Promise<OpenedDisk> {
 }
 
 async function openViaNbd(spec: FileSpec, format: string): Promise<OpenedDisk> {
-  const daemon = await StorageDaemon.start([{ path: spec.path, format, name: spec.name }]);
+  const daemon = await StorageDaemon.start([{ path: spec.path, format, name: spec.name, noBacking: true }]);
   try {
     const client = await NbdClient.connect(
       { path: daemon.socket },
@@ -149,40 +155,33 @@ async function openViaNbd(spec: FileSpec, format: string): Promise<OpenedDisk> {
   }
 }
 
-async function openOne(spec: FileSpec): Promise<OpenedDisk> {
+async function openOne(spec: FileSpec, warn: (message: string) => void): Promise<OpenedDisk> {
   let st: import("node:fs").Stats;
   try {
     st = await fs.stat(spec.path);
   } catch (err) {
     throw ioError(ErrorCode.SOURCE_UNREADABLE, `cannot open source ${spec.path}`, err);
   }
-  if (st.isBlockDevice()) {
-    if (spec.format !== undefined && spec.format !== "raw") return openViaNbd(spec, spec.format);
-    return openRaw(spec, false);
-  }
-  if (!st.isFile())
+  if (!st.isFile() && !st.isBlockDevice())
     throw new StrataError(
       ErrorCode.SOURCE_UNREADABLE,
       `source ${spec.path} is neither a file nor a block device`,
     );
-  const info = await imageInfo(spec.path, spec.format === undefined ? {} : { format: spec.format });
-  if (spec.format === undefined && info.format !== "raw" && info.backingFile !== undefined) {
-    // A raw disk whose guest wrote an image header would probe as that format and could make
-    // QEMU read a host file as its backing file: demand the format be stated.
-    throw new StrataError(
-      ErrorCode.USAGE,
-      `source ${spec.path} looks like ${info.format} with backing file ${info.backingFile}: state its format (file:${spec.path},format=${info.format}) to back up the whole chain`,
-    );
-  }
-  if (info.format === "raw") return openRaw(spec, true);
-  return openViaNbd(spec, info.format);
+  const { format } = await vetImageSource(spec.path, spec.format, warn);
+  // Block devices are read whole (no hole map); zero chunks are still never stored.
+  if (format === "raw") return openRaw(spec, st.isFile());
+  return openViaNbd(spec, format);
 }
 
 /** Opens every file source; closes what it opened if one fails. */
-export async function openFileDisks(specs: readonly FileSpec[]): Promise<OpenedDisk[]> {
+export async function openFileDisks(
+  specs: readonly FileSpec[],
+  options: { warn?: (message: string) => void } = {},
+): Promise<OpenedDisk[]> {
   const opened: OpenedDisk[] = [];
+  const warn = options.warn ?? (() => {});
   try {
-    for (const s of specs) opened.push(await openOne(s));
+    for (const s of specs) opened.push(await openOne(s, warn));
     return opened;
   } catch (err) {
     await Promise.all(opened.map((d) => d.close()));
