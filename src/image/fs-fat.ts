@@ -83,6 +83,9 @@ export class FatReader implements FileSystemReader {
     this.clusters = Math.floor((total * this.bps - this.dataStart) / this.clusterSize);
     this.bits = this.clusters < 4085 ? 12 : this.clusters < 65525 ? 16 : 32;
     this.rootCluster = this.bits === 32 ? bs.readUInt32LE(44) : 0;
+    // The FAT type follows from the count the boot sector declares; only clusters that lie inside
+    // the partition can be read (a volume cut short, or a boot sector that lies).
+    this.clusters = Math.min(this.clusters, Math.floor((source.size - this.dataStart) / this.clusterSize));
     if (this.clusters <= 0 || this.dataStart > source.size)
       throw new StrataError(
         ErrorCode.DATA_CORRUPT,

@@ -114,8 +114,12 @@ export async function readPartitionTable(disk: ByteSource): Promise<PartitionTab
     if (e.type === 0 || e.count === 0) continue;
     partitions.push(mbrPartition(i + 1, e.type, e.lba, e.count, disk.size));
     if (EXTENDED.has(e.type)) {
-      for (const l of await readLogical(disk, e.lba))
-        partitions.push(mbrPartition(next++, l.type, l.lba, l.count, disk.size));
+      for (const l of await readLogical(disk, e.lba)) {
+        // As Linux does, a logical partition that starts beyond the disk keeps its number but is
+        // left out.
+        const number = next++;
+        if (l.lba < sectors) partitions.push(mbrPartition(number, l.type, l.lba, l.count, disk.size));
+      }
     }
   }
   return { scheme: "mbr", partitions };
