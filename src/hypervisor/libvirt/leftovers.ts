@@ -37,8 +37,13 @@ async function checkpointBytes(virsh: Virsh, domain: string, name: string): Prom
 export async function findLeftovers(virsh: Virsh, stateDir: string, fix: boolean): Promise<Finding[]> {
   const out: Finding[] = [];
   const live = new Set<string>();
+  /** Domains with a record, and the checkpoints records name (never committed: not a base). */
+  const recorded = new Set<string>();
+  const pending = new Set<string>();
   for (const rec of await LibvirtState.all(stateDir)) {
     const vm = rec.data.domain;
+    recorded.add(vm);
+    for (const i of rec.items) if (i.kind === "checkpoint") pending.add(`${vm}/${i.name}`);
     if (rec.data.pid !== process.pid && processAlive(rec.data.pid)) {
       live.add(vm);
       out.push({ vm, owner: "strata", what: `a backup in progress (pid ${rec.data.pid})`, fixed: false });
@@ -73,9 +78,11 @@ export async function findLeftovers(virsh: Virsh, stateDir: string, fix: boolean
       .map((l) => l.trim())
       .filter(Boolean);
     const newest = new Map<string, string>();
-    for (const n of names.filter(checkpointNames.isOurs).sort())
+    const isPending = (n: string) => pending.has(`${vm}/${n}`);
+    for (const n of names.filter((x) => checkpointNames.isOurs(x) && !isPending(x)).sort())
       newest.set(n.slice(0, n.lastIndexOf("-") + 1), n);
     for (const n of names) {
+      if (isPending(n)) continue; // reported (and released) with its run's record
       const bytes = await checkpointBytes(virsh, vm, n);
       const size = bytes === undefined ? {} : { bytes };
       if (!checkpointNames.isOurs(n)) {
@@ -98,7 +105,8 @@ export async function findLeftovers(virsh: Virsh, stateDir: string, fix: boolean
       .run(["backup-dumpxml", vm])
       .then((x) => /socket='([^']*)'/.exec(x)?.[1] ?? /socket="([^"]*)"/.exec(x)?.[1] ?? "")
       .catch(() => "");
-    if (socket.startsWith(join(ourSockets, "/")) && !live.has(vm)) {
+    if (recorded.has(vm) && socket.startsWith(join(ourSockets, "/"))) continue; // its record covers it
+    if (socket.startsWith(join(ourSockets, "/"))) {
       let fixed = false;
       if (fix)
         fixed = await virsh.run(["domjobabort", vm]).then(
