@@ -18,6 +18,9 @@ import type {
   BackupRequest,
   BackupSession,
   Finding,
+  RestorePlan,
+  RestorePlanOptions,
+  StartedVm,
   VmAdapter,
   VmConfigDocument,
   VmHandle,
@@ -27,9 +30,18 @@ import { openLibvirtBackup } from "./backup.js";
 import { parseLibvirtConfig } from "./config.js";
 import { DOMAIN_NAME_RE } from "./domain.js";
 import { findLeftovers } from "./leftovers.js";
+import {
+  defineDomain,
+  planLibvirtRestore,
+  refuseIfDomainRunning,
+  renderLibvirtConfig,
+  startDomain,
+} from "./restore.js";
 import { Virsh } from "./virsh.js";
 
 export { CHECKPOINT_KIND, type LibvirtCheckpointRecord } from "./backup.js";
+export { type LibvirtConfig, parseLibvirtConfig } from "./config.js";
+export { cloneFacts, type LibvirtRestorePlan } from "./restore.js";
 export { Virsh, VirshError } from "./virsh.js";
 
 export const DEFAULT_URI = "qemu:///system";
@@ -127,6 +139,26 @@ export class LibvirtAdapter implements VmAdapter {
 
   parseConfig(doc: VmConfigDocument): VmConfigDocument {
     return parseLibvirtConfig(doc);
+  }
+
+  async planRestore(config: VmConfigDocument, options: RestorePlanOptions): Promise<RestorePlan> {
+    return planLibvirtRestore(config, options);
+  }
+
+  refuseIfRunning(plan: RestorePlan): Promise<void> {
+    return refuseIfDomainRunning(this.virsh(), plan);
+  }
+
+  define(plan: RestorePlan, force: boolean): Promise<void> {
+    return defineDomain(this.virsh(), plan, force);
+  }
+
+  start(plan: RestorePlan): Promise<StartedVm> {
+    return startDomain(this.virsh(), plan);
+  }
+
+  renderConfig(config: VmConfigDocument, as: string): string {
+    return renderLibvirtConfig(config, as);
   }
 
   leftovers(stateDir: string, fix: boolean): Promise<Finding[]> {
