@@ -26,7 +26,7 @@
  * was made, so a failed backup forgets nothing.
  */
 import { promises as fs } from "node:fs";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import { BASE_ALLOCATION, NbdClient, StateFlag } from "../../nbd/index.js";
 import { describeError, ErrorCode, isStrataError, StrataError } from "../../util/errors.js";
 import { processAlive } from "../../util/process.js";
@@ -38,6 +38,7 @@ import type {
   SessionDisk,
   VmConfigDocument,
 } from "../adapter.js";
+import { checkReachable, qemuUser } from "./access.js";
 import { backupDisks, type DomainDisk, type DomainInfo, parseDomain } from "./domain.js";
 import { LibvirtState, type LibvirtStateItem, stateDirOf } from "./state.js";
 import { type Virsh, VirshError } from "./virsh.js";
@@ -117,29 +118,13 @@ async function checkpointList(virsh: Virsh, domain: string): Promise<string[]> {
     .filter((l) => l !== "");
 }
 
-/** Makes `dir` (and its parents) and hands it to the user QEMU runs as, checking QEMU can reach it. */
+/** Makes `dir` and hands it to the user QEMU runs as, checking QEMU can reach it. */
 async function prepareRunDir(dir: string, dac: DomainInfo["dacLabel"]): Promise<void> {
   await fs.mkdir(dir, { recursive: true, mode: 0o700 });
-  if (!dac) {
-    await fs.chmod(dir, 0o777);
-    return;
-  }
-  await fs.chown(dir, dac.uid, dac.gid);
+  const user = dac ?? (await qemuUser());
+  await fs.chown(dir, user.uid, user.gid);
   // QEMU opens the scratch files and binds the socket by path: every parent must be searchable.
-  for (let p = dirname(dir); ; p = dirname(p)) {
-    const st = await fs.stat(p);
-    const x =
-      (st.mode & 0o001) !== 0 ||
-      (st.uid === dac.uid && (st.mode & 0o100) !== 0) ||
-      (st.gid === dac.gid && (st.mode & 0o010) !== 0);
-    if (!x) {
-      throw new StrataError(
-        ErrorCode.USAGE,
-        `QEMU runs as uid ${dac.uid} and cannot reach ${dir}: ${p} is not searchable by it (mode ${(st.mode & 0o777).toString(8)}); choose a state directory QEMU can reach`,
-      );
-    }
-    if (p === "/") break;
-  }
+  await checkReachable(join(dir, "nbd.sock"), user, "the backup's socket directory");
 }
 
 function backupXml(

@@ -18,6 +18,7 @@ import type {
   BackupRequest,
   BackupSession,
   Finding,
+  InstantRuntime,
   RestorePlan,
   RestorePlanOptions,
   StartedVm,
@@ -29,6 +30,7 @@ import type {
 import { openLibvirtBackup } from "./backup.js";
 import { parseLibvirtConfig } from "./config.js";
 import { DOMAIN_NAME_RE } from "./domain.js";
+import { LibvirtInstant } from "./instant.js";
 import { findLeftovers } from "./leftovers.js";
 import {
   defineDomain,
@@ -99,9 +101,11 @@ export class LibvirtAdapter implements VmAdapter {
   readonly schemes = ["libvirt"] as const;
   readonly usage = "libvirt:DOMAIN[?uri=qemu:///system]";
   readonly uri: string;
+  readonly instant: InstantRuntime;
 
   constructor(options: LibvirtAdapterOptions = {}) {
     this.uri = options.uri ?? DEFAULT_URI;
+    this.instant = new LibvirtInstant(this.uri);
   }
 
   virsh(uri = this.uri): Virsh {

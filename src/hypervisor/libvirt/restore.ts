@@ -45,13 +45,22 @@ function mover(dir: string) {
   };
 }
 
-export function planLibvirtRestore(doc: VmConfigDocument, o: RestorePlanOptions): LibvirtRestorePlan {
+/**
+ * Plans a restore. `keepIdentity` (instant recovery of the VM itself): files move to the target
+ * directory like a clone's, but name, UUID and MACs stay.
+ */
+export function planLibvirtRestore(
+  doc: VmConfigDocument,
+  o: RestorePlanOptions,
+  keepIdentity = false,
+): LibvirtRestorePlan {
   const original = parseLibvirtConfig(doc);
   const dom = parseXml(original.xml, "domain", "stored domain XML");
-  const clone = o.target !== undefined;
+  const moved = o.target !== undefined;
+  const clone = moved && !keepIdentity;
   const warnings: string[] = [];
   const name = clone ? (o.name ?? `${original.name}-clone`) : original.name;
-  if (o.name !== undefined && !clone)
+  if (o.name !== undefined && !clone && o.name !== original.name)
     throw new StrataError(ErrorCode.USAGE, "a new name needs a target directory (a clone)");
   if (!DOMAIN_NAME_RE.test(name))
     throw new StrataError(
@@ -60,7 +69,7 @@ export function planLibvirtRestore(doc: VmConfigDocument, o: RestorePlanOptions)
     );
   if (clone && name === original.name)
     throw new StrataError(ErrorCode.USAGE, `a clone needs a name other than ${original.name}`);
-  const target = clone ? checkPath(o.target!, "target directory") : undefined;
+  const target = moved ? checkPath(o.target!, "target directory") : undefined;
   const available = new Map(o.available.map((d) => [d.name, d.size]));
   if (o.disk !== undefined && !original.disks.some((d) => d.name === o.disk))
     throw new StrataError(ErrorCode.NOT_FOUND, `the domain has no disk ${o.disk}`);
@@ -81,19 +90,19 @@ export function planLibvirtRestore(doc: VmConfigDocument, o: RestorePlanOptions)
     const wanted = o.disk === undefined || o.disk === t;
     if (size === undefined || !wanted) {
       if (size === undefined) warnings.push(`disk ${t} is not in the restore point: not restored`);
-      if (clone && devices) {
+      if (moved && devices) {
         devices.children = devices.children.filter((c) => c !== x);
         warnings.push(`disk ${t} is left out of the clone`);
       }
       continue;
     }
     const format = o.format ?? (rec.format === "qcow2" ? "qcow2" : "raw");
-    const path = clone ? join(target!, `${t}.${format}`) : rec.file;
+    const path = moved ? join(target!, `${t}.${format}`) : rec.file;
     const driver = kid(x, "driver");
     if (driver) driver.attrs.type = format;
     const src = kid(x, "source");
     if (src) {
-      if (x.attrs.type === "block" && !clone) src.attrs.dev = path;
+      if (x.attrs.type === "block" && !moved) src.attrs.dev = path;
       else {
         x.attrs.type = "file";
         src.attrs = { file: path };
@@ -103,9 +112,9 @@ export function planLibvirtRestore(doc: VmConfigDocument, o: RestorePlanOptions)
     if (devices) x.children = x.children.filter((c) => c.tag !== "backingStore");
     disks.push({ name: t, format, path, size });
   }
-  if (clone) {
+  if (moved) {
     const move = mover(join(target!, "run"));
-    for (const x of kids(devices, "interface")) {
+    for (const x of clone ? kids(devices, "interface") : []) {
       const mac = kid(x, "mac");
       if (mac) mac.attrs.address = randomMac();
       else x.children.unshift({ tag: "mac", attrs: { address: randomMac() }, children: [] });
@@ -146,7 +155,7 @@ export function planLibvirtRestore(doc: VmConfigDocument, o: RestorePlanOptions)
     definition: {
       text: xml,
       mediaType: "application/xml",
-      ...(clone ? { file: join(target!, `${name}.xml`) } : {}),
+      ...(moved ? { file: join(target!, `${name}.xml`) } : {}),
     },
     warnings,
   };
@@ -210,7 +219,7 @@ export async function defineDomain(virsh: Virsh, plan: RestorePlan, force: boole
     await fs.stat(d.path).catch(() => {
       throw new StrataError(ErrorCode.NOT_FOUND, `disk ${d.name} is not restored yet (${d.path})`);
     });
-  if (p.clone) await fs.mkdir(join(p.definition.file!, "..", "run"), { recursive: true });
+  if (p.definition.file) await fs.mkdir(join(p.definition.file, "..", "run"), { recursive: true });
   await fs.writeFile(file, p.definition.text);
   try {
     await virsh.run(["define", file]);
