@@ -203,6 +203,22 @@ export async function openLibvirtBackup(o: LibvirtBackupOptions): Promise<Backup
     );
   }
   await releaseStale(virsh, req.stateDir, domain, log);
+  // Another tool's pull job (virtnbdbackup, ...) holds the domain: libvirt would block a second
+  // backup-begin for 30 s on its state lock and then fail obscurely. Say so at once.
+  if (/Operation:\s+Backup/.test(await virsh.run(["domjobinfo", domain]))) {
+    const socket = await jobSocket(virsh, domain).catch(() => undefined);
+    throw new StrataError(
+      ErrorCode.LOCKED,
+      `domain ${domain} is running another tool's backup job${socket ? ` (NBD socket ${socket})` : ""}: try again once it has ended`,
+    );
+  }
+  const present = await checkpointList(virsh, domain);
+  const foreign = present.filter((n) => !checkpointNames.isOurs(n));
+  if (foreign.some((n) => n.startsWith("virtnbdbackup."))) {
+    log(
+      `${domain} also has virtnbdbackup checkpoints (${foreign.join(", ")}): Strata's chain does not depend on them, but virtnbdbackup refuses to run ("Foreign checkpoint found") while a checkpoint it did not create, such as Strata's, exists on the domain`,
+    );
+  }
   const info = parseDomain(await virsh.run(["dumpxml", domain]), `domain ${domain}`);
   const disks = backupDisks(info);
   if (disks.length === 0)
@@ -231,7 +247,6 @@ export async function openLibvirtBackup(o: LibvirtBackupOptions): Promise<Backup
     else if (record && record.uuid !== info.uuid)
       why = `the domain's UUID changed (${record.uuid} → ${info.uuid})`;
     else if (record) {
-      const present = await checkpointList(virsh, domain);
       if (present.includes(record.checkpoint)) base = record;
       else if (record.xml === null) why = `checkpoint ${record.checkpoint} is gone from the domain`;
       else {
@@ -310,6 +325,7 @@ export async function openLibvirtBackup(o: LibvirtBackupOptions): Promise<Backup
     details.quiescedMs = cut.quiescedMs;
     details.frozen = cut.frozen;
     details.checkpoint = newCheckpoint;
+    if (foreign.length > 0) details.foreignCheckpoints = foreign.join(", ");
 
     // 3. The exports.
     const bx = parseXml(await virsh.run(["backup-dumpxml", domain]), "domainbackup", "backup-dumpxml");
@@ -483,7 +499,9 @@ async function quiesced(
       const out = await virsh.run(["domfsfreeze", domain], { timeoutMs: 15_000 });
       frozen = Number(/Froze (\d+) filesystem/.exec(out)?.[1] ?? "0");
     } catch (err) {
-      await thaw(virsh, rec, domain, log).catch(() => {});
+      // Not sent to the guest at all (no agent channel, agent not running): nothing is frozen.
+      if (err instanceof VirshError && AGENT_ABSENT_RE.test(err.stderr)) await rec.remove({ kind: "freeze" });
+      else await thaw(virsh, rec, domain, log).catch(() => {});
       if (req.quiesce === "require")
         throw new StrataError(
           ErrorCode.EXTERNAL,
@@ -509,6 +527,9 @@ async function quiesced(
   return { consistency: "crash-consistent", quiescedMs, frozen: Math.max(frozen, 0) };
 }
 
+/** libvirt's words for "there is no guest agent to talk to". */
+const AGENT_ABSENT_RE = /agent is not connected|agent is not configured|agent not available|not running/i;
+
 async function thaw(
   virsh: Virsh,
   rec: LibvirtState,
@@ -524,6 +545,14 @@ async function thaw(
     } catch (err) {
       last = err;
       if (isStrataError(err, ErrorCode.NOT_FOUND)) {
+        await rec.remove({ kind: "freeze" });
+        return;
+      }
+      if (err instanceof VirshError && AGENT_ABSENT_RE.test(err.stderr)) {
+        // No agent to ask: a guest whose agent went away can't be thawed from outside.
+        log(
+          `cannot thaw ${domain}: ${err.stderr}; if its filesystems are frozen, thaw them from the console`,
+        );
         await rec.remove({ kind: "freeze" });
         return;
       }
