@@ -4,7 +4,7 @@
  * form). What is parsed may come from a repository others can write: documents are bounded in
  * size and depth, and DOCTYPE/ENTITY declarations are refused before parsing.
  */
-import { XMLBuilder, XMLParser } from "fast-xml-parser";
+import { XMLBuilder, XMLParser, XMLValidator } from "fast-xml-parser";
 import { ErrorCode, StrataError } from "../../util/errors.js";
 
 /** The largest XML document Strata reads (a domain XML is a few KiB). */
@@ -68,6 +68,13 @@ export function parseXml(text: string, root: string, what: string): XElement {
     );
   if (/<!DOCTYPE|<!ENTITY/i.test(text))
     throw new StrataError(ErrorCode.DATA_CORRUPT, `${what}: XML with a DOCTYPE or ENTITY declaration`);
+  // The parser is lenient (an unclosed element is closed silently): validate first.
+  const valid = XMLValidator.validate(text);
+  if (valid !== true)
+    throw new StrataError(
+      ErrorCode.DATA_CORRUPT,
+      `${what}: not well-formed XML (line ${valid.err.line}: ${valid.err.msg.slice(0, 200)})`,
+    );
   let parsed: unknown;
   try {
     parsed = new XMLParser(OPTIONS).parse(text);
