@@ -40,6 +40,7 @@ import type {
 } from "../adapter.js";
 import { checkReachable, qemuUser } from "./access.js";
 import { backupDisks, type DomainDisk, type DomainInfo, parseDomain } from "./domain.js";
+import { openOfflineBackup } from "./offline.js";
 import { LibvirtState, type LibvirtStateItem, stateDirOf } from "./state.js";
 import { type Virsh, VirshError } from "./virsh.js";
 import { at, buildXml, kid, kids, parseXml, removeKids, textOf, xmlEscape } from "./xml.js";
@@ -189,20 +190,21 @@ function brokenChain(err: unknown): boolean {
 export async function openLibvirtBackup(o: LibvirtBackupOptions): Promise<BackupSession> {
   const { virsh, domain, request: req } = o;
   const log = req.log;
-  if (req.mode === "offline") {
-    throw new StrataError(
-      ErrorCode.USAGE,
-      `offline backups of libvirt domains are not supported yet: back ${domain} up with --mode snapshot or pause`,
-    );
-  }
   const state = await domainState(virsh, domain);
+  await releaseStale(virsh, req.stateDir, domain, log);
+  if (state === "shut off") return openOfflineBackup(virsh, domain, req);
   if (state !== "running" && state !== "paused") {
     throw new StrataError(
       ErrorCode.SOURCE_UNREADABLE,
-      `domain ${domain} is ${state}: libvirt's backup API needs a running (or paused) domain`,
+      `domain ${domain} is ${state}: back it up running, paused or shut off`,
     );
   }
-  await releaseStale(virsh, req.stateDir, domain, log);
+  if (req.mode === "offline") {
+    throw new StrataError(
+      ErrorCode.USAGE,
+      `domain ${domain} is ${state}: an offline backup needs it shut off (shutting it down for the backup is not supported for libvirt domains yet)`,
+    );
+  }
   // Another tool's pull job (virtnbdbackup, ...) holds the domain: libvirt would block a second
   // backup-begin for 30 s on its state lock and then fail obscurely. Say so at once.
   if (/Operation:\s+Backup/.test(await virsh.run(["domjobinfo", domain]))) {
@@ -625,6 +627,7 @@ export async function release(
       errors.push(`${item.kind}: ${describeError(err)}`);
     }
   };
+  for (const i of of("process")) await step(i, () => stopProcess(i.pid, i.marker));
   if (!gone) {
     for (const i of of("freeze")) await step(i, () => thaw(virsh, rec, domain, log));
     for (const i of of("suspended")) {
@@ -655,7 +658,8 @@ export async function release(
       });
     }
   } else {
-    for (const i of items.filter((x) => x.kind !== "file" && x.kind !== "dir")) await rec.remove(i);
+    for (const i of items.filter((x) => x.kind !== "file" && x.kind !== "dir" && x.kind !== "process"))
+      await rec.remove(i);
   }
   for (const i of of("file")) await step(i, () => fs.rm(i.path, { force: true }));
   for (const i of of("dir")) await step(i, () => fs.rm(i.path, { recursive: true, force: true }));
@@ -711,6 +715,14 @@ async function deleteOlder(
   } catch (err) {
     log(`could not list the checkpoints of ${domain}: ${describeError(err)}`);
   }
+}
+
+/** Kills a helper process of a dead run, if it is still that process (its command line names `marker`). */
+async function stopProcess(pid: number, marker: string): Promise<void> {
+  const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "");
+  if (pid <= 0 || !cmdline.includes(marker)) return;
+  process.kill(pid, "SIGKILL");
+  for (let i = 0; i < 100 && processAlive(pid); i++) await new Promise((r) => setTimeout(r, 50));
 }
 
 /** Releases what a dead run left on `domain` before a new run starts; refuses if that run lives. */

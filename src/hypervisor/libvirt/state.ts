@@ -20,7 +20,9 @@ export type LibvirtStateItem =
   /** A checkpoint this run creates; deleted unless the restore point was committed. */
   | { kind: "checkpoint"; name: string }
   | { kind: "file"; path: string }
-  | { kind: "dir"; path: string };
+  | { kind: "dir"; path: string }
+  /** A helper process (qemu-storage-daemon); `marker` is in its command line (not a reused PID). */
+  | { kind: "process"; pid: number; marker: string };
 
 export interface LibvirtStateFile {
   adapter: "libvirt";
@@ -39,7 +41,7 @@ function same(a: LibvirtStateItem, b: LibvirtStateItem): boolean {
   return JSON.stringify(a) === JSON.stringify(b);
 }
 
-const KINDS = new Set(["freeze", "suspended", "job", "checkpoint", "file", "dir"]);
+const KINDS = new Set(["freeze", "suspended", "job", "checkpoint", "file", "dir", "process"]);
 
 function validate(data: unknown, path: string): LibvirtStateFile {
   const bad = () =>
