@@ -179,7 +179,8 @@ export async function testDomain(
     files[d.target] = file;
   }
   const append = [
-    "console=ttyS0 quiet panic=-1",
+    // no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can fail and panic.
+    "console=ttyS0 quiet panic=-1 no_timer_check",
     `strata.workload=${o.workload.join(",")}`,
     `strata.rate=${o.rate ?? 100}`,
     "strata.report=20",

@@ -180,7 +180,8 @@ export function redefinableXml(xml: string): string {
   return buildXml(cp);
 }
 
-const BITMAP_REFUSAL_RE = /bitmap|checkpoint/i;
+/** What libvirt 9.0 says when a checkpoint's bitmap is gone or unusable (seen: "checkpoint inconsistent: missing or broken bitmap"). */
+const BITMAP_REFUSAL_RE = /missing or broken bitmap|checkpoint inconsistent|not found in backing chain/i;
 
 /** Whether `err` is libvirt refusing an incremental backup because of its checkpoint or bitmap. */
 function brokenChain(err: unknown): boolean {
