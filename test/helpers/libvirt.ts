@@ -32,38 +32,43 @@ export async function virsh(...args: string[]): Promise<string> {
 
 let started: Promise<{ pids: string[] }> | undefined;
 
-/** Makes sure libvirtd answers; stops it after the test file if this process started it. */
-export async function ensureLibvirtd(after: (fn: () => Promise<void>) => void): Promise<void> {
-  if (!started) {
-    started = (async () => {
-      if (await socketAccepts("/run/libvirt/libvirt-sock")) return { pids: [] };
-      const dir = await mkdtemp(join(tmpdir(), "strata-libvirtd-"));
-      const pids: string[] = [];
-      if (!(await socketAccepts("/run/libvirt/virtlogd-sock"))) {
-        await run("virtlogd", ["-d", "-p", join(dir, "virtlogd.pid")]);
-        pids.push(join(dir, "virtlogd.pid"));
-      }
-      await run("libvirtd", ["-d", "--pid-file", join(dir, "libvirtd.pid")]);
-      pids.push(join(dir, "libvirtd.pid"));
-      for (let i = 0; i < 100 && !(await socketAccepts("/run/libvirt/libvirt-sock")); i++)
-        await new Promise((r) => setTimeout(r, 100));
-      await virsh("version");
-      return { pids };
-    })();
-    after(async () => {
-      const { pids } = await started!;
-      started = undefined;
-      for (const f of pids.reverse()) {
-        const pid = Number((await readFile(f, "utf8").catch(() => "")).trim());
-        if (!pid) continue;
-        try {
-          process.kill(pid, "SIGTERM");
-        } catch {}
-        for (let i = 0; i < 100 && processAlive(pid); i++) await new Promise((r) => setTimeout(r, 100));
-      }
-    });
-  }
+/**
+ * Makes sure libvirtd answers, starting it (and virtlogd) when none does. Pair it with
+ * `after(stopLibvirtd)` at the top of the describe block, so that it stops only after every
+ * test's own cleanup (domains destroyed and undefined) has run.
+ */
+export async function ensureLibvirtd(): Promise<void> {
+  started ??= (async () => {
+    if (await socketAccepts("/run/libvirt/libvirt-sock")) return { pids: [] };
+    const dir = await mkdtemp(join(tmpdir(), "strata-libvirtd-"));
+    const pids: string[] = [];
+    if (!(await socketAccepts("/run/libvirt/virtlogd-sock"))) {
+      await run("virtlogd", ["-d", "-p", join(dir, "virtlogd.pid")]);
+      pids.push(join(dir, "virtlogd.pid"));
+    }
+    await run("libvirtd", ["-d", "--pid-file", join(dir, "libvirtd.pid")]);
+    pids.push(join(dir, "libvirtd.pid"));
+    for (let i = 0; i < 100 && !(await socketAccepts("/run/libvirt/libvirt-sock")); i++)
+      await new Promise((r) => setTimeout(r, 100));
+    await virsh("version");
+    return { pids };
+  })();
   await started;
+}
+
+/** Stops libvirtd and virtlogd if {@link ensureLibvirtd} started them (by the PIDs they wrote). */
+export async function stopLibvirtd(): Promise<void> {
+  if (!started) return;
+  const { pids } = await started.catch(() => ({ pids: [] as string[] }));
+  started = undefined;
+  for (const f of [...pids].reverse()) {
+    const pid = Number((await readFile(f, "utf8").catch(() => "")).trim());
+    if (!pid) continue;
+    try {
+      process.kill(pid, "SIGTERM");
+    } catch {}
+    for (let i = 0; i < 100 && processAlive(pid); i++) await new Promise((r) => setTimeout(r, 100));
+  }
 }
 
 export interface DomainDiskSpec {

@@ -17,6 +17,7 @@ import {
   checkpoints,
   ensureLibvirtd,
   jobType,
+  stopLibvirtd,
   type TestDomain,
   testDomain,
   virsh,
@@ -89,8 +90,9 @@ async function clean(
 }
 
 describe("libvirt backups", { timeout: 900_000 }, () => {
+  after(stopLibvirtd);
   test("full, incremental, and every way the chain breaks", async (t) => {
-    await ensureLibvirtd(after);
+    await ensureLibvirtd();
     const dir = tempDir(t);
     await chmod(dir, 0o755); // QEMU (libvirt-qemu) reaches the socket and scratch files in state/
     const state = join(dir, "state");

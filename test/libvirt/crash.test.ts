@@ -13,7 +13,7 @@ import { LibvirtAdapter } from "../../src/hypervisor/libvirt/index.js";
 import { FsStore } from "../../src/repo/fs-store.js";
 import { Repository } from "../../src/repo/repository.js";
 import { tempDir } from "../helpers/cli.js";
-import { checkpoints, ensureLibvirtd, jobType, testDomain, virsh } from "../helpers/libvirt.js";
+import { checkpoints, ensureLibvirtd, jobType, stopLibvirtd, testDomain, virsh } from "../helpers/libvirt.js";
 
 const index = fileURLToPath(new URL("../../src/hypervisor/libvirt/index.js", import.meta.url));
 
@@ -43,8 +43,9 @@ async function openAndHang(domain: string, stateDir: string, repository: string)
 }
 
 describe("libvirt: a killed backup", { timeout: 600_000 }, () => {
+  after(stopLibvirtd);
   test("leftovers() and the next backup release what a SIGKILLed run left", async (t) => {
-    await ensureLibvirtd(after);
+    await ensureLibvirtd();
     const dir = tempDir(t);
     await chmod(dir, 0o755);
     const state = join(dir, "state");

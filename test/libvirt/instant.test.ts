@@ -13,7 +13,14 @@ import { LibvirtAdapter } from "../../src/hypervisor/libvirt/index.js";
 import { FsStore } from "../../src/repo/fs-store.js";
 import { Repository } from "../../src/repo/repository.js";
 import { tempDir } from "../helpers/cli.js";
-import { consoleSeq, ensureLibvirtd, removeDomain, testDomain, virsh } from "../helpers/libvirt.js";
+import {
+  consoleSeq,
+  ensureLibvirtd,
+  removeDomain,
+  stopLibvirtd,
+  testDomain,
+  virsh,
+} from "../helpers/libvirt.js";
 
 async function waitSeq(file: string, n: number, ms: number): Promise<number> {
   const end = Date.now() + ms;
@@ -26,8 +33,9 @@ async function waitSeq(file: string, n: number, ms: number): Promise<number> {
 }
 
 describe("libvirt instant recovery", { timeout: 300_000 }, () => {
+  after(stopLibvirtd);
   test("boots a clone from the repository over NBD and migrates it live", async (t) => {
-    await ensureLibvirtd(after);
+    await ensureLibvirtd();
     const dir = tempDir(t);
     await chmod(dir, 0o755);
     const store = new FsStore(join(dir, "repo"));

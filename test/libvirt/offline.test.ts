@@ -12,12 +12,13 @@ import { LibvirtAdapter, type LibvirtCheckpointRecord } from "../../src/hypervis
 import { FsStore } from "../../src/repo/fs-store.js";
 import { Repository } from "../../src/repo/repository.js";
 import { tempDir } from "../helpers/cli.js";
-import { ensureLibvirtd, testDomain, virsh } from "../helpers/libvirt.js";
+import { ensureLibvirtd, stopLibvirtd, testDomain, virsh } from "../helpers/libvirt.js";
 import { verifyRecords } from "../helpers/records.js";
 
 describe("libvirt: a shut-off domain", { timeout: 600_000 }, () => {
+  after(stopLibvirtd);
   test("offline backups through the stored bitmaps, and the chain across them", async (t) => {
-    await ensureLibvirtd(after);
+    await ensureLibvirtd();
     const dir = tempDir(t);
     await chmod(dir, 0o755);
     const state = join(dir, "state");

@@ -15,7 +15,14 @@ import { cloneFacts, LibvirtAdapter } from "../../src/hypervisor/libvirt/index.j
 import { FsStore } from "../../src/repo/fs-store.js";
 import { Repository, type SnapshotRef } from "../../src/repo/repository.js";
 import { tempDir } from "../helpers/cli.js";
-import { consoleSeq, ensureLibvirtd, removeDomain, testDomain, virsh } from "../helpers/libvirt.js";
+import {
+  consoleSeq,
+  ensureLibvirtd,
+  removeDomain,
+  stopLibvirtd,
+  testDomain,
+  virsh,
+} from "../helpers/libvirt.js";
 import { verifyRecords } from "../helpers/records.js";
 
 async function writeDisks(repo: Repository, snap: SnapshotRef, plan: RestorePlan, force = false) {
@@ -36,8 +43,9 @@ async function waitConsole(file: string, re: RegExp, ms: number): Promise<string
 }
 
 describe("libvirt restores", { timeout: 600_000 }, () => {
+  after(stopLibvirtd);
   test("a clone boots beside the original; in place, the next backup is full", async (t) => {
-    await ensureLibvirtd(after);
+    await ensureLibvirtd();
     const dir = tempDir(t);
     await chmod(dir, 0o755);
     const state = join(dir, "state");

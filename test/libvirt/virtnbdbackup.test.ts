@@ -18,7 +18,7 @@ import { LibvirtAdapter } from "../../src/hypervisor/libvirt/index.js";
 import { FsStore } from "../../src/repo/fs-store.js";
 import { Repository } from "../../src/repo/repository.js";
 import { tempDir } from "../helpers/cli.js";
-import { checkpoints, ensureLibvirtd, jobType, testDomain, virsh } from "../helpers/libvirt.js";
+import { checkpoints, ensureLibvirtd, jobType, stopLibvirtd, testDomain, virsh } from "../helpers/libvirt.js";
 import { verifyRecords } from "../helpers/records.js";
 
 const run = promisify(execFile);
@@ -36,8 +36,9 @@ async function virtnbdbackup(domain: string, level: string, out: string) {
 }
 
 describe("libvirt: Strata beside virtnbdbackup", { timeout: 300_000 }, () => {
+  after(stopLibvirtd);
   test("checkpoints of both tools on one domain, and a foreign job", async (t) => {
-    await ensureLibvirtd(after);
+    await ensureLibvirtd();
     const dir = tempDir(t);
     await chmod(dir, 0o755);
     const store = new FsStore(join(dir, "repo"));
