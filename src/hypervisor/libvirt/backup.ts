@@ -355,7 +355,16 @@ export async function openLibvirtBackup(o: LibvirtBackupOptions): Promise<Backup
         { exportName, metaContexts: [BASE_ALLOCATION, ...(dirty ? [dirty] : [])] },
       );
       clients.push(client);
-      sessionDisks.push(nbdDisk(client, d, domain, dirty, req.previous?.time, reasons.get(d.target)));
+      sessionDisks.push(
+        nbdDisk(
+          client,
+          d,
+          `libvirt:${domain} ${d.target} (${d.source})`,
+          dirty,
+          req.previous?.time,
+          reasons.get(d.target),
+        ),
+      );
       sizes.push({ name: d.target, size: client.size });
     }
     let cpXml: string | null = await virsh.run(["checkpoint-dumpxml", domain, newCheckpoint]);
@@ -399,10 +408,15 @@ async function strikeFailedBegin(virsh: Virsh, rec: LibvirtState, domain: string
   for (const i of rec.items.filter((x) => x.kind === "job" || x.kind === "checkpoint")) await rec.remove(i);
 }
 
-function nbdDisk(
+/**
+ * A disk read over NBD as a session disk: data, `base:allocation`, and the changes in the dirty
+ * bitmap context `dirty` since restore point `since`. (The engine's openNbdDisk does the same one
+ * layer up; this adapter may not import the engine.)
+ */
+export function nbdDisk(
   client: NbdClient,
   d: DomainDisk,
-  domain: string,
+  source: string,
   dirty: string | undefined,
   since: string | undefined,
   reason: string | undefined,
@@ -415,7 +429,7 @@ function nbdDisk(
     }));
   return {
     name: d.target,
-    source: `libvirt:${domain} ${d.target} (${d.source})`,
+    source,
     size: client.size,
     read: (off, len) => client.read(off, len),
     allocation: () => extents(BASE_ALLOCATION, (f) => (f & StateFlag.ZERO) !== 0),

@@ -17,12 +17,12 @@
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
 import { StorageDaemon } from "../../image/storage-daemon.js";
-import { BASE_ALLOCATION, NbdClient, StateFlag } from "../../nbd/index.js";
+import { BASE_ALLOCATION, NbdClient } from "../../nbd/index.js";
 import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
 import { runProgram } from "../../util/process.js";
-import type { BackupRequest, BackupSession, Extent, SessionDisk } from "../adapter.js";
-import { describeDomain, type LibvirtCheckpointRecord, readCheckpointRecord } from "./backup.js";
-import { backupDisks, type DomainDisk, parseDomain } from "./domain.js";
+import type { BackupRequest, BackupSession, SessionDisk } from "../adapter.js";
+import { describeDomain, type LibvirtCheckpointRecord, nbdDisk, readCheckpointRecord } from "./backup.js";
+import { backupDisks, parseDomain } from "./domain.js";
 import { LibvirtState, stateDirOf } from "./state.js";
 import type { Virsh } from "./virsh.js";
 
@@ -34,33 +34,6 @@ async function bitmapsOf(file: string): Promise<Array<{ name: string; flags: str
   return (j["format-specific"]?.data?.bitmaps ?? []).filter(
     (b) => typeof b.name === "string" && Array.isArray(b.flags),
   );
-}
-
-function disk(
-  client: NbdClient,
-  d: DomainDisk,
-  domain: string,
-  dirty: string | undefined,
-  since: string | undefined,
-  reason: string | undefined,
-): SessionDisk {
-  const extents = async (context: string, zero: (flags: number) => boolean): Promise<Extent[]> =>
-    (await client.blockStatus(0, client.size, context)).map((e) => ({
-      offset: e.offset,
-      length: e.length,
-      zero: zero(e.flags),
-    }));
-  return {
-    name: d.target,
-    source: `libvirt:${domain} ${d.target} (${d.source}, shut off)`,
-    size: client.size,
-    read: (off, len) => client.read(off, len),
-    allocation: () => extents(BASE_ALLOCATION, (f) => (f & StateFlag.ZERO) !== 0),
-    ...(dirty !== undefined && since !== undefined
-      ? { changes: { since, extents: () => extents(dirty, (f) => (f & 1) === 0) } }
-      : {}),
-    ...(reason === undefined || dirty !== undefined ? {} : { fullReadReason: reason }),
-  };
 }
 
 export async function openOfflineBackup(
@@ -168,7 +141,16 @@ export async function openOfflineBackup(
         { exportName: d.target, metaContexts: [BASE_ALLOCATION, ...(dirty ? [dirty] : [])] },
       );
       clients.push(client);
-      sessionDisks.push(disk(client, d, domain, dirty, req.previous?.time, reasons.get(d.target)));
+      sessionDisks.push(
+        nbdDisk(
+          client,
+          d,
+          `libvirt:${domain} ${d.target} (${d.source}, shut off)`,
+          dirty,
+          req.previous?.time,
+          reasons.get(d.target),
+        ),
+      );
       sizes.push({ name: d.target, size: client.size });
     }
     return {
