@@ -30,7 +30,7 @@ export async function virsh(...args: string[]): Promise<string> {
   }
 }
 
-let started: Promise<{ pids: string[] }> | undefined;
+let started: Promise<{ pids: string[]; dir?: string }> | undefined;
 
 /**
  * Makes sure libvirtd answers, starting it (and virtlogd) when none does. Pair it with
@@ -51,7 +51,7 @@ export async function ensureLibvirtd(): Promise<void> {
     for (let i = 0; i < 100 && !(await socketAccepts("/run/libvirt/libvirt-sock")); i++)
       await new Promise((r) => setTimeout(r, 100));
     await virsh("version");
-    return { pids };
+    return { pids, dir };
   })();
   await started;
 }
@@ -59,7 +59,7 @@ export async function ensureLibvirtd(): Promise<void> {
 /** Stops libvirtd and virtlogd if {@link ensureLibvirtd} started them (by the PIDs they wrote). */
 export async function stopLibvirtd(): Promise<void> {
   if (!started) return;
-  const { pids } = await started.catch(() => ({ pids: [] as string[] }));
+  const { pids, dir } = await started.catch(() => ({ pids: [] as string[], dir: undefined }));
   started = undefined;
   for (const f of [...pids].reverse()) {
     const pid = Number((await readFile(f, "utf8").catch(() => "")).trim());
@@ -69,6 +69,7 @@ export async function stopLibvirtd(): Promise<void> {
     } catch {}
     for (let i = 0; i < 100 && processAlive(pid); i++) await new Promise((r) => setTimeout(r, 100));
   }
+  if (dir) await rm(dir, { recursive: true, force: true });
 }
 
 export interface DomainDiskSpec {
