@@ -4,6 +4,7 @@
  * registry built here; nothing below the CLI knows the list.
  */
 import { ImageFileAdapter } from "../hypervisor/images/adapter.js";
+import { LibvirtAdapter } from "../hypervisor/libvirt/index.js";
 import { PveAdapter } from "../hypervisor/pve/index.js";
 import { QemuAdapter } from "../hypervisor/qemu/adapter.js";
 import { DEFAULT_INVENTORY } from "../hypervisor/qemu/inventory.js";
@@ -25,6 +26,7 @@ export function buildRegistry(options: RegistryOptions = {}): AdapterRegistry {
   return new AdapterRegistry()
     .register(new ImageFileAdapter())
     .register(new QemuAdapter(options.inventory ?? DEFAULT_INVENTORY))
+    .register(new LibvirtAdapter())
     .register(new PveAdapter());
 }
 

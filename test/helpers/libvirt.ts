@@ -1,0 +1,276 @@
+/**
+ * A real libvirtd for tests, and the test guest as a libvirt domain (type 'qemu', TCG).
+ *
+ * libvirtd (Debian 12 has only the monolithic daemon) is started by hand when none answers on
+ * qemu:///system — `virtlogd -d` then `libvirtd -d --pid-file` — and stopped again after the test
+ * file by the PIDs it wrote; one that was already running is left alone. A private socket
+ * directory is not possible for a root libvirtd's qemu driver (its state paths are fixed), so the
+ * system one is used and every domain a test defines is named strata-test-*.
+ */
+import { execFile } from "node:child_process";
+import { chmod, copyFile, mkdtemp, readFile, rm, stat } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { TestContext } from "node:test";
+import { promisify } from "node:util";
+import { processAlive, socketAccepts } from "../../src/util/process.js";
+import { testGuest } from "./guest.js";
+import { parseLatencySummaries } from "./records.js";
+
+const run = promisify(execFile);
+export const URI = "qemu:///system";
+
+/** Runs virsh and returns stdout; throws with virsh's stderr. */
+export async function virsh(...args: string[]): Promise<string> {
+  try {
+    return (await run("virsh", ["-c", URI, ...args], { maxBuffer: 16 * 1024 * 1024 })).stdout;
+  } catch (err) {
+    const e = err as { stderr?: string; message: string };
+    throw new Error(`virsh ${args.join(" ")}: ${(e.stderr ?? e.message).trim()}`);
+  }
+}
+
+let started: Promise<{ pids: string[]; dir?: string }> | undefined;
+
+/**
+ * Makes sure libvirtd answers, starting it (and virtlogd) when none does. Pair it with
+ * `after(stopLibvirtd)` at the top of the describe block, so that it stops only after every
+ * test's own cleanup (domains destroyed and undefined) has run.
+ */
+export async function ensureLibvirtd(): Promise<void> {
+  started ??= (async () => {
+    if (await socketAccepts("/run/libvirt/libvirt-sock")) return { pids: [] };
+    const dir = await mkdtemp(join(tmpdir(), "strata-libvirtd-"));
+    const pids: string[] = [];
+    if (!(await socketAccepts("/run/libvirt/virtlogd-sock"))) {
+      await run("virtlogd", ["-d", "-p", join(dir, "virtlogd.pid")]);
+      pids.push(join(dir, "virtlogd.pid"));
+    }
+    await run("libvirtd", ["-d", "--pid-file", join(dir, "libvirtd.pid")]);
+    pids.push(join(dir, "libvirtd.pid"));
+    for (let i = 0; i < 100 && !(await socketAccepts("/run/libvirt/libvirt-sock")); i++)
+      await new Promise((r) => setTimeout(r, 100));
+    await virsh("version");
+    return { pids, dir };
+  })();
+  await started;
+}
+
+/** Stops libvirtd and virtlogd if {@link ensureLibvirtd} started them (by the PIDs they wrote). */
+export async function stopLibvirtd(): Promise<void> {
+  if (!started) return;
+  const { pids, dir } = await started.catch(() => ({ pids: [] as string[], dir: undefined }));
+  started = undefined;
+  for (const f of [...pids].reverse()) {
+    const pid = Number((await readFile(f, "utf8").catch(() => "")).trim());
+    if (!pid) continue;
+    try {
+      process.kill(pid, "SIGTERM");
+    } catch {}
+    for (let i = 0; i < 100 && processAlive(pid); i++) await new Promise((r) => setTimeout(r, 100));
+  }
+  if (dir) await rm(dir, { recursive: true, force: true });
+}
+
+export interface DomainDiskSpec {
+  target: string;
+  format: "qcow2" | "raw";
+  size: string;
+  ext4?: boolean;
+}
+
+export interface TestDomain {
+  name: string;
+  dir: string;
+  xml: string;
+  files: Record<string, string>;
+  console(): Promise<string>;
+  seq(): Promise<number>;
+  waitSeq(n: number, timeoutMs?: number): Promise<number>;
+  /** Starts the domain and waits for the guest to be ready. */
+  start(): Promise<void>;
+  /** The QEMU process of the running domain. */
+  pid(): Promise<number>;
+}
+
+/** The test guest's domain XML: direct kernel boot, serial console to a file, agent channel. */
+export function domainXml(o: {
+  name: string;
+  dir: string;
+  kernel: string;
+  initrd: string;
+  append: string;
+  disks: Array<{ target: string; format: string; file: string }>;
+  mac?: string;
+  agent?: boolean;
+}): string {
+  return `<domain type='qemu'>
+  <name>${o.name}</name>
+  <memory unit='MiB'>192</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>${o.kernel}</kernel>
+    <initrd>${o.initrd}</initrd>
+    <cmdline>${o.append}</cmdline>
+  </os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+${o.disks
+  .map(
+    (d) => `    <disk type='file' device='disk'>
+      <driver name='qemu' type='${d.format}'/>
+      <source file='${d.file}'/>
+      <target dev='${d.target}' bus='virtio'/>
+    </disk>`,
+  )
+  .join("\n")}
+    <interface type='user'>
+      <mac address='${o.mac ?? "52:54:00:5a:7a:01"}'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='file'>
+      <source path='${join(o.dir, "console.log")}'/>
+      <target port='0'/>
+    </serial>
+${o.agent === false ? "" : "    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\n"}    <memballoon model='none'/>
+  </devices>
+</domain>
+`;
+}
+
+export function consoleSeq(text: string): number {
+  return parseLatencySummaries(text).at(-1)?.seq ?? 0;
+}
+
+/**
+ * Defines (persistent) and starts the test guest as domain `name`, its disk images in a fresh
+ * directory QEMU's user can reach; the workload writes every record to each of `workload`.
+ * Removed after the test: destroyed, undefined with its checkpoints, files deleted.
+ */
+export async function testDomain(
+  t: TestContext,
+  o: {
+    name: string;
+    disks: DomainDiskSpec[];
+    workload: string[];
+    data?: string;
+    rate?: number;
+    wlsize?: string;
+    agent?: boolean;
+  },
+): Promise<TestDomain> {
+  const guest = await testGuest();
+  const dir = await mkdtemp(join(tmpdir(), "strata-lv-"));
+  await chmod(dir, 0o755);
+  // libvirt chowns the kernel and initrd it boots (dynamic_ownership): give it copies.
+  const kernel = join(dir, "kernel");
+  const initrd = join(dir, "initrd");
+  await copyFile(guest.kernel, kernel);
+  await copyFile(guest.initrd, initrd);
+  const files: Record<string, string> = {};
+  for (const d of o.disks) {
+    const file = join(dir, `${d.target}.${d.format}`);
+    if (d.ext4) {
+      const raw = `${file}.tmp`;
+      await run("qemu-img", ["create", "-q", "-f", "raw", raw, d.size]);
+      await run("mkfs.ext4", ["-q", "-F", raw]);
+      await run("qemu-img", ["convert", "-f", "raw", "-O", d.format, raw, file]);
+      await rm(raw);
+    } else {
+      await run("qemu-img", ["create", "-q", "-f", d.format, file, d.size]);
+    }
+    files[d.target] = file;
+  }
+  const append = [
+    // no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can fail and panic.
+    "console=ttyS0 quiet panic=-1 no_timer_check",
+    `strata.workload=${o.workload.join(",")}`,
+    `strata.rate=${o.rate ?? 100}`,
+    "strata.report=20",
+    ...(o.wlsize ? [`strata.wlsize=${o.wlsize}`] : []),
+    ...(o.data ? [`strata.data=${o.data}`] : []),
+  ].join(" ");
+  const xml = domainXml({
+    name: o.name,
+    dir,
+    kernel,
+    initrd,
+    append,
+    disks: o.disks.map((d) => ({ target: d.target, format: d.format, file: files[d.target]! })),
+    ...(o.agent === undefined ? {} : { agent: o.agent }),
+  });
+  const xmlFile = join(dir, "domain.xml");
+  await import("node:fs/promises").then((f) => f.writeFile(xmlFile, xml));
+  await removeDomain(o.name);
+  await virsh("define", xmlFile);
+  t.after(async () => {
+    await removeDomain(o.name);
+    await rm(dir, { recursive: true, force: true });
+  });
+  const consoleLog = join(dir, "console.log");
+  const dom: TestDomain = {
+    name: o.name,
+    dir,
+    xml,
+    files,
+    console: () => readFile(consoleLog, "utf8").catch(() => ""),
+    seq: async () => consoleSeq(await dom.console()),
+    async waitSeq(n, timeoutMs = 60_000) {
+      const end = Date.now() + timeoutMs;
+      for (;;) {
+        const s = await dom.seq();
+        if (s >= n) return s;
+        if (Date.now() > end) throw new Error(`workload of ${o.name} did not reach seq ${n} (at ${s})`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    },
+    async start() {
+      await rm(consoleLog, { force: true });
+      await virsh("start", o.name);
+      const end = Date.now() + 90_000;
+      while (!/STRATA-GUEST-READY/.test(await dom.console())) {
+        if (Date.now() > end)
+          throw new Error(`${o.name} did not boot:\n${(await dom.console()).slice(-2000)}`);
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    },
+    async pid() {
+      return Number((await readFile(`/run/libvirt/qemu/${o.name}.pid`, "utf8")).trim());
+    },
+  };
+  await dom.start();
+  return dom;
+}
+
+/** Destroys and undefines a domain (with its checkpoints' metadata), if it exists. */
+export async function removeDomain(name: string): Promise<void> {
+  const list = await virsh("list", "--all", "--name");
+  if (!list.split("\n").some((l) => l.trim() === name)) return;
+  await virsh("destroy", name).catch(() => {});
+  await virsh("undefine", name, "--checkpoints-metadata", "--nvram").catch(async () => {
+    await virsh("undefine", name, "--checkpoints-metadata").catch(() => {});
+  });
+}
+
+/** Names of a domain's checkpoints. */
+export async function checkpoints(name: string): Promise<string[]> {
+  return (await virsh("checkpoint-list", name, "--name"))
+    .split("\n")
+    .map((l) => l.trim())
+    .filter(Boolean);
+}
+
+/** Whether libvirt has a job running on the domain. */
+export async function jobType(name: string): Promise<string> {
+  return /Job type:\s+(\S+)/.exec(await virsh("domjobinfo", name))?.[1] ?? "?";
+}
+
+export async function exists(path: string): Promise<boolean> {
+  return stat(path).then(
+    () => true,
+    () => false,
+  );
+}

@@ -1,0 +1,123 @@
+// Instant recovery of a libvirt domain: the restore point is served by Strata's NBD server (in
+// this process), the adapter starts a transient clone domain on local qcow2 overlays backed by
+// the exports, the guest boots and writes, then every disk is copied to production storage with
+// `virsh blockcopy` and pivoted while it runs; after that the server can go away.
+import assert from "node:assert/strict";
+import { chmod, mkdir, readFile, stat } from "node:fs/promises";
+import { join } from "node:path";
+import { after, describe, test } from "node:test";
+import { serveRestorePoint } from "../../src/engine/serve.js";
+import { backupVm } from "../../src/engine/vm-backup.js";
+import type { VmConfigDocument } from "../../src/hypervisor/adapter.js";
+import { LibvirtAdapter } from "../../src/hypervisor/libvirt/index.js";
+import { FsStore } from "../../src/repo/fs-store.js";
+import { Repository } from "../../src/repo/repository.js";
+import { tempDir } from "../helpers/cli.js";
+import {
+  consoleSeq,
+  ensureLibvirtd,
+  removeDomain,
+  stopLibvirtd,
+  testDomain,
+  virsh,
+} from "../helpers/libvirt.js";
+
+async function waitSeq(file: string, n: number, ms: number): Promise<number> {
+  const end = Date.now() + ms;
+  for (;;) {
+    const s = consoleSeq(await readFile(file, "utf8").catch(() => ""));
+    if (s >= n) return s;
+    if (Date.now() > end) throw new Error(`${file}: workload did not reach ${n} (at ${s})`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+describe("libvirt instant recovery", { timeout: 300_000 }, () => {
+  after(stopLibvirtd);
+  test("boots a clone from the repository over NBD and migrates it live", async (t) => {
+    await ensureLibvirtd();
+    const dir = tempDir(t);
+    await chmod(dir, 0o755);
+    const store = new FsStore(join(dir, "repo"));
+    await Repository.init(store, { chunkSize: 256 * 1024 });
+    const repo = await Repository.open(store, { threads: 1 });
+    t.after(() => repo.close());
+    const adapter = new LibvirtAdapter();
+    const dom = await testDomain(t, {
+      name: "strata-test-ir",
+      disks: [{ target: "vda", format: "qcow2", size: "64M" }],
+      workload: ["/dev/vda"],
+      wlsize: "16M",
+    });
+    await dom.waitSeq(30);
+    const r = await backupVm(repo, await adapter.resolve(`libvirt:${dom.name}`), {
+      vm: "ir",
+      mode: "snapshot",
+      quiesce: "try",
+      stateDir: join(dir, "state"),
+    });
+    // One VM at a time on this machine: the original goes before the clone boots.
+    await virsh("destroy", dom.name);
+    const snap = await repo.findSnapshot(r.id);
+    const config = JSON.parse((await repo.blob(snap, snap.manifest.config!)).toString()) as VmConfigDocument;
+
+    await mkdir(join(dir, "serve"));
+    const socket = join(dir, "serve", "nbd.sock");
+    const served = await serveRestorePoint(repo, snap, { listen: { path: socket } });
+    t.after(() => served.close());
+    const name = "strata-test-ir-clone";
+    t.after(() => removeDomain(name));
+    const irDir = join(dir, "ir");
+    await mkdir(irDir);
+    const logs: string[] = [];
+    const t0 = Date.now();
+    const vm = await adapter.instant.start(config, {
+      name,
+      clone: true,
+      dir: irDir,
+      disks: served.exports.map((d) => ({ name: d.name, size: d.size, socket, exportName: d.name })),
+      reconnectDelay: 10,
+      stateDir: join(dir, "state"),
+      log: (m) => logs.push(m),
+    });
+    assert.equal(vm.name, name);
+    assert.ok(await adapter.instant.running(vm));
+    const consoleLog = join(irDir, "run", "console.log");
+    await waitSeq(consoleLog, 1, 120_000);
+    t.diagnostic(`instant recovery: started ${logs.join("; ")}, guest writing after ${Date.now() - t0} ms`);
+    const live = await virsh("dumpxml", name);
+    assert.match(
+      live,
+      /<backingStore type='network'[^>]*>\s*<format type='raw'\/>\s*<source protocol='nbd' name='vda'/,
+    );
+    assert.ok((await stat(vm.disks[0]!.overlay)).size > 0);
+
+    // Migrate while the guest writes, with a bandwidth limit.
+    const seq = await waitSeq(consoleLog, 50, 60_000);
+    const t1 = Date.now();
+    const progress: number[] = [];
+    const moved = await adapter.instant.migrate(vm, {
+      target: join(dir, "prod"),
+      format: "qcow2",
+      limitBytes: 32 * 1024 * 1024,
+      active: false,
+      progress: (done) => progress.push(done),
+      log: (m) => logs.push(m),
+    });
+    t.diagnostic(`migrated 64 MiB at 32 MiB/s in ${Date.now() - t1} ms`);
+    assert.deepEqual(moved.disks[0]!.production, { path: join(dir, "prod", "vda.qcow2"), format: "qcow2" });
+    assert.ok(progress.length > 0);
+    const after1 = await virsh("dumpxml", name);
+    assert.match(after1, new RegExp(`<source file='${join(dir, "prod", "vda.qcow2")}'`));
+    assert.doesNotMatch(after1, /protocol='nbd'/);
+    await assert.rejects(stat(vm.disks[0]!.overlay), "the overlay is gone");
+    // The server goes away; the guest does not notice.
+    await served.close();
+    await waitSeq(consoleLog, seq + 100, 60_000);
+    assert.equal((await virsh("domstate", name)).trim(), "running");
+    assert.match(await virsh("list", "--all", "--persistent", "--name"), new RegExp(`^${name}$`, "m"));
+    assert.equal(await adapter.instant.stop(moved, 0), "quit");
+    assert.equal(await adapter.instant.running(moved), false);
+    assert.equal(await adapter.instant.stop(moved, 0), "not running");
+  });
+});
