@@ -12,6 +12,7 @@ import { registerInstantCommands } from "./cmd-instant.js";
 import { registerRepoCommands } from "./cmd-repo.js";
 import { registerRestoreCommand } from "./cmd-restore.js";
 import { registerServeCommand } from "./cmd-serve.js";
+import { registerVmsCommand } from "./cmd-vms.js";
 
 /** Exit codes, stable for scripts. */
 export const EXIT: Record<string, number> = {
@@ -51,6 +52,7 @@ Getting started:
   registerRepoCommands(program);
   registerBackupCommands(program);
   registerRestoreCommand(program);
+  registerVmsCommand(program);
   registerServeCommand(program);
   registerFilesCommands(program);
   registerInstantCommands(program);
