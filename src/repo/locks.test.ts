@@ -78,3 +78,26 @@ test("a lock from another host is stale once it stops being refreshed", () => {
   clock.advance(2);
   assert.equal(isStale(info, clock), true);
 });
+
+test("a lock object that is not a lock (wrong types, a time that is not a number) is never used", async (t) => {
+  const s = store(t);
+  const clock = new FakeClock(Date.now());
+  const good = await Lock.acquire(s, clock, "backup", "backup web1");
+  t.after(() => good.release());
+  const bad = [
+    { ...good.info, id: "x1", started: "yesterday" },
+    { ...good.info, id: "x2", kind: "superuser" },
+    { ...good.info, id: "x3", pid: -1 },
+    { ...good.info, id: "../x4" },
+    ["not", "an", "object"],
+  ];
+  for (const [i, doc] of bad.entries())
+    await s.put(`locks/hostile-${i}`, Buffer.from(JSON.stringify(doc)), { durable: true });
+  const listed = await listLocks(s, clock, false);
+  assert.deepEqual(
+    listed.map((l) => l.id),
+    [good.info.id],
+    "only the well-formed lock is listed",
+  );
+  for (const l of listed) assert.equal(typeof l.started, "number");
+});

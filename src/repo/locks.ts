@@ -25,6 +25,7 @@
 import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { hostname } from "node:os";
+import { z } from "zod";
 import type { Clock } from "../util/clock.js";
 import { ErrorCode, isStrataError, StrataError } from "../util/errors.js";
 import { processAlive } from "../util/process.js";
@@ -47,6 +48,29 @@ export interface LockInfo {
   /** For backups: the restore point folder it is writing, "vm/time". */
   claim?: string;
 }
+
+const time = z.number().int().min(0).max(8.64e15);
+
+/**
+ * What a lock object must hold. Others may write the repository: a lock that does not fit is
+ * treated like one a crash left half-written (ignored, removed once old), never used in gc's
+ * arithmetic.
+ */
+const LockSchema = z.object({
+  id: z.string().regex(/^[0-9a-z-]{1,64}$/),
+  kind: z.enum(["backup", "read", "exclusive"]),
+  host: z.string().min(1).max(255),
+  pid: z
+    .number()
+    .int()
+    .min(1)
+    .max(2 ** 31),
+  pidStart: z.string().max(32),
+  started: time,
+  refreshed: time,
+  what: z.string().max(1024),
+  claim: z.string().max(256).optional(),
+});
 
 export const REFRESH_EVERY_MS = 5 * 60_000;
 export const STALE_AFTER_MS = 30 * 60_000;
@@ -82,7 +106,7 @@ export async function listLocks(store: Store, clock: Clock, removeBroken = true)
   const out: LockInfo[] = [];
   for await (const obj of store.list("locks/")) {
     try {
-      out.push(JSON.parse((await store.get(obj.key)).toString("utf8")) as LockInfo);
+      out.push(LockSchema.parse(JSON.parse((await store.get(obj.key)).toString("utf8"))) as LockInfo);
     } catch (err) {
       if (store.isNotFound(err)) continue;
       if (removeBroken && clock.now() - obj.mtimeMs > STALE_AFTER_MS) await store.delete(obj.key);
