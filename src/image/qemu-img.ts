@@ -113,3 +113,28 @@ export async function addBitmap(path: string, name: string, granularity: number)
 export async function removeBitmap(path: string, name: string): Promise<void> {
   await runProgram("qemu-img", ["bitmap", "--remove", "-f", "qcow2", path, name]);
 }
+
+/**
+ * Refuses a raw image or block device that a running QEMU has open for writing. Strata reads raw
+ * sources itself, which takes no lock, and QEMU never refuses a reader that only reads; so the
+ * check asks QEMU's lock protocol for the write permission instead: qemu-io opens the source
+ * read-write and quits, writing nothing (the mtime stays). A source Strata may not open for
+ * writing (read-only media, permissions) can't be written by a VM through this host's QEMU either
+ * way it is locked, and is read as it is.
+ */
+export async function refuseIfWrittenByVm(path: string): Promise<void> {
+  try {
+    await runProgram("qemu-io", ["-f", "raw", "-c", "quit", resolve(path)]);
+  } catch (err) {
+    const msg = err instanceof Error ? err.message : String(err);
+    if (/"write" lock|another process/i.test(msg)) {
+      throw new StrataError(
+        ErrorCode.SOURCE_UNREADABLE,
+        `${path} is in use by a running VM (QEMU holds its write lock): back it up through the VM, or shut the VM down`,
+        { cause: err },
+      );
+    }
+    if (/permission denied|read-only/i.test(msg)) return;
+    throw new StrataError(ErrorCode.SOURCE_UNREADABLE, `cannot open ${path}: ${msg}`, { cause: err });
+  }
+}

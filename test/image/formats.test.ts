@@ -1,9 +1,11 @@
 // Image-file sources: every format QEMU reads backs up and restores byte-identical to
 // `qemu-img convert -O raw` of the source; sparse images cost what they hold, not their size.
 import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
-import { test } from "node:test";
+import { type TestContext, test } from "node:test";
+import { setTimeout as sleep } from "node:timers/promises";
 import { StorageDaemon } from "../../src/image/storage-daemon.js";
 import { sha256File, writeSyntheticImage } from "../../src/image/synthetic.js";
 import { runProgram } from "../../src/util/process.js";
@@ -96,4 +98,64 @@ test("an image a running VM holds open is refused; an overlay is refused, read a
   assert.equal(summary(raw).size, (await fs.stat(overlay)).size);
   const badFormat = await strata(["backup", "--repo", repo, "--vm", "ov", `file:${overlay},format=qcow3`]);
   assert.equal(badFormat.code, 2);
+});
+
+/** A stopped QEMU (-S: no guest runs) with `disk` on a virtio-blk device, as a VM holds its disk. */
+async function vmHolding(
+  t: TestContext,
+  disk: string,
+  driver: "file" | "host_device",
+): Promise<() => Promise<void>> {
+  const qemu = spawn(
+    "qemu-system-x86_64",
+    [
+      ...["-M", "q35", "-S", "-nodefaults", "-display", "none", "-accel", "tcg"],
+      ...["-blockdev", `driver=${driver},filename=${disk},node-name=f0`],
+      ...["-blockdev", "driver=raw,file=f0,node-name=d0", "-device", "virtio-blk-pci,drive=d0"],
+    ],
+    { stdio: "ignore" },
+  );
+  const exited = new Promise((res) => qemu.on("exit", res));
+  const stop = async () => {
+    qemu.kill("SIGKILL");
+    await exited;
+  };
+  t.after(stop);
+  // QEMU has taken its locks once a write-lock probe fails.
+  for (let i = 0; i < 200; i++) {
+    const probe = await runProgram("qemu-io", ["-f", "raw", "-c", "quit", disk]).then(
+      () => "free",
+      (e: Error) => e.message,
+    );
+    if (/lock/.test(probe)) return stop;
+    await sleep(25);
+  }
+  throw new Error(`QEMU did not lock ${disk}`);
+}
+
+test("a raw image or block device a running VM writes is refused, though Strata reads it itself", async (t) => {
+  const dir = tempDir(t);
+  const repo = join(dir, "repo");
+  await strataOk(["init", "--repo", repo]);
+  const img = join(dir, "busy.raw");
+  await fs.writeFile(img, Buffer.alloc(4 * 1024 * 1024, 7));
+  const mtime = (await fs.stat(img)).mtimeMs;
+  let stop = await vmHolding(t, img, "file");
+  const r = await strata(["backup", "--repo", repo, "--vm", "busy", `file:${img}`]);
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.stderr, /in use by a running VM/);
+  await stop();
+  await strataOk(["backup", "--repo", repo, "--vm", "busy", `file:${img}`]);
+  assert.equal((await fs.stat(img)).mtimeMs, mtime, "the check wrote nothing");
+
+  // The same disk as a block device (a loop device; the tests run as root), as a VM on LVM or a
+  // SAN volume holds it.
+  const loop = (await runProgram("losetup", ["--find", "--show", img])).trim();
+  t.after(() => runProgram("losetup", ["-d", loop]).catch(() => {}));
+  stop = await vmHolding(t, loop, "host_device");
+  const b = await strata(["backup", "--repo", repo, "--vm", "dev", `file:${loop}`]);
+  assert.equal(b.code, 1, b.stderr);
+  assert.match(b.stderr, /in use by a running VM/);
+  await stop();
+  await strataOk(["backup", "--repo", repo, "--vm", "dev", `file:${loop}`]);
 });

@@ -18,7 +18,7 @@
 import { promises as fs } from "node:fs";
 import { basename } from "node:path";
 import { vetImageSource } from "../../image/image-safety.js";
-import { imageMap } from "../../image/qemu-img.js";
+import { imageMap, refuseIfWrittenByVm } from "../../image/qemu-img.js";
 import { RawFileSource } from "../../image/raw-file.js";
 import { StorageDaemon } from "../../image/storage-daemon.js";
 import { BASE_ALLOCATION, NbdClient, StateFlag } from "../../nbd/index.js";
@@ -168,8 +168,13 @@ async function openOne(spec: FileSpec, warn: (message: string) => void): Promise
       `source ${spec.path} is neither a file nor a block device`,
     );
   const { format } = await vetImageSource(spec.path, spec.format, warn);
-  // Block devices are read whole (no hole map); zero chunks are still never stored.
-  if (format === "raw") return openRaw(spec, st.isFile());
+  // Block devices are read whole (no hole map); zero chunks are still never stored. Strata reads
+  // raw sources itself, which takes no image lock: QEMU's own lock protocol is asked first, so
+  // that a disk a running VM writes is refused instead of copied while it changes.
+  if (format === "raw") {
+    await refuseIfWrittenByVm(spec.path);
+    return openRaw(spec, st.isFile());
+  }
   return openViaNbd(spec, format);
 }
 
