@@ -61,7 +61,8 @@ function ensureTools(): void {
       "apt-get",
       ["install", "-y", "-qq", "restic", "borgbackup", "time", "e2fsprogs", "debootstrap"],
       {
-        stdio: "inherit",
+        // apt-get talks on stdout: to stderr, so that stdout holds only the tables.
+        stdio: ["ignore", 2, 2],
         env: { ...process.env, DEBIAN_FRONTEND: "noninteractive" },
       },
     );
