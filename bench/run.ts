@@ -3,6 +3,11 @@
  * machine's raw limits measured in the same run. Prints tables; figures are ratios against the
  * peers measured here, since absolute numbers on a shared machine move from run to run.
  *
+ * Two disks, each a day-0 image and its next days: first (the headline) an installed Debian 12
+ * system used in a chroot (./debian-disk.ts), then the synthetic Linux-like tree (./disk.ts),
+ * whose media, duplicates and generated files compress and dedup more cheaply than a real system.
+ * The next days are image files, so every tool reads each one whole ("offline incremental").
+ *
  * Every command starts cold: dirty pages are flushed and, when running as root, the page cache
  * is dropped first (untimed), so no tool reads what the one before it left cached (a VM's disk
  * on a hypervisor is rarely in the host's page cache either). Without root the caches stay and
@@ -22,12 +27,13 @@
  */
 import { execFileSync, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { compress } from "zstd-napi";
 import { fillContent, Prng } from "../src/image/synthetic.js";
+import { debianDisks } from "./debian-disk.js";
 import { benchDisks } from "./disk.js";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -45,14 +51,21 @@ interface Measure {
 }
 
 function ensureTools(): void {
-  const need = ["restic", "borg", "/usr/bin/time", "mkfs.ext4", "debugfs"];
+  const need = ["restic", "borg", "/usr/bin/time", "mkfs.ext4", "debugfs", "debootstrap"];
   const missing = need.filter((t) => spawnSync("sh", ["-c", `command -v ${t}`]).status !== 0);
   if (missing.length > 0) {
-    console.error(`bench: installing restic, borgbackup, time, e2fsprogs (missing: ${missing.join(", ")})`);
-    execFileSync("apt-get", ["install", "-y", "-qq", "restic", "borgbackup", "time", "e2fsprogs"], {
-      stdio: "inherit",
-      env: { ...process.env, DEBIAN_FRONTEND: "noninteractive" },
-    });
+    console.error(
+      `bench: installing restic, borgbackup, time, e2fsprogs, debootstrap (missing: ${missing.join(", ")})`,
+    );
+    execFileSync(
+      "apt-get",
+      ["install", "-y", "-qq", "restic", "borgbackup", "time", "e2fsprogs", "debootstrap"],
+      {
+        // apt-get talks on stdout: to stderr, so that stdout holds only the tables.
+        stdio: ["ignore", 2, 2],
+        env: { ...process.env, DEBIAN_FRONTEND: "noninteractive" },
+      },
+    );
   }
 }
 
@@ -302,17 +315,102 @@ function fmt(n: number, digits = 1): string {
   return n.toFixed(digits);
 }
 
+interface DiskSet {
+  title: string;
+  /** What the disk is, printed above its tables. */
+  about: string[];
+  images: string[];
+}
+
+/** Runs every chosen tool on one disk set in interleaved rounds; prints its tables. */
+function benchDiskSet(set: DiskSet, chosen: Tool[]): void {
+  const runs = new Map<string, Row[]>(chosen.map((t) => [t.name, []]));
+  for (let round = 1; round <= ROUNDS; round++) {
+    clearWork(true);
+    for (const t of chosen) {
+      console.error(`bench: ${set.title}: round ${round} of ${ROUNDS}`);
+      try {
+        runs.get(t.name)!.push(runTool(t, set.images));
+      } catch (err) {
+        console.log(`| ${t.name} | failed: ${(err as Error).message.split("\n")[0]} |`);
+      }
+    }
+  }
+  const rows = [...runs.values()].filter((rs) => rs.length > 0).map(fastestRound);
+  const size = statSync(set.images[0]!).size;
+  const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
+  const peakRss = (r: Row) => Math.max(r.full.rssMiB, r.restore.rssMiB, ...r.incr.map((m) => m.rssMiB));
+
+  console.log(`\n## ${set.title}\n`);
+  for (const line of set.about) console.log(line);
+  console.log(
+    "\nOffline incremental: the next day's image as a file, read whole again by every tool (no dirty " +
+      "bitmap); the figure is the mean over the days.\n",
+  );
+  console.log(
+    "| tool | full: wall s | CPU s | stored MiB | offline incremental: wall s | CPU s | stored MiB/day | restore: wall s | peak RSS MiB |",
+  );
+  console.log("|---|---|---|---|---|---|---|---|---|");
+  for (const r of rows) {
+    console.log(
+      `| ${r.tool} | ${fmt(r.full.wall)} | ${fmt(r.full.cpu)} | ${fmt(r.storedFull / MiB)} | ${fmt(mean(r.incr.map((m) => m.wall)))} | ${fmt(mean(r.incr.map((m) => m.cpu)))} | ${fmt(mean(r.storedPerDay) / MiB)} | ${fmt(r.restore.wall)} | ${fmt(peakRss(r), 0)} |`,
+    );
+  }
+  const peers = rows.filter((r) => !r.tool.startsWith("strata"));
+  for (const [label, strata] of [
+    ["default: 1 MiB fixed, unencrypted", rows.find((r) => r.tool === STRATA_DEFAULT)],
+    ["1 MiB fixed, encrypted (AES)", rows.find((r) => r.tool === STRATA_AES)],
+  ] as const) {
+    if (!strata || peers.length === 0) continue;
+    console.log(`\nRatios of strata (${label}) to each peer (>1 = strata faster/smaller):\n`);
+    console.log(
+      "| peer | full backup speed | offline incremental speed | restore speed | stored bytes/day (peer/strata) | peak RSS (peer/strata) |",
+    );
+    console.log("|---|---|---|---|---|---|");
+    for (const r of peers) {
+      console.log(
+        `| ${r.tool} | ${fmt(r.full.wall / strata.full.wall, 2)}x | ${fmt(mean(r.incr.map((m) => m.wall)) / mean(strata.incr.map((m) => m.wall)), 2)}x | ${fmt(r.restore.wall / strata.restore.wall, 2)}x | ${fmt(mean(r.storedPerDay) / Math.max(1, mean(strata.storedPerDay)), 2)} | ${fmt(peakRss(r) / peakRss(strata), 2)} |`,
+      );
+    }
+    const dataMiB = size / MiB;
+    console.log(
+      `\nstrata (${label}): full backup ${fmt(dataMiB / strata.full.wall, 0)} MiB/s of disk; restore ${fmt(dataMiB / strata.restore.wall, 0)} MiB/s`,
+    );
+  }
+}
+
+const STRATA_DEFAULT = "strata (1 MiB fixed, zstd 1/11)";
+const STRATA_AES = "strata (1 MiB fixed, zstd 1/11, AES)";
+
 function main(): void {
   ensureTools();
   mkdirSync(WORK, { recursive: true });
-  const images = benchDisks(CACHE, DAYS);
-  const size = statSync(images[0]!).size;
-  console.log(
-    `bench disk: ${images.length} images of ${size / MiB} MiB (ext4, ~2.4 GiB used), ${availableParallelism()} cores`,
-  );
+  const debian = debianDisks(ROOT, CACHE, DAYS);
+  const synthetic = benchDisks(CACHE, DAYS);
+  const sets: DiskSet[] = [
+    {
+      title: "Debian 12, installed (headline)",
+      about: [
+        `${debian.images.length} images of ${statSync(debian.images[0]!).size / MiB} MiB: ext4 holding a debootstrap'd ` +
+          `Debian 12 (kernel, systemd, Python, Perl, gcc, PostgreSQL, a JRE, docs), ${fmt(debian.allocated / MiB, 0)} MiB ` +
+          "allocated on day 0; each next day is the day before used in a chroot (apt-get install/purge, logs " +
+          "rotated and appended, a SQLite database grown, configuration edited, user files created and deleted).",
+        `Changed per day (64 KiB blocks of the image that differ from the day before): ${debian.changed.map((b, i) => `day ${i + 1}: ${fmt(b / MiB, 0)} MiB`).join(", ")}.`,
+      ],
+      images: debian.images,
+    },
+    {
+      title: "Synthetic Linux-like tree (media, duplicates, generated files)",
+      about: [
+        `${synthetic.length} images of ${statSync(synthetic[0]!).size / MiB} MiB: ext4 with ~2.4 GiB used: this machine's ` +
+          "/usr, generated logs and databases, incompressible media, a duplicated directory; next days changed with debugfs.",
+      ],
+      images: synthetic,
+    },
+  ];
   const tools: Tool[] = [
-    strataTool("strata (1 MiB fixed, zstd 1/11)", "1M", false),
-    strataTool("strata (1 MiB fixed, zstd 1/11, AES)", "1M", true),
+    strataTool(STRATA_DEFAULT, "1M", false),
+    strataTool(STRATA_AES, "1M", true),
     strataTool("strata (4 MiB fixed, zstd 1/11)", "4M", false),
     strataTool("strata (256 KiB fixed, zstd 1/11)", "256K", false),
     restic,
@@ -321,59 +419,17 @@ function main(): void {
   ];
   const only = process.env.STRATA_BENCH_ONLY;
   const chosen = tools.filter((x) => !only || only.split("|").some((o) => x.name.includes(o)));
-  const runs = new Map<string, Row[]>(chosen.map((t) => [t.name, []]));
-  for (let round = 1; round <= ROUNDS; round++) {
-    clearWork(true);
-    for (const t of chosen) {
-      console.error(`bench: round ${round} of ${ROUNDS}`);
-      try {
-        runs.get(t.name)!.push(runTool(t, images));
-      } catch (err) {
-        console.log(`| ${t.name} | failed: ${(err as Error).message.split("\n")[0]} |`);
-      }
-    }
-  }
-  const rows = [...runs.values()].filter((rs) => rs.length > 0).map(fastestRound);
+  const cold = dropCaches();
   console.log(
-    `\n${ROUNDS} interleaved rounds; times are the fastest round's, stored bytes the mean. ` +
-      (dropCaches()
+    `${availableParallelism()} cores. ${ROUNDS} interleaved rounds per disk; times are the fastest round's, stored bytes the mean. ` +
+      (cold
         ? "Every command started with an empty page cache."
         : "Not root: the page cache was NOT dropped between commands, so later tools may read what earlier ones cached."),
   );
-  const lim = limits(images[0]!);
-  const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
-
-  console.log(
-    "\n| tool | full: wall s | CPU s | peak RSS MiB | stored MiB | incr: wall s | stored MiB/day | restore: wall s | peak RSS MiB |",
-  );
-  console.log("|---|---|---|---|---|---|---|---|---|");
-  for (const r of rows) {
-    console.log(
-      `| ${r.tool} | ${fmt(r.full.wall)} | ${fmt(r.full.cpu)} | ${fmt(r.full.rssMiB, 0)} | ${fmt(r.storedFull / MiB)} | ${fmt(mean(r.incr.map((m) => m.wall)))} | ${fmt(mean(r.storedPerDay) / MiB)} | ${fmt(r.restore.wall)} | ${fmt(Math.max(r.restore.rssMiB, ...r.incr.map((m) => m.rssMiB)), 0)} |`,
-    );
-  }
-  const strata = rows.find((r) => r.tool.startsWith("strata (1 MiB fixed, zstd 1/11)"));
-  if (strata) {
-    console.log(
-      "\nRatios of strata (default: 1 MiB fixed, unencrypted) to each peer (>1 = strata faster/smaller):",
-    );
-    console.log(
-      "| peer | full backup speed | incremental speed | restore speed | stored bytes/day (peer/strata) |",
-    );
-    console.log("|---|---|---|---|---|");
-    for (const r of rows.filter((x) => x !== strata)) {
-      console.log(
-        `| ${r.tool} | ${fmt(r.full.wall / strata.full.wall, 2)}x | ${fmt(mean(r.incr.map((m) => m.wall)) / mean(strata.incr.map((m) => m.wall)), 2)}x | ${fmt(r.restore.wall / strata.restore.wall, 2)}x | ${fmt(mean(r.storedPerDay) / Math.max(1, mean(strata.storedPerDay)), 2)} |`,
-      );
-    }
-    const dataMiB = size / MiB;
-    console.log(
-      `\nstrata full backup: ${fmt(dataMiB / strata.full.wall, 0)} MiB/s of disk; restore ${fmt(dataMiB / strata.restore.wall, 0)} MiB/s`,
-    );
-  }
-  console.log("\nThis machine's limits, same run:");
+  for (const set of sets) benchDiskSet(set, chosen);
+  const lim = limits(debian.images[0]!);
+  console.log("\nThis machine's limits, same run (reads: the Debian disk's day 0):");
   for (const [k, v] of Object.entries(lim)) console.log(`- ${k}: ${fmt(v, 0)}`);
-  if (!existsSync(images[0]!)) throw new Error("bench disk vanished");
   clearWork(false);
 }
 
