@@ -11,6 +11,13 @@
  * then `blockjob --pivot`: the guest runs on without a pause it notices. Once every disk is local
  * the overlays are removed and the domain is defined persistently with its production disks.
  * Stop: `shutdown` (with a deadline) or `destroy`; a transient domain is gone with it.
+ *
+ * The record ({@link LibvirtInstantData} in `data`: connection, domain, the XML file in DIR/run/,
+ * the socket, each disk's size) is handed to the engine to save before anything is created and
+ * after each step, and checked field by field when read back ({@link checkLibvirtInstantVm}).
+ * A migration run again aborts a leftover copy job and removes its half-made file; a disk that
+ * pivoted but was not recorded is only recorded. libvirt 9.0 has no reconnect delay for an NBD
+ * source, so `reconnectDelay` is not applied: reads of the backing fail while the server is down.
  */
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
