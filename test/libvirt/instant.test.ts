@@ -56,15 +56,36 @@ describe("libvirt instant recovery", { timeout: 300_000 }, () => {
       quiesce: "try",
       stateDir: join(dir, "state"),
     });
-    // One VM at a time on this machine: the original goes before the clone boots.
-    await virsh("destroy", dom.name);
     const snap = await repo.findSnapshot(r.id);
     const config = JSON.parse((await repo.blob(snap, snap.manifest.config!)).toString()) as VmConfigDocument;
-
+    // The VM itself (not a clone) while the original runs: refused before anything exists.
     await mkdir(join(dir, "serve"));
     const socket = join(dir, "serve", "nbd.sock");
     const served = await serveRestorePoint(repo, snap, { listen: { path: socket } });
     t.after(() => served.close());
+    const exports = served.exports.map((d) => ({ name: d.name, size: d.size, socket, exportName: d.name }));
+    const refusedDir = join(dir, "refused");
+    await mkdir(refusedDir);
+    let recordedEarly = 0;
+    await assert.rejects(
+      adapter.instant.start(config, {
+        name: dom.name,
+        clone: false,
+        dir: refusedDir,
+        disks: exports,
+        reconnectDelay: 10,
+        stateDir: join(dir, "state"),
+        log: () => {},
+        record: async () => {
+          recordedEarly++;
+        },
+      }),
+      new RegExp(`domain ${dom.name} is running: run it as a clone`),
+    );
+    assert.equal(recordedEarly, 0);
+    assert.equal(await stat(join(refusedDir, "vda.overlay.qcow2")).catch(() => undefined), undefined);
+    // One VM at a time on this machine: the original goes before the clone boots.
+    await virsh("destroy", dom.name);
     const name = "strata-test-ir-clone";
     t.after(() => removeDomain(name));
     const irDir = join(dir, "ir");
@@ -92,7 +113,7 @@ describe("libvirt instant recovery", { timeout: 300_000 }, () => {
       name,
       clone: true,
       dir: irDir,
-      disks: served.exports.map((d) => ({ name: d.name, size: d.size, socket, exportName: d.name })),
+      disks: exports,
       reconnectDelay: 10,
       stateDir: join(dir, "state"),
       log: (m) => logs.push(m),
