@@ -64,7 +64,7 @@ async function describe(r: InstantRecord) {
       pid: number | null;
       running: boolean;
       where: string | null;
-      /** The adapter's details: QEMU's qmpSocket, console, log. */
+      /** The adapter's details: QEMU's qmpSocket, console, log; libvirt's domain, uri, console. */
       [detail: string]: string | number | boolean | null;
     },
     serve: { pid: r.serve.pid, running: serverRuns(r), socket: r.socket, log: r.serve.log },
@@ -119,9 +119,10 @@ seconds whatever its disk sizes. Then:
       "after",
       `
 Without --name it is known to strata instant by its VM name in the repository and keeps its
-QEMU name, UUID and MAC addresses (the original must not run on the same network); with --name
+name, UUID and MAC addresses (the original must not run on the same network); with --name
 it is a clone that runs beside the original (new UUID and MACs). Its sockets, console and
-logs go to DIR/run/. QMP socket and console are printed.
+logs go to DIR/run/. Where it runs (QEMU: its QMP socket; libvirt: a transient domain) and its
+console are printed.
 
 Examples:
   strata instant web1/latest --name web1-ir --target /srv/ir/web1
@@ -284,10 +285,11 @@ Examples:
     .addHelpText(
       "after",
       `
-Each disk is mirrored (blockdev-mirror sync=full) from its overlay and backing to the new file
-while the guest runs and writes; when the copy has caught up the device pivots to it
-(job-complete), the overlay and NBD nodes are released and, once every disk is local, the
-server stops and the overlays are removed. An interrupted migration can be run again.
+Each disk is mirrored (QEMU: blockdev-mirror sync=full; libvirt: virsh blockcopy) from its
+overlay and backing to the new file while the guest runs and writes; when the copy has caught
+up the device pivots to it, the overlay and NBD backing are released and, once every disk is
+local, the server stops and the overlays are removed (a libvirt domain is then defined
+persistently). An interrupted migration can be run again.
 With --limit below the guest's write rate a background copy may never catch up: --active makes
 each guest write wait for both copies instead.`,
     )

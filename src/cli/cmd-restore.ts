@@ -41,29 +41,34 @@ export function registerRestoreCommand(program: Command): void {
     .option("--config-only", "print (or write, --to) the VM's definition instead of restoring disks")
     .option(
       "--as <kind>",
-      "with --config-only: json (Strata's definition, default), or the platform's own: qemu-args (a QEMU command line), pve (a Proxmox VMID.conf)",
+      "with --config-only: json (Strata's definition, default), or the platform's own: qemu-args (a QEMU command line), xml (a libvirt domain XML), pve (a Proxmox VMID.conf)",
     )
     .option("--to <file>", "with --config-only: write the definition to this file")
-    .option("--start", "start the restored VM with QEMU, detached, and print its QMP socket")
+    .option(
+      "--start",
+      "start the restored VM (QEMU: detached, its QMP socket printed; libvirt: the defined domain)",
+    )
     .option("--force", "replace existing files; allow overwriting --device (never the disks of a running VM)")
     .addHelpText(
       "after",
       `
-Restore points of VMs (backed up through qmp: or vm:) carry the VM's configuration:
+Restore points of VMs (backed up through qmp:, vm:, libvirt: or pve:) carry the VM's configuration:
   strata restore VM/TIME                      every disk back to the path it had, same format;
                                               refused while the VM runs, and over existing
                                               files without --force
   strata restore VM/TIME --target DIR         a clone in DIR: DIR/<disk>.<format>, sockets and
-        [--name NEW] [--start]                console in DIR/run/, definition in DIR/NEW.json;
+        [--name NEW] [--start]                console in DIR/run/, definition in DIR/NEW.json
+                                              (a libvirt domain: DIR/NEW.xml, and defined);
                                               new name, UUID and MAC addresses, so it runs
                                               beside the original
   strata restore VM/TIME --disk NAME [--target DIR | --device DEV]
                                               one disk: back to its path, into DIR, or onto DEV
-  strata restore VM/TIME --config-only [--target DIR --name NEW] [--as json|qemu-args] [--to FILE]
+  strata restore VM/TIME --config-only [--target DIR --name NEW] [--as json|qemu-args|xml|pve] [--to FILE]
                                               the definition only, in place or for a clone
 
 --start runs QEMU with the recorded command line, rewritten for the clone (KVM where the CPU
-and /dev/kvm allow it, else TCG), leaves it running and prints its QMP socket. A VM restored
+and /dev/kvm allow it, else TCG), leaves it running and prints its QMP socket; a libvirt
+domain is started by libvirt. A VM restored
 from a crash-consistent or paused restore point boots as after a power loss; from a
 clean-shutdown one, cleanly ("strata snapshots" shows each restore point's consistency).
 
@@ -76,6 +81,7 @@ Examples:
   strata restore web1/latest
   strata restore web1/latest --target /srv/clones/web1b --name web1b --start
   strata restore web1/latest --config-only --as qemu-args
+  strata restore web2/latest --config-only --as xml          # a libvirt domain
   strata restore web1/latest --disk root --target /var/lib/images/restored --format raw
   strata restore web1/latest --disk root --device /dev/vg0/web1-root --force`,
     )

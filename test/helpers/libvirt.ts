@@ -77,6 +77,8 @@ export interface DomainDiskSpec {
   format: "qcow2" | "raw";
   size: string;
   ext4?: boolean;
+  /** MiB of random data written at the start of the disk before the domain starts. */
+  fillMiB?: number;
 }
 
 export interface TestDomain {
@@ -177,6 +179,19 @@ export async function testDomain(
       const raw = `${file}.tmp`;
       await run("qemu-img", ["create", "-q", "-f", "raw", raw, d.size]);
       await run("mkfs.ext4", ["-q", "-F", raw]);
+      await run("qemu-img", ["convert", "-f", "raw", "-O", d.format, raw, file]);
+      await rm(raw);
+    } else if (d.fillMiB) {
+      const raw = `${file}.tmp`;
+      await run("qemu-img", ["create", "-q", "-f", "raw", raw, d.size]);
+      await run("dd", [
+        "if=/dev/urandom",
+        `of=${raw}`,
+        "bs=1M",
+        `count=${d.fillMiB}`,
+        "conv=notrunc",
+        "status=none",
+      ]);
       await run("qemu-img", ["convert", "-f", "raw", "-O", d.format, raw, file]);
       await rm(raw);
     } else {

@@ -201,6 +201,7 @@ describe("libvirt backups", { timeout: 900_000 }, () => {
     const handle = await adapter.resolve(`libvirt:${dom.name}`);
     const prev = (await repo.snapshots("bk", () => {})).at(-1)!;
     const failed = await handle.openBackup({
+      vm: "bk",
       repository: repo.config.id,
       mode: "snapshot",
       quiesce: "try",

@@ -83,6 +83,7 @@ describe("libvirt: a shut-off domain", { timeout: 600_000 }, () => {
 
     // While the images are read, the domain cannot start and write them (QEMU's image locks).
     const session = await (await adapter.resolve(`libvirt:${dom.name}`)).openBackup({
+      vm: "off",
       repository: repo.config.id,
       mode: "snapshot",
       quiesce: "try",

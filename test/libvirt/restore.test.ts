@@ -69,6 +69,7 @@ describe("libvirt restores", { timeout: 600_000 }, () => {
     const snap = await repo.findSnapshot(r1.id);
     const config = JSON.parse((await repo.blob(snap, snap.manifest.config!)).toString()) as VmConfigDocument;
     const available = snap.manifest.disks.map((d) => ({ name: d.name, size: d.size }));
+    const restorePoint = { vm: snap.vm, time: snap.time, consistency: snap.manifest.consistency };
 
     // The configuration renders as the domain XML; other syntaxes are refused clearly.
     assert.equal(adapter.renderConfig(config, "xml"), config.xml);
@@ -84,7 +85,7 @@ describe("libvirt restores", { timeout: 600_000 }, () => {
     const target = join(dir, "clone");
     const cloneName = "strata-test-rs-clone";
     t.after(() => removeDomain(cloneName));
-    const plan = await adapter.planRestore(config, { target, name: cloneName, available });
+    const plan = await adapter.planRestore(config, { target, name: cloneName, available, restorePoint });
     const orig = cloneFacts(String(config.xml));
     const facts = cloneFacts(plan.definition.text);
     assert.equal(facts.name, cloneName);
@@ -112,6 +113,14 @@ describe("libvirt restores", { timeout: 600_000 }, () => {
     const started = await adapter.start!(plan);
     assert.equal(started.where, `libvirt domain ${cloneName}`);
     assert.ok(started.pid && started.pid > 0);
+    assert.equal(started.details?.console, join(target, "run", "console.log"));
+    assert.match(
+      await virsh("dumpxml", cloneName),
+      new RegExp(
+        `<strata:restore xmlns:strata="urn:strata:restore:1" from="rs/${snap.time}" consistency="${snap.manifest.consistency}"`,
+      ),
+      "the restore point is named in the defined domain's metadata",
+    );
     await waitConsole(join(target, "run", "console.log"), /STRATA-GUEST-READY/, 120_000);
     assert.equal((await virsh("domstate", dom.name)).trim(), "running", "the original runs on");
     const before = await dom.seq();
@@ -119,7 +128,7 @@ describe("libvirt restores", { timeout: 600_000 }, () => {
     await virsh("destroy", cloneName);
 
     // 2. In place: refused while the original runs, then restored over its own disks.
-    const inPlace = await adapter.planRestore(config, { available });
+    const inPlace = await adapter.planRestore(config, { available, restorePoint });
     assert.equal(inPlace.clone, false);
     assert.deepEqual(
       inPlace.disks.map((d) => d.path),

@@ -35,7 +35,10 @@ export interface DomainInfo {
 
 /** Domain names Strata accepts: libvirt allows more, but these are safe in file names and logs. */
 export const DOMAIN_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$/;
-const TARGET_RE = /^[a-z]{2,4}[a-z0-9]{0,12}$/;
+/** Disk targets (`vda`, `sdb`): the disks' names in the repository. */
+export const TARGET_RE = /^[a-z]{2,4}[a-z0-9]{0,12}$/;
+/** Connection URIs Strata passes to virsh (`qemu:///system`, `qemu+ssh://host/system`). */
+export const URI_RE = /^[a-z][a-z0-9+]*:\/\/[A-Za-z0-9._@:[\]-]*\/[A-Za-z0-9._/-]*(\?[A-Za-z0-9._=&/-]*)?$/;
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const MAC_RE = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i;
 

@@ -29,7 +29,7 @@ import type {
 } from "../adapter.js";
 import { openLibvirtBackup } from "./backup.js";
 import { parseLibvirtConfig } from "./config.js";
-import { DOMAIN_NAME_RE } from "./domain.js";
+import { DOMAIN_NAME_RE, URI_RE } from "./domain.js";
 import { LibvirtInstant } from "./instant.js";
 import { findLeftovers } from "./leftovers.js";
 import {
@@ -47,7 +47,6 @@ export { cloneFacts, type LibvirtRestorePlan } from "./restore.js";
 export { Virsh, VirshError } from "./virsh.js";
 
 export const DEFAULT_URI = "qemu:///system";
-const URI_RE = /^[a-z][a-z0-9+]*:\/\/[A-Za-z0-9._@:[\]-]*\/[A-Za-z0-9._/-]*(\?[A-Za-z0-9._=&/-]*)?$/;
 
 export interface LibvirtTarget {
   domain: string;
@@ -121,6 +120,9 @@ export class LibvirtAdapter implements VmAdapter {
       defaultName: t.domain,
       openBackup: (request: BackupRequest): Promise<BackupSession> =>
         openLibvirtBackup({ virsh, domain: t.domain, request }),
+      // Runs are recorded by domain (a domain's checkpoints are one chain whatever it is filed under).
+      leftovers: (_vm: string, stateDir: string, fix: boolean): Promise<Finding[]> =>
+        findLeftovers(virsh, stateDir, fix, t.domain),
     };
   }
 

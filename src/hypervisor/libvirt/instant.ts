@@ -11,51 +11,123 @@
  * then `blockjob --pivot`: the guest runs on without a pause it notices. Once every disk is local
  * the overlays are removed and the domain is defined persistently with its production disks.
  * Stop: `shutdown` (with a deadline) or `destroy`; a transient domain is gone with it.
+ *
+ * The record ({@link LibvirtInstantData} in `data`: connection, domain, the XML file in DIR/run/,
+ * the socket, each disk's size) is handed to the engine to save before anything is created and
+ * after each step, and checked field by field when read back ({@link checkLibvirtInstantVm}).
+ * A migration run again aborts a leftover copy job and removes its half-made file; a disk that
+ * pivoted but was not recorded is only recorded. libvirt 9.0 has no reconnect delay for an NBD
+ * source, so `reconnectDelay` is not applied: reads of the backing fail while the server is down.
  */
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
+import { checker } from "../../util/check.js";
 import { ErrorCode, isStrataError, StrataError } from "../../util/errors.js";
 import { runProgram } from "../../util/process.js";
 import type {
   InstantRequest,
   InstantRuntime,
   InstantVm,
+  MigratedDisk,
   MigrateRequest,
   VmConfigDocument,
 } from "../adapter.js";
 import { checkReachable, qemuUser } from "./access.js";
 import { domainState } from "./backup.js";
-import { planLibvirtRestore } from "./restore.js";
+import { DOMAIN_NAME_RE, TARGET_RE, URI_RE } from "./domain.js";
+import { domainDetails, planLibvirtRestore } from "./restore.js";
 import { Virsh, VirshError } from "./virsh.js";
 import { buildXml, el, kid, kids, parseXml, removeKids } from "./xml.js";
 
-interface InstantData {
+/** InstantVm.data of a libvirt domain. */
+export interface LibvirtInstantData {
   uri: string;
   domain: string;
   /** The domain XML the VM runs from (kept current: migrated disks point at production). */
   xmlFile: string;
   socket: string;
+  /** Each disk's size (the export's). */
+  sizes: Record<string, number>;
 }
 
-function dataOf(vm: InstantVm): InstantData {
-  const d = vm.data as Partial<InstantData>;
-  if (
-    vm.adapter !== "libvirt" ||
-    typeof d.uri !== "string" ||
-    typeof d.domain !== "string" ||
-    typeof d.xmlFile !== "string" ||
-    typeof d.socket !== "string"
-  )
-    throw new StrataError(
-      ErrorCode.DATA_CORRUPT,
-      `instant recovery record of ${vm.name} is not a libvirt one`,
-    );
-  return d as InstantData;
+/**
+ * Checks a libvirt InstantVm read back from the engine's state file: the generic fields, and
+ * `data` field by field (a connection URI, a domain name Strata handles and that the record is
+ * named by, absolute paths, a size for every disk). Throws DATA_CORRUPT naming what is wrong.
+ */
+export function checkLibvirtInstantVm(vm: InstantVm): InstantVm {
+  const c = checker(`the instant recovery record of ${JSON.stringify(String(vm?.name))} is damaged`);
+  const v = c.obj(vm, "the VM record");
+  if (v.adapter !== "libvirt")
+    c.refuse(`it belongs to the ${JSON.stringify(v.adapter)} adapter, not libvirt`);
+  const name = c.str(v.name, "the name");
+  c.str(v.where, "where it runs");
+  if (v.pid !== null) c.int(v.pid, "the QEMU pid", 2 ** 31);
+  const data = c.obj(v.data, "the libvirt record");
+  const sizes = c.obj(data.sizes, "the disk sizes");
+  const names = c.arr(v.disks, "the disk list", 256).map((x, i) => {
+    const d = c.obj(x, `disk ${i}`);
+    const disk = c.str(d.name, `the name of disk ${i}`);
+    if (!TARGET_RE.test(disk)) c.refuse(`disk name ${JSON.stringify(disk)} is not a libvirt disk target`);
+    c.path(d.overlay, `disk ${disk}'s overlay`);
+    if (d.production !== undefined) {
+      const p = c.obj(d.production, `disk ${disk}'s production file`);
+      c.path(p.path, `disk ${disk}'s production file`);
+      if (p.format !== "raw" && p.format !== "qcow2")
+        c.refuse(`disk ${disk}'s production format is not raw or qcow2`);
+    }
+    c.int(sizes[disk], `disk ${disk}'s size`, Number.MAX_SAFE_INTEGER);
+    return disk;
+  });
+  if (new Set(names).size !== names.length) c.refuse("a disk is listed twice");
+  for (const k of Object.keys(sizes)) if (!names.includes(k)) c.refuse(`a size for unknown disk ${k}`);
+  const details = c.obj(v.details, "the details");
+  for (const [k, x] of Object.entries(details)) c.str(x, `detail ${k}`);
+  for (const [i, w] of c.arr(v.warnings, "the warnings", 1000).entries()) c.str(w, `warning ${i}`);
+  const uri = c.str(data.uri, "the libvirt connection");
+  if (!URI_RE.test(uri)) c.refuse(`the libvirt connection ${JSON.stringify(uri)} is not a URI Strata uses`);
+  const domain = c.str(data.domain, "the domain");
+  if (!DOMAIN_NAME_RE.test(domain))
+    c.refuse(`the domain name ${JSON.stringify(domain)} is not one Strata handles`);
+  if (domain !== name) c.refuse(`its domain ${domain} is not the VM it names (${name})`);
+  const xmlFile = c.path(data.xmlFile, "the domain XML file");
+  if (!xmlFile.endsWith(".xml"))
+    c.refuse(`the domain XML file ${JSON.stringify(xmlFile)} is not a .xml file`);
+  c.path(data.socket, "the NBD socket");
+  return vm;
+}
+
+function dataOf(vm: InstantVm): LibvirtInstantData {
+  return checkLibvirtInstantVm(vm).data as unknown as LibvirtInstantData;
+}
+
+/** A domain's state, or undefined when libvirt knows no domain of this name. */
+async function stateOf(virsh: Virsh, domain: string): Promise<string | undefined> {
+  try {
+    return await domainState(virsh, domain);
+  } catch (err) {
+    if (isStrataError(err, ErrorCode.NOT_FOUND)) return undefined;
+    throw err;
+  }
 }
 
 async function pidOf(domain: string): Promise<number | null> {
   const n = Number((await fs.readFile(`/run/libvirt/qemu/${domain}.pid`, "utf8").catch(() => "")).trim());
   return n > 0 ? n : null;
+}
+
+const exists = (p: string) =>
+  fs.lstat(p).then(
+    () => true,
+    () => false,
+  );
+
+/** The source file of disk `target` in a running domain's live XML, or undefined. */
+async function liveSource(virsh: Virsh, domain: string, target: string): Promise<string | undefined> {
+  const dom = parseXml(await virsh.run(["dumpxml", domain]), "domain", `live XML of ${domain}`);
+  for (const x of kids(kid(dom, "devices"), "disk"))
+    if (kid(x, "target")?.attrs.dev === target) return kid(x, "source")?.attrs.file;
+  return undefined;
 }
 
 /** Rewrites the disk `target` of a domain XML file to a plain local image. */
@@ -80,6 +152,10 @@ export class LibvirtInstant implements InstantRuntime {
     return new Virsh(uri);
   }
 
+  checkRecord(vm: InstantVm): InstantVm {
+    return checkLibvirtInstantVm(vm);
+  }
+
   async start(config: VmConfigDocument, req: InstantRequest): Promise<InstantVm> {
     const virsh = this.virsh();
     const available = req.disks.map((d) => ({ name: d.name, size: d.size }));
@@ -90,44 +166,29 @@ export class LibvirtInstant implements InstantRuntime {
     );
     const sockets = [...new Set(req.disks.map((d) => d.socket))];
     const user = await qemuUser();
-    await fs.mkdir(join(req.dir, "run"), { recursive: true });
-    await checkReachable(join(req.dir, "run", "x"), user, "the instant-recovery directory");
-    for (const s of sockets) {
-      await checkReachable(s, user, "Strata's NBD socket");
-      // QEMU connects to the export as its own user: connect() needs write permission on the socket.
-      await fs.chown(s, user.uid, user.gid);
-    }
+    const runDir = join(req.dir, "run");
+    await fs.mkdir(runDir, { recursive: true });
+    await checkReachable(join(runDir, "x"), user, "the instant-recovery directory");
+    for (const s of sockets) await checkReachable(s, user, "Strata's NBD socket");
+    // Everything is planned (and refused) before anything is created.
     const dom = parseXml(plan.definition.text, "domain", "planned domain XML");
     const disks: InstantVm["disks"] = [];
+    const overlays: Array<{ path: string; backing: string; size: number }> = [];
     for (const x of kids(kid(dom, "devices"), "disk")) {
       const t = kid(x, "target")?.attrs.dev ?? "";
       const nbd = req.disks.find((d) => d.name === t);
       if (!nbd) continue;
       const overlay = join(req.dir, `${t}.overlay.qcow2`);
-      if (
-        await fs.stat(overlay).then(
-          () => true,
-          () => false,
-        )
-      )
+      if (await exists(overlay))
         throw new StrataError(
           ErrorCode.TARGET_CONFLICT,
           `${overlay} exists: not starting over an earlier run's overlay`,
         );
-      const backing = `nbd+unix:///${nbd.exportName}?socket=${nbd.socket}`;
-      await runProgram("qemu-img", [
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-F",
-        "raw",
-        "-b",
-        backing,
-        overlay,
-        String(nbd.size),
-      ]);
+      overlays.push({
+        path: overlay,
+        backing: `nbd+unix:///${nbd.exportName}?socket=${nbd.socket}`,
+        size: nbd.size,
+      });
       x.attrs.type = "file";
       const driver = kid(x, "driver");
       if (driver) driver.attrs.type = "qcow2";
@@ -146,20 +207,67 @@ export class LibvirtInstant implements InstantRuntime {
         ErrorCode.USAGE,
         `the domain has no disk ${missing.map((d) => d.name).join(", ")}`,
       );
-    const xmlFile = join(req.dir, `${plan.domain}.xml`);
-    await fs.writeFile(xmlFile, buildXml(dom));
-    const t0 = Date.now();
-    await virsh.run(["create", xmlFile], { timeoutMs: 120_000 });
-    req.log(`started transient domain ${plan.domain} in ${Date.now() - t0} ms`);
-    return {
+    const state = await stateOf(virsh, plan.domain);
+    if (state !== undefined && state !== "shut off" && state !== "crashed")
+      throw new StrataError(
+        ErrorCode.TARGET_CONFLICT,
+        `domain ${plan.domain} is ${state}: ${req.clone ? "pick another --name" : "run it as a clone with --name NEW"}`,
+      );
+    const xmlFile = join(runDir, `${plan.domain}.xml`);
+    const text = buildXml(dom);
+    const data: LibvirtInstantData = {
+      uri: this.uri,
+      domain: plan.domain,
+      xmlFile,
+      socket: sockets[0] ?? "",
+      sizes: Object.fromEntries(req.disks.map((d) => [d.name, d.size])),
+    };
+    const vm: InstantVm = {
       adapter: "libvirt",
       name: plan.domain,
       where: `libvirt domain ${plan.domain}`,
-      pid: await pidOf(plan.domain),
+      pid: null,
       disks,
-      data: { uri: this.uri, domain: plan.domain, xmlFile, socket: sockets[0] ?? "" } satisfies InstantData,
+      data: { ...data },
+      details: { ...domainDetails(this.uri, plan.domain, text), definition: xmlFile },
       warnings: plan.warnings,
     };
+    checkLibvirtInstantVm(vm);
+    await req.record(vm);
+    let created = false;
+    try {
+      for (const s of sockets) {
+        // QEMU connects to the export as its own user: connect() needs write permission on the socket.
+        await fs.chown(s, user.uid, user.gid);
+      }
+      for (const o of overlays)
+        await runProgram("qemu-img", [
+          "create",
+          "-q",
+          "-f",
+          "qcow2",
+          "-u",
+          "-F",
+          "raw",
+          "-b",
+          o.backing,
+          o.path,
+          String(o.size),
+        ]);
+      await fs.writeFile(xmlFile, text);
+      const t0 = Date.now();
+      created = true;
+      await virsh.run(["create", xmlFile], { timeoutMs: 120_000 });
+      req.log(`started transient domain ${plan.domain} in ${Date.now() - t0} ms`);
+      vm.pid = await pidOf(plan.domain);
+      await req.record(vm);
+    } catch (err) {
+      if (created) await virsh.run(["destroy", plan.domain]).catch(() => {});
+      for (const o of overlays) await fs.rm(o.path, { force: true });
+      await fs.rm(xmlFile, { force: true });
+      throw err;
+    }
+    return vm;
   }
 
   async running(vm: InstantVm): Promise<boolean> {
@@ -176,54 +284,109 @@ export class LibvirtInstant implements InstantRuntime {
   async resume(vm: InstantVm, log: (message: string) => void): Promise<InstantVm> {
     const d = dataOf(vm);
     if (await this.running(vm)) return vm;
-    await this.virsh(d.uri).run(["create", d.xmlFile], { timeoutMs: 120_000 });
-    log(`started ${d.domain} again from ${d.xmlFile}`);
+    for (const x of vm.disks) {
+      if (!x.production && !(await exists(x.overlay)))
+        throw new StrataError(ErrorCode.DATA_MISSING, `overlay ${x.overlay} of disk ${x.name} is gone`);
+    }
+    const virsh = this.virsh(d.uri);
+    if (vm.disks.every((x) => x.production)) {
+      // Migrated: defined persistently on its production disks.
+      await virsh.run(["start", d.domain], { timeoutMs: 120_000 });
+      log(`started ${d.domain} again`);
+    } else {
+      await virsh.run(["create", d.xmlFile], { timeoutMs: 120_000 });
+      log(`started ${d.domain} again from ${d.xmlFile}`);
+    }
     return { ...vm, pid: await pidOf(d.domain) };
   }
 
-  async migrate(vm: InstantVm, req: MigrateRequest): Promise<InstantVm> {
-    const d = dataOf(vm);
+  async migrate(record: InstantVm, req: MigrateRequest): Promise<{ vm: InstantVm; disks: MigratedDisk[] }> {
+    const vm = structuredClone(checkLibvirtInstantVm(record));
+    const d = vm.data as unknown as LibvirtInstantData;
     const virsh = this.virsh(d.uri);
     await fs.mkdir(req.target, { recursive: true });
-    const disks = vm.disks.map((x) => ({ ...x }));
-    for (const disk of disks) {
-      if (disk.production) continue;
+    const results: MigratedDisk[] = [];
+    for (const disk of vm.disks) {
+      const size = d.sizes[disk.name]!;
+      if (disk.production) {
+        results.push({
+          disk: disk.name,
+          path: disk.production.path,
+          format: disk.production.format,
+          size,
+          copied: 0,
+          readyMs: 0,
+          pivotMs: 0,
+          skipped: true,
+        });
+        continue;
+      }
       req.signal?.throwIfAborted();
       const path = join(req.target, `${disk.name}.${req.format}`);
-      if (
-        await fs.stat(path).then(
-          () => true,
-          () => false,
-        )
-      )
-        throw new StrataError(ErrorCode.TARGET_CONFLICT, `${path} exists: not copying ${disk.name} over it`);
-      const args = ["blockcopy", d.domain, disk.name, path, "--format", req.format];
-      if (req.limitBytes !== null) args.push("--bandwidth", String(req.limitBytes), "--bytes");
-      if (req.active) args.push("--synchronous-writes");
-      const t0 = Date.now();
-      await virsh.run(args);
-      try {
-        await this.waitAndPivot(virsh, d.domain, disk.name, req);
-      } catch (err) {
+      let copied = 0;
+      let readyMs = 0;
+      let pivotMs = 0;
+      if ((await liveSource(virsh, d.domain, disk.name)) === path) {
+        // Pivoted by an interrupted run whose record was not written: bookkeeping only.
+        req.log(`disk ${disk.name} had pivoted to ${path} already`);
+      } else {
+        // An interrupted run's copy: its job ends, its half-made file goes (the engine checked
+        // that a file there is this migration's own).
         await virsh.run(["blockjob", d.domain, disk.name, "--abort"]).catch(() => {});
         await fs.rm(path, { force: true });
-        throw err;
+        const args = ["blockcopy", d.domain, disk.name, path, "--format", req.format];
+        if (req.limitBytes !== null) args.push("--bandwidth", String(Math.round(req.limitBytes)), "--bytes");
+        if (req.active) args.push("--synchronous-writes");
+        const t0 = Date.now();
+        await virsh.run(args);
+        req.progress?.(disk.name, 0, size);
+        try {
+          ({ copied, readyMs } = await this.waitAndPivot(virsh, d.domain, disk.name, size, req));
+        } catch (err) {
+          await virsh.run(["blockjob", d.domain, disk.name, "--abort"]).catch(() => {});
+          await fs.rm(path, { force: true });
+          throw err;
+        }
+        readyMs -= t0;
+        pivotMs = Date.now() - t0;
+        req.progress?.(disk.name, size, size);
+        req.log(`${disk.name}: copied to ${path} and pivoted in ${pivotMs} ms`);
+        results.push({
+          disk: disk.name,
+          path,
+          format: req.format,
+          size,
+          copied,
+          readyMs,
+          pivotMs,
+          skipped: false,
+        });
       }
-      req.log(`${disk.name}: copied to ${path} and pivoted in ${Date.now() - t0} ms`);
       disk.production = { path, format: req.format };
       await pointDiskAt(d.xmlFile, disk.name, path, req.format);
+      await req.record(vm);
     }
-    for (const disk of disks) await fs.rm(disk.overlay, { force: true });
+    for (const disk of vm.disks) await fs.rm(disk.overlay, { force: true });
     // Every disk is local now: the domain no longer needs Strata; make it a defined one.
     await virsh.run(["define", d.xmlFile]);
     req.log(`${d.domain} runs on production storage and is defined persistently`);
-    return { ...vm, disks };
+    return { vm, disks: results };
   }
 
-  /** Polls the copy (`blockjob --raw`: cur/end) until it is ready, then pivots. */
-  private async waitAndPivot(virsh: Virsh, domain: string, disk: string, req: MigrateRequest): Promise<void> {
+  /**
+   * Polls the copy (`blockjob --raw`: cur/end) until it is ready, then pivots. Returns the bytes
+   * the job reported and the time it was ready (epoch ms).
+   */
+  private async waitAndPivot(
+    virsh: Virsh,
+    domain: string,
+    disk: string,
+    size: number,
+    req: MigrateRequest,
+  ): Promise<{ copied: number; readyMs: number }> {
     let last = -1;
     let lastChange = Date.now();
+    let readyMs = 0;
     for (;;) {
       req.signal?.throwIfAborted();
       const info = await virsh.run(["blockjob", domain, disk, "--raw"]);
@@ -234,7 +397,8 @@ export class LibvirtInstant implements InstantRuntime {
           ErrorCode.EXTERNAL,
           `the copy of ${disk} ended before it could pivot (${info.trim()})`,
         );
-      req.progress?.(cur, end);
+      // Not yet the end: `done === total` means moved.
+      req.progress?.(disk, Math.min(size - 1, Math.round((cur / Math.max(1, end)) * size)), size);
       if (cur !== last) {
         last = cur;
         lastChange = Date.now();
@@ -245,9 +409,10 @@ export class LibvirtInstant implements InstantRuntime {
         );
       }
       if (cur === end && end > 0) {
+        readyMs ||= Date.now();
         try {
           await virsh.run(["blockjob", domain, disk, "--pivot"]);
-          return;
+          return { copied: end, readyMs };
         } catch (err) {
           if (!(err instanceof VirshError) || !/not ready|not yet ready|not in ready/i.test(err.stderr))
             throw err;

@@ -34,7 +34,13 @@ async function checkpointBytes(virsh: Virsh, domain: string, name: string): Prom
   }
 }
 
-export async function findLeftovers(virsh: Virsh, stateDir: string, fix: boolean): Promise<Finding[]> {
+/** What is left on the host, or with `only` on that one domain. */
+export async function findLeftovers(
+  virsh: Virsh,
+  stateDir: string,
+  fix: boolean,
+  only?: string,
+): Promise<Finding[]> {
   const out: Finding[] = [];
   const live = new Set<string>();
   /** Domains with a record, and the checkpoints records name (never committed: not a base). */
@@ -42,6 +48,7 @@ export async function findLeftovers(virsh: Virsh, stateDir: string, fix: boolean
   const pending = new Set<string>();
   for (const rec of await LibvirtState.all(stateDir)) {
     const vm = rec.data.domain;
+    if (only !== undefined && vm !== only) continue;
     recorded.add(vm);
     for (const i of rec.items) if (i.kind === "checkpoint") pending.add(`${vm}/${i.name}`);
     if (rec.data.pid !== process.pid && processAlive(rec.data.pid)) {
@@ -66,7 +73,7 @@ export async function findLeftovers(virsh: Virsh, stateDir: string, fix: boolean
     domains = (await virsh.run(["list", "--all", "--name"]))
       .split("\n")
       .map((l) => l.trim())
-      .filter(Boolean);
+      .filter((l) => l !== "" && (only === undefined || l === only));
   } catch (err) {
     if (isStrataError(err, ErrorCode.EXTERNAL)) return out;
     throw err;

@@ -6,6 +6,7 @@ import { readCheckpointRecord, redefinableXml } from "./backup.js";
 import { parseLibvirtConfig } from "./config.js";
 import { parseDomain } from "./domain.js";
 import { parseLibvirtUri } from "./index.js";
+import { checkLibvirtInstantVm } from "./instant.js";
 import { cloneFacts, planLibvirtRestore } from "./restore.js";
 import { parseXml } from "./xml.js";
 
@@ -126,12 +127,14 @@ test("checkpoint records from a manifest are checked before use", () => {
   assert.doesNotMatch(redefinableXml(cp), /parent/);
 });
 
+const restorePoint = { vm: "web1", time: "2026-11-29T10:00:00Z", consistency: "crash-consistent" as const };
+
 test("a clone: new identity, files in the target, nothing of the original's shared", () => {
   const available = [
     { name: "vda", size: 10 << 20 },
     { name: "vdb", size: 20 << 20 },
   ];
-  const plan = planLibvirtRestore(doc(), { target: "/srv/c", name: "web1b", available });
+  const plan = planLibvirtRestore(doc(), { target: "/srv/c", name: "web1b", available, restorePoint });
   const f = cloneFacts(plan.definition.text);
   assert.equal(f.name, "web1b");
   assert.notEqual(f.uuid, "0d4c2f9e-2b5a-4c1e-9a53-0a3c6f1e2b7d");
@@ -156,6 +159,26 @@ test("a clone: new identity, files in the target, nothing of the original's shar
   assert.match(plan.definition.text, /<nvram>\/srv\/c\/web1b_VARS.fd<\/nvram>/);
   assert.doesNotMatch(plan.definition.text, /port='5901'/);
   assert.equal(plan.definition.file, "/srv/c/web1b.xml");
+  // The restore point is named in the domain's metadata and in the plan's configuration.
+  assert.match(
+    plan.definition.text,
+    /<metadata><strata:restore xmlns:strata="urn:strata:restore:1" from="web1\/2026-11-29T10:00:00Z" consistency="crash-consistent"><\/strata:restore><\/metadata>|<metadata><strata:restore xmlns:strata="urn:strata:restore:1" from="web1\/2026-11-29T10:00:00Z" consistency="crash-consistent"\/><\/metadata>/,
+  );
+  assert.equal(plan.config.restoredFrom, "web1/2026-11-29T10:00:00Z");
+  // Restored again from the clone's XML, the element is replaced, not repeated.
+  const again = planLibvirtRestore(
+    { ...doc(), xml: plan.definition.text },
+    {
+      target: "/srv/d",
+      name: "web1c",
+      available,
+      restorePoint: { ...restorePoint, time: "2026-11-30T10:00:00Z" },
+    },
+  );
+  assert.equal(again.definition.text.match(/<strata:restore /g)?.length, 1);
+  assert.match(again.definition.text, /from="web1\/2026-11-30T10:00:00Z"/);
+  // Without a name a clone is NAME-restored, as every adapter's.
+  assert.equal(planLibvirtRestore(doc(), { target: "/srv/c", available }).domain, "web1-restored");
   // A disk missing from the restore point is left out of a clone, never shared.
   const one = planLibvirtRestore(doc(), {
     target: "/srv/c",
@@ -179,4 +202,67 @@ test("a clone: new identity, files in the target, nothing of the original's shar
     () => planLibvirtRestore(doc(), { target: "/srv/c", name: "a/b", available }),
     /not a domain name/,
   );
+});
+
+test("an instant recovery record read back is checked, its data above all", () => {
+  const good = () => ({
+    adapter: "libvirt",
+    name: "web1b",
+    where: "libvirt domain web1b",
+    pid: 4242,
+    disks: [
+      { name: "vda", overlay: "/srv/ir/vda.overlay.qcow2" },
+      {
+        name: "vdb",
+        overlay: "/srv/ir/vdb.overlay.qcow2",
+        production: { path: "/srv/prod/vdb.qcow2", format: "qcow2" as "qcow2" | "raw" },
+      },
+    ],
+    data: {
+      uri: "qemu:///system",
+      domain: "web1b",
+      xmlFile: "/srv/ir/run/web1b.xml",
+      socket: "/srv/ir/run/nbd.sock",
+      sizes: { vda: 10 << 20, vdb: 20 << 20 },
+    } as Record<string, unknown>,
+    details: { domain: "web1b", uri: "qemu:///system", console: "/srv/ir/run/console.log" } as Record<
+      string,
+      string
+    >,
+    warnings: [],
+  });
+  assert.deepEqual(checkLibvirtInstantVm(good()), good());
+  const cases: Array<[(v: ReturnType<typeof good>) => void, RegExp]> = [
+    [(v) => (v.adapter = "qemu"), /belongs to the "qemu" adapter, not libvirt/],
+    [(v) => (v.data = { ...v.data, uri: "qemu:///system;rm -rf /" }), /libvirt connection .* is not a URI/],
+    [(v) => (v.data = { ...v.data, domain: "../etc" }), /domain name "..\/etc" is not one Strata handles/],
+    [(v) => (v.data = { ...v.data, domain: "web1" }), /its domain web1 is not the VM it names \(web1b\)/],
+    [
+      (v) => (v.data = { ...v.data, xmlFile: "/srv/ir/../../etc/x.xml" }),
+      /domain XML file .* is not an absolute path/,
+    ],
+    [(v) => (v.data = { ...v.data, xmlFile: "/etc/shadow" }), /is not a \.xml file/],
+    [
+      (v) => (v.data = { ...v.data, socket: "run/nbd.sock" }),
+      /the NBD socket "run\/nbd.sock" is not an absolute path/,
+    ],
+    [(v) => (v.data = { ...v.data, sizes: { vda: 1 } }), /disk vdb's size is not a whole number/],
+    [(v) => (v.data = { ...v.data, sizes: { vda: 1, vdb: 2, vdz: 3 } }), /a size for unknown disk vdz/],
+    [(v) => (v.data = { ...v.data, sizes: undefined }), /the disk sizes is not an object/],
+    [(v) => (v.data = null as unknown as Record<string, unknown>), /the libvirt record is not an object/],
+    [(v) => (v.disks[0]!.name = "../x"), /disk name "..\/x" is not a libvirt disk target/],
+    [(v) => (v.disks[0]!.overlay = "vda.qcow2"), /disk vda's overlay "vda.qcow2" is not an absolute path/],
+    [(v) => (v.disks[1]!.production!.format = "vmdk" as "raw"), /production format is not raw or qcow2/],
+    [(v) => (v.details = { console: 5 as unknown as string }), /detail console is not a string/],
+    [(v) => (v.pid = -1), /the QEMU pid is not a whole number/],
+  ];
+  for (const [spoil, re] of cases) {
+    const v = good();
+    spoil(v);
+    assert.throws(
+      () => checkLibvirtInstantVm(v as Parameters<typeof checkLibvirtInstantVm>[0]),
+      (err: Error & { code?: string }) => err.code === "DATA_CORRUPT" && re.test(err.message),
+      String(re),
+    );
+  }
 });

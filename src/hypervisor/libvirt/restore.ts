@@ -15,7 +15,14 @@ import { domainState } from "./backup.js";
 import { type LibvirtConfig, parseLibvirtConfig } from "./config.js";
 import { checkPath, DOMAIN_NAME_RE } from "./domain.js";
 import type { Virsh } from "./virsh.js";
-import { buildXml, kid, kids, parseXml, setText, textEl, type XElement } from "./xml.js";
+import { buildXml, el, kid, kids, parseXml, setText, textEl, type XElement } from "./xml.js";
+
+/** The plan's options; instant recovery has no restore point to name in the definition. */
+export type LibvirtPlanOptions = Omit<RestorePlanOptions, "restorePoint"> &
+  Partial<Pick<RestorePlanOptions, "restorePoint">>;
+
+/** The namespace of Strata's `<metadata>` element in a restored domain's XML. */
+export const METADATA_NS = "urn:strata:restore:1";
 
 export interface LibvirtRestorePlan extends RestorePlan {
   kind: "libvirt";
@@ -51,7 +58,7 @@ function mover(dir: string) {
  */
 export function planLibvirtRestore(
   doc: VmConfigDocument,
-  o: RestorePlanOptions,
+  o: LibvirtPlanOptions,
   keepIdentity = false,
 ): LibvirtRestorePlan {
   const original = parseLibvirtConfig(doc);
@@ -59,7 +66,7 @@ export function planLibvirtRestore(
   const moved = o.target !== undefined;
   const clone = moved && !keepIdentity;
   const warnings: string[] = [];
-  const name = clone ? (o.name ?? `${original.name}-clone`) : original.name;
+  const name = clone ? (o.name ?? `${original.name}-restored`) : original.name;
   if (o.name !== undefined && !clone && o.name !== original.name)
     throw new StrataError(ErrorCode.USAGE, "a new name needs a target directory (a clone)");
   if (!DOMAIN_NAME_RE.test(name))
@@ -143,8 +150,27 @@ export function planLibvirtRestore(
       }
     }
   }
+  const rp = o.restorePoint;
+  if (rp) {
+    // Where it came from, kept with the domain (virsh dumpxml shows it); an earlier one is replaced.
+    let metadata = kid(dom, "metadata");
+    if (!metadata) {
+      metadata = el("metadata");
+      const after = Math.max(kid(dom, "uuid") ? dom.children.indexOf(kid(dom, "uuid")!) : 0, 0);
+      dom.children.splice(after + 1, 0, metadata);
+    }
+    metadata.children = metadata.children.filter((c) => c.tag !== "strata:restore");
+    metadata.children.push(
+      el("strata:restore", {
+        "xmlns:strata": METADATA_NS,
+        from: `${rp.vm}/${rp.time}`,
+        consistency: rp.consistency,
+      }),
+    );
+  }
   const xml = buildXml(dom);
   const config = parseLibvirtConfig({ ...original, xml });
+  if (rp) Object.assign(config, { restoredFrom: `${rp.vm}/${rp.time}`, consistency: rp.consistency });
   config.disks = config.disks.map((d) => ({ ...d, size: available.get(d.name) ?? d.size }));
   return {
     kind: "libvirt",
@@ -232,7 +258,28 @@ export async function startDomain(virsh: Virsh, plan: RestorePlan): Promise<Star
   const p = asPlan(plan);
   await virsh.run(["start", p.domain], { timeoutMs: 120_000 });
   const pid = Number((await fs.readFile(`/run/libvirt/qemu/${p.domain}.pid`, "utf8").catch(() => "")).trim());
-  return { where: `libvirt domain ${p.domain}`, ...(pid > 0 ? { pid } : {}) };
+  return {
+    where: `libvirt domain ${p.domain}`,
+    ...(pid > 0 ? { pid } : {}),
+    details: domainDetails(virsh.uri, p.domain, p.definition.text),
+  };
+}
+
+/**
+ * Facts about a domain for people and summaries: its name and connection, and the file its
+ * serial console writes to, when it has one.
+ */
+export function domainDetails(uri: string, domain: string, xml: string): Record<string, string> {
+  const dom = parseXml(xml, "domain", "domain XML");
+  const devices = kid(dom, "devices");
+  let console: string | undefined;
+  for (const tag of ["serial", "console"]) {
+    for (const x of kids(devices, tag)) {
+      const path = x.attrs.type === "file" ? kid(x, "source")?.attrs.path : kid(x, "log")?.attrs.file;
+      console ??= path;
+    }
+  }
+  return { domain, uri, ...(console ? { console } : {}) };
 }
 
 export function renderLibvirtConfig(doc: VmConfigDocument, as: string): string {
