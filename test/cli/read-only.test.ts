@@ -3,13 +3,21 @@
 // Read-only media: a read-only bind mount (EROFS; mount needs root, as the tests run). A
 // read-only user: the CLI run as "nobody" through setpriv on a repository it can only read.
 import assert from "node:assert/strict";
-import { type ChildProcess, spawn } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
 import { type TestContext, test } from "node:test";
 import { fillContent, Prng } from "../../src/image/synthetic.js";
 import { runProgram } from "../../src/util/process.js";
-import { BIN, type RunResult, strataOk, summary, tempDir } from "../helpers/cli.js";
+import {
+  type RunOptions,
+  type RunResult,
+  startStrata,
+  strata,
+  strataOk,
+  summary,
+  tempDir,
+} from "../helpers/cli.js";
 
 const NOBODY = 65534;
 
@@ -28,29 +36,18 @@ async function snapshotTree(dir: string): Promise<string[]> {
   return out.sort();
 }
 
+function options(asNobody: boolean): RunOptions {
+  return asNobody
+    ? { prefix: ["setpriv", `--reuid=${NOBODY}`, `--regid=${NOBODY}`, "--clear-groups", "--"] }
+    : {};
+}
+
 function start(args: string[], asNobody: boolean): ChildProcess {
-  const argv = [process.execPath, BIN, ...args];
-  const [cmd, ...rest] = asNobody
-    ? ["setpriv", `--reuid=${NOBODY}`, `--regid=${NOBODY}`, "--clear-groups", "--", ...argv]
-    : argv;
-  const env = { ...process.env, STRATA_PASSWORD: undefined, STRATA_REPO: undefined };
-  return spawn(cmd!, rest, { env: env as NodeJS.ProcessEnv, stdio: ["ignore", "pipe", "pipe"] });
+  return startStrata(args, options(asNobody));
 }
 
 function run(args: string[], asNobody: boolean): Promise<RunResult> {
-  const child = start(args, asNobody);
-  let stdout = "";
-  let stderr = "";
-  child.stdout!.on("data", (d: Buffer) => {
-    stdout += d.toString();
-  });
-  child.stderr!.on("data", (d: Buffer) => {
-    stderr += d.toString();
-  });
-  return new Promise((res, rej) => {
-    child.on("error", rej);
-    child.on("close", (code) => res({ code: code ?? 1, stdout, stderr }));
-  });
+  return strata(args, options(asNobody));
 }
 
 async function ok(args: string[], asNobody: boolean): Promise<RunResult> {

@@ -4,14 +4,13 @@
 // 30 s and with its peak memory (VmHWM) under 512 MiB, with an error that says what is wrong
 // or with what can be read.
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { promises as fs, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, type TestContext, test } from "node:test";
 import { crc32 } from "node:zlib";
 import { lvmCrc } from "../../src/image/lvm.js";
-import { BIN, strataOk } from "../helpers/cli.js";
+import { collect, startStrata, strataOk } from "../helpers/cli.js";
 import { sh, writeAt } from "./images.js";
 
 const MiB = 1024 * 1024;
@@ -44,17 +43,8 @@ interface Bounded {
 /** Runs the CLI with V8's heap capped at 512 MiB, sampling its peak resident memory; killed after 30 s. */
 async function bounded(args: string[]): Promise<Bounded> {
   const started = Date.now();
-  const child = spawn(process.execPath, ["--max-old-space-size=512", BIN, ...args], {
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  let stdout = "";
-  let stderr = "";
-  child.stdout!.on("data", (d: Buffer) => {
-    stdout += d.toString();
-  });
-  child.stderr!.on("data", (d: Buffer) => {
-    stderr += d.toString();
-  });
+  const child = startStrata(args, { nodeArgs: ["--max-old-space-size=512"] });
+  const out = collect(child);
   let peakKiB = 0;
   const sample = setInterval(() => {
     try {
@@ -65,7 +55,7 @@ async function bounded(args: string[]): Promise<Bounded> {
     }
   }, 20);
   const killer = setTimeout(() => child.kill("SIGKILL"), LIMIT_MS);
-  const code = await new Promise<number | null>((res) => child.on("close", (c) => res(c)));
+  const { code, stdout, stderr } = await out.result;
   clearInterval(sample);
   clearTimeout(killer);
   return { code, stdout, stderr, ms: Date.now() - started, peakKiB };

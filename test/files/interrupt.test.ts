@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
-import { startStrata, strataOk } from "../helpers/cli.js";
+import { collect, startStrata, strataOk } from "../helpers/cli.js";
 import { sh } from "./images.js";
 
 const MiB = 1024 * 1024;
@@ -48,21 +48,13 @@ async function interrupt(
   delayMs: number,
 ): Promise<{ code: number | null; afterSignalMs: number; stdout: string; stderr: string }> {
   const child = startStrata(args);
-  let stdout = "";
-  let stderr = "";
-  child.stdout!.on("data", (d: Buffer) => {
-    stdout += d.toString();
-  });
-  child.stderr!.on("data", (d: Buffer) => {
-    stderr += d.toString();
-  });
-  const exited = new Promise<number | null>((res) => child.on("close", (c) => res(c)));
+  const out = collect(child);
   await sleep(delayMs);
-  assert.equal(child.exitCode, null, `still running when signalled: ${stderr}`);
+  assert.equal(child.exitCode, null, `still running when signalled: ${out.stderr}`);
   const sent = Date.now();
   child.kill(signal);
   const killer = setTimeout(() => child.kill("SIGKILL"), 10_000);
-  const code = await exited;
+  const { code, stdout, stderr } = await out.result;
   clearTimeout(killer);
   return { code, afterSignalMs: Date.now() - sent, stdout, stderr };
 }

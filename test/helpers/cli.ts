@@ -17,6 +17,10 @@ export interface RunResult {
 
 export interface RunOptions {
   env?: Record<string, string | undefined>;
+  /** Options for node itself (e.g. "--max-old-space-size=512"). */
+  nodeArgs?: readonly string[];
+  /** A command that runs node (e.g. setpriv ... --), instead of starting it directly. */
+  prefix?: readonly string[];
 }
 
 /** Starts strata with `args`; the caller waits or kills. */
@@ -27,14 +31,29 @@ export function startStrata(args: readonly string[], options: RunOptions = {}): 
     STRATA_REPO: undefined,
   };
   for (const [k, v] of Object.entries(options.env ?? {})) env[k] = v;
-  return spawn(process.execPath, [BIN, ...args], {
+  const [cmd, ...rest] = [
+    ...(options.prefix ?? []),
+    process.execPath,
+    ...(options.nodeArgs ?? []),
+    BIN,
+    ...args,
+  ];
+  return spawn(cmd!, rest, {
     env: env as NodeJS.ProcessEnv,
     stdio: ["ignore", "pipe", "pipe"],
   });
 }
 
-export function strata(args: readonly string[], options: RunOptions = {}): Promise<RunResult> {
-  const child = startStrata(args, options);
+/** A child's output so far, and its result once it has closed. */
+export interface Collected {
+  readonly stdout: string;
+  readonly stderr: string;
+  /** The exit code (128 when killed by a signal) and all output. */
+  readonly result: Promise<RunResult>;
+}
+
+/** Collects a child's stdout and stderr as they come. */
+export function collect(child: ChildProcess): Collected {
   let stdout = "";
   let stderr = "";
   child.stdout!.on("data", (d: Buffer) => {
@@ -43,10 +62,23 @@ export function strata(args: readonly string[], options: RunOptions = {}): Promi
   child.stderr!.on("data", (d: Buffer) => {
     stderr += d.toString();
   });
-  return new Promise((res, rej) => {
+  const result = new Promise<RunResult>((res, rej) => {
     child.on("error", rej);
     child.on("close", (code, signal) => res({ code: code ?? (signal ? 128 : 1), stdout, stderr }));
   });
+  return {
+    get stdout() {
+      return stdout;
+    },
+    get stderr() {
+      return stderr;
+    },
+    result,
+  };
+}
+
+export function strata(args: readonly string[], options: RunOptions = {}): Promise<RunResult> {
+  return collect(startStrata(args, options)).result;
 }
 
 /** Like strata() but fails the test with the output when the exit code is not 0. */

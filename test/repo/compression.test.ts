@@ -4,24 +4,16 @@ import assert from "node:assert/strict";
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
-import { backup, type DiskSource } from "../../src/engine/backup.js";
+import { backup } from "../../src/engine/backup.js";
 import { restoreDiskToFile } from "../../src/engine/restore.js";
 import { fillContent, Prng } from "../../src/image/synthetic.js";
 import { encodeChunk, ZSTD_FAST, ZSTD_STRONG } from "../../src/repo/codec.js";
 import { FsStore } from "../../src/repo/fs-store.js";
 import { Repository } from "../../src/repo/repository.js";
 import { tempDir } from "../helpers/cli.js";
+import { memoryDisk } from "../helpers/disks.js";
 
 const CHUNK = 64 * 1024;
-
-function memoryDisk(data: Buffer): DiskSource {
-  return {
-    name: "disk",
-    source: "memory",
-    size: data.length,
-    read: async (o, l) => Buffer.from(data.subarray(o, o + l)),
-  };
-}
 
 async function storedSize(dir: string, hex: string): Promise<number> {
   return (await fs.stat(join(dir, "repo", "chunks", hex.slice(0, 2), hex))).size;

@@ -9,7 +9,7 @@ import { createHash } from "node:crypto";
 import { existsSync, promises as fs } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
-import { backup, type DiskSource } from "../../src/engine/backup.js";
+import { backup } from "../../src/engine/backup.js";
 import { restoreDiskToFile } from "../../src/engine/restore.js";
 import { fillContent, Prng, sha256File } from "../../src/image/synthetic.js";
 import { type Fault, type FaultRule, type FaultyMethod, FaultyStore } from "../../src/repo/faulty-store.js";
@@ -19,20 +19,12 @@ import { Repository } from "../../src/repo/repository.js";
 import { verifyRepository } from "../../src/repo/verify.js";
 import { FakeClock } from "../../src/util/clock.js";
 import { tempDir } from "../helpers/cli.js";
+import { memoryDisk } from "../helpers/disks.js";
 
 const ROUNDS = Number(process.env.STRATA_FAULT_ROUNDS ?? 40);
 const SEED = process.env.STRATA_FAULT_SEED ?? "20261129";
 const CHUNK = 64 * 1024;
 const SIZE = 64 * CHUNK;
-
-function memoryDisk(data: Buffer): DiskSource {
-  return {
-    name: "disk",
-    source: "memory",
-    size: data.length,
-    read: async (o, l) => Buffer.from(data.subarray(o, o + l)),
-  };
-}
 
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
 

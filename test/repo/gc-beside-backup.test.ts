@@ -12,6 +12,7 @@ import { forgetIds, gc } from "../../src/repo/prune.js";
 import { Repository } from "../../src/repo/repository.js";
 import { verifyRepository } from "../../src/repo/verify.js";
 import { tempDir } from "../helpers/cli.js";
+import { gatedDisk } from "../helpers/disks.js";
 
 const CHUNK = 64 * 1024;
 const CHUNKS = 64;
@@ -20,33 +21,6 @@ function image(seed: string): Buffer {
   const b = Buffer.alloc(CHUNK * CHUNKS);
   fillContent(b, "random", new Prng(seed));
   return b;
-}
-
-/** A disk whose reads of chunk `gateAt` and later wait until the gate opens. */
-function gatedDisk(data: Buffer, gateAt: number) {
-  let open!: () => void;
-  const gate = new Promise<void>((r) => {
-    open = r;
-  });
-  let reached!: () => void;
-  const atGate = new Promise<void>((r) => {
-    reached = r;
-  });
-  const disk: DiskSource = {
-    name: "disk",
-    source: "memory",
-    size: data.length,
-    async read(offset, length) {
-      if (offset >= gateAt * CHUNK) {
-        reached();
-        await gate;
-      }
-      const b = Buffer.allocUnsafeSlow(length);
-      data.copy(b, 0, offset, offset + length);
-      return b;
-    },
-  };
-  return { disk, open, atGate };
 }
 
 async function setMtimeAll(dir: string, when: Date) {
@@ -77,7 +51,7 @@ test("gc beside a backup that reuses old, unreferenced chunks loses nothing", as
   await setMtimeAll(join(dir, "repo", "chunks"), new Date(Date.now() - 2 * 3600_000));
 
   // Backup of the same data as another VM, held half-way: it has touched the first half only.
-  const g = gatedDisk(data, CHUNKS / 2);
+  const g = gatedDisk(data, (CHUNKS / 2) * CHUNK);
   const running = backup(repo, {
     vm: "b",
     disks: [g.disk],
@@ -110,7 +84,7 @@ test("gc beside a backup keeps the chunks it wrote before its manifest exists", 
   const repo = await Repository.open(store, { threads: 1 });
   t.after(() => repo.close());
   const data = image("y");
-  const g = gatedDisk(data, CHUNKS / 2);
+  const g = gatedDisk(data, (CHUNKS / 2) * CHUNK);
   const running = backup(repo, {
     vm: "c",
     disks: [g.disk],

@@ -7,42 +7,23 @@ import assert from "node:assert/strict";
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
-import { backup, type DiskSource } from "../../src/engine/backup.js";
+import { backup } from "../../src/engine/backup.js";
 import { fillContent, Prng } from "../../src/image/synthetic.js";
 import { FsStore } from "../../src/repo/fs-store.js";
 import { Repository } from "../../src/repo/repository.js";
 import { runProgram } from "../../src/util/process.js";
 import { tempDir } from "../helpers/cli.js";
+import { gatedDisk } from "../helpers/disks.js";
 
 const CHUNK = 64 * 1024;
 const CHUNKS = 16;
 const REFRESH_MS = 100;
 
-/** A disk whose reads from chunk `gateAt` on wait until the gate opens. */
-function gatedDisk(gateAt: number) {
+/** A disk of random data whose reads from chunk `gateAt` on wait until the gate opens. */
+function lockedDisk(gateAt: number) {
   const data = Buffer.alloc(CHUNK * CHUNKS);
   fillContent(data, "random", new Prng("lock refresh"));
-  let open!: () => void;
-  const gate = new Promise<void>((r) => {
-    open = r;
-  });
-  let reached!: () => void;
-  const atGate = new Promise<void>((r) => {
-    reached = r;
-  });
-  const disk: DiskSource = {
-    name: "disk",
-    source: "memory",
-    size: data.length,
-    async read(offset, length) {
-      if (offset >= gateAt * CHUNK) {
-        reached();
-        await gate;
-      }
-      return Buffer.from(data.subarray(offset, offset + length));
-    },
-  };
-  return { disk, open, atGate };
+  return gatedDisk(data, gateAt * CHUNK);
 }
 
 /** Runs `fn` until it stops failing with "busy" (a file briefly open in the mount), up to 5 s. */
@@ -66,7 +47,7 @@ for (const how of ["the locks folder becomes read-only", "the lock object is rem
     await Repository.init(store, { chunkSize: CHUNK });
     const repo = await Repository.open(store, { threads: 1, lockRefreshMs: REFRESH_MS });
     t.after(() => repo.close());
-    const g = gatedDisk(CHUNKS / 2);
+    const g = lockedDisk(CHUNKS / 2);
     const running = backup(repo, {
       vm: "vm1",
       disks: [g.disk],

@@ -7,7 +7,7 @@ import { join } from "node:path";
 import type { TestContext } from "node:test";
 import { promisify } from "node:util";
 import { writeSyntheticImage } from "../../src/image/synthetic.js";
-import { startStrata, strataOk, summary } from "../helpers/cli.js";
+import { collect, startStrata, strataOk, summary } from "../helpers/cli.js";
 
 const execFileP = promisify(execFile);
 
@@ -115,14 +115,7 @@ export async function startServe(
   env?: Record<string, string | undefined>,
 ): Promise<Served> {
   const child = startStrata(["serve", "--json", ...args], env === undefined ? {} : { env });
-  let stdout = "";
-  let stderr = "";
-  child.stdout!.on("data", (d: Buffer) => {
-    stdout += d.toString();
-  });
-  child.stderr!.on("data", (d: Buffer) => {
-    stderr += d.toString();
-  });
+  const out = collect(child);
   const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
   t.after(async () => {
     if (child.exitCode === null && child.signalCode === null) {
@@ -132,7 +125,7 @@ export async function startServe(
   });
   const deadline = Date.now() + 15_000;
   for (;;) {
-    const line = stdout.split("\n").find((l) => l.startsWith('{"type":"ready"'));
+    const line = out.stdout.split("\n").find((l) => l.startsWith('{"type":"ready"'));
     if (line) {
       return {
         child,
@@ -140,13 +133,13 @@ export async function startServe(
         async stop() {
           child.kill("SIGTERM");
           const code = await exited;
-          return { code, stdout, stderr };
+          return { code, stdout: out.stdout, stderr: out.stderr };
         },
       };
     }
     if (child.exitCode !== null)
-      throw new Error(`strata serve exited ${child.exitCode}: ${stdout} ${stderr}`);
-    if (Date.now() > deadline) throw new Error(`strata serve not ready in time: ${stdout} ${stderr}`);
+      throw new Error(`strata serve exited ${child.exitCode}: ${out.stdout} ${out.stderr}`);
+    if (Date.now() > deadline) throw new Error(`strata serve not ready in time: ${out.stdout} ${out.stderr}`);
     await new Promise((r) => setTimeout(r, 20));
   }
 }
