@@ -9,6 +9,9 @@
  *       qga: /var/run/qemu-server/100.qga    # optional; X.qga beside X.qmp is found by itself
  *       mode: snapshot                       # optional: snapshot | pause | offline
  *       quiesce: try                         # optional: require | try | off
+ *
+ * The file is checked against a schema (zod) when read: socket paths are absolute, without `..`;
+ * unknown keys and values are refused, naming the file, the VM and the key (USAGE).
  */
 import { readFileSync } from "node:fs";
 import { parse } from "yaml";
