@@ -4,9 +4,9 @@
 // sends most errors as GenericError, so only asking QEMU what exists can tell the two apart;
 // this checks that release() does so, and that such an error is reported, never swallowed.
 // The NBD server the record names is Strata's own NBD server on a unix socket (a real one).
-// release() against a real QEMU is run by test/live/ (kill -9, doctor --fix, live backups).
+// doctor's own scan is held to the same rule. release() and doctor against a real QEMU are run by test/live/ (kill -9, doctor --fix, live backups).
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -14,6 +14,7 @@ import { type TestContext, test } from "node:test";
 import { MemorySource } from "../../nbd/memory-source.js";
 import { NbdServer } from "../../nbd/server.js";
 import { ErrorCode, isStrataError } from "../../util/errors.js";
+import { inspectVm } from "./doctor.js";
 import { release } from "./live.js";
 import { QmpClient } from "./qmp.js";
 import { type StateItem, StateRecord } from "./state.js";
@@ -46,9 +47,13 @@ async function fakeQemu(t: TestContext, dir: string, vm: FakeVm, failures: Recor
         return [...vm.exports].map((id) => ({ id, type: "nbd", "node-name": "x", "shutting-down": false }));
       case "query-jobs":
         return [...vm.jobs].map(([id, status]) => ({ id, type: "backup", status }));
+      case "query-block":
+        return [];
       case "query-named-block-nodes":
         return [...vm.nodes].map(([name, bitmaps]) => ({
           "node-name": name,
+          file: join(dir, `${name}.qcow2`),
+          image: { "actual-size": 4096 },
           "dirty-bitmaps": [...bitmaps].map((b) => ({ name: b, granularity: 65536 })),
         }));
     }
@@ -216,4 +221,30 @@ test("a failure worded like 'already gone' is reported with QEMU's class and des
   assert.equal(vm.status, "running");
   assert.equal(vm.nbd, undefined, "the NBD server was stopped");
   assert.ok(vm.exports.has("strata-export-vda"), "nothing was removed behind the error");
+});
+
+test("doctor --fix: a leftover whose removal fails stays unfixed and says why", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "strata-release-"));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const vm: FakeVm = {
+    status: "running",
+    exports: new Set(["strata-export-vda"]),
+    jobs: new Map(),
+    nodes: new Map([["strata-fleece-vda", new Set<string>()]]),
+    nbd: undefined,
+  };
+  const { path } = await fakeQemu(t, dir, vm, {
+    "block-export-del": { class: "GenericError", desc: "Export 'strata-export-vda' does not exist" },
+    "nbd-server-stop": { class: "GenericError", desc: "NBD server not running" },
+  });
+  writeFileSync(join(dir, "strata-fleece-vda.qcow2"), "");
+  const found = await inspectVm({ vm: "web1", qmp: path }, true, dir);
+  const byWhat = (re: RegExp) => found.find((f) => re.test(f.what));
+  const exp = byWhat(/^NBD export strata-export-vda/);
+  assert.equal(exp?.fixed, false, JSON.stringify(found));
+  assert.match(exp.what, /not removed: .*GenericError: Export 'strata-export-vda' does not exist/);
+  assert.equal(byWhat(/NBD server/)?.fixed, false);
+  assert.equal(byWhat(/^fleecing node strata-fleece-vda/)?.fixed, true);
+  assert.deepEqual([...vm.nodes.keys()], []);
+  assert.equal(existsSync(join(dir, "strata-fleece-vda.qcow2")), false, "its image went too");
 });
