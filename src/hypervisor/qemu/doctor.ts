@@ -7,10 +7,11 @@
  * jobs, NBD exports, the temporary bitmap, and a frozen guest.
  */
 import { promises as fs } from "node:fs";
-import { join } from "node:path";
+import { basename, join, resolve } from "node:path";
+import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
 import { processAlive } from "../../util/process.js";
 import type { Finding } from "../adapter.js";
-import { names, release } from "./live.js";
+import { names, present, release } from "./live.js";
 import { QgaClient } from "./qga.js";
 import { QmpClient } from "./qmp.js";
 import { StateRecord } from "./state.js";
@@ -39,13 +40,37 @@ export interface DoctorTarget {
   qga?: string;
 }
 
-/** Inspects one VM over QMP (and its agent); with `fix`, removes Strata's leftovers. */
+/**
+ * Inspects one VM over QMP (and its agent); with `fix`, removes Strata's leftovers. What is
+ * removed was seen in QEMU's answers just before, so an error of the removing command is a real
+ * failure: the finding stays unfixed and says why.
+ */
 export async function inspectVm(t: DoctorTarget, fix: boolean, stateDir: string): Promise<Finding[]> {
   const out: Finding[] = [];
   const log = () => {};
   const rec = await StateRecord.load(join(stateDir, `${t.vm}.json`));
   const qga =
     t.qga === undefined ? undefined : new QgaClient(t.qga, { timeoutMs: 5000, syncTimeoutMs: 3000 });
+  /** Reports a leftover; with `fix` runs `remove` first, and an error leaves it unfixed. */
+  const found = async (what: string, remove: () => Promise<unknown>, bytes?: number): Promise<void> => {
+    let fixed = false;
+    let failure = "";
+    if (fix) {
+      try {
+        await remove();
+        fixed = true;
+      } catch (err) {
+        failure = ` (not removed: ${describeError(err)})`;
+      }
+    }
+    out.push({
+      vm: t.vm,
+      owner: "strata",
+      what: `${what}${failure}`,
+      ...(bytes === undefined ? {} : { bytes }),
+      fixed,
+    });
+  };
   let qmp: QmpClient | undefined;
   try {
     qmp = await QmpClient.connect(t.qmp, { connectTimeoutMs: 3000 }).catch(() => undefined);
@@ -54,17 +79,10 @@ export async function inspectVm(t: DoctorTarget, fix: boolean, stateDir: string)
         (i) =>
           `${i.kind}${"node" in i ? ` ${i.node}` : ""}${"id" in i ? ` ${i.id}` : ""}${"name" in i ? ` ${i.name}` : ""}${"path" in i ? ` ${i.path}` : ""}`,
       );
-      let fixed = false;
-      if (fix) {
-        await release(qmp, qga, rec, log, { success: false });
-        fixed = true;
-      }
-      out.push({
-        vm: t.vm,
-        owner: "strata",
-        what: `unfinished run (pid ${rec.data.pid}, ${rec.data.started}): ${items.join(", ") || "nothing listed"}`,
-        fixed,
-      });
+      await found(
+        `unfinished run (pid ${rec.data.pid}, ${rec.data.started}): ${items.join(", ") || "nothing listed"}`,
+        () => release(qmp, qga, rec, log, { success: false }),
+      );
     }
     if (!qmp) {
       out.push({
@@ -75,36 +93,49 @@ export async function inspectVm(t: DoctorTarget, fix: boolean, stateDir: string)
       });
       return out;
     }
-    const exports = await qmp.execute<Array<{ id: string }>>("query-block-exports");
-    for (const e of exports.filter((x) => names.isOurs(x.id))) {
-      if (fix) await qmp.execute("block-export-del", { id: e.id, mode: "hard" }).catch(() => {});
-      out.push({ vm: t.vm, owner: "strata", what: `NBD export ${e.id}`, fixed: fix });
+    const q = qmp;
+    const exports = (await q.execute<Array<{ id: string }>>("query-block-exports")).filter((x) =>
+      names.isOurs(x.id),
+    );
+    for (const e of exports) {
+      await found(`NBD export ${e.id}`, async () => {
+        await q.execute("block-export-del", { id: e.id, mode: "hard" });
+        await waitGone(`NBD export ${e.id}`, () => present.export(q, e.id));
+      });
     }
-    if (exports.some((x) => names.isOurs(x.id)) && fix) await waitNoExports(qmp);
-    if (fix && exports.some((x) => names.isOurs(x.id))) await qmp.execute("nbd-server-stop").catch(() => {});
-    const jobs = await qmp.execute<Array<{ id: string }>>("query-jobs");
-    for (const j of jobs.filter((x) => names.isOurs(x.id))) {
-      if (fix) {
-        await qmp.execute("block-job-cancel", { device: j.id, force: true }).catch(() => {});
-        await waitNoJob(qmp, j.id);
-      }
-      out.push({ vm: t.vm, owner: "strata", what: `block job ${j.id}`, fixed: fix });
+    // QMP cannot say whether the NBD server runs: it is Strata's if it listens on the socket a
+    // backup with this state directory uses, or if it served Strata's exports.
+    const socket = join(resolve(stateDir), `strata-nbd-${t.vm}.sock`);
+    if (exports.length > 0 || (await present.nbdServer(socket))) {
+      await found(`QEMU's NBD server started by a backup`, () => q.execute("nbd-server-stop"));
     }
-    const nodes = await qmp.execute<
+    const jobs = (await q.execute<Array<{ id: string; status: string }>>("query-jobs")).filter((x) =>
+      names.isOurs(x.id),
+    );
+    for (const j of jobs) {
+      await found(`block job ${j.id}`, async () => {
+        if (j.status === "concluded") await q.execute("job-dismiss", { id: j.id });
+        else if (j.status !== "aborting" && j.status !== "null")
+          await q.execute("block-job-cancel", { device: j.id, force: true });
+        await waitGone(`block job ${j.id}`, async () => (await present.job(q, j.id)) !== undefined);
+      });
+    }
+    const nodes = await q.execute<
       Array<{ "node-name": string; file: string; image: { "actual-size"?: number } }>
     >("query-named-block-nodes", { flat: true });
     for (const n of nodes.filter((x) => names.isOurs(x["node-name"]))) {
-      if (fix) await qmp.execute("blockdev-del", { "node-name": n["node-name"] }).catch(() => {});
-      if (fix) await fs.rm(n.file, { force: true }).catch(() => {});
-      out.push({
-        vm: t.vm,
-        owner: "strata",
-        what: `fleecing node ${n["node-name"]} (${n.file})`,
-        ...(n.image["actual-size"] === undefined ? {} : { bytes: n.image["actual-size"] }),
-        fixed: fix,
-      });
+      await found(
+        `fleecing node ${n["node-name"]} (${n.file})`,
+        async () => {
+          await q.execute("blockdev-del", { "node-name": n["node-name"] });
+          // Its image, when it is one Strata made (a fleecing file is a plain absolute path).
+          if (n.file.startsWith("/") && basename(n.file).startsWith("strata-fleece-"))
+            await fs.rm(n.file, { force: true });
+        },
+        n.image["actual-size"],
+      );
     }
-    const blocks = await qmp.execute<BlockEntry[]>("query-block");
+    const blocks = await q.execute<BlockEntry[]>("query-block");
     for (const b of blocks) {
       const ins = b.inserted;
       if (!ins) continue;
@@ -113,17 +144,11 @@ export async function inspectVm(t: DoctorTarget, fix: boolean, stateDir: string)
       for (const bm of (ins["dirty-bitmaps"] ?? []).filter((x) => x.name !== undefined)) {
         const size = Math.ceil(ins.image["virtual-size"] / bm.granularity / 8);
         if (bm.name === names.tmpBitmap) {
-          if (fix)
-            await qmp
-              .execute("block-dirty-bitmap-remove", { node: ins["node-name"], name: bm.name })
-              .catch(() => {});
-          out.push({
-            vm: t.vm,
-            owner: "strata",
-            what: `temporary bitmap ${bm.name} on ${dev}`,
-            bytes: size,
-            fixed: fix,
-          });
+          await found(
+            `temporary bitmap ${bm.name} on ${dev}`,
+            () => q.execute("block-dirty-bitmap-remove", { node: ins["node-name"], name: bm.name }),
+            size,
+          );
         } else if (!names.isOurs(bm.name)) {
           out.push({
             vm: t.vm,
@@ -158,16 +183,19 @@ export async function inspectVm(t: DoctorTarget, fix: boolean, stateDir: string)
       }
     }
     if (qga) {
+      // No agent (or none answering) is no finding: a frozen guest is what is looked for.
       const status = await qga.fsfreezeStatus({ timeoutMs: 3000 }).catch(() => undefined);
       if (status === "frozen") {
-        if (fix) await qga.fsfreezeThaw({ timeoutMs: 5000 }).catch(() => {});
-        out.push({ vm: t.vm, owner: "strata", what: "guest filesystems frozen", fixed: fix });
+        await found("guest filesystems frozen", async () => {
+          await qga.fsfreezeThaw({ timeoutMs: 5000 });
+          const after = await qga.fsfreezeStatus({ timeoutMs: 5000 });
+          if (after !== "thawed") throw new Error(`the agent says ${after} after the thaw`);
+        });
       }
     }
-    const status = await qmp.execute<{ status: string }>("query-status");
+    const status = await q.execute<{ status: string }>("query-status");
     if (rec?.items.some((i) => i.kind === "paused") && status.status === "paused") {
-      if (fix) await qmp.execute("cont").catch(() => {});
-      out.push({ vm: t.vm, owner: "strata", what: "VM left paused by a backup", fixed: fix });
+      await found("VM left paused by a backup", () => q.execute("cont"));
     }
   } finally {
     await qga?.close().catch(() => {});
@@ -176,20 +204,13 @@ export async function inspectVm(t: DoctorTarget, fix: boolean, stateDir: string)
   return out;
 }
 
-async function waitNoExports(qmp: QmpClient): Promise<void> {
-  for (let i = 0; i < 200; i++) {
-    const ex = await qmp.execute<Array<{ id: string }>>("query-block-exports");
-    if (!ex.some((e) => names.isOurs(e.id))) return;
+/** Waits (10 s at most) until `exists` says false. */
+async function waitGone(what: string, exists: () => Promise<boolean>): Promise<void> {
+  for (let i = 0; i < 400; i++) {
+    if (!(await exists())) return;
     await new Promise((r) => setTimeout(r, 25));
   }
-}
-
-async function waitNoJob(qmp: QmpClient, id: string): Promise<void> {
-  for (let i = 0; i < 200; i++) {
-    const jobs = await qmp.execute<Array<{ id: string }>>("query-jobs");
-    if (!jobs.some((j) => j.id === id)) return;
-    await new Promise((r) => setTimeout(r, 25));
-  }
+  throw new StrataError(ErrorCode.TIMEOUT, `${what} was still there after 10 s`);
 }
 
 /** Fleecing images in the state directory that no state file or VM accounts for. */

@@ -9,20 +9,53 @@
  *       qga: /var/run/qemu-server/100.qga    # optional; X.qga beside X.qmp is found by itself
  *       mode: snapshot                       # optional: snapshot | pause | offline
  *       quiesce: try                         # optional: require | try | off
+ *
+ * The file is checked against a schema (zod) when read: socket paths are absolute, without `..`;
+ * unknown keys and values are refused, naming the file, the VM and the key (USAGE).
  */
 import { readFileSync } from "node:fs";
 import { parse } from "yaml";
+import { z } from "zod";
 import { checkName } from "../../repo/repository.js";
+import { CONTROL, hasDotDot } from "../../util/check.js";
 import { ErrorCode, StrataError } from "../../util/errors.js";
 
-export interface InventoryEntry {
-  qmp: string;
-  qga?: string;
-  mode?: "snapshot" | "pause" | "offline";
-  quiesce?: "require" | "try" | "off";
-}
+/** A socket path: absolute (the inventory does not depend on where strata runs), no `..`. */
+const socketPath = (key: string, what: string) =>
+  z
+    .string({ error: `"${key}" (${what}) must be a path` })
+    .max(4096, `"${key}" is longer than 4096 characters`)
+    .refine((p) => p.startsWith("/"), `"${key}" must be an absolute path`)
+    .refine((p) => !hasDotDot(p), `"${key}" must not have a ".." segment`)
+    .refine((p) => !CONTROL.test(p), `"${key}" holds control characters`);
+
+const EntrySchema = z.strictObject(
+  {
+    qmp: socketPath("qmp", "the QMP socket path").optional(),
+    qga: socketPath("qga", "the guest agent socket path").optional(),
+    mode: z
+      .enum(["snapshot", "pause", "offline"], { error: "mode must be snapshot, pause or offline" })
+      .optional(),
+    quiesce: z.enum(["require", "try", "off"], { error: "quiesce must be require, try or off" }).optional(),
+  },
+  { error: (iss) => (iss.code === "unrecognized_keys" ? undefined : "settings must be a mapping") },
+);
+
+export type InventoryEntry = Omit<z.infer<typeof EntrySchema>, "qmp"> & { qmp: string };
+
+/** At most this many VMs in one inventory. */
+const MAX_VMS = 100_000;
 
 export const DEFAULT_INVENTORY = "/etc/strata/vms.yaml";
+
+/** The first problem of an entry, worded for the file's owner. */
+function entryProblem(v: unknown): string | undefined {
+  const r = EntrySchema.safeParse(v);
+  if (r.success) return r.data.qmp === undefined ? `"qmp" (the QMP socket path) is required` : undefined;
+  const issue = r.error.issues[0]!;
+  if (issue.code === "unrecognized_keys") return `unknown key "${issue.keys[0]}"`;
+  return issue.message;
+}
 
 export function loadInventory(path: string): Map<string, InventoryEntry> {
   let text: string;
@@ -47,28 +80,19 @@ export function loadInventory(path: string): Map<string, InventoryEntry> {
       `inventory ${path} must map VM names to their settings (see strata backup --help)`,
     );
   }
+  const entries = Object.entries(root as Record<string, unknown>);
+  if (entries.length > MAX_VMS)
+    throw new StrataError(ErrorCode.USAGE, `inventory ${path} lists more than ${MAX_VMS} VMs`);
   const out = new Map<string, InventoryEntry>();
-  for (const [name, v] of Object.entries(root as Record<string, unknown>)) {
-    const where = `inventory ${path}, VM "${name}"`;
-    checkName("VM", name);
-    if (typeof v !== "object" || v === null)
-      throw new StrataError(ErrorCode.USAGE, `${where}: settings must be a mapping`);
-    const e = v as Record<string, unknown>;
-    for (const k of Object.keys(e)) {
-      if (!["qmp", "qga", "mode", "quiesce"].includes(k))
-        throw new StrataError(ErrorCode.USAGE, `${where}: unknown key "${k}"`);
+  for (const [name, v] of entries) {
+    try {
+      checkName("VM", name);
+    } catch (err) {
+      throw new StrataError(ErrorCode.USAGE, `inventory ${path}: ${(err as Error).message}`);
     }
-    if (typeof e.qmp !== "string")
-      throw new StrataError(ErrorCode.USAGE, `${where}: "qmp" (the QMP socket path) is required`);
-    if (e.qga !== undefined && typeof e.qga !== "string")
-      throw new StrataError(ErrorCode.USAGE, `${where}: "qga" must be a path`);
-    if (e.mode !== undefined && !["snapshot", "pause", "offline"].includes(e.mode as string)) {
-      throw new StrataError(ErrorCode.USAGE, `${where}: mode must be snapshot, pause or offline`);
-    }
-    if (e.quiesce !== undefined && !["require", "try", "off"].includes(e.quiesce as string)) {
-      throw new StrataError(ErrorCode.USAGE, `${where}: quiesce must be require, try or off`);
-    }
-    out.set(name, e as unknown as InventoryEntry);
+    const bad = entryProblem(v);
+    if (bad !== undefined) throw new StrataError(ErrorCode.USAGE, `inventory ${path}, VM "${name}": ${bad}`);
+    out.set(name, EntrySchema.parse(v) as InventoryEntry);
   }
   return out;
 }

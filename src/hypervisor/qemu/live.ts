@@ -19,13 +19,15 @@
  * the state file before it is created (state.ts), so a crash leaves a list for `strata doctor`.
  */
 import { promises as fs } from "node:fs";
-import { join } from "node:path";
-import { ErrorCode, StrataError } from "../../util/errors.js";
-import { runProgram } from "../../util/process.js";
+import { dirname, join, resolve } from "node:path";
+import { NbdClient } from "../../nbd/client.js";
+import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
+import { runProgram, socketAccepts } from "../../util/process.js";
 import { restartVm } from "./offline.js";
 import type { QgaClient } from "./qga.js";
 import type { QmpClient } from "./qmp.js";
 import type { StateItem, StateRecord } from "./state.js";
+import { QemuCommandError } from "./wire.js";
 
 export interface BitmapInfo {
   name: string;
@@ -170,8 +172,13 @@ export async function describeVm(
   qmpSocket: string,
   disks: readonly LiveDisk[],
 ): Promise<VmConfig> {
+  // What QEMU refuses to tell (an old QEMU without the command, a device without the property)
+  // is left out; a lost connection or a timeout is an error.
   const soft = async <T>(cmd: string, args?: Record<string, unknown>): Promise<T | undefined> =>
-    qmp.execute<T>(cmd, args).catch(() => undefined);
+    qmp.execute<T>(cmd, args).catch((err: unknown) => {
+      if (err instanceof QemuCommandError) return undefined;
+      throw err;
+    });
   const name = (await soft<{ name?: string }>("query-name"))?.name ?? null;
   const uuid = (await soft<{ UUID: string }>("query-uuid"))?.UUID ?? null;
   const cpus = (await soft<unknown[]>("query-cpus-fast"))?.length ?? 0;
@@ -268,25 +275,27 @@ async function tracked(record: StateRecord, item: StateItem, fn: () => Promise<u
 
 export async function cutView(o: CutOptions): Promise<PointInTimeView> {
   const { qmp, record } = o;
-  const socket = join(o.workDir, `strata-nbd-${o.vm}.sock`);
+  // Recorded paths are absolute (state.ts refuses others when it reads a record back).
+  const workDir = resolve(o.workDir);
+  const socket = join(workDir, `strata-nbd-${o.vm}.sock`);
   if (socket.length > 107)
     throw new StrataError(ErrorCode.USAGE, `state directory path too long for a socket: ${socket}`);
   try {
-    await fs.mkdir(o.workDir, { recursive: true });
+    await fs.mkdir(workDir, { recursive: true });
     // The fleecing images hold the old data of every block the guest overwrites during the
     // backup; in the worst case that is every disk whole. If the directory fills up, QEMU's
     // copy-before-write fails the guest's writes: say so before starting.
-    const st = await fs.statfs(o.workDir);
+    const st = await fs.statfs(workDir);
     const free = st.bavail * st.bsize;
     const worst = o.disks.reduce((n, d) => n + d.size, 0);
     if (free < worst) {
       o.log(
-        `${o.workDir} has ${Math.floor(free / 2 ** 20)} MiB free; the fleecing images can grow to ${Math.floor(worst / 2 ** 20)} MiB if the guest rewrites its disks during the backup`,
+        `${workDir} has ${Math.floor(free / 2 ** 20)} MiB free; the fleecing images can grow to ${Math.floor(worst / 2 ** 20)} MiB if the guest rewrites its disks during the backup`,
       );
     }
     // 1. Fleecing nodes.
     for (const d of o.disks) {
-      const file = join(o.workDir, `strata-fleece-${o.vm}-${d.name}.qcow2`);
+      const file = join(workDir, `strata-fleece-${o.vm}-${d.name}.qcow2`);
       await tracked(record, { kind: "file", path: file }, () =>
         runProgram("qemu-img", ["create", "-q", "-f", "qcow2", file, String(d.size)]),
       );
@@ -344,14 +353,15 @@ export async function cutView(o: CutOptions): Promise<PointInTimeView> {
     // 3. Exports. QEMU removes its socket when the server stops; if QEMU dies first, the socket
     // file stays: it is recorded, so that release() removes it either way.
     await record.add({ kind: "file", path: socket });
-    await tracked(record, { kind: "nbd-server" }, async () => {
+    await tracked(record, { kind: "nbd-server", socket }, async () => {
       await fs.rm(socket, { force: true });
       await qmp
         .execute("nbd-server-start", { addr: { type: "unix", data: { path: socket } } })
         .catch((err: unknown) => {
           throw new StrataError(
             ErrorCode.EXTERNAL,
-            `cannot start QEMU's NBD server for the backup (${err instanceof Error ? err.message : String(err)}); is another backup tool using it?`,
+            `cannot start QEMU's NBD server for the backup (${describeError(err)}); is another backup tool using it?`,
+            { cause: err },
           );
         });
     });
@@ -422,9 +432,13 @@ async function quiesced(
     } else {
       try {
         await o.qga.ping({ timeoutMs: 3000 });
+        // An agent without guest-get-osinfo (or with it disabled) refuses it: not Windows.
         const os = await o.qga
           .execute<{ id?: string }>("guest-get-osinfo", undefined, { timeoutMs: 3000 })
-          .catch(() => ({}) as { id?: string });
+          .catch((err: unknown) => {
+            if (err instanceof QemuCommandError) return {} as { id?: string };
+            throw err;
+          });
         windows = os.id === "mswindows";
         await record.add({ kind: "freeze" });
         frozen = await o.qga.fsfreezeFreeze({ timeoutMs: o.freezeTimeoutMs ?? 8000 });
@@ -477,19 +491,101 @@ export async function thaw(qga: QgaClient, record: StateRecord, log: (m: string)
   );
 }
 
+/** The kinds of QMP answer release() asks for before each step. */
+interface QueryJob {
+  id: string;
+  type: string;
+  status: string;
+}
+interface NamedNode {
+  "node-name": string;
+  "dirty-bitmaps"?: Array<{ name?: string }>;
+}
+
+/**
+ * What QEMU holds right now of what Strata makes. Each teardown step asks first: something
+ * absent is struck off the record without a command; something present gets its command, and any
+ * error of that command is an error (QEMU 7.2 reports most of them as GenericError, so the error
+ * alone can't tell "already gone" from a real failure).
+ */
+export const present = {
+  async export(qmp: QmpClient, id: string): Promise<boolean> {
+    return (await qmp.execute<Array<{ id: string }>>("query-block-exports")).some((e) => e.id === id);
+  },
+  async job(qmp: QmpClient, id: string): Promise<QueryJob | undefined> {
+    return (await qmp.execute<QueryJob[]>("query-jobs")).find((j) => j.id === id);
+  },
+  async node(qmp: QmpClient, node: string): Promise<NamedNode | undefined> {
+    const nodes = await qmp.execute<NamedNode[]>("query-named-block-nodes", { flat: true });
+    return nodes.find((n) => n["node-name"] === node);
+  },
+  async bitmap(qmp: QmpClient, node: string, name: string): Promise<boolean> {
+    const n = await present.node(qmp, node);
+    return (n?.["dirty-bitmaps"] ?? []).some((b) => b.name === name);
+  },
+  /**
+   * Whether QEMU's NBD server listens on `socket` (QMP has no query for the server): a listing
+   * over NBD answers; a socket that accepts nothing means no server there.
+   */
+  async nbdServer(socket: string): Promise<boolean> {
+    try {
+      await NbdClient.listExports({ path: socket }, { timeoutMs: 10_000 });
+      return true;
+    } catch (err) {
+      if (!(await socketAccepts(socket))) return false;
+      throw err;
+    }
+  },
+};
+
+const sleepMs = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
 async function waitJobGone(qmp: QmpClient, id: string): Promise<void> {
-  for (let i = 0; i < 200; i++) {
-    const jobs = await qmp.execute<Array<{ id: string }>>("query-jobs");
-    if (!jobs.some((j) => j.id === id)) return;
-    await new Promise((r) => setTimeout(r, 25));
+  for (let i = 0; i < 400; i++) {
+    if (!(await present.job(qmp, id))) return;
+    await sleepMs(25);
   }
-  throw new StrataError(ErrorCode.TIMEOUT, `block job ${id} did not end`);
+  throw new StrataError(ErrorCode.TIMEOUT, `block job ${id} did not end within 10 s`);
+}
+
+async function waitExportGone(qmp: QmpClient, id: string): Promise<void> {
+  for (let i = 0; i < 400; i++) {
+    if (!(await present.export(qmp, id))) return;
+    await sleepMs(25);
+  }
+  throw new StrataError(ErrorCode.TIMEOUT, `NBD export ${id} was still there 10 s after block-export-del`);
+}
+
+/** The socket of the NBD server a record lists (records written before it was kept: the default). */
+export function nbdSocketOf(record: StateRecord, item: Extract<StateItem, { kind: "nbd-server" }>): string {
+  return item.socket ?? join(dirname(record.path), `strata-nbd-${record.data.vm}.sock`);
+}
+
+function label(i: StateItem): string {
+  switch (i.kind) {
+    case "file":
+      return `file ${i.path}`;
+    case "node":
+      return `node ${i.node}`;
+    case "job":
+      return `job ${i.id}`;
+    case "export":
+      return `export ${i.id}`;
+    case "bitmap":
+      return `bitmap ${i.name} on ${i.node}`;
+    case "nbd-server":
+      return `NBD server${i.socket ? ` ${i.socket}` : ""}`;
+    default:
+      return i.kind;
+  }
 }
 
 /**
  * Releases everything `record` lists, in the safe order: thaw and resume first, then exports,
  * NBD server, jobs, nodes, files, temporary bitmaps. `success` decides which checkpoint bitmap
- * stays: the new one (success) or the previous one (failure).
+ * stays: the new one (success) or the previous one (failure). Before each step QEMU is asked
+ * whether the item is still there (see {@link present}); the errors of the steps are collected
+ * and thrown together, the first one as the cause, and the record is kept.
  */
 export async function release(
   qmp: QmpClient | undefined,
@@ -498,19 +594,14 @@ export async function release(
   log: (m: string) => void,
   how: { success: boolean; previous?: ReadonlyMap<string, string>; disks?: readonly LiveDisk[] },
 ): Promise<void> {
-  const errors: string[] = [];
-  const step = async (item: StateItem, fn: () => Promise<unknown>) => {
+  const errors: Array<{ item: string; err: unknown }> = [];
+  /** `fn` runs only when `exists()` says the item is there; either way it is then struck off. */
+  const step = async (item: StateItem, exists: () => Promise<boolean>, fn: () => Promise<unknown>) => {
     try {
-      await fn();
+      if (await exists()) await fn();
       await record.remove(item);
     } catch (err) {
-      const msg = err instanceof Error ? err.message : String(err);
-      // Already gone is fine.
-      if (/not found|does not exist|no such|not running|find|no job|not active|has no bitmap/i.test(msg)) {
-        await record.remove(item);
-        return;
-      }
-      errors.push(`${item.kind}: ${msg}`);
+      errors.push({ item: label(item), err });
     }
   };
   const items = [...record.items];
@@ -518,44 +609,83 @@ export async function release(
     items.filter((i): i is Extract<StateItem, { kind: K }> => i.kind === k);
   const live = qmp !== undefined && !qmp.closed;
   if (live && of("freeze").length > 0) {
-    if (qga) await thaw(qga, record, log).catch((e: unknown) => errors.push(String(e)));
-    else errors.push("the guest may be frozen and no guest agent socket is known");
+    if (qga) await thaw(qga, record, log).catch((err: unknown) => errors.push({ item: "freeze", err }));
+    else errors.push({ item: "freeze", err: "the guest may be frozen and no guest agent socket is known" });
   }
   if (live) {
-    for (const i of of("paused")) await step(i, () => qmp.execute("cont"));
+    for (const i of of("paused")) {
+      await step(
+        i,
+        async () => {
+          const st = await qmp.execute<{ status: string; running: boolean }>("query-status");
+          if (!st.running && st.status !== "paused")
+            log(`the VM is ${st.status}, not paused: Strata does not resume it`);
+          return st.status === "paused";
+        },
+        () => qmp.execute("cont"),
+      );
+    }
     for (const i of of("export")) {
-      await step(i, async () => {
-        await qmp.execute("block-export-del", { id: i.id, mode: "hard" });
-        for (let n = 0; n < 200; n++) {
-          const ex = await qmp.execute<Array<{ id: string }>>("query-block-exports");
-          if (!ex.some((e) => e.id === i.id)) return;
-          await new Promise((r) => setTimeout(r, 25));
-        }
-      });
+      await step(
+        i,
+        () => present.export(qmp, i.id),
+        async () => {
+          await qmp.execute("block-export-del", { id: i.id, mode: "hard" });
+          await waitExportGone(qmp, i.id);
+        },
+      );
     }
-    for (const i of of("nbd-server")) await step(i, () => qmp.execute("nbd-server-stop"));
+    for (const i of of("nbd-server"))
+      await step(
+        i,
+        () => present.nbdServer(nbdSocketOf(record, i)),
+        () => qmp.execute("nbd-server-stop"),
+      );
     for (const i of of("job")) {
-      await step(i, async () => {
-        await qmp.execute("block-job-cancel", { device: i.id, force: true });
-        await waitJobGone(qmp, i.id);
-      });
+      let job: QueryJob | undefined;
+      await step(
+        i,
+        async () => {
+          job = await present.job(qmp, i.id);
+          return job !== undefined;
+        },
+        async () => {
+          if (job?.status === "concluded") await qmp.execute("job-dismiss", { id: i.id });
+          else if (job?.status !== "aborting" && job?.status !== "null")
+            await qmp.execute("block-job-cancel", { device: i.id, force: true });
+          await waitJobGone(qmp, i.id);
+        },
+      );
     }
-    for (const i of of("node")) await step(i, () => qmp.execute("blockdev-del", { "node-name": i.node }));
+    for (const i of of("node"))
+      await step(
+        i,
+        async () => (await present.node(qmp, i.node)) !== undefined,
+        () => qmp.execute("blockdev-del", { "node-name": i.node }),
+      );
     for (const i of of("bitmap")) {
       const keep = how.success && i.name !== names.tmpBitmap;
       if (keep) {
         await record.remove(i);
         continue;
       }
-      await step(i, () => qmp.execute("block-dirty-bitmap-remove", { node: i.node, name: i.name }));
+      await step(
+        i,
+        () => present.bitmap(qmp, i.node, i.name),
+        () => qmp.execute("block-dirty-bitmap-remove", { node: i.node, name: i.name }),
+      );
     }
     if (how.success && how.previous && how.disks) {
       for (const d of how.disks) {
         const prev = how.previous.get(d.name);
         if (prev === undefined) continue;
-        await qmp.execute("block-dirty-bitmap-remove", { node: d.node, name: prev }).catch((e: unknown) => {
-          log(`could not remove the previous checkpoint bitmap ${prev} of ${d.name}: ${String(e)}`);
-        });
+        try {
+          if (await present.bitmap(qmp, d.node, prev))
+            await qmp.execute("block-dirty-bitmap-remove", { node: d.node, name: prev });
+        } catch (e) {
+          // The new checkpoint is in place; an old bitmap left over only costs space.
+          log(`could not remove the previous checkpoint bitmap ${prev} of ${d.name}: ${describeError(e)}`);
+        }
       }
     }
   } else {
@@ -564,12 +694,16 @@ export async function release(
       await record.remove(i);
     }
   }
-  for (const i of of("file")) await step(i, () => fs.rm(i.path, { force: true }));
-  for (const i of of("restart")) await step(i, () => restartVm(i.argv, record.data.qmp));
+  const always = async () => true;
+  for (const i of of("file")) await step(i, always, () => fs.rm(i.path, { force: true }));
+  for (const i of of("restart")) await step(i, always, () => restartVm(i.argv, record.data.qmp));
   if (errors.length > 0) {
     throw new StrataError(
       ErrorCode.EXTERNAL,
-      `cleanup left work undone (state kept in ${record.path}): ${errors.join("; ")}`,
+      `cleanup left work undone (state kept in ${record.path}): ${errors
+        .map((e) => `${e.item}: ${describeError(e.err)}`)
+        .join("; ")}`,
+      { cause: errors[0]!.err },
     );
   }
   await record.finish();

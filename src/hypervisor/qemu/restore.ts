@@ -240,16 +240,19 @@ export async function refuseIfQemuRuns(p: RestorePlan): Promise<void> {
   for (const path of paths) {
     const st = await lstatOrUndefined(path);
     if (!st?.isFile()) continue;
-    try {
-      await runProgram("qemu-img", ["info", "--output=json", path]);
-    } catch (err) {
-      if (err instanceof Error && /lock/i.test(err.message))
-        throw new StrataError(
-          ErrorCode.TARGET_CONFLICT,
-          `${path} is in use by a running VM (QEMU holds its lock): shut it down first; --force never overwrites the disks of a running VM`,
-        );
-      // Not an image QEMU can read: it is replaced like any other file.
-    }
+    // An image another QEMU holds opens only with force-share (-U): asked both ways, a
+    // difference is the lock, whatever words qemu-img uses for it.
+    const opens = (args: string[]) =>
+      runProgram("qemu-img", ["info", ...args, "--output=json", path]).then(
+        () => true,
+        () => false,
+      );
+    if (!(await opens([])) && (await opens(["-U"])))
+      throw new StrataError(
+        ErrorCode.TARGET_CONFLICT,
+        `${path} is in use by a running VM (QEMU holds its lock): shut it down first; --force never overwrites the disks of a running VM`,
+      );
+    // Otherwise it is free, or not an image QEMU can read: it is replaced like any other file.
   }
 }
 

@@ -7,28 +7,75 @@
  */
 import { randomBytes } from "node:crypto";
 import { promises as fs } from "node:fs";
-import { join } from "node:path";
+import { basename, join, resolve } from "node:path";
+import { z } from "zod";
+import { NAME_RE } from "../../repo/format.js";
+import { CONTROL, hasDotDot } from "../../util/check.js";
 import { ErrorCode, isNotFound, StrataError } from "../../util/errors.js";
 
-export type StateItem =
-  | { kind: "freeze" }
-  | { kind: "paused" }
-  | { kind: "file"; path: string }
-  | { kind: "node"; node: string }
-  | { kind: "job"; id: string }
-  | { kind: "nbd-server" }
-  | { kind: "export"; id: string }
-  | { kind: "bitmap"; node: string; name: string }
-  /** The VM was shut down by an offline backup and must be started again with this command line. */
-  | { kind: "restart"; argv: string[] };
+/**
+ * Bounds of a record, far above what a run writes (a handful of items per disk, a QEMU command
+ * line). A state file may have been written by someone else: everything in it is checked when it
+ * is read, since release() acts on it as root (removes the files, starts the command line).
+ */
+export const STATE_LIMITS = {
+  fileBytes: 4 * 1024 * 1024,
+  items: 4096,
+  args: 8192,
+  argBytes: 64 * 1024,
+  path: 4096,
+} as const;
 
-export interface StateFile {
-  vm: string;
-  qmp: string;
-  qga?: string;
-  pid: number;
-  started: string;
-  items: StateItem[];
+const absolutePath = z
+  .string()
+  .max(STATE_LIMITS.path)
+  .refine((p) => p.startsWith("/"), "not an absolute path")
+  .refine((p) => !hasDotDot(p), 'has a ".." segment')
+  .refine((p) => !CONTROL.test(p), "holds control characters");
+/** QEMU ids (jobs, exports, node-names); QEMU names nodes it made itself "#block<N>". */
+const qemuId = z.string().regex(/^[A-Za-z][A-Za-z0-9_.-]{0,127}$/, "not a QEMU id");
+const nodeName = z.string().regex(/^(#block\d{1,10}|[A-Za-z][A-Za-z0-9_.-]{0,127})$/, "not a QEMU node-name");
+const bitmapName = z.string().regex(/^[A-Za-z0-9._-]{1,128}$/, "not a bitmap name Strata makes");
+
+const StateItemSchema = z.discriminatedUnion("kind", [
+  z.object({ kind: z.literal("freeze") }),
+  z.object({ kind: z.literal("paused") }),
+  z.object({ kind: z.literal("file"), path: absolutePath }),
+  z.object({ kind: z.literal("node"), node: nodeName }),
+  z.object({ kind: z.literal("job"), id: qemuId }),
+  /** `socket`: where it listens (records of older versions lack it). */
+  z.object({ kind: z.literal("nbd-server"), socket: absolutePath.optional() }),
+  z.object({ kind: z.literal("export"), id: qemuId }),
+  z.object({ kind: z.literal("bitmap"), node: nodeName, name: bitmapName }),
+  /** The VM was shut down by an offline backup and must be started again with this command line. */
+  z.object({
+    kind: z.literal("restart"),
+    argv: z.array(z.string().max(STATE_LIMITS.argBytes)).min(1).max(STATE_LIMITS.args),
+  }),
+]);
+
+const StateFileSchema = z.object({
+  vm: z.string().regex(NAME_RE, "not a VM name"),
+  qmp: absolutePath,
+  qga: absolutePath.optional(),
+  pid: z
+    .number()
+    .int()
+    .min(1)
+    .max(2 ** 31),
+  started: z.iso.datetime(),
+  items: z.array(StateItemSchema).max(STATE_LIMITS.items),
+});
+
+export type StateItem = z.infer<typeof StateItemSchema>;
+export type StateFile = z.infer<typeof StateFileSchema>;
+
+/** Where `value` fails the schema: "items.3.kind: ..." (the first problem), or undefined. */
+function problem(schema: z.ZodType, value: unknown): string | undefined {
+  const r = schema.safeParse(value);
+  if (r.success) return undefined;
+  const issue = r.error.issues[0]!;
+  return `${issue.path.length > 0 ? issue.path.join(".") : "document"}: ${issue.message}`;
 }
 
 /** Default place for state files and fleecing images; `STRATA_STATE_DIR` or --state-dir override it. */
@@ -49,7 +96,7 @@ export class StateRecord {
   /** Starts a record for a run on `vm`. Refuses if an earlier run's record is still there. */
   static async create(dir: string, vm: string, qmp: string, qga?: string): Promise<StateRecord> {
     await fs.mkdir(dir, { recursive: true, mode: 0o755 });
-    const path = join(dir, `${vm}.json`);
+    const path = join(resolve(dir), `${vm}.json`);
     if (await StateRecord.load(path)) {
       throw new StrataError(
         ErrorCode.LOCKED,
@@ -58,8 +105,8 @@ export class StateRecord {
     }
     const rec = new StateRecord(path, {
       vm,
-      qmp,
-      ...(qga === undefined ? {} : { qga }),
+      qmp: resolve(qmp),
+      ...(qga === undefined ? {} : { qga: resolve(qga) }),
       pid: process.pid,
       started: new Date().toISOString(),
       items: [],
@@ -68,22 +115,38 @@ export class StateRecord {
     return rec;
   }
 
+  /**
+   * Reads the record at `path` (undefined when there is none). One that is not JSON, too big, or
+   * does not fit the schema is DATA_CORRUPT naming the file and the first bad field: nothing in
+   * it is acted on.
+   */
   static async load(path: string): Promise<StateRecord | undefined> {
     let text: string;
     try {
-      text = await fs.readFile(path, "utf8");
+      const fh = await fs.open(path, "r");
+      try {
+        const { size } = await fh.stat();
+        if (size > STATE_LIMITS.fileBytes) throw damaged(path, `${size} bytes, more than a record holds`);
+        text = await fh.readFile("utf8");
+      } finally {
+        await fh.close();
+      }
     } catch (err) {
       if (isNotFound(err)) return undefined;
       throw err;
     }
+    let doc: unknown;
     try {
-      return new StateRecord(path, JSON.parse(text) as StateFile);
+      doc = JSON.parse(text);
     } catch {
-      throw new StrataError(
-        ErrorCode.REPO_CORRUPT,
-        `state file ${path} is damaged; inspect it and remove it by hand`,
-      );
+      throw damaged(path, "not JSON");
     }
+    const bad = problem(StateFileSchema, doc);
+    if (bad !== undefined) throw damaged(path, bad);
+    const data = StateFileSchema.parse(doc);
+    if (`${data.vm}.json` !== basename(path))
+      throw damaged(path, `vm: "${data.vm}" is not the VM the file is named after`);
+    return new StateRecord(path, data);
   }
 
   /** Every record in `dir`. */
@@ -109,6 +172,9 @@ export class StateRecord {
 
   /** Records `item` durably; call before creating it. */
   async add(item: StateItem): Promise<void> {
+    const bad = problem(StateItemSchema, item);
+    if (bad !== undefined)
+      throw new StrataError(ErrorCode.INTERNAL, `state ${this.path}: refusing to record ${bad}`);
     if (!this.data.items.some((x) => same(x, item))) this.data.items.push(item);
     await this.save();
   }
@@ -141,4 +207,11 @@ export class StateRecord {
     }
     await fs.rename(tmp, this.path);
   }
+}
+
+function damaged(path: string, what: string): StrataError {
+  return new StrataError(
+    ErrorCode.DATA_CORRUPT,
+    `state file ${path} is damaged or was not written by Strata (${what}); inspect it and remove it by hand`,
+  );
 }
