@@ -78,7 +78,9 @@ export class WorkerPool {
       const req: Request = { id, method, args };
       slot.worker.postMessage(req, transfer as Transferable[]);
     }).finally(() => {
-      if (slot.pending.size === 0) slot.worker.unref();
+      // Not once closing: close() holds the loop with ref() until the thread is gone, and a call
+      // that settles in between (a read-ahead nobody awaits) must not let go of it again.
+      if (slot.pending.size === 0 && !this.closed) slot.worker.unref();
     });
   }
 

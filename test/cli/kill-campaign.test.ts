@@ -101,6 +101,15 @@ test(`kill -9 campaign: ${KILLS} kills of backup, forget, gc and restore`, {
 
   const killsByOp = new Map<Op, number>();
   const locks = () => new Set(readdirSync(join(repo, "locks")));
+  /** Restore points as the repository holds them: a folder with a manifest (what snapshots lists). */
+  const points = (): string[] => {
+    const vmDir = join(repo, "vms", "vm1");
+    if (!existsSync(vmDir)) return [];
+    return readdirSync(vmDir)
+      .filter((time) => existsSync(join(vmDir, time, "manifest.json")))
+      .map((time) => `vm1/${time}`)
+      .sort();
+  };
   /** Kills that found the operation holding its repository lock: inside the real work. */
   let inWork = 0;
   let kills = 0;
@@ -109,7 +118,7 @@ test(`kill -9 campaign: ${KILLS} kills of backup, forget, gc and restore`, {
     assert.ok(attempts++ < KILLS * 4, `only ${kills} of ${attempts} runs could be killed while running`);
     const op = OPS[pick(OPS.length)]!;
     const hash = op === "backup" ? await mutate() : "";
-    const before = await snapshots();
+    const before = points();
     const latest = before.at(-1);
     const locksBefore = locks();
     const child = startStrata(args(op, attempts));
@@ -118,8 +127,11 @@ test(`kill -9 campaign: ${KILLS} kills of backup, forget, gc and restore`, {
     void exited.then(() => {
       gone = true;
     });
-    const span = Math.max(1, duration.get(op)! - startup);
-    await sleep(Math.round(startup * 0.7) + pick(span + Math.round(startup * 0.3)));
+    // The kill lands at a random instant of the operation's real work: from when it holds its
+    // repository lock to about when it would have ended unkilled.
+    const deadline = Date.now() + 60_000;
+    while (!gone && ![...locks()].some((l) => !locksBefore.has(l)) && Date.now() < deadline) await sleep(2);
+    if (!gone) await sleep(pick(Math.max(1, duration.get(op)! - startup)));
     if (gone) {
       // Finished before the kill: it must have succeeded.
       assert.equal(await exited, 0, `${op} exited with an error before it could be killed`);
@@ -130,7 +142,7 @@ test(`kill -9 campaign: ${KILLS} kills of backup, forget, gc and restore`, {
       if ([...locks()].some((l) => !locksBefore.has(l))) inWork++;
       killsByOp.set(op, (killsByOp.get(op) ?? 0) + 1);
     }
-    const after = await snapshots();
+    const after = points();
     for (const id of after) {
       if (before.includes(id)) continue;
       assert.equal(op, "backup", `${id} appeared during a ${op}`);
@@ -147,6 +159,11 @@ test(`kill -9 campaign: ${KILLS} kills of backup, forget, gc and restore`, {
       await fs.rm(join(dir, `out-${attempts}`), { recursive: true, force: true });
     }
     if (kills > 0 && kills % 25 === 0 && !gone) {
+      assert.deepEqual(
+        await snapshots(),
+        after,
+        `strata snapshots lists what the repository holds (${kills} kills)`,
+      );
       const v = summary(await strataOk(["verify", "--repo", repo, "--json"]));
       assert.equal(v.ok, true, `verify after ${kills} kills`);
     }
