@@ -798,13 +798,32 @@ function replyArb(reqLen: number): fc.Arbitrary<Chunk[]> {
       plausible,
       fc.boolean(),
       fc.array(fc.tuple(fc.nat(), chunkArb(reqLen)), { maxLength: 3 }),
+      // Edits of the plausible chunks: shift one (an overlap and a gap of the same size),
+      // resize one, drop one, send one twice.
+      fc.array(
+        fc.tuple(
+          fc.constantFrom("shift" as const, "resize" as const, "drop" as const, "twice" as const),
+          fc.nat(),
+          fc.integer({ min: -64, max: 64 }),
+        ),
+        { maxLength: 2 },
+      ),
       fc.oneof(
         { weight: 3, arbitrary: fc.constant("last" as const) },
         fc.constantFrom("none" as const, "random" as const),
       ),
     )
-    .map(([base, reverse, inserts, done]) => {
+    .map(([base, reverse, inserts, edits, done]) => {
       let chunks = reverse ? [...base].reverse() : base; // any order is fine
+      for (const [op, at, d] of edits) {
+        if (chunks.length === 0) break;
+        const i = at % chunks.length;
+        const c = chunks[i]!;
+        if (op === "shift") chunks[i] = { ...c, rel: c.rel + d };
+        else if (op === "resize") chunks[i] = { ...c, n: c.n + d };
+        else if (op === "drop") chunks.splice(i, 1);
+        else chunks.splice(i, 0, { ...c });
+      }
       for (const [at, c] of inserts) chunks.splice(at % (chunks.length + 1), 0, c);
       chunks = chunks.map((c) => ({ ...c, done: done === "random" ? c.done : false }));
       if (done === "last" && chunks.length > 0) chunks[chunks.length - 1]!.done = true;
@@ -816,7 +835,7 @@ function replyArb(reqLen: number): fc.Arbitrary<Chunk[]> {
 function chunkBody(c: Chunk, reqOffset: number): { type: number; payload: Buffer } {
   if (c.kind === "data") {
     const start = Math.max(0, reqOffset + c.rel);
-    const payload = Buffer.alloc(8 + Math.min(c.n, 1 << 20));
+    const payload = Buffer.alloc(8 + Math.max(0, Math.min(c.n, 1 << 20)));
     payload.writeBigUInt64BE(BigInt(start), 0);
     DISK_FAKE.copy(payload, 8, Math.min(start, FAKE_SIZE));
     return { type: ReplyType.OFFSET_DATA, payload };
