@@ -8,7 +8,7 @@
  * system one is used and every domain a test defines is named strata-test-*.
  */
 import { execFile } from "node:child_process";
-import { chmod, copyFile, mkdtemp, readFile, rm, stat } from "node:fs/promises";
+import { chmod, copyFile, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestContext } from "node:test";
@@ -30,7 +30,50 @@ export async function virsh(...args: string[]): Promise<string> {
   }
 }
 
-let started: Promise<{ pids: string[]; dir?: string }> | undefined;
+/**
+ * Test files run in parallel processes (and a developer may run two suites at once), and all of
+ * them share the one system libvirtd. So starting and stopping it goes through a folder every
+ * test process shares: a lock (mkdir is atomic), one file per process using libvirtd, and the
+ * PID files of a libvirtd and virtlogd that tests started. The last user out stops what tests
+ * started; a libvirtd that was running before any test is never stopped.
+ */
+const SHARED = "/run/strata-test-libvirtd";
+const USERS = join(SHARED, "users");
+const LOCK = join(SHARED, "lock");
+
+async function underLock<T>(fn: () => Promise<T>): Promise<T> {
+  await mkdir(USERS, { recursive: true });
+  for (let i = 0; ; i++) {
+    try {
+      await mkdir(LOCK);
+      break;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      // A holder killed mid-way leaves the lock: nothing here takes a minute.
+      const st = await stat(LOCK).catch(() => undefined);
+      if (st && Date.now() - st.mtimeMs > 60_000) await rm(LOCK, { recursive: true, force: true });
+      if (i > 2400) throw new Error(`${LOCK} is held for more than two minutes`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+  try {
+    return await fn();
+  } finally {
+    await rm(LOCK, { recursive: true, force: true });
+  }
+}
+
+/** Processes still using libvirtd (their files), after dropping those of dead processes. */
+async function liveUsers(): Promise<string[]> {
+  const out: string[] = [];
+  for (const name of await readdir(USERS)) {
+    if (processAlive(Number(name))) out.push(name);
+    else await rm(join(USERS, name), { force: true });
+  }
+  return out;
+}
+
+let using = false;
 
 /**
  * Makes sure libvirtd answers, starting it (and virtlogd) when none does. Pair it with
@@ -38,38 +81,37 @@ let started: Promise<{ pids: string[]; dir?: string }> | undefined;
  * test's own cleanup (domains destroyed and undefined) has run.
  */
 export async function ensureLibvirtd(): Promise<void> {
-  started ??= (async () => {
-    if (await socketAccepts("/run/libvirt/libvirt-sock")) return { pids: [] };
-    const dir = await mkdtemp(join(tmpdir(), "strata-libvirtd-"));
-    const pids: string[] = [];
-    if (!(await socketAccepts("/run/libvirt/virtlogd-sock"))) {
-      await run("virtlogd", ["-d", "-p", join(dir, "virtlogd.pid")]);
-      pids.push(join(dir, "virtlogd.pid"));
-    }
-    await run("libvirtd", ["-d", "--pid-file", join(dir, "libvirtd.pid")]);
-    pids.push(join(dir, "libvirtd.pid"));
+  await underLock(async () => {
+    await writeFile(join(USERS, String(process.pid)), "");
+    using = true;
+    if (await socketAccepts("/run/libvirt/libvirt-sock")) return;
+    if (!(await socketAccepts("/run/libvirt/virtlogd-sock")))
+      await run("virtlogd", ["-d", "-p", join(SHARED, "virtlogd.pid")]);
+    await run("libvirtd", ["-d", "--pid-file", join(SHARED, "libvirtd.pid")]);
     for (let i = 0; i < 100 && !(await socketAccepts("/run/libvirt/libvirt-sock")); i++)
       await new Promise((r) => setTimeout(r, 100));
-    await virsh("version");
-    return { pids, dir };
-  })();
-  await started;
+  });
+  await virsh("version");
 }
 
-/** Stops libvirtd and virtlogd if {@link ensureLibvirtd} started them (by the PIDs they wrote). */
+/** Stops libvirtd and virtlogd when tests started them and no other test process still uses them. */
 export async function stopLibvirtd(): Promise<void> {
-  if (!started) return;
-  const { pids, dir } = await started.catch(() => ({ pids: [] as string[], dir: undefined }));
-  started = undefined;
-  for (const f of [...pids].reverse()) {
-    const pid = Number((await readFile(f, "utf8").catch(() => "")).trim());
-    if (!pid) continue;
-    try {
-      process.kill(pid, "SIGTERM");
-    } catch {}
-    for (let i = 0; i < 100 && processAlive(pid); i++) await new Promise((r) => setTimeout(r, 100));
-  }
-  if (dir) await rm(dir, { recursive: true, force: true });
+  if (!using) return;
+  using = false;
+  await underLock(async () => {
+    await rm(join(USERS, String(process.pid)), { force: true });
+    if ((await liveUsers()).length > 0) return;
+    for (const name of ["libvirtd.pid", "virtlogd.pid"]) {
+      const file = join(SHARED, name);
+      const pid = Number((await readFile(file, "utf8").catch(() => "")).trim());
+      await rm(file, { force: true });
+      if (!pid || !processAlive(pid)) continue;
+      try {
+        process.kill(pid, "SIGTERM");
+      } catch {}
+      for (let i = 0; i < 100 && processAlive(pid); i++) await new Promise((r) => setTimeout(r, 100));
+    }
+  });
 }
 
 export interface DomainDiskSpec {
