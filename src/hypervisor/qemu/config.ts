@@ -60,11 +60,15 @@ function diskFile(v: unknown, where: string): string {
  * The program of a recorded command line: `qemu-system-<arch>` (or Proxmox VE's `kvm`), by name
  * or absolute path. Where such a path lies is checked when it is about to run (cmdline-policy.ts).
  */
-export function emulator(v: unknown, c: Checker = base): string {
+export function isQemuProgram(bin: string): boolean {
+  return (
+    QEMU_PROGRAM.test(basename(bin)) && (bin === basename(bin) || (bin.startsWith("/") && !hasDotDot(bin)))
+  );
+}
+
+function emulator(v: unknown, c: Checker = base): string {
   const bin = c.str(v, "the command line's program");
-  const ok =
-    QEMU_PROGRAM.test(basename(bin)) && (bin === basename(bin) || (bin.startsWith("/") && !hasDotDot(bin)));
-  if (!ok)
+  if (!isQemuProgram(bin))
     c.refuse(
       `the command line runs ${JSON.stringify(bin)}, not a qemu-system-* binary: Strata runs only QEMU`,
     );
