@@ -27,9 +27,11 @@
  */
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
+import { z } from "zod";
 import { BASE_ALLOCATION, NbdClient, StateFlag } from "../../nbd/index.js";
 import { describeError, ErrorCode, isStrataError, StrataError } from "../../util/errors.js";
 import { processAlive } from "../../util/process.js";
+import { list, matching, schemaProblem, text, whole } from "../../util/schema.js";
 import type {
   BackupRequest,
   BackupSession,
@@ -73,7 +75,20 @@ export const checkpointNames = {
   isOurs: (name: string) => /^strata-[0-9a-f]{1,12}-\d{8}t\d{9}z$/.test(name),
 };
 
-const CHECKPOINT_RE = /^strata-[0-9a-f]{1,12}-\d{8}t\d{9}z$/;
+/** What a checkpoint record read back from a manifest must hold. */
+const LibvirtCheckpointSchema = z.object({
+  kind: z.literal(CHECKPOINT_KIND),
+  repository: text("the repository id", 256),
+  domain: text("the domain", 256),
+  uuid: text("the UUID", 64),
+  checkpoint: matching("the checkpoint", /^strata-[0-9a-f]{1,12}-\d{8}t\d{9}z$/, "one Strata makes"),
+  disks: list(
+    z.object({ name: text("the disk name", 256), size: whole("the disk size", Number.MAX_SAFE_INTEGER) }),
+    "the disks",
+    256,
+  ),
+  xml: text("the checkpoint XML", 1024 * 1024).nullable(),
+});
 
 /** Validates a checkpoint record read back from a manifest; undefined and a reason if unusable. */
 export function readCheckpointRecord(c: CheckpointRecord | null | undefined): {
@@ -83,20 +98,12 @@ export function readCheckpointRecord(c: CheckpointRecord | null | undefined): {
   if (!c) return { reason: "the previous restore point has no checkpoint" };
   if (c.kind !== CHECKPOINT_KIND)
     return { reason: `the previous restore point's checkpoint is a ${String(c.kind)}` };
-  const r = c as Partial<LibvirtCheckpointRecord>;
-  const ok =
-    typeof r.checkpoint === "string" &&
-    CHECKPOINT_RE.test(r.checkpoint) &&
-    typeof r.domain === "string" &&
-    typeof r.uuid === "string" &&
-    Array.isArray(r.disks) &&
-    r.disks.length <= 256 &&
-    r.disks.every(
-      (d) => d && typeof d.name === "string" && Number.isSafeInteger(d.size) && (d.size as number) >= 0,
-    ) &&
-    (r.xml === null || (typeof r.xml === "string" && r.xml.length <= 1024 * 1024));
-  if (!ok) return { reason: "the previous restore point's checkpoint record is malformed" };
-  return { record: r as LibvirtCheckpointRecord };
+  const r = LibvirtCheckpointSchema.safeParse(c);
+  if (!r.success)
+    return {
+      reason: `the previous restore point's checkpoint record is malformed (${schemaProblem(LibvirtCheckpointSchema, c)})`,
+    };
+  return { record: r.data };
 }
 
 export interface LibvirtBackupOptions {

@@ -122,6 +122,11 @@ test("checkpoint records from a manifest are checked before use", () => {
     { xml: 5 },
   ])
     assert.match(readCheckpointRecord({ ...good, ...bad }).reason ?? "", /malformed/, JSON.stringify(bad));
+  // The reason names the first bad field.
+  assert.match(
+    readCheckpointRecord({ ...good, disks: [{ name: "vda", size: -1 }] }).reason ?? "",
+    /malformed \(disks\.0\.size: the disk size is not a whole number/,
+  );
   // A redefinable checkpoint XML loses its parent (bitmaps are independent in libvirt 9.0).
   const cp = `<domaincheckpoint><name>c2</name><parent><name>c1</name></parent><disks/></domaincheckpoint>`;
   assert.doesNotMatch(redefinableXml(cp), /parent/);
