@@ -26,7 +26,7 @@
  * was made, so a failed backup forgets nothing.
  */
 import { promises as fs } from "node:fs";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { z } from "zod";
 import { BASE_ALLOCATION, NbdClient, StateFlag } from "../../nbd/index.js";
 import { describeError, ErrorCode, isStrataError, StrataError } from "../../util/errors.js";
@@ -41,7 +41,7 @@ import type {
   VmConfigDocument,
 } from "../adapter.js";
 import { checkReachable, qemuUser } from "./access.js";
-import { backupDisks, type DomainDisk, type DomainInfo, parseDomain } from "./domain.js";
+import { backupDisks, CHECKPOINT_RE, type DomainDisk, type DomainInfo, parseDomain } from "./domain.js";
 import { openOfflineBackup } from "./offline.js";
 import { LibvirtState, type LibvirtStateItem, stateDirOf } from "./state.js";
 import { type Virsh, VirshError } from "./virsh.js";
@@ -72,7 +72,7 @@ export const checkpointNames = {
     const t = now.toISOString().replace(/[-:.]/g, "").replace("T", "t").replace("Z", "z");
     return `${checkpointNames.prefix(repository)}${t}`;
   },
-  isOurs: (name: string) => /^strata-[0-9a-f]{1,12}-\d{8}t\d{9}z$/.test(name),
+  isOurs: (name: string) => CHECKPOINT_RE.test(name),
 };
 
 /** What a checkpoint record read back from a manifest must hold. */
@@ -81,7 +81,7 @@ const LibvirtCheckpointSchema = z.object({
   repository: text("the repository id", 256),
   domain: text("the domain", 256),
   uuid: text("the UUID", 64),
-  checkpoint: matching("the checkpoint", /^strata-[0-9a-f]{1,12}-\d{8}t\d{9}z$/, "one Strata makes"),
+  checkpoint: matching("the checkpoint", CHECKPOINT_RE, "one Strata makes"),
   disks: list(
     z.object({ name: text("the disk name", 256), size: whole("the disk size", Number.MAX_SAFE_INTEGER) }),
     "the disks",
@@ -284,7 +284,7 @@ export async function openLibvirtBackup(o: LibvirtBackupOptions): Promise<Backup
 
   // 2. Cut the view.
   const rec = await LibvirtState.create(req.stateDir, virsh.uri, domain);
-  const runDir = join(stateDirOf(req.stateDir), `${domain}.run`);
+  const runDir = join(resolve(stateDirOf(req.stateDir)), `${domain}.run`);
   const socket = join(runDir, "nbd.sock");
   if (socket.length > 107)
     throw new StrataError(ErrorCode.USAGE, `state directory path too long for a unix socket: ${socket}`);
