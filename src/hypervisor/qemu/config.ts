@@ -2,9 +2,9 @@
  * The QEMU configuration document stored with a restore point (`config.blob`, kind "qemu"), read
  * back. A repository can be written by others than the host that restores from it, and a
  * restore runs the recorded command line and writes to the recorded paths, so nothing is taken
- * on trust: the document is checked against a schema (zod), every field typed and bounded, names that become file names are plain
- * names, paths hold no `..`, the command line's program is a `qemu-system-*` binary, and its
- * options pass the command-line policy (cmdline-policy.ts).
+ * on trust: the document is checked against a schema (zod), every field typed and bounded,
+ * names that become file names are plain names, paths hold no `..`, the command line's program
+ * is a `qemu-system-*` binary, and its options pass the command-line policy (cmdline-policy.ts).
  */
 import { basename } from "node:path";
 import { z } from "zod";
