@@ -351,10 +351,10 @@ describe("Proxmox VM restores (fixture root)", () => {
     }, /kind is "qemu", not "pve"/);
     bad((d) => {
       d.vmid = "101; rm -rf /";
-    }, /bad vmid/);
+    }, /vmid: the vmid .* is not a Proxmox VM id/);
     bad((d) => {
       d.vmid = 12;
-    }, /bad vmid/);
+    }, /vmid: the vmid .* is not a Proxmox VM id/);
     bad((d) => {
       d.conf = `${d.conf}garbage line\n`;
     }, /of VM 101 in the repository, line 20: not "key: value"/);
@@ -366,16 +366,16 @@ describe("Proxmox VM restores (fixture root)", () => {
     }, /not a Proxmox drive key/);
     bad((d) => {
       disk0(d).name = "scsi5";
-    }, /disk scsi5 is not in the configuration text/);
+    }, /disks\.0\.name: disk scsi5 is not in the configuration text/);
     bad((d) => {
       disk0(d).volume = "local:101/other.qcow2";
     }, /volume differs/);
     bad((d) => {
       disk0(d).size = -1;
-    }, /bad size/);
+    }, /disks\.0\.size: the size is not a whole number/);
     bad((d) => {
       disk0(d).format = "qcow2; x";
-    }, /bad format/);
+    }, /disks\.0\.format: the format is not raw or qcow2 or vmdk/);
     bad((d) => {
       d.disks = [disk0(d), disk0(d)];
     }, /appears twice/);
@@ -387,7 +387,7 @@ describe("Proxmox VM restores (fixture root)", () => {
     }, /NIC net0 has a bad MAC/);
     bad((d) => {
       d.uuid = "not-a-uuid";
-    }, /bad uuid/);
+    }, /uuid: the UUID "not-a-uuid" is not a UUID/);
     await refused(
       adapter.planRestore({ ...good, kind: "libvirt" } as VmConfigDocument, { ...RP, available: [] }),
       ErrorCode.DATA_CORRUPT,

@@ -90,7 +90,7 @@ describe("tampered VM configurations", { timeout: 60_000 }, () => {
         config((c) => {
           c.disks[0]!.file = "/vms/evil/../../etc/shadow";
         }),
-        /disk vblk0's file ".*" has a "\.\." segment/,
+        /disks\.0\.file: the disk file ".*" has a "\.\." segment/,
       ],
       [
         "name",

@@ -15,11 +15,12 @@
 import { spawn } from "node:child_process";
 import { promises as fs } from "node:fs";
 import { dirname, join } from "node:path";
+import { z } from "zod";
 import type { InstantRuntime, InstantVm, NbdBackedDisk } from "../../hypervisor/adapter.js";
 import type { AdapterRegistry } from "../../hypervisor/registry.js";
-import { checker } from "../../util/check.js";
 import { describeError, ErrorCode, isNotFound, StrataError } from "../../util/errors.js";
 import { processRunsWith, socketAccepts, terminate } from "../../util/process.js";
+import { absolutePath, list, object, oneOf, parseDocument, text, whole } from "../../util/schema.js";
 
 /** Seconds a VM's NBD client holds requests while it reconnects to a restarted server. */
 export const DEFAULT_RECONNECT_DELAY = 300;
@@ -90,52 +91,78 @@ export function runtimeOf(
   return runtime;
 }
 
+const PHASES = ["starting", "running", "migrating", "migrated", "stopped"] as const;
+
+/** The engine's part of a record (`vm` is its adapter's, checked by it). */
+const InstantRecordSchema = object(
+  {
+    format: z.literal("strata-instant", { error: "it is not a strata-instant record" }),
+    version: z.literal(INSTANT_RECORD_VERSION, {
+      error: (iss) => `its version ${JSON.stringify(iss.input)} is unknown`,
+    }),
+    name: text("the name"),
+    restorePoint: text("the restore point"),
+    repo: absolutePath("the repository"),
+    passwordFile: absolutePath("the password file").optional(),
+    clone: z.boolean({ error: "clone is not true or false" }),
+    dir: absolutePath("the directory"),
+    socket: absolutePath("the NBD socket"),
+    reconnectDelay: whole("the reconnect delay", 365 * 86400),
+    phase: z.enum(PHASES, { error: (iss) => `the phase ${JSON.stringify(iss.input)} is unknown` }),
+    serve: object(
+      {
+        pid: whole("the server's pid", 2 ** 31).nullable(),
+        log: absolutePath("the server's log"),
+        command: list(text("an argument of the server's command"), "the server's command", 100),
+      },
+      "the server",
+    ),
+    exports: list(
+      object(
+        {
+          name: text("the export's disk name"),
+          size: whole("the export's size", Number.MAX_SAFE_INTEGER),
+          socket: absolutePath("the export's socket"),
+          exportName: text("the export name"),
+        },
+        "the export",
+      ),
+      "the exports",
+      1024,
+    ),
+    vm: z.record(z.string(), z.unknown(), { error: "the VM record is not an object or null" }).nullable(),
+    adapter: text("the adapter"),
+    migration: object(
+      {
+        target: absolutePath("the migration target"),
+        format: oneOf(["qcow2", "raw"], "the migration format"),
+        limitBytes: whole("the migration's bandwidth limit", Number.MAX_SAFE_INTEGER).nullable(),
+        finished: text("the migration's end").optional(),
+      },
+      "the migration",
+    ).optional(),
+    created: text("the creation time"),
+  },
+  "the record",
+);
+
 /**
- * Checks a record as read from `file`: the envelope here, `vm` by its adapter. A version 1
- * record gets an error saying what to do by hand.
+ * Checks a record as read from `file`: the envelope against its schema here, `vm` by its
+ * adapter. A version 1 record gets an error saying what to do by hand.
  */
 export function parseInstantRecord(doc: unknown, file: string, adapters: AdapterRegistry): InstantRecord {
-  const c = checker(`the instant recovery record ${file} is damaged`);
-  const r = c.obj(doc, "the record");
-  if (r.format !== "strata-instant") c.refuse("it is not a strata-instant record");
-  if (r.version === 1) {
+  const r = doc as Record<string, unknown> | null;
+  if (r?.format === "strata-instant" && r.version === 1) {
     const pids = (x: unknown) => (x as { pid?: unknown } | undefined)?.pid;
     throw new StrataError(
       ErrorCode.REPO_VERSION,
       `${file} was written by an earlier Strata (record version 1), which this one does not run: stop its QEMU (pid ${pids(r.qemu) ?? "?"}) and NBD server (pid ${pids(r.serve) ?? "?"}) if they run, keep or remove ${typeof r.dir === "string" ? r.dir : "its directory"}, then delete ${file}`,
     );
   }
-  if (r.version !== INSTANT_RECORD_VERSION) c.refuse(`its version ${JSON.stringify(r.version)} is unknown`);
-  const name = c.str(r.name, "the name");
-  c.str(r.restorePoint, "the restore point");
-  c.path(r.repo, "the repository");
-  if (r.passwordFile !== undefined) c.path(r.passwordFile, "the password file");
-  if (typeof r.clone !== "boolean") c.refuse("clone is not true or false");
-  c.path(r.dir, "the directory");
-  c.path(r.socket, "the NBD socket");
-  c.int(r.reconnectDelay, "the reconnect delay", 365 * 86400);
-  if (!["starting", "running", "migrating", "migrated", "stopped"].includes(r.phase as string))
-    c.refuse(`the phase ${JSON.stringify(r.phase)} is unknown`);
-  const serve = c.obj(r.serve, "the server");
-  if (serve.pid !== null) c.int(serve.pid, "the server's pid", 2 ** 31);
-  c.path(serve.log, "the server's log");
-  for (const [i, a] of c.arr(serve.command, "the server's command", 100).entries())
-    c.str(a, `argument ${i} of the server's command`);
-  for (const [i, x] of c.arr(r.exports, "the exports", 1024).entries()) {
-    const e = c.obj(x, `export ${i}`);
-    c.str(e.name, `the name of export ${i}`);
-    c.int(e.size, `the size of export ${i}`, Number.MAX_SAFE_INTEGER);
-    c.path(e.socket, `the socket of export ${i}`);
-    c.str(e.exportName, `the export name of export ${i}`);
-  }
-  const adapter = c.str(r.adapter, "the adapter");
-  if (r.migration !== undefined) {
-    const m = c.obj(r.migration, "the migration");
-    c.path(m.target, "the migration target");
-    if (m.format !== "qcow2" && m.format !== "raw") c.refuse("the migration format is not qcow2 or raw");
-  }
-  const record = r as unknown as InstantRecord;
-  if (record.vm !== null) record.vm = runtimeOf({ adapter, name }, adapters).checkRecord(record.vm);
+  const parsed = parseDocument(InstantRecordSchema, doc, `the instant recovery record ${file} is damaged`);
+  const record = { ...parsed, vm: null } as InstantRecord;
+  if (parsed.vm !== null)
+    record.vm = runtimeOf(record, adapters).checkRecord(parsed.vm as unknown as InstantVm);
   return record;
 }
 

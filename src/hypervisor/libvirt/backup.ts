@@ -26,10 +26,12 @@
  * was made, so a failed backup forgets nothing.
  */
 import { promises as fs } from "node:fs";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
+import { z } from "zod";
 import { BASE_ALLOCATION, NbdClient, StateFlag } from "../../nbd/index.js";
 import { describeError, ErrorCode, isStrataError, StrataError } from "../../util/errors.js";
 import { processAlive } from "../../util/process.js";
+import { list, matching, schemaProblem, text, whole } from "../../util/schema.js";
 import type {
   BackupRequest,
   BackupSession,
@@ -39,7 +41,7 @@ import type {
   VmConfigDocument,
 } from "../adapter.js";
 import { checkReachable, qemuUser } from "./access.js";
-import { backupDisks, type DomainDisk, type DomainInfo, parseDomain } from "./domain.js";
+import { backupDisks, CHECKPOINT_RE, type DomainDisk, type DomainInfo, parseDomain } from "./domain.js";
 import { openOfflineBackup } from "./offline.js";
 import { LibvirtState, type LibvirtStateItem, stateDirOf } from "./state.js";
 import { type Virsh, VirshError } from "./virsh.js";
@@ -70,10 +72,23 @@ export const checkpointNames = {
     const t = now.toISOString().replace(/[-:.]/g, "").replace("T", "t").replace("Z", "z");
     return `${checkpointNames.prefix(repository)}${t}`;
   },
-  isOurs: (name: string) => /^strata-[0-9a-f]{1,12}-\d{8}t\d{9}z$/.test(name),
+  isOurs: (name: string) => CHECKPOINT_RE.test(name),
 };
 
-const CHECKPOINT_RE = /^strata-[0-9a-f]{1,12}-\d{8}t\d{9}z$/;
+/** What a checkpoint record read back from a manifest must hold. */
+const LibvirtCheckpointSchema = z.object({
+  kind: z.literal(CHECKPOINT_KIND),
+  repository: text("the repository id", 256),
+  domain: text("the domain", 256),
+  uuid: text("the UUID", 64),
+  checkpoint: matching("the checkpoint", CHECKPOINT_RE, "one Strata makes"),
+  disks: list(
+    z.object({ name: text("the disk name", 256), size: whole("the disk size", Number.MAX_SAFE_INTEGER) }),
+    "the disks",
+    256,
+  ),
+  xml: text("the checkpoint XML", 1024 * 1024).nullable(),
+});
 
 /** Validates a checkpoint record read back from a manifest; undefined and a reason if unusable. */
 export function readCheckpointRecord(c: CheckpointRecord | null | undefined): {
@@ -83,20 +98,12 @@ export function readCheckpointRecord(c: CheckpointRecord | null | undefined): {
   if (!c) return { reason: "the previous restore point has no checkpoint" };
   if (c.kind !== CHECKPOINT_KIND)
     return { reason: `the previous restore point's checkpoint is a ${String(c.kind)}` };
-  const r = c as Partial<LibvirtCheckpointRecord>;
-  const ok =
-    typeof r.checkpoint === "string" &&
-    CHECKPOINT_RE.test(r.checkpoint) &&
-    typeof r.domain === "string" &&
-    typeof r.uuid === "string" &&
-    Array.isArray(r.disks) &&
-    r.disks.length <= 256 &&
-    r.disks.every(
-      (d) => d && typeof d.name === "string" && Number.isSafeInteger(d.size) && (d.size as number) >= 0,
-    ) &&
-    (r.xml === null || (typeof r.xml === "string" && r.xml.length <= 1024 * 1024));
-  if (!ok) return { reason: "the previous restore point's checkpoint record is malformed" };
-  return { record: r as LibvirtCheckpointRecord };
+  const r = LibvirtCheckpointSchema.safeParse(c);
+  if (!r.success)
+    return {
+      reason: `the previous restore point's checkpoint record is malformed (${schemaProblem(LibvirtCheckpointSchema, c)})`,
+    };
+  return { record: r.data };
 }
 
 export interface LibvirtBackupOptions {
@@ -277,7 +284,7 @@ export async function openLibvirtBackup(o: LibvirtBackupOptions): Promise<Backup
 
   // 2. Cut the view.
   const rec = await LibvirtState.create(req.stateDir, virsh.uri, domain);
-  const runDir = join(stateDirOf(req.stateDir), `${domain}.run`);
+  const runDir = join(resolve(stateDirOf(req.stateDir)), `${domain}.run`);
   const socket = join(runDir, "nbd.sock");
   if (socket.length > 107)
     throw new StrataError(ErrorCode.USAGE, `state directory path too long for a unix socket: ${socket}`);

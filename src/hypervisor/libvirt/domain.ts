@@ -39,6 +39,8 @@ export const DOMAIN_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$/;
 export const TARGET_RE = /^[a-z]{2,4}[a-z0-9]{0,12}$/;
 /** Connection URIs Strata passes to virsh (`qemu:///system`, `qemu+ssh://host/system`). */
 export const URI_RE = /^[a-z][a-z0-9+]*:\/\/[A-Za-z0-9._@:[\]-]*\/[A-Za-z0-9._/-]*(\?[A-Za-z0-9._=&/-]*)?$/;
+/** Checkpoints Strata makes: `strata-<first 12 hex of the repository id>-<UTC time>`. */
+export const CHECKPOINT_RE = /^strata-[0-9a-f]{1,12}-\d{8}t\d{9}z$/;
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const MAC_RE = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i;
 

@@ -21,9 +21,10 @@
  */
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
-import { checker } from "../../util/check.js";
+import { z } from "zod";
 import { ErrorCode, isStrataError, StrataError } from "../../util/errors.js";
 import { runProgram } from "../../util/process.js";
+import { absolutePath, matching, object, parseDocument, whole } from "../../util/schema.js";
 import type {
   InstantRequest,
   InstantRuntime,
@@ -32,6 +33,7 @@ import type {
   MigrateRequest,
   VmConfigDocument,
 } from "../adapter.js";
+import { instantVmSchema } from "../instant-vm.js";
 import { checkReachable, qemuUser } from "./access.js";
 import { domainState } from "./backup.js";
 import { DOMAIN_NAME_RE, TARGET_RE, URI_RE } from "./domain.js";
@@ -50,51 +52,49 @@ export interface LibvirtInstantData {
   sizes: Record<string, number>;
 }
 
+const LibvirtInstantVmSchema = instantVmSchema({
+  adapter: "libvirt",
+  platform: "libvirt",
+  diskName: matching("the disk name", TARGET_RE, "a libvirt disk target"),
+  maxDisks: 256,
+  data: object(
+    {
+      uri: matching("the libvirt connection", URI_RE, "a URI Strata uses"),
+      domain: matching("the domain name", DOMAIN_NAME_RE, "one Strata handles"),
+      xmlFile: absolutePath("the domain XML file").refine((p) => p.endsWith(".xml"), {
+        error: (iss) => `the domain XML file ${JSON.stringify(iss.input)} is not a .xml file`,
+      }),
+      socket: absolutePath("the NBD socket"),
+      sizes: z.record(z.string(), whole("the disk size", Number.MAX_SAFE_INTEGER), {
+        error: "the disk sizes are not an object",
+      }),
+    },
+    "the libvirt record",
+  ),
+}).superRefine((v, ctx) => {
+  const refuse = (message: string, path: PropertyKey[]) => ctx.addIssue({ code: "custom", message, path });
+  const names = v.disks.map((d) => d.name);
+  for (const disk of names)
+    if (v.data.sizes[disk] === undefined) refuse(`disk ${disk} has no size`, ["data", "sizes", disk]);
+  if (new Set(names).size !== names.length) refuse("a disk is listed twice", ["disks"]);
+  for (const k of Object.keys(v.data.sizes))
+    if (!names.includes(k)) refuse(`a size for unknown disk ${k}`, ["data", "sizes", k]);
+  if (v.data.domain !== v.name)
+    refuse(`its domain ${v.data.domain} is not the VM it names (${v.name})`, ["data", "domain"]);
+});
+
 /**
- * Checks a libvirt InstantVm read back from the engine's state file: the generic fields, and
- * `data` field by field (a connection URI, a domain name Strata handles and that the record is
- * named by, absolute paths, a size for every disk). Throws DATA_CORRUPT naming what is wrong.
+ * Checks a libvirt InstantVm read back from the engine's state file against its schema: the
+ * generic fields, and `data` (a connection URI, a domain name Strata handles and that the record
+ * is named by, absolute paths, a size for every disk). Throws DATA_CORRUPT naming the first bad
+ * field with its path.
  */
 export function checkLibvirtInstantVm(vm: InstantVm): InstantVm {
-  const c = checker(`the instant recovery record of ${JSON.stringify(String(vm?.name))} is damaged`);
-  const v = c.obj(vm, "the VM record");
-  if (v.adapter !== "libvirt")
-    c.refuse(`it belongs to the ${JSON.stringify(v.adapter)} adapter, not libvirt`);
-  const name = c.str(v.name, "the name");
-  c.str(v.where, "where it runs");
-  if (v.pid !== null) c.int(v.pid, "the QEMU pid", 2 ** 31);
-  const data = c.obj(v.data, "the libvirt record");
-  const sizes = c.obj(data.sizes, "the disk sizes");
-  const names = c.arr(v.disks, "the disk list", 256).map((x, i) => {
-    const d = c.obj(x, `disk ${i}`);
-    const disk = c.str(d.name, `the name of disk ${i}`);
-    if (!TARGET_RE.test(disk)) c.refuse(`disk name ${JSON.stringify(disk)} is not a libvirt disk target`);
-    c.path(d.overlay, `disk ${disk}'s overlay`);
-    if (d.production !== undefined) {
-      const p = c.obj(d.production, `disk ${disk}'s production file`);
-      c.path(p.path, `disk ${disk}'s production file`);
-      if (p.format !== "raw" && p.format !== "qcow2")
-        c.refuse(`disk ${disk}'s production format is not raw or qcow2`);
-    }
-    c.int(sizes[disk], `disk ${disk}'s size`, Number.MAX_SAFE_INTEGER);
-    return disk;
-  });
-  if (new Set(names).size !== names.length) c.refuse("a disk is listed twice");
-  for (const k of Object.keys(sizes)) if (!names.includes(k)) c.refuse(`a size for unknown disk ${k}`);
-  const details = c.obj(v.details, "the details");
-  for (const [k, x] of Object.entries(details)) c.str(x, `detail ${k}`);
-  for (const [i, w] of c.arr(v.warnings, "the warnings", 1000).entries()) c.str(w, `warning ${i}`);
-  const uri = c.str(data.uri, "the libvirt connection");
-  if (!URI_RE.test(uri)) c.refuse(`the libvirt connection ${JSON.stringify(uri)} is not a URI Strata uses`);
-  const domain = c.str(data.domain, "the domain");
-  if (!DOMAIN_NAME_RE.test(domain))
-    c.refuse(`the domain name ${JSON.stringify(domain)} is not one Strata handles`);
-  if (domain !== name) c.refuse(`its domain ${domain} is not the VM it names (${name})`);
-  const xmlFile = c.path(data.xmlFile, "the domain XML file");
-  if (!xmlFile.endsWith(".xml"))
-    c.refuse(`the domain XML file ${JSON.stringify(xmlFile)} is not a .xml file`);
-  c.path(data.socket, "the NBD socket");
-  return vm;
+  return parseDocument(
+    LibvirtInstantVmSchema,
+    vm,
+    `the instant recovery record of ${JSON.stringify(String(vm?.name))} is damaged`,
+  ) as InstantVm;
 }
 
 function dataOf(vm: InstantVm): LibvirtInstantData {

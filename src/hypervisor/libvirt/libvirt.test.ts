@@ -122,6 +122,11 @@ test("checkpoint records from a manifest are checked before use", () => {
     { xml: 5 },
   ])
     assert.match(readCheckpointRecord({ ...good, ...bad }).reason ?? "", /malformed/, JSON.stringify(bad));
+  // The reason names the first bad field.
+  assert.match(
+    readCheckpointRecord({ ...good, disks: [{ name: "vda", size: -1 }] }).reason ?? "",
+    /malformed \(disks\.0\.size: the disk size is not a whole number/,
+  );
   // A redefinable checkpoint XML loses its parent (bitmaps are independent in libvirt 9.0).
   const cp = `<domaincheckpoint><name>c2</name><parent><name>c1</name></parent><disks/></domaincheckpoint>`;
   assert.doesNotMatch(redefinableXml(cp), /parent/);
@@ -246,14 +251,20 @@ test("an instant recovery record read back is checked, its data above all", () =
       (v) => (v.data = { ...v.data, socket: "run/nbd.sock" }),
       /the NBD socket "run\/nbd.sock" is not an absolute path/,
     ],
-    [(v) => (v.data = { ...v.data, sizes: { vda: 1 } }), /disk vdb's size is not a whole number/],
+    [(v) => (v.data = { ...v.data, sizes: { vda: 1 } }), /data\.sizes\.vdb: disk vdb has no size/],
     [(v) => (v.data = { ...v.data, sizes: { vda: 1, vdb: 2, vdz: 3 } }), /a size for unknown disk vdz/],
-    [(v) => (v.data = { ...v.data, sizes: undefined }), /the disk sizes is not an object/],
+    [(v) => (v.data = { ...v.data, sizes: undefined }), /data\.sizes: the disk sizes are not an object/],
     [(v) => (v.data = null as unknown as Record<string, unknown>), /the libvirt record is not an object/],
     [(v) => (v.disks[0]!.name = "../x"), /disk name "..\/x" is not a libvirt disk target/],
-    [(v) => (v.disks[0]!.overlay = "vda.qcow2"), /disk vda's overlay "vda.qcow2" is not an absolute path/],
+    [
+      (v) => (v.disks[0]!.overlay = "vda.qcow2"),
+      /disks\.0\.overlay: the overlay "vda.qcow2" is not an absolute path/,
+    ],
     [(v) => (v.disks[1]!.production!.format = "vmdk" as "raw"), /production format is not raw or qcow2/],
-    [(v) => (v.details = { console: 5 as unknown as string }), /detail console is not a string/],
+    [
+      (v) => (v.details = { console: 5 as unknown as string }),
+      /details\.console: the detail is not a string/,
+    ],
     [(v) => (v.pid = -1), /the QEMU pid is not a whole number/],
   ];
   for (const [spoil, re] of cases) {

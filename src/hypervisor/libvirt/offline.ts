@@ -15,7 +15,7 @@
  * otherwise (destroyed, crashed) `crash-consistent`.
  */
 import { promises as fs } from "node:fs";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { StorageDaemon } from "../../image/storage-daemon.js";
 import { BASE_ALLOCATION, NbdClient } from "../../nbd/index.js";
 import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
@@ -96,7 +96,7 @@ export async function openOfflineBackup(
   }
 
   const rec = await LibvirtState.create(req.stateDir, virsh.uri, domain);
-  const runDir = join(stateDirOf(req.stateDir), `${domain}.run`);
+  const runDir = join(resolve(stateDirOf(req.stateDir)), `${domain}.run`);
   const clients: NbdClient[] = [];
   let daemon: StorageDaemon | undefined;
   let finished = false;

@@ -5,33 +5,68 @@
  * and fsynced before it is created and struck off once it is gone. A run that dies leaves the
  * file; the next backup of that domain, or `leftovers(stateDir, fix)`, releases what it names.
  *
- * Records live in `STATE_DIR/libvirt/DOMAIN.json`, apart from the QEMU adapter's records.
+ * Records live in `STATE_DIR/libvirt/DOMAIN.json`, apart from the QEMU adapter's records. One
+ * may have been written by someone else and release acts on it as root (removes files and
+ * directories, stops processes, deletes checkpoints), so it is checked against a schema when
+ * read: one that does not fit is DATA_CORRUPT naming the file and the first bad field.
  */
 import { randomBytes } from "node:crypto";
 import { promises as fs } from "node:fs";
-import { join } from "node:path";
+import { basename, join } from "node:path";
+import { z } from "zod";
 import { ErrorCode, isNotFound, StrataError } from "../../util/errors.js";
+import { absolutePath, list, matching, object, schemaProblem, whole } from "../../util/schema.js";
+import { CHECKPOINT_RE, DOMAIN_NAME_RE, URI_RE } from "./domain.js";
 
-export type LibvirtStateItem =
-  | { kind: "freeze" }
-  | { kind: "suspended" }
-  /** The pull-mode backup job, with the socket that identifies it as ours. */
-  | { kind: "job"; socket: string }
-  /** A checkpoint this run creates; deleted unless the restore point was committed. */
-  | { kind: "checkpoint"; name: string }
-  | { kind: "file"; path: string }
-  | { kind: "dir"; path: string }
-  /** A helper process (qemu-storage-daemon); `marker` is in its command line (not a reused PID). */
-  | { kind: "process"; pid: number; marker: string };
+/** Bounds of a record, far above what a run writes; anything in it is acted on as root. */
+const MAX_FILE_BYTES = 1024 * 1024;
+const MAX_ITEMS = 4096;
 
-export interface LibvirtStateFile {
-  adapter: "libvirt";
-  uri: string;
-  domain: string;
-  pid: number;
-  started: string;
-  items: LibvirtStateItem[];
-}
+const LibvirtStateItemSchema = z.discriminatedUnion(
+  "kind",
+  [
+    z.object({ kind: z.literal("freeze") }),
+    z.object({ kind: z.literal("suspended") }),
+    /** The pull-mode backup job, with the socket that identifies it as ours. */
+    z.object({ kind: z.literal("job"), socket: absolutePath("the job's socket") }),
+    /** A checkpoint this run creates; deleted unless the restore point was committed. */
+    z.object({
+      kind: z.literal("checkpoint"),
+      name: matching("the checkpoint", CHECKPOINT_RE, "a checkpoint Strata makes"),
+    }),
+    z.object({ kind: z.literal("file"), path: absolutePath("the file") }),
+    z.object({ kind: z.literal("dir"), path: absolutePath("the directory") }),
+    /** A helper process (qemu-storage-daemon); `marker` is in its command line (not a reused PID). */
+    z.object({
+      kind: z.literal("process"),
+      pid: whole("the process id", 2 ** 31),
+      marker: absolutePath("the process's marker"),
+    }),
+  ],
+  {
+    error: (iss) =>
+      iss.code === "invalid_union"
+        ? "not an item Strata records"
+        : iss.code === "invalid_type"
+          ? "the item is not an object"
+          : undefined,
+  },
+);
+
+const LibvirtStateFileSchema = object(
+  {
+    adapter: z.literal("libvirt", { error: "it is not a libvirt record" }),
+    uri: matching("the libvirt connection", URI_RE, "a URI Strata uses"),
+    domain: matching("the domain name", DOMAIN_NAME_RE, "one Strata handles"),
+    pid: whole("the pid", 2 ** 31),
+    started: z.iso.datetime({ error: "the start time is not an ISO time" }),
+    items: list(LibvirtStateItemSchema, "the items", MAX_ITEMS),
+  },
+  "the record",
+);
+
+export type LibvirtStateItem = z.infer<typeof LibvirtStateItemSchema>;
+export type LibvirtStateFile = z.infer<typeof LibvirtStateFileSchema>;
 
 export function stateDirOf(stateDir: string): string {
   return join(stateDir, "libvirt");
@@ -41,21 +76,27 @@ function same(a: LibvirtStateItem, b: LibvirtStateItem): boolean {
   return JSON.stringify(a) === JSON.stringify(b);
 }
 
-const KINDS = new Set(["freeze", "suspended", "job", "checkpoint", "file", "dir", "process"]);
+function damaged(path: string, what: string): StrataError {
+  return new StrataError(
+    ErrorCode.DATA_CORRUPT,
+    `state file ${path} is damaged or was not written by Strata (${what}); inspect it and remove it by hand`,
+  );
+}
 
-function validate(data: unknown, path: string): LibvirtStateFile {
-  const bad = () =>
-    new StrataError(
-      ErrorCode.REPO_CORRUPT,
-      `state file ${path} is damaged; inspect it and remove it by hand`,
-    );
-  if (!data || typeof data !== "object") throw bad();
-  const d = data as Partial<LibvirtStateFile>;
-  if (d.adapter !== "libvirt" || typeof d.uri !== "string" || typeof d.domain !== "string") throw bad();
-  if (typeof d.pid !== "number" || !Array.isArray(d.items)) throw bad();
-  for (const i of d.items)
-    if (!i || typeof i !== "object" || !KINDS.has((i as { kind: string }).kind)) throw bad();
-  return d as LibvirtStateFile;
+/** The record in `text`, checked against its schema and the file's name. */
+function validate(text: string, path: string): LibvirtStateFile {
+  let doc: unknown;
+  try {
+    doc = JSON.parse(text);
+  } catch {
+    throw damaged(path, "not JSON");
+  }
+  const bad = schemaProblem(LibvirtStateFileSchema, doc);
+  if (bad !== undefined) throw damaged(path, bad);
+  const data = LibvirtStateFileSchema.parse(doc);
+  if (`${data.domain}.json` !== basename(path))
+    throw damaged(path, `domain: "${data.domain}" is not the domain the file is named after`);
+  return data;
 }
 
 export class LibvirtState {
@@ -89,18 +130,19 @@ export class LibvirtState {
   static async load(path: string): Promise<LibvirtState | undefined> {
     let text: string;
     try {
-      text = await fs.readFile(path, "utf8");
+      const fh = await fs.open(path, "r");
+      try {
+        const { size } = await fh.stat();
+        if (size > MAX_FILE_BYTES) throw damaged(path, `${size} bytes, more than a record holds`);
+        text = await fh.readFile("utf8");
+      } finally {
+        await fh.close();
+      }
     } catch (err) {
       if (isNotFound(err)) return undefined;
       throw err;
     }
-    let data: unknown;
-    try {
-      data = JSON.parse(text);
-    } catch {
-      data = undefined;
-    }
-    return new LibvirtState(path, validate(data, path));
+    return new LibvirtState(path, validate(text, path));
   }
 
   /** Every record in the state directory. */

@@ -2,11 +2,14 @@
  * What a Proxmox VM configuration says, in Strata's terms: its disks (the `scsi0`, `virtio0`, ...
  * keys and their volumes), NICs (`net0` with model, MAC and bridge), identity (`name`,
  * `smbios1: uuid=`, `vmgenid`), CPUs and memory; and the configuration document Strata keeps
- * with a restore point of a Proxmox VM ({@link PveConfigDocument}), checked field by field when
- * read back from a repository.
+ * with a restore point of a Proxmox VM ({@link PveConfigDocument}), checked against a schema and
+ * its own configuration text when read back from a repository.
  */
+
+import { z } from "zod";
 import { NAME_RE } from "../../repo/format.js";
 import { ErrorCode, StrataError } from "../../util/errors.js";
+import { CONTROL, list, matching, object, oneOf, parseDocument, text, whole } from "../../util/schema.js";
 import type { VmConfigDocument } from "../adapter.js";
 import { MAX_CONF_BYTES, PveConf, parseProps, prop } from "./conf.js";
 import { resolveVolume, type Storage } from "./storage.js";
@@ -153,88 +156,100 @@ const MAX_DISKS = 64;
 const MAX_NICS = 32;
 const MAX_PATH = 4096;
 
+/** The JSON shape of a configuration document; what its configuration text says is checked after. */
+const PveDocumentSchema = object(
+  {
+    kind: z.literal("pve", { error: (iss) => `kind is ${JSON.stringify(iss.input)}, not "pve"` }),
+    vmid: z
+      .number({ error: (iss) => `the vmid ${JSON.stringify(iss.input)} is not a Proxmox VM id` })
+      .refine((v) => VMID_RE.test(String(v)), {
+        error: (iss) => `the vmid ${JSON.stringify(iss.input)} is not a Proxmox VM id`,
+      }),
+    conf: z
+      .string({ error: "the configuration text is not a string of at most 1 MiB" })
+      .refine(
+        (c) => Buffer.byteLength(c) <= MAX_CONF_BYTES,
+        "the configuration text is not a string of at most 1 MiB",
+      ),
+    name: text("the name", 128).nullable(),
+    uuid: matching("the UUID", UUID_RE, "a UUID").nullable(),
+    cpus: whole("the CPU count", Number.MAX_SAFE_INTEGER),
+    memoryBytes: whole("the memory size", Number.MAX_SAFE_INTEGER),
+    disks: list(
+      object(
+        {
+          name: matching("the disk name", DISK_KEY_RE, "a Proxmox drive key").refine((n) => NAME_RE.test(n), {
+            error: (iss) => `the disk name ${JSON.stringify(iss.input)} is not a Proxmox drive key`,
+          }),
+          volume: text("the volume", MAX_PATH),
+          file: text("the file", MAX_PATH).refine(
+            (f) => !CONTROL.test(f),
+            "the file holds control characters",
+          ),
+          format: oneOf(["raw", "qcow2", "vmdk"], "the format"),
+          size: whole("the size", Number.MAX_SAFE_INTEGER),
+          storage: text("the storage", 128).nullable(),
+          storageType: text("the storage type", 128).nullable(),
+        },
+        "the disk",
+      ),
+      "the disk list",
+      MAX_DISKS,
+    ).superRefine((disks, ctx) => {
+      const seen = new Set<string>();
+      for (const [i, d] of disks.entries()) {
+        if (seen.has(d.name))
+          ctx.addIssue({ code: "custom", path: [i, "name"], message: `disk ${d.name} appears twice` });
+        seen.add(d.name);
+      }
+    }),
+    nics: list(object({ id: text("the NIC id", 64) }, "the NIC"), "the NIC list", MAX_NICS),
+    qemu: z.record(z.string(), z.unknown(), { error: "qemu is not an object" }).nullish(),
+  },
+  "the document",
+);
+
 /**
- * Checks a configuration document read from a repository: every field typed and bounded, the
- * configuration text parseable, every disk a drive key of that text and every NIC one of its
- * NICs. Throws DATA_CORRUPT naming what is wrong.
+ * Checks a configuration document read from a repository: its JSON shape against a schema
+ * (every field typed and bounded), then the configuration text parseable, every disk a drive key
+ * of that text and every NIC one of its NICs. Throws DATA_CORRUPT naming what is wrong (with
+ * the field's path).
  */
 export function checkDocument(doc: unknown): PveConfigDocument {
+  const CONTEXT = "Proxmox VM configuration document";
   const bad = (why: string): never => {
-    throw new StrataError(ErrorCode.DATA_CORRUPT, `Proxmox VM configuration document: ${why}`);
+    throw new StrataError(ErrorCode.DATA_CORRUPT, `${CONTEXT}: ${why}`);
   };
-  if (typeof doc !== "object" || doc === null || Array.isArray(doc)) bad("not an object");
-  const d = doc as Record<string, unknown>;
-  if (d.kind !== "pve") bad(`kind is ${JSON.stringify(d.kind)}, not "pve"`);
-  if (typeof d.vmid !== "number" || !VMID_RE.test(String(d.vmid))) bad(`bad vmid ${JSON.stringify(d.vmid)}`);
-  if (typeof d.conf !== "string" || Buffer.byteLength(d.conf) > MAX_CONF_BYTES)
-    bad("conf is not a string of at most 1 MiB");
-  const conf = PveConf.parse(d.conf as string, {
+  const d = parseDocument(PveDocumentSchema, doc, CONTEXT);
+  const conf = PveConf.parse(d.conf, {
     where: `of VM ${d.vmid} in the repository`,
     code: ErrorCode.DATA_CORRUPT,
   });
-  if (d.name !== null && (typeof d.name !== "string" || d.name.length > 128)) bad("bad name");
-  if (d.uuid !== null && (typeof d.uuid !== "string" || !UUID_RE.test(d.uuid))) bad("bad uuid");
-  for (const k of ["cpus", "memoryBytes"] as const) {
-    if (typeof d[k] !== "number" || !Number.isSafeInteger(d[k]) || (d[k] as number) < 0) bad(`bad ${k}`);
-  }
   const keys = new Map(drives(conf).map((x) => [x.key, x]));
-  if (!Array.isArray(d.disks) || d.disks.length > MAX_DISKS)
-    bad(`disks is not a list of at most ${MAX_DISKS}`);
-  const disks: PveDocDisk[] = [];
-  const seen = new Set<string>();
-  for (const x of d.disks as unknown[]) {
-    if (typeof x !== "object" || x === null) bad("a disk is not an object");
-    const e = x as Record<string, unknown>;
-    const name = e.name;
-    if (typeof name !== "string" || !DISK_KEY_RE.test(name) || !NAME_RE.test(name))
-      bad(`disk name ${JSON.stringify(name)} is not a Proxmox drive key`);
-    const n = name as string;
-    if (seen.has(n)) bad(`disk ${n} appears twice`);
-    seen.add(n);
-    const drive = keys.get(n);
-    if (!drive) bad(`disk ${n} is not in the configuration text`);
-    if (e.volume !== drive!.volume) bad(`disk ${n}'s volume differs from the configuration text's`);
-    if (typeof e.file !== "string" || e.file.length > MAX_PATH) bad(`disk ${n} has a bad path`);
-    if (typeof e.format !== "string" || !/^(raw|qcow2|vmdk)$/.test(e.format))
-      bad(`disk ${n} has a bad format`);
-    if (typeof e.size !== "number" || !Number.isSafeInteger(e.size) || e.size < 0)
-      bad(`disk ${n} has a bad size`);
-    for (const k of ["storage", "storageType"] as const) {
-      if (e[k] !== null && (typeof e[k] !== "string" || (e[k] as string).length > 128))
-        bad(`disk ${n} has a bad ${k}`);
-    }
-    disks.push({
-      name: n,
-      volume: drive!.volume,
-      file: e.file as string,
-      format: e.format as string,
-      size: e.size as number,
-      storage: e.storage as string | null,
-      storageType: e.storageType as string | null,
-    });
-  }
+  const disks: PveDocDisk[] = d.disks.map((e, i) => {
+    const drive = keys.get(e.name);
+    if (!drive) return bad(`disks.${i}.name: disk ${e.name} is not in the configuration text`);
+    if (e.volume !== drive.volume)
+      bad(`disks.${i}.volume: disk ${e.name}'s volume differs from the configuration text's`);
+    return { ...e, volume: drive.volume };
+  });
   const confNics = nics(conf);
-  if (!Array.isArray(d.nics) || d.nics.length > MAX_NICS) bad(`nics is not a list of at most ${MAX_NICS}`);
-  for (const x of d.nics as unknown[]) {
-    const id = (x as { id?: unknown } | null)?.id;
-    if (!confNics.some((c) => c.id === id)) bad(`NIC ${JSON.stringify(id)} is not in the configuration text`);
-  }
-  const qemu = d.qemu;
-  if (qemu !== null && qemu !== undefined && (typeof qemu !== "object" || Array.isArray(qemu)))
-    bad("qemu is not an object");
+  for (const [i, x] of d.nics.entries())
+    if (!confNics.some((c) => c.id === x.id))
+      bad(`nics.${i}.id: NIC ${JSON.stringify(x.id)} is not in the configuration text`);
   for (const n of confNics)
-    if (n.mac !== null && !MAC_RE.test(n.mac)) bad(`NIC ${n.id} has a bad MAC ${n.mac}`);
+    if (n.mac !== null && !MAC_RE.test(n.mac)) bad(`conf: NIC ${n.id} has a bad MAC ${n.mac}`);
   return {
     kind: "pve",
-    vmid: d.vmid as number,
-    name: d.name as string | null,
-    uuid: d.uuid as string | null,
-    cpus: d.cpus as number,
-    memoryBytes: d.memoryBytes as number,
+    vmid: d.vmid,
+    name: d.name,
+    uuid: d.uuid,
+    cpus: d.cpus,
+    memoryBytes: d.memoryBytes,
     disks,
     nics: confNics,
-    conf: d.conf as string,
-    qemu: (qemu ?? null) as VmConfigDocument | null,
+    conf: d.conf,
+    qemu: (d.qemu ?? null) as VmConfigDocument | null,
   };
 }
 

@@ -89,6 +89,10 @@ test("a record from a repository others may write is checked before it is used",
   });
   assert.match(why(prev("not a map")), /from this repository/);
   assert.match(
+    (parseQemuCheckpoint(prev("not a map").checkpoint) as { reason: string }).reason,
+    /checkpoint record is malformed \(disks: the disks are not a map\)/,
+  );
+  assert.match(
     why(prev({ vda: { node: "n", bitmap: OLD, size: "big", persistent: true } })),
     /for this disk/,
   );

@@ -10,8 +10,10 @@
  * the disk's node, records, is neither busy nor inconsistent, and the disk size is unchanged.
  * Anything else means a full read (dedup keeps storage small), and the reason is logged and
  * recorded in the manifest. The record comes from a repository others may write: it is checked
- * field by field before anything in it is used.
+ * against a schema before anything in it is used.
  */
+import { z } from "zod";
+import { schemaProblem, text, whole } from "../../util/schema.js";
 import type { CheckpointRecord } from "../adapter.js";
 import type { LiveDisk } from "./live.js";
 
@@ -40,11 +42,23 @@ export function newBitmapName(repository: string, now = Date.now()): string {
   return `${bitmapPrefix(repository)}${now.toString(36)}`;
 }
 
-const BITMAP_NAME_RE = /^[A-Za-z0-9._-]{1,128}$/;
+/** The record's envelope: a disk map whose entries are checked one by one. */
+const QemuCheckpointSchema = z.object({
+  kind: z.literal(QEMU_CHECKPOINT_KIND),
+  repository: text("the repository id", 256),
+  disks: z.record(text("a disk name", 256), z.unknown(), { error: "the disks are not a map" }),
+});
+
+const QemuCheckpointDiskSchema = z.object({
+  node: text("the node-name", 256),
+  bitmap: z.string().regex(/^[A-Za-z0-9._-]{1,128}$/, "not a bitmap name Strata makes"),
+  size: whole("the disk size", Number.MAX_SAFE_INTEGER),
+  persistent: z.boolean(),
+});
 
 /**
- * The record as QEMU's, or a reason why it is not usable. Disk entries that are malformed are
- * left out (those disks are read whole); a record of another kind is not QEMU's.
+ * The record as QEMU's, or a reason why it is not usable. Disk entries that do not fit the
+ * schema are left out (those disks are read whole); a record of another kind is not QEMU's.
  */
 export function parseQemuCheckpoint(
   rec: CheckpointRecord | null | undefined,
@@ -52,26 +66,16 @@ export function parseQemuCheckpoint(
   if (!rec) return { reason: "the latest restore point has no checkpoint bitmap" };
   if (rec.kind !== QEMU_CHECKPOINT_KIND)
     return { reason: `the latest restore point's checkpoint is a ${String(rec.kind)} record, not QEMU's` };
-  const disks = rec.disks;
-  if (typeof disks !== "object" || disks === null || Array.isArray(disks))
-    return { reason: "the latest restore point's checkpoint record is malformed" };
+  const bad = schemaProblem(QemuCheckpointSchema, rec);
+  if (bad !== undefined)
+    return { reason: `the latest restore point's checkpoint record is malformed (${bad})` };
+  const r = QemuCheckpointSchema.parse(rec);
   const out: Record<string, QemuCheckpointDisk> = {};
-  for (const [name, v] of Object.entries(disks as Record<string, unknown>)) {
-    if (typeof v !== "object" || v === null) continue;
-    const d = v as Record<string, unknown>;
-    if (
-      typeof d.node !== "string" ||
-      typeof d.bitmap !== "string" ||
-      !BITMAP_NAME_RE.test(d.bitmap) ||
-      typeof d.size !== "number" ||
-      !Number.isSafeInteger(d.size) ||
-      d.size < 0 ||
-      typeof d.persistent !== "boolean"
-    )
-      continue;
-    out[name] = { node: d.node, bitmap: d.bitmap, size: d.size, persistent: d.persistent };
+  for (const [name, v] of Object.entries(r.disks)) {
+    const d = QemuCheckpointDiskSchema.safeParse(v);
+    if (d.success) out[name] = d.data;
   }
-  return { checkpoint: { kind: QEMU_CHECKPOINT_KIND, repository: rec.repository, disks: out } };
+  return { checkpoint: { kind: QEMU_CHECKPOINT_KIND, repository: r.repository, disks: out } };
 }
 
 /** The latest restore point as the session sees it (BackupRequest.previous). */

@@ -37,8 +37,8 @@
 import type { Stats } from "node:fs";
 import { lstat, realpath, stat, statfs } from "node:fs/promises";
 import { basename, dirname, resolve, sep } from "node:path";
-import { CONTROL, hasDotDot } from "../../util/check.js";
 import { ErrorCode, StrataError } from "../../util/errors.js";
+import { CONTROL, hasDotDot } from "../../util/schema.js";
 import { splitOpts } from "./clone.js";
 
 /** Network scripts a tap may run: QEMU's defaults and Proxmox VE's bridge scripts. */

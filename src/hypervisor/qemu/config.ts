@@ -2,12 +2,14 @@
  * The QEMU configuration document stored with a restore point (`config.blob`, kind "qemu"), read
  * back. A repository can be written by others than the host that restores from it, and a
  * restore runs the recorded command line and writes to the recorded paths, so nothing is taken
- * on trust: every field is type-checked and bounded, names that become file names are plain
- * names, paths hold no `..`, the command line's program is a `qemu-system-*` binary, and its
- * options pass the command-line policy (cmdline-policy.ts).
+ * on trust: the document is checked against a schema (zod), every field typed and bounded,
+ * names that become file names are plain names, paths hold no `..`, the command line's program
+ * is a `qemu-system-*` binary, and its options pass the command-line policy (cmdline-policy.ts).
  */
 import { basename } from "node:path";
-import { type Checker, CONTROL, checker, hasDotDot } from "../../util/check.js";
+import { z } from "zod";
+import { ErrorCode, StrataError } from "../../util/errors.js";
+import { CONTROL, hasDotDot, list, matching, object, parseDocument, text, whole } from "../../util/schema.js";
 import { checkRecordedCommandLine, QEMU_PROGRAM } from "./cmdline-policy.js";
 import type { VmConfig } from "./live.js";
 
@@ -35,113 +37,121 @@ const NIC_TYPE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 /** `json:{...}`, `nbd://...`: a QEMU filename that is not a local path. */
 const PSEUDO_PROTOCOL = /^[a-z][a-z0-9+.-]*:/;
 
-const base = checker("the restore point's QEMU configuration is not usable (was it written by Strata?)");
-const { refuse, str, strOrNull, int, arr, obj } = base;
+const CONTEXT = "the restore point's QEMU configuration is not usable (was it written by Strata?)";
+
+/** `schema`, or null when the field is null or absent. */
+const orNull = <T extends z.ZodType>(schema: T) => schema.nullish().transform((v) => v ?? null);
 
 /** A VM name as QEMU reports it: any text, but nothing that walks out of a directory. */
-function vmName(v: unknown): string | null {
-  const name = strOrNull(v, "the VM name");
-  if (name === null) return null;
-  if (name === "" || name === "." || name === ".." || name.includes("/") || CONTROL.test(name))
-    refuse(`the VM name ${JSON.stringify(name)} is not a plain name`);
-  return name;
-}
+const vmName = text("the VM name").refine(
+  (n) => n !== "" && n !== "." && n !== ".." && !n.includes("/") && !CONTROL.test(n),
+  { error: (iss) => `the VM name ${JSON.stringify(iss.input)} is not a plain name` },
+);
 
-function diskFile(v: unknown, where: string): string {
-  const file = str(v, where);
-  if (file === "") refuse(`${where} is empty`);
-  if (CONTROL.test(file)) refuse(`${where} holds control characters`);
-  if (!PSEUDO_PROTOCOL.test(file) && hasDotDot(file))
-    refuse(`${where} ${JSON.stringify(file)} has a ".." segment`);
-  return file;
-}
+/** A disk's file: a path without `..`, or a QEMU pseudo-protocol filename. */
+const diskFile = text("the disk file")
+  .refine((f) => f !== "", "the disk file is empty")
+  .refine((f) => !CONTROL.test(f), "the disk file holds control characters")
+  .refine((f) => PSEUDO_PROTOCOL.test(f) || !hasDotDot(f), {
+    error: (iss) => `the disk file ${JSON.stringify(iss.input)} has a ".." segment`,
+  });
+
+/** Names in `items` that appear twice are refused, naming the second. */
+const unique =
+  <T>(key: (x: T) => string, field: string, what: string) =>
+  (items: T[], ctx: z.RefinementCtx) => {
+    const seen = new Set<string>();
+    for (const [i, x] of items.entries()) {
+      const k = key(x);
+      if (seen.has(k))
+        ctx.addIssue({ code: "custom", path: [i, field], message: `${what} ${k} appears twice` });
+      seen.add(k);
+    }
+  };
 
 /**
  * The program of a recorded command line: `qemu-system-<arch>` (or Proxmox VE's `kvm`), by name
  * or absolute path. Where such a path lies is checked when it is about to run (cmdline-policy.ts).
  */
-export function emulator(v: unknown, c: Checker = base): string {
-  const bin = c.str(v, "the command line's program");
-  const ok =
-    QEMU_PROGRAM.test(basename(bin)) && (bin === basename(bin) || (bin.startsWith("/") && !hasDotDot(bin)));
-  if (!ok)
-    c.refuse(
-      `the command line runs ${JSON.stringify(bin)}, not a qemu-system-* binary: Strata runs only QEMU`,
-    );
-  return bin;
+export function isQemuProgram(bin: string): boolean {
+  return (
+    QEMU_PROGRAM.test(basename(bin)) && (bin === basename(bin) || (bin.startsWith("/") && !hasDotDot(bin)))
+  );
 }
 
-function commandLine(v: unknown, diskFiles: readonly string[]): string[] | null {
-  if (v === null || v === undefined) return null;
-  const argv = arr(v, "the command line", CONFIG_LIMITS.args).map((a, i) =>
-    str(a, `argument ${i} of the command line`, CONFIG_LIMITS.argBytes),
-  );
-  if (argv.length === 0) return null;
-  emulator(argv[0]);
-  const total = argv.reduce((n, a) => n + a.length, 0);
-  if (total > CONFIG_LIMITS.commandLineBytes)
-    refuse(`the command line is longer than ${CONFIG_LIMITS.commandLineBytes} bytes`);
-  checkRecordedCommandLine(argv, diskFiles, (what) => refuse(`its command line: ${what}`));
-  return argv;
-}
+const commandLine = orNull(
+  list(
+    text("an argument of the command line", CONFIG_LIMITS.argBytes),
+    "the command line",
+    CONFIG_LIMITS.args,
+  )
+    .refine((argv) => argv.length === 0 || isQemuProgram(argv[0]!), {
+      error: (iss) =>
+        `the command line runs ${JSON.stringify((iss.input as string[])[0])}, not a qemu-system-* binary: Strata runs only QEMU`,
+      abort: true,
+    })
+    .refine(
+      (argv) => argv.reduce((n, a) => n + a.length, 0) <= CONFIG_LIMITS.commandLineBytes,
+      `the command line is longer than ${CONFIG_LIMITS.commandLineBytes} bytes`,
+    ),
+).transform((argv) => (argv === null || argv.length === 0 ? null : argv));
+
+/** A stored QEMU configuration document: only the fields Strata knows are kept. */
+const QemuConfigSchema = object(
+  {
+    kind: z.literal("qemu", { error: (iss) => `its kind is ${JSON.stringify(iss.input)}, not "qemu"` }),
+    name: orNull(vmName),
+    uuid: orNull(matching("the UUID", UUID, "a UUID")),
+    machine: orNull(text("the machine type")),
+    cpus: orNull(whole("the CPU count", CONFIG_LIMITS.cpus)).transform((v) => v ?? 0),
+    memoryBytes: orNull(whole("the memory size", CONFIG_LIMITS.memoryBytes)).transform((v) => v ?? 0),
+    disks: list(
+      object(
+        {
+          name: matching("the disk name", PLAIN_NAME, 'a plain name (letters, digits, ".", "_", "-")'),
+          node: matching("the node-name", QEMU_ID, "a QEMU id"),
+          device: text("the device"),
+          format: matching("the format", FORMAT, "an image format"),
+          file: diskFile,
+          size: whole("the disk size", CONFIG_LIMITS.diskBytes),
+        },
+        "the disk",
+      ),
+      "the disk list",
+      CONFIG_LIMITS.disks,
+    ).superRefine(unique((d) => d.name, "name", "disk name")),
+    nics: list(
+      object(
+        {
+          id: matching("the NIC id", QEMU_ID, "a QEMU id"),
+          type: matching("the NIC type", NIC_TYPE, "a device type"),
+          mac: orNull(matching("the MAC", MAC, "a MAC address")),
+        },
+        "the NIC",
+      ),
+      "the NIC list",
+      CONFIG_LIMITS.nics,
+    ).superRefine(unique((n) => n.id, "id", "NIC id")),
+    firmware: orNull(text("the firmware")),
+    commandLine,
+  },
+  "the configuration",
+);
 
 /**
- * Checks a stored QEMU configuration document and returns it typed, holding only the fields
- * Strata knows. Throws DATA_CORRUPT naming the first field that is wrong.
+ * Checks a stored QEMU configuration document against its schema, and its command line against
+ * the command-line policy, and returns it typed, holding only the fields Strata knows. Throws
+ * DATA_CORRUPT naming the first field that is wrong, with its path.
  */
 export function parseQemuConfig(doc: unknown): VmConfig {
-  const c = obj(doc, "the configuration");
-  if (c.kind !== "qemu") refuse(`its kind is ${JSON.stringify(c.kind)}, not "qemu"`);
-  const uuid = strOrNull(c.uuid, "the UUID");
-  if (uuid !== null && !UUID.test(uuid)) refuse(`the UUID ${JSON.stringify(uuid)} is not a UUID`);
-  const names = new Set<string>();
-  const disks = arr(c.disks, "the disk list", CONFIG_LIMITS.disks).map((x, i) => {
-    const d = obj(x, `disk ${i}`);
-    const name = str(d.name, `the name of disk ${i}`);
-    if (!PLAIN_NAME.test(name))
-      refuse(`disk name ${JSON.stringify(name)} is not a plain name (letters, digits, ".", "_", "-")`);
-    if (names.has(name)) refuse(`disk name ${name} appears twice`);
-    names.add(name);
-    const node = str(d.node, `the node-name of disk ${name}`);
-    if (!QEMU_ID.test(node)) refuse(`disk ${name}'s node-name ${JSON.stringify(node)} is not a QEMU id`);
-    const format = str(d.format, `the format of disk ${name}`);
-    if (!FORMAT.test(format))
-      refuse(`disk ${name}'s format ${JSON.stringify(format)} is not an image format`);
-    return {
-      name,
-      node,
-      device: str(d.device, `the device of disk ${name}`),
-      format,
-      file: diskFile(d.file, `disk ${name}'s file`),
-      size: int(d.size, `the size of disk ${name}`, CONFIG_LIMITS.diskBytes),
-    };
-  });
-  const nicIds = new Set<string>();
-  const nics = arr(c.nics, "the NIC list", CONFIG_LIMITS.nics).map((x, i) => {
-    const n = obj(x, `NIC ${i}`);
-    const id = str(n.id, `the id of NIC ${i}`);
-    if (!QEMU_ID.test(id)) refuse(`NIC id ${JSON.stringify(id)} is not a QEMU id`);
-    if (nicIds.has(id)) refuse(`NIC id ${id} appears twice`);
-    nicIds.add(id);
-    const type = str(n.type, `the type of NIC ${id}`);
-    if (!NIC_TYPE.test(type)) refuse(`NIC ${id}'s type ${JSON.stringify(type)} is not a device type`);
-    const mac = strOrNull(n.mac, `the MAC of NIC ${id}`);
-    if (mac !== null && !MAC.test(mac)) refuse(`NIC ${id}'s MAC ${JSON.stringify(mac)} is not a MAC address`);
-    return { id, type, mac };
-  });
-  return {
-    kind: "qemu",
-    name: vmName(c.name),
-    uuid,
-    machine: strOrNull(c.machine, "the machine type"),
-    cpus: int(c.cpus ?? 0, "the CPU count", CONFIG_LIMITS.cpus),
-    memoryBytes: int(c.memoryBytes ?? 0, "the memory size", CONFIG_LIMITS.memoryBytes),
-    disks,
-    nics,
-    firmware: strOrNull(c.firmware, "the firmware"),
-    commandLine: commandLine(
+  const c = parseDocument(QemuConfigSchema, doc, CONTEXT);
+  if (c.commandLine !== null)
+    checkRecordedCommandLine(
       c.commandLine,
-      disks.map((d) => d.file),
-    ),
-  };
+      c.disks.map((d) => d.file),
+      (what) => {
+        throw new StrataError(ErrorCode.DATA_CORRUPT, `${CONTEXT}: commandLine: its command line: ${what}`);
+      },
+    );
+  return c;
 }

@@ -7,11 +7,21 @@
  * run from their production files instead. Pure functions, and the check of the record.
  */
 import { resolve } from "node:path";
-import { checker } from "../../util/check.js";
 import { ErrorCode, StrataError } from "../../util/errors.js";
+import {
+  absolutePath,
+  list,
+  matching,
+  object,
+  oneOf,
+  parseDocument,
+  text,
+  whole,
+} from "../../util/schema.js";
 import type { InstantVm } from "../adapter.js";
+import { instantVmSchema } from "../instant-vm.js";
 import { joinOpts, rewriteCommandLine, splitOpts } from "./clone.js";
-import { CONFIG_LIMITS, emulator, PLAIN_NAME, QEMU_ID } from "./config.js";
+import { CONFIG_LIMITS, isQemuProgram, PLAIN_NAME, QEMU_ID } from "./config.js";
 import type { Accelerator } from "./launcher.js";
 
 /** One disk of a QEMU instant VM: its nodes (the adapter's part of the record). */
@@ -161,68 +171,81 @@ export function instantArgv(vm: InstantVm, data: QemuInstantData): string[] {
   );
 }
 
+const qemuId = matching("the node-name", QEMU_ID, "a QEMU id");
+
+/** InstantVm.data of a QEMU VM, as read back. */
+const QemuInstantDataSchema = object(
+  {
+    accelerator: oneOf(["kvm", "tcg"], "the accelerator"),
+    qmpSocket: absolutePath("the QMP socket"),
+    log: absolutePath("the QEMU log"),
+    console: absolutePath("the console file").nullable(),
+    uuid: text("the UUID").nullable(),
+    nbd: object(
+      {
+        socket: absolutePath("the NBD socket"),
+        reconnectDelay: whole("the reconnect delay", 365 * 86400),
+      },
+      "the NBD backing",
+    ),
+    baseArgv: list(
+      text("an argument of the command line", CONFIG_LIMITS.argBytes),
+      "the command line",
+      CONFIG_LIMITS.args,
+    )
+      .min(1, "the command line is empty")
+      .refine((argv) => isQemuProgram(argv[0]!), {
+        error: (iss) =>
+          `the command line runs ${JSON.stringify((iss.input as string[])[0])}, not a qemu-system-* binary: Strata runs only QEMU`,
+      }),
+    disks: list(
+      object(
+        {
+          name: text("the disk name"),
+          export: text("the export"),
+          size: whole("the disk size", CONFIG_LIMITS.diskBytes),
+          node: qemuId,
+          fileNode: qemuId,
+          backingNode: qemuId,
+          nbdNode: qemuId,
+          production: object({ node: qemuId, fileNode: qemuId }, "the production nodes").optional(),
+        },
+        "the disk's nodes",
+      ),
+      "the disks' nodes",
+      CONFIG_LIMITS.disks,
+    ),
+  },
+  "the QEMU record",
+);
+
+const QemuInstantVmSchema = instantVmSchema({
+  adapter: "qemu",
+  platform: "QEMU",
+  diskName: matching("the disk name", PLAIN_NAME, "a plain name"),
+  maxDisks: CONFIG_LIMITS.disks,
+  data: QemuInstantDataSchema,
+}).superRefine((v, ctx) => {
+  const disks = v.disks.map((d) => d.name).join(", ");
+  const nodes = v.data.disks.map((d) => d.name).join(", ");
+  if (disks !== nodes)
+    ctx.addIssue({ code: "custom", message: `its disks (${disks}) and their nodes (${nodes}) differ` });
+});
+
 /** The record's QEMU part, checked (see {@link checkQemuInstantVm}). */
 export function qemuData(vm: InstantVm): QemuInstantData {
   return checkQemuInstantVm(vm).data as unknown as QemuInstantData;
 }
 
 /**
- * Checks a QEMU InstantVm read back from the engine's state file: the generic fields, and
- * `data` field by field (types, node-names, paths, a qemu-system-* program), consistent with
- * the disks. Throws DATA_CORRUPT naming what is wrong.
+ * Checks a QEMU InstantVm read back from the engine's state file against its schema: the
+ * generic fields, and `data` (types, bounds, node-names, paths, a qemu-system-* program),
+ * consistent with the disks. Throws DATA_CORRUPT naming the first bad field with its path.
  */
 export function checkQemuInstantVm(vm: InstantVm): InstantVm {
-  const c = checker(`the instant recovery record of ${JSON.stringify(String(vm?.name))} is damaged`);
-  const v = c.obj(vm, "the VM record");
-  if (v.adapter !== "qemu") c.refuse(`it belongs to the ${JSON.stringify(v.adapter)} adapter, not QEMU`);
-  c.str(v.name, "the name");
-  c.str(v.where, "where it runs");
-  if (v.pid !== null) c.int(v.pid, "the QEMU pid", 2 ** 31);
-  const disks = c.arr(v.disks, "the disk list", CONFIG_LIMITS.disks).map((x, i) => {
-    const d = c.obj(x, `disk ${i}`);
-    const name = c.str(d.name, `the name of disk ${i}`);
-    if (!PLAIN_NAME.test(name)) c.refuse(`disk name ${JSON.stringify(name)} is not a plain name`);
-    c.path(d.overlay, `disk ${name}'s overlay`);
-    if (d.production !== undefined) {
-      const p = c.obj(d.production, `disk ${name}'s production file`);
-      c.path(p.path, `disk ${name}'s production file`);
-      if (p.format !== "raw" && p.format !== "qcow2")
-        c.refuse(`disk ${name}'s production format is not raw or qcow2`);
-    }
-    return name;
-  });
-  const details = c.obj(v.details, "the details");
-  for (const [k, x] of Object.entries(details)) c.str(x, `detail ${k}`);
-  for (const [i, w] of c.arr(v.warnings, "the warnings", 1000).entries()) c.str(w, `warning ${i}`);
-  const data = c.obj(v.data, "the QEMU record");
-  if (data.accelerator !== "kvm" && data.accelerator !== "tcg") c.refuse("the accelerator is not kvm or tcg");
-  c.path(data.qmpSocket, "the QMP socket");
-  c.path(data.log, "the QEMU log");
-  if (data.console !== null) c.path(data.console, "the console file");
-  c.strOrNull(data.uuid, "the UUID");
-  const nbd = c.obj(data.nbd, "the NBD backing");
-  c.path(nbd.socket, "the NBD socket");
-  c.int(nbd.reconnectDelay, "the reconnect delay", 365 * 86400);
-  const argv = c.arr(data.baseArgv, "the command line", CONFIG_LIMITS.args);
-  for (const [i, a] of argv.entries()) c.str(a, `argument ${i} of the command line`, CONFIG_LIMITS.argBytes);
-  emulator(argv[0], c);
-  const nodes = c.arr(data.disks, "the disks' nodes", CONFIG_LIMITS.disks).map((x, i) => {
-    const d = c.obj(x, `the nodes of disk ${i}`);
-    const name = c.str(d.name, `the name of disk ${i}'s nodes`);
-    c.str(d.export, `disk ${name}'s export`);
-    c.int(d.size, `disk ${name}'s size`, CONFIG_LIMITS.diskBytes);
-    const ids = [d.node, d.fileNode, d.backingNode, d.nbdNode];
-    if (d.production !== undefined) {
-      const p = c.obj(d.production, `disk ${name}'s production nodes`);
-      ids.push(p.node, p.fileNode);
-    }
-    for (const id of ids) {
-      if (!QEMU_ID.test(c.str(id, `a node-name of disk ${name}`)))
-        c.refuse(`disk ${name}'s node-name ${JSON.stringify(id)} is not a QEMU id`);
-    }
-    return name;
-  });
-  if (disks.join("\0") !== nodes.join("\0"))
-    c.refuse(`its disks (${disks.join(", ")}) and their nodes (${nodes.join(", ")}) differ`);
-  return vm;
+  return parseDocument(
+    QemuInstantVmSchema,
+    vm,
+    `the instant recovery record of ${JSON.stringify(String(vm?.name))} is damaged`,
+  ) as InstantVm;
 }

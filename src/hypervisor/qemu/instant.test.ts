@@ -146,7 +146,7 @@ describe("instant recovery record", () => {
       (vm) => {
         vm.disks[1]!.overlay = "/ir/../etc/passwd";
       },
-      /disk vblk1's overlay ".*" is not an absolute path without "\.\."/,
+      /disks\.1\.overlay: the overlay ".*" is not an absolute path without "\.\."/,
     ],
     [
       "a node-name with options smuggled in",

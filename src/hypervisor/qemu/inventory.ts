@@ -17,8 +17,8 @@ import { readFileSync } from "node:fs";
 import { parse } from "yaml";
 import { z } from "zod";
 import { checkName } from "../../repo/repository.js";
-import { CONTROL, hasDotDot } from "../../util/check.js";
 import { ErrorCode, StrataError } from "../../util/errors.js";
+import { CONTROL, hasDotDot } from "../../util/schema.js";
 
 /** A socket path: absolute (the inventory does not depend on where strata runs), no `..`. */
 const socketPath = (key: string, what: string) =>

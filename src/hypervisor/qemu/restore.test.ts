@@ -101,7 +101,7 @@ describe("parseConfig", () => {
       (c) => {
         c.disks[0]!.file = "/vms/web1/../../etc/shadow";
       },
-      /disk vblk0's file "\/vms\/web1\/..\/..\/etc\/shadow" has a ".." segment/,
+      /disks\.0\.file: the disk file "\/vms\/web1\/..\/..\/etc\/shadow" has a ".." segment/,
     ],
     [
       "a disk name that is not a plain name",
@@ -129,14 +129,14 @@ describe("parseConfig", () => {
       (c) => {
         c.disks.push({ ...c.disks[0]! });
       },
-      /disk name vblk0 appears twice/,
+      /disks\.1\.name: disk name vblk0 appears twice/,
     ],
     [
       "a size that is not a whole number",
       (c) => {
         c.disks[0]!.size = -1;
       },
-      /the size of disk vblk0 is not a whole number/,
+      /disks\.0\.size: the disk size is not a whole number/,
     ],
     [
       "an absurd CPU count",
@@ -164,7 +164,7 @@ describe("parseConfig", () => {
       (c) => {
         (c.commandLine as unknown[]).push({ evil: true });
       },
-      /argument \d+ of the command line is not a string/,
+      /commandLine\.\d+: an argument of the command line is not a string/,
     ],
     [
       "a command line whose tap runs a host script",

@@ -10,8 +10,8 @@ import { promises as fs } from "node:fs";
 import { basename, join, resolve } from "node:path";
 import { z } from "zod";
 import { NAME_RE } from "../../repo/format.js";
-import { CONTROL, hasDotDot } from "../../util/check.js";
 import { ErrorCode, isNotFound, StrataError } from "../../util/errors.js";
+import { CONTROL, hasDotDot } from "../../util/schema.js";
 
 /**
  * Bounds of a record, far above what a run writes (a handful of items per disk, a QEMU command
