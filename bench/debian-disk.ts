@@ -76,7 +76,9 @@ export function debianDisks(root: string, cacheDir: string, days: number): Debia
   const benchDir = join(cacheDir, "bench");
   const dir = join(benchDir, `debian-${key}`);
   const info = join(dir, "disks.json");
-  if (existsSync(info)) return JSON.parse(readFileSync(info, "utf8")) as DebianDisks;
+  // The images are where this cache is now (a cache folder may have been moved or copied).
+  const images = Array.from({ length: days + 1 }, (_, d) => join(dir, `day${d}.img`));
+  if (existsSync(info)) return { ...(JSON.parse(readFileSync(info, "utf8")) as DebianDisks), images };
 
   mkdirSync(benchDir, { recursive: true });
   // Images of older recipes: 2 GiB each, of no further use.
@@ -88,7 +90,6 @@ export function debianDisks(root: string, cacheDir: string, days: number): Debia
   execFileSync(script, [tmp, String(days), join(benchDir, "debian-base")], {
     stdio: ["ignore", "inherit", "inherit"],
   });
-  const images = Array.from({ length: days + 1 }, (_, d) => join(dir, `day${d}.img`));
   const tmpImages = images.map((p) => join(tmp, p.slice(dir.length + 1)));
   const changed: number[] = [];
   for (let d = 1; d <= days; d++) changed.push(changedBytes(tmpImages[d - 1]!, tmpImages[d]!));
