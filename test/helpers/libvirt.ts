@@ -13,7 +13,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestContext } from "node:test";
 import { promisify } from "node:util";
+import { FsStore } from "../../src/repo/fs-store.js";
+import { Repository } from "../../src/repo/repository.js";
 import { processAlive, socketAccepts } from "../../src/util/process.js";
+import { tempDir } from "./cli.js";
 import { testGuest } from "./guest.js";
 import { parseLatencySummaries } from "./records.js";
 
@@ -330,4 +333,21 @@ export async function exists(path: string): Promise<boolean> {
     () => true,
     () => false,
   );
+}
+
+/**
+ * A test directory QEMU's user (libvirt-qemu) can reach, since it opens sockets and scratch
+ * files there by path; `state` is the state directory inside it, and `repo` a repository in it
+ * (closed after the test).
+ */
+export async function libvirtWorkspace(
+  t: TestContext,
+): Promise<{ dir: string; state: string; repo: Repository }> {
+  const dir = tempDir(t);
+  await chmod(dir, 0o755);
+  const store = new FsStore(join(dir, "repo"));
+  await Repository.init(store, { chunkSize: 256 * 1024 });
+  const repo = await Repository.open(store, { threads: 1 });
+  t.after(() => repo.close());
+  return { dir, state: join(dir, "state"), repo };
 }

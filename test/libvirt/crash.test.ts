@@ -4,16 +4,21 @@
 // backup also cleans up by itself. Other tools' checkpoints are reported, never touched.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { chmod, readdir } from "node:fs/promises";
+import { readdir } from "node:fs/promises";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { backupVm } from "../../src/engine/vm-backup.js";
 import { LibvirtAdapter } from "../../src/hypervisor/libvirt/index.js";
-import { FsStore } from "../../src/repo/fs-store.js";
-import { Repository } from "../../src/repo/repository.js";
-import { tempDir } from "../helpers/cli.js";
-import { checkpoints, ensureLibvirtd, jobType, stopLibvirtd, testDomain, virsh } from "../helpers/libvirt.js";
+import {
+  checkpoints,
+  ensureLibvirtd,
+  jobType,
+  libvirtWorkspace,
+  stopLibvirtd,
+  testDomain,
+  virsh,
+} from "../helpers/libvirt.js";
 
 const index = fileURLToPath(new URL("../../src/hypervisor/libvirt/index.js", import.meta.url));
 
@@ -46,13 +51,7 @@ describe("libvirt: a killed backup", { timeout: 600_000 }, () => {
   after(stopLibvirtd);
   test("leftovers() and the next backup release what a SIGKILLed run left", async (t) => {
     await ensureLibvirtd();
-    const dir = tempDir(t);
-    await chmod(dir, 0o755);
-    const state = join(dir, "state");
-    const store = new FsStore(join(dir, "repo"));
-    await Repository.init(store, { chunkSize: 256 * 1024 });
-    const repo = await Repository.open(store, { threads: 1 });
-    t.after(() => repo.close());
+    const { state, repo } = await libvirtWorkspace(t);
     const adapter = new LibvirtAdapter();
     const dom = await testDomain(t, {
       name: "strata-test-crash",

@@ -3,19 +3,17 @@
 // the exports, the guest boots and writes, then every disk is copied to production storage with
 // `virsh blockcopy` and pivoted while it runs; after that the server can go away.
 import assert from "node:assert/strict";
-import { chmod, mkdir, readFile, stat } from "node:fs/promises";
+import { mkdir, readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { serveRestorePoint } from "../../src/engine/serve.js";
 import { backupVm } from "../../src/engine/vm-backup.js";
 import type { InstantVm, VmConfigDocument } from "../../src/hypervisor/adapter.js";
 import { LibvirtAdapter } from "../../src/hypervisor/libvirt/index.js";
-import { FsStore } from "../../src/repo/fs-store.js";
-import { Repository } from "../../src/repo/repository.js";
-import { tempDir } from "../helpers/cli.js";
 import {
   consoleSeq,
   ensureLibvirtd,
+  libvirtWorkspace,
   removeDomain,
   stopLibvirtd,
   testDomain,
@@ -36,12 +34,7 @@ describe("libvirt instant recovery", { timeout: 300_000 }, () => {
   after(stopLibvirtd);
   test("boots a clone from the repository over NBD and migrates it live", async (t) => {
     await ensureLibvirtd();
-    const dir = tempDir(t);
-    await chmod(dir, 0o755);
-    const store = new FsStore(join(dir, "repo"));
-    await Repository.init(store, { chunkSize: 256 * 1024 });
-    const repo = await Repository.open(store, { threads: 1 });
-    t.after(() => repo.close());
+    const { dir, repo } = await libvirtWorkspace(t);
     const adapter = new LibvirtAdapter();
     const dom = await testDomain(t, {
       name: "strata-test-ir",

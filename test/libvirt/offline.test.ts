@@ -3,29 +3,20 @@
 // for the previous checkpoint, and the chain going on live afterwards. After a SIGKILL the bitmap
 // is gone and the read is full, with the reason.
 import assert from "node:assert/strict";
-import { chmod, mkdir, readdir } from "node:fs/promises";
+import { mkdir, readdir } from "node:fs/promises";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { restoreDiskToFile } from "../../src/engine/restore.js";
 import { backupVm, type VmBackupResult } from "../../src/engine/vm-backup.js";
 import { LibvirtAdapter, type LibvirtCheckpointRecord } from "../../src/hypervisor/libvirt/index.js";
-import { FsStore } from "../../src/repo/fs-store.js";
-import { Repository } from "../../src/repo/repository.js";
-import { tempDir } from "../helpers/cli.js";
-import { ensureLibvirtd, stopLibvirtd, testDomain, virsh } from "../helpers/libvirt.js";
+import { ensureLibvirtd, libvirtWorkspace, stopLibvirtd, testDomain, virsh } from "../helpers/libvirt.js";
 import { verifyRecords } from "../helpers/records.js";
 
 describe("libvirt: a shut-off domain", { timeout: 600_000 }, () => {
   after(stopLibvirtd);
   test("offline backups through the stored bitmaps, and the chain across them", async (t) => {
     await ensureLibvirtd();
-    const dir = tempDir(t);
-    await chmod(dir, 0o755);
-    const state = join(dir, "state");
-    const store = new FsStore(join(dir, "repo"));
-    await Repository.init(store, { chunkSize: 256 * 1024 });
-    const repo = await Repository.open(store, { threads: 1 });
-    t.after(() => repo.close());
+    const { dir, state, repo } = await libvirtWorkspace(t);
     const adapter = new LibvirtAdapter();
     const dom = await testDomain(t, {
       name: "strata-test-off",

@@ -4,7 +4,7 @@
 // checkpoint bitmaps (and says so). Disks are written by the engine's restore sinks as the plan
 // says; the adapter plans, defines and starts.
 import assert from "node:assert/strict";
-import { chmod, readFile } from "node:fs/promises";
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { restoreDiskToFile } from "../../src/engine/restore.js";
@@ -12,12 +12,11 @@ import { restoreDiskToQcow2 } from "../../src/engine/restore-sinks.js";
 import { backupVm } from "../../src/engine/vm-backup.js";
 import type { RestorePlan, VmConfigDocument } from "../../src/hypervisor/adapter.js";
 import { cloneFacts, LibvirtAdapter } from "../../src/hypervisor/libvirt/index.js";
-import { FsStore } from "../../src/repo/fs-store.js";
-import { Repository, type SnapshotRef } from "../../src/repo/repository.js";
-import { tempDir } from "../helpers/cli.js";
+import type { Repository, SnapshotRef } from "../../src/repo/repository.js";
 import {
   consoleSeq,
   ensureLibvirtd,
+  libvirtWorkspace,
   removeDomain,
   stopLibvirtd,
   testDomain,
@@ -46,13 +45,7 @@ describe("libvirt restores", { timeout: 600_000 }, () => {
   after(stopLibvirtd);
   test("a clone boots beside the original; in place, the next backup is full", async (t) => {
     await ensureLibvirtd();
-    const dir = tempDir(t);
-    await chmod(dir, 0o755);
-    const state = join(dir, "state");
-    const store = new FsStore(join(dir, "repo"));
-    await Repository.init(store, { chunkSize: 256 * 1024 });
-    const repo = await Repository.open(store, { threads: 1 });
-    t.after(() => repo.close());
+    const { dir, state, repo } = await libvirtWorkspace(t);
     const adapter = new LibvirtAdapter();
     const dom = await testDomain(t, {
       name: "strata-test-rs",

@@ -7,7 +7,7 @@
 // on libvirt's state lock.
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { chmod, chown, mkdir, writeFile } from "node:fs/promises";
+import { chown, mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { promisify } from "node:util";
@@ -15,10 +15,15 @@ import { restoreDiskToFile } from "../../src/engine/restore.js";
 import { backupVm } from "../../src/engine/vm-backup.js";
 import { qemuUser } from "../../src/hypervisor/libvirt/access.js";
 import { LibvirtAdapter } from "../../src/hypervisor/libvirt/index.js";
-import { FsStore } from "../../src/repo/fs-store.js";
-import { Repository } from "../../src/repo/repository.js";
-import { tempDir } from "../helpers/cli.js";
-import { checkpoints, ensureLibvirtd, jobType, stopLibvirtd, testDomain, virsh } from "../helpers/libvirt.js";
+import {
+  checkpoints,
+  ensureLibvirtd,
+  jobType,
+  libvirtWorkspace,
+  stopLibvirtd,
+  testDomain,
+  virsh,
+} from "../helpers/libvirt.js";
 import { verifyRecords } from "../helpers/records.js";
 
 const run = promisify(execFile);
@@ -39,12 +44,7 @@ describe("libvirt: Strata beside virtnbdbackup", { timeout: 300_000 }, () => {
   after(stopLibvirtd);
   test("checkpoints of both tools on one domain, and a foreign job", async (t) => {
     await ensureLibvirtd();
-    const dir = tempDir(t);
-    await chmod(dir, 0o755);
-    const store = new FsStore(join(dir, "repo"));
-    await Repository.init(store, { chunkSize: 256 * 1024 });
-    const repo = await Repository.open(store, { threads: 1 });
-    t.after(() => repo.close());
+    const { dir, repo } = await libvirtWorkspace(t);
     const adapter = new LibvirtAdapter();
     const dom = await testDomain(t, {
       name: "strata-test-vnb",

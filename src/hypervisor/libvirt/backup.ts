@@ -106,6 +106,22 @@ export function readCheckpointRecord(c: CheckpointRecord | null | undefined): {
   return { record: r.data };
 }
 
+/**
+ * The checkpoint the latest restore point recorded, when it is this repository's and was made on
+ * this domain (same UUID); else why the backup can't build on it.
+ */
+export function previousCheckpoint(
+  req: Pick<BackupRequest, "previous" | "repository">,
+  uuid: string,
+): { record?: LibvirtCheckpointRecord; reason?: string } {
+  const { record, reason } = readCheckpointRecord(req.previous?.checkpoint);
+  if (!record) return { reason: reason ?? "no checkpoint" };
+  if (record.repository !== req.repository)
+    return { reason: "the previous checkpoint belongs to another repository" };
+  if (record.uuid !== uuid) return { reason: `the domain's UUID changed (${record.uuid} → ${uuid})` };
+  return { record };
+}
+
 export interface LibvirtBackupOptions {
   virsh: Virsh;
   domain: string;
@@ -250,13 +266,9 @@ export async function openLibvirtBackup(o: LibvirtBackupOptions): Promise<Backup
   // 1. The chain.
   let base: LibvirtCheckpointRecord | undefined;
   if (req.previous) {
-    const { record, reason } = readCheckpointRecord(req.previous.checkpoint);
+    const { record, reason } = previousCheckpoint(req, info.uuid);
     let why = reason;
-    if (record && record.repository !== req.repository)
-      why = "the previous checkpoint belongs to another repository";
-    else if (record && record.uuid !== info.uuid)
-      why = `the domain's UUID changed (${record.uuid} → ${info.uuid})`;
-    else if (record) {
+    if (record) {
       if (present.includes(record.checkpoint)) base = record;
       else if (record.xml === null) why = `checkpoint ${record.checkpoint} is gone from the domain`;
       else {

@@ -21,7 +21,7 @@ import { BASE_ALLOCATION, NbdClient } from "../../nbd/index.js";
 import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
 import { runProgram } from "../../util/process.js";
 import type { BackupRequest, BackupSession, SessionDisk } from "../adapter.js";
-import { describeDomain, type LibvirtCheckpointRecord, nbdDisk, readCheckpointRecord } from "./backup.js";
+import { describeDomain, type LibvirtCheckpointRecord, nbdDisk, previousCheckpoint } from "./backup.js";
 import { backupDisks, parseDomain } from "./domain.js";
 import { LibvirtState, stateDirOf } from "./state.js";
 import type { Virsh } from "./virsh.js";
@@ -59,13 +59,9 @@ export async function openOfflineBackup(
   const reasons = new Map<string, string>();
   let base: LibvirtCheckpointRecord | undefined;
   if (req.previous) {
-    const { record, reason } = readCheckpointRecord(req.previous.checkpoint);
+    const { record, reason } = previousCheckpoint(req, info.uuid);
     let why = reason;
-    if (record && record.repository !== req.repository)
-      why = "the previous checkpoint belongs to another repository";
-    else if (record && record.uuid !== info.uuid)
-      why = `the domain's UUID changed (${record.uuid} → ${info.uuid})`;
-    else if (record) {
+    if (record) {
       const present = (await virsh.run(["checkpoint-list", domain, "--name"]))
         .split("\n")
         .map((l) => l.trim());
