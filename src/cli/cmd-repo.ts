@@ -190,23 +190,51 @@ Examples:
   program
     .command("gc")
     .description("remove chunks no restore point uses (safe beside running backups)")
-    .option("--grace <duration>", "keep chunks touched this recently, e.g. 1h, 30m, 0s", "1h")
+    .addHelpText(
+      "after",
+      `
+In a repository of format 2 (chunks in packs), gc works in two passes: a pack that no restore
+point needs is first condemned (backups stop reusing its chunks), and deleted by a later gc once
+every backup that might have used it has ended and the grace period has passed. Packs mostly
+unused are repacked: their needed chunks are copied, verified, into new packs. Run gc
+regularly (e.g. daily after forget); each run finishes what the one before started.`,
+    )
+    .option("--grace <duration>", "keep what backups may still rely on for this long, e.g. 1h, 30m, 0s", "1h")
+    .option(
+      "--repack-unused <percent>",
+      "format 2: repack a pack when more than this percentage of its bytes is unused",
+      "50",
+    )
     .option("-n, --dry-run", "count what would go, remove nothing")
-    .action(async (opts: { grace: string; dryRun?: boolean }, cmd: Command) => {
+    .action(async (opts: { grace: string; repackUnused: string; dryRun?: boolean }, cmd: Command) => {
       const out = output(cmd);
+      const percent = Number(opts.repackUnused);
+      if (!Number.isFinite(percent) || percent < 0 || percent > 100)
+        throw new StrataError(
+          ErrorCode.USAGE,
+          `--repack-unused takes a percentage from 0 to 100, not "${opts.repackUnused}"`,
+        );
       await withRepo(cmd, async (repo) => {
         const report = await gc(repo, {
           graceMs: parseDuration(opts.grace),
           dryRun: opts.dryRun === true,
+          repackUnused: percent / 100,
           progress: out.progress(),
           signal: interruptSignal(),
         });
-        out.result(
-          { type: "summary", ...report },
-          () =>
-            `${opts.dryRun ? "would remove" : "removed"} ${report.chunksRemoved} chunks (${formatBytes(report.bytesFreed)}), ` +
-            `${report.chunksReferenced} in use, ${report.chunksKeptRecent} unreferenced but recent kept, ` +
-            `${report.incompleteRemoved} incomplete restore points removed`,
+        const verb = opts.dryRun ? "would remove" : "removed";
+        out.result({ type: "summary", ...report }, () =>
+          report.packsCondemned === undefined
+            ? `${verb} ${report.chunksRemoved} chunks (${formatBytes(report.bytesFreed)}), ` +
+              `${report.chunksReferenced} in use, ${report.chunksKeptRecent ?? 0} unreferenced but recent kept, ` +
+              `${report.incompleteRemoved} incomplete restore points removed`
+            : `${verb} ${report.packsDeleted} pack(s) and ${report.orphansDeleted} unfinished pack(s) ` +
+              `(${formatBytes(report.bytesFreed)}, ${report.chunksRemoved} chunks); ` +
+              `${report.chunksReferenced} chunks in use; ` +
+              `${report.packsCondemned} pack(s) ${opts.dryRun ? "would be " : ""}condemned (deleted by a later gc), ` +
+              `${report.packsRepacked} repacked, ${report.packsWaiting} condemned kept for now, ` +
+              `${report.packsResurrected} needed again; ` +
+              `${report.incompleteRemoved} incomplete restore points removed`,
         );
       });
     });

@@ -93,6 +93,11 @@ export class FaultyStore implements Store {
     return this.inner.get(key);
   }
 
+  async getRange(key: string, offset: number, length: number, into?: Uint8Array): Promise<Buffer> {
+    await this.inject("get", key);
+    return this.inner.getRange(key, offset, length, into);
+  }
+
   async put(key: string, data: Uint8Array, options?: PutOptions): Promise<void> {
     if ((await this.inject("put", key)) === "torn") {
       const part = data.subarray(0, Math.floor(data.length / 2));

@@ -183,6 +183,45 @@ export class FsStore implements Store {
     }
   }
 
+  async getRange(key: string, offset: number, length: number, into?: Uint8Array): Promise<Buffer> {
+    const path = this.path(key);
+    // Direct reads start and end on 4 KiB boundaries: read the blocks around the range.
+    const start = offset - (offset % ALIGN);
+    const span = roundUp(offset + length) - start;
+    let direct = into !== undefined && this.directIo && into.byteOffset % ALIGN === 0 && span <= into.length;
+    let fh: fs.FileHandle;
+    try {
+      fh = await fs.open(path, constants.O_RDONLY | (direct ? constants.O_DIRECT : 0));
+    } catch (err) {
+      if (!direct || errnoCode(err) !== "EINVAL") throw err;
+      this.directIo = direct = false;
+      fh = await fs.open(path, constants.O_RDONLY);
+    }
+    try {
+      if (direct && into) {
+        const buf = Buffer.from(into.buffer, into.byteOffset, span);
+        try {
+          const got = await readFully(fh, buf, start);
+          if (got < offset - start + length) throw shortRead(path, offset, length);
+          return buf.subarray(offset - start, offset - start + length);
+        } catch (err) {
+          if (errnoCode(err) !== "EINVAL") throw err;
+          this.directIo = false;
+          await fh.close();
+          fh = await fs.open(path, constants.O_RDONLY);
+        }
+      }
+      const buf =
+        into && length <= into.length
+          ? Buffer.from(into.buffer, into.byteOffset, length)
+          : Buffer.allocUnsafe(length);
+      if ((await readFully(fh, buf, offset)) < length) throw shortRead(path, offset, length);
+      return buf;
+    } finally {
+      await fh.close();
+    }
+  }
+
   async touch(key: string): Promise<boolean> {
     const now = new Date();
     try {
@@ -308,6 +347,21 @@ export class FsStore implements Store {
   private markDirty(dir: string): void {
     this.dirtyDirs.add(dir);
   }
+}
+
+/** Reads into all of `buf` from `position` until it is full or the file ends; returns bytes read. */
+async function readFully(fh: fs.FileHandle, buf: Uint8Array, position: number): Promise<number> {
+  let off = 0;
+  while (off < buf.length) {
+    const { bytesRead } = await fh.read(buf, off, buf.length - off, position + off);
+    if (bytesRead === 0) break;
+    off += bytesRead;
+  }
+  return off;
+}
+
+function shortRead(path: string, offset: number, length: number): Error {
+  return Object.assign(new Error(`${path} ends before byte ${offset + length}`), { code: "ESTRATASHORT" });
 }
 
 async function syncDir(dir: string): Promise<void> {

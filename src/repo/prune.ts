@@ -2,16 +2,18 @@
  * forget (apply retention, remove manifests) and gc (mark and sweep chunks).
  *
  * gc is safe beside running backups. It marks every chunk that a complete restore point
- * references, then sweeps the rest with Store.deleteIfUntouched(cutoff), where
- * cutoff = min(gc start, start of the oldest live backup) − grace. A backup touches every chunk
- * it reuses and writes every chunk it stores after it started, so nothing a live backup relies on
- * is older than the cutoff. A damaged manifest or index stops gc before it sweeps anything: it
+ * references, then removes the rest that no live backup may rely on, judged against
+ * cutoff = min(gc start, start of the oldest live backup) − grace. Format v1 sweeps chunk objects
+ * with Store.deleteIfUntouched(cutoff): a backup touches every chunk it reuses and writes every
+ * chunk it stores after it started, so nothing a live backup relies on is older than the cutoff.
+ * Format v2 condemns packs first and deletes them in a later run (gc-packs.ts). A damaged manifest or index stops gc before it sweeps anything: it
  * can't know what such a restore point needs.
  */
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { forEachLimit } from "../util/pool.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
 import { keys, TIME_RE } from "./format.js";
+import { gcPacks, type PackGcReport } from "./gc-packs.js";
 import { isStale, type LockInfo, listLocks } from "./locks.js";
 import type { Repository, SnapshotRef } from "./repository.js";
 import { applyRetention, isEmptyPolicy, type KeepPolicy, type KeepRule } from "./retention.js";
@@ -76,11 +78,12 @@ async function removeSnapshots(repo: Repository, ids: readonly string[]): Promis
   await repo.store.flush();
 }
 
-export interface GcReport {
+export interface GcReport extends Partial<PackGcReport> {
   chunksReferenced: number;
   chunksRemoved: number;
   bytesFreed: number;
-  chunksKeptRecent: number;
+  /** Format v1: unreferenced chunks kept because they were written or touched after the cutoff. */
+  chunksKeptRecent?: number;
   incompleteRemoved: number;
   tempsRemoved: number;
   cutoff: string;
@@ -90,7 +93,14 @@ export const DEFAULT_GC_GRACE_MS = 60 * 60_000;
 
 export async function gc(
   repo: Repository,
-  options: { graceMs?: number; dryRun?: boolean; progress?: ProgressSink; signal?: AbortSignal } = {},
+  options: {
+    graceMs?: number;
+    dryRun?: boolean;
+    /** Format v2: repack packs with more than this share of unused bytes (0..1). */
+    repackUnused?: number;
+    progress?: ProgressSink;
+    signal?: AbortSignal;
+  } = {},
 ): Promise<GcReport> {
   const progress = options.progress ?? noProgress;
   const grace = options.graceMs ?? DEFAULT_GC_GRACE_MS;
@@ -150,52 +160,65 @@ export async function gc(
       incompleteRemoved++;
     }
 
-    const candidates: Array<{ key: string; size: number }> = [];
-    let total = 0;
-    let keptRecent = 0;
-    for await (const obj of repo.store.list("chunks/")) {
-      total++;
-      const hex = obj.key.slice(obj.key.lastIndexOf("/") + 1);
-      if (marked.has(hex)) continue;
-      if (obj.mtimeMs >= cutoff) keptRecent++;
-      else candidates.push({ key: obj.key, size: obj.size });
-    }
-    progress.emit({
-      type: "start",
-      job: "gc",
-      total: candidates.length,
-      message: `${candidates.length} of ${total} chunks unreferenced`,
-    });
-    let removed = 0;
-    let freed = 0;
-    let done = 0;
-    await forEachLimit(
-      candidates,
-      16,
-      async (c) => {
-        if (options.dryRun || (await repo.store.deleteIfUntouched(c.key, cutoff))) {
-          removed++;
-          freed += c.size;
-        } else {
-          keptRecent++;
-        }
-        progress.emit({ type: "progress", job: "gc", done: ++done, total: candidates.length });
-      },
-      options.signal,
-    );
+    const swept =
+      repo.layout.version === 1
+        ? await sweepChunkObjects(repo, marked, cutoff, { ...options, progress })
+        : await gcPacks(repo, marked, cutoff, { ...options, progress });
     const tempsRemoved = options.dryRun ? 0 : await repo.store.sweepTemporary(cutoff);
     await repo.store.flush();
-    progress.emit({ type: "end", job: "gc" });
     return {
       chunksReferenced: marked.size,
-      chunksRemoved: removed,
-      bytesFreed: freed,
-      chunksKeptRecent: keptRecent,
       incompleteRemoved,
       tempsRemoved,
       cutoff: new Date(cutoff).toISOString(),
+      ...swept,
     };
   } finally {
     await lock.release();
   }
+}
+
+/** Format v1: deletes every unreferenced chunk object not written or touched since the cutoff. */
+async function sweepChunkObjects(
+  repo: Repository,
+  marked: ReadonlySet<string>,
+  cutoff: number,
+  options: { dryRun?: boolean; progress: ProgressSink; signal?: AbortSignal },
+): Promise<{ chunksRemoved: number; bytesFreed: number; chunksKeptRecent: number }> {
+  const progress = options.progress;
+  const candidates: Array<{ key: string; size: number }> = [];
+  let total = 0;
+  let keptRecent = 0;
+  for await (const obj of repo.store.list("chunks/")) {
+    total++;
+    const hex = obj.key.slice(obj.key.lastIndexOf("/") + 1);
+    if (marked.has(hex)) continue;
+    if (obj.mtimeMs >= cutoff) keptRecent++;
+    else candidates.push({ key: obj.key, size: obj.size });
+  }
+  progress.emit({
+    type: "start",
+    job: "gc",
+    total: candidates.length,
+    message: `${candidates.length} of ${total} chunks unreferenced`,
+  });
+  let removed = 0;
+  let freed = 0;
+  let done = 0;
+  await forEachLimit(
+    candidates,
+    16,
+    async (c) => {
+      if (options.dryRun || (await repo.store.deleteIfUntouched(c.key, cutoff))) {
+        removed++;
+        freed += c.size;
+      } else {
+        keptRecent++;
+      }
+      progress.emit({ type: "progress", job: "gc", done: ++done, total: candidates.length });
+    },
+    options.signal,
+  );
+  progress.emit({ type: "end", job: "gc" });
+  return { chunksRemoved: removed, bytesFreed: freed, chunksKeptRecent: keptRecent };
 }

@@ -15,6 +15,7 @@ import { FixedIndex } from "./fixed-index.js";
 import {
   DEFAULT_CHUNK_SIZE,
   FORMAT_VERSION,
+  FORMAT_VERSIONS,
   formatTime,
   keys,
   MAX_CHUNK_SIZE,
@@ -23,6 +24,7 @@ import {
   TIME_RE,
 } from "./format.js";
 import { createKeyFile, joinKeys, keyFingerprint, openKeyFile, SCRYPT_DEFAULTS } from "./keys.js";
+import { type ChunkLayout, type ChunkSession, ObjectPerChunkLayout, PackLayout } from "./layout.js";
 import { Lock, type LockKind, listLocks } from "./locks.js";
 import { type Manifest, type ManifestBlob, manifestProblem } from "./manifest.js";
 import { sealJson, unsealJson } from "./sealed-json.js";
@@ -48,6 +50,8 @@ export interface InitOptions {
   clock?: Clock;
   /** scrypt cost; the default is right for people. */
   kdfCost?: { N: number; r: number; p: number };
+  /** Format version (default {@link FORMAT_VERSION}); 1 only to test that old repositories still work. */
+  formatVersion?: number;
 }
 
 export interface OpenOptions {
@@ -57,6 +61,8 @@ export interface OpenOptions {
   threads?: number;
   /** How often held locks are refreshed (default every 5 minutes; tests shorten it). */
   lockRefreshMs?: number;
+  /** Format v2: pack size at which writers seal a pack (tests make it small). */
+  packTarget?: number;
 }
 
 interface LegacyUpgrade {
@@ -104,6 +110,8 @@ export function checkName(kind: string, name: string): void {
 
 export class Repository {
   private pool: ChunkPool | undefined;
+  /** Where the chunks are: one object each (v1) or packs (v2). */
+  readonly layout: ChunkLayout;
 
   private constructor(
     readonly store: Store,
@@ -117,7 +125,13 @@ export class Repository {
      */
     private legacy: LegacyUpgrade | undefined,
     private readonly lockRefreshMs?: number,
-  ) {}
+    packTarget?: number,
+  ) {
+    this.layout =
+      config.version === 1
+        ? new ObjectPerChunkLayout(store)
+        : new PackLayout(store, () => this.codec(), config.chunkSize, packTarget);
+  }
 
   get chunkSize(): number {
     return this.config.chunkSize;
@@ -153,9 +167,12 @@ export class Repository {
       fingerprint = keyFingerprint(k);
       macKey = k.macKey;
     }
+    const version = options.formatVersion ?? FORMAT_VERSION;
+    if (!FORMAT_VERSIONS.includes(version))
+      throw new StrataError(ErrorCode.USAGE, `unknown repository format version ${version}`);
     const config: RepoConfig = {
       format: "strata-repository",
-      version: FORMAT_VERSION,
+      version,
       id: randomBytes(16).toString("hex"),
       chunkSize,
       compression: "zstd",
@@ -196,10 +213,10 @@ export class Repository {
     if (peek.format !== "strata-repository") {
       throw new StrataError(ErrorCode.REPO_CORRUPT, `${where} does not hold a Strata repository config`);
     }
-    if (peek.version !== FORMAT_VERSION) {
+    if (typeof peek.version !== "number" || !FORMAT_VERSIONS.includes(peek.version)) {
       throw new StrataError(
         ErrorCode.REPO_VERSION,
-        `repository at ${where} has format version ${String(peek.version)}; this Strata reads version ${FORMAT_VERSION}`,
+        `repository at ${where} has format version ${String(peek.version)}; this Strata reads versions ${FORMAT_VERSIONS.join(" and ")}`,
       );
     }
     const keyFile = await store.stat(keys.key("default"));
@@ -223,6 +240,7 @@ export class Repository {
         options.threads,
         undefined,
         options.lockRefreshMs,
+        options.packTarget,
       );
     }
     if (peek.encryption !== "aes-256-gcm") {
@@ -285,6 +303,7 @@ export class Repository {
       options.threads,
       peek.keyed ? undefined : { password: options.password, keyCreated: opened.created, cost: opened.cost },
       options.lockRefreshMs,
+      options.packTarget,
     );
   }
 
@@ -349,25 +368,9 @@ export class Repository {
     return this.codec().decodeInto(await this.storedChunk(hex, scratch), digest, hex, into);
   }
 
-  /**
-   * A chunk's stored bytes; read into `scratch` (page-aligned shared memory, a multiple of 4 KiB
-   * long) when given and the store can, so that a local store reads it around the page cache.
-   */
-  private async storedChunk(hex: string, scratch?: SharedSlot): Promise<Buffer> {
-    const key = keys.chunk(hex);
-    try {
-      if (scratch && this.store.getInto) {
-        const into = Buffer.from(scratch.memory, scratch.offset, scratch.capacity);
-        return into.subarray(0, await this.store.getInto(key, into, { aligned: true }));
-      }
-      return await this.store.get(key);
-    } catch (err) {
-      if (this.store.isNotFound(err))
-        throw new StrataError(ErrorCode.DATA_MISSING, `chunk ${hex} is missing from the repository`);
-      if (this.store.isTooLarge?.(err))
-        throw new StrataError(ErrorCode.DATA_CORRUPT, `chunk ${hex} is damaged: larger than a chunk can be`);
-      throw err;
-    }
+  /** A chunk's stored bytes (see {@link ChunkLayout.read}). */
+  private storedChunk(hex: string, scratch?: SharedSlot): Promise<Buffer> {
+    return this.layout.read(hex, scratch);
   }
 
   /** Checksum of a blob's plaintext, keyed when encrypted. */
@@ -509,7 +512,14 @@ export class Repository {
       if (!taken) {
         try {
           const lock = await this.lock("backup", what, `${vm}/${time}`);
-          return new BackupWriter(this, vm, time, lock, new CompressionPolicy(incremental));
+          let session: ChunkSession;
+          try {
+            session = await this.layout.session();
+          } catch (err) {
+            await lock.release().catch(() => {});
+            throw err;
+          }
+          return new BackupWriter(this, vm, time, lock, session, new CompressionPolicy(incremental));
         } catch (err) {
           if (!(err instanceof StrataError && err.code === ErrorCode.LOCKED)) throw err;
         }
@@ -533,7 +543,7 @@ const PUTS_PER_THREAD = 4;
  * commit nothing is visible to listings; abort (or a crash) leaves only garbage for gc.
  */
 export class BackupWriter {
-  /** Chunks this writer stored or touched: known present until it ends. */
+  /** Chunks this writer stored or found stored: known present until it ends. */
   private readonly present = new Set<string>();
   /** Chunks being stored right now, by digest. */
   private readonly storing = new Map<string, Promise<unknown>>();
@@ -546,6 +556,7 @@ export class BackupWriter {
     readonly vm: string,
     readonly time: string,
     private readonly lock: Lock,
+    private readonly chunks: ChunkSession,
     private readonly compression: CompressionPolicy = new CompressionPolicy(false),
   ) {}
 
@@ -573,9 +584,8 @@ export class BackupWriter {
       await pending;
       return { state: "reused", data };
     }
-    const key = keys.chunk(hex);
     const work = (async () => {
-      if (await this.repo.store.touch(key)) return { state: "reused" as const, data };
+      if (await this.chunks.has(hex)) return { state: "reused" as const, data };
       const codec = this.repo.codec();
       this.out ??= new AlignedSlots(
         codec.threads * PUTS_PER_THREAD + 2,
@@ -586,7 +596,7 @@ export class BackupWriter {
       try {
         const into = { memory: out.memory, offset: out.offset(slot), capacity: out.slotSize };
         const encoded = await codec.encodeInto(data, this.compression.levelFor(data.length), into);
-        await this.repo.store.put(key, out.view(slot, encoded.length), { aligned: true });
+        await this.chunks.put(hex, out.view(slot, encoded.length));
         return { state: "new" as const, stored: encoded.length, data: encoded.data };
       } finally {
         out.give(slot);
@@ -607,7 +617,7 @@ export class BackupWriter {
     this.lock.check();
     const hex = digest.toString("hex");
     if (this.present.has(hex)) return true;
-    if (await this.repo.store.touch(keys.chunk(hex))) {
+    if (await this.chunks.has(hex)) {
       this.present.add(hex);
       return true;
     }
@@ -642,6 +652,7 @@ export class BackupWriter {
       host: hostname(),
       tool: "strata",
     };
+    await this.chunks.finish();
     await this.repo.store.flush();
     // The last moment to find out that gc may have taken this backup for dead.
     this.lock.check();
@@ -660,6 +671,7 @@ export class BackupWriter {
   async abort(): Promise<void> {
     if (this.done) return;
     this.done = true;
+    await this.chunks.abandon().catch(() => {});
     await this.repo.store.deletePrefix(`${keys.snapshotDir(this.vm, this.time)}/`).catch(() => {});
     await this.lock.release().catch(() => {});
   }

@@ -1,14 +1,20 @@
 /**
  * The storage contract every repository backend (local directory now, S3 later) must keep.
- * Stores do plain I/O on opaque keys ("chunks/ab/ab12…", "vms/web1/2026-…/manifest.json");
+ * Stores do plain I/O on opaque keys ("packs/ab/ab12…", "vms/web1/2026-…/manifest.json");
  * they know nothing of what the bytes mean. Cross-cutting behaviour (retries, throttling,
  * fault injection in tests) wraps a store rather than living in one.
+ *
+ * Format v2 uses only what an S3 object store offers: get, range get ({@link Store.getRange}),
+ * put of a whole object, list (with each object's creation time), delete, and stat (HEAD).
+ * {@link Store.touch}, {@link Store.deleteIfUntouched} and {@link Store.getInto} serve format v1
+ * repositories (one file per chunk), which only a local directory holds; {@link Store.flush} and
+ * {@link Store.sweepTemporary} are a local store's housekeeping and do nothing elsewhere.
  */
 
 export interface ObjectInfo {
   key: string;
   size: number;
-  /** Last write or touch, milliseconds since the epoch. */
+  /** Last write or touch, milliseconds since the epoch (an object store: its creation). */
   mtimeMs: number;
 }
 
@@ -36,6 +42,13 @@ export interface Store {
    * `durable: true`). Overwrites an existing object.
    */
   put(key: string, data: Uint8Array, options?: PutOptions): Promise<void>;
+
+  /**
+   * `length` bytes of an object from `offset`. With `into` (page-aligned memory whose length is a
+   * multiple of 4 KiB), a local store may read around the page cache into it and return a view
+   * of it. A range past the object's end is an error (a short object is damaged, not short).
+   */
+  getRange(key: string, offset: number, length: number, into?: Uint8Array): Promise<Buffer>;
 
   /**
    * Reads an object into `into` and returns its length, for stores that can read straight into

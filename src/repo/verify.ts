@@ -74,7 +74,7 @@ export async function verifyRepository(
         } catch (err) {
           problem = describe(err);
         }
-      } else if (!(await repo.store.stat(keys.chunk(hex)))) {
+      } else if (!(await repo.layout.exists(hex))) {
         problem = `chunk ${hex} is missing from the repository`;
       }
       if (problem) {

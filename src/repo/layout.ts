@@ -1,0 +1,233 @@
+/**
+ * Where a repository keeps its chunks: format v1 stores each chunk as an object of its own
+ * (`chunks/ab/<digest>`), format v2 many chunks in a pack (`packs/ab/<id>`) with pack indexes
+ * (`index/<name>`). The rest of the repository (manifests, fixed indexes, blobs, locks) is the same
+ * in both. {@link Repository} picks the layout from the config's version.
+ */
+import { ErrorCode, StrataError } from "../util/errors.js";
+import type { ChunkPool, SharedSlot } from "./chunk-pool.js";
+import { INDEX_NAME_RE, keys } from "./format.js";
+import { PackWriter } from "./pack.js";
+import { decodeIndex, encodeIndex, type IndexDocument, PackIndex, type PackRecord } from "./pack-index.js";
+import type { Store } from "./store.js";
+
+/** One writer's access to the chunk store, from its start to its commit. */
+export interface ChunkSession {
+  /**
+   * True when the chunk is stored and the restore point may reference it without storing it
+   * (v1 touches it, so gc keeps it; v2 finds it in a live pack).
+   */
+  has(hex: string): Promise<boolean>;
+  /**
+   * Stores an encoded chunk. `stored` is page-aligned, with readable memory up to the next 4 KiB
+   * boundary; it may be reused once this returns.
+   */
+  put(hex: string, stored: Uint8Array): Promise<void>;
+  /** Makes every chunk put so far durable and findable by readers (before the manifest). */
+  finish(): Promise<void>;
+  /** Gives up; waits for writes under way. */
+  abandon(): Promise<void>;
+}
+
+export interface ChunkLayout {
+  readonly version: 1 | 2;
+  /**
+   * A chunk's stored bytes, read into `scratch` (page-aligned shared memory, a multiple of
+   * 4 KiB) when given, around the page cache where the store can.
+   */
+  read(hex: string, scratch?: SharedSlot): Promise<Buffer>;
+  /** True when the chunk is stored (metadata only, for verify). */
+  exists(hex: string): Promise<boolean>;
+  /** Starts a writer's session; call after the writer's lock is registered. */
+  session(): Promise<ChunkSession>;
+}
+
+function missing(hex: string): StrataError {
+  return new StrataError(ErrorCode.DATA_MISSING, `chunk ${hex} is missing from the repository`);
+}
+
+function tooLarge(hex: string): StrataError {
+  return new StrataError(ErrorCode.DATA_CORRUPT, `chunk ${hex} is damaged: larger than a chunk can be`);
+}
+
+/** Format v1: one object per chunk, reuse by touch, gc by {@link Store.deleteIfUntouched}. */
+export class ObjectPerChunkLayout implements ChunkLayout {
+  readonly version = 1;
+
+  constructor(private readonly store: Store) {}
+
+  async read(hex: string, scratch?: SharedSlot): Promise<Buffer> {
+    const key = keys.chunk(hex);
+    try {
+      if (scratch && this.store.getInto) {
+        const into = Buffer.from(scratch.memory, scratch.offset, scratch.capacity);
+        return into.subarray(0, await this.store.getInto(key, into, { aligned: true }));
+      }
+      return await this.store.get(key);
+    } catch (err) {
+      if (this.store.isNotFound(err)) throw missing(hex);
+      if (this.store.isTooLarge?.(err)) throw tooLarge(hex);
+      throw err;
+    }
+  }
+
+  async exists(hex: string): Promise<boolean> {
+    return (await this.store.stat(keys.chunk(hex))) !== undefined;
+  }
+
+  async session(): Promise<ChunkSession> {
+    const store = this.store;
+    return {
+      has: (hex) => store.touch(keys.chunk(hex)),
+      put: (hex, stored) => store.put(keys.chunk(hex), stored, { aligned: true }),
+      finish: async () => {},
+      abandon: async () => {},
+    };
+  }
+}
+
+/** Reads every index object under `index/`; retries when gc replaces them mid-way. */
+export async function loadPackIndex(store: Store, codec: ChunkPool): Promise<PackIndex> {
+  for (let attempt = 0; ; attempt++) {
+    const names: string[] = [];
+    for await (const o of store.list("index/")) {
+      const name = o.key.slice("index/".length);
+      if (INDEX_NAME_RE.test(name)) names.push(name);
+    }
+    const docs = new Map<string, IndexDocument>();
+    let vanished = false;
+    for (const name of names) {
+      let stored: Buffer;
+      try {
+        stored = await store.get(keys.packIndex(name));
+      } catch (err) {
+        // gc deletes the objects it superseded after writing their replacement: list again.
+        if (store.isNotFound(err) && attempt < 5) {
+          vanished = true;
+          break;
+        }
+        throw err;
+      }
+      const plain = await codec.decode(stored, Buffer.from(name, "hex"), `index/${name}`);
+      docs.set(name, decodeIndex(plain, name));
+    }
+    if (!vanished) return new PackIndex(docs);
+  }
+}
+
+/** Pack records one index object holds at most (a few MiB of plaintext). */
+const PACKS_PER_INDEX_OBJECT = 256;
+
+/**
+ * Stores `packs` in index objects of at most {@link PACKS_PER_INDEX_OBJECT} packs; the last one
+ * (written last) names `supersedes`, so that the objects it replaces count until all of the new
+ * state is stored. Returns the names written.
+ */
+export async function writeIndexObjects(
+  store: Store,
+  codec: ChunkPool,
+  packs: readonly PackRecord[],
+  supersedes: readonly string[] = [],
+  durable = false,
+): Promise<string[]> {
+  const names: string[] = [];
+  const parts = Math.max(1, Math.ceil(packs.length / PACKS_PER_INDEX_OBJECT));
+  for (let i = 0; i < parts; i++) {
+    const last = i === parts - 1;
+    const doc: IndexDocument = {
+      // An earlier part may have the very name of an object it replaces (same content): that
+      // name stays in effect.
+      supersedes: last ? supersedes.filter((n) => !names.includes(n)) : [],
+      packs: packs.slice(i * PACKS_PER_INDEX_OBJECT, (i + 1) * PACKS_PER_INDEX_OBJECT),
+    };
+    const { digest, data } = await codec.hash(encodeIndex(doc));
+    const { blob } = await codec.encode(data);
+    const name = digest.toString("hex");
+    await store.put(keys.packIndex(name), blob, { durable });
+    names.push(name);
+  }
+  return names;
+}
+
+/** Format v2: chunks in packs, found through pack indexes. */
+export class PackLayout implements ChunkLayout {
+  readonly version = 2;
+  private index: Promise<PackIndex> | undefined;
+  private packKeys: Promise<Set<string>> | undefined;
+
+  constructor(
+    private readonly store: Store,
+    private readonly codec: () => ChunkPool,
+    private readonly chunkSize: number,
+    /** Pack size at which a writer seals a pack (tests make it small). */
+    private readonly packTarget?: number,
+  ) {}
+
+  /** The pack index, read once; `fresh` reads it again (another process may have written). */
+  packIndex(fresh = false): Promise<PackIndex> {
+    if (fresh || !this.index) {
+      const loading = loadPackIndex(this.store, this.codec());
+      this.index = loading;
+      loading.catch(() => {
+        if (this.index === loading) this.index = undefined;
+      });
+    }
+    return this.index;
+  }
+
+  async read(hex: string, scratch?: SharedSlot): Promise<Buffer> {
+    let at = (await this.packIndex()).locate(hex);
+    // Written since the index was read (a backup that finished meanwhile)? Read it again, once.
+    if (!at) at = (await this.packIndex(true)).locate(hex);
+    if (!at) throw missing(hex);
+    const into = scratch ? new Uint8Array(scratch.memory, scratch.offset, scratch.capacity) : undefined;
+    try {
+      return await this.store.getRange(keys.pack(at.pack), at.offset, at.length, into);
+    } catch (err) {
+      if (this.store.isNotFound(err))
+        throw new StrataError(
+          ErrorCode.DATA_MISSING,
+          `chunk ${hex} is missing from the repository: its pack ${at.pack} is gone`,
+        );
+      if ((err as { code?: string }).code === "ESTRATASHORT")
+        throw new StrataError(
+          ErrorCode.DATA_CORRUPT,
+          `chunk ${hex} is damaged: its pack ${at.pack} is shorter than its index says`,
+        );
+      throw err;
+    }
+  }
+
+  async exists(hex: string): Promise<boolean> {
+    const at = (await this.packIndex()).locate(hex);
+    if (!at) return false;
+    this.packKeys ??= (async () => {
+      const set = new Set<string>();
+      for await (const o of this.store.list("packs/")) set.add(o.key);
+      return set;
+    })();
+    return (await this.packKeys).has(keys.pack(at.pack));
+  }
+
+  async session(): Promise<ChunkSession> {
+    // Read now, after the writer's lock exists: gc protects what this index shows live (gc-packs.ts).
+    const index = await this.packIndex(true);
+    const codec = this.codec();
+    const packs = new PackWriter(this.store, codec, this.chunkSize, this.packTarget);
+    const mine = new Set<string>();
+    return {
+      has: async (hex) => mine.has(hex) || index.hasLive(hex),
+      put: async (hex, stored) => {
+        await packs.add(hex, stored);
+        mine.add(hex);
+      },
+      finish: async () => {
+        const written = await packs.finish();
+        if (written.length > 0) await writeIndexObjects(this.store, codec, written);
+        // Readers of this repository object see the new chunks.
+        this.index = undefined;
+      },
+      abandon: () => packs.abandon(),
+    };
+  }
+}
