@@ -1,0 +1,309 @@
+// Format v2: chunks in packs. Packs and their directories agree with the pack index; a whole
+// backup/forget/gc/verify/restore cycle needs nothing but object-store operations; gc condemns a
+// pack first and deletes it a run later, never while a backup that may reuse it runs, and brings
+// it back when such a backup committed; repacking keeps exactly the needed chunks; packs that no
+// index names are removed once old; a damaged pack index stops gc before it deletes anything.
+import assert from "node:assert/strict";
+import { promises as fs, readdirSync } from "node:fs";
+import { join } from "node:path";
+import { test } from "node:test";
+import { backup, type DiskSource } from "../../src/engine/backup.js";
+import { restoreDiskToFile } from "../../src/engine/restore.js";
+import { fillContent, Prng } from "../../src/image/synthetic.js";
+import { decodeChunk } from "../../src/repo/codec.js";
+import { FsStore } from "../../src/repo/fs-store.js";
+import type { PackLayout } from "../../src/repo/layout.js";
+import { decodeDirectory, PACK_HEADER_SIZE, PackWriter, parseTrailer } from "../../src/repo/pack.js";
+import { forgetIds, gc } from "../../src/repo/prune.js";
+import { Repository } from "../../src/repo/repository.js";
+import type { ObjectInfo, PutOptions, Store } from "../../src/repo/store.js";
+import { verifyRepository } from "../../src/repo/verify.js";
+import { tempDir } from "../helpers/cli.js";
+import { gatedDisk, memoryDisk } from "../helpers/disks.js";
+import { storedFiles } from "../helpers/stored.js";
+
+const CHUNK = 64 * 1024;
+/** Four stored chunks of random data fill a pack. */
+const PACK = 4 * CHUNK;
+const CHUNKS = 32;
+const KDF = { N: 1024, r: 8, p: 1 };
+
+function image(seed: string): Buffer {
+  const b = Buffer.alloc(CHUNK * CHUNKS);
+  fillContent(b, "random", new Prng(seed));
+  return b;
+}
+
+async function openRepo(t: { after: (fn: () => Promise<void>) => void }, store: Store, password?: string) {
+  await Repository.init(store, { chunkSize: CHUNK, ...(password ? { password, kdfCost: KDF } : {}) });
+  const repo = await Repository.open(store, {
+    threads: 1,
+    packTarget: PACK,
+    ...(password ? { password } : {}),
+  });
+  t.after(() => repo.close());
+  return repo;
+}
+
+const take = (repo: Repository, vm: string, disk: DiskSource) =>
+  backup(repo, { vm, disks: [disk], mode: "file", consistency: "crash-consistent" });
+
+async function restored(repo: Repository, id: string, dir: string): Promise<Buffer> {
+  const out = join(dir, `out-${id.replace(/[/:]/g, "_")}.raw`);
+  await restoreDiskToFile(repo, await repo.findSnapshot(id), "disk", out);
+  return fs.readFile(out);
+}
+
+const packsIn = (root: string) => storedFiles(root).filter((f) => f.includes("/packs/"));
+
+for (const password of [undefined, "pw"]) {
+  test(`packs, their directories and the pack index agree (${password ? "encrypted" : "plain"})`, async (t) => {
+    const dir = tempDir(t);
+    const root = join(dir, "repo");
+    const repo = await openRepo(t, new FsStore(root), password);
+    const data = Buffer.concat([image("a"), Buffer.alloc(8 * CHUNK)]);
+    const s = await take(repo, "vm", memoryDisk(data));
+    assert.equal(s.manifest.disks[0]!.chunksNew, CHUNKS);
+    assert.deepEqual(readdirSync(join(root, "index")).length, 1, "one index object per backup");
+    const packs = packsIn(root);
+    assert.equal(packs.length, CHUNKS / 4, "packs sealed at the target size");
+    const index = await (repo.layout as PackLayout).packIndex(true);
+    let entries = 0;
+    for (const path of packs) {
+      const bytes = await fs.readFile(path);
+      const id = path.slice(path.lastIndexOf("/") + 1);
+      const where = parseTrailer(bytes.subarray(bytes.length - 48), bytes.length, id);
+      const plain = decodeChunk(
+        bytes.subarray(where.offset, where.offset + where.length),
+        where.digest,
+        repo.keys,
+        `directory of ${id}`,
+      );
+      const dirEntries = decodeDirectory(plain, where.offset, id);
+      assert.deepEqual(dirEntries, index.packs.get(id)!.entries, `pack ${id}: directory = index`);
+      assert.ok(dirEntries.every((e) => e.offset >= PACK_HEADER_SIZE));
+      entries += dirEntries.length;
+    }
+    assert.equal(entries, CHUNKS);
+    assert.deepEqual(await restored(repo, s.id, dir), data);
+    assert.equal((await verifyRepository(repo, { readData: true })).ok, true);
+  });
+}
+
+/**
+ * What an S3 object store offers, and nothing more: get, range get, whole-object put, list, head,
+ * delete. A call to anything else (touch, conditional delete, read into memory) fails the test.
+ */
+class ObjectStoreOnly implements Store {
+  readonly calls = new Map<string, number>();
+  constructor(private readonly inner: FsStore) {}
+  private count(op: string) {
+    this.calls.set(op, (this.calls.get(op) ?? 0) + 1);
+  }
+  get location() {
+    return this.inner.location;
+  }
+  get(key: string) {
+    this.count("get");
+    return this.inner.get(key);
+  }
+  getRange(key: string, offset: number, length: number) {
+    this.count("getRange");
+    return this.inner.getRange(key, offset, length);
+  }
+  put(key: string, data: Uint8Array, _options?: PutOptions) {
+    this.count("put");
+    return this.inner.put(key, Uint8Array.from(data));
+  }
+  list(prefix: string): AsyncIterable<ObjectInfo> {
+    this.count("list");
+    return this.inner.list(prefix);
+  }
+  stat(key: string) {
+    this.count("stat");
+    return this.inner.stat(key);
+  }
+  delete(key: string) {
+    this.count("delete");
+    return this.inner.delete(key);
+  }
+  async deletePrefix(prefix: string) {
+    for await (const o of this.list(prefix)) await this.delete(o.key);
+  }
+  async touch(): Promise<boolean> {
+    throw new Error("touch is not an object-store operation");
+  }
+  async deleteIfUntouched(): Promise<boolean> {
+    throw new Error("deleteIfUntouched is not an object-store operation");
+  }
+  async sweepTemporary() {
+    return 0;
+  }
+  async flush() {}
+  isNotFound(err: unknown) {
+    return this.inner.isNotFound(err);
+  }
+}
+
+test("backup, incremental, forget, gc, verify and restore use only object-store operations", async (t) => {
+  const dir = tempDir(t);
+  const store = new ObjectStoreOnly(new FsStore(join(dir, "repo")));
+  const repo = await openRepo(t, store);
+  const day0 = image("day0");
+  const day1 = Buffer.from(day0);
+  fillContent(day1.subarray(5 * CHUNK, 9 * CHUNK), "random", new Prng("day1"));
+  const s0 = await take(repo, "vm", memoryDisk(day0));
+  const s1 = await take(repo, "vm", memoryDisk(day1));
+  assert.equal(s1.manifest.disks[0]!.chunksNew, 4);
+  await forgetIds(repo, [s0.id]);
+  const first = await gc(repo, { graceMs: 0 });
+  const second = await gc(repo, { graceMs: 0 });
+  assert.ok((first.packsCondemned ?? 0) + (first.packsRepacked ?? 0) > 0, JSON.stringify(first));
+  assert.ok((second.packsDeleted ?? 0) > 0, JSON.stringify(second));
+  assert.equal((await verifyRepository(repo, { readData: true })).ok, true);
+  assert.deepEqual(await restored(repo, s1.id, dir), day1);
+  assert.ok((store.calls.get("getRange") ?? 0) > 0, "chunks are read as ranges of packs");
+});
+
+test("gc condemns, waits for a backup that may reuse the pack, brings it back when one did, deletes it later", async (t) => {
+  const dir = tempDir(t);
+  const root = join(dir, "repo");
+  const repo = await openRepo(t, new FsStore(root));
+  const data = image("race");
+  const s1 = await take(repo, "a", memoryDisk(data));
+  const packs = packsIn(root).length;
+
+  // A backup of the same data, held half-way: it read the index while s1's packs were live.
+  const g = gatedDisk(data, (CHUNKS / 2) * CHUNK);
+  const running = backup(repo, {
+    vm: "b",
+    disks: [g.disk],
+    mode: "file",
+    consistency: "crash-consistent",
+    inflight: 1,
+  });
+  await g.atGate;
+  await forgetIds(repo, [s1.id]);
+  const r1 = await gc(repo, { graceMs: 0 });
+  assert.equal(r1.packsCondemned, packs, "nothing complete needs them: condemned");
+  assert.equal(r1.packsDeleted, 0);
+  const r2 = await gc(repo, { graceMs: 0 });
+  assert.equal(r2.packsWaiting, packs, "the backup that read the index first still runs: kept");
+  assert.equal(r2.packsDeleted, 0);
+  assert.equal(packsIn(root).length, packs);
+
+  g.open();
+  const s2 = await running;
+  assert.equal(s2.manifest.disks[0]!.chunksNew, 0, "it reused every chunk it had seen live");
+  const r3 = await gc(repo, { graceMs: 0 });
+  assert.equal(r3.packsResurrected, packs, "a complete restore point needs them again");
+  assert.equal(r3.packsDeleted, 0);
+  assert.equal((await verifyRepository(repo, { readData: true })).ok, true);
+  assert.deepEqual(await restored(repo, s2.id, dir), data);
+
+  // A backup that starts after the condemnation stores the chunks anew instead of reusing them.
+  await forgetIds(repo, [s2.id]);
+  await gc(repo, { graceMs: 0 });
+  const s3 = await take(repo, "c", memoryDisk(data));
+  assert.equal(s3.manifest.disks[0]!.chunksNew, CHUNKS);
+  const r5 = await gc(repo, { graceMs: 0 });
+  assert.equal(r5.packsDeleted, packs, "the condemned packs go one run later");
+  assert.equal(packsIn(root).length, packs);
+  assert.deepEqual(await restored(repo, s3.id, dir), data);
+  assert.equal((await verifyRepository(repo, { readData: true })).ok, true);
+});
+
+test("gc repacks mostly unused packs: needed chunks copied, the old packs deleted a run later", async (t) => {
+  const dir = tempDir(t);
+  const root = join(dir, "repo");
+  const repo = await openRepo(t, new FsStore(root));
+  const x = image("x");
+  const y = Buffer.from(x);
+  // Three chunks of every four change: each old pack keeps one needed chunk of four.
+  for (let i = 0; i < CHUNKS; i++)
+    if (i % 4 !== 0) fillContent(y.subarray(i * CHUNK, (i + 1) * CHUNK), "random", new Prng(`y${i}`));
+  const s1 = await take(repo, "vm", memoryDisk(x));
+  const oldPacks = new Set(packsIn(root));
+  const s2 = await take(repo, "vm", memoryDisk(y));
+  await forgetIds(repo, [s1.id]);
+  const r1 = await gc(repo, { graceMs: 0 });
+  assert.ok((r1.packsRepacked ?? 0) >= CHUNKS / 4 - 1, JSON.stringify(r1));
+  assert.equal((await verifyRepository(repo, { readData: true })).ok, true);
+  const r2 = await gc(repo, { graceMs: 0 });
+  assert.equal(r2.packsDeleted, r1.packsRepacked);
+  const index = await (repo.layout as PackLayout).packIndex(true);
+  let stored = 0;
+  for (const p of index.packs.values()) stored += p.entries.length;
+  assert.equal(stored, CHUNKS, "exactly the chunks s2 needs are left");
+  assert.deepEqual(
+    packsIn(root).filter((p) => oldPacks.has(p)),
+    [],
+    "every pack of the first backup was repacked and is gone",
+  );
+  assert.deepEqual(await restored(repo, s2.id, dir), y);
+});
+
+test("packs no index names are removed once older than the cutoff, kept within the grace", async (t) => {
+  const dir = tempDir(t);
+  const root = join(dir, "repo");
+  const repo = await openRepo(t, new FsStore(root));
+  const s = await take(repo, "vm", memoryDisk(image("kept")));
+  // What a backup killed before its index was stored leaves behind.
+  const w = new PackWriter(repo.store, repo.codec(), CHUNK, PACK);
+  const orphan = image("orphan").subarray(0, CHUNK);
+  await w.add("ab".repeat(32), orphan);
+  const [record] = await w.finish();
+  const before = packsIn(root).length;
+  const kept = await gc(repo, { graceMs: 3_600_000 });
+  assert.equal(kept.orphansDeleted, 0);
+  assert.equal(packsIn(root).length, before);
+  await new Promise((r) => setTimeout(r, 20));
+  const swept = await gc(repo, { graceMs: 0 });
+  assert.equal(swept.orphansDeleted, 1);
+  assert.ok(!packsIn(root).some((p) => p.endsWith(record!.id)));
+  assert.deepEqual(await restored(repo, s.id, dir), image("kept"));
+});
+
+test("a damaged pack index stops gc before it deletes anything", async (t) => {
+  const dir = tempDir(t);
+  const root = join(dir, "repo");
+  const repo = await openRepo(t, new FsStore(root));
+  const s1 = await take(repo, "a", memoryDisk(image("p")));
+  await take(repo, "b", memoryDisk(image("q")));
+  await forgetIds(repo, [s1.id]);
+  await gc(repo, { graceMs: 0 });
+  const names = readdirSync(join(root, "index"));
+  const victim = join(root, "index", names[0]!);
+  const bytes = await fs.readFile(victim);
+  bytes[bytes.length - 1]! ^= 1;
+  await fs.writeFile(victim, bytes);
+  const files = storedFiles(root);
+  await assert.rejects(gc(repo, { graceMs: 0 }), (err: Error & { code?: string }) => {
+    assert.equal(err.code, "DATA_CORRUPT", err.message);
+    assert.match(err.message, /index/);
+    return true;
+  });
+  assert.deepEqual(storedFiles(root), files, "nothing deleted");
+});
+
+test("a format v1 repository (one file per chunk) is still read, written and collected", async (t) => {
+  const dir = tempDir(t);
+  const root = join(dir, "repo");
+  const store = new FsStore(root);
+  await Repository.init(store, { chunkSize: CHUNK, formatVersion: 1 });
+  const repo = await Repository.open(store, { threads: 1 });
+  t.after(() => repo.close());
+  assert.equal(repo.config.version, 1);
+  const day0 = image("v1");
+  const day1 = Buffer.from(day0);
+  fillContent(day1.subarray(0, CHUNK), "random", new Prng("v1 day1"));
+  const s0 = await take(repo, "vm", memoryDisk(day0));
+  const s1 = await take(repo, "vm", memoryDisk(day1));
+  assert.equal(readdirSync(join(root, "chunks")).length > 0, true);
+  assert.equal(packsIn(root).length, 0, "no packs in a v1 repository");
+  await forgetIds(repo, [s0.id]);
+  const r = await gc(repo, { graceMs: 0 });
+  assert.equal(r.chunksRemoved, 1);
+  assert.equal((await verifyRepository(repo, { readData: true })).ok, true);
+  assert.deepEqual(await restored(repo, s1.id, dir), day1);
+});
