@@ -24,6 +24,7 @@ test("figures come from the fastest round's times and the mean of the rounds' by
   // The fast round: 0.5 s fixed, 4 ms per MiB; a slow round is slower everywhere.
   const f = liveFigures([round(1.5, 6, 1), round(0.5, 4, 0.5), round(0.9, 5, 0.75)]);
   near(f.overheadS, 0.5, "fixed cost");
+  assert.deepEqual(f.overheadRangeS, [0.5, 1.5]);
   near(f.fit.interceptS, 0.5, "intercept");
   near(f.fit.msPerMiB, 4, "slope");
   const at = (mib: number) => f.rows.find((r) => r.writtenMiB === mib)!;

@@ -59,6 +59,8 @@ export interface LiveFigures {
   rows: LiveRow[];
   /** Wall time of the 0-change incremental: what any live backup costs. */
   overheadS: number;
+  /** Fastest and slowest round of the 0-change incremental: the noise the per-row figures sit in. */
+  overheadRangeS: [number, number];
   /** Least squares line wall = interceptS + msPerMiB × MiB read / 1000 through every row. */
   fit: { interceptS: number; msPerMiB: number };
 }
@@ -88,6 +90,8 @@ export function liveFigures(rounds: LiveSample[][]): LiveFigures {
   const zero = merged.find((s) => s.writtenMiB === 0);
   if (!zero) throw new Error("live bench: no 0-change incremental to measure the fixed cost with");
   const overheadS = zero.wall;
+  const zeroWalls = rounds.map((r) => r[merged.indexOf(zero)]!.wall);
+  const overheadRangeS: [number, number] = [Math.min(...zeroWalls), Math.max(...zeroWalls)];
   const rows = merged.map((s): LiveRow => {
     const readMiB = s.bytesRead / MiB;
     return {
@@ -105,7 +109,7 @@ export function liveFigures(rounds: LiveSample[][]): LiveFigures {
   const sxy = xs.reduce((n, x, i) => n + (x - mx) * (ys[i]! - my), 0);
   if (sxx === 0) throw new Error("live bench: every incremental read the same amount; no line to fit");
   const slope = sxy / sxx;
-  return { rows, overheadS, fit: { interceptS: my - slope * mx, msPerMiB: slope * 1000 } };
+  return { rows, overheadS, overheadRangeS, fit: { interceptS: my - slope * mx, msPerMiB: slope * 1000 } };
 }
 
 /**
@@ -241,7 +245,8 @@ function printLive(full: LiveSample, f: LiveFigures, rounds: number): void {
   const at = (mib: number) => f.rows.find((r) => r.writtenMiB === mib);
   const [small, large] = [at(16), at(256)];
   console.log(
-    `\nFixed cost of a live incremental (0 changed): ${fmt(f.overheadS, 2)} s. Least squares over the rows: ` +
+    `\nFixed cost of a live incremental (0 changed): ${fmt(f.overheadS, 2)} s (${fmt(f.overheadRangeS[0], 2)}-${fmt(f.overheadRangeS[1], 2)} s ` +
+      "over the rounds; a change that costs less than that spread has a per-row ms/MiB within the noise). Least squares over the rows: " +
       `wall = ${fmt(f.fit.interceptS, 2)} s + ${fmt(f.fit.msPerMiB, 1)} ms × changed MiB` +
       (small && large ? `; time(256 MiB) / time(16 MiB) = ${fmt(large.wall / small.wall, 2)}.` : "."),
   );
