@@ -4,7 +4,7 @@
  * state), one way to install what is missing, one number format.
  */
 import { execFileSync, spawnSync } from "node:child_process";
-import { readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -17,12 +17,12 @@ export interface Measure {
 }
 
 /**
- * Installs the Debian packages of the commands (keys) that are missing (values: their
- * packages), so that no section of the bench is skipped for want of a tool.
+ * Installs the Debian packages (values) of the commands or absolute file paths (keys) that are
+ * missing, so that no section of the bench is skipped for want of a tool or a header.
  */
 export function ensureCommands(need: Record<string, string>): void {
-  const missing = Object.keys(need).filter(
-    (cmd) => spawnSync("sh", ["-c", `command -v ${cmd}`]).status !== 0,
+  const missing = Object.keys(need).filter((cmd) =>
+    cmd.startsWith("/") ? !existsSync(cmd) : spawnSync("sh", ["-c", `command -v ${cmd}`]).status !== 0,
   );
   if (missing.length === 0) return;
   const packages = [...new Set(missing.map((cmd) => need[cmd]!))];
