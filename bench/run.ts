@@ -21,13 +21,19 @@
  * not the comparison; stored bytes are the mean of the rounds (restic's chunker polynomial is
  * random per repository, so its figures move between rounds).
  *
+ * Then live incrementals of a running VM through its dirty bitmap (./live.ts): the test guest
+ * under QEMU writes 0 to 256 MiB into its disk between backups, and the table shows how the time
+ * and the stored bytes follow the change.
+ *
  * Environment: STRATA_BENCH_DAYS (default 2), STRATA_BENCH_ROUNDS (default 2),
- * STRATA_BENCH_ONLY ("|"-separated: run only the tools whose name contains one of them),
- * STRATA_CACHE (default .cache).
+ * STRATA_BENCH_LIVE_ROUNDS (rounds of the live section, default 5),
+ * STRATA_BENCH_ONLY ("|"-separated: run only the tools and sections whose name contains one of
+ * them; "live" runs the live section alone, "strata" every Strata figure), STRATA_CACHE (default
+ * .cache).
  */
-import { execFileSync, spawnSync } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { mkdirSync, rmSync, statSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -35,89 +41,16 @@ import { compress } from "zstd-napi";
 import { fillContent, Prng } from "../src/image/synthetic.js";
 import { debianDisks } from "./debian-disk.js";
 import { benchDisks } from "./disk.js";
+import { benchLive, LIVE_NAME } from "./live.js";
+import { dropCaches, du, ensureCommands, fmt, type Measure, MiB, timed } from "./measure.js";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const CACHE = resolve(process.env.STRATA_CACHE ?? join(ROOT, ".cache"));
 const DAYS = Number(process.env.STRATA_BENCH_DAYS ?? 2);
 const ROUNDS = Math.max(1, Number(process.env.STRATA_BENCH_ROUNDS ?? 2));
+const LIVE_ROUNDS = Math.max(1, Number(process.env.STRATA_BENCH_LIVE_ROUNDS ?? 5));
 const WORK = join(CACHE, "bench-run");
-const MiB = 1024 * 1024;
 const PASSWORD = "bench password";
-
-interface Measure {
-  wall: number;
-  cpu: number;
-  rssMiB: number;
-}
-
-function ensureTools(): void {
-  const need = ["restic", "borg", "/usr/bin/time", "mkfs.ext4", "debugfs", "debootstrap"];
-  const missing = need.filter((t) => spawnSync("sh", ["-c", `command -v ${t}`]).status !== 0);
-  if (missing.length > 0) {
-    console.error(
-      `bench: installing restic, borgbackup, time, e2fsprogs, debootstrap (missing: ${missing.join(", ")})`,
-    );
-    execFileSync(
-      "apt-get",
-      ["install", "-y", "-qq", "restic", "borgbackup", "time", "e2fsprogs", "debootstrap"],
-      {
-        // apt-get talks on stdout: to stderr, so that stdout holds only the tables.
-        stdio: ["ignore", 2, 2],
-        env: { ...process.env, DEBIAN_FRONTEND: "noninteractive" },
-      },
-    );
-  }
-}
-
-/** Drops the page cache (root only); false when it can't. */
-function dropCaches(): boolean {
-  try {
-    writeFileSync("/proc/sys/vm/drop_caches", "3\n");
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-/**
- * Runs a command under GNU time; returns wall s, CPU s, peak RSS MiB. Dirty pages are flushed
- * first (untimed); `durable` is synced after the command and that time added to the wall time.
- */
-function timed(
-  durable: string,
-  cmd: string,
-  args: string[],
-  env: Record<string, string> = {},
-  stdinFile?: string,
-): Measure {
-  execFileSync("sync");
-  dropCaches();
-  const timeOut = join(WORK, "time.out");
-  const shell = stdinFile
-    ? ["sh", "-c", `exec /usr/bin/time -o ${timeOut} -f "%e %U %S %M" "$0" "$@" < ${stdinFile}`, cmd, ...args]
-    : ["/usr/bin/time", "-o", timeOut, "-f", "%e %U %S %M", cmd, ...args];
-  const r = spawnSync(shell[0]!, shell.slice(1), {
-    env: { ...process.env, ...env },
-    stdio: ["ignore", "ignore", "pipe"],
-    maxBuffer: 64 * MiB,
-  });
-  if (r.status !== 0)
-    throw new Error(`${cmd} ${args.join(" ")} failed (${r.status}): ${r.stderr.toString().slice(-2000)}`);
-  const t0 = process.hrtime.bigint();
-  execFileSync("sync", ["-f", durable]);
-  const syncSecs = Number(process.hrtime.bigint() - t0) / 1e9;
-  const [wall, user, sys, rss] = readFileSync(timeOut, "utf8")
-    .trim()
-    .split("\n")
-    .at(-1)!
-    .split(" ")
-    .map(Number);
-  return { wall: wall! + syncSecs, cpu: user! + sys!, rssMiB: rss! / 1024 };
-}
-
-function du(path: string): number {
-  return Number(execFileSync("du", ["-sb", path], { encoding: "utf8" }).split("\t")[0]);
-}
 
 function sha(path: string): string {
   return execFileSync("sha256sum", [path], { encoding: "utf8" }).split(" ")[0]!;
@@ -311,10 +244,6 @@ function limits(image: string): Record<string, number> {
   };
 }
 
-function fmt(n: number, digits = 1): string {
-  return n.toFixed(digits);
-}
-
 interface DiskSet {
   title: string;
   /** What the disk is, printed above its tables. */
@@ -382,9 +311,7 @@ function benchDiskSet(set: DiskSet, chosen: Tool[]): void {
 const STRATA_DEFAULT = "strata (1 MiB fixed, zstd 1/11)";
 const STRATA_AES = "strata (1 MiB fixed, zstd 1/11, AES)";
 
-function main(): void {
-  ensureTools();
-  mkdirSync(WORK, { recursive: true });
+function offlineSets(): { sets: DiskSet[]; limitsImage: string } {
   const debian = debianDisks(ROOT, CACHE, DAYS);
   const synthetic = benchDisks(CACHE, DAYS);
   const sets: DiskSet[] = [
@@ -408,6 +335,10 @@ function main(): void {
       images: synthetic,
     },
   ];
+  return { sets, limitsImage: debian.images[0]! };
+}
+
+async function main(): Promise<void> {
   const tools: Tool[] = [
     strataTool(STRATA_DEFAULT, "1M", false),
     strataTool(STRATA_AES, "1M", true),
@@ -418,7 +349,15 @@ function main(): void {
     borgTool("borg 1.2 (buzhash CDC 2 MiB, lz4)", [], "lz4"),
   ];
   const only = process.env.STRATA_BENCH_ONLY;
-  const chosen = tools.filter((x) => !only || only.split("|").some((o) => x.name.includes(o)));
+  const picked = (name: string) => !only || only.split("|").some((o) => name.includes(o));
+  const chosen = tools.filter((x) => picked(x.name));
+  const live = picked(LIVE_NAME);
+  if (chosen.length === 0 && !live)
+    throw new Error(
+      `STRATA_BENCH_ONLY=${only} matches none of: ${[...tools.map((t) => t.name), LIVE_NAME].join("; ")}`,
+    );
+  ensureCommands({ "/usr/bin/time": "time" });
+  mkdirSync(WORK, { recursive: true });
   const cold = dropCaches();
   console.log(
     `${availableParallelism()} cores. ${ROUNDS} interleaved rounds per disk; times are the fastest round's, stored bytes the mean. ` +
@@ -426,11 +365,21 @@ function main(): void {
         ? "Every command started with an empty page cache."
         : "Not root: the page cache was NOT dropped between commands, so later tools may read what earlier ones cached."),
   );
-  for (const set of sets) benchDiskSet(set, chosen);
-  const lim = limits(debian.images[0]!);
-  console.log("\nThis machine's limits, same run (reads: the Debian disk's day 0):");
-  for (const [k, v] of Object.entries(lim)) console.log(`- ${k}: ${fmt(v, 0)}`);
+  if (chosen.length > 0) {
+    ensureCommands({
+      restic: "restic",
+      borg: "borgbackup",
+      "mkfs.ext4": "e2fsprogs",
+      debootstrap: "debootstrap",
+    });
+    const { sets, limitsImage } = offlineSets();
+    for (const set of sets) benchDiskSet(set, chosen);
+    const lim = limits(limitsImage);
+    console.log("\nThis machine's limits, same run (reads: the Debian disk's day 0):");
+    for (const [k, v] of Object.entries(lim)) console.log(`- ${k}: ${fmt(v, 0)}`);
+  }
+  if (live) await benchLive({ work: join(WORK, "live"), rounds: LIVE_ROUNDS, strataBin });
   clearWork(false);
 }
 
-main();
+await main();

@@ -3,7 +3,6 @@ import { execFile } from "node:child_process";
 import { mkdtemp, readdir, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import type { TestContext } from "node:test";
 import { promisify } from "node:util";
 import { type DiskSpec, launchQemu, type QemuVm } from "../../src/hypervisor/qemu/launcher.js";
 import { QgaClient } from "../../src/hypervisor/qemu/qga.js";
@@ -31,6 +30,8 @@ export interface VmDisk {
   size: string;
   /** Holds an empty ext4 (mounted by the guest at /mnt/data when `data` names it). */
   ext4?: boolean;
+  /** A raw image the disk starts as a copy of (converted to `format`; the disk takes its size). */
+  content?: string;
   /**
    * A partition table of this kind with two partitions, each holding an empty filesystem:
    * 1 ext4 (the first half), 2 FAT32 (the rest). The guest sees them as /dev/vdX1 and /dev/vdX2.
@@ -70,12 +71,17 @@ async function partitionDisk(raw: string, kind: "gpt" | "mbr"): Promise<void> {
   ]);
 }
 
+/** Where the VM's teardown is registered: a test's context, or a list the bench runs at its end. */
+export interface Teardown {
+  after(fn: () => Promise<void>): void;
+}
+
 /**
  * Boots the test guest with `disks` (device ids vblk0.. → /dev/vda..); the workload writes every
- * record to each of `workload` (guest device names) at `rate` records/s.
+ * record to each of `workload` (guest device names, none: no workload) at `rate` records/s.
  */
 export async function bootWorkloadVm(
-  t: TestContext,
+  t: Teardown,
   opts: {
     disks: VmDisk[];
     workload: string[];
@@ -93,7 +99,9 @@ export async function bootWorkloadVm(
   const specs: DiskSpec[] = [];
   for (const [i, d] of opts.disks.entries()) {
     const file = join(dir, `${d.id}.${d.format}`);
-    if (d.ext4 || d.partitions) {
+    if (d.content) {
+      await run("qemu-img", ["convert", "-f", "raw", "-O", d.format, d.content, file]);
+    } else if (d.ext4 || d.partitions) {
       const raw = `${file}.tmp`;
       await run("qemu-img", ["create", "-q", "-f", "raw", raw, d.size]);
       if (d.partitions) await partitionDisk(raw, d.partitions);
