@@ -11,12 +11,22 @@ import {
   FIXED_INDEX_HEADER_SIZE,
   FIXED_INDEX_MAGIC,
   formatTime,
+  PACK_DIRECTORY_MAGIC,
+  PACK_ENTRY_SIZE,
+  PACK_INDEX_MAGIC,
+  PACK_MAGIC,
+  PACK_TRAILER_SIZE,
 } from "./format.js";
 
 // These values are frozen: repositories on disk depend on them. Changing one is a new format version.
 test("magic numbers are the frozen ones", () => {
   assert.equal(CHUNK_MAGIC.toString("hex"), "8c752bc67fd208cc");
   assert.equal(FIXED_INDEX_MAGIC.toString("hex"), "5614ca395dc7acc0");
+  assert.equal(PACK_MAGIC.toString("hex"), "8ba74d243d97d9ee");
+  assert.equal(PACK_DIRECTORY_MAGIC.toString("hex"), "9706fbddd8e9b88f");
+  assert.equal(PACK_INDEX_MAGIC.toString("hex"), "0735c2806e0b0813");
+  assert.equal(PACK_TRAILER_SIZE, 48);
+  assert.equal(PACK_ENTRY_SIZE, 40);
 });
 
 test("header sizes are the frozen ones", () => {
@@ -34,7 +44,7 @@ test("header sizes are the frozen ones", () => {
 
 test("docs/format.md states the same magic numbers and sizes", () => {
   const doc = readFileSync(new URL("../../../docs/format.md", import.meta.url), "utf8");
-  for (const m of [CHUNK_MAGIC, FIXED_INDEX_MAGIC])
+  for (const m of [CHUNK_MAGIC, FIXED_INDEX_MAGIC, PACK_MAGIC, PACK_DIRECTORY_MAGIC, PACK_INDEX_MAGIC])
     assert.ok(doc.includes(m.toString("hex")), `format.md lacks ${m.toString("hex")}`);
   assert.match(doc, /header of 16 bytes/);
   assert.match(doc, /header of 64 bytes/);
