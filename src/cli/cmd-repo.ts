@@ -9,6 +9,7 @@ import { verifyRepository } from "../repo/verify.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes, parseSize } from "../util/sizes.js";
 import { globals, interruptSignal, output, parseCount, password, repoPath, withRepo } from "./context.js";
+import { kdfCacheFromEnv } from "./kdf-cache.js";
 
 export function registerRepoCommands(program: Command): void {
   program
@@ -29,9 +30,11 @@ Example:
       const g = globals(cmd);
       const pw = password(g);
       const store = new FsStore(repoPath(g));
+      const cache = pw === undefined ? undefined : kdfCacheFromEnv();
       const config = await Repository.init(store, {
         chunkSize: parseSize(opts.chunkSize),
         ...(pw === undefined ? {} : { password: pw }),
+        ...(cache ? { kdfCache: cache } : {}),
       });
       out.result({ location: store.location, ...config }, () =>
         [

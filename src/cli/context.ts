@@ -5,6 +5,7 @@ import type { Command } from "commander";
 import { FsStore } from "../repo/fs-store.js";
 import { Repository } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { kdfCacheFromEnv } from "./kdf-cache.js";
 import { makeOutput, type Output } from "./output.js";
 
 export interface GlobalOptions {
@@ -47,7 +48,9 @@ export function password(g: GlobalOptions): string | undefined {
 export async function openRepo(cmd: Command): Promise<Repository> {
   const g = globals(cmd);
   const pw = password(g);
-  return Repository.open(new FsStore(repoPath(g)), pw === undefined ? {} : { password: pw });
+  if (pw === undefined) return Repository.open(new FsStore(repoPath(g)));
+  const cache = kdfCacheFromEnv();
+  return Repository.open(new FsStore(repoPath(g)), { password: pw, ...(cache ? { kdfCache: cache } : {}) });
 }
 
 /** Runs `fn` with an open repository and closes it afterwards. */

@@ -43,6 +43,10 @@ export function buildProgram(): Command {
 Exit codes: 0 ok, 1 error, 2 usage, 3 damaged or missing data, 10 no repository,
 11 locked, 12 password missing, wrong, or given for an unencrypted repository, 130 interrupted.
 
+Encrypted repositories: the key derived from the password (scrypt, half a second and 128 MiB)
+is kept in the kernel keyring of the user running strata for STRATA_KEY_CACHE seconds (default
+43200, 12 hours; 0: never kept), so the commands that follow skip it. It never touches a disk.
+
 Getting started:
   strata init --repo /backup/strata
   strata backup --repo /backup/strata --vm web1 file:/var/lib/images/web1.img

@@ -3,7 +3,15 @@
  * `keys/default` wrapped with AES-256-GCM under a key derived from the password by scrypt.
  * A wrong password fails the GCM tag, which is reported as WRONG_PASSWORD.
  */
-import { createCipheriv, createDecipheriv, createHmac, randomBytes, scrypt } from "node:crypto";
+import {
+  createCipheriv,
+  createDecipheriv,
+  createHash,
+  createHmac,
+  randomBytes,
+  scrypt,
+  timingSafeEqual,
+} from "node:crypto";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import type { CodecKeys } from "./codec.js";
 import { sealJson, unsealJson } from "./sealed-json.js";
@@ -44,12 +52,48 @@ export interface OpenedKey {
 /** scrypt cost: 2^17 × 8 × 128 B = 128 MiB and about half a second, the OWASP recommendation. */
 export const SCRYPT_DEFAULTS = { N: 2 ** 17, r: 8, p: 1 } as const;
 
-function derive(password: string, salt: Buffer, N: number, r: number, p: number): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    scrypt(password, salt, 32, { N, r, p, maxmem: 256 * N * r + 16 * 1024 * 1024 }, (err, key) =>
-      err ? reject(err) : resolve(key),
+/**
+ * Somewhere to keep derived wrapping keys between commands on one host (the kernel keyring; see
+ * src/cli/kdf-cache.ts), so that every command does not pay scrypt's half second and 128 MiB.
+ * A cache never decides anything: a miss or an error means "derive it".
+ */
+export interface KdfCache {
+  get(name: string): Promise<Buffer | undefined>;
+  set(name: string, value: Buffer): Promise<void>;
+}
+
+/**
+ * The key that wraps the repository key, from scrypt or from `cache`. A cache entry is named by
+ * the KDF's salt and cost (not by anything of the password) and holds the derived key with
+ * HMAC(derived key, password), so an entry answers only the password it was derived from.
+ */
+async function derive(
+  password: string,
+  salt: Buffer,
+  N: number,
+  r: number,
+  p: number,
+  cache?: KdfCache,
+): Promise<Buffer> {
+  const name = createHash("sha256")
+    .update(`strata scrypt ${N} ${r} ${p} `)
+    .update(salt)
+    .digest("hex")
+    .slice(0, 32);
+  const check = (key: Buffer) =>
+    createHmac("sha256", key).update("strata kdf cache ").update(password).digest();
+  const hit = await cache?.get(name).catch(() => undefined);
+  if (hit?.length === 64) {
+    const key = hit.subarray(0, 32);
+    if (timingSafeEqual(check(key), hit.subarray(32))) return Buffer.from(key);
+  }
+  const key = await new Promise<Buffer>((resolve, reject) => {
+    scrypt(password, salt, 32, { N, r, p, maxmem: 256 * N * r + 16 * 1024 * 1024 }, (err, k) =>
+      err ? reject(err) : resolve(k),
     );
   });
+  await cache?.set(name, Buffer.concat([key, check(key)])).catch(() => {});
+  return key;
 }
 
 export async function createKeyFile(
@@ -57,10 +101,11 @@ export async function createKeyFile(
   created: string,
   cost: { N: number; r: number; p: number } = SCRYPT_DEFAULTS,
   master: Buffer = randomBytes(64),
+  cache?: KdfCache,
 ): Promise<{ file: Buffer; keys: CodecKeys }> {
   const salt = randomBytes(16);
   const nonce = randomBytes(12);
-  const wrap = await derive(password, salt, cost.N, cost.r, cost.p);
+  const wrap = await derive(password, salt, cost.N, cost.r, cost.p, cache);
   const cipher = createCipheriv("aes-256-gcm", wrap, nonce);
   cipher.setAAD(Buffer.from(CONFIG_SEAL_AAD));
   const data = Buffer.concat([cipher.update(master), cipher.final()]);
@@ -79,7 +124,12 @@ export async function createKeyFile(
   return { file: sealJson(doc), keys: splitKeys(master) };
 }
 
-export async function openKeyFile(bytes: Buffer, password: string, where: string): Promise<OpenedKey> {
+export async function openKeyFile(
+  bytes: Buffer,
+  password: string,
+  where: string,
+  cache?: KdfCache,
+): Promise<OpenedKey> {
   const r = unsealJson<KeyFile>(bytes);
   if (!r.ok) throw new StrataError(ErrorCode.REPO_CORRUPT, `key file ${where} is damaged: ${r.why}`);
   const k = r.doc;
@@ -88,7 +138,7 @@ export async function openKeyFile(bytes: Buffer, password: string, where: string
   }
   if (k.configSeal !== undefined && k.configSeal !== "hmac-sha256")
     throw new StrataError(ErrorCode.REPO_VERSION, `key file ${where} names an unknown config seal`);
-  const wrap = await derive(password, Buffer.from(k.salt, "base64"), k.N, k.r, k.p);
+  const wrap = await derive(password, Buffer.from(k.salt, "base64"), k.N, k.r, k.p, cache);
   const decipher = createDecipheriv("aes-256-gcm", wrap, Buffer.from(k.nonce, "base64"));
   decipher.setAuthTag(Buffer.from(k.tag, "base64"));
   if (k.configSeal !== undefined) decipher.setAAD(Buffer.from(CONFIG_SEAL_AAD));

@@ -23,7 +23,14 @@ import {
   NAME_RE,
   TIME_RE,
 } from "./format.js";
-import { createKeyFile, joinKeys, keyFingerprint, openKeyFile, SCRYPT_DEFAULTS } from "./keys.js";
+import {
+  createKeyFile,
+  joinKeys,
+  type KdfCache,
+  keyFingerprint,
+  openKeyFile,
+  SCRYPT_DEFAULTS,
+} from "./keys.js";
 import { type ChunkLayout, type ChunkSession, ObjectPerChunkLayout, PackLayout } from "./layout.js";
 import { Lock, type LockKind, listLocks } from "./locks.js";
 import { type Manifest, type ManifestBlob, manifestProblem } from "./manifest.js";
@@ -52,6 +59,8 @@ export interface InitOptions {
   kdfCost?: { N: number; r: number; p: number };
   /** Format version (default {@link FORMAT_VERSION}); 1 only to test that old repositories still work. */
   formatVersion?: number;
+  /** Keeps the password's derived key for the commands that follow (see {@link KdfCache}). */
+  kdfCache?: KdfCache;
 }
 
 export interface OpenOptions {
@@ -63,6 +72,8 @@ export interface OpenOptions {
   lockRefreshMs?: number;
   /** Format v2: pack size at which writers seal a pack (tests make it small). */
   packTarget?: number;
+  /** Where a password's derived key may be found instead of running scrypt (see {@link KdfCache}). */
+  kdfCache?: KdfCache;
 }
 
 interface LegacyUpgrade {
@@ -162,6 +173,8 @@ export class Repository {
         options.password,
         created,
         options.kdfCost ?? SCRYPT_DEFAULTS,
+        undefined,
+        options.kdfCache,
       );
       await store.put(keys.key("default"), file, { durable: true });
       fingerprint = keyFingerprint(k);
@@ -270,7 +283,7 @@ export class Repository {
         cause: err,
       });
     }
-    const opened = await openKeyFile(keyBytes, options.password, `${where}/keys/default`);
+    const opened = await openKeyFile(keyBytes, options.password, `${where}/keys/default`, options.kdfCache);
     const codecKeys = opened.keys;
     // A keyed seal proves the config was written by someone holding the key; a plain one is a
     // config from before configs were keyed, accepted (and re-sealed by the next writer) only
