@@ -77,10 +77,10 @@ export async function chunkRegion(repo: string, hex: string, password?: string):
   return found;
 }
 
-/** Flips one bit of a stored chunk, `at` bytes into it (negative: from its end). */
-export async function flipChunkByte(region: ChunkRegion, at: number): Promise<void> {
+/** Flips bits (`mask`, default the lowest) of a stored chunk's byte `at` (negative: from its end). */
+export async function flipChunkByte(region: ChunkRegion, at: number, mask = 0x01): Promise<void> {
   const buf = await fs.readFile(region.path);
   const pos = region.offset + (at < 0 ? region.length + at : at);
-  buf[pos]! ^= 0x01;
+  buf[pos]! ^= mask;
   await fs.writeFile(region.path, buf);
 }
