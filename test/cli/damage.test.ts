@@ -7,6 +7,7 @@ import { test } from "node:test";
 import { fillContent, Prng } from "../../src/image/synthetic.js";
 import { sealJson } from "../../src/repo/sealed-json.js";
 import { strata, strataOk, summary, tempDir } from "../helpers/cli.js";
+import { type ChunkRegion, chunkRegions, flipChunkByte } from "../helpers/stored.js";
 
 async function setup(dir: string, password?: string) {
   const repo = join(dir, "repo");
@@ -27,14 +28,6 @@ async function setup(dir: string, password?: string) {
   return { repo, img, env, ids: [b.id as string, c.id as string] };
 }
 
-async function chunkFiles(repo: string): Promise<string[]> {
-  const out: string[] = [];
-  for (const d of await fs.readdir(join(repo, "chunks"))) {
-    for (const f of await fs.readdir(join(repo, "chunks", d))) out.push(join(repo, "chunks", d, f));
-  }
-  return out.sort();
-}
-
 async function flip(path: string, offset: number) {
   const buf = await fs.readFile(path);
   const at = offset < 0 ? buf.length + offset : offset;
@@ -46,22 +39,23 @@ for (const encrypted of [false, true]) {
   test(`a flipped byte in any chunk is found and stops restores (${encrypted ? "encrypted" : "plain"})`, async (t) => {
     const dir = tempDir(t);
     const { repo, env, ids } = await setup(dir, encrypted ? "pw" : undefined);
-    const chunks = await chunkFiles(repo);
+    const chunks = await chunkRegions(repo, encrypted ? "pw" : undefined);
     assert.equal(chunks.length, 6);
     // Header, middle and last byte of different chunks.
-    const spots: Array<[string, number]> = [
+    const spots: Array<[ChunkRegion, number]> = [
       [chunks[0]!, 9],
       [chunks[2]!, 3000],
       [chunks[5]!, -1],
     ];
-    for (const [path, off] of spots) await flip(path, off);
+    assert.ok(chunks[2]!.length > 3000, `stored length ${chunks[2]!.length}`);
+    for (const [region, at] of spots) await flipChunkByte(region, at);
     const v = await strata(["verify", "--repo", repo, "--read-data", "--json"], { env });
     assert.equal(v.code, 3, v.stderr);
     const report = summary<{ damagedChunks: Array<{ digest: string; usedBy: string[] }>; ok: boolean }>(v);
     assert.equal(report.ok, false);
     assert.deepEqual(
       report.damagedChunks.map((c) => c.digest),
-      spots.map(([p]) => p.slice(p.lastIndexOf("/") + 1)).sort(),
+      spots.map(([c]) => c.digest).sort(),
     );
     for (const c of report.damagedChunks) assert.deepEqual(c.usedBy, [...ids].sort());
     // Without --read-data the chunks exist, so metadata checks pass: that is what --read-data is for.

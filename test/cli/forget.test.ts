@@ -1,11 +1,13 @@
 // forget through the CLI: --dry-run shows and keeps, a policy removes what it doesn't keep, ids
-// remove exactly those, and gc then frees the space.
+// remove exactly those, and gc then frees the space: in packs (format 2) over two runs, the first
+// condemning the packs no restore point needs, the second deleting them.
 import assert from "node:assert/strict";
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { fillContent, Prng } from "../../src/image/synthetic.js";
 import { strata, strataOk, summary, tempDir } from "../helpers/cli.js";
+import { storedBytes, storedFiles } from "../helpers/stored.js";
 
 test("forget by policy and by id, dry run first, then gc frees space", async (t) => {
   const dir = tempDir(t);
@@ -51,8 +53,25 @@ test("forget by policy and by id, dry run first, then gc frees space", async (t)
   assert.equal(gone.code, 1);
   assert.match(gone.stderr, /no restore point/);
 
+  // One pack per version (vm2's backup stored nothing new): three of them are no longer needed.
+  assert.equal(storedFiles(repo).length, 4);
+  const before = storedBytes(repo);
+  const first = summary(await strataOk(["gc", "--repo", repo, "--grace", "0s", "--json"]));
+  assert.equal(first.packsCondemned, 3, "the three removed versions' packs");
+  assert.equal(first.packsDeleted, 0);
+  assert.equal(first.chunksRemoved, 0, "condemned packs stay until a later gc");
+  assert.equal(first.bytesFreed, 0);
+  assert.equal(first.chunksReferenced, 4);
+  assert.equal(storedBytes(repo), before, "the first gc frees nothing yet");
+  assert.equal(summary(await strataOk(["verify", "--repo", repo, "--read-data", "--json"])).ok, true);
+
   const gc = summary(await strataOk(["gc", "--repo", repo, "--grace", "0s", "--json"]));
+  assert.equal(gc.packsDeleted, 3);
+  assert.equal(gc.packsCondemned, 0);
   assert.equal(gc.chunksRemoved, 12, "the three removed versions' chunks");
   assert.equal(gc.chunksReferenced, 4);
+  assert.ok(Number(gc.bytesFreed) > 12 * 65536, `bytes freed: ${String(gc.bytesFreed)}`);
+  assert.equal(storedBytes(repo), before - Number(gc.bytesFreed), "the second gc frees the space");
+  assert.equal(storedFiles(repo).length, 1);
   assert.equal(summary(await strataOk(["verify", "--repo", repo, "--read-data", "--json"])).ok, true);
 });

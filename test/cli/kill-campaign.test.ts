@@ -2,7 +2,8 @@
 // (STRATA_KILLS, default 100; the seed is printed and STRATA_KILL_SEED replays a run). After every
 // kill only complete restore points show, each holding exactly the disk it was taken of, and a
 // killed restore never leaves a file that looks whole; at the end verify --read-data is clean,
-// gc leaves no stale lock or temporary object, and every restore point restores bit-exact.
+// gc leaves no stale lock, temporary object or unindexed pack, and every restore point restores
+// bit-exact. gc repacks readily (--repack-unused 10), so repacks are killed too.
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync, promises as fs, readdirSync } from "node:fs";
@@ -10,12 +11,15 @@ import { join } from "node:path";
 import { test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { fillContent, Prng, sha256File } from "../../src/image/synthetic.js";
-import { startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
+import { collect, startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
+import { chunkRegions, storedFiles } from "../helpers/stored.js";
 
 const KILLS = Number(process.env.STRATA_KILLS ?? 100);
 const SEED = process.env.STRATA_KILL_SEED ?? randomBytes(4).toString("hex");
 const CHUNK = 64 * 1024;
 const SIZE = 48 * 1024 * 1024;
+/** Chunks each backup attempt changes. */
+const CHANGED = 64;
 
 type Op = "backup" | "forget" | "gc" | "restore";
 const OPS: readonly Op[] = ["backup", "backup", "forget", "gc", "restore"];
@@ -57,10 +61,13 @@ test(`kill -9 campaign: ${KILLS} kills of backup, forget, gc and restore`, {
       JSON.parse((await strataOk(["snapshots", "--repo", repo, "--json"])).stdout) as Array<{ id: string }>
     ).map((s) => s.id);
   let version = 0;
-  /** Changes 8 random chunks of the disk: every backup attempt has new content to store. */
+  /**
+   * Changes CHANGED random chunks of the disk: every backup attempt has new content to store, and
+   * packs lose enough of their chunks to restore points that forget removes for gc to repack them.
+   */
   const mutate = async () => {
     version++;
-    for (let i = 0; i < 8; i++) {
+    for (let i = 0; i < CHANGED; i++) {
       const at = pick(SIZE / CHUNK) * CHUNK;
       fillContent(disk.subarray(at, at + CHUNK), "random", new Prng(`${SEED} v${version} c${i}`));
     }
@@ -74,7 +81,9 @@ test(`kill -9 campaign: ${KILLS} kills of backup, forget, gc and restore`, {
       case "forget":
         return ["forget", "--repo", repo, "--keep-last", "3"];
       case "gc":
-        return ["gc", "--repo", repo, "--grace", "0s"];
+        // Repack readily, so that repacks run (and get killed) too.
+        // --json: its progress events show when it repacks.
+        return ["gc", "--repo", repo, "--grace", "0s", "--repack-unused", "10", "--json"];
       case "restore":
         return ["restore", "--repo", repo, "vm1/latest", "--target", join(dir, `out-${n}`)];
     }
@@ -89,12 +98,15 @@ test(`kill -9 campaign: ${KILLS} kills of backup, forget, gc and restore`, {
     await strataOk(["snapshots", "--repo", repo]);
     startup = Math.min(startup, Date.now() - t0);
   }
-  for (const op of ["backup", "backup", "backup", "forget", "gc", "restore"] as const) {
+  // Five backups, so that forget removes two and gc has packs to repack: its duration includes a
+  // repack, and kills of later gc runs land in theirs too.
+  for (const op of ["backup", "backup", "backup", "backup", "backup", "forget", "gc", "restore"] as const) {
     const hash = op === "backup" ? await mutate() : "";
     const before = new Set(await snapshots());
     const t0 = Date.now();
-    await strataOk(args(op, 0));
+    const r = await strataOk(args(op, 0));
     duration.set(op, Math.max(duration.get(op) ?? 0, Date.now() - t0));
+    if (op === "gc") assert.ok(Number(summary(r).packsRepacked) > 0, "the first gc repacks");
     for (const id of await snapshots()) if (!before.has(id)) expected.set(id, hash);
   }
   t.diagnostic(`unkilled durations (ms): ${JSON.stringify(Object.fromEntries(duration))}`);
@@ -112,6 +124,9 @@ test(`kill -9 campaign: ${KILLS} kills of backup, forget, gc and restore`, {
   };
   /** Kills that found the operation holding its repository lock: inside the real work. */
   let inWork = 0;
+  /** gc runs that repacked, and those of them killed while at it. */
+  let repacking = 0;
+  let repackKills = 0;
   let kills = 0;
   let attempts = 0;
   while (kills < KILLS) {
@@ -122,6 +137,7 @@ test(`kill -9 campaign: ${KILLS} kills of backup, forget, gc and restore`, {
     const latest = before.at(-1);
     const locksBefore = locks();
     const child = startStrata(args(op, attempts));
+    const output = collect(child);
     const exited = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
     let gone = false;
     void exited.then(() => {
@@ -141,6 +157,18 @@ test(`kill -9 campaign: ${KILLS} kills of backup, forget, gc and restore`, {
       kills++;
       if ([...locks()].some((l) => !locksBefore.has(l))) inWork++;
       killsByOp.set(op, (killsByOp.get(op) ?? 0) + 1);
+    }
+    if (op === "gc") {
+      const events = (await output.result).stdout
+        .split("\n")
+        .filter((l) => l.startsWith("{"))
+        .map((l) => JSON.parse(l) as { type: string; job?: string; message?: string });
+      const start = events.find((e) => e.type === "start" && e.job === "gc");
+      if (Number(/(\d+) to repack/.exec(start?.message ?? "")?.[1] ?? 0) > 0) {
+        repacking++;
+        // Killed after it chose what to repack and before it ended: while repacking.
+        if (!events.some((e) => e.type === "end" && e.job === "gc")) repackKills++;
+      }
     }
     const after = points();
     for (const id of after) {
@@ -169,14 +197,21 @@ test(`kill -9 campaign: ${KILLS} kills of backup, forget, gc and restore`, {
     }
   }
   t.diagnostic(
-    `${kills} kills in ${attempts} runs, ${inWork} while the repository lock was held: ${JSON.stringify(Object.fromEntries(killsByOp))}`,
+    `${kills} kills in ${attempts} runs, ${inWork} while the repository lock was held: ${JSON.stringify(Object.fromEntries(killsByOp))}; ` +
+      `${repacking} gc runs repacked, ${repackKills} of them killed`,
   );
   assert.ok(inWork >= kills / 4, `only ${inWork} of ${kills} kills landed inside the operations' work`);
 
   // The dead runs' locks don't block gc; it removes their temporary objects and stale locks.
-  await strataOk(["gc", "--repo", repo, "--grace", "0s"]);
+  await strataOk(args("gc", 0));
   assert.deepEqual(readdirSync(join(repo, "locks")), [], "no stale locks");
   assert.deepEqual(temporaries(repo), [], "no temporary objects");
+  // Nor packs that killed backups or repacks stored but never indexed.
+  assert.deepEqual(
+    storedFiles(repo).filter((f) => f.includes("/packs/")),
+    [...new Set((await chunkRegions(repo)).map((c) => c.path))].sort(),
+    "every pack left is indexed",
+  );
   const v = summary(await strataOk(["verify", "--repo", repo, "--read-data", "--json"]));
   assert.equal(v.ok, true, "verify --read-data");
   const left = await snapshots();

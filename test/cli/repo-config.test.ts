@@ -10,6 +10,7 @@ import { test } from "node:test";
 import { fillContent, Prng } from "../../src/image/synthetic.js";
 import { sealJson } from "../../src/repo/sealed-json.js";
 import { strata, strataOk, summary, tempDir } from "../helpers/cli.js";
+import { chunkRegions, storedFiles } from "../helpers/stored.js";
 
 const MARKER = Buffer.from("STRATA-PLAINTEXT-MARKER-7f3a91");
 const PW = { STRATA_PASSWORD: "correct horse" };
@@ -22,17 +23,14 @@ async function markedDisk(path: string, size = 4 * 65536): Promise<void> {
   await fs.writeFile(path, buf);
 }
 
-async function chunkFiles(repo: string): Promise<string[]> {
-  const out: string[] = [];
-  for (const d of await fs.readdir(join(repo, "chunks")).catch(() => [])) {
-    for (const f of await fs.readdir(join(repo, "chunks", d))) out.push(join(repo, "chunks", d, f));
-  }
-  return out.sort();
+/** Chunk files or packs, and any half-written ones. */
+function chunkFiles(repo: string): string[] {
+  return storedFiles(repo, { temporaries: true });
 }
 
 async function plaintextChunks(repo: string): Promise<string[]> {
   const hits: string[] = [];
-  for (const f of await chunkFiles(repo)) if ((await fs.readFile(f)).includes(MARKER)) hits.push(f);
+  for (const f of chunkFiles(repo)) if ((await fs.readFile(f)).includes(MARKER)) hits.push(f);
   return hits;
 }
 
@@ -59,8 +57,10 @@ test("an encrypted repository edited to say 'no encryption' is refused and store
   const config = JSON.parse(await fs.readFile(join(repo, "config"), "utf8")) as Doc;
   assert.match(String(config.seal), /^hmac-sha256:[0-9a-f]{64}$/, "init seals the config with the key");
   await strataOk(["backup", "--repo", repo, "--vm", "vm1", `file:${disk}`], { env: PW });
-  const before = await chunkFiles(repo);
-  assert.equal(before.length, 4);
+  const before = chunkFiles(repo);
+  const regions = await chunkRegions(repo, PW.STRATA_PASSWORD);
+  assert.equal(regions.length, 4);
+  assert.deepEqual([...new Set(regions.map((c) => c.path))].sort(), before, "the files searched hold them");
   assert.deepEqual(await plaintextChunks(repo), [], "encrypted chunks do not show the marker");
 
   // The attack: the config says plaintext, with a seal anyone can compute.
@@ -77,7 +77,7 @@ test("an encrypted repository edited to say 'no encryption' is refused and store
     assert.equal(err.code, "REPO_TAMPERED");
     assert.match(err.message, /key file .* config says it is not encrypted/);
   }
-  assert.deepEqual(await chunkFiles(repo), before, "no chunk was written");
+  assert.deepEqual(chunkFiles(repo), before, "no chunk was written");
   assert.deepEqual(await plaintextChunks(repo), []);
   const restore = await strata(["restore", "--repo", repo, "vm1/latest", "--target", join(dir, "out")], {
     env: PW,
@@ -90,7 +90,7 @@ test("an encrypted repository edited to say 'no encryption' is refused and store
   const r = await strata(["backup", "--repo", repo, "--vm", "vm1", "--json", `file:${disk}`], { env: PW });
   assert.equal(r.code, 12, r.stderr);
   assert.match(r.stderr, /"code":"PASSWORD_UNEXPECTED".*not encrypted, but a password was given/);
-  assert.deepEqual(await chunkFiles(repo), before);
+  assert.deepEqual(chunkFiles(repo), before);
   assert.deepEqual(await plaintextChunks(repo), []);
 });
 
@@ -144,7 +144,7 @@ test("a password given for an unencrypted repository is refused", async (t) => {
   const r = await strata(["backup", "--repo", repo, "--vm", "vm1", `file:${disk}`], { env: PW });
   assert.equal(r.code, 12);
   assert.match(r.stderr, /is not encrypted, but a password was given/);
-  assert.deepEqual(await chunkFiles(repo), []);
+  assert.deepEqual(chunkFiles(repo), []);
   await strataOk(["backup", "--repo", repo, "--vm", "vm1", `file:${disk}`]);
 });
 

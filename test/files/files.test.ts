@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { BIN, strata, strataOk } from "../helpers/cli.js";
+import { chunkRegion, flipChunkByte } from "../helpers/stored.js";
 import { describeTree, type Expected, makeDisk, makeExt4, makeFat, sh, writeAt } from "./images.js";
 
 const MiB = 1024 * 1024;
@@ -475,10 +476,7 @@ test("a damaged chunk fails files get with DATA_CORRUPT and leaves no partial fi
   const index = await fs.readFile(join(repo, "vms", "one", snap.time, "root.fidx"));
   const i = Math.floor(offset / (64 * 1024));
   const digest = index.subarray(64 + 32 * i, 96 + 32 * i).toString("hex");
-  const chunk = join(repo, "chunks", digest.slice(0, 2), digest);
-  const data = await fs.readFile(chunk);
-  data[data.length - 1]! ^= 0xff;
-  await fs.writeFile(chunk, data);
+  await flipChunkByte(await chunkRegion(repo, digest), -1, 0xff);
 
   const out = join(dir, "damaged");
   t.after(() => fs.rm(out, { recursive: true, force: true }));

@@ -9,14 +9,18 @@ import { FsStore } from "../../src/repo/fs-store.js";
 import { PackLayout } from "../../src/repo/layout.js";
 import { Repository } from "../../src/repo/repository.js";
 
-/** Files holding stored chunks: chunk files (v1) or packs (v2), sorted. */
-export function storedFiles(repo: string): string[] {
+/**
+ * Files holding stored chunks: chunk files (v1) or packs (v2), sorted. `temporaries` adds files
+ * still being written (or left by a killed writer) beside them.
+ */
+export function storedFiles(repo: string, options: { temporaries?: boolean } = {}): string[] {
   const out: string[] = [];
   for (const top of ["chunks", "packs"]) {
     const dir = join(repo, top);
     if (!existsSync(dir)) continue;
     for (const d of readdirSync(dir))
-      for (const f of readdirSync(join(dir, d))) if (!f.includes(".tmp-")) out.push(join(dir, d, f));
+      for (const f of readdirSync(join(dir, d)))
+        if (options.temporaries === true || !f.includes(".tmp-")) out.push(join(dir, d, f));
   }
   return out.sort();
 }
@@ -73,10 +77,10 @@ export async function chunkRegion(repo: string, hex: string, password?: string):
   return found;
 }
 
-/** Flips one bit of a stored chunk, `at` bytes into it (negative: from its end). */
-export async function flipChunkByte(region: ChunkRegion, at: number): Promise<void> {
+/** Flips bits (`mask`, default the lowest) of a stored chunk's byte `at` (negative: from its end). */
+export async function flipChunkByte(region: ChunkRegion, at: number, mask = 0x01): Promise<void> {
   const buf = await fs.readFile(region.path);
   const pos = region.offset + (at < 0 ? region.length + at : at);
-  buf[pos]! ^= 0x01;
+  buf[pos]! ^= mask;
   await fs.writeFile(region.path, buf);
 }

@@ -8,6 +8,7 @@ import { join } from "node:path";
 import { test } from "node:test";
 import { runProgram } from "../../src/util/process.js";
 import { strata, strataOk, summary, tempDir } from "../helpers/cli.js";
+import { storedFiles } from "../helpers/stored.js";
 
 const MiB = 1024 * 1024;
 const MARKER = Buffer.from("HOST-SECRET-MARKER-5c1e0b7d");
@@ -34,10 +35,9 @@ async function restoredBytes(repo: string, id: string, out: string): Promise<Buf
 
 async function repoHasMarker(repo: string): Promise<boolean> {
   // The repository is unencrypted: a stored copy of the secret would show (zstd keeps one literal).
-  for (const d of await fs.readdir(join(repo, "chunks")).catch(() => [])) {
-    for (const f of await fs.readdir(join(repo, "chunks", d)))
-      if ((await fs.readFile(join(repo, "chunks", d, f))).includes(MARKER)) return true;
-  }
+  const files = storedFiles(repo, { temporaries: true });
+  assert.ok(files.length > 0, "stored chunks to search");
+  for (const f of files) if ((await fs.readFile(f)).includes(MARKER)) return true;
   return false;
 }
 

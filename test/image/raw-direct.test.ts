@@ -3,12 +3,13 @@
 // image whose size is not whole 4 KiB blocks still reads its tail.
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { promises as fs } from "node:fs";
+import { promises as fs, statSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { promisify } from "node:util";
 import { fillContent, Prng } from "../../src/image/synthetic.js";
 import { strataOk, tempDir } from "../helpers/cli.js";
+import { chunkRegions, storedFiles } from "../helpers/stored.js";
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -37,27 +38,26 @@ test("a backup reads a raw image around the page cache and restores it exactly",
   const pages = await cachedPages(image);
   assert.ok(pages < 64, `pages of the image cached after the backup: ${pages}`);
 
-  // The chunks were written around the page cache too: only the last block of each stays
+  // The chunks were written around the page cache too: only the last block of each pack stays
   // cached (a file cut back to its length with ftruncate reads that block).
-  const chunks = await chunkFiles(repo);
-  assert.ok(chunks.length >= 20, `chunk files: ${chunks.length}`);
-  const cachedChunkPages = await cachedPagesOf(chunks);
-  assert.ok(cachedChunkPages <= chunks.length, `chunk pages cached after the backup: ${cachedChunkPages}`);
+  const chunks = await chunkRegions(repo);
+  assert.ok(chunks.length >= 20, `chunks stored: ${chunks.length}`);
+  const files = storedFiles(repo);
+  assert.deepEqual([...new Set(chunks.map((c) => c.path))].sort(), files, "every stored file holds chunks");
+  const storedPages = files.reduce((n, f) => n + Math.ceil(statSync(f).size / 4096), 0);
+  const cachedChunkPages = await cachedPagesOf(files);
+  assert.ok(
+    cachedChunkPages <= files.length,
+    `pages of ${files.length} stored file(s) (${storedPages} pages) cached after the backup: ${cachedChunkPages}`,
+  );
 
-  for (const c of chunks) await run("dd", [`if=${c}`, "iflag=nocache", "count=0", "status=none"]);
+  for (const f of files) await run("dd", [`if=${f}`, "iflag=nocache", "count=0", "status=none"]);
   await strataOk(["restore", "--repo", repo, "d/latest", "--target", join(dir, "out")]);
   assert.ok((await fs.readFile(join(dir, "out", "disk.raw"))).equals(data));
   // A restore reads the chunks around the page cache.
-  const afterRestore = await cachedPagesOf(chunks);
-  assert.ok(afterRestore <= 2, `chunk pages cached after the restore: ${afterRestore}`);
+  const afterRestore = await cachedPagesOf(files);
+  assert.ok(afterRestore <= 2, `stored pages cached after the restore: ${afterRestore}`);
 });
-
-async function chunkFiles(repo: string): Promise<string[]> {
-  const out: string[] = [];
-  for (const d of await fs.readdir(join(repo, "chunks")))
-    for (const f of await fs.readdir(join(repo, "chunks", d))) out.push(join(repo, "chunks", d, f));
-  return out;
-}
 
 async function cachedPagesOf(paths: string[]): Promise<number> {
   let n = 0;

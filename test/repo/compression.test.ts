@@ -12,11 +12,12 @@ import { FsStore } from "../../src/repo/fs-store.js";
 import { Repository } from "../../src/repo/repository.js";
 import { tempDir } from "../helpers/cli.js";
 import { memoryDisk } from "../helpers/disks.js";
+import { chunkRegion } from "../helpers/stored.js";
 
 const CHUNK = 64 * 1024;
 
 async function storedSize(dir: string, hex: string): Promise<number> {
-  return (await fs.stat(join(dir, "repo", "chunks", hex.slice(0, 2), hex))).size;
+  return (await chunkRegion(join(dir, "repo"), hex)).length;
 }
 
 test("a first backup stores chunks at the fast zstd level, an incremental's new chunks at the strong one", async (t) => {

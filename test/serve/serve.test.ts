@@ -7,6 +7,7 @@ import { test } from "node:test";
 import { sha256File, writeSyntheticImage } from "../../src/image/synthetic.js";
 import { NbdClient, NbdErrno, NbdRequestError } from "../../src/nbd/index.js";
 import { strata, strataOk, tempDir } from "../helpers/cli.js";
+import { chunkRegions, flipChunkByte } from "../helpers/stored.js";
 import {
   backedUpImage,
   CHUNK,
@@ -100,14 +101,9 @@ test("qemu-img and nbdinfo read a served disk exactly, zero chunks as holes; SIG
 test("a damaged chunk fails the NBD read with EIO, never wrong data; other reads go on", async (t) => {
   const dir = tempDir(t);
   const b = await backedUpImage(dir, { size: 8 * 1024 * 1024, seed: "serve damage", holes: 0.25 });
-  const chunksDir = join(b.repo, "chunks");
-  const sub = (await fs.readdir(chunksDir)).sort()[0]!;
-  const name = (await fs.readdir(join(chunksDir, sub))).sort()[0]!;
-  const victim = join(chunksDir, sub, name);
-  const bytes = await fs.readFile(victim);
-  bytes[bytes.length >> 1]! ^= 0x40;
-  await fs.writeFile(victim, bytes);
-  const bad = await offsetOfDigest(b.image, name);
+  const victim = (await chunkRegions(b.repo))[0]!;
+  await flipChunkByte(victim, victim.length >> 1, 0x40);
+  const bad = await offsetOfDigest(b.image, victim.digest);
   const good = bad === 0 ? (await zeroChunks(b.image)).findIndex((z, i) => !z && i > 0) * CHUNK : 0;
 
   const socket = join(dir, "s.sock");

@@ -2,7 +2,6 @@
 // fetch shared by concurrent readers, an LRU bounded in bytes, read-ahead, allocation extents.
 import assert from "node:assert/strict";
 import { promises as fs } from "node:fs";
-import { join } from "node:path";
 import { type TestContext, test } from "node:test";
 import { RestorePointSource, type ServeSourceOptions } from "../../src/engine/serve.js";
 import { Prng } from "../../src/image/synthetic.js";
@@ -10,6 +9,7 @@ import { BASE_ALLOCATION, StateFlag } from "../../src/nbd/index.js";
 import { FsStore } from "../../src/repo/fs-store.js";
 import { Repository } from "../../src/repo/repository.js";
 import { tempDir } from "../helpers/cli.js";
+import { chunkRegion, flipChunkByte } from "../helpers/stored.js";
 import { backedUpImage, CHUNK, zeroChunks } from "./helpers.js";
 
 async function open(t: TestContext, seed: string, options: ServeSourceOptions = {}) {
@@ -143,10 +143,7 @@ test("a damaged chunk rejects every read of it and is never cached", async (t) =
   const { source, b, zeros } = await open(t, "source damage", { readAhead: 0 });
   const i = zeros.findIndex((z) => !z);
   const digest = source.index.digest(i).toString("hex");
-  const path = join(b.repo, "chunks", digest.slice(0, 2), digest);
-  const bytes = await fs.readFile(path);
-  bytes[20]! ^= 1;
-  await fs.writeFile(path, bytes);
+  await flipChunkByte(await chunkRegion(b.repo, digest), 20);
   for (let k = 0; k < 3; k++) await assert.rejects(source.read(i * CHUNK, 10), { code: "DATA_CORRUPT" });
   const s = source.stats();
   assert.equal(s.fetchErrors, 3);
