@@ -1,6 +1,8 @@
 /** init, snapshots, verify, forget, gc: commands on the repository itself. */
+import { setPriority } from "node:os";
 import type { Command } from "commander";
 import { bootHint } from "../engine/vm-restore.js";
+import { ZSTD_STRONG } from "../repo/codec.js";
 import { FsStore } from "../repo/fs-store.js";
 import { manifestTotals } from "../repo/manifest.js";
 import { forget, forgetIds, gc } from "../repo/prune.js";
@@ -200,7 +202,12 @@ In a repository of format 2 (chunks in packs), gc works in two passes: a pack th
 point needs is first condemned (backups stop reusing its chunks), and deleted by a later gc once
 every backup that might have used it has ended and the grace period has passed. Packs mostly
 unused are repacked: their needed chunks are copied, verified, into new packs. Run gc
-regularly (e.g. daily after forget); each run finishes what the one before started.`,
+regularly (e.g. daily after forget); each run finishes what the one before started.
+
+Backups compress at a fast zstd level to keep up with the disk. --recompress rewrites every
+pack not yet recompressed at a stronger level (default 11), chunk by chunk, each verified on
+the way; restore points don't change. It runs at the lowest CPU priority (nice 19): run it when
+the host is idle, e.g. nightly.`,
     )
     .option("--grace <duration>", "keep what backups may still rely on for this long, e.g. 1h, 30m, 0s", "1h")
     .option(
@@ -208,39 +215,62 @@ regularly (e.g. daily after forget); each run finishes what the one before start
       "format 2: repack a pack when more than this percentage of its bytes is unused",
       "50",
     )
+    .option("--recompress [level]", "format 2: rewrite packs at a stronger zstd level (1-19, default 11)")
     .option("-n, --dry-run", "count what would go, remove nothing")
-    .action(async (opts: { grace: string; repackUnused: string; dryRun?: boolean }, cmd: Command) => {
-      const out = output(cmd);
-      const percent = Number(opts.repackUnused);
-      if (!Number.isFinite(percent) || percent < 0 || percent > 100)
-        throw new StrataError(
-          ErrorCode.USAGE,
-          `--repack-unused takes a percentage from 0 to 100, not "${opts.repackUnused}"`,
-        );
-      await withRepo(cmd, async (repo) => {
-        const report = await gc(repo, {
-          graceMs: parseDuration(opts.grace),
-          dryRun: opts.dryRun === true,
-          repackUnused: percent / 100,
-          progress: out.progress(),
-          signal: interruptSignal(),
+    .action(
+      async (
+        opts: { grace: string; repackUnused: string; recompress?: string | true; dryRun?: boolean },
+        cmd: Command,
+      ) => {
+        const out = output(cmd);
+        const level =
+          opts.recompress === undefined
+            ? undefined
+            : opts.recompress === true
+              ? ZSTD_STRONG
+              : Number(opts.recompress);
+        if (level !== undefined && (!Number.isInteger(level) || level < 1 || level > 19))
+          throw new StrataError(
+            ErrorCode.USAGE,
+            `--recompress takes a zstd level from 1 to 19, not "${opts.recompress}"`,
+          );
+        // Lowest priority for the work and for the worker threads started after this.
+        if (level !== undefined) setPriority(19);
+        const percent = Number(opts.repackUnused);
+        if (!Number.isFinite(percent) || percent < 0 || percent > 100)
+          throw new StrataError(
+            ErrorCode.USAGE,
+            `--repack-unused takes a percentage from 0 to 100, not "${opts.repackUnused}"`,
+          );
+        await withRepo(cmd, async (repo) => {
+          const report = await gc(repo, {
+            graceMs: parseDuration(opts.grace),
+            dryRun: opts.dryRun === true,
+            repackUnused: percent / 100,
+            ...(level === undefined ? {} : { recompress: level }),
+            progress: out.progress(),
+            signal: interruptSignal(),
+          });
+          const verb = opts.dryRun ? "would remove" : "removed";
+          out.result({ type: "summary", ...report }, () =>
+            report.packsCondemned === undefined
+              ? `${verb} ${report.chunksRemoved} chunks (${formatBytes(report.bytesFreed)}), ` +
+                `${report.chunksReferenced} in use, ${report.chunksKeptRecent ?? 0} unreferenced but recent kept, ` +
+                `${report.incompleteRemoved} incomplete restore points removed`
+              : `${verb} ${report.packsDeleted} pack(s) and ${report.orphansDeleted} unfinished pack(s) ` +
+                `(${formatBytes(report.bytesFreed)}, ${report.chunksRemoved} chunks); ` +
+                `${report.chunksReferenced} chunks in use; ` +
+                `${report.packsCondemned} pack(s) ${opts.dryRun ? "would be " : ""}condemned (deleted by a later gc), ` +
+                `${report.packsRepacked} repacked, ${report.packsWaiting} condemned kept for now, ` +
+                `${report.packsResurrected} needed again; ` +
+                `${report.incompleteRemoved} incomplete restore points removed` +
+                (report.packsRecompressed
+                  ? `; recompressed ${report.packsRecompressed} pack(s): ${formatBytes(report.repackedBytesBefore ?? 0)} → ${formatBytes(report.repackedBytesAfter ?? 0)}`
+                  : ""),
+          );
         });
-        const verb = opts.dryRun ? "would remove" : "removed";
-        out.result({ type: "summary", ...report }, () =>
-          report.packsCondemned === undefined
-            ? `${verb} ${report.chunksRemoved} chunks (${formatBytes(report.bytesFreed)}), ` +
-              `${report.chunksReferenced} in use, ${report.chunksKeptRecent ?? 0} unreferenced but recent kept, ` +
-              `${report.incompleteRemoved} incomplete restore points removed`
-            : `${verb} ${report.packsDeleted} pack(s) and ${report.orphansDeleted} unfinished pack(s) ` +
-              `(${formatBytes(report.bytesFreed)}, ${report.chunksRemoved} chunks); ` +
-              `${report.chunksReferenced} chunks in use; ` +
-              `${report.packsCondemned} pack(s) ${opts.dryRun ? "would be " : ""}condemned (deleted by a later gc), ` +
-              `${report.packsRepacked} repacked, ${report.packsWaiting} condemned kept for now, ` +
-              `${report.packsResurrected} needed again; ` +
-              `${report.incompleteRemoved} incomplete restore points removed`,
-        );
-      });
-    });
+      },
+    );
 }
 
 export function parseDuration(text: string): number {

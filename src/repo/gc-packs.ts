@@ -18,6 +18,10 @@
  *
  * A pack most of whose bytes no restore point needs is repacked: its needed chunks are read,
  * verified and written to new packs, and the old pack is condemned like an unused one.
+ * With `recompress` (a zstd level), every other live pack not yet recompressed is rewritten the
+ * same way, each needed chunk decoded, verified and encoded again at that level: backups store
+ * at a fast level to keep up with the disk, and an idle host can then make the stored bytes
+ * smaller. Chunk names come from the plaintext, so no restore point changes.
  * Packs that no index names (a backup or a repack that died before its index was stored) are
  * deleted once they were created before the cutoff: a live writer's packs are all newer.
  *
@@ -27,11 +31,12 @@
  * every pack either of them needs (see pack-index.ts for a state split over several objects).
  */
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { forEachLimit } from "../util/pool.js";
 import type { ProgressSink } from "../util/progress.js";
 import { keys, PACK_ID_RE } from "./format.js";
 import { loadPackIndex, writeIndexObjects } from "./layout.js";
 import { PackWriter } from "./pack.js";
-import type { PackRecord } from "./pack-index.js";
+import { PACK_FLAG_RECOMPRESSED, type PackRecord } from "./pack-index.js";
 import type { Repository } from "./repository.js";
 
 /** Repack a pack when more than this share of its bytes is unused. */
@@ -49,13 +54,25 @@ export interface PackGcReport {
   bytesFreed: number;
   /** Unused chunks left in packs that are mostly used. */
   chunksKeptInPacks: number;
+  /** Packs rewritten at a stronger zstd level (counted in packsRepacked too). */
+  packsRecompressed: number;
+  /** Stored bytes of the chunks repacked, before and after. */
+  repackedBytesBefore: number;
+  repackedBytesAfter: number;
 }
 
 export async function gcPacks(
   repo: Repository,
   marked: ReadonlySet<string>,
   cutoff: number,
-  options: { dryRun?: boolean; repackUnused?: number; progress: ProgressSink; signal?: AbortSignal },
+  options: {
+    dryRun?: boolean;
+    repackUnused?: number;
+    /** zstd level to recompress live packs at (not yet recompressed ones); none by default. */
+    recompress?: number;
+    progress: ProgressSink;
+    signal?: AbortSignal;
+  },
 ): Promise<PackGcReport> {
   const store = repo.store;
   const codec = repo.codec();
@@ -70,6 +87,9 @@ export async function gcPacks(
     chunksRemoved: 0,
     bytesFreed: 0,
     chunksKeptInPacks: 0,
+    packsRecompressed: 0,
+    repackedBytesBefore: 0,
+    repackedBytesAfter: 0,
   };
 
   // A chunk a restore point needs but no index knows: its pack may look orphaned. Stop.
@@ -116,7 +136,10 @@ export async function gcPacks(
     const usedBytes = used.reduce((n, e) => n + e.length, 0);
     if (used.length === 0) condemn.push(p);
     else if (total - usedBytes > threshold * total) repack.push({ pack: p, used });
-    else {
+    else if (options.recompress !== undefined && ((p.flags ?? 0) & PACK_FLAG_RECOMPRESSED) === 0) {
+      repack.push({ pack: p, used });
+      report.packsRecompressed++;
+    } else {
       report.chunksKeptInPacks += p.entries.length - used.length;
       next.push(p);
     }
@@ -146,21 +169,34 @@ export async function gcPacks(
 
   // Repack: needed chunks into new packs, each verified on the way; the old packs are condemned.
   if (repack.length > 0) {
-    const writer = new PackWriter(store, codec, repo.chunkSize);
+    const level = options.recompress;
+    const writer = new PackWriter(
+      store,
+      codec,
+      repo.chunkSize,
+      undefined,
+      level === undefined ? 0 : PACK_FLAG_RECOMPRESSED,
+    );
     let done = 0;
     try {
       for (const { pack, used } of repack) {
         options.signal?.throwIfAborted();
-        for (const e of used) {
+        // Chunks of one pack in parallel on the codec's workers; each is added as it is ready.
+        await forEachLimit(used, codec.threads * 2, async (e) => {
           const stored = await store.getRange(keys.pack(pack.id), e.offset, e.length);
           // Decoding checks tag and digest: a damaged chunk is not copied as if it were good.
-          await codec.decode(
+          const plain = await codec.decode(
             Buffer.from(stored),
             Buffer.from(e.digest, "hex"),
             `${e.digest} in pack ${pack.id}`,
           );
-          await writer.add(e.digest, stored);
-        }
+          const out = level === undefined ? stored : (await codec.encode(plain, level)).blob;
+          // A stronger level that does not shrink a chunk keeps the bytes it had.
+          const kept = out.length < stored.length ? out : stored;
+          report.repackedBytesBefore += stored.length;
+          report.repackedBytesAfter += kept.length;
+          await writer.add(e.digest, kept);
+        });
         report.chunksRemoved += pack.entries.length - used.length;
         condemn.push(pack);
         options.progress.emit({ type: "progress", job: "gc", done: ++done, total: repack.length });

@@ -12,7 +12,7 @@
  *        16  pack id
  *         8  u64 condemned at, ms since the epoch; 0 while the pack is live
  *         4  u32 E: entries
- *         4  reserved, zero
+ *         4  u32 flags: bit 0, its chunks were recompressed at a strong level (gc --recompress)
  *        40×E entries: digest(32) offset in the pack u32, stored length u32
  *
  * Backups write one index object for the packs they wrote. gc writes the whole new state (every
@@ -49,8 +49,13 @@ export interface PackRecord {
   id: string;
   /** When gc condemned it (ms since the epoch), or 0 while it is live. */
   condemnedAt: number;
+  /** {@link PACK_FLAG_RECOMPRESSED} or 0. */
+  flags?: number;
   entries: PackEntry[];
 }
+
+/** Pack flag: gc --recompress wrote its chunks at a strong zstd level; it is not recompressed again. */
+export const PACK_FLAG_RECOMPRESSED = 0x01;
 
 export interface IndexDocument {
   /** Names (hex) of the index objects this one replaces. */
@@ -77,6 +82,7 @@ export function encodeIndex(doc: IndexDocument): Buffer {
     at += Buffer.from(p.id, "hex").copy(b, at);
     b.writeBigUInt64LE(BigInt(p.condemnedAt), at);
     b.writeUInt32LE(p.entries.length, at + 8);
+    b.writeUInt32LE(p.flags ?? 0, at + 12);
     at += 16;
     for (const e of p.entries) {
       at += Buffer.from(e.digest, "hex").copy(b, at);
@@ -106,7 +112,8 @@ export function decodeIndex(b: Buffer, what: string): IndexDocument {
     const id = b.toString("hex", at, at + 16);
     const condemned = b.readBigUInt64LE(at + 16);
     const n = b.readUInt32LE(at + 24);
-    if (b.readUInt32LE(at + 28) !== 0) throw bad("reserved bytes set");
+    const flags = b.readUInt32LE(at + 28);
+    if ((flags & ~PACK_FLAG_RECOMPRESSED) !== 0) throw bad(`pack ${id} has unknown flags ${flags}`);
     if (condemned > BigInt(Number.MAX_SAFE_INTEGER)) throw bad("condemned time out of range");
     if (n > PACK_MAX_ENTRIES) throw bad(`pack ${id} has ${n} entries, more than a pack may hold`);
     at += RECORD_HEADER;
@@ -122,7 +129,7 @@ export function decodeIndex(b: Buffer, what: string): IndexDocument {
       });
     }
     if (!PACK_ID_RE.test(id)) throw bad("bad pack id");
-    packs.push({ id, condemnedAt: Number(condemned), entries });
+    packs.push({ id, condemnedAt: Number(condemned), flags, entries });
   }
   if (at !== b.length) throw bad("trailing bytes");
   return { supersedes, packs };

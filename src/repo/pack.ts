@@ -123,6 +123,8 @@ export class PackWriter {
     chunkSize: number,
     /** Seals a pack once its chunks reach this many bytes (tests make it small). */
     private readonly target: number = PACK_TARGET_SIZE,
+    /** Flags of the packs written (pack-index.ts). */
+    private readonly flags = 0,
   ) {
     this.buffers = new AlignedSlots(2, packCapacity(chunkSize));
   }
@@ -185,7 +187,7 @@ export class PackWriter {
     this.open = undefined;
     const write = this.store_(pack).then(
       () => {
-        this.written.push({ id: pack.id, condemnedAt: 0, entries: pack.entries });
+        this.written.push({ id: pack.id, condemnedAt: 0, flags: this.flags, entries: pack.entries });
       },
       (err: unknown) => {
         this.failed ??= err;

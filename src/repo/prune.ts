@@ -98,6 +98,8 @@ export async function gc(
     dryRun?: boolean;
     /** Format v2: repack packs with more than this share of unused bytes (0..1). */
     repackUnused?: number;
+    /** Format v2: rewrite packs not yet recompressed at this zstd level. */
+    recompress?: number;
     progress?: ProgressSink;
     signal?: AbortSignal;
   } = {},

@@ -4,7 +4,7 @@
 // it back when such a backup committed; repacking keeps exactly the needed chunks; packs that no
 // index names are removed once old; a damaged pack index stops gc before it deletes anything.
 import assert from "node:assert/strict";
-import { promises as fs, readdirSync } from "node:fs";
+import { promises as fs, readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { backup, type DiskSource } from "../../src/engine/backup.js";
@@ -306,4 +306,27 @@ test("a format v1 repository (one file per chunk) is still read, written and col
   assert.equal(r.chunksRemoved, 1);
   assert.equal((await verifyRepository(repo, { readData: true })).ok, true);
   assert.deepEqual(await restored(repo, s1.id, dir), day1);
+});
+
+test("gc --recompress rewrites packs once at a stronger level, smaller, restore points unchanged", async (t) => {
+  const dir = tempDir(t);
+  const root = join(dir, "repo");
+  const repo = await openRepo(t, new FsStore(root));
+  const data = Buffer.alloc(CHUNK * CHUNKS);
+  fillContent(data, "text", new Prng("words"));
+  const s = await take(repo, "vm", memoryDisk(data));
+  const before = storedFiles(root).reduce((n, f) => n + statSync(f).size, 0);
+  const r1 = await gc(repo, { graceMs: 0, recompress: 19 });
+  assert.ok((r1.packsRecompressed ?? 0) > 0, JSON.stringify(r1));
+  assert.ok(
+    (r1.repackedBytesAfter ?? 0) < (r1.repackedBytesBefore ?? 0) * 0.95,
+    `recompressed ${r1.repackedBytesBefore} → ${r1.repackedBytesAfter} bytes`,
+  );
+  const r2 = await gc(repo, { graceMs: 0, recompress: 19 });
+  assert.equal(r2.packsRecompressed, 0, "a recompressed pack is not recompressed again");
+  assert.equal(r2.packsDeleted, r1.packsRecompressed, "the old packs go a run later");
+  const after = storedFiles(root).reduce((n, f) => n + statSync(f).size, 0);
+  assert.ok(after < before, `stored ${before} → ${after} bytes`);
+  assert.deepEqual(await restored(repo, s.id, dir), data);
+  assert.equal((await verifyRepository(repo, { readData: true })).ok, true);
 });
