@@ -147,10 +147,10 @@ export function decodeChunk(
     decipher.setAAD(buf.subarray(0, CHUNK_HEADER_SIZE));
     decipher.setAuthTag(tag);
     try {
-      payload = Buffer.concat([
-        decipher.update(buf.subarray(CHUNK_HEADER_SIZE + CHUNK_CRYPTO_SIZE)),
-        decipher.final(),
-      ]);
+      // GCM's final() returns nothing more; no second copy of the payload for a concat.
+      const head = decipher.update(buf.subarray(CHUNK_HEADER_SIZE + CHUNK_CRYPTO_SIZE));
+      const tail = decipher.final();
+      payload = tail.length === 0 ? head : Buffer.concat([head, tail]);
     } catch {
       throw bad("authentication failed");
     }
