@@ -30,6 +30,24 @@ async function writeAll(fh: fs.FileHandle, data: Uint8Array, position: number): 
   }
 }
 
+/**
+ * Plaintext bytes a restore keeps in flight. Each chunk in flight also holds a slot for its stored
+ * bytes, of about its size: twice this in aligned memory.
+ */
+export const RESTORE_INFLIGHT_BYTES = 24 * 1024 * 1024;
+
+/**
+ * Chunks a restore through a {@link ChunkWriter} keeps in flight: {@link RESTORE_INFLIGHT_BYTES}
+ * of them, at least two per worker and a spare pair, at most 64. A chunk spends most of its life
+ * waiting on the disk (its stored bytes read cold from the repository, then its write), not on
+ * the workers: on the 4 GiB Debian benchmark disk (1 MiB chunks, 2 cores, cold cache) 8 in
+ * flight left the workers idle a quarter of the time and took 2.9 s; 16 took 2.6 s, 24 2.4 s.
+ * More was no faster, and each 1 MiB chunk more costs 2 MiB of resident memory.
+ */
+export function restoreInflight(threads: number, chunkSize: number): number {
+  return Math.min(64, Math.max(threads * 2 + 2, Math.floor(RESTORE_INFLIGHT_BYTES / chunkSize)));
+}
+
 export interface ChunkWriterOptions {
   chunkSize: number;
   /** Chunks in flight at most (one aligned slot each). */
