@@ -17,6 +17,7 @@ import type { FixedIndex } from "../repo/fixed-index.js";
 import type { Repository } from "../repo/repository.js";
 import { AlignedSlots, DIRECT_IO_ALIGN } from "../util/aligned.js";
 import { ErrorCode, errnoCode, StrataError } from "../util/errors.js";
+import { ownDigest } from "./digest.js";
 
 /** Buffered bytes between early flushes. */
 const EARLY_FLUSH_BYTES = 256 * 1024 * 1024;
@@ -107,10 +108,11 @@ export class ChunkWriter {
         ErrorCode.DATA_CORRUPT,
         `chunk ${index.digest(i).toString("hex")} has the wrong length for ${what}`,
       );
+    const digest = ownDigest(index, i);
     const slots = this.slots;
     const stored = this.stored;
     if (!slots || !stored) {
-      const data = await repo.readChunk(index.digest(i));
+      const data = await repo.readChunk(digest);
       if (data.length !== length) throw wrongLength();
       await this.write(data, position);
       return length;
@@ -118,7 +120,7 @@ export class ChunkWriter {
     const slot = await slots.take();
     try {
       const n = await repo.readChunkInto(
-        index.digest(i),
+        digest,
         { memory: slots.memory, offset: slots.offset(slot), capacity: slots.slotSize },
         { memory: stored.memory, offset: stored.offset(slot), capacity: stored.slotSize },
       );
