@@ -3,7 +3,8 @@
  * line (progress events, then a summary with "type": "summary"); list commands print one JSON
  * document. Without it, a progress bar on a terminal (stderr) and a short text result (stdout).
  */
-import cliProgress from "cli-progress";
+import { createRequire } from "node:module";
+import type cliProgressTypes from "cli-progress";
 import { type ProgressEvent, type ProgressSink, throttled } from "../util/progress.js";
 import { formatBytes } from "../util/sizes.js";
 
@@ -54,7 +55,9 @@ export function makeOutput(options: { json?: boolean; quiet?: boolean }): Output
 }
 
 function barSink(): ProgressSink {
-  let bar: cliProgress.SingleBar | undefined;
+  // Loaded here, when a bar is shown: quiet, JSON and non-terminal runs never need its modules.
+  const cliProgress = createRequire(import.meta.url)("cli-progress") as typeof cliProgressTypes;
+  let bar: cliProgressTypes.SingleBar | undefined;
   let isBytes = true;
   return {
     emit(e: ProgressEvent) {

@@ -17,6 +17,7 @@ import type { FixedIndex } from "../repo/fixed-index.js";
 import type { Repository } from "../repo/repository.js";
 import { AlignedSlots, DIRECT_IO_ALIGN } from "../util/aligned.js";
 import { ErrorCode, errnoCode, StrataError } from "../util/errors.js";
+import { ownDigest } from "./digest.js";
 
 /** Buffered bytes between early flushes. */
 const EARLY_FLUSH_BYTES = 256 * 1024 * 1024;
@@ -28,6 +29,24 @@ async function writeAll(fh: fs.FileHandle, data: Uint8Array, position: number): 
     const { bytesWritten } = await fh.write(data, off, data.length - off, position + off);
     off += bytesWritten;
   }
+}
+
+/**
+ * Plaintext bytes a restore keeps in flight. Each chunk in flight also holds a slot for its stored
+ * bytes, of about its size: twice this in aligned memory.
+ */
+export const RESTORE_INFLIGHT_BYTES = 24 * 1024 * 1024;
+
+/**
+ * Chunks a restore through a {@link ChunkWriter} keeps in flight: {@link RESTORE_INFLIGHT_BYTES}
+ * of them, at least two per worker and a spare pair, at most 64. A chunk spends most of its life
+ * waiting on the disk (its stored bytes read cold from the repository, then its write), not on
+ * the workers: on the 4 GiB Debian benchmark disk (1 MiB chunks, 2 cores, cold cache) 8 in
+ * flight left the workers idle a quarter of the time and took 2.9 s; 16 took 2.6 s, 24 2.4 s.
+ * More was no faster, and each 1 MiB chunk more costs 2 MiB of resident memory.
+ */
+export function restoreInflight(threads: number, chunkSize: number): number {
+  return Math.min(64, Math.max(threads * 2 + 2, Math.floor(RESTORE_INFLIGHT_BYTES / chunkSize)));
 }
 
 export interface ChunkWriterOptions {
@@ -89,10 +108,11 @@ export class ChunkWriter {
         ErrorCode.DATA_CORRUPT,
         `chunk ${index.digest(i).toString("hex")} has the wrong length for ${what}`,
       );
+    const digest = ownDigest(index, i);
     const slots = this.slots;
     const stored = this.stored;
     if (!slots || !stored) {
-      const data = await repo.readChunk(index.digest(i));
+      const data = await repo.readChunk(digest);
       if (data.length !== length) throw wrongLength();
       await this.write(data, position);
       return length;
@@ -100,7 +120,7 @@ export class ChunkWriter {
     const slot = await slots.take();
     try {
       const n = await repo.readChunkInto(
-        index.digest(i),
+        digest,
         { memory: slots.memory, offset: slots.offset(slot), capacity: slots.slotSize },
         { memory: stored.memory, offset: stored.offset(slot), capacity: stored.slotSize },
       );

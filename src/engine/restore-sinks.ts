@@ -30,7 +30,8 @@ import { ErrorCode, errnoCode, ioError, isNotFound, StrataError } from "../util/
 import { forEachLimit } from "../util/pool.js";
 import { runProgram } from "../util/process.js";
 import { noProgress } from "../util/progress.js";
-import { ChunkWriter } from "./chunk-writer.js";
+import { ChunkWriter, restoreInflight } from "./chunk-writer.js";
+import { ownDigest } from "./digest.js";
 import type { RestoreDiskOptions, RestoreDiskResult } from "./restore.js";
 
 /** Largest zero write to a device, and the size of the one shared zero buffer. */
@@ -131,7 +132,7 @@ export async function restoreDiskToQcow2(
     const c = client;
     const what = `${snap.vm}/${snap.time} ${disk}`;
     const bytesWritten = await pumpChunks(repo, index, what, options, async (i) => {
-      const data = await repo.readChunk(index.digest(i));
+      const data = await repo.readChunk(ownDigest(index, i));
       if (data.length !== index.chunkLength(i)) {
         throw new StrataError(
           ErrorCode.DATA_CORRUPT,
@@ -235,7 +236,7 @@ export async function restoreDiskToDevice(
       if (last && last[0] + last[1] === start && last[1] + len <= ZERO_WRITE) last[1] += len;
       else zeroRuns.push([start, len]);
     }
-    const inflight = options.inflight ?? repo.codec().threads * 2 + 2;
+    const inflight = options.inflight ?? restoreInflight(repo.codec().threads, index.chunkSize);
     writer = await ChunkWriter.open(fh, device, {
       chunkSize: index.chunkSize,
       inflight,

@@ -12,8 +12,7 @@ import type { Repository, SnapshotRef } from "../repo/repository.js";
 import { ErrorCode, ioError, isNotFound, StrataError } from "../util/errors.js";
 import { forEachLimit } from "../util/pool.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
-import { defaultInflight } from "./backup.js";
-import { ChunkWriter } from "./chunk-writer.js";
+import { ChunkWriter, restoreInflight } from "./chunk-writer.js";
 
 export interface RestoreDiskOptions {
   /** Replace an existing target. */
@@ -73,10 +72,7 @@ export async function restoreDiskToFile(
     for (let i = 0; i < index.count; i++) if (!index.isZero(i)) todo.push(i);
     const total = todo.reduce((n, i) => n + index.chunkLength(i), 0);
     progress.emit({ type: "start", job: "restore", total, message: `${snap.vm}/${snap.time} ${disk}` });
-    // Each chunk in flight holds its stored and its plain bytes: a few per worker is enough here.
-    const inflight =
-      options.inflight ??
-      Math.min(defaultInflight(repo.codec().threads, index.chunkSize), repo.codec().threads * 4);
+    const inflight = options.inflight ?? restoreInflight(repo.codec().threads, index.chunkSize);
     writer = await ChunkWriter.open(fh, tmp, {
       chunkSize: index.chunkSize,
       inflight,

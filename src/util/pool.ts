@@ -19,22 +19,31 @@ export async function forEachLimit<T>(
   const running = new Set<Promise<void>>();
   let failure: { error: unknown } | undefined;
   let index = 0;
+  // Woken by the call that frees a slot. (Promise.race over the running calls would cost a
+  // reaction on each of them per turn: O(limit) per item, and a restore runs thousands of items
+  // 24 at a time on the thread that also drives their I/O.)
+  let wake: (() => void) | undefined;
+  const settled = (p: Promise<void>) => {
+    running.delete(p);
+    wake?.();
+  };
   try {
     while (!failure) {
       signal?.throwIfAborted();
       if (running.size >= limit) {
-        await Promise.race(running);
+        await new Promise<void>((resolve) => {
+          wake = resolve;
+        });
+        wake = undefined;
         continue;
       }
       const next = await iterator.next();
       if (next.done) break;
       const p: Promise<void> = fn(next.value, index++).then(
-        () => {
-          running.delete(p);
-        },
+        () => settled(p),
         (error: unknown) => {
-          running.delete(p);
           failure ??= { error };
+          settled(p);
         },
       );
       running.add(p);

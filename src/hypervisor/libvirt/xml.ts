@@ -4,8 +4,17 @@
  * form). What is parsed may come from a repository others can write: documents are bounded in
  * size and depth, and DOCTYPE/ENTITY declarations are refused before parsing.
  */
-import { XMLBuilder, XMLParser, XMLValidator } from "fast-xml-parser";
+import { createRequire } from "node:module";
 import { ErrorCode, StrataError } from "../../util/errors.js";
+
+/**
+ * fast-xml-parser, loaded on first use (its one-file CommonJS build): every command imports this
+ * module through the adapter registry, few read XML, and its ESM build's 40-odd module files
+ * cost a command that starts with a cold page cache a few hundredths of a second.
+ */
+function fxp(): typeof import("fast-xml-parser") {
+  return createRequire(import.meta.url)("fast-xml-parser") as typeof import("fast-xml-parser");
+}
 
 /** The largest XML document Strata reads (a domain XML is a few KiB). */
 export const MAX_XML = 1024 * 1024;
@@ -69,7 +78,7 @@ export function parseXml(text: string, root: string, what: string): XElement {
   if (/<!DOCTYPE|<!ENTITY/i.test(text))
     throw new StrataError(ErrorCode.DATA_CORRUPT, `${what}: XML with a DOCTYPE or ENTITY declaration`);
   // The parser is lenient (an unclosed element is closed silently): validate first.
-  const valid = XMLValidator.validate(text);
+  const valid = fxp().XMLValidator.validate(text);
   if (valid !== true)
     throw new StrataError(
       ErrorCode.DATA_CORRUPT,
@@ -77,7 +86,7 @@ export function parseXml(text: string, root: string, what: string): XElement {
     );
   let parsed: unknown;
   try {
-    parsed = new XMLParser(OPTIONS).parse(text);
+    parsed = new (fxp().XMLParser)(OPTIONS).parse(text);
   } catch (err) {
     throw new StrataError(ErrorCode.DATA_CORRUPT, `${what}: not well-formed XML (${String(err)})`, {
       cause: err,
@@ -94,7 +103,7 @@ export function parseXml(text: string, root: string, what: string): XElement {
 
 /** Serialises an element (and its subtree). */
 export function buildXml(e: XElement): string {
-  return new XMLBuilder({ ...OPTIONS, suppressEmptyNode: true }).build([toRaw(e)]) as string;
+  return new (fxp().XMLBuilder)({ ...OPTIONS, suppressEmptyNode: true }).build([toRaw(e)]) as string;
 }
 
 /** Child elements named `tag`. */
