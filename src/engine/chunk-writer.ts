@@ -17,7 +17,6 @@ import type { FixedIndex } from "../repo/fixed-index.js";
 import type { Repository } from "../repo/repository.js";
 import { AlignedSlots, DIRECT_IO_ALIGN } from "../util/aligned.js";
 import { ErrorCode, errnoCode, StrataError } from "../util/errors.js";
-import { ownDigest } from "./digest.js";
 
 /** Buffered bytes between early flushes. */
 const EARLY_FLUSH_BYTES = 256 * 1024 * 1024;
@@ -108,7 +107,7 @@ export class ChunkWriter {
         ErrorCode.DATA_CORRUPT,
         `chunk ${index.digest(i).toString("hex")} has the wrong length for ${what}`,
       );
-    const digest = ownDigest(index, i);
+    const digest = index.digest(i);
     const slots = this.slots;
     const stored = this.stored;
     if (!slots || !stored) {

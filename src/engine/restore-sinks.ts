@@ -31,7 +31,6 @@ import { forEachLimit } from "../util/pool.js";
 import { runProgram } from "../util/process.js";
 import { noProgress } from "../util/progress.js";
 import { ChunkWriter, restoreInflight } from "./chunk-writer.js";
-import { ownDigest } from "./digest.js";
 import type { RestoreDiskOptions, RestoreDiskResult } from "./restore.js";
 
 /** Largest zero write to a device, and the size of the one shared zero buffer. */
@@ -132,7 +131,7 @@ export async function restoreDiskToQcow2(
     const c = client;
     const what = `${snap.vm}/${snap.time} ${disk}`;
     const bytesWritten = await pumpChunks(repo, index, what, options, async (i) => {
-      const data = await repo.readChunk(ownDigest(index, i));
+      const data = await repo.readChunk(index.digest(i));
       if (data.length !== index.chunkLength(i)) {
         throw new StrataError(
           ErrorCode.DATA_CORRUPT,

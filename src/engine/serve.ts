@@ -25,7 +25,6 @@ import type { FixedIndex } from "../repo/fixed-index.js";
 import type { Repository, SnapshotRef } from "../repo/repository.js";
 import { ErrorCode, errnoCode, ioError, isNotFound, StrataError } from "../util/errors.js";
 import { socketAccepts } from "../util/process.js";
-import { ownDigest } from "./digest.js";
 
 export const DEFAULT_CACHE_BYTES = 256 * 1024 * 1024;
 export const DEFAULT_READ_AHEAD = 4;
@@ -223,7 +222,7 @@ export class RestorePointSource {
   private fetch(i: number, key: string): Promise<Buffer> {
     this.counters.peakFetches = Math.max(this.counters.peakFetches, this.active);
     const p = this.repo
-      .readChunk(ownDigest(this.index, i))
+      .readChunk(this.index.digest(i))
       .then((data) => {
         if (data.length !== this.index.chunkLength(i)) {
           throw new StrataError(

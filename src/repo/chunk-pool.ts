@@ -63,7 +63,11 @@ export class ChunkPool {
 
   /** Verified plaintext of a stored chunk (moved to the worker). */
   async decode(stored: Buffer, digest: Buffer, what: string): Promise<Buffer> {
-    return toBuffer(await this.pool.run<Uint8Array>("decode", { stored, digest, what }, [ownBuffer(stored)]));
+    return toBuffer(
+      await this.pool.run<Uint8Array>("decode", { stored, digest: ownBytes(digest), what }, [
+        ownBuffer(stored),
+      ]),
+    );
   }
 
   /**
@@ -72,14 +76,29 @@ export class ChunkPool {
    */
   decodeInto(stored: Buffer, digest: Buffer, what: string, into: SharedSlot): Promise<number> {
     const { memory, offset, capacity } = into;
-    return this.pool.run<number>("decodeInto", { stored, digest, what, into: memory, offset, capacity }, [
-      ownBuffer(stored),
-    ]);
+    return this.pool.run<number>(
+      "decodeInto",
+      { stored, digest: ownBytes(digest), what, into: memory, offset, capacity },
+      [ownBuffer(stored)],
+    );
   }
 
   close(): Promise<void> {
     return this.pool.close();
   }
+}
+
+/**
+ * `b`, or a copy of it over memory of its own when it is a view into something larger. A digest
+ * from FixedIndex.digest() is a view into the index's one buffer of all digests, and structured
+ * cloning sends a view to the worker with all the memory under it: 128 KiB per chunk for a 4 GiB
+ * disk of 1 MiB chunks (285 MiB for its restore), 32 MiB per chunk for 1 TiB.
+ */
+export function ownBytes(b: Buffer): Buffer {
+  if (b.byteOffset === 0 && b.byteLength === b.buffer.byteLength) return b;
+  const own = Buffer.from(new ArrayBuffer(b.length));
+  own.set(b);
+  return own;
 }
 
 /**

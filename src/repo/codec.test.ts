@@ -84,3 +84,16 @@ test("encodeChunkInto writes the same stored form into given memory and asks for
   assert.deepEqual(Buffer.from(out.subarray(0, n)), encodeChunk(text, undefined, 1));
   assert.throws(() => encodeChunkInto(text, out.subarray(0, text.length), undefined, 1), /too small/);
 });
+
+test("a digest goes to the worker as 32 bytes of its own, not as a view of a whole index", async () => {
+  const { FixedIndex } = await import("./fixed-index.js");
+  const { ownBytes } = await import("./chunk-pool.js");
+  const index = new FixedIndex(1024 * 65536, 65536);
+  index.setDigest(7, Buffer.alloc(32, 7));
+  const view = index.digest(7);
+  assert.equal(view.buffer.byteLength, 1024 * 32, "FixedIndex.digest() is a view");
+  const own = ownBytes(view);
+  assert.deepEqual(own, view);
+  assert.equal(own.buffer.byteLength, 32);
+  assert.equal(ownBytes(own), own, "a buffer that owns its memory is passed as it is");
+});
