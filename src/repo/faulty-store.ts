@@ -144,6 +144,10 @@ export class FaultyStore implements Store {
     return this.inner.flush();
   }
 
+  async close(): Promise<void> {
+    await this.inner.close?.();
+  }
+
   isNotFound(err: unknown): boolean {
     return this.inner.isNotFound(err);
   }

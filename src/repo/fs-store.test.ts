@@ -77,3 +77,36 @@ test("aligned puts and getInto give back exactly the bytes, direct or buffered",
     await assert.rejects(s.getInto("o/none", small, { aligned: true }), (e) => s.isNotFound(e));
   }
 });
+
+test("getRange reads exact ranges, direct or buffered, through kept handles that a put or delete lets go", async (t) => {
+  const { s } = store(t);
+  const data = Buffer.alloc(3 * 4096 + 123);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 7 + 3) & 0xff;
+  await s.put("packs/ab/one", data);
+  const { AlignedSlots } = await import("../util/aligned.js");
+  const slots = new AlignedSlots(1, 64 * 1024);
+  for (const [offset, length] of [
+    [0, 16],
+    [4095, 2],
+    [5000, 7000],
+    [data.length - 10, 10],
+  ] as const) {
+    const into = slots.view(0);
+    assert.deepEqual(
+      Buffer.from(await s.getRange("packs/ab/one", offset, length, into)),
+      data.subarray(offset, offset + length),
+    );
+    assert.deepEqual(
+      await s.getRange("packs/ab/one", offset, length),
+      data.subarray(offset, offset + length),
+    );
+  }
+  await assert.rejects(s.getRange("packs/ab/one", data.length - 5, 10), /ends before byte/);
+  // Replaced: the next read sees the new object, not the handle kept on the old one.
+  const next = Buffer.alloc(100, 9);
+  await s.put("packs/ab/one", next);
+  assert.deepEqual(await s.getRange("packs/ab/one", 10, 20), next.subarray(10, 30));
+  await s.delete("packs/ab/one");
+  await assert.rejects(s.getRange("packs/ab/one", 0, 1), (e) => s.isNotFound(e));
+  await s.close();
+});

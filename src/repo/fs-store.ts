@@ -22,6 +22,8 @@ import { ErrorCode, errnoCode, ioError, isNotFound } from "../util/errors.js";
 import type { ObjectInfo, PutOptions, Store } from "./store.js";
 
 const TMP_MARK = ".tmp-";
+/** Read handles kept open for range reads (packs). */
+const MAX_READERS = 16;
 const TOO_LARGE = "ESTRATATOOLARGE";
 
 function roundUp(n: number): number {
@@ -35,6 +37,7 @@ export interface FsStoreOptions {
 
 export class FsStore implements Store {
   private readonly dirtyDirs = new Set<string>();
+  private readonly readers = new Map<string, { handle: Promise<fs.FileHandle>; users: number }>();
   private directIo: boolean;
 
   constructor(
@@ -59,6 +62,7 @@ export class FsStore implements Store {
 
   async put(key: string, data: Uint8Array, options?: PutOptions): Promise<void> {
     const path = this.path(key);
+    this.dropReaders(path);
     const dir = dirname(path);
     const tmp = `${path}${TMP_MARK}${randomBytes(6).toString("hex")}`;
     try {
@@ -188,38 +192,99 @@ export class FsStore implements Store {
     // Direct reads start and end on 4 KiB boundaries: read the blocks around the range.
     const start = offset - (offset % ALIGN);
     const span = roundUp(offset + length) - start;
-    let direct = into !== undefined && this.directIo && into.byteOffset % ALIGN === 0 && span <= into.length;
-    let fh: fs.FileHandle;
-    try {
-      fh = await fs.open(path, constants.O_RDONLY | (direct ? constants.O_DIRECT : 0));
-    } catch (err) {
-      if (!direct || errnoCode(err) !== "EINVAL") throw err;
-      this.directIo = direct = false;
-      fh = await fs.open(path, constants.O_RDONLY);
-    }
-    try {
-      if (direct && into) {
+    const direct =
+      into !== undefined && this.directIo && into.byteOffset % ALIGN === 0 && span <= into.length;
+    if (direct && into) {
+      const r = await this.reader(path, true);
+      if (r) {
         const buf = Buffer.from(into.buffer, into.byteOffset, span);
         try {
-          const got = await readFully(fh, buf, start);
+          const got = await readFully(r.fh, buf, start);
           if (got < offset - start + length) throw shortRead(path, offset, length);
           return buf.subarray(offset - start, offset - start + length);
         } catch (err) {
           if (errnoCode(err) !== "EINVAL") throw err;
           this.directIo = false;
-          await fh.close();
-          fh = await fs.open(path, constants.O_RDONLY);
+        } finally {
+          r.release();
         }
       }
+    }
+    const r = (await this.reader(path, false))!;
+    try {
       const buf =
         into && length <= into.length
           ? Buffer.from(into.buffer, into.byteOffset, length)
           : Buffer.allocUnsafe(length);
-      if ((await readFully(fh, buf, offset)) < length) throw shortRead(path, offset, length);
+      if ((await readFully(r.fh, buf, offset)) < length) throw shortRead(path, offset, length);
       return buf;
     } finally {
-      await fh.close();
+      r.release();
     }
+  }
+
+  /**
+   * An open handle for range reads of `path`, shared and kept open across reads (a restore reads
+   * a pack's chunks one after another: one open, not one per chunk). Undefined when O_DIRECT was
+   * asked for and the filesystem refuses it.
+   */
+  private async reader(
+    path: string,
+    direct: boolean,
+  ): Promise<{ fh: fs.FileHandle; release: () => void } | undefined> {
+    const id = `${direct ? "d" : "b"}:${path}`;
+    let r = this.readers.get(id);
+    if (r) this.readers.delete(id);
+    else {
+      r = { handle: fs.open(path, constants.O_RDONLY | (direct ? constants.O_DIRECT : 0)), users: 0 };
+      r.handle.catch(() => {});
+    }
+    // Most recently used last; idle handles past the limit are closed, oldest first.
+    this.readers.set(id, r);
+    r.users++;
+    for (const [k, v] of this.readers) {
+      if (this.readers.size <= MAX_READERS) break;
+      if (v.users > 0) continue;
+      this.readers.delete(k);
+      void v.handle.then((fh) => fh.close()).catch(() => {});
+    }
+    const entry = r;
+    let fh: fs.FileHandle;
+    try {
+      fh = await entry.handle;
+    } catch (err) {
+      entry.users--;
+      if (this.readers.get(id) === entry) this.readers.delete(id);
+      if (direct && errnoCode(err) === "EINVAL") {
+        this.directIo = false;
+        return undefined;
+      }
+      throw err;
+    }
+    return {
+      fh,
+      release: () => {
+        entry.users--;
+        if (this.readers.get(id) !== entry && entry.users === 0) void fh.close().catch(() => {});
+      },
+    };
+  }
+
+  /** Forgets open read handles of `path` (it is being replaced or deleted). */
+  private dropReaders(path: string): void {
+    for (const id of [`d:${path}`, `b:${path}`]) {
+      const r = this.readers.get(id);
+      if (!r) continue;
+      this.readers.delete(id);
+      if (r.users === 0) void r.handle.then((fh) => fh.close()).catch(() => {});
+    }
+  }
+
+  /** Closes every read handle kept open. */
+  async close(): Promise<void> {
+    const all = [...this.readers.values()];
+    this.readers.clear();
+    await Promise.all(all.map((r) => r.handle.then((fh) => fh.close()).catch(() => {})));
   }
 
   async touch(key: string): Promise<boolean> {
@@ -269,6 +334,7 @@ export class FsStore implements Store {
   }
 
   async delete(key: string): Promise<void> {
+    this.dropReaders(this.path(key));
     await fs.rm(this.path(key), { force: true }).catch((err: unknown) => {
       throw ioError(ErrorCode.IO_ERROR, `cannot delete ${this.path(key)}`, err);
     });

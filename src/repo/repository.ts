@@ -329,6 +329,7 @@ export class Repository {
   async close(): Promise<void> {
     await this.pool?.close();
     this.pool = undefined;
+    await this.store.close?.();
   }
 
   /** Takes a lock; a writer (backup, exclusive) first seals a legacy config with the key. */

@@ -93,6 +93,9 @@ export interface Store {
   /** Makes every put since the last flush durable (directory entries included). */
   flush(): Promise<void>;
 
+  /** Lets go of what the store keeps open between calls (read handles); it may be used again after. */
+  close?(): Promise<void>;
+
   /** True when `err` means "no such object". */
   isNotFound(err: unknown): boolean;
 
