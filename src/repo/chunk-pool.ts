@@ -4,7 +4,7 @@
  * after the call, and gets them (or their replacement) back in the result.
  */
 import { defaultWorkerCount, WorkerPool } from "../util/workers.js";
-import type { CodecKeys } from "./codec.js";
+import type { CodecKeys, DigestKind } from "./codec.js";
 
 /** `capacity` bytes of shared memory at `offset`, where a worker writes its result. */
 export interface SharedSlot {
@@ -16,8 +16,12 @@ export interface SharedSlot {
 export class ChunkPool {
   private readonly pool: WorkerPool;
 
-  constructor(keys: CodecKeys | undefined, threads: number = defaultWorkerCount()) {
-    this.pool = new WorkerPool(new URL("./chunk-worker.js", import.meta.url), threads, keys ?? {});
+  constructor(
+    keys: CodecKeys | undefined,
+    threads: number = defaultWorkerCount(),
+    readonly digest: DigestKind = "sha256",
+  ) {
+    this.pool = new WorkerPool(new URL("./chunk-worker.js", import.meta.url), threads, { ...keys, digest });
   }
 
   get threads(): number {

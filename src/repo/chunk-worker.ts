@@ -3,12 +3,24 @@
  * in and out without copying.
  */
 import { serveWorker, withTransfer } from "../util/workers.js";
-import { type CodecKeys, chunkDigest, decodeChunk, encodeChunk, encodeChunkInto } from "./codec.js";
+import {
+  type CodecKeys,
+  chunkDigest,
+  type DigestKind,
+  decodeChunk,
+  encodeChunk,
+  encodeChunkInto,
+} from "./codec.js";
 
 function keysOf(data: unknown): CodecKeys | undefined {
   const d = data as { encKey?: Uint8Array; macKey?: Uint8Array } | undefined;
   if (!d?.encKey || !d.macKey) return undefined;
   return { encKey: Buffer.from(d.encKey), macKey: Buffer.from(d.macKey) };
+}
+
+/** The pool's digest kind, from its worker data. */
+function kind(data: unknown): DigestKind {
+  return (data as { digest?: DigestKind } | undefined)?.digest === "blake3" ? "blake3" : "sha256";
 }
 
 let cached: { data: unknown; keys: CodecKeys | undefined } | undefined;
@@ -37,7 +49,7 @@ function view(u: Uint8Array): Buffer {
 serveWorker({
   /** Digest of a plaintext; hands the plaintext back. */
   hash: (args: { data: Uint8Array }, data) => {
-    const digest = chunkDigest(args.data, keys(data));
+    const digest = chunkDigest(args.data, keys(data), kind(data));
     return withTransfer({ data: args.data, digest }, [args.data.buffer as ArrayBuffer]);
   },
   /** Stored form of a plaintext; hands the plaintext back too, so the caller can reuse its memory. */
@@ -73,11 +85,11 @@ serveWorker({
     data,
   ) => {
     const into = new Uint8Array(args.into, args.offset, args.capacity);
-    return decodeChunk(args.stored, args.digest, keys(data), args.what, into).length;
+    return decodeChunk(args.stored, args.digest, keys(data), args.what, into, kind(data)).length;
   },
   /** Plaintext of a stored chunk, verified against its digest. */
   decode: (args: { stored: Uint8Array; digest: Uint8Array; what: string }, data) => {
-    const plain = decodeChunk(args.stored, args.digest, keys(data), args.what);
+    const plain = decodeChunk(args.stored, args.digest, keys(data), args.what, undefined, kind(data));
     const own = owned(plain);
     return withTransfer(own, [own.buffer as ArrayBuffer]);
   },

@@ -97,3 +97,27 @@ test("a digest goes to the worker as 32 bytes of its own, not as a view of a who
   assert.equal(own.buffer.byteLength, 32);
   assert.equal(ownBytes(own), own, "a buffer that owns its memory is passed as it is");
 });
+
+test("format v2 names chunks with BLAKE3 (keyed under the MAC key when encrypted): the published test vectors", async () => {
+  const { chunkDigest, decodeChunk, encodeChunk } = await import("./codec.js");
+  assert.equal(
+    chunkDigest(Buffer.alloc(0), undefined, "blake3").toString("hex"),
+    "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262",
+  );
+  const key = { encKey: Buffer.alloc(32, 1), macKey: Buffer.from("whats the Elvish word for friend") };
+  assert.equal(
+    chunkDigest(Buffer.alloc(0), key, "blake3").toString("hex"),
+    "92b2b75604ed3c761f9d6f62392c8a9227ad0ea3f09573e783f1498a4ed60d26",
+  );
+  // A chunk checked against the other kind's digest is refused.
+  const plain = Buffer.from("some chunk");
+  const stored = encodeChunk(plain, key);
+  assert.deepEqual(
+    decodeChunk(stored, chunkDigest(plain, key, "blake3"), key, "c", undefined, "blake3"),
+    plain,
+  );
+  assert.throws(
+    () => decodeChunk(stored, chunkDigest(plain, key, "sha256"), key, "c", undefined, "blake3"),
+    /digest/,
+  );
+});

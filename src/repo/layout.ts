@@ -168,6 +168,7 @@ export class PackLayout implements ChunkLayout {
     if (fresh || !this.index) {
       const loading = loadPackIndex(this.store, this.codec());
       this.index = loading;
+      this.packKeys = undefined;
       loading.catch(() => {
         if (this.index === loading) this.index = undefined;
       });
@@ -176,9 +177,23 @@ export class PackLayout implements ChunkLayout {
   }
 
   async read(hex: string, scratch?: SharedSlot): Promise<Buffer> {
-    let at = (await this.packIndex()).locate(hex);
-    // Written since the index was read (a backup that finished meanwhile)? Read it again, once.
-    if (!at) at = (await this.packIndex(true)).locate(hex);
+    const index = await this.packIndex();
+    try {
+      return await this.readFrom(index, hex, scratch);
+    } catch (err) {
+      // Written since the index was read (a backup that finished meanwhile), or moved by a gc
+      // (repacked, the old pack deleted): read the index again, once.
+      if (!(err instanceof StrataError && err.code === ErrorCode.DATA_MISSING)) throw err;
+      const fresh =
+        this.index === undefined || (await this.index) === index
+          ? await this.packIndex(true)
+          : await this.packIndex();
+      return this.readFrom(fresh, hex, scratch);
+    }
+  }
+
+  private async readFrom(index: PackIndex, hex: string, scratch?: SharedSlot): Promise<Buffer> {
+    const at = index.locate(hex);
     if (!at) throw missing(hex);
     const into = scratch ? new Uint8Array(scratch.memory, scratch.offset, scratch.capacity) : undefined;
     try {

@@ -9,7 +9,7 @@ import { type Clock, systemClock } from "../util/clock.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { isPowerOfTwo } from "../util/sizes.js";
 import { ChunkPool, type SharedSlot } from "./chunk-pool.js";
-import { type CodecKeys, storedSizeBound } from "./codec.js";
+import { type CodecKeys, chunkDigest, type DigestKind, storedSizeBound } from "./codec.js";
 import { CompressionPolicy } from "./compression.js";
 import { FixedIndex } from "./fixed-index.js";
 import {
@@ -150,6 +150,11 @@ export class Repository {
 
   get encrypted(): boolean {
     return this.keys !== undefined;
+  }
+
+  /** How chunks are named: SHA-256 in format v1, BLAKE3 in v2 (keyed when encrypted). */
+  get digestKind(): DigestKind {
+    return this.config.version === 1 ? "sha256" : "blake3";
   }
 
   /** Creates a repository in an empty store. */
@@ -322,7 +327,7 @@ export class Repository {
 
   /** The worker pool for the chunk codec, started on first use. */
   codec(): ChunkPool {
-    this.pool ??= new ChunkPool(this.keys, this.threads);
+    this.pool ??= new ChunkPool(this.keys, this.threads, this.digestKind);
     return this.pool;
   }
 
@@ -387,11 +392,9 @@ export class Repository {
     return this.layout.read(hex, scratch);
   }
 
-  /** Checksum of a blob's plaintext, keyed when encrypted. */
+  /** Checksum of a blob's plaintext: the digest a chunk of the same bytes would have. */
   blobChecksum(data: Uint8Array): string {
-    return (this.keys ? createHmac("sha256", this.keys.macKey) : createHash("sha256"))
-      .update(data)
-      .digest("hex");
+    return chunkDigest(data, this.keys, this.digestKind).toString("hex");
   }
 
   /** All complete restore points (those with a valid manifest), oldest first. Damaged ones are reported to `onDamaged`. */
