@@ -1,13 +1,7 @@
 import assert from "node:assert/strict";
-import { createHash } from "node:crypto";
-import { mkdtemp, open, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { test } from "node:test";
-import { FixedIndex } from "../repo/fixed-index.js";
 import { MAX_CHUNK_SIZE, MIN_CHUNK_SIZE } from "../repo/format.js";
-import type { Repository } from "../repo/repository.js";
-import { ChunkWriter, RESTORE_INFLIGHT_BYTES, restoreInflight } from "./chunk-writer.js";
+import { RESTORE_INFLIGHT_BYTES, restoreInflight } from "./chunk-writer.js";
 
 test("restoreInflight keeps 24 MiB of 1 MiB chunks in flight, enough to hide cold reads", () => {
   assert.equal(restoreInflight(2, 1024 * 1024), 24);

@@ -1,5 +1,6 @@
 /** In-memory disk sources for tests that drive the engine in-process. */
-import type { DiskSource } from "../../src/engine/backup.js";
+import { type BackupResult, backup, type DiskSource } from "../../src/engine/backup.js";
+import type { Repository } from "../../src/repo/repository.js";
 
 /** A disk named "disk" whose bytes are `data` (each read returns a copy). */
 export function memoryDisk(data: Buffer): DiskSource {
@@ -38,4 +39,25 @@ export function gatedDisk(
     },
   };
   return { disk, open, atGate };
+}
+
+/**
+ * A backup of `data` as VM `vm` that stops reading at `gateAt` bytes until `open()`: what gc is
+ * run against in the tests of gc beside backups. One chunk in flight, so the gate holds exactly.
+ */
+export function heldBackup(
+  repo: Repository,
+  vm: string,
+  data: Buffer,
+  gateAt: number,
+): { running: Promise<BackupResult>; open: () => void; atGate: Promise<void> } {
+  const g = gatedDisk(data, gateAt);
+  const running = backup(repo, {
+    vm,
+    disks: [g.disk],
+    mode: "file",
+    consistency: "crash-consistent",
+    inflight: 1,
+  });
+  return { running, open: g.open, atGate: g.atGate };
 }

@@ -12,7 +12,7 @@ import { forgetIds, gc } from "../../src/repo/prune.js";
 import { Repository } from "../../src/repo/repository.js";
 import { verifyRepository } from "../../src/repo/verify.js";
 import { tempDir } from "../helpers/cli.js";
-import { gatedDisk } from "../helpers/disks.js";
+import { heldBackup } from "../helpers/disks.js";
 
 const CHUNK = 64 * 1024;
 const CHUNKS = 64;
@@ -51,14 +51,8 @@ test("gc beside a backup that reuses old, unreferenced chunks loses nothing", as
   await setMtimeAll(join(dir, "repo", "chunks"), new Date(Date.now() - 2 * 3600_000));
 
   // Backup of the same data as another VM, held half-way: it has touched the first half only.
-  const g = gatedDisk(data, (CHUNKS / 2) * CHUNK);
-  const running = backup(repo, {
-    vm: "b",
-    disks: [g.disk],
-    mode: "file",
-    consistency: "crash-consistent",
-    inflight: 1,
-  });
+  const g = heldBackup(repo, "b", data, (CHUNKS / 2) * CHUNK);
+  const running = g.running;
   await g.atGate;
   await forgetIds(repo, [s1.id]);
   const report = await gc(repo, { graceMs: 0 });
@@ -84,14 +78,8 @@ test("gc beside a backup keeps the chunks it wrote before its manifest exists", 
   const repo = await Repository.open(store, { threads: 1 });
   t.after(() => repo.close());
   const data = image("y");
-  const g = gatedDisk(data, (CHUNKS / 2) * CHUNK);
-  const running = backup(repo, {
-    vm: "c",
-    disks: [g.disk],
-    mode: "file",
-    consistency: "crash-consistent",
-    inflight: 1,
-  });
+  const g = heldBackup(repo, "c", data, (CHUNKS / 2) * CHUNK);
+  const running = g.running;
   await g.atGate;
   const report = await gc(repo, { graceMs: 0 });
   assert.equal(report.chunksRemoved, 0);

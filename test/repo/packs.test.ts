@@ -19,7 +19,7 @@ import { Repository } from "../../src/repo/repository.js";
 import type { ObjectInfo, PutOptions, Store } from "../../src/repo/store.js";
 import { verifyRepository } from "../../src/repo/verify.js";
 import { tempDir } from "../helpers/cli.js";
-import { gatedDisk, memoryDisk } from "../helpers/disks.js";
+import { heldBackup, memoryDisk } from "../helpers/disks.js";
 import { storedFiles } from "../helpers/stored.js";
 
 const CHUNK = 64 * 1024;
@@ -178,14 +178,8 @@ test("gc condemns, waits for a backup that may reuse the pack, brings it back wh
   const packs = packsIn(root).length;
 
   // A backup of the same data, held half-way: it read the index while s1's packs were live.
-  const g = gatedDisk(data, (CHUNKS / 2) * CHUNK);
-  const running = backup(repo, {
-    vm: "b",
-    disks: [g.disk],
-    mode: "file",
-    consistency: "crash-consistent",
-    inflight: 1,
-  });
+  const g = heldBackup(repo, "b", data, (CHUNKS / 2) * CHUNK);
+  const running = g.running;
   await g.atGate;
   await forgetIds(repo, [s1.id]);
   const r1 = await gc(repo, { graceMs: 0 });
