@@ -1,12 +1,12 @@
 // Helpers for tests of strata serve and the restore sinks: a backed-up image, a running serve.
 import type { ChildProcess } from "node:child_process";
 import { execFile } from "node:child_process";
-import { createHash } from "node:crypto";
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
 import type { TestContext } from "node:test";
 import { promisify } from "node:util";
 import { writeSyntheticImage } from "../../src/image/synthetic.js";
+import { chunkDigest } from "../../src/repo/codec.js";
 import { collect, startStrata, strataOk, summary } from "../helpers/cli.js";
 
 const execFileP = promisify(execFile);
@@ -84,13 +84,18 @@ export async function zeroChunks(path: string): Promise<boolean[]> {
   return out;
 }
 
-/** Offset of the first 64 KiB piece of `path` whose SHA-256 is `digest` (unencrypted repositories). */
+/**
+ * Offset of the first 64 KiB piece of `path` whose chunk digest is `digest` (unencrypted
+ * repositories, format v2: BLAKE3).
+ */
 export async function offsetOfDigest(path: string, digest: string): Promise<number> {
   const data = await fs.readFile(path);
   for (let off = 0; off < data.length; off += CHUNK) {
-    const h = createHash("sha256")
-      .update(data.subarray(off, Math.min(data.length, off + CHUNK)))
-      .digest("hex");
+    const h = chunkDigest(
+      data.subarray(off, Math.min(data.length, off + CHUNK)),
+      undefined,
+      "blake3",
+    ).toString("hex");
     if (h === digest) return off;
   }
   throw new Error(`no piece of ${path} has digest ${digest}`);
