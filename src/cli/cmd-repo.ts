@@ -252,6 +252,8 @@ the host is idle, e.g. nightly.`,
             signal: interruptSignal(),
           });
           const verb = opts.dryRun ? "would remove" : "removed";
+          for (const why of report.packsNotRepacked ?? [])
+            out.warn(`pack kept as it is, not repacked: ${why}; run "strata verify --read-data"`);
           out.result({ type: "summary", ...report }, () =>
             report.packsCondemned === undefined
               ? `${verb} ${report.chunksRemoved} chunks (${formatBytes(report.bytesFreed)}), ` +

@@ -56,6 +56,8 @@ export interface PackGcReport {
   chunksKeptInPacks: number;
   /** Packs rewritten at a stronger zstd level (counted in packsRepacked too). */
   packsRecompressed: number;
+  /** Packs kept as they were because a chunk in them is damaged, with why. */
+  packsNotRepacked: string[];
   /** Stored bytes of the chunks repacked, before and after. */
   repackedBytesBefore: number;
   repackedBytesAfter: number;
@@ -88,6 +90,7 @@ export async function gcPacks(
     bytesFreed: 0,
     chunksKeptInPacks: 0,
     packsRecompressed: 0,
+    packsNotRepacked: [],
     repackedBytesBefore: 0,
     repackedBytesAfter: 0,
   };
@@ -182,7 +185,9 @@ export async function gcPacks(
       for (const { pack, used } of repack) {
         options.signal?.throwIfAborted();
         // Chunks of one pack in parallel on the codec's workers; each is added as it is ready.
-        await forEachLimit(used, codec.threads * 2, async (e) => {
+        // A damaged chunk keeps its pack live as it is (verify names it), and gc goes on: one bad
+        // chunk must not stop the space of every other pack from being freed.
+        const damaged = await forEachLimit(used, codec.threads * 2, async (e) => {
           const stored = await store.getRange(keys.pack(pack.id), e.offset, e.length);
           // Decoding checks tag and digest: a damaged chunk is not copied as if it were good.
           const plain = await codec.decode(
@@ -196,12 +201,24 @@ export async function gcPacks(
           report.repackedBytesBefore += stored.length;
           report.repackedBytesAfter += kept.length;
           await writer.add(e.digest, kept);
-        });
+        }).then(
+          () => undefined,
+          (err: unknown) => {
+            if (err instanceof StrataError && err.code === ErrorCode.DATA_CORRUPT) return err;
+            throw err;
+          },
+        );
+        if (damaged) {
+          report.packsNotRepacked.push(`${pack.id}: ${damaged.message}`);
+          next.push(pack);
+          continue;
+        }
         report.chunksRemoved += pack.entries.length - used.length;
         condemn.push(pack);
         options.progress.emit({ type: "progress", job: "gc", done: ++done, total: repack.length });
       }
       next.push(...(await writer.finish()));
+      report.packsRepacked -= report.packsNotRepacked.length;
     } catch (err) {
       await writer.abandon();
       throw err;

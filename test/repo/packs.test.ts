@@ -20,7 +20,7 @@ import type { ObjectInfo, PutOptions, Store } from "../../src/repo/store.js";
 import { verifyRepository } from "../../src/repo/verify.js";
 import { tempDir } from "../helpers/cli.js";
 import { heldBackup, memoryDisk } from "../helpers/disks.js";
-import { storedFiles } from "../helpers/stored.js";
+import { chunkRegion, flipChunkByte, storedFiles } from "../helpers/stored.js";
 
 const CHUNK = 64 * 1024;
 /** Four stored chunks of random data fill a pack. */
@@ -330,4 +330,33 @@ test("gc --recompress rewrites packs once at a stronger level, smaller, restore 
   assert.ok(after < before, `stored ${before} → ${after} bytes`);
   assert.deepEqual(await restored(repo, s.id, dir), data);
   assert.equal((await verifyRepository(repo, { readData: true })).ok, true);
+});
+
+test("a damaged chunk keeps its pack as it is; gc repacks and frees the rest", async (t) => {
+  const dir = tempDir(t);
+  const root = join(dir, "repo");
+  const repo = await openRepo(t, new FsStore(root));
+  const x = image("dx");
+  const y = Buffer.from(x);
+  for (let i = 0; i < CHUNKS; i++)
+    if (i % 4 !== 0) fillContent(y.subarray(i * CHUNK, (i + 1) * CHUNK), "random", new Prng(`dy${i}`));
+  const s1 = await take(repo, "vm", memoryDisk(x));
+  const s2 = await take(repo, "vm", memoryDisk(y));
+  await forgetIds(repo, [s1.id]);
+  // Damage chunk 0 of s2, which sits in one of s1's packs, all of whose other chunks are unused.
+  const digest = (await repo.index(await repo.findSnapshot(s2.id), "disk")).digest(0).toString("hex");
+  const victim = await chunkRegion(root, digest);
+  await flipChunkByte(victim, 100);
+  const r = await gc(repo, { graceMs: 0 });
+  assert.equal(r.packsNotRepacked?.length, 1, JSON.stringify(r));
+  assert.match(r.packsNotRepacked![0]!, /damaged/);
+  assert.equal(r.packsRepacked, CHUNKS / 4 - 1, "the other packs were repacked");
+  await gc(repo, { graceMs: 0 });
+  const packs = packsIn(root);
+  assert.ok(packs.includes(victim.path), "the damaged chunk's pack is kept");
+  const v = await verifyRepository(repo, { readData: true });
+  assert.deepEqual(
+    v.damagedChunks.map((c) => c.digest),
+    [digest],
+  );
 });
