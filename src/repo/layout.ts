@@ -6,9 +6,17 @@
  */
 import { ErrorCode, StrataError } from "../util/errors.js";
 import type { ChunkPool, SharedSlot } from "./chunk-pool.js";
+import { storedSizeBound } from "./codec.js";
 import { INDEX_NAME_RE, keys } from "./format.js";
 import { PackWriter } from "./pack.js";
-import { decodeIndex, encodeIndex, type IndexDocument, PackIndex, type PackRecord } from "./pack-index.js";
+import {
+  decodeIndex,
+  encodeIndex,
+  INDEX_MAX_BYTES,
+  type IndexDocument,
+  PackIndex,
+  type PackRecord,
+} from "./pack-index.js";
 import type { Store } from "./store.js";
 
 /** One writer's access to the chunk store, from its start to its commit. */
@@ -92,7 +100,14 @@ export async function loadPackIndex(store: Store, codec: ChunkPool): Promise<Pac
     const names: string[] = [];
     for await (const o of store.list("index/")) {
       const name = o.key.slice("index/".length);
-      if (INDEX_NAME_RE.test(name)) names.push(name);
+      if (!INDEX_NAME_RE.test(name)) continue;
+      // Others may write the repository: an object larger than an index can be is not read into memory.
+      if (o.size > storedSizeBound(INDEX_MAX_BYTES))
+        throw new StrataError(
+          ErrorCode.DATA_CORRUPT,
+          `pack index ${name} is damaged: ${o.size} bytes, larger than an index can be`,
+        );
+      names.push(name);
     }
     const docs = new Map<string, IndexDocument>();
     let vanished = false;

@@ -1,5 +1,5 @@
 // Property-based fuzzing (fast-check) of what Strata parses from a repository others may write:
-// fixed indexes, stored chunks, sealed manifests. Every input, random or a mutation of a valid
+// fixed indexes, stored chunks, sealed manifests, pack indexes, pack directories and trailers. Every input, random or a mutation of a valid
 // encoding, must either parse to exactly what was encoded or fail with a StrataError — never
 // another exception, never a wrong value. Bounded for CI: STRATA_FUZZ_RUNS runs per property
 // (default 5000) and STRATA_FUZZ_SECONDS per property at most (default 10); a failure prints
@@ -11,7 +11,10 @@ import fc from "fast-check";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { chunkDigest, decodeChunk, encodeChunk } from "./codec.js";
 import { FixedIndex } from "./fixed-index.js";
+import { PACK_ENTRY_SIZE, PACK_MAX_ENTRIES, PACK_TRAILER_SIZE } from "./format.js";
 import { type Manifest, manifestProblem } from "./manifest.js";
+import { decodeDirectory, encodeDirectory, PACK_HEADER_SIZE, parseTrailer } from "./pack.js";
+import { decodeIndex, encodeIndex, type IndexDocument } from "./pack-index.js";
 import { sealJson, unsealJson } from "./sealed-json.js";
 
 const RUNS = Number(process.env.STRATA_FUZZ_RUNS ?? 5000);
@@ -167,4 +170,68 @@ test("sealed JSON: mutations of a sealed manifest never unseal to something else
       params,
     );
   }
+});
+
+const entry = (i: number) => ({
+  digest: randomBytes(32).toString("hex"),
+  offset: 16 + i * 1000,
+  length: 900,
+});
+
+test("pack index: random bytes and mutations decode to what re-encodes to them, or fail with DATA_CORRUPT", () => {
+  const doc: IndexDocument = {
+    supersedes: [randomBytes(32).toString("hex")],
+    packs: [
+      { id: randomBytes(16).toString("hex"), condemnedAt: 0, flags: 0, entries: [entry(0), entry(1)] },
+      { id: randomBytes(16).toString("hex"), condemnedAt: 1_700_000_000_000, flags: 1, entries: [entry(0)] },
+    ],
+  };
+  const valid = encodeIndex(doc);
+  assert.deepEqual(decodeIndex(valid, "fuzz"), doc);
+  fc.assert(
+    fc.property(
+      fc.oneof(
+        mutated(valid),
+        fc.uint8Array({ maxLength: 1024 }).map((u) => Buffer.from(u)),
+      ),
+      (bytes) => {
+        let decoded: IndexDocument | undefined;
+        if (onlyStrataErrors(() => (decoded = decodeIndex(bytes, "fuzz")))) {
+          // Counts were checked against the length before any loop: nothing decodes past the bytes.
+          assert.ok(decoded!.packs.every((p) => p.entries.length <= PACK_MAX_ENTRIES));
+          assert.equal(encodeIndex(decoded!).equals(bytes), true);
+        }
+      },
+    ),
+    params,
+  );
+});
+
+test("pack directory and trailer: every entry decoded lies inside the pack's chunks", () => {
+  const valid = encodeDirectory([entry(0), entry(1), entry(2)]);
+  const end = 16 + 3 * 1000;
+  fc.assert(
+    fc.property(
+      fc.oneof(
+        mutated(valid),
+        fc.uint8Array({ maxLength: 512 }).map((u) => Buffer.from(u)),
+      ),
+      fc.integer({ min: 0, max: 1 << 30 }),
+      (bytes, packSize) => {
+        let entries: ReturnType<typeof decodeDirectory> | undefined;
+        if (onlyStrataErrors(() => (entries = decodeDirectory(bytes, end, "fuzz")))) {
+          assert.equal(bytes.length, 16 + entries!.length * PACK_ENTRY_SIZE);
+          for (const e of entries!) assert.ok(e.offset >= PACK_HEADER_SIZE && e.offset + e.length <= end);
+        }
+        const tail = bytes.subarray(0, PACK_TRAILER_SIZE);
+        let at: ReturnType<typeof parseTrailer> | undefined;
+        if (onlyStrataErrors(() => (at = parseTrailer(tail, packSize, "fuzz")))) {
+          assert.ok(
+            at!.offset >= PACK_HEADER_SIZE && at!.offset + at!.length + PACK_TRAILER_SIZE === packSize,
+          );
+        }
+      },
+    ),
+    params,
+  );
 });

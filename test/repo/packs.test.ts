@@ -360,3 +360,19 @@ test("a damaged chunk keeps its pack as it is; gc repacks and frees the rest", a
     [digest],
   );
 });
+
+test("an index object larger than an index can be is refused before it is read", async (t) => {
+  const dir = tempDir(t);
+  const root = join(dir, "repo");
+  const repo = await openRepo(t, new FsStore(root));
+  await take(repo, "vm", memoryDisk(image("big")));
+  // Sparse: a listing says 80 MiB, nothing of it is read into memory.
+  const bogus = join(root, "index", "ee".repeat(32));
+  await fs.writeFile(bogus, "");
+  await fs.truncate(bogus, 80 * 1024 * 1024);
+  await assert.rejects((repo.layout as PackLayout).packIndex(true), (err: Error & { code?: string }) => {
+    assert.equal(err.code, "DATA_CORRUPT");
+    assert.match(err.message, /larger than an index can be/);
+    return true;
+  });
+});
