@@ -32,7 +32,6 @@ import {
   DIGEST_SIZE,
   MAX_CHUNK_SIZE,
   PACK_ENTRY_SIZE,
-  PACK_ID_RE,
   PACK_INDEX_MAGIC,
   PACK_MAX_ENTRIES,
 } from "./format.js";
@@ -128,7 +127,6 @@ export function decodeIndex(b: Buffer, what: string): IndexDocument {
         length,
       });
     }
-    if (!PACK_ID_RE.test(id)) throw bad("bad pack id");
     packs.push({ id, condemnedAt: Number(condemned), flags, entries });
   }
   if (at !== b.length) throw bad("trailing bytes");
@@ -151,6 +149,8 @@ export class PackIndex {
   readonly packs = new Map<string, PackRecord>();
   private readonly live = new Map<string, ChunkLocation>();
   private readonly condemned = new Map<string, ChunkLocation>();
+  /** Index objects some other object replaces: leftovers of a gc that stopped before deleting them. */
+  readonly superseded: string[];
 
   /** `objects`: the index objects read (name → document), superseded ones included. */
   constructor(readonly objects: ReadonlyMap<string, IndexDocument>) {
@@ -161,24 +161,16 @@ export class PackIndex {
       if (superseded.has(name)) continue;
       for (const p of doc.packs) {
         const known = this.packs.get(p.id);
-        if (!known) this.packs.set(p.id, { ...p, entries: p.entries });
-        else if (p.condemnedAt > known.condemnedAt || (p.condemnedAt !== 0 && known.condemnedAt === 0))
-          this.packs.set(p.id, { ...known, condemnedAt: Math.max(known.condemnedAt, p.condemnedAt) });
+        // Condemned wins over live (0), and a later condemnation over an earlier one.
+        if (!known) this.packs.set(p.id, p);
+        else if (p.condemnedAt > known.condemnedAt)
+          this.packs.set(p.id, { ...known, condemnedAt: p.condemnedAt });
       }
     }
     for (const p of this.packs.values()) {
       const into = p.condemnedAt === 0 ? this.live : this.condemned;
       for (const e of p.entries) into.set(e.digest, { pack: p.id, offset: e.offset, length: e.length });
     }
-  }
-
-  /** Index objects some other object replaces: leftovers of a gc that stopped before deleting them. */
-  readonly superseded: string[];
-
-  /** Names of the objects in effect (not superseded). */
-  get current(): string[] {
-    const gone = new Set(this.superseded);
-    return [...this.objects.keys()].filter((n) => !gone.has(n));
   }
 
   /** True when a writer may reuse the chunk: it is in a live pack. */
@@ -189,9 +181,5 @@ export class PackIndex {
   /** Where to read a chunk, live packs first. */
   locate(hex: string): ChunkLocation | undefined {
     return this.live.get(hex) ?? this.condemned.get(hex);
-  }
-
-  get chunkCount(): number {
-    return this.live.size;
   }
 }

@@ -115,7 +115,6 @@ export class PackWriter {
   private failed: unknown;
   /** Packs stored so far. */
   readonly written: PackRecord[] = [];
-  bytesWritten = 0;
 
   constructor(
     private readonly store: Store,
@@ -215,6 +214,5 @@ export class PackWriter {
     view.set(trailer, at);
     at += PACK_TRAILER_SIZE;
     await this.store.put(keys.pack(pack.id), view.subarray(0, at), { aligned: true });
-    this.bytesWritten += at;
   }
 }
