@@ -48,12 +48,15 @@ export function chunkDigest(data: Uint8Array, keys?: CodecKeys, kind: DigestKind
 }
 
 /**
- * zstd levels. FAST (1) for bulk: on disk images it runs at 200-450 MiB/s per core here and is
- * within a few percent of level 3's ratio. STRONG (11) for the few chunks an incremental backup
- * adds: 35-45 MiB/s per core, 5-15 % smaller than level 1 on a day's changed chunks (levels 13
- * and up are 4-10 times slower again for 1 %). Decoding speed is the same for both.
+ * zstd levels. FAST (1) for bulk: on disk images it runs at 200-650 MiB/s per core here.
+ * INCREMENTAL (3) for the few chunks an incremental backup adds: 1.5 times level 1's CPU for
+ * 5 % less on a day's changed chunks (src/repo/compression.ts). STRONG (11) for recompression
+ * when the host is idle (`strata gc --recompress`): 35-45 MiB/s per core, 10-15 % smaller than
+ * level 1 (levels 13 and up are 4-10 times slower again for 1 %). Decoding speed is the same for
+ * all of them.
  */
 export const ZSTD_FAST = 1;
+export const ZSTD_INCREMENTAL = 3;
 export const ZSTD_STRONG = 11;
 
 /** Largest stored form of an `n`-byte plaintext: header, crypto fields, and the payload kept raw. */

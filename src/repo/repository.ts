@@ -10,7 +10,7 @@ import { ErrorCode, StrataError } from "../util/errors.js";
 import { isPowerOfTwo } from "../util/sizes.js";
 import { ChunkPool, type SharedSlot } from "./chunk-pool.js";
 import { type CodecKeys, chunkDigest, type DigestKind, storedSizeBound } from "./codec.js";
-import { CompressionPolicy } from "./compression.js";
+import { backupLevel } from "./compression.js";
 import { FixedIndex } from "./fixed-index.js";
 import {
   DEFAULT_CHUNK_SIZE,
@@ -517,7 +517,7 @@ export class Repository {
 
   /**
    * Starts writing a restore point of `vm`. `incremental`: it has a parent restore point, so few
-   * chunks are expected to be new and those are compressed harder ({@link CompressionPolicy}).
+   * chunks are expected to be new and those are compressed harder ({@link backupLevel}).
    */
   async startBackup(vm: string, what: string, incremental = false): Promise<BackupWriter> {
     checkName("VM", vm);
@@ -536,7 +536,7 @@ export class Repository {
             await lock.release().catch(() => {});
             throw err;
           }
-          return new BackupWriter(this, vm, time, lock, session, new CompressionPolicy(incremental));
+          return new BackupWriter(this, vm, time, lock, session, backupLevel(incremental));
         } catch (err) {
           if (!(err instanceof StrataError && err.code === ErrorCode.LOCKED)) throw err;
         }
@@ -574,7 +574,8 @@ export class BackupWriter {
     readonly time: string,
     private readonly lock: Lock,
     private readonly chunks: ChunkSession,
-    private readonly compression: CompressionPolicy = new CompressionPolicy(false),
+    /** zstd level of the chunks this backup adds. */
+    private readonly level: number = backupLevel(false),
   ) {}
 
   /** When this writer registered; gc keeps everything it touched since. */
@@ -593,7 +594,6 @@ export class BackupWriter {
   ): Promise<{ state: "reused"; data: Buffer } | { state: "new"; stored: number; data: Buffer }> {
     this.lock.check();
     const hex = digest.toString("hex");
-    this.compression.examined(data.length);
     if (this.present.has(hex)) return { state: "reused", data };
     // The same chunk twice at once (a disk repeating itself): the second waits for the first.
     const pending = this.storing.get(hex);
@@ -612,7 +612,7 @@ export class BackupWriter {
       const slot = await out.take();
       try {
         const into = { memory: out.memory, offset: out.offset(slot), capacity: out.slotSize };
-        const encoded = await codec.encodeInto(data, this.compression.levelFor(data.length), into);
+        const encoded = await codec.encodeInto(data, this.level, into);
         await this.chunks.put(hex, out.view(slot, encoded.length));
         return { state: "new" as const, stored: encoded.length, data: encoded.data };
       } finally {
