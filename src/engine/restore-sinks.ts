@@ -30,31 +30,34 @@ import { ErrorCode, errnoCode, ioError, isNotFound, StrataError } from "../util/
 import { forEachLimit } from "../util/pool.js";
 import { runProgram } from "../util/process.js";
 import { noProgress } from "../util/progress.js";
-import { ChunkWriter, restoreInflight } from "./chunk-writer.js";
+import { ChunkWriter, chunkRuns, restoreInflight, restoreRunChunks } from "./chunk-writer.js";
 import type { RestoreDiskOptions, RestoreDiskResult } from "./restore.js";
 
 /** Largest zero write to a device, and the size of the one shared zero buffer. */
 const ZERO_WRITE = 8 * 1024 * 1024;
 
 /**
- * Runs `writeChunk` (fetch, verify, write; returns the bytes written) for every non-zero chunk
- * of `index`, at most `inflight` at a time, and the `extra` jobs beside them; returns the bytes
- * of chunks written.
+ * Runs `writeChunks` (fetch, verify, write; returns the bytes written) for every non-zero chunk
+ * of `index`, in runs of at most `run` consecutive chunks, at most `inflight` at a time, and the
+ * `extra` jobs beside them; returns the bytes of chunks written.
  */
 async function pumpChunks(
   repo: Repository,
   index: FixedIndex,
   what: string,
-  options: RestoreDiskOptions & { total?: number; extra?: Array<() => Promise<number>> },
-  writeChunk: (i: number) => Promise<number>,
+  options: RestoreDiskOptions & { total?: number; run?: number; extra?: Array<() => Promise<number>> },
+  writeChunks: (first: number, count: number) => Promise<number>,
 ): Promise<number> {
   const progress = options.progress ?? noProgress;
-  type Work = { chunk: number } | { run: () => Promise<number> };
-  const todo: Work[] = [];
-  for (let i = 0; i < index.count; i++) if (!index.isZero(i)) todo.push({ chunk: i });
+  type Work = { chunks: [number, number] } | { run: () => Promise<number> };
+  const todo: Work[] = chunkRuns(index, options.run ?? 1).map((chunks) => ({ chunks }));
   for (const run of options.extra ?? []) todo.push({ run });
-  const total =
-    options.total ?? todo.reduce((n, w) => n + ("chunk" in w ? index.chunkLength(w.chunk) : 0), 0);
+  let chunkBytes = 0;
+  for (const w of todo) {
+    if (!("chunks" in w)) continue;
+    for (let k = 0; k < w.chunks[1]; k++) chunkBytes += index.chunkLength(w.chunks[0] + k);
+  }
+  const total = options.total ?? chunkBytes;
   progress.emit({ type: "start", job: "restore", total, message: what });
   let done = 0;
   let bytesWritten = 0;
@@ -67,7 +70,7 @@ async function pumpChunks(
         const n = await w.run();
         done += n;
       } else {
-        const n = await writeChunk(w.chunk);
+        const n = await writeChunks(w.chunks[0], w.chunks[1]);
         bytesWritten += n;
         done += n;
       }
@@ -236,9 +239,11 @@ export async function restoreDiskToDevice(
       else zeroRuns.push([start, len]);
     }
     const inflight = options.inflight ?? restoreInflight(repo.codec().threads, index.chunkSize);
+    const run = restoreRunChunks(index.chunkSize);
     writer = await ChunkWriter.open(fh, device, {
       chunkSize: index.chunkSize,
       inflight,
+      run,
       direct: options.direct !== false,
       zeroWrite: Math.min(
         ZERO_WRITE,
@@ -257,8 +262,8 @@ export async function restoreDiskToDevice(
       repo,
       index,
       what,
-      { ...options, inflight, total: index.size, extra },
-      (i) => w.chunk(repo, index, i, what),
+      { ...options, inflight, run, total: index.size, extra },
+      (first, count) => w.run(repo, index, first, count, what),
     );
     await writer.finish();
     await fh.close();

@@ -12,13 +12,14 @@ import type { Repository, SnapshotRef } from "../repo/repository.js";
 import { ErrorCode, ioError, isNotFound, StrataError } from "../util/errors.js";
 import { forEachLimit } from "../util/pool.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
-import { ChunkWriter, restoreInflight } from "./chunk-writer.js";
+import { ChunkWriter, chunkRuns, restoreInflight, restoreRunChunks } from "./chunk-writer.js";
 
 export interface RestoreDiskOptions {
   /** Replace an existing target. */
   force?: boolean;
   progress?: ProgressSink;
   signal?: AbortSignal;
+  /** Work in flight at once: runs of consecutive chunks for raw files and devices, else chunks. */
   inflight?: number;
   /** Write around the page cache where the filesystem allows it (default true). */
   direct?: boolean;
@@ -68,23 +69,25 @@ export async function restoreDiskToFile(
   let bytesWritten = 0;
   try {
     await fh.truncate(index.size);
-    const todo: number[] = [];
-    for (let i = 0; i < index.count; i++) if (!index.isZero(i)) todo.push(i);
-    const total = todo.reduce((n, i) => n + index.chunkLength(i), 0);
+    const run = restoreRunChunks(index.chunkSize);
+    const runs = chunkRuns(index, run);
+    let total = 0;
+    for (const [first, count] of runs) for (let k = 0; k < count; k++) total += index.chunkLength(first + k);
     progress.emit({ type: "start", job: "restore", total, message: `${snap.vm}/${snap.time} ${disk}` });
     const inflight = options.inflight ?? restoreInflight(repo.codec().threads, index.chunkSize);
     writer = await ChunkWriter.open(fh, tmp, {
       chunkSize: index.chunkSize,
       inflight,
+      run,
       direct: options.direct !== false,
     });
     const w = writer;
     await forEachLimit(
-      todo,
+      runs,
       inflight,
-      async (i) => {
+      async ([first, count]) => {
         options.signal?.throwIfAborted();
-        const n = await w.chunk(repo, index, i, disk);
+        const n = await w.run(repo, index, first, count, disk);
         bytesWritten += n;
         progress.emit({ type: "progress", job: "restore", done: bytesWritten, total });
       },

@@ -44,6 +44,12 @@ export interface ChunkLayout {
    * 4 KiB) when given, around the page cache where the store can.
    */
   read(hex: string, scratch?: SharedSlot): Promise<Buffer>;
+  /**
+   * The stored bytes of several chunks read with one read, into `scratch` (as for {@link read}),
+   * when they lie back to back in one place (a pack); undefined when they don't, or when the
+   * layout can't tell: the caller reads them one by one.
+   */
+  readAdjacent?(hexes: readonly string[], scratch: SharedSlot): Promise<Buffer[] | undefined>;
   /** True when the chunk is stored (metadata only, for verify). */
   exists(hex: string): Promise<boolean>;
   /** Starts a writer's session; call after the writer's lock is registered. */
@@ -205,6 +211,31 @@ export class PackLayout implements ChunkLayout {
           : await this.packIndex();
       return this.readFrom(fresh, hex, scratch);
     }
+  }
+
+  async readAdjacent(hexes: readonly string[], scratch: SharedSlot): Promise<Buffer[] | undefined> {
+    const index = await this.packIndex();
+    const at = hexes.map((hex) => index.locate(hex));
+    const first = at[0];
+    if (!first) return undefined;
+    let end = first.offset;
+    for (const a of at) {
+      if (!a || a.pack !== first.pack || a.offset !== end) return undefined;
+      end += a.length;
+    }
+    let span: Buffer;
+    try {
+      span = await this.store.getRange(
+        keys.pack(first.pack),
+        first.offset,
+        end - first.offset,
+        new Uint8Array(scratch.memory, scratch.offset, scratch.capacity),
+      );
+    } catch {
+      // Moved by a gc, or damaged: the one-by-one reads retry and name what is wrong.
+      return undefined;
+    }
+    return at.map((a) => span.subarray(a!.offset - first.offset, a!.offset - first.offset + a!.length));
   }
 
   private async readFrom(index: PackIndex, hex: string, scratch?: SharedSlot): Promise<Buffer> {

@@ -387,6 +387,36 @@ export class Repository {
     return this.codec().decodeInto(await this.storedChunk(hex, scratch), digest, hex, into);
   }
 
+  /**
+   * Several chunks' verified plaintexts, chunk k into `into[k]` (as {@link readChunkInto}); their
+   * stored bytes are read with one read when they lie back to back in one pack, into `scratch`
+   * (page-aligned, room for `digests.length` slots of `stride` bytes). Returns their lengths.
+   */
+  async readChunksInto(
+    digests: readonly Buffer[],
+    into: readonly SharedSlot[],
+    scratch: SharedSlot,
+    stride: number,
+  ): Promise<number[]> {
+    const hexes = digests.map((d) => d.toString("hex"));
+    const stored =
+      digests.length > 1 && this.layout.readAdjacent
+        ? await this.layout.readAdjacent(hexes, scratch)
+        : undefined;
+    return Promise.all(
+      digests.map(async (digest, k) => {
+        const at = stored
+          ? stored[k]!
+          : await this.storedChunk(hexes[k]!, {
+              memory: scratch.memory,
+              offset: scratch.offset + k * stride,
+              capacity: stride,
+            });
+        return this.codec().decodeInto(at, digest, hexes[k]!, into[k]!);
+      }),
+    );
+  }
+
   /** A chunk's stored bytes (see {@link ChunkLayout.read}). */
   private storedChunk(hex: string, scratch?: SharedSlot): Promise<Buffer> {
     return this.layout.read(hex, scratch);

@@ -18,6 +18,7 @@ import { forgetIds, gc } from "../../src/repo/prune.js";
 import { Repository } from "../../src/repo/repository.js";
 import type { ObjectInfo, PutOptions, Store } from "../../src/repo/store.js";
 import { verifyRepository } from "../../src/repo/verify.js";
+import { AlignedSlots } from "../../src/util/aligned.js";
 import { tempDir } from "../helpers/cli.js";
 import { heldBackup, memoryDisk } from "../helpers/disks.js";
 import { chunkRegion, flipChunkByte, storedFiles } from "../helpers/stored.js";
@@ -373,6 +374,47 @@ test("an index object larger than an index can be is refused before it is read",
   await assert.rejects((repo.layout as PackLayout).packIndex(true), (err: Error & { code?: string }) => {
     assert.equal(err.code, "DATA_CORRUPT");
     assert.match(err.message, /larger than an index can be/);
+    return true;
+  });
+});
+
+test("chunks back to back in a pack are read with one range read; a damaged one among them is named", async (t) => {
+  const dir = tempDir(t);
+  const root = join(dir, "repo");
+  const store = new ObjectStoreOnly(new FsStore(root));
+  const repo = await openRepo(t, store);
+  const day0 = image("adjacent");
+  const s0 = await take(repo, "vm", memoryDisk(day0));
+  const index = await repo.index(await repo.findSnapshot(s0.id), "disk");
+  const stride = CHUNK + 3 * 4096;
+  const plain = new AlignedSlots(1, 4 * CHUNK);
+  const scratch = new AlignedSlots(1, 4 * stride);
+  const read = async (chunks: number[]) => {
+    const before = store.calls.get("getRange") ?? 0;
+    const lengths = await repo.readChunksInto(
+      chunks.map((i) => index.digest(i)),
+      chunks.map((_, k) => ({ memory: plain.memory, offset: k * CHUNK, capacity: CHUNK })),
+      { memory: scratch.memory, offset: 0, capacity: scratch.slotSize },
+      stride,
+    );
+    chunks.forEach((i, k) => {
+      assert.equal(lengths[k], CHUNK);
+      assert.ok(
+        Buffer.from(plain.view(0, 4 * CHUNK).subarray(k * CHUNK, (k + 1) * CHUNK)).equals(
+          day0.subarray(i * CHUNK, (i + 1) * CHUNK),
+        ),
+        `chunk ${i}`,
+      );
+    });
+    return (store.calls.get("getRange") ?? 0) - before;
+  };
+  // A pack holds four chunks, in the order the backup read them.
+  assert.equal(await read([0, 1, 2, 3]), 1, "one pack, one read");
+  assert.equal(await read([3, 4]), 2, "two packs, a read each");
+  assert.equal(await read([5, 7]), 2, "not back to back, a read each");
+  await flipChunkByte(await chunkRegion(root, index.digest(2).toString("hex")), 100);
+  await assert.rejects(read([0, 1, 2, 3]), (err: Error) => {
+    assert.match(err.message, new RegExp(`chunk ${index.digest(2).toString("hex")} is damaged`));
     return true;
   });
 });
