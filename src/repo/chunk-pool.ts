@@ -65,7 +65,7 @@ export class ChunkPool {
     return { length: r.length, data: toBuffer(r.data) };
   }
 
-  /** Verified plaintext of a stored chunk (moved to the worker). */
+  /** Verified plaintext of a stored chunk (moved to the worker; shared memory is used up). */
   async decode(stored: Buffer, digest: Buffer, what: string): Promise<Buffer> {
     return toBuffer(
       await this.pool.run<Uint8Array>("decode", { stored, digest: ownBytes(digest), what }, [
@@ -75,7 +75,8 @@ export class ChunkPool {
   }
 
   /**
-   * Verified plaintext of a stored chunk (moved to the worker), written by the worker into
+   * Verified plaintext of a stored chunk (moved to the worker; shared memory is used up: an
+   * encrypted chunk is decrypted in place), written by the worker into
    * `into` at `offset`; returns its length. A plaintext longer than `capacity` is an error.
    */
   decodeInto(stored: Buffer, digest: Buffer, what: string, into: SharedSlot): Promise<number> {
