@@ -5,6 +5,7 @@
 import { Command, CommanderError } from "commander";
 import { ErrorCode, errnoCode, ioError, StrataError } from "../util/errors.js";
 import { registerBackupCommands } from "./cmd-backup.js";
+import { registerCatalogCommands } from "./cmd-catalog.js";
 import { registerDemoCommand } from "./cmd-demo.js";
 import { registerDoctorCommand } from "./cmd-doctor.js";
 import { registerFilesCommands } from "./cmd-files.js";
@@ -62,6 +63,7 @@ Getting started:
   registerInstantCommands(program);
   registerDoctorCommand(program);
   registerDemoCommand(program);
+  registerCatalogCommands(program);
   return program;
 }
 

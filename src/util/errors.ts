@@ -65,6 +65,10 @@ export const ErrorCode = {
   EXTERNAL: "EXTERNAL",
   /** A bug: an invariant did not hold. */
   INTERNAL: "INTERNAL",
+  /** The daemon's catalog file is not a Strata catalog, or SQLite found it damaged. */
+  CATALOG_CORRUPT: "CATALOG_CORRUPT",
+  /** The catalog was written by a newer Strata (a schema version this one does not know). */
+  CATALOG_VERSION: "CATALOG_VERSION",
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
