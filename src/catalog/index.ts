@@ -14,4 +14,6 @@
  */
 export * from "./catalog.js";
 export * from "./rebuild.js";
+export * from "./roles.js";
 export * from "./schema.js";
+export * from "./tokens.js";

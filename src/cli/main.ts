@@ -13,6 +13,7 @@ import { registerInstantCommands } from "./cmd-instant.js";
 import { registerRepoCommands } from "./cmd-repo.js";
 import { registerRestoreCommand } from "./cmd-restore.js";
 import { registerServeCommand } from "./cmd-serve.js";
+import { registerTokenCommands } from "./cmd-token.js";
 import { registerVmsCommand } from "./cmd-vms.js";
 
 /** Exit codes, stable for scripts. */
@@ -64,6 +65,7 @@ Getting started:
   registerDoctorCommand(program);
   registerDemoCommand(program);
   registerCatalogCommands(program);
+  registerTokenCommands(program);
   return program;
 }
 

@@ -69,6 +69,10 @@ export const ErrorCode = {
   CATALOG_CORRUPT: "CATALOG_CORRUPT",
   /** The catalog was written by a newer Strata (a schema version this one does not know). */
   CATALOG_VERSION: "CATALOG_VERSION",
+  /** No valid API token: missing, malformed, unknown, revoked or expired. */
+  UNAUTHORIZED: "UNAUTHORIZED",
+  /** A valid API token whose role does not allow the action. */
+  FORBIDDEN: "FORBIDDEN",
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
