@@ -6,6 +6,7 @@ import { Command, CommanderError } from "commander";
 import { ErrorCode, errnoCode, ioError, StrataError } from "../util/errors.js";
 import { registerBackupCommands } from "./cmd-backup.js";
 import { registerCatalogCommands } from "./cmd-catalog.js";
+import { registerDaemonCommand } from "./cmd-daemon.js";
 import { registerDemoCommand } from "./cmd-demo.js";
 import { registerDoctorCommand } from "./cmd-doctor.js";
 import { registerFilesCommands } from "./cmd-files.js";
@@ -19,6 +20,7 @@ import { registerVmsCommand } from "./cmd-vms.js";
 /** Exit codes, stable for scripts. */
 export const EXIT: Record<string, number> = {
   [ErrorCode.USAGE]: 2,
+  [ErrorCode.CONFIG_INVALID]: 2,
   [ErrorCode.DATA_CORRUPT]: 3,
   [ErrorCode.DATA_MISSING]: 3,
   [ErrorCode.REPO_NOT_FOUND]: 10,
@@ -64,6 +66,7 @@ Getting started:
   registerInstantCommands(program);
   registerDoctorCommand(program);
   registerDemoCommand(program);
+  registerDaemonCommand(program);
   registerCatalogCommands(program);
   registerTokenCommands(program);
   return program;

@@ -69,6 +69,8 @@ export const ErrorCode = {
   CATALOG_CORRUPT: "CATALOG_CORRUPT",
   /** The catalog was written by a newer Strata (a schema version this one does not know). */
   CATALOG_VERSION: "CATALOG_VERSION",
+  /** The daemon's configuration file has errors (each named with its line and column). */
+  CONFIG_INVALID: "CONFIG_INVALID",
   /** No valid API token: missing, malformed, unknown, revoked or expired. */
   UNAUTHORIZED: "UNAUTHORIZED",
   /** A valid API token whose role does not allow the action. */
