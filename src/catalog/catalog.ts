@@ -436,6 +436,14 @@ export class Catalog {
     return this.runs(jobId, 1)[0];
   }
 
+  /** The latest due time a run of the job answered (manual runs answer none), or undefined. */
+  lastScheduledFor(jobId: number): number | undefined {
+    const row = this.guard("reading a job's last due time", () =>
+      this.db.prepare("SELECT max(scheduled_for) AS t FROM runs WHERE job_id = ?").get(jobId),
+    ) as { t: number | null };
+    return row.t ?? undefined;
+  }
+
   /** Runs without an end: running now, or their process died. */
   openRuns(): Run[] {
     return this.guard("listing open runs", () =>
