@@ -74,6 +74,53 @@ test("a catalog whose header was overwritten is refused as CATALOG_CORRUPT", (t)
   );
 });
 
+test("damage inside a catalog that opens is reported as CATALOG_CORRUPT by the call that meets it", (t) => {
+  const path = join(tempDir(t), "catalog.db");
+  const c = Catalog.open(path);
+  const job = c.ensureJob({ policy: "p", vm: "v", kind: "backup", repository: "main", schedule: null });
+  const run = c.startRun(job.id, { trigger: "manual" });
+  for (let i = 0; i < 2000; i++) c.log(run.id, "info", `line ${i} ${"x".repeat(200)}`);
+  c.close();
+  // Overwrite every page but the first (the schema) with garbage.
+  const bytes = readFileSync(path);
+  const pageSize = bytes.readUInt16BE(16);
+  assert.ok(bytes.length > 4 * pageSize, "the catalog has several pages");
+  bytes.fill(0xa5, pageSize);
+  writeFileSync(path, bytes);
+  const damaged = Catalog.open(path);
+  t.after(() => damaged.close());
+  assert.throws(
+    () => damaged.logs(run.id),
+    (e) =>
+      isStrataError(e, ErrorCode.CATALOG_CORRUPT) && e.message.includes(path) && /damaged/.test(e.message),
+  );
+});
+
+test("a writer waits for another's write lock, then fails with LOCKED naming the catalog", (t) => {
+  const path = join(tempDir(t), "catalog.db");
+  const c = Catalog.open(path, { busyTimeoutMs: 200 });
+  t.after(() => c.close());
+  const other = new Database(path);
+  other.exec("BEGIN IMMEDIATE");
+  t.after(() => other.close());
+  const start = Date.now();
+  assert.throws(
+    () => c.ensureJob({ policy: "p", vm: "v", kind: "gc", repository: "main", schedule: null }),
+    (e) =>
+      isStrataError(e, ErrorCode.LOCKED) &&
+      e.message.includes(path) &&
+      /busy for more than 0\.2 s/.test(e.message),
+  );
+  assert.ok(Date.now() - start >= 150, "it waited for the lock first");
+  // Readers are not blocked by the writer (WAL).
+  assert.deepEqual(c.jobs(), []);
+  other.exec("COMMIT");
+  assert.equal(
+    c.ensureJob({ policy: "p", vm: "v", kind: "gc", repository: "main", schedule: null }).kind,
+    "gc",
+  );
+});
+
 test("another program's SQLite database is refused, not migrated", (t) => {
   const path = join(tempDir(t), "other.db");
   const other = new Database(path);

@@ -123,6 +123,8 @@ export interface OpenOptions {
   create?: boolean;
   readonly?: boolean;
   clock?: Clock;
+  /** How long a statement waits for another connection's write lock (default {@link BUSY_TIMEOUT_MS}). */
+  busyTimeoutMs?: number;
 }
 
 type Db = BetterSqlite3.Database;
@@ -137,7 +139,12 @@ function sqlite(): typeof BetterSqlite3 {
  * cause: a file that is not a database or is damaged (CATALOG_CORRUPT), busy (LOCKED), full,
  * read-only or not permitted.
  */
-export function catalogError(path: string, what: string, err: unknown): StrataError {
+export function catalogError(
+  path: string,
+  what: string,
+  err: unknown,
+  busyTimeoutMs = BUSY_TIMEOUT_MS,
+): StrataError {
   if (err instanceof StrataError) return err;
   const code = errnoCode(err) ?? "";
   const message = err instanceof Error ? err.message : String(err);
@@ -157,7 +164,7 @@ export function catalogError(path: string, what: string, err: unknown): StrataEr
   if (code.startsWith("SQLITE_BUSY") || code.startsWith("SQLITE_LOCKED"))
     return new StrataError(
       ErrorCode.LOCKED,
-      `${at}: ${what}: another process kept the database busy for more than ${BUSY_TIMEOUT_MS / 1000} s`,
+      `${at}: ${what}: another process kept the database busy for more than ${busyTimeoutMs / 1000} s`,
       { cause: err },
     );
   if (code === "SQLITE_FULL" || code === "ENOSPC")
@@ -188,6 +195,7 @@ export class Catalog {
     /** The file, for messages. */
     readonly path: string,
     private readonly clock: Clock,
+    private readonly busyTimeoutMs: number,
   ) {}
 
   /**
@@ -215,14 +223,19 @@ export class Catalog {
       db = new Database(path, {
         fileMustExist: true,
         readonly: options.readonly === true,
-        timeout: BUSY_TIMEOUT_MS,
+        timeout: options.busyTimeoutMs ?? BUSY_TIMEOUT_MS,
       });
-      const catalog = new Catalog(db, path, options.clock ?? systemClock);
+      const catalog = new Catalog(
+        db,
+        path,
+        options.clock ?? systemClock,
+        options.busyTimeoutMs ?? BUSY_TIMEOUT_MS,
+      );
       catalog.prepare(options.readonly === true);
       return catalog;
     } catch (err) {
       db?.close();
-      throw catalogError(path, "opening it", err);
+      throw catalogError(path, "opening it", err, options.busyTimeoutMs);
     }
   }
 
@@ -282,7 +295,7 @@ export class Catalog {
     try {
       return fn();
     } catch (err) {
-      throw catalogError(this.path, what, err);
+      throw catalogError(this.path, what, err, this.busyTimeoutMs);
     }
   }
 

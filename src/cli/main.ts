@@ -44,8 +44,9 @@ export function buildProgram(): Command {
     .addHelpText(
       "after",
       `
-Exit codes: 0 ok, 1 error, 2 usage, 3 damaged or missing data, 10 no repository,
-11 locked, 12 password missing, wrong, or given for an unencrypted repository, 130 interrupted.
+Exit codes: 0 ok, 1 error, 2 usage (or a daemon configuration with errors), 3 damaged or
+missing data, 10 no repository, 11 locked, 12 password missing, wrong, or given for an
+unencrypted repository, 130 interrupted.
 
 Encrypted repositories: the key derived from the password (scrypt, half a second and 128 MiB)
 is kept in the kernel keyring of the user running strata for STRATA_KEY_CACHE seconds (default
