@@ -314,7 +314,7 @@ export class Catalog {
   }): Job {
     const now = this.clock.now();
     return this.guard("saving a job", () =>
-      toJob(
+      camel<Job>(
         this.db
           .prepare(
             `INSERT INTO jobs (policy, vm, kind, repository, schedule, created_at, updated_at)
@@ -349,8 +349,8 @@ export class Catalog {
           .prepare(
             `SELECT * FROM jobs ${options.includeRemoved ? "" : "WHERE removed_at IS NULL"} ORDER BY policy, vm, kind`,
           )
-          .all() as Record<string, unknown>[]
-      ).map(toJob),
+          .all() as unknown[]
+      ).map((r) => camel<Job>(r)),
     );
   }
 
@@ -358,7 +358,7 @@ export class Catalog {
     const row = this.guard("reading a job", () =>
       this.db.prepare("SELECT * FROM jobs WHERE id = ?").get(id),
     ) as Record<string, unknown> | undefined;
-    return row && toJob(row);
+    return row && camel<Job>(row);
   }
 
   // ---- runs ----
@@ -370,7 +370,7 @@ export class Catalog {
   ): Run {
     const now = this.clock.now();
     return this.guard("starting a run", () =>
-      toRun(
+      camel<Run>(
         this.db
           .prepare(
             `INSERT INTO runs (job_id, trigger, scheduled_for, rerun_of, host, pid, started_at)
@@ -423,14 +423,14 @@ export class Catalog {
         }),
     ) as Record<string, unknown> | undefined;
     if (!row) throw new StrataError(ErrorCode.INTERNAL, `run ${runId} does not exist or has ended already`);
-    return toRun(row);
+    return camel<Run>(row);
   }
 
   run(id: number): Run | undefined {
     const row = this.guard("reading a run", () =>
       this.db.prepare("SELECT * FROM runs WHERE id = ?").get(id),
     ) as Record<string, unknown> | undefined;
-    return row && toRun(row);
+    return row && camel<Run>(row);
   }
 
   /** A job's runs, newest first. */
@@ -439,8 +439,8 @@ export class Catalog {
       (
         this.db
           .prepare("SELECT * FROM runs WHERE job_id = ? ORDER BY started_at DESC, id DESC LIMIT ?")
-          .all(jobId, limit) as Record<string, unknown>[]
-      ).map(toRun),
+          .all(jobId, limit) as unknown[]
+      ).map((r) => camel<Run>(r)),
     );
   }
 
@@ -465,7 +465,7 @@ export class Catalog {
           string,
           unknown
         >[]
-      ).map(toRun),
+      ).map((r) => camel<Run>(r)),
     );
   }
 
@@ -486,14 +486,8 @@ export class Catalog {
       (
         this.db
           .prepare("SELECT * FROM run_logs WHERE run_id = ? AND id > ? ORDER BY id")
-          .all(runId, afterId) as Record<string, unknown>[]
-      ).map((r) => ({
-        id: r.id as number,
-        runId: r.run_id as number,
-        time: r.time as number,
-        level: r.level as LogLevel,
-        message: r.message as string,
-      })),
+          .all(runId, afterId) as unknown[]
+      ).map((r) => camel<RunLog>(r)),
     );
   }
 
@@ -587,8 +581,8 @@ export class Catalog {
              WHERE (@repository IS NULL OR repository = @repository) AND (@vm IS NULL OR vm = @vm)
              ORDER BY vm, time_ms`,
           )
-          .all({ repository: filter.repository ?? null, vm: filter.vm ?? null }) as Record<string, unknown>[]
-      ).map(toPoint),
+          .all({ repository: filter.repository ?? null, vm: filter.vm ?? null }) as unknown[]
+      ).map((r) => camel<RestorePointRow>(r)),
     );
   }
 
@@ -609,14 +603,14 @@ export class Catalog {
     const row = this.guard("reading a token", () =>
       this.db.prepare("SELECT * FROM api_tokens WHERE id = ?").get(id),
     ) as Record<string, unknown> | undefined;
-    return row && toToken(row);
+    return row && camel<TokenRow>(row);
   }
 
   tokens(): TokenRow[] {
     return this.guard("listing tokens", () =>
-      (
-        this.db.prepare("SELECT * FROM api_tokens ORDER BY created_at, id").all() as Record<string, unknown>[]
-      ).map(toToken),
+      (this.db.prepare("SELECT * FROM api_tokens ORDER BY created_at, id").all() as unknown[]).map((r) =>
+        camel<TokenRow>(r),
+      ),
     );
   }
 
@@ -640,73 +634,15 @@ export class Catalog {
   }
 }
 
-function toJob(r: Record<string, unknown>): Job {
-  return {
-    id: r.id as number,
-    policy: r.policy as string,
-    vm: r.vm as string,
-    kind: r.kind as JobKind,
-    repository: r.repository as string,
-    schedule: r.schedule as string | null,
-    createdAt: r.created_at as number,
-    updatedAt: r.updated_at as number,
-    removedAt: r.removed_at as number | null,
-  };
-}
-
-function toRun(r: Record<string, unknown>): Run {
-  return {
-    id: r.id as number,
-    jobId: r.job_id as number,
-    trigger: r.trigger as RunTrigger,
-    scheduledFor: r.scheduled_for as number | null,
-    rerunOf: r.rerun_of as number | null,
-    host: r.host as string,
-    pid: r.pid as number,
-    startedAt: r.started_at as number,
-    endedAt: r.ended_at as number | null,
-    outcome: r.outcome as RunOutcome,
-    durationMs: r.duration_ms as number | null,
-    bytesRead: r.bytes_read as number,
-    bytesNew: r.bytes_new as number,
-    bytesStored: r.bytes_stored as number,
-    progressDone: r.progress_done as number,
-    progressTotal: r.progress_total as number,
-    restorePoint: r.restore_point as string | null,
-    errorCode: r.error_code as string | null,
-    error: r.error as string | null,
-  };
-}
-
-function toPoint(r: Record<string, unknown>): RestorePointRow {
-  return {
-    repository: r.repository as string,
-    vm: r.vm as string,
-    time: r.time as string,
-    timeMs: r.time_ms as number,
-    mode: r.mode as string,
-    consistency: r.consistency as string,
-    parent: r.parent as string | null,
-    disks: r.disks as number,
-    size: r.size as number,
-    bytesRead: r.bytes_read as number,
-    bytesNew: r.bytes_new as number,
-    bytesStored: r.bytes_stored as number,
-    durationMs: r.duration_ms as number,
-    host: r.host as string,
-    runId: r.run_id as number | null,
-  };
-}
-
-function toToken(r: Record<string, unknown>): TokenRow {
-  return {
-    id: r.id as string,
-    name: r.name as string,
-    role: r.role as Role,
-    secretSha256: r.secret_sha256 as Buffer,
-    createdAt: r.created_at as number,
-    expiresAt: r.expires_at as number | null,
-    lastUsedAt: r.last_used_at as number | null,
-    revokedAt: r.revoked_at as number | null,
-  };
+/**
+ * A row with its snake_case columns under camelCase keys (`job_id` → `jobId`): the catalog's
+ * interfaces name each column so, and the tables' CHECK constraints hold the value types.
+ */
+function camel<T>(row: unknown): T {
+  return Object.fromEntries(
+    Object.entries(row as Record<string, unknown>).map(([k, v]) => [
+      k.replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase()),
+      v,
+    ]),
+  ) as T;
 }

@@ -14,7 +14,8 @@
 import { ErrorCode, StrataError } from "../util/errors.js";
 import type { Role } from "./schema.js";
 
-export const ACTIONS = [
+/** What the `read` role may do: see state, change nothing, read no data. */
+const READ_ACTIONS = [
   "vms.list",
   "points.list",
   "jobs.list",
@@ -22,42 +23,27 @@ export const ACTIONS = [
   "retention.preview",
   "repo.stats",
   "metrics.read",
+] as const;
+
+/** What the `operator` role may do: read, run jobs, restore, read data; never remove data. */
+const OPERATOR_ACTIONS = [
+  ...READ_ACTIONS,
   "backup.start",
   "verify.start",
   "jobs.cancel",
   "restore.start",
   "files.read",
   "instant.manage",
-  "forget.run",
-  "gc.run",
-  "jobs.manage",
-  "tokens.manage",
 ] as const;
+
+export const ACTIONS = [...OPERATOR_ACTIONS, "forget.run", "gc.run", "jobs.manage", "tokens.manage"] as const;
 
 export type Action = (typeof ACTIONS)[number];
 
-const READ: readonly Action[] = [
-  "vms.list",
-  "points.list",
-  "jobs.list",
-  "jobs.logs",
-  "retention.preview",
-  "repo.stats",
-  "metrics.read",
-];
-
 export const ROLE_ACTIONS: Readonly<Record<Role, ReadonlySet<Action>>> = {
-  read: new Set(READ),
+  read: new Set(READ_ACTIONS),
   backup: new Set<Action>(["backup.start", "jobs.list", "jobs.logs"]),
-  operator: new Set<Action>([
-    ...READ,
-    "backup.start",
-    "verify.start",
-    "jobs.cancel",
-    "restore.start",
-    "files.read",
-    "instant.manage",
-  ]),
+  operator: new Set(OPERATOR_ACTIONS),
   admin: new Set(ACTIONS),
 };
 

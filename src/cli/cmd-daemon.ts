@@ -1,14 +1,13 @@
 /** daemon --check: validate the daemon's configuration and show what it would do. */
-import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import type { Command } from "commander";
 import type { VmSummary } from "../hypervisor/adapter.js";
 import type { KeepPolicy } from "../repo/retention.js";
 import {
-  checkConfig,
+  checkConfigFile,
   type DaemonConfig,
   DEFAULT_CONFIG,
-  formatProblem,
+  invalidConfig,
   type JobLimits,
   type Policy,
   selectVms,
@@ -82,26 +81,10 @@ Examples:
           ErrorCode.USAGE,
           "the daemon's service loop is not part of this build yet: use strata daemon --check to validate its configuration",
         );
-      let text: string;
-      try {
-        text = readFileSync(file, "utf8");
-      } catch (err) {
-        throw new StrataError(
-          ErrorCode.USAGE,
-          `cannot read the configuration ${file}: ${(err as Error).message}`,
-          {
-            cause: err,
-          },
-        );
-      }
-      const checked = checkConfig(text, file);
+      const checked = checkConfigFile(file);
       if (!checked.config) {
-        const { problems } = checked;
-        if (out.json) out.result({ type: "summary", ok: false, file, problems }, () => "");
-        throw new StrataError(
-          ErrorCode.CONFIG_INVALID,
-          `${file}: ${problems.length} problem(s):\n${problems.map((p) => `  ${formatProblem(file, p)}`).join("\n")}`,
-        );
+        if (out.json) out.result({ type: "summary", ok: false, file, problems: checked.problems }, () => "");
+        throw invalidConfig(file, checked.problems);
       }
       const config = checked.config;
       const inventory = config.inventory ?? DEFAULT_INVENTORY;

@@ -438,8 +438,8 @@ export function checkConfig(
   return { config: toConfig(parsed.data, file, tz), problems: [] };
 }
 
-/** Reads and checks the file; CONFIG_INVALID lists every problem as FILE:LINE:COL. */
-export function loadConfig(file: string): DaemonConfig {
+/** Reads the file and checks it (see {@link checkConfig}); an unreadable file is a USAGE error. */
+export function checkConfigFile(file: string): ReturnType<typeof checkConfig> {
   let text: string;
   try {
     text = readFileSync(file, "utf8");
@@ -452,12 +452,22 @@ export function loadConfig(file: string): DaemonConfig {
       },
     );
   }
-  const r = checkConfig(text, file);
-  if (r.config) return r.config;
-  throw new StrataError(
+  return checkConfig(text, file);
+}
+
+/** CONFIG_INVALID listing every problem as FILE:LINE:COL. */
+export function invalidConfig(file: string, problems: readonly ConfigProblem[]): StrataError {
+  return new StrataError(
     ErrorCode.CONFIG_INVALID,
-    `${file}: ${r.problems.length} problem(s):\n${r.problems.map((p) => `  ${formatProblem(file, p)}`).join("\n")}`,
+    `${file}: ${problems.length} problem(s):\n${problems.map((p) => `  ${formatProblem(file, p)}`).join("\n")}`,
   );
+}
+
+/** Reads and checks the file: the configuration, or CONFIG_INVALID naming every problem. */
+export function loadConfig(file: string): DaemonConfig {
+  const r = checkConfigFile(file);
+  if (r.config) return r.config;
+  throw invalidConfig(file, r.problems);
 }
 
 export function formatProblem(file: string, p: ConfigProblem): string {
