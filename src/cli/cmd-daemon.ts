@@ -9,10 +9,9 @@ import {
   DEFAULT_CONFIG,
   invalidConfig,
   type JobLimits,
-  type Policy,
-  selectVms,
 } from "../server/config.js";
-import { jobKey, nextDue, nextSlot } from "../server/schedule.js";
+import { type JobSpec, planJobs } from "../server/jobs.js";
+import { nextDue, nextSlot } from "../server/schedule.js";
 import { formatDuration } from "../util/durations.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { printable } from "../util/names.js";
@@ -114,26 +113,20 @@ interface PolicySummary {
 }
 
 function summarize(config: DaemonConfig, vms: VmSummary[], now: number) {
-  const policies: PolicySummary[] = [];
-  const covered = new Map<string, string[]>();
-  for (const p of config.policies.values()) {
-    const chosen = selectVms(p.vms, vms);
-    for (const vm of chosen)
-      covered.set(`${p.repository}\0${vm.name}`, [
-        ...(covered.get(`${p.repository}\0${vm.name}`) ?? []),
-        p.name,
-      ]);
-    policies.push({
+  const jobs = planJobs(config, vms);
+  const source = new Map(vms.map((v) => [v.name, v.source]));
+  const next = (spec: JobSpec | undefined) => iso(spec?.timed && nextDue(spec.timed, now));
+  const policies: PolicySummary[] = [...config.policies.values()].map((p) => {
+    const mine = jobs.filter((j) => j.policy === p.name);
+    return {
       name: p.name,
       repository: p.repository,
       schedule: p.schedule.text,
       jitterMs: p.jitterMs,
       nextSlot: iso(nextSlot(p.schedule, now)),
-      vms: chosen.map((vm) => ({
-        name: vm.name,
-        source: vm.source,
-        nextRun: iso(nextDue(backupTimed(p, vm.name), now)),
-      })),
+      vms: mine
+        .filter((j) => j.kind === "backup")
+        .map((j) => ({ name: j.vm, source: source.get(j.vm) ?? "", nextRun: next(j) })),
       ...(p.mode === undefined ? {} : { mode: p.mode }),
       ...(p.quiesce === undefined ? {} : { quiesce: p.quiesce }),
       ...(p.retention === undefined ? {} : { retention: p.retention }),
@@ -143,12 +136,17 @@ function summarize(config: DaemonConfig, vms: VmSummary[], now: number) {
             verify: {
               schedule: p.verify.schedule.text,
               readData: p.verify.readData,
-              nextRun: iso(nextSlot(p.verify.schedule, now)),
+              nextRun: next(mine.find((j) => j.kind === "verify")),
             },
           }),
       limits: p.limits,
-    });
-  }
+    };
+  });
+  // VM and repository → the policies that back it up there.
+  const covered = new Map<string, string[]>();
+  for (const j of jobs)
+    if (j.kind === "backup")
+      covered.set(`${j.repository}\0${j.vm}`, [...(covered.get(`${j.repository}\0${j.vm}`) ?? []), j.policy]);
   const warnings: string[] = [];
   for (const [k, names] of covered)
     if (names.length > 1) {
@@ -160,9 +158,8 @@ function summarize(config: DaemonConfig, vms: VmSummary[], now: number) {
   for (const p of policies)
     if (p.vms.length === 0 && vms.length > 0)
       warnings.push(`policy ${p.name} covers none of the VMs found now`);
-  const uncovered = vms
-    .filter((vm) => ![...covered.keys()].some((k) => k.endsWith(`\0${vm.name}`)))
-    .map((v) => v.name);
+  const backedUp = new Set(jobs.filter((j) => j.kind === "backup").map((j) => j.vm));
+  const uncovered = vms.filter((vm) => !backedUp.has(vm.name)).map((v) => v.name);
   return {
     repositories: [...config.repositories.values()],
     limits: config.limits,
@@ -170,11 +167,6 @@ function summarize(config: DaemonConfig, vms: VmSummary[], now: number) {
     uncovered,
     warnings,
   };
-}
-
-/** The scheduler's view of a policy's backup job for one VM (its key decides its jitter). */
-function backupTimed(p: Policy, vm: string) {
-  return { key: jobKey({ policy: p.name, vm, kind: "backup" }), schedule: p.schedule, jitterMs: p.jitterMs };
 }
 
 function limitsText(
