@@ -3,6 +3,7 @@
  * build has. Every command that names VMs (backup, doctor, demo) resolves its sources through the
  * registry built here; nothing below the CLI knows the list.
  */
+import type { VmSummary } from "../hypervisor/adapter.js";
 import { ImageFileAdapter } from "../hypervisor/images/adapter.js";
 import { LibvirtAdapter } from "../hypervisor/libvirt/index.js";
 import { PveAdapter } from "../hypervisor/pve/index.js";
@@ -10,6 +11,7 @@ import { QemuAdapter } from "../hypervisor/qemu/adapter.js";
 import { DEFAULT_INVENTORY } from "../hypervisor/qemu/inventory.js";
 import { defaultStateDir } from "../hypervisor/qemu/state.js";
 import { AdapterRegistry } from "../hypervisor/registry.js";
+import { describeError } from "../util/errors.js";
 
 export { DEFAULT_INVENTORY, defaultStateDir };
 
@@ -28,6 +30,26 @@ export function buildRegistry(options: RegistryOptions = {}): AdapterRegistry {
     .register(new QemuAdapter(options.inventory ?? DEFAULT_INVENTORY))
     .register(new LibvirtAdapter())
     .register(new PveAdapter());
+}
+
+/**
+ * Every VM the adapters of this build see on this host. A platform that can't be asked
+ * (libvirtd not running, no /etc/pve) is named in `unreachable`; the others are listed all the same.
+ */
+export async function listHostVms(
+  options: RegistryOptions = {},
+): Promise<{ vms: VmSummary[]; unreachable: Array<{ adapter: string; error: string }> }> {
+  const vms: VmSummary[] = [];
+  const unreachable: Array<{ adapter: string; error: string }> = [];
+  for (const adapter of buildRegistry(options).adapters()) {
+    if (!adapter.list) continue;
+    try {
+      vms.push(...(await adapter.list()));
+    } catch (err) {
+      unreachable.push({ adapter: adapter.id, error: describeError(err) });
+    }
+  }
+  return { vms, unreachable };
 }
 
 /** The URI syntaxes of every adapter, one per line, for --help. */

@@ -8,6 +8,7 @@ import { manifestTotals } from "../repo/manifest.js";
 import { forget, forgetIds, gc } from "../repo/prune.js";
 import { Repository } from "../repo/repository.js";
 import { verifyRepository } from "../repo/verify.js";
+import { parseDuration } from "../util/durations.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes, parseSize } from "../util/sizes.js";
 import { globals, interruptSignal, output, parseCount, password, repoPath, withRepo } from "./context.js";
@@ -273,11 +274,4 @@ the host is idle, e.g. nightly.`,
         });
       },
     );
-}
-
-export function parseDuration(text: string): number {
-  const m = /^(\d+)(ms|s|m|h|d)?$/.exec(text.trim());
-  if (!m) throw new StrataError(ErrorCode.USAGE, `not a duration: "${text}" (examples: 0s, 30m, 1h, 2d)`);
-  const mult = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[m[2] ?? "s"]!;
-  return Number(m[1]) * mult;
 }

@@ -1,9 +1,7 @@
 /** vms: every VM the adapters of this build see on this host, with the source that backs it up. */
 import type { Command } from "commander";
-import type { VmSummary } from "../hypervisor/adapter.js";
-import { describeError } from "../util/errors.js";
 import { printable } from "../util/names.js";
-import { buildRegistry, DEFAULT_INVENTORY } from "./adapters.js";
+import { DEFAULT_INVENTORY, listHostVms } from "./adapters.js";
 import { output } from "./context.js";
 
 export function registerVmsCommand(program: Command): void {
@@ -25,17 +23,8 @@ Examples:
     )
     .action(async (opts: { inventory: string }, cmd: Command) => {
       const out = output(cmd);
-      const vms: VmSummary[] = [];
-      const unreachable: Array<{ adapter: string; error: string }> = [];
-      for (const adapter of buildRegistry({ inventory: opts.inventory }).adapters()) {
-        if (!adapter.list) continue;
-        try {
-          vms.push(...(await adapter.list()));
-        } catch (err) {
-          unreachable.push({ adapter: adapter.id, error: describeError(err) });
-          out.warn(`${adapter.id}: cannot list its VMs: ${describeError(err)}`);
-        }
-      }
+      const { vms, unreachable } = await listHostVms({ inventory: opts.inventory });
+      for (const u of unreachable) out.warn(`${u.adapter}: cannot list its VMs: ${u.error}`);
       out.result({ vms, unreachable }, () => {
         if (vms.length === 0) return "no VMs found";
         const rows = vms.map((v) => [printable(v.source), printable(v.name), v.state, v.adapter]);

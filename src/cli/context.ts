@@ -2,6 +2,7 @@
 import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import type { Command } from "commander";
+import { Catalog, DEFAULT_CATALOG } from "../catalog/catalog.js";
 import { FsStore } from "../repo/fs-store.js";
 import { Repository } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
@@ -10,6 +11,8 @@ import { makeOutput, type Output } from "./output.js";
 
 export interface GlobalOptions {
   repo?: string;
+  /** The daemon's catalog (set by the commands that use one). */
+  catalog?: string;
   passwordFile?: string;
   json?: boolean;
   quiet?: boolean;
@@ -60,6 +63,25 @@ export async function withRepo<T>(cmd: Command, fn: (repo: Repository) => Promis
     return await fn(repo);
   } finally {
     await repo.close();
+  }
+}
+
+/** The catalog file: --catalog, else $STRATA_CATALOG, else /var/lib/strata/catalog.db. */
+export function catalogPath(g: GlobalOptions): string {
+  return resolve(g.catalog ?? process.env.STRATA_CATALOG ?? DEFAULT_CATALOG);
+}
+
+/** Runs `fn` with the catalog open (created when missing, unless `create` is false) and closes it. */
+export async function withCatalog<T>(
+  cmd: Command,
+  fn: (catalog: Catalog) => T | Promise<T>,
+  options: { create?: boolean } = {},
+): Promise<T> {
+  const catalog = Catalog.open(catalogPath(globals(cmd)), options);
+  try {
+    return await fn(catalog);
+  } finally {
+    catalog.close();
   }
 }
 

@@ -5,6 +5,8 @@
 import { Command, CommanderError } from "commander";
 import { ErrorCode, errnoCode, ioError, StrataError } from "../util/errors.js";
 import { registerBackupCommands } from "./cmd-backup.js";
+import { registerCatalogCommands } from "./cmd-catalog.js";
+import { registerDaemonCommand } from "./cmd-daemon.js";
 import { registerDemoCommand } from "./cmd-demo.js";
 import { registerDoctorCommand } from "./cmd-doctor.js";
 import { registerFilesCommands } from "./cmd-files.js";
@@ -12,11 +14,13 @@ import { registerInstantCommands } from "./cmd-instant.js";
 import { registerRepoCommands } from "./cmd-repo.js";
 import { registerRestoreCommand } from "./cmd-restore.js";
 import { registerServeCommand } from "./cmd-serve.js";
+import { registerTokenCommands } from "./cmd-token.js";
 import { registerVmsCommand } from "./cmd-vms.js";
 
 /** Exit codes, stable for scripts. */
 export const EXIT: Record<string, number> = {
   [ErrorCode.USAGE]: 2,
+  [ErrorCode.CONFIG_INVALID]: 2,
   [ErrorCode.DATA_CORRUPT]: 3,
   [ErrorCode.DATA_MISSING]: 3,
   [ErrorCode.REPO_NOT_FOUND]: 10,
@@ -40,8 +44,9 @@ export function buildProgram(): Command {
     .addHelpText(
       "after",
       `
-Exit codes: 0 ok, 1 error, 2 usage, 3 damaged or missing data, 10 no repository,
-11 locked, 12 password missing, wrong, or given for an unencrypted repository, 130 interrupted.
+Exit codes: 0 ok, 1 error, 2 usage (or a daemon configuration with errors), 3 damaged or
+missing data, 10 no repository, 11 locked, 12 password missing, wrong, or given for an
+unencrypted repository, 130 interrupted.
 
 Encrypted repositories: the key derived from the password (scrypt, half a second and 128 MiB)
 is kept in the kernel keyring of the user running strata for STRATA_KEY_CACHE seconds (default
@@ -62,6 +67,9 @@ Getting started:
   registerInstantCommands(program);
   registerDoctorCommand(program);
   registerDemoCommand(program);
+  registerDaemonCommand(program);
+  registerCatalogCommands(program);
+  registerTokenCommands(program);
   return program;
 }
 

@@ -139,6 +139,8 @@ export interface VmSummary {
   source: string;
   name: string;
   state: "running" | "paused" | "shut off" | "unknown";
+  /** Labels the platform or the inventory gives the VM; the daemon's policies select by them. */
+  tags?: string[];
 }
 
 /** A VM named by a source URI, resolved but not yet touched. */

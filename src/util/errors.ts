@@ -65,6 +65,16 @@ export const ErrorCode = {
   EXTERNAL: "EXTERNAL",
   /** A bug: an invariant did not hold. */
   INTERNAL: "INTERNAL",
+  /** The daemon's catalog file is not a Strata catalog, or SQLite found it damaged. */
+  CATALOG_CORRUPT: "CATALOG_CORRUPT",
+  /** The catalog was written by a newer Strata (a schema version this one does not know). */
+  CATALOG_VERSION: "CATALOG_VERSION",
+  /** The daemon's configuration file has errors (each named with its line and column). */
+  CONFIG_INVALID: "CONFIG_INVALID",
+  /** No valid API token: missing, malformed, unknown, revoked or expired. */
+  UNAUTHORIZED: "UNAUTHORIZED",
+  /** A valid API token whose role does not allow the action. */
+  FORBIDDEN: "FORBIDDEN",
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

@@ -1,5 +1,5 @@
 // Keeps the layering of ARCHITECTURE.md: each layer imports only from layers above it
-// (util → repo, nbd → image → hypervisor → engine → catalog, server, cli).
+// (util → repo, nbd → image → hypervisor → engine → catalog → server → cli).
 import assert from "node:assert/strict";
 import { readdirSync, readFileSync, statSync } from "node:fs";
 import { dirname, join, relative, resolve, sep } from "node:path";
@@ -26,10 +26,12 @@ const RANK: Record<string, number> = {
 const SIBLINGS_APART = [["repo", "nbd"]];
 
 /**
- * The engine speaks to platforms only through the VM adapter interface: of src/hypervisor it may
- * import these files, never an adapter's internals (hypervisor/qemu/*, images/*, libvirt/*, pve/*).
+ * The engine, the catalog and the server (daemon) speak to platforms only through the VM adapter
+ * interface: of src/hypervisor they may import these files, never an adapter's internals
+ * (hypervisor/qemu/*, images/*, libvirt/*, pve/*). Only the CLI's composition root picks adapters.
  */
-const ENGINE_MAY_IMPORT = new Set(["hypervisor/adapter.ts", "hypervisor/registry.ts"]);
+const PLATFORM_BLIND = new Set(["engine", "catalog", "server"]);
+const PLATFORM_BLIND_MAY_IMPORT = new Set(["hypervisor/adapter.ts", "hypervisor/registry.ts"]);
 
 function walk(dir: string, out: string[] = []): string[] {
   for (const name of readdirSync(dir)) {
@@ -67,9 +69,9 @@ function violations(files: Array<{ path: string; text: string }>): string[] {
       }
       const to = layerOf(target);
       const toPath = relative(src, target).split(sep).join("/").replace(/\.js$/, ".ts");
-      if (from === "engine" && to === "hypervisor" && !ENGINE_MAY_IMPORT.has(toPath)) {
+      if (PLATFORM_BLIND.has(from) && to === "hypervisor" && !PLATFORM_BLIND_MAY_IMPORT.has(toPath)) {
         out.push(
-          `${relative(root, file)} (engine) imports ${spec}: the engine may use only hypervisor/adapter.ts and registry.ts`,
+          `${relative(root, file)} (${from}) imports ${spec}: the ${from} may use only hypervisor/adapter.ts and registry.ts`,
         );
         continue;
       }
@@ -96,11 +98,18 @@ test("the check reports upward, sibling and outside imports", () => {
     f("util", 'export { x } from "../../test/helpers.js";'),
     f("engine", 'const m = await import("../cli/main.js");'),
     f("engine", 'import { Repo } from "../repo/repository.js";\nimport { z } from "./own.js";'),
+    // The catalog sits above the engine and below the server and the CLI.
+    f("catalog", 'import { Catalog } from "./catalog.js";\nimport { backup } from "../engine/backup.js";'),
+    f("catalog", 'import { loadConfig } from "../server/config.js";'),
+    f("catalog", 'import { output } from "../cli/context.js";'),
+    f("server", 'import { Catalog } from "../catalog/catalog.js";'),
   ]);
-  assert.equal(found.length, 4, found.join("\n"));
+  assert.equal(found.length, 6, found.join("\n"));
+  assert.ok(found.some((v) => v.includes("(catalog) imports ../server/config.js (server)")));
+  assert.ok(found.some((v) => v.includes("(catalog) imports ../cli/context.js (cli)")));
 });
 
-test("the engine reaches platforms only through the adapter interface", () => {
+test("the engine, catalog and server reach platforms only through the adapter interface", () => {
   const f = (path: string, text: string) => ({ path: join(src, path), text });
   const found = violations([
     f("engine/a.ts", 'import type { VmHandle } from "../hypervisor/adapter.js";'),
@@ -109,13 +118,23 @@ test("the engine reaches platforms only through the adapter interface", () => {
     f("engine/d.ts", 'import { parseFileSpecs } from "../hypervisor/images/index.js";'),
     f("engine/sub/e.ts", 'export { LibvirtAdapter } from "../../hypervisor/libvirt/adapter.js";'),
     f("engine/f.ts", 'const pve = await import("../hypervisor/pve/adapter.js");'),
+    f("server/g.ts", 'import { QemuAdapter } from "../hypervisor/qemu/adapter.js";'),
+    f("server/h.ts", 'import type { VmSummary } from "../hypervisor/adapter.js";'),
+    f("catalog/i.ts", 'import { loadInventory } from "../hypervisor/qemu/inventory.js";'),
     // The CLI's composition root may.
     f("cli/adapters.ts", 'import { QemuAdapter } from "../hypervisor/qemu/adapter.js";'),
   ]);
-  assert.equal(found.length, 4, found.join("\n"));
-  for (const x of ["engine/c.ts", "engine/d.ts", "engine/sub/e.ts", "engine/f.ts"])
+  assert.equal(found.length, 6, found.join("\n"));
+  for (const x of [
+    "engine/c.ts",
+    "engine/d.ts",
+    "engine/sub/e.ts",
+    "engine/f.ts",
+    "server/g.ts",
+    "catalog/i.ts",
+  ])
     assert.ok(
-      found.some((v) => v.startsWith(`src/${x} (engine) imports`)),
+      found.some((v) => v.startsWith(`src/${x} (${x.split("/")[0]}) imports`)),
       `${x} is reported:\n${found.join("\n")}`,
     );
 });

@@ -130,6 +130,7 @@ export class QemuAdapter implements VmAdapter {
           source: `vm:${name}`,
           name,
           state: await vmState(e.qmp),
+          ...(e.tags === undefined ? {} : { tags: e.tags }),
         }),
       ),
     );

@@ -12,10 +12,16 @@ test("an inventory is read against its schema; each mistake names the file, the 
   const inv = join(dir, "vms.yaml");
   writeFileSync(
     inv,
-    "vms:\n  web1:\n    qmp: /run/web1.qmp\n    qga: /run/web1.qga\n    mode: pause\n    quiesce: off\n  db1:\n    qmp: /run/db1.qmp\n",
+    "vms:\n  web1:\n    qmp: /run/web1.qmp\n    qga: /run/web1.qga\n    mode: pause\n    quiesce: off\n    tags: [production, web]\n  db1:\n    qmp: /run/db1.qmp\n",
   );
   assert.deepEqual(Object.fromEntries(loadInventory(inv)), {
-    web1: { qmp: "/run/web1.qmp", qga: "/run/web1.qga", mode: "pause", quiesce: "off" },
+    web1: {
+      qmp: "/run/web1.qmp",
+      qga: "/run/web1.qga",
+      mode: "pause",
+      quiesce: "off",
+      tags: ["production", "web"],
+    },
     db1: { qmp: "/run/db1.qmp" },
   });
   const cases: Array<[string, RegExp]> = [
@@ -27,6 +33,8 @@ test("an inventory is read against its schema; each mistake names the file, the 
     ["web1:\n  qmp: /x\n  qga: [a]\n", /VM "web1": "qga" \(the guest agent socket path\) must be a path/],
     ["web1:\n  qmp: run/web1.qmp\n", /VM "web1": "qmp" must be an absolute path/],
     ["web1:\n  qmp: /run/../etc/x\n", /VM "web1": "qmp" must not have a "\.\." segment/],
+    ["web1:\n  qmp: /x\n  tags: prod\n", /VM "web1": tags must be a list of names/],
+    ["web1:\n  qmp: /x\n  tags: [a/b]\n", /VM "web1": a tag must be a plain name/],
     ["web1: /x\n", /VM "web1": settings must be a mapping/],
     ["web1:\n  - qmp\n", /VM "web1": settings must be a mapping/],
     ["../evil:\n  qmp: /x\n", /bad VM name "\.\.\/evil"/],

@@ -9,6 +9,7 @@
  *       qga: /var/run/qemu-server/100.qga    # optional; X.qga beside X.qmp is found by itself
  *       mode: snapshot                       # optional: snapshot | pause | offline
  *       quiesce: try                         # optional: require | try | off
+ *       tags: [production, web]              # optional: the daemon's policies select by them
  *
  * The file is checked against a schema (zod) when read: socket paths are absolute, without `..`;
  * unknown keys and values are refused, naming the file, the VM and the key (USAGE).
@@ -16,6 +17,7 @@
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { z } from "zod";
+import { NAME_RE } from "../../repo/format.js";
 import { checkName } from "../../repo/repository.js";
 import { ErrorCode, StrataError } from "../../util/errors.js";
 import { CONTROL, hasDotDot } from "../../util/schema.js";
@@ -37,6 +39,12 @@ const EntrySchema = z.strictObject(
       .enum(["snapshot", "pause", "offline"], { error: "mode must be snapshot, pause or offline" })
       .optional(),
     quiesce: z.enum(["require", "try", "off"], { error: "quiesce must be require, try or off" }).optional(),
+    tags: z
+      .array(z.string().regex(NAME_RE, "a tag must be a plain name (letters, digits, . _ -)"), {
+        error: "tags must be a list of names",
+      })
+      .max(64, "at most 64 tags")
+      .optional(),
   },
   { error: (iss) => (iss.code === "unrecognized_keys" ? undefined : "settings must be a mapping") },
 );

@@ -1,0 +1,217 @@
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { type ConfigProblem, checkConfig, globRegExp, selectVms } from "./config.js";
+
+/** The problems of `text`, as "LINE:COL path: message". */
+function problems(text: string): ConfigProblem[] {
+  const r = checkConfig(text, "strata.yaml");
+  assert.equal(r.config, undefined, "the configuration is refused");
+  return r.problems;
+}
+
+/** Asserts that a problem matching `message` is reported at `line` (and `col` when given). */
+function hasProblem(ps: ConfigProblem[], line: number, message: RegExp, col?: number): void {
+  const found = ps.find((p) => p.line === line && message.test(`${p.path}: ${p.message}`));
+  assert.ok(
+    found && (col === undefined || found.col === col),
+    `expected a problem at line ${line}${col === undefined ? "" : `:${col}`} matching ${message}; got:\n${ps
+      .map((p) => `  ${p.line}:${p.col} ${p.path}: ${p.message}`)
+      .join("\n")}`,
+  );
+}
+
+const GOOD = `# a full configuration
+timezone: Europe/Berlin
+catalog: /var/lib/strata/catalog.db
+inventory: /etc/strata/vms.yaml
+repositories:
+  main:
+    path: /backup/strata
+    password-file: /etc/strata/main.pass
+  offsite:
+    path: /mnt/offsite/strata
+limits:
+  jobs: 3
+  jobs-per-repository: 2
+  bandwidth: 400
+  job-bandwidth: 150
+  worker-threads: 2
+  nice: 12
+  io-weight: 50
+policies:
+  web:
+    repository: main
+    vms:
+      names: [web1]
+      globs: ["web-*"]
+      tags: [production]
+      exclude: ["*-test"]
+    schedule: every 15m
+    jitter: 2m
+    mode: snapshot
+    quiesce: try
+    retention: { keep-last: 4, keep-daily: 7, keep-weekly: 4, keep-monthly: 6 }
+    verify: { schedule: "0 4 * * *", read-data: true }
+    limits: { job-bandwidth: 100, nice: 15 }
+  everything:
+    repository: offsite
+    vms: all
+    schedule: "30 1 * * 1-5"
+`;
+
+test("a full configuration is read into policies with the host's limits under their own", () => {
+  const r = checkConfig(GOOD, "strata.yaml");
+  assert.deepEqual(r.problems, []);
+  const c = r.config!;
+  assert.equal(c.timezone, "Europe/Berlin");
+  assert.equal(c.catalog, "/var/lib/strata/catalog.db");
+  assert.deepEqual(c.repositories.get("main"), {
+    name: "main",
+    path: "/backup/strata",
+    passwordFile: "/etc/strata/main.pass",
+  });
+  assert.deepEqual(c.repositories.get("offsite"), { name: "offsite", path: "/mnt/offsite/strata" });
+  assert.deepEqual(c.limits, {
+    jobs: 3,
+    jobsPerRepository: 2,
+    bandwidth: 400,
+    jobBandwidth: 150,
+    workerThreads: 2,
+    nice: 12,
+    ioWeight: 50,
+  });
+  const web = c.policies.get("web")!;
+  assert.equal(web.repository, "main");
+  assert.deepEqual(web.vms, {
+    all: false,
+    names: ["web1"],
+    globs: ["web-*"],
+    tags: ["production"],
+    exclude: ["*-test"],
+  });
+  assert.equal(web.schedule.kind, "every");
+  assert.equal(web.jitterMs, 120_000);
+  assert.deepEqual([web.mode, web.quiesce], ["snapshot", "try"]);
+  // strata forget's own policy type.
+  assert.deepEqual(web.retention, { last: 4, daily: 7, weekly: 4, monthly: 6 });
+  assert.equal(web.verify?.readData, true);
+  assert.equal(web.verify?.schedule.text, "0 4 * * *");
+  assert.deepEqual(web.limits, { jobBandwidth: 100, workerThreads: 2, nice: 15, ioWeight: 50 });
+  const all = c.policies.get("everything")!;
+  assert.equal(all.vms.all, true);
+  assert.equal(all.schedule.kind, "cron");
+  assert.equal(all.jitterMs, 0);
+  assert.equal(all.retention, undefined);
+  assert.deepEqual(all.limits, { jobBandwidth: 150, workerThreads: 2, nice: 12, ioWeight: 50 });
+});
+
+test("a minimal configuration gets the default limits", () => {
+  const r = checkConfig(
+    "repositories:\n  r: { path: /b }\npolicies:\n  p: { repository: r, vms: all, schedule: every 1h }\n",
+    "x",
+  );
+  assert.deepEqual(r.problems, []);
+  assert.deepEqual(r.config!.limits, { jobs: 2, jobsPerRepository: 1, nice: 10 });
+});
+
+test("every problem is reported with its own line: settings, values, references, unknown keys", () => {
+  const ps = problems(`repositories:
+  main:
+    path: backup/strata
+    pasword-file: /etc/strata/pass
+limits:
+  jobs: 0
+  nice: 25
+  io-weight: fast
+policies:
+  web:
+    repository: mian
+    vms: some
+    schedule: "61 * * * *"
+    jitter: soon
+  db:
+    repository: main
+    vms:
+      names: [db1]
+      globs: ["db/*"]
+    schedule: every 15m
+    jitter: 20m
+    retention: { keep-daily: 0 }
+    mode: fast
+    verify: { schedule: every 10s }
+  nosched:
+    repository: main
+    vms: { exclude: ["x*"] }
+`);
+  hasProblem(ps, 3, /repositories\.main\.path: path must be an absolute path/, 11);
+  hasProblem(ps, 4, /unknown setting "pasword-file"/, 5);
+  hasProblem(ps, 6, /limits\.jobs: jobs must be at least 1/, 9);
+  hasProblem(ps, 7, /limits\.nice: nice must be at most 19/);
+  hasProblem(ps, 8, /io-weight must be a whole number/);
+  hasProblem(ps, 11, /unknown repository "mian" \(this file has main\)/, 17);
+  hasProblem(ps, 12, /vms must be "all" or a mapping/);
+  hasProblem(ps, 13, /Invalid value for minute: 61/);
+  hasProblem(ps, 14, /jitter must be a duration/);
+  hasProblem(ps, 19, /globs\.0: a glob must be/);
+  hasProblem(ps, 21, /jitter 20m must be shorter than the schedule's interval/);
+  hasProblem(ps, 22, /keeps nothing/);
+  hasProblem(ps, 23, /mode must be snapshot, pause or offline/);
+  hasProblem(ps, 24, /verify\.schedule: schedule "every 10s" is shorter than the shortest/);
+  hasProblem(ps, 26, /policies\.nosched\.schedule: "schedule" is required/);
+  hasProblem(ps, 27, /selects no VM/);
+  assert.equal(ps.length, 16, ps.map((p) => `${p.line}: ${p.message}`).join("\n"));
+  // In the order of the file.
+  assert.deepEqual(
+    ps.map((p) => p.line),
+    [...ps.map((p) => p.line)].sort((a, b) => a - b),
+  );
+});
+
+test("top-level problems: missing sections, unknown keys, a bad time zone, bad names", () => {
+  const ps = problems(`timezone: Mars/Olympus
+polices:
+  web: {}
+repositories:
+  "bad name": { path: /b }
+`);
+  hasProblem(ps, 1, /unknown time zone "Mars\/Olympus"/);
+  hasProblem(ps, 2, /unknown setting "polices"/);
+  hasProblem(ps, 5, /repository name "bad name" must be a plain name/, 3);
+  hasProblem(ps, 1, /^policies: "policies" is required/);
+  const empty = problems("repositories: {}\npolicies: {}\n");
+  hasProblem(empty, 1, /no repositories/);
+  hasProblem(empty, 2, /no policies/);
+  const notMap = problems("- a\n- b\n");
+  hasProblem(notMap, 1, /the file must be a mapping/);
+});
+
+test("YAML syntax errors are reported with their lines, every one", () => {
+  const ps = problems(`repositories:
+  main: { path: /b }
+  main: { path: /c }
+policies:
+  web: [1, 2
+`);
+  hasProblem(ps, 3, /Map keys must be unique/);
+  assert.ok(ps.length >= 2, "the unclosed list is reported too");
+  assert.ok(ps.some((p) => p.line >= 5 && /sequence/i.test(p.message)));
+});
+
+test("VM selection: names, globs, tags and exclusions", () => {
+  const vms = [
+    { name: "web1" },
+    { name: "web-a" },
+    { name: "web-test" },
+    { name: "db1", tags: ["production"] },
+    { name: "db2", tags: ["staging"] },
+  ];
+  const names = (sel: Partial<Parameters<typeof selectVms>[0]>) =>
+    selectVms({ all: false, names: [], globs: [], tags: [], exclude: [], ...sel }, vms).map((v) => v.name);
+  assert.deepEqual(names({ all: true }), ["web1", "web-a", "web-test", "db1", "db2"]);
+  assert.deepEqual(names({ names: ["db2", "nope"] }), ["db2"]);
+  assert.deepEqual(names({ globs: ["web-*"], exclude: ["*-test"] }), ["web-a"]);
+  assert.deepEqual(names({ tags: ["production"], globs: ["web?"] }), ["web1", "db1"]);
+  assert.deepEqual(names({ globs: ["db[!1]"] }), ["db2"]);
+  assert.deepEqual(names({ all: true, exclude: ["web*"] }), ["db1", "db2"]);
+  assert.ok(globRegExp("a.b").test("a.b") && !globRegExp("a.b").test("axb"), "a dot is a dot");
+});

@@ -1,0 +1,607 @@
+/**
+ * The daemon's configuration: one YAML file, `/etc/strata/strata.yaml` (`--config`).
+ *
+ *   timezone: Europe/Berlin            # optional: cron schedules in this zone (default: TZ)
+ *   catalog: /var/lib/strata/catalog.db  # optional
+ *   inventory: /etc/strata/vms.yaml    # optional: the VM inventory (vm:NAME)
+ *   repositories:
+ *     main:
+ *       path: /backup/strata
+ *       password-file: /etc/strata/main.pass   # optional: encrypted repositories
+ *   limits:                            # the host's, for every job together
+ *     jobs: 2                          # jobs running at once on this host
+ *     jobs-per-repository: 1
+ *     bandwidth: 400                   # MiB/s read by all jobs together
+ *     job-bandwidth: 200               # MiB/s read by one job
+ *     worker-threads: 2                # hashing/compression threads per job
+ *     nice: 10                         # CPU priority of job work, 0-19
+ *     io-weight: 50                    # cgroup v2 io.weight, 1-10000
+ *   policies:
+ *     web:
+ *       repository: main
+ *       vms:                           # or: vms: all
+ *         names: [web1, web2]
+ *         globs: ["web-*"]
+ *         tags: [production]
+ *         exclude: ["*-test"]
+ *       schedule: every 15m            # or a cron expression: "0 2 * * *"
+ *       jitter: 2m
+ *       mode: snapshot                 # snapshot | pause | offline
+ *       quiesce: try                   # require | try | off
+ *       retention: { keep-last: 4, keep-daily: 7, keep-weekly: 4 }   # as strata forget
+ *       verify: { schedule: "0 4 * * *", read-data: false }
+ *       limits: { job-bandwidth: 100, worker-threads: 1, nice: 15, io-weight: 20 }
+ *
+ * {@link checkConfig} reports every problem at once, each with its line and column (YAML syntax
+ * first; when the YAML parses, the schema's problems and the references between sections), so
+ * that `strata daemon --check` fixes a file in one round.
+ */
+import { readFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import type { Document, LineCounter, Node as YamlNode } from "yaml";
+import { z } from "zod";
+import type { VmSummary } from "../hypervisor/adapter.js";
+import { NAME_RE } from "../repo/format.js";
+import type { KeepPolicy } from "../repo/retention.js";
+import { parseDuration } from "../util/durations.js";
+import { ErrorCode, StrataError } from "../util/errors.js";
+import { hasDotDot } from "../util/schema.js";
+import { isTimeZone, parseSchedule, type Schedule } from "./schedule.js";
+
+export const DEFAULT_CONFIG = "/etc/strata/strata.yaml";
+
+export interface RepositoryConfig {
+  name: string;
+  path: string;
+  passwordFile?: string;
+}
+
+/** Which VMs a policy covers: a VM is in when any of all/names/globs/tags takes it and no exclude does. */
+export interface VmSelection {
+  all: boolean;
+  names: string[];
+  globs: string[];
+  tags: string[];
+  exclude: string[];
+}
+
+/** Limits of one job; unset ones come from the host's. */
+export interface JobLimits {
+  /** MiB/s read by one job. */
+  jobBandwidth?: number;
+  workerThreads?: number;
+  nice?: number;
+  ioWeight?: number;
+}
+
+export interface HostLimits extends JobLimits {
+  /** Jobs running at once on this host. */
+  jobs: number;
+  jobsPerRepository: number;
+  /** MiB/s read by all jobs together. */
+  bandwidth?: number;
+}
+
+export interface VerifyPolicy {
+  schedule: Schedule;
+  readData: boolean;
+}
+
+export interface Policy {
+  name: string;
+  repository: string;
+  vms: VmSelection;
+  schedule: Schedule;
+  jitterMs: number;
+  mode?: "snapshot" | "pause" | "offline";
+  quiesce?: "require" | "try" | "off";
+  /** Applied after each backup of the policy's VMs (strata forget's rules). */
+  retention?: KeepPolicy;
+  verify?: VerifyPolicy;
+  /** The host's limits with the policy's own over them. */
+  limits: JobLimits;
+}
+
+export interface DaemonConfig {
+  file: string;
+  timezone?: string;
+  catalog?: string;
+  inventory?: string;
+  repositories: Map<string, RepositoryConfig>;
+  limits: HostLimits;
+  policies: Map<string, Policy>;
+}
+
+/** One problem in the file, where it is. */
+export interface ConfigProblem {
+  line: number;
+  col: number;
+  /** Dotted path of the setting ("policies.web.schedule"), "" for the file as a whole. */
+  path: string;
+  message: string;
+}
+
+// ---- the schema (the file's own spelling: kebab-case keys) ----
+
+const absPath = (what: string) =>
+  z
+    .string({ error: `${what} must be a path` })
+    .refine((p) => p.startsWith("/"), `${what} must be an absolute path`)
+    .refine((p) => !hasDotDot(p), `${what} must not have a ".." segment`);
+
+const durationText = (what: string) =>
+  z
+    .union([z.string(), z.number()], { error: `${what} must be a duration such as 30s, 5m or 1h` })
+    .transform((v, ctx) => {
+      try {
+        return parseDuration(String(v));
+      } catch {
+        ctx.addIssue({
+          code: "custom",
+          message: `${what} must be a duration such as 30s, 5m or 1h, not "${v}"`,
+        });
+        return z.NEVER;
+      }
+    });
+
+const scheduleText = (what: string) =>
+  z.string({ error: `${what} must be "every N<unit>" or a cron expression` }).superRefine((v, ctx) => {
+    try {
+      parseSchedule(v);
+    } catch (err) {
+      ctx.addIssue({ code: "custom", message: (err as Error).message });
+    }
+  });
+
+const int = (what: string, min: number, max: number) =>
+  z
+    .number({ error: `${what} must be a whole number from ${min} to ${max}` })
+    .int(`${what} must be a whole number from ${min} to ${max}`)
+    .min(min, `${what} must be at least ${min}`)
+    .max(max, `${what} must be at most ${max}`);
+
+const mibs = (what: string) =>
+  z
+    .number({ error: `${what} must be a number of MiB/s` })
+    .positive(`${what} must be more than 0 MiB/s`)
+    .max(1_000_000, `${what} must be at most 1000000 MiB/s`);
+
+const plainName = (what: string) =>
+  z
+    .string({ error: `${what} must be a name` })
+    .regex(NAME_RE, `${what} must be a plain name (letters, digits, . _ -)`);
+
+const GLOB_RE = /^[A-Za-z0-9._\-*?[\]!]{1,128}$/;
+const glob = (what: string) =>
+  z
+    .string({ error: `${what} must be a glob pattern` })
+    .regex(GLOB_RE, `${what} must be a glob of letters, digits, . _ - and * ? [ ]`);
+
+const list = <T extends z.ZodType>(what: string, item: T) =>
+  z.array(item, { error: `${what} must be a list` }).max(10_000, `${what} has more than 10000 entries`);
+
+const jobLimitsShape = {
+  "job-bandwidth": mibs("job-bandwidth").optional(),
+  "worker-threads": int("worker-threads", 1, 256).optional(),
+  nice: int("nice", 0, 19).optional(),
+  "io-weight": int("io-weight", 1, 10000).optional(),
+};
+
+const hostLimitsSchema = z.strictObject(
+  {
+    ...jobLimitsShape,
+    jobs: int("jobs", 1, 1024).optional(),
+    "jobs-per-repository": int("jobs-per-repository", 1, 1024).optional(),
+    bandwidth: mibs("bandwidth").optional(),
+  },
+  { error: "limits must be a mapping" },
+);
+
+const selectionSchema = z.preprocess(
+  (v) => (v === "all" ? { all: true } : v),
+  z.strictObject(
+    {
+      all: z.boolean({ error: "all must be true or false" }).optional(),
+      names: list("names", plainName("a VM name")).optional(),
+      globs: list("globs", glob("a glob")).optional(),
+      tags: list("tags", plainName("a tag")).optional(),
+      exclude: list("exclude", glob("an exclude pattern")).optional(),
+    },
+    { error: 'vms must be "all" or a mapping of all, names, globs, tags and exclude' },
+  ),
+);
+
+const retentionSchema = z.strictObject(
+  {
+    "keep-last": int("keep-last", 0, 1_000_000).optional(),
+    "keep-hourly": int("keep-hourly", 0, 1_000_000).optional(),
+    "keep-daily": int("keep-daily", 0, 1_000_000).optional(),
+    "keep-weekly": int("keep-weekly", 0, 1_000_000).optional(),
+    "keep-monthly": int("keep-monthly", 0, 1_000_000).optional(),
+    "keep-yearly": int("keep-yearly", 0, 1_000_000).optional(),
+  },
+  { error: "retention must be a mapping of keep-last, keep-hourly, ... keep-yearly" },
+);
+
+const policySchema = z.strictObject(
+  {
+    repository: z.string({ error: "repository must name a repository of this file" }),
+    vms: selectionSchema,
+    schedule: scheduleText("schedule"),
+    jitter: durationText("jitter").optional(),
+    mode: z
+      .enum(["snapshot", "pause", "offline"], { error: "mode must be snapshot, pause or offline" })
+      .optional(),
+    quiesce: z.enum(["require", "try", "off"], { error: "quiesce must be require, try or off" }).optional(),
+    retention: retentionSchema.optional(),
+    verify: z
+      .strictObject(
+        {
+          schedule: scheduleText("verify schedule"),
+          "read-data": z.boolean({ error: "read-data must be true or false" }).optional(),
+        },
+        { error: "verify must be a mapping of schedule and read-data" },
+      )
+      .optional(),
+    limits: z.strictObject(jobLimitsShape, { error: "limits must be a mapping" }).optional(),
+  },
+  { error: "a policy must be a mapping" },
+);
+
+const fileSchema = z.strictObject(
+  {
+    timezone: z.string({ error: "timezone must be an IANA zone name" }).optional(),
+    catalog: absPath("catalog").optional(),
+    inventory: absPath("inventory").optional(),
+    repositories: z.record(
+      z.string(),
+      z.strictObject(
+        {
+          path: absPath("path"),
+          "password-file": absPath("password-file").optional(),
+        },
+        { error: "a repository must be a mapping of path and password-file" },
+      ),
+      { error: "repositories must be a mapping of names to repositories" },
+    ),
+    limits: hostLimitsSchema.optional(),
+    policies: z.record(z.string(), policySchema, {
+      error: "policies must be a mapping of names to policies",
+    }),
+  },
+  { error: "the file must be a mapping (repositories, policies, limits, ...)" },
+);
+
+type FileConfig = z.infer<typeof fileSchema>;
+
+// ---- positions ----
+
+/** yaml, loaded on first use (see src/hypervisor/qemu/inventory.ts for why). */
+function yaml(): typeof import("yaml") {
+  return createRequire(import.meta.url)("yaml") as typeof import("yaml");
+}
+
+type Path = ReadonlyArray<PropertyKey>;
+
+/**
+ * The node a path leads to, as deep as the document has it: `missing` is the first key that the
+ * document lacks (its problem is shown at the mapping that should hold it).
+ */
+function locate(
+  doc: Document,
+  path: Path,
+): { node: YamlNode | null; missing?: PropertyKey; keyNode?: YamlNode } {
+  const Y = yaml();
+  let node = doc.contents as YamlNode | null;
+  let keyNode: YamlNode | undefined;
+  for (const key of path) {
+    if (Y.isMap(node)) {
+      const pair = node.items.find((p) => Y.isScalar(p.key) && String(p.key.value) === String(key));
+      if (!pair) return { node, missing: key };
+      keyNode = pair.key as YamlNode;
+      node = (pair.value as YamlNode | null) ?? keyNode;
+    } else if (Y.isSeq(node) && typeof key === "number") {
+      const item = node.items[key] as YamlNode | undefined;
+      if (!item) return { node, missing: key };
+      keyNode = undefined;
+      node = item;
+    } else {
+      return { node, missing: key };
+    }
+  }
+  return keyNode === undefined ? { node } : { node, keyNode };
+}
+
+function positionOf(lc: LineCounter, node: YamlNode | null | undefined): { line: number; col: number } {
+  const offset = node?.range?.[0] ?? 0;
+  return lc.linePos(offset);
+}
+
+const dotted = (path: Path) => path.map(String).join(".");
+
+const EXPECTED: Record<string, string> = {
+  object: "a mapping",
+  array: "a list",
+  string: "text",
+  number: "a number",
+  boolean: "true or false",
+};
+
+/** The problems zod found, each placed on the line that has it. */
+function schemaProblems(
+  doc: Document,
+  lc: LineCounter,
+  issues: readonly z.core.$ZodIssue[],
+): ConfigProblem[] {
+  const out: ConfigProblem[] = [];
+  for (const issue of issues) {
+    if (issue.code === "unrecognized_keys") {
+      for (const key of issue.keys) {
+        const where = locate(doc, [...issue.path, key]);
+        out.push({
+          ...positionOf(lc, where.keyNode ?? where.node),
+          path: dotted([...issue.path, key]),
+          message: `unknown setting "${key}"`,
+        });
+      }
+      continue;
+    }
+    const where = locate(doc, issue.path);
+    let message = issue.message;
+    if (where.missing !== undefined && where.missing === issue.path.at(-1)) {
+      message = `"${String(where.missing)}" is required`;
+    } else if (issue.code === "invalid_type" && message.startsWith("Invalid input")) {
+      message = `must be ${EXPECTED[issue.expected] ?? issue.expected}`;
+    }
+    out.push({ ...positionOf(lc, where.node), path: dotted(issue.path), message });
+  }
+  return out;
+}
+
+// ---- checking ----
+
+/** Checks the configuration text; `file` names it in messages. Never throws for content. */
+export function checkConfig(
+  text: string,
+  file: string,
+): { config: DaemonConfig; problems: [] } | { config?: undefined; problems: ConfigProblem[] } {
+  const Y = yaml();
+  const lc = new Y.LineCounter();
+  const doc = Y.parseDocument(text, { lineCounter: lc, prettyErrors: true, uniqueKeys: true });
+  if (doc.errors.length > 0) {
+    return {
+      problems: doc.errors.map((e) => ({
+        ...lc.linePos(e.pos[0]),
+        path: "",
+        message: e.message.split("\n")[0]!.replace(/ at line \d+, column \d+:?$/, ""),
+      })),
+    };
+  }
+  const raw = doc.toJS({ maxAliasCount: 100 }) as unknown;
+  const parsed = fileSchema.safeParse(raw ?? {});
+  const problems: ConfigProblem[] = parsed.success ? [] : schemaProblems(doc, lc, parsed.error.issues);
+  const at = (path: Path, message: string, onKey = false) => {
+    const where = locate(doc, path);
+    problems.push({
+      ...positionOf(lc, onKey ? (where.keyNode ?? where.node) : where.node),
+      path: dotted(path),
+      message,
+    });
+  };
+  // What the schema could not see: names, references, and settings that depend on each other.
+  const r = (raw ?? {}) as Partial<Record<string, unknown>>;
+  const repoNames = isRecord(r.repositories) ? Object.keys(r.repositories) : [];
+  for (const name of repoNames)
+    if (!NAME_RE.test(name))
+      at(["repositories", name], `repository name "${name}" must be a plain name`, true);
+  if (isRecord(r.repositories) && repoNames.length === 0)
+    at(["repositories"], "no repositories: name at least one");
+  const tz = typeof r.timezone === "string" ? r.timezone : undefined;
+  if (tz !== undefined && !isTimeZone(tz))
+    at(["timezone"], `unknown time zone "${tz}" (e.g. Europe/Berlin, UTC)`);
+  if (isRecord(r.policies)) {
+    if (Object.keys(r.policies).length === 0) at(["policies"], "no policies: the daemon would do nothing");
+    for (const [name, p] of Object.entries(r.policies)) {
+      if (!NAME_RE.test(name)) at(["policies", name], `policy name "${name}" must be a plain name`, true);
+      if (!isRecord(p)) continue;
+      if (typeof p.repository === "string" && !repoNames.includes(p.repository))
+        at(
+          ["policies", name, "repository"],
+          `unknown repository "${p.repository}"` +
+            (repoNames.length > 0 ? ` (this file has ${repoNames.join(", ")})` : ""),
+        );
+      const sel = p.vms === "all" ? { all: true } : p.vms;
+      if (
+        isRecord(sel) &&
+        !sel.all &&
+        !["names", "globs", "tags"].some((k) => Array.isArray(sel[k]) && sel[k].length)
+      )
+        at(["policies", name, "vms"], "selects no VM: give all, names, globs or tags");
+      if (isRecord(p.retention) && Object.values(p.retention).every((v) => v === 0))
+        at(
+          ["policies", name, "retention"],
+          "keeps nothing: give at least one keep-* rule above 0, or leave it out",
+        );
+      const jitter = safeDuration(p.jitter);
+      if (jitter !== undefined && typeof p.schedule === "string") {
+        const s = safeSchedule(p.schedule);
+        if (s?.kind === "every" && jitter >= s.everyMs)
+          at(["policies", name, "jitter"], `jitter ${p.jitter} must be shorter than the schedule's interval`);
+        if (jitter > 86_400_000) at(["policies", name, "jitter"], "jitter must be at most 1d");
+      }
+    }
+  }
+  if (problems.length > 0 || !parsed.success) {
+    problems.sort((a, b) => a.line - b.line || a.col - b.col);
+    return { problems };
+  }
+  return { config: toConfig(parsed.data, file, tz), problems: [] };
+}
+
+/** Reads the file and checks it (see {@link checkConfig}); an unreadable file is a USAGE error. */
+export function checkConfigFile(file: string): ReturnType<typeof checkConfig> {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (err) {
+    throw new StrataError(
+      ErrorCode.USAGE,
+      `cannot read the configuration ${file}: ${(err as Error).message}`,
+      {
+        cause: err,
+      },
+    );
+  }
+  return checkConfig(text, file);
+}
+
+/** CONFIG_INVALID listing every problem as FILE:LINE:COL. */
+export function invalidConfig(file: string, problems: readonly ConfigProblem[]): StrataError {
+  return new StrataError(
+    ErrorCode.CONFIG_INVALID,
+    `${file}: ${problems.length} problem(s):\n${problems.map((p) => `  ${formatProblem(file, p)}`).join("\n")}`,
+  );
+}
+
+/** Reads and checks the file: the configuration, or CONFIG_INVALID naming every problem. */
+export function loadConfig(file: string): DaemonConfig {
+  const r = checkConfigFile(file);
+  if (r.config) return r.config;
+  throw invalidConfig(file, r.problems);
+}
+
+export function formatProblem(file: string, p: ConfigProblem): string {
+  return `${file}:${p.line}:${p.col}: ${p.path ? `${p.path}: ` : ""}${p.message}`;
+}
+
+function isRecord(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+function safeDuration(v: unknown): number | undefined {
+  try {
+    return typeof v === "string" || typeof v === "number" ? parseDuration(String(v)) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function safeSchedule(v: string): Schedule | undefined {
+  try {
+    return parseSchedule(v);
+  } catch {
+    return undefined;
+  }
+}
+
+function toConfig(f: FileConfig, file: string, timezone: string | undefined): DaemonConfig {
+  const tz = timezone === undefined ? {} : { timezone };
+  const jobLimits = (
+    l: { [K in keyof typeof jobLimitsShape]?: number | undefined } | undefined,
+  ): JobLimits => ({
+    ...(l?.["job-bandwidth"] === undefined ? {} : { jobBandwidth: l["job-bandwidth"] }),
+    ...(l?.["worker-threads"] === undefined ? {} : { workerThreads: l["worker-threads"] }),
+    ...(l?.nice === undefined ? {} : { nice: l.nice }),
+    ...(l?.["io-weight"] === undefined ? {} : { ioWeight: l["io-weight"] }),
+  });
+  const host: HostLimits = {
+    nice: 10,
+    ...jobLimits(f.limits),
+    jobs: f.limits?.jobs ?? 2,
+    jobsPerRepository: f.limits?.["jobs-per-repository"] ?? 1,
+    ...(f.limits?.bandwidth === undefined ? {} : { bandwidth: f.limits.bandwidth }),
+  };
+  const repositories = new Map<string, RepositoryConfig>();
+  for (const [name, r] of Object.entries(f.repositories))
+    repositories.set(name, {
+      name,
+      path: r.path,
+      ...(r["password-file"] === undefined ? {} : { passwordFile: r["password-file"] }),
+    });
+  const policies = new Map<string, Policy>();
+  for (const [name, p] of Object.entries(f.policies)) {
+    const { jobs: _j, jobsPerRepository: _r, bandwidth: _b, ...hostJob } = host;
+    const retention: KeepPolicy | undefined = p.retention && {
+      ...(p.retention["keep-last"] === undefined ? {} : { last: p.retention["keep-last"] }),
+      ...(p.retention["keep-hourly"] === undefined ? {} : { hourly: p.retention["keep-hourly"] }),
+      ...(p.retention["keep-daily"] === undefined ? {} : { daily: p.retention["keep-daily"] }),
+      ...(p.retention["keep-weekly"] === undefined ? {} : { weekly: p.retention["keep-weekly"] }),
+      ...(p.retention["keep-monthly"] === undefined ? {} : { monthly: p.retention["keep-monthly"] }),
+      ...(p.retention["keep-yearly"] === undefined ? {} : { yearly: p.retention["keep-yearly"] }),
+    };
+    policies.set(name, {
+      name,
+      repository: p.repository,
+      vms: {
+        all: p.vms.all === true,
+        names: p.vms.names ?? [],
+        globs: p.vms.globs ?? [],
+        tags: p.vms.tags ?? [],
+        exclude: p.vms.exclude ?? [],
+      },
+      schedule: parseSchedule(p.schedule, tz),
+      jitterMs: p.jitter ?? 0,
+      ...(p.mode === undefined ? {} : { mode: p.mode }),
+      ...(p.quiesce === undefined ? {} : { quiesce: p.quiesce }),
+      ...(retention === undefined ? {} : { retention }),
+      ...(p.verify === undefined
+        ? {}
+        : {
+            verify: {
+              schedule: parseSchedule(p.verify.schedule, tz),
+              readData: p.verify["read-data"] === true,
+            },
+          }),
+      limits: { ...hostJob, ...jobLimits(p.limits) },
+    });
+  }
+  return {
+    file,
+    ...tz,
+    ...(f.catalog === undefined ? {} : { catalog: f.catalog }),
+    ...(f.inventory === undefined ? {} : { inventory: f.inventory }),
+    repositories,
+    limits: host,
+    policies,
+  };
+}
+
+// ---- which VMs a policy covers ----
+
+/** A glob (`*`, `?`, `[...]`, `[!...]`) as an anchored regular expression. */
+export function globRegExp(glob: string): RegExp {
+  let re = "";
+  for (let i = 0; i < glob.length; i++) {
+    const c = glob[i]!;
+    if (c === "*") re += ".*";
+    else if (c === "?") re += ".";
+    else if (c === "[") {
+      const end = glob.indexOf("]", i + 2);
+      if (end < 0) re += "\\[";
+      else {
+        let body = glob.slice(i + 1, end);
+        if (body.startsWith("!")) body = `^${body.slice(1)}`;
+        re += `[${body.replace(/\\/g, "\\\\")}]`;
+        i = end;
+      }
+    } else re += c.replace(/[.*+?^${}()|[\]\\/-]/g, "\\$&");
+  }
+  return new RegExp(`^${re}$`);
+}
+
+/** The VMs of `vms` that `sel` covers, in the order given. */
+export function selectVms<T extends Pick<VmSummary, "name" | "tags">>(
+  sel: VmSelection,
+  vms: readonly T[],
+): T[] {
+  const globs = sel.globs.map(globRegExp);
+  const excludes = sel.exclude.map(globRegExp);
+  return vms.filter((vm) => {
+    const taken =
+      sel.all ||
+      sel.names.includes(vm.name) ||
+      globs.some((g) => g.test(vm.name)) ||
+      sel.tags.some((t) => vm.tags?.includes(t) === true);
+    return taken && !excludes.some((g) => g.test(vm.name));
+  });
+}
