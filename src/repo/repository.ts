@@ -2,7 +2,7 @@
  * A repository opened for use: its config, its key, and typed access to chunks, indexes,
  * manifests and blobs, every read verified. Writers go through {@link BackupWriter}.
  */
-import { createHash, createHmac, randomBytes } from "node:crypto";
+import { randomBytes } from "node:crypto";
 import { hostname } from "node:os";
 import { AlignedSlots } from "../util/aligned.js";
 import { type Clock, systemClock } from "../util/clock.js";
