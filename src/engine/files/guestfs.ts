@@ -332,7 +332,8 @@ export class GuestfishReader implements FileSystemReader {
   }
 }
 
-type Fish = (args: string[]) => Promise<string>;
+/** Runs one guestfish command in the appliance; its standard output. */
+export type Fish = (args: string[]) => Promise<string>;
 
 /**
  * One command in the appliance of daemon `pid`. The "-" prefix keeps the guestfish server alive
@@ -347,7 +348,7 @@ async function fish(pid: string, env: NodeJS.ProcessEnv, args: string[]): Promis
 }
 
 /** The appliance's name for the target's partition or logical volume. */
-async function deviceName(cmd: Fish, target: GuestfsTarget): Promise<string> {
+export async function deviceName(cmd: Fish, target: GuestfsTarget): Promise<string> {
   const dev = target.device;
   if ("vg" in dev) {
     const name = `/dev/${dev.vg}/${dev.lv}`;
@@ -363,10 +364,21 @@ async function deviceName(cmd: Fish, target: GuestfsTarget): Promise<string> {
     }
     return name;
   }
-  const devices = (await cmd(["list-devices"])).split("\n").filter((l) => l !== "");
-  const disk = devices[target.disks.indexOf(dev.disk)];
+  const drive = target.disks.indexOf(dev.disk);
+  const list = async () => (await cmd(["list-devices"])).split("\n").filter((l) => l !== "");
+  let devices = await list();
+  // Seen once under load: an answer with no drives at all, right after the appliance started.
+  // Asked again once; a second such answer is an error that says what the appliance listed.
+  if (devices.length === 0) {
+    await new Promise((r) => setTimeout(r, 1000));
+    devices = await list();
+  }
+  const disk = devices[drive];
   if (disk === undefined)
-    throw new StrataError(ErrorCode.INTERNAL, `the appliance has no drive for disk ${dev.disk}`);
+    throw new StrataError(
+      ErrorCode.EXTERNAL,
+      `the libguestfs appliance has no drive for disk ${dev.disk} (drive ${drive + 1} of ${target.disks.length} attached; it lists ${devices.length === 0 ? "none" : devices.join(", ")})`,
+    );
   return dev.partition === 0 ? disk : `${disk}${dev.partition}`;
 }
 
