@@ -40,7 +40,9 @@ test("random, zero, repeated, text and odd-sized disks restore bit-exact", async
     ["repeated", 8 * CHUNK, "repeated"],
     ["text", CHUNK - 1, "text"],
     ["mixed", 10 * CHUNK + 1, "mixed"],
-    ["tiny", 1, "random"],
+    // Not 1 byte: the mixed disk ends in a 1-byte chunk of random data too, and 1 run in 256
+    // would find them equal and count one reused chunk more.
+    ["tiny", 7, "random"],
     ["empty", 0, "zero"],
   ];
   const sources: string[] = [];
