@@ -395,7 +395,8 @@ export class JournalWriter {
     this.st.maxSyncMs = Math.max(this.st.maxSyncMs, now - t0);
     this.st.lastSyncAt = now;
     if (seq > this.st.durableSeq) this.st.durableSeq = seq;
-    if (this.st.durableSeq >= this.st.writtenSeq) this.unsyncedSince = 0;
+    // What was written after the synced entries was written after the sync began (t0).
+    this.unsyncedSince = this.st.durableSeq >= this.st.writtenSeq ? 0 : t0;
     const ready = this.waiters.filter((w) => w.seq <= this.st.durableSeq);
     this.waiters = this.waiters.filter((w) => w.seq > this.st.durableSeq);
     for (const w of ready) w.resolve();
