@@ -295,8 +295,13 @@ Example:
         }
         const running = live !== undefined && !live.stopped && processAlive(live.pid);
         const now = Date.now();
+        // As of the protect's last status write (every second).
         const lagMs =
-          running && live ? (live.oldestUnsyncedAt > 0 ? now - live.oldestUnsyncedAt : 0) : undefined;
+          running && live
+            ? live.oldestUnsyncedAt > 0
+              ? Math.max(0, Date.parse(live.updated) - live.oldestUnsyncedAt)
+              : 0
+            : undefined;
         // The newest instant restorable: the last entry, or now while a running protect has had no write since.
         const to = running ? BigInt(now) * 1_000_000n : w.toNs;
         out.result(

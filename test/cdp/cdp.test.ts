@@ -1,15 +1,18 @@
 // Continuous data protection of the real test guest (QEMU, TCG here) while its workload writes
 // sequence-numbered records to two disks: the capture journals every guest write in order and
 // leaves nothing on the VM when it stops; a stalled journal never stalls the guest beyond the
-// append deadline.
+// append deadline; `strata protect` + `strata restore VM@T` give, for random instants T, disks
+// holding exactly the records written up to T.
 import assert from "node:assert/strict";
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, test } from "node:test";
+import { setTimeout as sleep } from "node:timers/promises";
 import { Capture } from "../../src/hypervisor/qemu/cdp.js";
 import { JournalReader } from "../../src/journal/reader.js";
 import { JournalWriter } from "../../src/journal/writer.js";
-import { tempDir } from "../helpers/cli.js";
-import { parseLatencySummaries, parseRecord } from "../helpers/records.js";
+import { collect, startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
+import { parseLatencySummaries, parseRecord, verifyRecords } from "../helpers/records.js";
 import { bootWorkloadVm, leftovers } from "../helpers/vm.js";
 
 /** Host time (ns) at which each record reached the journal, per disk and seq, for the newest run. */
@@ -182,5 +185,98 @@ describe("continuous data protection of a running VM", { timeout: 600_000 }, () 
     const l = await leftovers(g.vm, state);
     assert.deepEqual([l.nodes, l.jobs, l.exports, l.files], [[], [], [], []]);
     assert.deepEqual(l.bitmaps.disk0, ["strata-cdp"]);
+  });
+
+  test("protect, then restore at random instants: records gap-free up to T, nothing after, both disks at one instant", async (t) => {
+    const dir = tempDir(t);
+    const repo = join(dir, "repo");
+    const state = join(dir, "state");
+    const journal = join(dir, "journal");
+    const env = { STRATA_STATE_DIR: state };
+    await strataOk(["init", "--repo", repo, "--chunk-size", "256K"]);
+    const g = await bootWorkloadVm(t, {
+      disks: [
+        { id: "vblk0", format: "qcow2", size: "64M" },
+        { id: "vblk1", format: "qcow2", size: "64M" },
+      ],
+      workload: ["/dev/vda", "/dev/vdb"],
+      wlsize: "32M",
+    });
+    await g.waitSeq(50);
+    const child = startStrata(
+      ["protect", "--repo", repo, "--vm", "live", `qmp:${g.vm.qmpSocket}`, "--journal", journal],
+      { env },
+    );
+    const out = collect(child);
+    t.after(() => {
+      if (child.exitCode === null) child.kill("SIGKILL");
+    });
+    const end = Date.now() + 180_000;
+    for (;;) {
+      const meta = await readFile(join(journal, "journal.json"), "utf8").catch(() => "");
+      if (/"syncedNs": "\d+"/.test(meta)) break;
+      if (child.exitCode !== null || Date.now() > end)
+        throw new Error(`protect never finished its first copy: ${out.stderr}`);
+      await sleep(200);
+    }
+    await sleep(15_000);
+    const st = summary<{ running: boolean; from: string; to: string; journalBytes: number; lagMs?: number }>(
+      await strataOk(["protect", "status", "live", "--repo", repo, "--journal", journal, "--json"]),
+    );
+    assert.equal(st.running, true);
+    t.diagnostic(`status while running: ${JSON.stringify(st)}`);
+    child.kill("SIGINT");
+    const res = await out.result;
+    assert.equal(res.code, 0, res.stderr);
+    const l = await leftovers(g.vm, state);
+    assert.deepEqual([l.nodes, l.jobs, l.exports, l.files], [[], [], [], []]);
+
+    const { times, skewNs } = await recordTimes(journal);
+    const fromMs = Date.parse(st.from);
+    const status = JSON.parse(await readFile(join(journal, "status.json"), "utf8")) as {
+      completeUntil: string;
+    };
+    const toMs = Date.parse(status.completeUntil);
+    assert.ok(toMs - fromMs > 10_000, `window ${st.from} .. ${status.completeUntil}`);
+    const skews = skewNs.map(Number).sort((x, y) => x - y);
+    t.diagnostic(
+      `host journal time minus guest monotonic time: spread ${((skews.at(-1)! - skews[0]!) / 1e6).toFixed(1)} ms (append latency and clock drift)`,
+    );
+    const instants = Array.from({ length: 10 }, () => fromMs + Math.random() * (toMs - fromMs)).map(
+      Math.floor,
+    );
+    for (const [i, T] of instants.entries()) {
+      const at = new Date(T).toISOString();
+      const target = join(dir, `at-${i}`);
+      await strataOk(["restore", "--repo", repo, `live@${at}`, "--journal", journal, "--target", target]);
+      const Tns = BigInt(T) * 1_000_000n;
+      const last: Record<string, number> = {};
+      for (const disk of ["vblk0", "vblk1"]) {
+        const scan = await verifyRecords(join(target, `${disk}.raw`));
+        assert.ok(
+          scan.gapFree,
+          `${at} ${disk}: missing ${scan.missing.slice(0, 5)} bad ${JSON.stringify(scan.badRecords.slice(0, 2))}`,
+        );
+        const L = scan.lastSeq;
+        last[disk] = L;
+        const m = times.get(disk)!;
+        const tL = m.get(L);
+        // The last record is one written at or before T ...
+        if (tL !== undefined) assert.ok(tL <= Tns, `${at} ${disk}: record ${L} was journaled after T`);
+        // ... and the next one was written after T: nothing written after T is there.
+        const tNext = m.get(L + 1);
+        if (tNext !== undefined) {
+          assert.ok(tNext > Tns, `${at} ${disk}: record ${L + 1}, journaled before T, is missing`);
+          // The guest writes 100 records/s: the last one is less than 1 s before T.
+          if (tL !== undefined)
+            assert.ok(
+              Tns - tL <= 1_000_000_000n,
+              `${at} ${disk}: last record ${Number(Tns - tL) / 1e6} ms before T`,
+            );
+        }
+      }
+      const d = last.vblk0! - last.vblk1!;
+      assert.ok(d === 0 || d === 1, `${at}: vda at ${last.vblk0}, vdb at ${last.vblk1}`);
+    }
   });
 });
