@@ -4,7 +4,7 @@
 // append deadline; `strata protect` + `strata restore VM@T` give, for random instants T, disks
 // holding exactly the records written up to T.
 import assert from "node:assert/strict";
-import { readFile } from "node:fs/promises";
+import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -278,5 +278,72 @@ describe("continuous data protection of a running VM", { timeout: 600_000 }, () 
       const d = last.vblk0! - last.vblk1!;
       assert.ok(d === 0 || d === 1, `${at}: vda at ${last.vblk0}, vdb at ${last.vblk1}`);
     }
+  });
+  test("kill -9 of protect (encrypted repository): the guest writes on, doctor --fix leaves nothing, the journal restores", async (t) => {
+    const dir = tempDir(t);
+    const repo = join(dir, "repo");
+    const state = join(dir, "state");
+    const journal = join(dir, "journal");
+    const env = { STRATA_STATE_DIR: state, STRATA_PASSWORD: "correct horse battery staple" };
+    await strataOk(["init", "--repo", repo, "--chunk-size", "256K"], { env });
+    const g = await bootWorkloadVm(t, {
+      disks: [
+        { id: "vblk0", format: "qcow2", size: "64M" },
+        { id: "vblk1", format: "raw", size: "64M" },
+      ],
+      workload: ["/dev/vda", "/dev/vdb"],
+      wlsize: "16M",
+    });
+    await g.waitSeq(40);
+    const child = startStrata(
+      ["protect", "--repo", repo, "--vm", "live", `qmp:${g.vm.qmpSocket}`, "--journal", journal],
+      { env },
+    );
+    const out = collect(child);
+    t.after(() => {
+      if (child.exitCode === null) child.kill("SIGKILL");
+    });
+    const end = Date.now() + 180_000;
+    while (!/"syncedNs": "\d+"/.test(await readFile(join(journal, "journal.json"), "utf8").catch(() => ""))) {
+      if (child.exitCode !== null || Date.now() > end)
+        throw new Error(`protect never finished its first copy: ${out.stderr}`);
+      await sleep(200);
+    }
+    await sleep(5000);
+    const consoleBefore = (await g.vm.console()).length;
+    child.kill("SIGKILL");
+    await out.result;
+    const killedAt = await g.seq();
+    await g.waitSeq(killedAt + 100, 120_000);
+    const worst = Math.max(
+      ...parseLatencySummaries((await g.vm.console()).slice(consoleBefore)).map((x) => x.maxUs),
+    );
+    t.diagnostic(`longest guest write after protect was killed: ${worst} us`);
+    assert.ok(worst < 5_000_000);
+    const dead = await leftovers(g.vm, state);
+    assert.ok(dead.files.includes("live.protect.json"), `state: ${dead.files}`);
+    const fixed = summary<{ clean: boolean }>(await strataOk(["doctor", "--fix", "--json"], { env }));
+    assert.equal(fixed.clean, true);
+    const l = await leftovers(g.vm, state);
+    assert.deepEqual([l.nodes, l.jobs, l.exports, l.files], [[], [], [], []]);
+    for (const [node, names] of Object.entries(l.bitmaps)) assert.deepEqual(names, [], `bitmaps on ${node}`);
+    // Encrypted: no record shows in the journal's files.
+    for (const f of await readdir(journal)) {
+      const bytes = await readFile(join(journal, f));
+      assert.equal(bytes.includes(Buffer.from("STRATAW1")), false, `${f} shows a record in plain`);
+    }
+    const st = summary<{ from: string; lastWrite: string }>(
+      await strataOk(["protect", "status", "live", "--repo", repo, "--journal", journal, "--json"], { env }),
+    );
+    const T = new Date((Date.parse(st.from) + Date.parse(st.lastWrite)) / 2).toISOString();
+    const target = join(dir, "at");
+    await strataOk(["restore", "--repo", repo, `live@${T}`, "--journal", journal, "--target", target], {
+      env,
+    });
+    const a = await verifyRecords(join(target, "vblk0.raw"));
+    const b = await verifyRecords(join(target, "vblk1.raw"));
+    assert.ok(a.gapFree && b.gapFree, JSON.stringify([a.missing.slice(0, 3), b.missing.slice(0, 3)]));
+    assert.ok(a.lastSeq - b.lastSeq === 0 || a.lastSeq - b.lastSeq === 1, `${a.lastSeq} / ${b.lastSeq}`);
+    assert.ok(a.lastSeq > 40 && a.lastSeq < killedAt + 20, `restored up to ${a.lastSeq}`);
   });
 });
