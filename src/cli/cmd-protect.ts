@@ -110,9 +110,9 @@ instant can be restored:
   strata restore VM@-90s --journal DIR --target /srv/restored
 
 Durability: a write is acknowledged once it is in the journal file; fdatasync runs at least
-every --sync-interval and at once when the guest flushes. After a host crash the journal holds
-everything acknowledged up to one interval (plus one fdatasync) before it; Strata itself dying
-loses nothing acknowledged.
+every --sync-interval (QEMU's mirror does not pass the guest's flushes on to the journal). After a
+host crash the journal holds everything acknowledged up to one interval (plus one fdatasync)
+before it, whether the guest flushed or not; Strata itself dying loses nothing acknowledged.
 
 The guest is never harmed: a journal that fails or takes longer than --append-deadline ends
 the mirror (the guest's writes go on to its disks), protect stops with an error, and a dirty

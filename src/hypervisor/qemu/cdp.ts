@@ -11,7 +11,9 @@
  * QEMU's active mirror holds each guest write until the target acknowledged it (QEMU-NOTES.md,
  * "CDP: active mirror"), so the journal has every write, in an order consistent with what the
  * guest saw complete; all disks share one server and one journal, so the order across disks is
- * one stream. A guest FLUSH (and FUA) waits for the journal's fdatasync.
+ * one stream. An NBD FLUSH or FUA write waits for the journal's fdatasync; QEMU 7.2's mirror sends
+ * the guest's own flushes to the disk only (measured: every fdatasync came from the writer's
+ * interval), so a guest flush does not make the journal durable before the interval does.
  *
  * With sync=full the mirrors first copy each disk whole through the same path (zeroed ranges as
  * WRITE_ZEROES), so that from READY on the journal alone holds every disk at every instant. A
