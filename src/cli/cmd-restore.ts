@@ -2,6 +2,7 @@
 import { promises as fs } from "node:fs";
 import { join, resolve } from "node:path";
 import type { Command } from "commander";
+import { restoreAtInstant } from "../engine/pit-restore.js";
 import { type RestoreDiskResult, restoreDiskToFile } from "../engine/restore.js";
 import { restoreDiskToDevice, restoreDiskToQcow2 } from "../engine/restore-sinks.js";
 import {
@@ -13,10 +14,12 @@ import {
   type StoredVm,
 } from "../engine/vm-restore.js";
 import { checkName, type Repository, type SnapshotRef } from "../repo/repository.js";
+import { parseInstant } from "../util/duration.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { writeNew } from "../util/files.js";
 import { formatBytes } from "../util/sizes.js";
 import { buildRegistry } from "./adapters.js";
+import { journalCompleteUntil } from "./cmd-protect.js";
 import { interruptSignal, output, withRepo } from "./context.js";
 import type { Output } from "./output.js";
 
@@ -26,7 +29,8 @@ export function registerRestoreCommand(program: Command): void {
     .description(
       "restore a whole VM (in place, or as a clone beside it), one disk, or only its configuration",
     )
-    .argument("<snapshot>", "VM/TIME or VM/latest (see strata snapshots)")
+    .argument("<snapshot>", "VM/TIME or VM/latest (see strata snapshots); VM@INSTANT with --journal")
+    .option("--journal <dir>", "VM@INSTANT: the VM's write journal (strata protect --journal DIR)")
     .option(
       "--target <dir>",
       "restore into this directory: a VM as a clone (disks, run/, <name>.json), else <disk>.<format> files",
@@ -72,6 +76,14 @@ domain is started by libvirt. A VM restored
 from a crash-consistent or paused restore point boots as after a power loss; from a
 clean-shutdown one, cleanly ("strata snapshots" shows each restore point's consistency).
 
+Any instant of a VM protected by "strata protect" (its write journal in DIR):
+  strata restore VM@2026-11-29T08:01:23.250Z --journal DIR --target OUT
+  strata restore VM@-90s --journal DIR --target OUT
+                                              the disks as they were at that instant (host
+                                              clock, millisecond resolution), as OUT/<disk>.raw:
+                                              the newest base restore point cut before it, and
+                                              every write journaled up to it replayed in order
+
 Files are written sparsely to a temporary name and renamed into place when complete and
 synced; every chunk is verified before it is written. qcow2 files are written through
 qemu-storage-daemon. A block device must be at least as large as the disk; every byte of the
@@ -87,6 +99,7 @@ Examples:
     )
     .action(async (ref: string, opts: RestoreFlags, cmd: Command) => {
       const out = output(cmd);
+      if (ref.includes("@") || opts.journal !== undefined) return restoreInstant(out, ref, opts, cmd);
       checkRestoreFlags(opts);
       await withRepo(cmd, async (repo) => {
         const lock = await repo.lock("read", `restore of ${ref}`);
@@ -241,7 +254,81 @@ async function restoreWholeVm(
   );
 }
 
+/** VM@INSTANT --journal DIR --target OUT: a base restore point plus the journal replayed up to the instant. */
+async function restoreInstant(out: Output, ref: string, opts: RestoreFlags, cmd: Command): Promise<void> {
+  const usage = (m: string) => new StrataError(ErrorCode.USAGE, m);
+  const m = /^([^@/]+)@(.+)$/.exec(ref);
+  if (!m)
+    throw usage(
+      `"${ref}" with --journal: name an instant as VM@TIME (e.g. web1@2026-11-29T08:01:23.250Z or web1@-90s)`,
+    );
+  const [, vm, when] = m as unknown as [string, string, string];
+  checkName("VM", vm);
+  if (opts.journal === undefined) throw usage(`${ref}: give the VM's write journal with --journal DIR`);
+  if (opts.target === undefined) throw usage(`${ref}: give the directory the disks go to with --target DIR`);
+  const other = [
+    ["--disk", opts.disk],
+    ["--device", opts.device],
+    ["--name", opts.name],
+    ["--config-only", opts.configOnly],
+    ["--start", opts.start],
+    ["--as", opts.as],
+    ["--to", opts.to],
+  ].find(([, v]) => v !== undefined);
+  if (other)
+    throw usage(`${other[0]} does not apply to a restore at an instant (it restores every disk to --target)`);
+  if (opts.format !== undefined && opts.format !== "raw")
+    throw usage("a restore at an instant writes raw files");
+  const atMs = parseInstant(when, Date.now());
+  const journal = resolve(opts.journal);
+  await withRepo(cmd, async (repo) => {
+    const lock = await repo.lock("read", `restore of ${ref}`);
+    try {
+      const t0 = Date.now();
+      const completeUntilNs = await journalCompleteUntil(journal);
+      const r = await restoreAtInstant(repo, {
+        journal,
+        vm,
+        atNs: BigInt(atMs) * 1_000_000n,
+        ...(completeUntilNs === undefined ? {} : { completeUntilNs }),
+        target: resolve(opts.target!),
+        force: opts.force === true,
+        progress: out.progress(),
+        signal: interruptSignal(),
+      });
+      const ms = Date.now() - t0;
+      const at = new Date(atMs).toISOString();
+      out.result(
+        {
+          type: "summary",
+          id: `${vm}@${at}`,
+          at,
+          base: r.base,
+          disks: r.disks,
+          replayed: {
+            entries: r.replay.entries,
+            bytes: r.replay.bytes,
+            lastWrite:
+              r.replay.lastNs === undefined
+                ? null
+                : new Date(Number(r.replay.lastNs / 1_000_000n)).toISOString(),
+          },
+          durationMs: Math.round(ms),
+        },
+        () =>
+          [
+            ...diskLines(r.disks, ms),
+            `${vm} at ${at}: base ${r.base} + ${r.replay.entries} journaled writes (${formatBytes(r.replay.bytes)})${r.replay.lastNs === undefined ? "" : `, the last one at ${new Date(Number(r.replay.lastNs / 1_000_000n)).toISOString()}`}; crash-consistent`,
+          ].join("\n"),
+      );
+    } finally {
+      await lock.release();
+    }
+  });
+}
+
 interface RestoreFlags {
+  journal?: string;
   target?: string;
   name?: string;
   format?: string;

@@ -11,6 +11,7 @@ import { registerDemoCommand } from "./cmd-demo.js";
 import { registerDoctorCommand } from "./cmd-doctor.js";
 import { registerFilesCommands } from "./cmd-files.js";
 import { registerInstantCommands } from "./cmd-instant.js";
+import { registerProtectCommand } from "./cmd-protect.js";
 import { registerRepoCommands } from "./cmd-repo.js";
 import { registerRestoreCommand } from "./cmd-restore.js";
 import { registerServeCommand } from "./cmd-serve.js";
@@ -65,6 +66,7 @@ Getting started:
   registerServeCommand(program);
   registerFilesCommands(program);
   registerInstantCommands(program);
+  registerProtectCommand(program);
   registerDoctorCommand(program);
   registerDemoCommand(program);
   registerDaemonCommand(program);

@@ -1,5 +1,5 @@
 // Keeps the layering of ARCHITECTURE.md: each layer imports only from layers above it
-// (util → repo, nbd → image → hypervisor → engine → catalog → server → cli).
+// (util → repo, nbd → image, journal → hypervisor → engine → catalog → server → cli).
 import assert from "node:assert/strict";
 import { readdirSync, readFileSync, statSync } from "node:fs";
 import { dirname, join, relative, resolve, sep } from "node:path";
@@ -15,6 +15,7 @@ const RANK: Record<string, number> = {
   repo: 1,
   nbd: 1,
   image: 2,
+  journal: 2,
   hypervisor: 3,
   engine: 4,
   catalog: 5,
@@ -23,7 +24,10 @@ const RANK: Record<string, number> = {
 };
 
 /** Same-rank layers that must not see each other. */
-const SIBLINGS_APART = [["repo", "nbd"]];
+const SIBLINGS_APART = [
+  ["repo", "nbd"],
+  ["image", "journal"],
+];
 
 /**
  * The engine, the catalog and the server (daemon) speak to platforms only through the VM adapter

@@ -45,6 +45,15 @@ export function parseQmpSpec(spec: string): QemuTarget {
   return t;
 }
 
+/** Where the QEMU VM of a `qmp:` or `vm:` source is reached (`vm:NAME` looked up in `inventory`). */
+export function resolveQemuTarget(uri: string, inventory: string = DEFAULT_INVENTORY): QemuTarget {
+  if (!uri.startsWith("vm:")) return parseQmpSpec(uri);
+  const entry = loadInventory(inventory).get(uri.slice(3));
+  if (!entry)
+    throw new StrataError(ErrorCode.USAGE, `VM "${uri.slice(3)}" is not in the inventory ${inventory}`);
+  return entryTarget(entry);
+}
+
 /** Where an inventory entry's VM is reached. */
 function entryTarget(e: InventoryEntry): QemuTarget {
   const qga = e.qga ?? siblingAgent(e.qmp);

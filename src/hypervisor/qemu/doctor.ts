@@ -49,6 +49,15 @@ export async function inspectVm(t: DoctorTarget, fix: boolean, stateDir: string)
   const out: Finding[] = [];
   const log = () => {};
   const rec = await StateRecord.load(join(stateDir, `${t.vm}.json`));
+  // A running `strata protect` keeps its mirrors and nodes for as long as it runs: not leftovers.
+  const protect = await StateRecord.load(StateRecord.pathOf(stateDir, t.vm, "protect"));
+  const protecting =
+    protect !== undefined && protect.data.pid !== process.pid && processAlive(protect.data.pid);
+  const inUse = new Set(
+    protecting
+      ? protect.items.flatMap((i) => (i.kind === "node" ? [i.node] : i.kind === "job" ? [i.id] : []))
+      : [],
+  );
   const qga =
     t.qga === undefined ? undefined : new QgaClient(t.qga, { timeoutMs: 5000, syncTimeoutMs: 3000 });
   /** Reports a leftover; with `fix` runs `remove` first, and an error leaves it unfixed. */
@@ -84,6 +93,12 @@ export async function inspectVm(t: DoctorTarget, fix: boolean, stateDir: string)
         () => release(qmp, qga, rec, log, { success: false }),
       );
     }
+    if (protect && !protecting) {
+      await found(
+        `unfinished protect (pid ${protect.data.pid}, ${protect.data.started}): ${protect.items.map((i) => i.kind).join(", ") || "nothing listed"}`,
+        () => release(qmp, qga, protect, log, { success: false }),
+      );
+    }
     if (!qmp) {
       out.push({
         vm: t.vm,
@@ -109,8 +124,8 @@ export async function inspectVm(t: DoctorTarget, fix: boolean, stateDir: string)
     if (exports.length > 0 || (await present.nbdServer(socket))) {
       await found(`QEMU's NBD server started by a backup`, () => q.execute("nbd-server-stop"));
     }
-    const jobs = (await q.execute<Array<{ id: string; status: string }>>("query-jobs")).filter((x) =>
-      names.isOurs(x.id),
+    const jobs = (await q.execute<Array<{ id: string; status: string }>>("query-jobs")).filter(
+      (x) => names.isOurs(x.id) && !inUse.has(x.id),
     );
     for (const j of jobs) {
       await found(`block job ${j.id}`, async () => {
@@ -123,7 +138,7 @@ export async function inspectVm(t: DoctorTarget, fix: boolean, stateDir: string)
     const nodes = await q.execute<
       Array<{ "node-name": string; file: string; image: { "actual-size"?: number } }>
     >("query-named-block-nodes", { flat: true });
-    for (const n of nodes.filter((x) => names.isOurs(x["node-name"]))) {
+    for (const n of nodes.filter((x) => names.isOurs(x["node-name"]) && !inUse.has(x["node-name"]))) {
       await found(
         `fleecing node ${n["node-name"]} (${n.file})`,
         async () => {
@@ -255,7 +270,10 @@ export async function strayFiles(stateDir: string, fix: boolean): Promise<Findin
  */
 export async function stateDirLeftovers(stateDir: string, fix: boolean): Promise<Finding[]> {
   const findings: Finding[] = [];
+  const seen = new Set<string>();
   for (const r of await StateRecord.all(stateDir)) {
+    if (seen.has(r.data.vm)) continue;
+    seen.add(r.data.vm);
     const t: DoctorTarget = { vm: r.data.vm, qmp: r.data.qmp, ...(r.data.qga ? { qga: r.data.qga } : {}) };
     findings.push(...(await inspectVm(t, fix, stateDir)));
   }

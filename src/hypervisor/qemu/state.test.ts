@@ -84,3 +84,27 @@ test("a tampered record is refused, naming the file and the first bad field", as
   writeFileSync(rec.path, JSON.stringify(good));
   assert.equal((await StateRecord.load(rec.path))?.items.length, 1);
 });
+
+test("a protect keeps a record of its own beside a backup's; a record in the other's name is refused", async (t) => {
+  const dir = tempDir(t);
+  const protect = await StateRecord.create(dir, "web1", "/run/web1.qmp", undefined, "protect");
+  assert.equal(protect.path, join(dir, "web1.protect.json"));
+  const backup = await StateRecord.create(dir, "web1", "/run/web1.qmp");
+  assert.equal(backup.path, join(dir, "web1.json"));
+  await protect.add({ kind: "job", id: "strata-cdp-vda" });
+  assert.deepEqual((await StateRecord.load(protect.path))?.items, [{ kind: "job", id: "strata-cdp-vda" }]);
+  assert.equal((await StateRecord.all(dir)).length, 2);
+  await assert.rejects(
+    StateRecord.create(dir, "web1", "/run/web1.qmp", undefined, "protect"),
+    /an earlier run/,
+  );
+  // The backup's record renamed to the protect's name (or the other way round) does not fit.
+  writeFileSync(
+    join(dir, "web2.protect.json"),
+    readFileSync(backup.path, "utf8").replace('"web1"', '"web2"'),
+  );
+  await assert.rejects(
+    StateRecord.load(join(dir, "web2.protect.json")),
+    /not the VM the file is named after/,
+  );
+});

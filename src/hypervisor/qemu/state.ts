@@ -54,8 +54,13 @@ const StateItemSchema = z.discriminatedUnion("kind", [
   }),
 ]);
 
+/** A record of a long-running job beside backups ("protect": CDP capture) is kept in `<vm>.<role>.json`. */
+export const ROLES = ["protect"] as const;
+export type StateRole = (typeof ROLES)[number];
+
 const StateFileSchema = z.object({
   vm: z.string().regex(NAME_RE, "not a VM name"),
+  role: z.enum(ROLES).optional(),
   qmp: absolutePath,
   qga: absolutePath.optional(),
   pid: z
@@ -93,10 +98,24 @@ export class StateRecord {
     readonly data: StateFile,
   ) {}
 
-  /** Starts a record for a run on `vm`. Refuses if an earlier run's record is still there. */
-  static async create(dir: string, vm: string, qmp: string, qga?: string): Promise<StateRecord> {
+  /** The file of `vm`'s record (of a backup, or of a `role` job). */
+  static pathOf(dir: string, vm: string, role?: StateRole): string {
+    return join(resolve(dir), role === undefined ? `${vm}.json` : `${vm}.${role}.json`);
+  }
+
+  /**
+   * Starts a record for a run on `vm` (a backup, or a `role` job such as protect, which keeps a
+   * record of its own beside the backups it takes). Refuses if an earlier run's record is still there.
+   */
+  static async create(
+    dir: string,
+    vm: string,
+    qmp: string,
+    qga?: string,
+    role?: StateRole,
+  ): Promise<StateRecord> {
     await fs.mkdir(dir, { recursive: true, mode: 0o755 });
-    const path = join(resolve(dir), `${vm}.json`);
+    const path = StateRecord.pathOf(dir, vm, role);
     if (await StateRecord.load(path)) {
       throw new StrataError(
         ErrorCode.LOCKED,
@@ -105,6 +124,7 @@ export class StateRecord {
     }
     const rec = new StateRecord(path, {
       vm,
+      ...(role === undefined ? {} : { role }),
       qmp: resolve(qmp),
       ...(qga === undefined ? {} : { qga: resolve(qga) }),
       pid: process.pid,
@@ -144,7 +164,7 @@ export class StateRecord {
     const bad = problem(StateFileSchema, doc);
     if (bad !== undefined) throw damaged(path, bad);
     const data = StateFileSchema.parse(doc);
-    if (`${data.vm}.json` !== basename(path))
+    if (basename(StateRecord.pathOf("/", data.vm, data.role)) !== basename(path))
       throw damaged(path, `vm: "${data.vm}" is not the VM the file is named after`);
     return new StateRecord(path, data);
   }

@@ -1,0 +1,367 @@
+/**
+ * protect: continuous data protection of a running QEMU VM. QEMU's active mirror
+ * (src/hypervisor/qemu/cdp.ts) first copies every disk whole into a write journal (src/journal),
+ * then every guest write as it is made; `strata restore VM@TIME --journal DIR` replays the
+ * journal up to any instant after the copy.
+ */
+import { promises as fs } from "node:fs";
+import { join, resolve } from "node:path";
+import type { Command } from "commander";
+import { resolveQemuTarget } from "../hypervisor/qemu/adapter.js";
+import { Capture } from "../hypervisor/qemu/cdp.js";
+import { JournalReader } from "../journal/reader.js";
+import { JournalWriter } from "../journal/writer.js";
+import { checkName } from "../repo/repository.js";
+import { formatDuration, parseDuration } from "../util/duration.js";
+import { ErrorCode, isNotFound, StrataError } from "../util/errors.js";
+import { processAlive } from "../util/process.js";
+import { formatBytes } from "../util/sizes.js";
+import { DEFAULT_INVENTORY, defaultStateDir } from "./adapters.js";
+import { interruptSignal, openRepo, output, withRepo } from "./context.js";
+
+export const STATUS_FILE = "status.json";
+
+interface ProtectOpts {
+  journal: string;
+  vm?: string;
+  syncInterval: string;
+  inventory: string;
+  stateDir?: string;
+  appendDeadline: string;
+}
+
+/** What a running protect writes to DIR/status.json every second (plain figures, no secrets). */
+interface ProtectStatus {
+  pid: number;
+  vm: string;
+  started: string;
+  updated: string;
+  syncIntervalMs: number;
+  entries: number;
+  dataBytes: number;
+  journalBytes: number;
+  syncs: number;
+  maxSyncMs: number;
+  lastSyncAt: number;
+  oldestUnsyncedAt: number;
+  broken?: string;
+  stopped?: boolean;
+  /** Set on a stop: the journal holds every write made before this instant (ISO). */
+  completeUntil?: string;
+}
+
+async function writeStatus(dir: string, s: ProtectStatus): Promise<void> {
+  const path = join(dir, STATUS_FILE);
+  const tmp = `${path}.tmp`;
+  await fs.writeFile(tmp, `${JSON.stringify(s, null, 2)}\n`, { mode: 0o600 });
+  await fs.rename(tmp, path);
+}
+
+const sleep = (ms: number, signal: AbortSignal) =>
+  new Promise<void>((resolve) => {
+    const t = setTimeout(done, ms);
+    function done() {
+      clearTimeout(t);
+      signal.removeEventListener("abort", done);
+      resolve();
+    }
+    signal.addEventListener("abort", done, { once: true });
+  });
+
+const iso = (ns: bigint | number) =>
+  new Date(Number(typeof ns === "bigint" ? ns / 1_000_000n : ns)).toISOString();
+
+export function registerProtectCommand(program: Command): void {
+  const protect = program
+    .command("protect")
+    .description("protect a running QEMU VM continuously: every write journaled, any instant restorable")
+    .argument("<source>", "the running VM: qmp:SOCKET[,qga=SOCKET] or vm:NAME")
+    .requiredOption("--journal <dir>", "directory of the VM's write journal (a fast local disk)")
+    .option(
+      "--vm <name>",
+      "the VM's name in the journal and in restores (VM@TIME) (default: NAME of vm:NAME)",
+    )
+    .option(
+      "--sync-interval <duration>",
+      "fdatasync the journal at least this often (the RPO on a host crash)",
+      "250ms",
+    )
+    .option(
+      "--append-deadline <duration>",
+      "a guest write the journal has not taken by then fails the capture, never the guest",
+      "5s",
+    )
+    .option("--inventory <file>", "VM inventory for vm:NAME", DEFAULT_INVENTORY)
+    .option(
+      "--state-dir <dir>",
+      "where the journal socket and the cleanup record live (default $STRATA_STATE_DIR or /var/lib/strata/state)",
+    )
+    .addHelpText(
+      "after",
+      `
+How it works: per disk, QEMU mirrors the disk (blockdev-mirror, copy-mode=write-blocking) to an
+NBD server Strata runs for the VM: first the whole disk (zeroed ranges cost a few bytes), then
+every guest write, each appended to the journal (host time, disk, offset, data: zstd, and
+AES-256-GCM when the repository is encrypted) before QEMU lets the guest's write complete. All
+disks share one journal, so one instant cuts every disk. Once the first copy is done, any
+instant can be restored:
+
+  strata restore VM@2026-11-29T08:01:23.250Z --journal DIR --target /srv/restored
+  strata restore VM@-90s --journal DIR --target /srv/restored
+
+Durability: a write is acknowledged once it is in the journal file; fdatasync runs at least
+every --sync-interval (QEMU's mirror does not pass the guest's flushes on to the journal). After a
+host crash the journal holds everything acknowledged up to one interval (plus one fdatasync)
+before it, whether the guest flushed or not; Strata itself dying loses nothing acknowledged.
+
+The guest is never harmed: a journal that fails or takes longer than --append-deadline ends
+the mirror (the guest's writes go on to its disks), protect stops with an error, and a dirty
+bitmap started with the capture (strata-cdp) keeps the record of what the journal missed.
+Ctrl-C (SIGINT) or SIGTERM stops cleanly and leaves nothing on the VM. If protect is killed,
+the next protect of the VM or "strata doctor --fix" cleans up.
+
+Runs in the foreground; see "strata protect status VM --journal DIR" from another shell. DIR
+must be new (a journal continued after a stop would have a gap). The repository gives the
+journal its encryption keys (and will take its folded restore points).
+
+Examples:
+  strata protect --repo /backup/strata --vm web1 qmp:/run/web1.qmp --journal /var/lib/strata/journal/web1
+  strata protect vm:db1 --journal /srv/journal/db1 --sync-interval 100ms`,
+    )
+    .action(async (source: string, opts: ProtectOpts, cmd: Command) => {
+      const out = output(cmd);
+      const target = resolveQemuTarget(source, opts.inventory);
+      const vm = opts.vm ?? (source.startsWith("vm:") ? source.slice(3) : undefined);
+      if (!vm) throw new StrataError(ErrorCode.USAGE, "--vm NAME is required for a qmp: source");
+      checkName("VM", vm);
+      const syncIntervalMs = parseDuration(opts.syncInterval, "--sync-interval");
+      if (syncIntervalMs < 1 || syncIntervalMs > 60_000)
+        throw new StrataError(ErrorCode.USAGE, "--sync-interval must be between 1ms and 60s");
+      const appendDeadlineMs = parseDuration(opts.appendDeadline, "--append-deadline");
+      const dir = resolve(opts.journal);
+      const used = await fs.readdir(dir).then(
+        (names) => names.length > 0,
+        (err: unknown) => {
+          if (isNotFound(err)) return false;
+          throw err;
+        },
+      );
+      if (used)
+        throw new StrataError(
+          ErrorCode.USAGE,
+          `--journal ${dir} is not empty: give each protect a new directory (a journal continued after a stop would have a gap)`,
+        );
+      const stateDir = opts.stateDir ?? defaultStateDir();
+      const signal = interruptSignal();
+      await withRepo(cmd, async (repo) => {
+        let brokenWhy: string | undefined;
+        const wake = new AbortController();
+        signal.addEventListener("abort", () => wake.abort(), { once: true });
+        const capture = await Capture.start({
+          vm,
+          target,
+          sync: "full",
+          stateDir,
+          appendDeadlineMs,
+          openJournal: (disks) =>
+            JournalWriter.open({
+              dir,
+              keys: repo.keys,
+              vm,
+              repository: repo.config.id,
+              disks: disks.map((d) => ({ name: d.name, size: d.size })),
+              syncIntervalMs,
+              onError: (err) => out.warn(`journal: ${err.message}`),
+            }),
+          log: (m) => out.warn(m),
+          onBroken: (why) => {
+            brokenWhy = why;
+            wake.abort();
+          },
+        });
+        const started = new Date().toISOString();
+        const status = (extra: Partial<ProtectStatus> = {}): ProtectStatus => {
+          const s = capture.journal.stats();
+          return {
+            pid: process.pid,
+            vm,
+            started,
+            updated: new Date().toISOString(),
+            syncIntervalMs,
+            entries: s.entries,
+            dataBytes: s.dataBytes,
+            journalBytes: s.journalBytes,
+            syncs: s.syncs,
+            maxSyncMs: s.maxSyncMs,
+            lastSyncAt: s.lastSyncAt,
+            oldestUnsyncedAt: s.oldestUnsyncedAt,
+            ...(brokenWhy === undefined ? {} : { broken: brokenWhy }),
+            ...extra,
+          };
+        };
+        let failure: unknown;
+        try {
+          out.info(
+            `journaling ${capture.disks.map((d) => `${d.name} (${formatBytes(d.size)})`).join(", ")} of ${vm} into ${dir}`,
+          );
+          await writeStatus(dir, status());
+          out.info(`every disk copied: any instant from ${new Date().toISOString()} on can be restored`);
+          let lastHealth = Date.now();
+          while (!wake.signal.aborted) {
+            await sleep(1000, wake.signal);
+            await writeStatus(dir, status());
+            if (Date.now() - lastHealth >= 5000 && !wake.signal.aborted) {
+              lastHealth = Date.now();
+              // QMP busy (another client holds it) is no reason to stop: ask again next time.
+              const h = await capture.health().catch((err: unknown) => {
+                out.warn(`health check: ${err instanceof Error ? err.message : String(err)}`);
+                return undefined;
+              });
+              if (h && !h.ok) {
+                brokenWhy = h.problems.join("; ");
+                break;
+              }
+            }
+          }
+        } catch (err) {
+          failure = err;
+        } finally {
+          // Writes after the mirrors are cancelled are not journaled: the journal is complete up to now.
+          const completeUntil = new Date().toISOString();
+          const { bitmapKept } = await capture.stop(brokenWhy !== undefined || failure !== undefined);
+          await writeStatus(dir, status({ stopped: true, completeUntil })).catch(() => {});
+          if (bitmapKept)
+            out.warn(
+              `the dirty bitmap strata-cdp stays on ${vm}'s disks: it records what the journal may lack`,
+            );
+        }
+        if (failure !== undefined) throw failure;
+        if (brokenWhy !== undefined)
+          throw new StrataError(ErrorCode.EXTERNAL, `protection of ${vm} stopped: ${brokenWhy}`);
+        const s = capture.journal.stats();
+        out.result(
+          {
+            type: "summary",
+            vm,
+            journal: dir,
+            entries: s.entries,
+            dataBytes: s.dataBytes,
+            journalBytes: s.journalBytes,
+            syncs: s.syncs,
+            maxSyncMs: s.maxSyncMs,
+          },
+          () =>
+            `stopped protecting ${vm}: ${s.entries} writes (${formatBytes(s.dataBytes)}) journaled in ${formatBytes(s.journalBytes)}; longest fdatasync ${s.maxSyncMs} ms`,
+        );
+      });
+    });
+
+  protect
+    .command("status")
+    .description("the protected window of a VM: from, to, journal size, lag")
+    .argument("<vm>", "the VM's name")
+    .addHelpText(
+      "after",
+      `
+--journal DIR names the VM's write journal (as given to strata protect). Shows the window that
+can be restored (from the moment the first copy of the disks was done to the newest write, or to
+now while protect runs), the journal's size, and the lag: how long the oldest write not yet
+fdatasynced has waited.
+
+Example:
+  strata protect status web1 --journal /srv/journal/web1`,
+    )
+    .action(async (vm: string, _opts: unknown, cmd: Command) => {
+      const out = output(cmd);
+      // --journal is the parent's option (commander hands it to "protect"), required there.
+      const dir = resolve((cmd.optsWithGlobals() as { journal: string }).journal);
+      const repo = await openRepo(cmd);
+      try {
+        const reader = await JournalReader.open(dir, repo.keys);
+        if (reader.meta.vm !== vm)
+          throw new StrataError(ErrorCode.USAGE, `journal ${dir} belongs to VM ${reader.meta.vm}, not ${vm}`);
+        const w = await reader.window();
+        const bases = reader.meta.bases;
+        const starts = [
+          ...bases.map((b) => BigInt(b.cutNs)),
+          ...(reader.meta.syncedNs === undefined ? [] : [BigInt(reader.meta.syncedNs)]),
+        ];
+        const from = earliest(starts);
+        let live: ProtectStatus | undefined;
+        try {
+          live = JSON.parse(await fs.readFile(join(dir, STATUS_FILE), "utf8")) as ProtectStatus;
+        } catch {
+          live = undefined;
+        }
+        const running = live !== undefined && !live.stopped && processAlive(live.pid);
+        const now = Date.now();
+        // As of the protect's last status write (every second).
+        const lagMs =
+          running && live
+            ? live.oldestUnsyncedAt > 0
+              ? Math.max(0, Date.parse(live.updated) - live.oldestUnsyncedAt)
+              : 0
+            : undefined;
+        // The newest instant restorable: the last entry, or now while a running protect has had no write since.
+        const to = running ? BigInt(now) * 1_000_000n : w.toNs;
+        out.result(
+          {
+            vm,
+            journal: dir,
+            running,
+            ...(running && live ? { pid: live.pid } : {}),
+            from: from === undefined ? null : iso(from),
+            to: to === undefined || from === undefined ? null : iso(to),
+            lastWrite: w.toNs === undefined ? null : iso(w.toNs),
+            bases: bases.map((b) => ({ snapshot: b.snapshot, from: iso(BigInt(b.cutNs)) })),
+            entries: w.entries,
+            dataBytes: w.dataBytes,
+            journalBytes: w.bytes,
+            segments: w.segments,
+            ...(lagMs === undefined ? {} : { lagMs }),
+            ...(live?.broken ? { broken: live.broken } : {}),
+          },
+          () =>
+            [
+              `${vm}: ${running ? `protected (pid ${live!.pid})` : "not running"}`,
+              from === undefined
+                ? "window: none yet (the first copy of the disks is not done)"
+                : `window: ${iso(from)} .. ${to === undefined ? "-" : iso(to)}`,
+              `journal: ${w.entries} writes (${formatBytes(w.dataBytes)}) in ${formatBytes(w.bytes)}, ${w.segments} segment(s), ${bases.length} base(s)`,
+              ...(lagMs === undefined
+                ? []
+                : [`lag: ${formatDuration(lagMs)} (oldest write not yet fdatasynced)`]),
+              ...(live?.broken ? [`stopped because: ${live.broken}`] : []),
+            ].join("\n"),
+        );
+      } finally {
+        await repo.close();
+      }
+    });
+}
+
+/**
+ * Up to when the journal in `dir` is known to hold every write (ns): now while its protect runs
+ * (no entry since means no write since), the moment its stop began when it stopped cleanly, else
+ * undefined (the last entry is the limit). From status.json, which only widens the window to
+ * quiet moments: the entries themselves are checked when they are replayed.
+ */
+export async function journalCompleteUntil(dir: string): Promise<bigint | undefined> {
+  let s: Partial<ProtectStatus>;
+  try {
+    s = JSON.parse(await fs.readFile(join(dir, STATUS_FILE), "utf8")) as Partial<ProtectStatus>;
+  } catch {
+    return undefined;
+  }
+  if (typeof s.pid !== "number" || typeof s.updated !== "string" || s.broken !== undefined) return undefined;
+  if (!s.stopped && processAlive(s.pid)) return BigInt(Date.now()) * 1_000_000n;
+  const t = Date.parse(s.completeUntil ?? "");
+  return s.stopped && Number.isFinite(t) ? BigInt(t) * 1_000_000n : undefined;
+}
+
+/** The smallest of `xs` (Math.min takes no bigints), undefined for none. */
+function earliest(xs: readonly bigint[]): bigint | undefined {
+  let m: bigint | undefined;
+  for (const x of xs) if (m === undefined || x < m) m = x;
+  return m;
+}
