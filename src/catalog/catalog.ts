@@ -571,6 +571,14 @@ export class Catalog {
       .run(r);
   }
 
+  /** The id of the repository the catalog knows at `location` (its path), if any. */
+  repositoryAt(location: string): string | undefined {
+    const row = this.guard("reading a repository", () =>
+      this.db.prepare("SELECT id FROM repositories WHERE location = ?").get(location),
+    ) as { id: string } | undefined;
+    return row?.id;
+  }
+
   /** Restore points, oldest first; of one repository (id) and/or one VM when given. */
   restorePoints(filter: { repository?: string; vm?: string } = {}): RestorePointRow[] {
     return this.guard("listing restore points", () =>

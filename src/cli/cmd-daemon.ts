@@ -4,6 +4,7 @@ import type { Command } from "commander";
 import { Catalog, DEFAULT_CATALOG } from "../catalog/catalog.js";
 import type { VmSummary } from "../hypervisor/adapter.js";
 import type { KeepPolicy } from "../repo/retention.js";
+import { Api } from "../server/api.js";
 import {
   checkConfigFile,
   type DaemonConfig,
@@ -12,6 +13,7 @@ import {
   type JobLimits,
 } from "../server/config.js";
 import { type JobSpec, planJobs } from "../server/jobs.js";
+import { listenApi } from "../server/listen.js";
 import { createJobRunner } from "../server/runner.js";
 import { nextDue, nextSlot } from "../server/schedule.js";
 import { Daemon, reniceProcess } from "../server/service.js";
@@ -42,6 +44,13 @@ or SIGINT, cancelling running jobs and recording them as cancelled. Every run is
 the catalog (catalog: in the file, else $STRATA_CATALOG or ${DEFAULT_CATALOG}): trigger, start and
 end, outcome, bytes, progress, errors and log lines; "strata jobs" lists them.
 
+The REST API (JSON, described at /api/v1/openapi.json) listens on the unix socket api.socket
+(default /run/strata/strata.sock; plain HTTP, mode 0600) and, with api.https, on a TCP port over
+HTTPS (a self-signed certificate is made in the state folder unless cert and key are given; its
+SHA-256 fingerprint is logged). Calls carry "Authorization: Bearer strata_..." from
+"strata token create --role admin|operator|backup|read"; on the socket a call without one acts as
+the local administrator. Every refused call is logged with its reason.
+
 --check reads the file, prints every problem as FILE:LINE:COLUMN (and exits 2), or a summary:
 each policy, the VMs it covers now (asked from every platform adapter, as "strata vms" does)
 and when each job runs next.
@@ -60,6 +69,10 @@ A configuration:
     worker-threads: 2
     nice: 10                  # (default 10)
     io-weight: 50             # cgroup v2 io.weight, 1-10000
+  state-dir: /var/lib/strata/state
+  api:
+    socket: /run/strata/strata.sock
+    https: { listen: 8443 }   # or "127.0.0.1:8443"; cert: and key: for your own certificate
   vms:                        # VMs named by their sources, beside those the adapters find
     lab1: { sources: ["file:/var/lib/images/lab1.img"], tags: [lab] }
   policies:
@@ -117,10 +130,11 @@ async function serve(file: string): Promise<void> {
   const catalog = Catalog.open(resolve(config.catalog ?? process.env.STRATA_CATALOG ?? DEFAULT_CATALOG));
   const inventory = config.inventory ?? DEFAULT_INVENTORY;
   const registry = buildRegistry({ inventory });
+  const stateDir = config.stateDir ?? defaultStateDir();
   const daemon = new Daemon({
     config,
     catalog,
-    runner: createJobRunner({ registry, catalog, stateDir: config.stateDir ?? defaultStateDir() }),
+    runner: createJobRunner({ registry, catalog, stateDir }),
     listVms: async () => {
       const host = await listHostVms({ inventory });
       for (const u of host.unreachable) log("warn", `${u.adapter}: cannot list its VMs: ${u.error}`);
@@ -128,6 +142,7 @@ async function serve(file: string): Promise<void> {
     },
     log,
   });
+  let listening: Awaited<ReturnType<typeof listenApi>> | undefined;
   try {
     await new Promise<void>((done, fail) => {
       const stop = (sig: string) => {
@@ -136,10 +151,14 @@ async function serve(file: string): Promise<void> {
       };
       process.once("SIGTERM", () => stop("SIGTERM"));
       process.once("SIGINT", () => stop("SIGINT"));
-      daemon.start().catch(fail);
+      (async () => {
+        listening = await listenApi(new Api({ daemon, log }), config.api, { stateDir, log });
+        await daemon.start();
+      })().catch(fail);
     });
     log("info", "stopped");
   } finally {
+    await listening?.close();
     catalog.close();
   }
 }
