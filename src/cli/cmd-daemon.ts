@@ -134,7 +134,12 @@ async function serve(file: string): Promise<void> {
   const daemon = new Daemon({
     config,
     catalog,
-    runner: createJobRunner({ registry, catalog, stateDir }),
+    runner: createJobRunner({
+      registry,
+      catalog,
+      stateDir,
+      ...(config.limits.bandwidth === undefined ? {} : { hostBandwidth: config.limits.bandwidth }),
+    }),
     listVms: async () => {
       const host = await listHostVms({ inventory });
       for (const u of host.unreachable) log("warn", `${u.adapter}: cannot list its VMs: ${u.error}`);

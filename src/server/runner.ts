@@ -24,6 +24,7 @@ import { Repository } from "../repo/repository.js";
 import { verifyRepository } from "../repo/verify.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import type { ProgressSink } from "../util/progress.js";
+import { allLimits, type Limiter, MiB, TokenBucket } from "../util/throttle.js";
 import type { JobLimits, Policy, RepositoryConfig } from "./config.js";
 import { readPassword } from "./repositories.js";
 
@@ -62,6 +63,8 @@ export interface RunnerOptions {
   catalog: Catalog;
   /** Where adapters keep their cleanup records. */
   stateDir: string;
+  /** MiB/s read by all jobs together (the host's bandwidth limit), shared by every run. */
+  hostBandwidth?: number;
 }
 
 /** Opens a configured repository with the job's worker threads. */
@@ -75,11 +78,18 @@ export async function openRepository(r: RepositoryConfig, threads?: number): Pro
 
 /** The daemon's runner: backups through the adapters, retention and verification on the repository. */
 export function createJobRunner(options: RunnerOptions): JobRunner {
+  const host = options.hostBandwidth === undefined ? undefined : new TokenBucket(options.hostBandwidth * MiB);
   return {
     async run(ctx) {
       const repo = await openRepository(ctx.repository, ctx.limits.workerThreads);
       try {
-        if (ctx.job.kind === "backup") return await runBackup(repo, ctx, options);
+        if (ctx.job.kind === "backup") {
+          const own =
+            ctx.limits.jobBandwidth === undefined
+              ? undefined
+              : new TokenBucket(ctx.limits.jobBandwidth * MiB);
+          return await runBackup(repo, ctx, options, allLimits([own, host]));
+        }
         if (ctx.job.kind === "retention") return await runRetention(repo, ctx, options.catalog);
         if (ctx.job.kind === "verify") return await runVerify(repo, ctx);
         throw new StrataError(ErrorCode.USAGE, `jobs of kind ${ctx.job.kind} are not run by this build`);
@@ -90,7 +100,12 @@ export function createJobRunner(options: RunnerOptions): JobRunner {
   };
 }
 
-async function runBackup(repo: Repository, ctx: RunContext, options: RunnerOptions): Promise<RunOutput> {
+async function runBackup(
+  repo: Repository,
+  ctx: RunContext,
+  options: RunnerOptions,
+  readLimit: Limiter | undefined,
+): Promise<RunOutput> {
   if (ctx.sources.length === 0)
     throw new StrataError(
       ErrorCode.NOT_FOUND,
@@ -99,7 +114,12 @@ async function runBackup(repo: Repository, ctx: RunContext, options: RunnerOptio
   const handle = await options.registry.resolveAll(ctx.sources);
   const mode = ctx.policy.mode ?? handle.defaults?.mode ?? "snapshot";
   const quiesce = ctx.policy.quiesce ?? handle.defaults?.quiesce ?? "try";
-  ctx.log("info", `backup of ${ctx.job.vm} (${ctx.sources.join(" ")}) to ${ctx.repository.name}, ${mode}`);
+  ctx.log(
+    "info",
+    `backup of ${ctx.job.vm} (${ctx.sources.join(" ")}) to ${ctx.repository.name}, ${mode}` +
+      (ctx.limits.jobBandwidth === undefined ? "" : `, reads at most ${ctx.limits.jobBandwidth} MiB/s`) +
+      (options.hostBandwidth === undefined ? "" : `, ${options.hostBandwidth} MiB/s for all jobs`),
+  );
   const r = await backupVm(repo, handle, {
     vm: ctx.job.vm,
     mode,
@@ -108,6 +128,7 @@ async function runBackup(repo: Repository, ctx: RunContext, options: RunnerOptio
     progress: ctx.progress,
     signal: ctx.signal,
     log: (m) => ctx.log("warn", m),
+    ...(readLimit === undefined ? {} : { readLimit }),
   });
   const t = manifestTotals(r.manifest);
   options.catalog.putRestorePoint(

@@ -63,7 +63,13 @@ ${options.policies}
   const catalog = Catalog.open(join(dir, "catalog.db"), options.clock ? { clock: options.clock } : {});
   t.after(() => catalog.close());
   const registry = new AdapterRegistry().register(new ImageFileAdapter());
-  const runner = createJobRunner({ registry, catalog, stateDir: join(dir, "state") });
+  const bandwidth = checked.config.limits.bandwidth;
+  const runner = createJobRunner({
+    registry,
+    catalog,
+    stateDir: join(dir, "state"),
+    ...(bandwidth === undefined ? {} : { hostBandwidth: bandwidth }),
+  });
   return { dir, repoPath, images, catalog, config: checked.config, runner };
 }
 
