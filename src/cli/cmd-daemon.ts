@@ -140,11 +140,7 @@ async function serve(file: string): Promise<void> {
       stateDir,
       ...(config.limits.bandwidth === undefined ? {} : { hostBandwidth: config.limits.bandwidth }),
     }),
-    listVms: async () => {
-      const host = await listHostVms({ inventory });
-      for (const u of host.unreachable) log("warn", `${u.adapter}: cannot list its VMs: ${u.error}`);
-      return host.vms;
-    },
+    listVms: () => listHostVms({ inventory }),
     log,
   });
   let listening: Awaited<ReturnType<typeof listenApi>> | undefined;

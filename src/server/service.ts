@@ -38,6 +38,11 @@ import { recoverAfterRestart, Scheduler } from "./scheduler.js";
 
 export type DaemonLog = (level: LogLevel, message: string) => void;
 
+export interface ListedVms {
+  vms: VmSummary[];
+  unreachable: Array<{ adapter: string; error: string }>;
+}
+
 /** A VM the daemon knows: found by an adapter, or named by its sources in the configuration. */
 export interface KnownVm extends Pick<VmSummary, "name" | "adapter" | "state" | "tags"> {
   sources: string[];
@@ -53,8 +58,13 @@ export interface DaemonOptions {
   config: DaemonConfig;
   catalog: Catalog;
   runner: JobRunner;
-  /** The VMs the platform adapters find now (the CLI's composition root asks every adapter). */
-  listVms: () => Promise<VmSummary[]>;
+  /**
+   * The VMs the platform adapters find now (the CLI's composition root asks every adapter), and
+   * the adapters that could not be asked: their VMs seen before are kept, not dropped.
+   */
+  listVms: () => Promise<ListedVms>;
+  /** How often the VMs are listed again and the jobs synced (default 5 minutes; 0: never). */
+  resyncMs?: number;
   clock?: Clock;
   log?: DaemonLog;
   /** Sleep until the next due time by itself (default true); tests on a fake clock call tick(). */
@@ -107,6 +117,7 @@ export class Daemon {
   private pending: Pending[] = [];
   private vms: KnownVm[] = [];
   private timer: NodeJS.Timeout | undefined;
+  private resyncTimer: NodeJS.Timeout | undefined;
   private stopping = false;
   private readonly idleWaiters: Array<() => void> = [];
 
@@ -141,6 +152,34 @@ export class Daemon {
       `${this.byId.size} job(s) for ${this.vms.length} VM(s) from ${this.o.config.file}; ${this.o.config.limits.jobs} job(s) at once, ${this.o.config.limits.jobsPerRepository} per repository`,
     );
     this.tick();
+    const every = this.o.resyncMs ?? 5 * 60_000;
+    if (this.o.timers !== false && every > 0)
+      this.resyncTimer = setInterval(() => {
+        this.resync().catch((err) => this.log("error", `listing the VMs again: ${describeError(err)}`));
+      }, every);
+  }
+
+  /**
+   * Lists the VMs again and syncs the jobs: a VM that appeared gets its jobs (scheduled from
+   * now), jobs of a VM no adapter lists any more are retired (their runs stay) and unscheduled.
+   * VMs of an adapter that could not be asked are kept as they were.
+   */
+  async resync(): Promise<void> {
+    if (this.stopping) return;
+    const before = new Set(this.byKey.keys());
+    if (!(await this.syncJobs())) return;
+    for (const [key, e] of this.byKey)
+      if (!before.has(key) && e.spec.timed) {
+        this.scheduler.add(e.spec.timed, this.o.catalog.lastScheduledFor(e.job.id) ?? e.job.createdAt);
+        this.log("info", `new job ${key}`);
+      }
+    for (const key of before)
+      if (!this.byKey.has(key)) {
+        this.scheduler.remove(key);
+        this.log("info", `job ${key} retired: its VM is not found any more`);
+      }
+    this.pending = this.pending.filter((p) => this.byId.has(p.entry.job.id));
+    this.tick();
   }
 
   /** The VMs found at the last sync, with the configuration's own. */
@@ -159,15 +198,22 @@ export class Daemon {
     return e?.spec.timed ? this.scheduler.nextOf(e.key) : undefined;
   }
 
-  private async syncJobs(): Promise<void> {
-    let found: VmSummary[] = [];
+  /** Lists the VMs and syncs the catalog's jobs; false (nothing changed) when listing failed. */
+  private async syncJobs(): Promise<boolean> {
+    let listed: ListedVms;
     try {
-      found = await this.o.listVms();
+      listed = await this.o.listVms();
     } catch (err) {
       this.log("warn", `cannot list the host's VMs: ${describeError(err)}`);
+      if (this.byId.size > 0) return false;
+      listed = { vms: [], unreachable: [] };
     }
+    for (const u of listed.unreachable) this.log("warn", `${u.adapter}: cannot list its VMs: ${u.error}`);
     const vms = new Map<string, KnownVm>();
-    for (const v of found)
+    // An adapter that could not be asked keeps the VMs it had: a libvirtd restart retires nothing.
+    const down = new Set(listed.unreachable.map((u) => u.adapter));
+    for (const v of this.vms) if (down.has(v.adapter)) vms.set(v.name, v);
+    for (const v of listed.vms)
       vms.set(v.name, {
         name: v.name,
         adapter: v.adapter,
@@ -192,6 +238,7 @@ export class Daemon {
       this.byKey.set(entry.key, entry);
       this.byId.set(job.id, entry);
     }
+    return true;
   }
 
   /** Queues the runs due now, starts what the limits allow, and sets the timer for the next. */
@@ -316,6 +363,7 @@ export class Daemon {
   async stop(why = "the daemon is stopping"): Promise<void> {
     this.stopping = true;
     clearTimeout(this.timer);
+    clearInterval(this.resyncTimer);
     this.pending = [];
     const runs = [...this.active.values()];
     for (const a of runs) {

@@ -52,8 +52,7 @@ export async function setup(
   main: { path: ${repoPath} }
 state-dir: ${join(dir, "state")}
 api: { socket: ${join(dir, "strata.sock")} }
-vms:
-${options.vms.map((vm) => `  ${vm}: { sources: ["file:${images[vm]}"] }`).join("\n")}
+${options.vms.length === 0 ? "" : "vms:\n"}${options.vms.map((vm) => `  ${vm}: { sources: ["file:${images[vm]}"] }`).join("\n")}
 ${options.extra ?? ""}
 policies:
 ${options.policies}
@@ -79,7 +78,7 @@ export function daemonOf(t: TestContext, s: Setup, options: Partial<DaemonOption
     config: s.config,
     catalog: s.catalog,
     runner: s.runner,
-    listVms: async () => [],
+    listVms: async () => ({ vms: [], unreachable: [] }),
     timers: false,
     ...options,
   });

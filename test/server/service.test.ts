@@ -188,3 +188,57 @@ test("a backup that fails is recorded failed with the error's code and text; ret
   assert.match(run!.error!, /gone\.img/, "the error names the missing image");
   assert.equal(s.catalog.runs(jobs.find((j) => j.kind === "retention")!.id).length, 0);
 });
+
+test("VMs are listed again: a new VM gets its jobs, one gone is retired, an unreachable adapter's are kept", async (t) => {
+  const clock = new FakeClock(T0);
+  const s = await setup(t, {
+    vms: [],
+    clock,
+    extra: "limits: { jobs: 4, jobs-per-repository: 4 }",
+    policies: `  p:
+    repository: main
+    vms: all
+    schedule: every 15m`,
+  });
+  const vm = (name: string) => ({ adapter: "qemu", source: `vm:${name}`, name, state: "running" as const });
+  let listed: { vms: ReturnType<typeof vm>[]; unreachable: Array<{ adapter: string; error: string }> } = {
+    vms: [vm("web1")],
+    unreachable: [],
+  };
+  const ran: string[] = [];
+  const runner: JobRunner = {
+    run: async (ctx) => {
+      ran.push(`${ctx.job.vm}:${ctx.sources.join(",")}`);
+      return {};
+    },
+  };
+  const d = daemonOf(t, s, { runner, clock, listVms: async () => listed });
+  await d.start();
+  const backups = () =>
+    s.catalog
+      .jobs()
+      .filter((j) => j.kind === "backup")
+      .map((j) => j.vm);
+  assert.deepEqual(backups(), ["web1"]);
+  listed = { vms: [vm("web1"), vm("web2")], unreachable: [] };
+  await d.resync();
+  assert.deepEqual(backups(), ["web1", "web2"], "web2 appeared");
+  clock.set(T0 + 8 * MIN);
+  d.tick();
+  await d.idle();
+  assert.deepEqual(ran.sort(), ["web1:vm:web1", "web2:vm:web2"], "both run at the next slot");
+  listed = { vms: [], unreachable: [{ adapter: "qemu", error: "QMP socket refused" }] };
+  await d.resync();
+  assert.deepEqual(backups(), ["web1", "web2"], "an adapter that can't be asked keeps its VMs");
+  listed = { vms: [vm("web2")], unreachable: [] };
+  await d.resync();
+  assert.deepEqual(backups(), ["web2"], "web1 is gone");
+  ran.length = 0;
+  clock.set(T0 + 23 * MIN);
+  d.tick();
+  await d.idle();
+  assert.deepEqual(ran, ["web2:vm:web2"], "a retired job is not scheduled");
+  const web1 = s.catalog.jobs({ includeRemoved: true }).find((j) => j.vm === "web1" && j.kind === "backup")!;
+  assert.ok(web1.removedAt !== null);
+  assert.equal(s.catalog.runs(web1.id).length, 1, "its runs stay");
+});
