@@ -126,7 +126,10 @@ async function serve(file: string): Promise<void> {
   })();
   const log = (level: string, message: string) =>
     (level === "warn" || level === "error" ? process.stderr : process.stdout).write(`${level}: ${message}\n`);
-  if (config.limits.nice !== undefined) reniceProcess(config.limits.nice);
+  if (config.limits.nice !== undefined) {
+    const r = reniceProcess(config.limits.nice);
+    if (r.refused) log("warn", `cannot set nice ${config.limits.nice} on the daemon's threads: ${r.refused}`);
+  }
   const catalog = Catalog.open(resolve(config.catalog ?? process.env.STRATA_CATALOG ?? DEFAULT_CATALOG));
   const inventory = config.inventory ?? DEFAULT_INVENTORY;
   const registry = buildRegistry({ inventory });

@@ -494,23 +494,26 @@ export class Daemon {
 /**
  * Sets the nice value of every thread of this process (Linux applies nice per thread; threads
  * started later inherit their creator's), so that the daemon's hashing and compression workers
- * yield the CPU to the VMs. Returns how many threads were set.
+ * yield the CPU to the VMs. Returns how many threads were set and the first refusal (lowering
+ * nice needs CAP_SYS_NICE), if any.
  */
-export function reniceProcess(nice: number): number {
+export function reniceProcess(nice: number): { set: number; refused?: string } {
   let tids: number[];
   try {
     tids = readdirSync("/proc/self/task").map(Number);
   } catch {
     tids = [process.pid];
   }
-  let n = 0;
+  let set = 0;
+  let refused: string | undefined;
   for (const tid of tids) {
     try {
       setPriority(tid, nice);
-      n++;
-    } catch {
-      // A thread that ended meanwhile.
+      set++;
+    } catch (err) {
+      // ESRCH: a thread that ended meanwhile; anything else is worth saying.
+      if ((err as { info?: { code?: string } }).info?.code !== "ESRCH") refused ??= describeError(err);
     }
   }
-  return n;
+  return refused === undefined ? { set } : { set, refused };
 }

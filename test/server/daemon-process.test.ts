@@ -2,7 +2,8 @@
 // image-file VM, records the run and its restore point in the catalog, and stops cleanly on
 // SIGTERM. Schedules shorter than a minute are allowed only by STRATA_TEST_MIN_EVERY.
 import assert from "node:assert/strict";
-import { writeFileSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { getPriority } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
 import { Catalog } from "../../src/catalog/catalog.js";
@@ -85,4 +86,71 @@ policies:
   const repo = await Repository.open(new FsStore(repoPath));
   t.after(() => repo.close());
   assert.ok((await repo.snapshots("vm1")).some((s) => `${s.vm}/${s.time}` === run.restorePoint));
+});
+
+/** The nice value of each thread of process `pid` (field 19 of /proc/PID/task/TID/stat). */
+function threadNices(pid: number): number[] {
+  return readdirSync(`/proc/${pid}/task`).map((tid) => {
+    const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, "utf8");
+    return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16]);
+  });
+}
+
+test("SIGTERM mid-backup: the real daemon cancels the run, records it, releases the repository and exits 0", async (t) => {
+  const dir = tempDir(t);
+  const repoPath = join(dir, "repo");
+  await Repository.init(new FsStore(repoPath), { chunkSize: 64 << 10 });
+  writeImage(join(dir, "vm1.img"), 32);
+  const catalogPath = join(dir, "catalog.db");
+  const socket = join(dir, "strata.sock");
+  const config = join(dir, "strata.yaml");
+  writeFileSync(
+    config,
+    `catalog: ${catalogPath}
+state-dir: ${join(dir, "state")}
+api: { socket: ${socket} }
+repositories:
+  main: { path: ${repoPath} }
+vms:
+  vm1: { sources: ["file:${join(dir, "vm1.img")}"] }
+limits: { nice: 7, worker-threads: 1 }
+policies:
+  slow:
+    repository: main
+    vms: all
+    schedule: "0 3 * * *"
+    limits: { job-bandwidth: 2 }
+`,
+  );
+  const child = startStrata(["daemon", "--config", config]);
+  const out = collect(child);
+  t.after(() => child.kill("SIGKILL"));
+  await until("the API socket", 10_000, () => (existsSync(socket) ? true : undefined));
+  const started = await strata(["run", "vm1", "--socket", socket]);
+  assert.equal(started.code, 0, started.stderr);
+  assert.match(started.stdout, /slow\/vm1\/backup: started run \d+/);
+  await new Promise((r) => setTimeout(r, 1500));
+  // Lowering nice needs root (CAP_SYS_NICE): without it, a test run at a higher nice keeps it.
+  const expected = process.getuid?.() === 0 ? 7 : Math.max(7, getPriority());
+  const nices = threadNices(child.pid!);
+  assert.ok(
+    nices.length > 2 && nices.every((n) => n === expected),
+    `every thread of the daemon, codec workers included, runs at nice ${expected}: ${nices}`,
+  );
+  child.kill("SIGTERM");
+  const r = await out.result;
+  assert.equal(r.code, 0, r.stderr);
+  const c = Catalog.open(catalogPath, { create: false });
+  t.after(() => c.close());
+  const job = c.jobs().find((j) => j.kind === "backup")!;
+  const [run] = c.runs(job.id);
+  assert.equal(run!.outcome, "cancelled");
+  assert.equal(run!.errorCode, "ABORTED");
+  assert.match(run!.error!, /the daemon received SIGTERM/);
+  assert.ok(run!.progressDone > 0 && run!.progressDone < run!.progressTotal, "stopped part-way");
+  assert.deepEqual(c.openRuns(), []);
+  assert.deepEqual(readdirSync(join(repoPath, "locks")), [], "no lock left on the repository");
+  const repo = await Repository.open(new FsStore(repoPath));
+  t.after(() => repo.close());
+  assert.deepEqual(await repo.snapshots("vm1"), [], "no restore point from a cancelled run");
 });
