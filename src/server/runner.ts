@@ -67,12 +67,17 @@ export interface RunnerOptions {
   hostBandwidth?: number;
 }
 
-/** Opens a configured repository with the job's worker threads. */
-export async function openRepository(r: RepositoryConfig, threads?: number): Promise<Repository> {
+/** Opens a configured repository with the job's worker threads, at the job's nice. */
+export async function openRepository(
+  r: RepositoryConfig,
+  threads?: number,
+  workerNice?: number,
+): Promise<Repository> {
   const password = r.passwordFile === undefined ? undefined : readPassword(r);
   return Repository.open(new FsStore(r.path), {
     ...(password === undefined ? {} : { password }),
     ...(threads === undefined ? {} : { threads }),
+    ...(workerNice === undefined ? {} : { workerNice }),
   });
 }
 
@@ -81,7 +86,7 @@ export function createJobRunner(options: RunnerOptions): JobRunner {
   const host = options.hostBandwidth === undefined ? undefined : new TokenBucket(options.hostBandwidth * MiB);
   return {
     async run(ctx) {
-      const repo = await openRepository(ctx.repository, ctx.limits.workerThreads);
+      const repo = await openRepository(ctx.repository, ctx.limits.workerThreads, ctx.limits.nice);
       try {
         if (ctx.job.kind === "backup") {
           const own =
