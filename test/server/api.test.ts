@@ -7,6 +7,7 @@ import { readFileSync } from "node:fs";
 import { request as httpRequest } from "node:http";
 import { request as httpsRequest } from "node:https";
 import { type TestContext, test } from "node:test";
+import { Validator } from "@seriousme/openapi-schema-validator";
 import { allows } from "../../src/catalog/roles.js";
 import { ROLES } from "../../src/catalog/schema.js";
 import { createToken, revokeToken } from "../../src/catalog/tokens.js";
@@ -352,7 +353,7 @@ test("restore points page by page, retention preview and repository stats agree 
   assert.ok(stats.storedBytes > 0 && stats.dedupRatio >= 2, `the second backup dedups (${stats.dedupRatio})`);
 });
 
-test("the OpenAPI document is served without a token and describes every route", async (t) => {
+test("the OpenAPI document is served without a token, validates, and describes every route", async (t) => {
   const h = await harness(t);
   const r = await h.call("GET", "/api/v1/openapi.json");
   assert.equal(r.status, 200);
@@ -365,6 +366,12 @@ test("the OpenAPI document is served without a token and describes every route",
     components: { schemas: Record<string, unknown> };
   };
   assert.match(doc.openapi, /^3\.\d+\.\d+$/);
+  // Valid against the OpenAPI 3.0 JSON schema, with every reference resolving.
+  const validator = new Validator();
+  const checked = await validator.validate(structuredClone(r.body) as Parameters<Validator["validate"]>[0]);
+  assert.deepEqual(checked.errors, undefined, JSON.stringify(checked.errors, null, 2));
+  assert.equal(checked.valid, true);
+  assert.doesNotThrow(() => validator.resolveRefs());
   const listed = Object.entries(doc.paths).flatMap(([p, ops]) =>
     Object.keys(ops).map((m) => `${m.toUpperCase()} ${p}`),
   );
