@@ -306,7 +306,7 @@ export class Api {
   /** Server-sent events of a run: its log so far, then live progress and log, then its end. */
   private events(call: Call): undefined {
     const run = this.runOf(call.params);
-    const { res, req } = call;
+    const { res } = call;
     res.writeHead(200, {
       "Content-Type": "text/event-stream; charset=utf-8",
       "Cache-Control": "no-store",
@@ -336,7 +336,7 @@ export class Api {
     // Subscribe first, so nothing said between the replay and the subscription is lost.
     sub = this.o.daemon.subscribe(run.id, onEvent);
     const beat = setInterval(() => res.write(": keep-alive\n\n"), this.o.heartbeatMs ?? 15_000);
-    req.on("close", finish);
+    res.on("close", finish); // the client went away
     for (const l of this.catalog.logs(run.id))
       write({ type: "log", time: l.time, level: l.level, message: l.message });
     if (sub) write({ type: "progress", ...sub.progress });
