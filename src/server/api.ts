@@ -148,9 +148,17 @@ export class Api {
       pathKnown = true;
       if (c.route.method !== req.method) continue;
       const params: Record<string, string> = {};
-      c.names.forEach((n, i) => {
-        params[n] = decodeURIComponent(m[i + 1]!);
-      });
+      for (const [i, n] of c.names.entries()) {
+        try {
+          params[n] = decodeURIComponent(m[i + 1]!);
+        } catch {
+          return this.send(
+            res,
+            400,
+            errorBody(ErrorCode.USAGE, `${path}: {${n}} is not valid percent-encoding`),
+          );
+        }
+      }
       found = { route: c.route, params };
       break;
     }

@@ -407,4 +407,5 @@ test("the OpenAPI document is served without a token, validates, and describes e
   const unknown = await h.call("GET", "/api/v1/nothing", { via: "unix" });
   assert.equal(unknown.status, 404);
   assert.equal((await h.call("DELETE", "/api/v1/jobs", { via: "unix" })).status, 405);
+  assert.equal((await h.call("GET", "/api/v1/vms/%E0%A4%A/restore-points", { via: "unix" })).status, 400);
 });
