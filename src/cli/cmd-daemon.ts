@@ -19,7 +19,7 @@ import { nextDue, nextSlot } from "../server/schedule.js";
 import { Daemon, reniceProcess } from "../server/service.js";
 import { formatDuration } from "../util/durations.js";
 import { printable } from "../util/names.js";
-import { buildRegistry, DEFAULT_INVENTORY, defaultStateDir, listHostVms } from "./adapters.js";
+import { buildRegistry, DEFAULT_INVENTORY, defaultStateDir, listHostVms, schemeOf } from "./adapters.js";
 import { output } from "./context.js";
 
 const iso = (ms: number | undefined) =>
@@ -109,7 +109,19 @@ Examples:
       const inventory = config.inventory ?? DEFAULT_INVENTORY;
       const host = await listHostVms({ inventory });
       for (const u of host.unreachable) out.warn(`${u.adapter}: cannot list its VMs: ${u.error}`);
-      const summary = summarize(config, host.vms, Date.now());
+      // The VMs the file names by their sources, as the daemon adds them (they win over a namesake).
+      const named = new Set(config.vms.keys());
+      const vms: VmSummary[] = [
+        ...host.vms.filter((v) => !named.has(v.name)),
+        ...[...config.vms.values()].map((v) => ({
+          adapter: schemeOf(v.sources[0]!),
+          source: v.sources.join(" "),
+          name: v.name,
+          state: "unknown" as const,
+          tags: v.tags,
+        })),
+      ];
+      const summary = summarize(config, vms, Date.now());
       for (const w of summary.warnings) out.warn(w);
       out.result({ type: "summary", ok: true, file, ...summary, unreachable: host.unreachable }, () =>
         render(config, summary),
@@ -271,6 +283,7 @@ function render(config: DaemonConfig, s: ReturnType<typeof summarize>): string {
         `  ${r.name}  ${r.path}${r.passwordFile ? ` (password file ${r.passwordFile})` : " (not encrypted)"}`,
     ),
     `host limits: ${limitsText(s.limits)}`,
+    `API: unix socket ${config.api.socket}${config.api.https ? `, HTTPS on ${config.api.https.host}:${config.api.https.port}${config.api.https.cert ? ` (certificate ${config.api.https.cert})` : " (self-signed certificate)"}` : ""}`,
   ];
   for (const p of s.policies) {
     lines.push(
