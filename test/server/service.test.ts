@@ -242,3 +242,49 @@ test("VMs are listed again: a new VM gets its jobs, one gone is retired, an unre
   assert.ok(web1.removedAt !== null);
   assert.equal(s.catalog.runs(web1.id).length, 1, "its runs stay");
 });
+
+test("after downtime the loop runs a missed due time once, and reruns a run a dead daemon left open", async (t) => {
+  const clock = new FakeClock(T0);
+  const s = await setup(t, {
+    vms: ["vm1", "vm2"],
+    clock,
+    extra: "limits: { jobs: 2, jobs-per-repository: 2 }",
+    policies: `  p:
+    repository: main
+    vms: all
+    schedule: every 15m`,
+  });
+  const ran: string[] = [];
+  const runner: JobRunner = {
+    run: async (ctx) => {
+      ran.push(ctx.job.vm);
+      return {};
+    },
+  };
+  const first = daemonOf(t, s, { runner, clock });
+  await first.start();
+  clock.set(T0 + 8 * MIN);
+  first.tick();
+  await first.idle();
+  await first.stop();
+  assert.deepEqual(ran.sort(), ["vm1", "vm2"]);
+  // vm2's next run is left open by a process that died (pid 999999 does not exist).
+  const vm2 = s.catalog.jobs().find((j) => j.vm === "vm2" && j.kind === "backup")!;
+  const dead = s.catalog.startRun(vm2.id, { trigger: "schedule", scheduledFor: T0 + 23 * MIN, pid: 999_999 });
+  // Down for an hour: four due times of each job passed.
+  clock.set(T0 + 68 * MIN);
+  ran.length = 0;
+  const second = daemonOf(t, s, { runner, clock, isAlive: () => false });
+  await second.start();
+  await second.idle();
+  assert.deepEqual(ran.sort(), ["vm1", "vm2"], "one run per job, not one per missed due time");
+  const vm1 = s.catalog.jobs().find((j) => j.vm === "vm1" && j.kind === "backup")!;
+  const [missed] = s.catalog.runs(vm1.id);
+  assert.equal(missed!.trigger, "missed");
+  assert.equal(missed!.scheduledFor, T0 + 68 * MIN, "answering the latest due time that passed");
+  assert.equal(s.catalog.run(dead.id)!.outcome, "interrupted");
+  const [rerun] = s.catalog.runs(vm2.id);
+  assert.equal(rerun!.trigger, "rerun");
+  assert.equal(rerun!.rerunOf, dead.id);
+  assert.equal(rerun!.outcome, "success");
+});
