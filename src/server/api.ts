@@ -53,7 +53,9 @@ export interface Route {
   query?: Array<{ name: string; description: string; type: "integer" | "string" }>;
   /** Status → [description, schema name in components (or inline schema)]. */
   responses: Record<number, [string, string | Record<string, unknown>]>;
-  /** Writes the response itself when it returns undefined (server-sent events). */
+  /** The 200 answer's media type when it is not JSON. */
+  contentType?: string;
+  /** Writes the response itself when it returns undefined (server-sent events, metrics). */
   handle(call: Call): Promise<[number, unknown] | undefined> | [number, unknown] | undefined;
 }
 
@@ -485,6 +487,7 @@ export class Api {
         path: "/api/v1/runs/{id}/events",
         action: "jobs.logs",
         summary: "Live progress of a run, as server-sent events",
+        contentType: "text/event-stream",
         description:
           "text/event-stream: `log` events (the log so far, then new lines), `progress` events ({done, total} in bytes), and one `end` event with the run as recorded, after which the stream closes. A run that has ended gets its log and its end at once.",
         responses: { 200: ["The event stream", { type: "string" }], ...err(404, "No such run") },
@@ -524,6 +527,17 @@ export class Api {
             await repo.close();
           }
         },
+      },
+      {
+        method: "GET",
+        path: "/metrics",
+        action: "metrics.read",
+        contentType: "text/plain",
+        summary: "Prometheus metrics",
+        description:
+          "Text format 0.0.4: per VM and policy the newest restore point's time and age, the RPO and whether it is met; per job its runs by outcome and its newest success (time, duration, bytes); runs going on and jobs queued.",
+        responses: { 200: ["The metrics", { type: "string" }] },
+        handle: (call) => this.metrics(call),
       },
       {
         method: "GET",
@@ -579,6 +593,112 @@ export class Api {
         },
       },
     ];
+  }
+
+  /** Prometheus metrics (text format 0.0.4) from the daemon's state and the catalog. */
+  private metrics(call: Call): undefined {
+    const d = this.o.daemon;
+    const lines: string[] = [];
+    const families = new Map<string, string[]>();
+    const add = (name: string, help: string, type: string, labels: Record<string, string>, value: number) => {
+      if (!families.has(name)) families.set(name, [`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`]);
+      const l = Object.entries(labels)
+        .map(([k, v]) => `${k}="${v.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n")}"`)
+        .join(",");
+      families.get(name)!.push(`${name}${l ? `{${l}}` : ""} ${Number.isFinite(value) ? value : "NaN"}`);
+    };
+    add("strata_runs_running", "Runs going on now", "gauge", {}, d.running().length);
+    add("strata_jobs_queued", "Jobs waiting for a slot within the limits", "gauge", {}, d.queued().length);
+    for (const name of new Set(
+      d
+        .entries()
+        .filter((e) => e.job.kind === "backup")
+        .map((e) => e.job.vm),
+    )) {
+      for (const p of this.vmView(name).policies) {
+        const labels = { vm: name, policy: p.policy, repository: p.repository };
+        if (p.lastRestorePoint) {
+          add(
+            "strata_vm_last_restore_point_timestamp_seconds",
+            "Time of the VM's newest restore point",
+            "gauge",
+            labels,
+            Date.parse(p.lastRestorePoint.time) / 1000,
+          );
+          add(
+            "strata_vm_restore_point_age_seconds",
+            "Age of the VM's newest restore point",
+            "gauge",
+            labels,
+            p.ageMs! / 1000,
+          );
+        }
+        if (p.rpoMs !== null)
+          add("strata_vm_rpo_seconds", "The RPO the policy's schedule sets", "gauge", labels, p.rpoMs / 1000);
+        add(
+          "strata_vm_rpo_met",
+          "1 when the newest restore point is within the RPO",
+          "gauge",
+          labels,
+          p.rpoMet ? 1 : 0,
+        );
+      }
+    }
+    const counts = this.catalog.runCounts();
+    for (const e of d.entries()) {
+      const labels = { policy: e.job.policy, vm: e.job.vm, kind: e.job.kind };
+      for (const c of counts.filter((x) => x.jobId === e.job.id))
+        add(
+          "strata_runs_total",
+          "Runs of the job, by outcome",
+          "counter",
+          { ...labels, outcome: c.outcome },
+          c.n,
+        );
+      const ok = this.catalog.lastSuccess(e.job.id);
+      if (ok) {
+        add(
+          "strata_job_last_success_timestamp_seconds",
+          "End of the job's newest successful run",
+          "gauge",
+          labels,
+          (ok.endedAt ?? 0) / 1000,
+        );
+        add(
+          "strata_job_last_success_duration_seconds",
+          "Duration of that run",
+          "gauge",
+          labels,
+          (ok.durationMs ?? 0) / 1000,
+        );
+        add("strata_job_last_success_bytes_read", "Bytes that run read", "gauge", labels, ok.bytesRead);
+        add(
+          "strata_job_last_success_bytes_stored",
+          "Bytes that run stored (new, compressed)",
+          "gauge",
+          labels,
+          ok.bytesStored,
+        );
+      }
+      const last = this.catalog.lastRun(e.job.id);
+      if (last && last.outcome !== "running")
+        add(
+          "strata_job_last_run_failed",
+          "1 when the job's newest ended run failed, was cancelled or interrupted",
+          "gauge",
+          labels,
+          ["failed", "cancelled", "interrupted"].includes(last.outcome) ? 1 : 0,
+        );
+    }
+    for (const f of families.values()) lines.push(...f);
+    const text = `${lines.join("\n")}\n`;
+    call.res.writeHead(200, {
+      "Content-Type": "text/plain; version=0.0.4; charset=utf-8",
+      "Content-Length": Buffer.byteLength(text),
+      "Cache-Control": "no-store",
+    });
+    call.res.end(text);
+    return undefined;
   }
 
   /** The OpenAPI 3.0 document of {@link routes}. */

@@ -266,6 +266,16 @@ test("a run started through the API is followed over server-sent events to its e
   const vms = (await h.call("GET", "/api/v1/vms", { token: tok.read })).body as typeof vmsBefore;
   assert.equal(vms[0]!.protected, true, "a fresh restore point meets the RPO");
   assert.equal(vms[0]!.policies[0]!.rpoMet, true);
+  // Metrics: the same protection state, and the run counted.
+  const m = await h.call("GET", "/metrics", { token: tok.read });
+  assert.equal(m.status, 200);
+  assert.match(String(m.headers["content-type"]), /^text\/plain; version=0\.0\.4/);
+  assert.match(m.text, /^strata_vm_rpo_met\{vm="vm1",policy="p",repository="main"\} 1$/m);
+  assert.match(m.text, /^strata_vm_rpo_seconds\{vm="vm1",policy="p",repository="main"\} 3600$/m);
+  assert.match(m.text, /^strata_runs_total\{policy="p",vm="vm1",kind="backup",outcome="success"\} 1$/m);
+  assert.match(m.text, /^strata_job_last_success_bytes_read\{policy="p",vm="vm1",kind="backup"\} 2097152$/m);
+  assert.match(m.text, /^# TYPE strata_runs_total counter$/m);
+  assert.equal((await h.call("GET", "/metrics", { token: tok.backup })).status, 403);
   // A run that has ended: its log and its end at once.
   const after = await h.call("GET", `/api/v1/runs/${run.id}/events`, { token: tok.read });
   assert.match(after.text, /event: end\ndata: \{"type":"end","run":\{"id":\d+.*"outcome":"success"/);
@@ -385,6 +395,7 @@ test("the OpenAPI document is served without a token, validates, and describes e
     "GET /api/v1/policies/{name}/retention-preview",
     "GET /api/v1/repositories/{name}/stats",
     "GET /api/v1/openapi.json",
+    "GET /metrics",
   ])
     assert.ok(listed.includes(want), `${want} is described`);
   assert.deepEqual(
