@@ -10,12 +10,16 @@
  *   within the host's limits, records every run in the catalog, cancels on stop;
  * - runner.ts: what each job kind does (backup through an adapter, retention, verify); the
  *   daemon takes it injected, so tests run it over a real repository or replace it.
+ * - api.ts: the REST API (token roles, OpenAPI document, server-sent events, metrics);
+ *   listen.ts: its unix socket and HTTPS listeners, with a self-signed certificate made once.
  *
  * Platforms are reached only through the adapter interface; the CLI's composition root builds
  * the adapter registry and hands it down.
  */
+export * from "./api.js";
 export * from "./config.js";
 export * from "./jobs.js";
+export * from "./listen.js";
 export * from "./runner.js";
 export * from "./schedule.js";
 export * from "./scheduler.js";
