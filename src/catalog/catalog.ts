@@ -457,6 +457,29 @@ export class Catalog {
     return row.t ?? undefined;
   }
 
+  /** How many runs each job has had, by outcome. */
+  runCounts(): Array<{ jobId: number; outcome: RunOutcome; n: number }> {
+    return this.guard("counting runs", () =>
+      (
+        this.db
+          .prepare("SELECT job_id, outcome, count(*) AS n FROM runs GROUP BY job_id, outcome")
+          .all() as unknown[]
+      ).map((r) => camel<{ jobId: number; outcome: RunOutcome; n: number }>(r)),
+    );
+  }
+
+  /** The job's newest run that succeeded. */
+  lastSuccess(jobId: number): Run | undefined {
+    const row = this.guard("reading a job's last success", () =>
+      this.db
+        .prepare(
+          "SELECT * FROM runs WHERE job_id = ? AND outcome IN ('success', 'warning') ORDER BY ended_at DESC, id DESC LIMIT 1",
+        )
+        .get(jobId),
+    ) as Record<string, unknown> | undefined;
+    return row && camel<Run>(row);
+  }
+
   /** Runs without an end: running now, or their process died. */
   openRuns(): Run[] {
     return this.guard("listing open runs", () =>
@@ -569,6 +592,14 @@ export class Catalog {
            run_id = coalesce(excluded.run_id, run_id)`,
       )
       .run(r);
+  }
+
+  /** The id of the repository the catalog knows at `location` (its path), if any. */
+  repositoryAt(location: string): string | undefined {
+    const row = this.guard("reading a repository", () =>
+      this.db.prepare("SELECT id FROM repositories WHERE location = ?").get(location),
+    ) as { id: string } | undefined;
+    return row?.id;
   }
 
   /** Restore points, oldest first; of one repository (id) and/or one VM when given. */

@@ -1,8 +1,10 @@
-/** daemon --check: validate the daemon's configuration and show what it would do. */
+/** daemon: the backup service in the foreground; daemon --check: its configuration checked and summarized. */
 import { resolve } from "node:path";
 import type { Command } from "commander";
+import { Catalog, DEFAULT_CATALOG } from "../catalog/catalog.js";
 import type { VmSummary } from "../hypervisor/adapter.js";
 import type { KeepPolicy } from "../repo/retention.js";
+import { Api } from "../server/api.js";
 import {
   checkConfigFile,
   type DaemonConfig,
@@ -11,11 +13,13 @@ import {
   type JobLimits,
 } from "../server/config.js";
 import { type JobSpec, planJobs } from "../server/jobs.js";
+import { listenApi } from "../server/listen.js";
+import { createJobRunner } from "../server/runner.js";
 import { nextDue, nextSlot } from "../server/schedule.js";
+import { Daemon, reniceProcess } from "../server/service.js";
 import { formatDuration } from "../util/durations.js";
-import { ErrorCode, StrataError } from "../util/errors.js";
 import { printable } from "../util/names.js";
-import { DEFAULT_INVENTORY, listHostVms } from "./adapters.js";
+import { buildRegistry, DEFAULT_INVENTORY, defaultStateDir, listHostVms, schemeOf } from "./adapters.js";
 import { output } from "./context.js";
 
 const iso = (ms: number | undefined) =>
@@ -24,7 +28,7 @@ const iso = (ms: number | undefined) =>
 export function registerDaemonCommand(program: Command): void {
   program
     .command("daemon")
-    .description("the backup service: policies instead of commands (today: --check of its configuration)")
+    .description("the backup service: runs each policy's jobs on schedule, within the host's limits")
     .option("--config <file>", `the configuration (default: $STRATA_CONFIG or ${DEFAULT_CONFIG})`)
     .option(
       "--check",
@@ -34,9 +38,22 @@ export function registerDaemonCommand(program: Command): void {
       "after",
       `
 The daemon backs up VMs by policy: each policy names a repository, the VMs it covers, a
-schedule, retention, verification and limits. --check reads the file, prints every problem as
-FILE:LINE:COLUMN (and exits 2), or a summary: each policy, the VMs it covers now (asked from
-every platform adapter, as "strata vms" does) and when each job runs next.
+schedule, retention, verification and limits. It runs in the foreground (systemd's
+Type=simple or exec), logs to stdout (info) and stderr (warnings, errors), and stops on SIGTERM
+or SIGINT, cancelling running jobs and recording them as cancelled. Every run is recorded in
+the catalog (catalog: in the file, else $STRATA_CATALOG or ${DEFAULT_CATALOG}): trigger, start and
+end, outcome, bytes, progress, errors and log lines; "strata jobs" lists them.
+
+The REST API (JSON, described at /api/v1/openapi.json) listens on the unix socket api.socket
+(default /run/strata/strata.sock; plain HTTP, mode 0600) and, with api.https, on a TCP port over
+HTTPS (a self-signed certificate is made in the state folder unless cert and key are given; its
+SHA-256 fingerprint is logged). Calls carry "Authorization: Bearer strata_..." from
+"strata token create --role admin|operator|backup|read"; on the socket a call without one acts as
+the local administrator. Every refused call is logged with its reason.
+
+--check reads the file, prints every problem as FILE:LINE:COLUMN (and exits 2), or a summary:
+each policy, the VMs it covers now (asked from every platform adapter, as "strata vms" does)
+and when each job runs next.
 
 A configuration:
 
@@ -52,6 +69,12 @@ A configuration:
     worker-threads: 2
     nice: 10                  # (default 10)
     io-weight: 50             # cgroup v2 io.weight, 1-10000
+  state-dir: /var/lib/strata/state
+  api:
+    socket: /run/strata/strata.sock
+    https: { listen: 8443 }   # or "127.0.0.1:8443"; cert: and key: for your own certificate
+  vms:                        # VMs named by their sources, beside those the adapters find
+    lab1: { sources: ["file:/var/lib/images/lab1.img"], tags: [lab] }
   policies:
     web:
       repository: main
@@ -70,16 +93,13 @@ comes back; a run that was going when it died is marked interrupted and run agai
 
 Examples:
   strata daemon --check
-  strata daemon --check --config ./strata.yaml --json`,
+  strata daemon --check --config ./strata.yaml --json
+  strata daemon --config ./strata.yaml          # the service, in the foreground`,
     )
     .action(async (opts: { config?: string; check?: boolean }, cmd: Command) => {
       const out = output(cmd);
       const file = resolve(opts.config ?? process.env.STRATA_CONFIG ?? DEFAULT_CONFIG);
-      if (opts.check !== true)
-        throw new StrataError(
-          ErrorCode.USAGE,
-          "the daemon's service loop is not part of this build yet: use strata daemon --check to validate its configuration",
-        );
+      if (opts.check !== true) return serve(file);
       const checked = checkConfigFile(file);
       if (!checked.config) {
         if (out.json) out.result({ type: "summary", ok: false, file, problems: checked.problems }, () => "");
@@ -89,12 +109,74 @@ Examples:
       const inventory = config.inventory ?? DEFAULT_INVENTORY;
       const host = await listHostVms({ inventory });
       for (const u of host.unreachable) out.warn(`${u.adapter}: cannot list its VMs: ${u.error}`);
-      const summary = summarize(config, host.vms, Date.now());
+      // The VMs the file names by their sources, as the daemon adds them (they win over a namesake).
+      const named = new Set(config.vms.keys());
+      const vms: VmSummary[] = [
+        ...host.vms.filter((v) => !named.has(v.name)),
+        ...[...config.vms.values()].map((v) => ({
+          adapter: schemeOf(v.sources[0]!),
+          source: v.sources.join(" "),
+          name: v.name,
+          state: "unknown" as const,
+          tags: v.tags,
+        })),
+      ];
+      const summary = summarize(config, vms, Date.now());
       for (const w of summary.warnings) out.warn(w);
       out.result({ type: "summary", ok: true, file, ...summary, unreachable: host.unreachable }, () =>
         render(config, summary),
       );
     });
+}
+
+/** The service, until SIGTERM or SIGINT. */
+async function serve(file: string): Promise<void> {
+  const config = (() => {
+    const checked = checkConfigFile(file);
+    if (!checked.config) throw invalidConfig(file, checked.problems);
+    return checked.config;
+  })();
+  const log = (level: string, message: string) =>
+    (level === "warn" || level === "error" ? process.stderr : process.stdout).write(`${level}: ${message}\n`);
+  if (config.limits.nice !== undefined) {
+    const r = reniceProcess(config.limits.nice);
+    if (r.refused) log("warn", `cannot set nice ${config.limits.nice} on the daemon's threads: ${r.refused}`);
+  }
+  const catalog = Catalog.open(resolve(config.catalog ?? process.env.STRATA_CATALOG ?? DEFAULT_CATALOG));
+  const inventory = config.inventory ?? DEFAULT_INVENTORY;
+  const registry = buildRegistry({ inventory });
+  const stateDir = config.stateDir ?? defaultStateDir();
+  const daemon = new Daemon({
+    config,
+    catalog,
+    runner: createJobRunner({
+      registry,
+      catalog,
+      stateDir,
+      ...(config.limits.bandwidth === undefined ? {} : { hostBandwidth: config.limits.bandwidth }),
+    }),
+    listVms: () => listHostVms({ inventory }),
+    log,
+  });
+  let listening: Awaited<ReturnType<typeof listenApi>> | undefined;
+  try {
+    await new Promise<void>((done, fail) => {
+      const stop = (sig: string) => {
+        log("info", `${sig}: stopping`);
+        daemon.stop(`the daemon received ${sig}`).then(done, fail);
+      };
+      process.once("SIGTERM", () => stop("SIGTERM"));
+      process.once("SIGINT", () => stop("SIGINT"));
+      (async () => {
+        listening = await listenApi(new Api({ daemon, log }), config.api, { stateDir, log });
+        await daemon.start();
+      })().catch(fail);
+    });
+    log("info", "stopped");
+  } finally {
+    await listening?.close();
+    catalog.close();
+  }
 }
 
 interface PolicySummary {
@@ -201,6 +283,7 @@ function render(config: DaemonConfig, s: ReturnType<typeof summarize>): string {
         `  ${r.name}  ${r.path}${r.passwordFile ? ` (password file ${r.passwordFile})` : " (not encrypted)"}`,
     ),
     `host limits: ${limitsText(s.limits)}`,
+    `API: unix socket ${config.api.socket}${config.api.https ? `, HTTPS on ${config.api.https.host}:${config.api.https.port}${config.api.https.cert ? ` (certificate ${config.api.https.cert})` : " (self-signed certificate)"}` : ""}`,
   ];
   for (const p of s.policies) {
     lines.push(

@@ -11,6 +11,7 @@ import { registerDemoCommand } from "./cmd-demo.js";
 import { registerDoctorCommand } from "./cmd-doctor.js";
 import { registerFilesCommands } from "./cmd-files.js";
 import { registerInstantCommands } from "./cmd-instant.js";
+import { registerJobsCommands } from "./cmd-jobs.js";
 import { registerProtectCommand } from "./cmd-protect.js";
 import { registerRepoCommands } from "./cmd-repo.js";
 import { registerRestoreCommand } from "./cmd-restore.js";
@@ -70,6 +71,7 @@ Getting started:
   registerDoctorCommand(program);
   registerDemoCommand(program);
   registerDaemonCommand(program);
+  registerJobsCommands(program);
   registerCatalogCommands(program);
   registerTokenCommands(program);
   return program;

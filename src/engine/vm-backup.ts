@@ -7,7 +7,9 @@
 import type { BackupRequest, CheckpointRecord, VmHandle } from "../hypervisor/adapter.js";
 import type { Repository } from "../repo/repository.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
+import type { Limiter } from "../util/throttle.js";
 import { type BackupResult, backup } from "./backup.js";
+import { throttleDisk } from "./throttle.js";
 
 export interface VmBackupOptions {
   /** The name restore points are filed under. */
@@ -20,6 +22,8 @@ export interface VmBackupOptions {
   progress?: ProgressSink;
   signal?: AbortSignal;
   log?: (message: string) => void;
+  /** Disk reads wait for this limiter (a job's bandwidth limit). */
+  readLimit?: Limiter;
 }
 
 export interface VmBackupResult extends BackupResult {
@@ -57,7 +61,7 @@ export async function backupVm(repo: Repository, vm: VmHandle, o: VmBackupOption
   try {
     const result = await backup(repo, {
       vm: o.vm,
-      disks: session.disks,
+      disks: o.readLimit ? session.disks.map((d) => throttleDisk(d, o.readLimit!, o.signal)) : session.disks,
       mode: session.mode,
       consistency: session.consistency,
       ...(session.config ? { config: Buffer.from(JSON.stringify(session.config)) } : {}),

@@ -20,8 +20,14 @@ export class ChunkPool {
     keys: CodecKeys | undefined,
     threads: number = defaultWorkerCount(),
     readonly digest: DigestKind = "sha256",
+    nice?: number,
   ) {
-    this.pool = new WorkerPool(new URL("./chunk-worker.js", import.meta.url), threads, { ...keys, digest });
+    this.pool = new WorkerPool(
+      new URL("./chunk-worker.js", import.meta.url),
+      threads,
+      { ...keys, digest },
+      nice === undefined ? {} : { nice },
+    );
   }
 
   get threads(): number {

@@ -68,6 +68,8 @@ export interface OpenOptions {
   clock?: Clock;
   /** Worker threads for the chunk codec. */
   threads?: number;
+  /** The CPU priority (nice, 0-19) of the codec's threads; unset: the process's. */
+  workerNice?: number;
   /** How often held locks are refreshed (default every 5 minutes; tests shorten it). */
   lockRefreshMs?: number;
   /** Format v2: pack size at which writers seal a pack (tests make it small). */
@@ -137,6 +139,7 @@ export class Repository {
     private legacy: LegacyUpgrade | undefined,
     private readonly lockRefreshMs?: number,
     packTarget?: number,
+    private readonly workerNice?: number,
   ) {
     this.layout =
       config.version === 1
@@ -259,6 +262,7 @@ export class Repository {
         undefined,
         options.lockRefreshMs,
         options.packTarget,
+        options.workerNice,
       );
     }
     if (peek.encryption !== "aes-256-gcm") {
@@ -322,12 +326,13 @@ export class Repository {
       peek.keyed ? undefined : { password: options.password, keyCreated: opened.created, cost: opened.cost },
       options.lockRefreshMs,
       options.packTarget,
+      options.workerNice,
     );
   }
 
   /** The worker pool for the chunk codec, started on first use. */
   codec(): ChunkPool {
-    this.pool ??= new ChunkPool(this.keys, this.threads, this.digestKind);
+    this.pool ??= new ChunkPool(this.keys, this.threads, this.digestKind, this.workerNice);
     return this.pool;
   }
 

@@ -215,3 +215,31 @@ test("VM selection: names, globs, tags and exclusions", () => {
   assert.deepEqual(names({ all: true, exclude: ["web*"] }), ["db1", "db2"]);
   assert.ok(globRegExp("a.b").test("a.b") && !globRegExp("a.b").test("axb"), "a dot is a dot");
 });
+
+test("api and vms: listeners and VMs named by their sources are read; a cert without its key is refused", () => {
+  const base = `repositories:
+  main: { path: /backup }
+policies:
+  p: { repository: main, vms: all, schedule: every 1h }
+`;
+  const c = checkConfig(
+    `${base}api:
+  https: { listen: "127.0.0.1:8443" }
+vms:
+  lab1: { sources: ["file:/images/lab1.img"], tags: [lab] }
+`,
+    "strata.yaml",
+  ).config!;
+  assert.deepEqual(c.api, { socket: "/run/strata/strata.sock", https: { host: "127.0.0.1", port: 8443 } });
+  assert.deepEqual(c.vms.get("lab1"), { name: "lab1", sources: ["file:/images/lab1.img"], tags: ["lab"] });
+  const ps = problems(`${base}api:
+  socket: run/strata.sock
+  https: { listen: 70000, cert: /etc/strata/api.crt }
+vms:
+  lab1: { sources: [] }
+`);
+  hasProblem(ps, 6, /api\.socket: socket must be an absolute path/);
+  hasProblem(ps, 7, /api\.https\.listen: listen must be a port .* not "70000"/);
+  hasProblem(ps, 7, /api\.https: give both cert and key/);
+  hasProblem(ps, 9, /vms\.lab1\.sources: sources must name at least one source/);
+});

@@ -4,6 +4,17 @@
  *   timezone: Europe/Berlin            # optional: cron schedules in this zone (default: TZ)
  *   catalog: /var/lib/strata/catalog.db  # optional
  *   inventory: /etc/strata/vms.yaml    # optional: the VM inventory (vm:NAME)
+ *   state-dir: /var/lib/strata/state   # optional: cleanup records, the API's certificate
+ *   api:                               # optional
+ *     socket: /run/strata/strata.sock  # plain HTTP, owner-only (default)
+ *     https:                           # optional: HTTPS on a TCP port, token auth
+ *       listen: 0.0.0.0:8443           # or a port number
+ *       cert: /etc/strata/api.crt      # optional: else self-signed, made at first start
+ *       key: /etc/strata/api.key
+ *   vms:                               # optional: VMs named by their sources (image files,
+ *     lab1:                            # block devices), beside those the adapters find
+ *       sources: ["file:/var/lib/images/lab1.img"]
+ *       tags: [lab]
  *   repositories:
  *     main:
  *       path: /backup/strata
@@ -102,11 +113,31 @@ export interface Policy {
   limits: JobLimits;
 }
 
+/** The REST API's listeners. */
+export interface ApiConfig {
+  /** Plain HTTP on this unix socket (owner-only). */
+  socket: string;
+  /** HTTPS on a TCP port, when configured. */
+  https?: { host: string; port: number; cert?: string; key?: string };
+}
+
+/** A VM the file names by its sources, not found through an adapter's inventory. */
+export interface StaticVm {
+  name: string;
+  sources: string[];
+  tags: string[];
+}
+
+export const DEFAULT_SOCKET = "/run/strata/strata.sock";
+
 export interface DaemonConfig {
   file: string;
   timezone?: string;
   catalog?: string;
   inventory?: string;
+  stateDir?: string;
+  api: ApiConfig;
+  vms: Map<string, StaticVm>;
   repositories: Map<string, RepositoryConfig>;
   limits: HostLimits;
   policies: Map<string, Policy>;
@@ -248,11 +279,52 @@ const policySchema = z.strictObject(
   { error: "a policy must be a mapping" },
 );
 
+const listenSchema = z
+  .union([z.number(), z.string()], { error: 'listen must be a port or "host:port"' })
+  .transform((v, ctx) => {
+    const m = /^(?:(.*):)?(\d{1,5})$/.exec(String(v));
+    const port = m ? Number(m[2]) : Number.NaN;
+    if (!m || port < 1 || port > 65535) {
+      ctx.addIssue({ code: "custom", message: `listen must be a port (1-65535) or "host:port", not "${v}"` });
+      return z.NEVER;
+    }
+    return { host: (m[1] ?? "0.0.0.0").replace(/^\[|\]$/g, ""), port };
+  });
+
+const apiSchema = z.strictObject(
+  {
+    socket: absPath("socket").optional(),
+    https: z
+      .strictObject(
+        { listen: listenSchema, cert: absPath("cert").optional(), key: absPath("key").optional() },
+        { error: "https must be a mapping of listen, cert and key" },
+      )
+      .optional(),
+  },
+  { error: "api must be a mapping of socket and https" },
+);
+
+const staticVmSchema = z.strictObject(
+  {
+    sources: z
+      .array(z.string({ error: "a source must be text such as file:/path/disk.img" }), {
+        error: "sources must be a list of source URIs",
+      })
+      .min(1, "sources must name at least one source")
+      .max(64, "sources has more than 64 entries"),
+    tags: list("tags", plainName("a tag")).optional(),
+  },
+  { error: "a VM must be a mapping of sources and tags" },
+);
+
 const fileSchema = z.strictObject(
   {
     timezone: z.string({ error: "timezone must be an IANA zone name" }).optional(),
     catalog: absPath("catalog").optional(),
     inventory: absPath("inventory").optional(),
+    "state-dir": absPath("state-dir").optional(),
+    api: apiSchema.optional(),
+    vms: z.record(z.string(), staticVmSchema, { error: "vms must be a mapping of VM names" }).optional(),
     repositories: z.record(
       z.string(),
       z.strictObject(
@@ -394,6 +466,12 @@ export function checkConfig(
   for (const name of repoNames)
     if (!NAME_RE.test(name))
       at(["repositories", name], `repository name "${name}" must be a plain name`, true);
+  if (isRecord(r.vms))
+    for (const name of Object.keys(r.vms))
+      if (!NAME_RE.test(name)) at(["vms", name], `VM name "${name}" must be a plain name`, true);
+  const https = isRecord(r.api) && isRecord(r.api.https) ? r.api.https : undefined;
+  if (https && (https.cert === undefined) !== (https.key === undefined))
+    at(["api", "https"], "give both cert and key, or neither (a self-signed certificate is made)");
   if (isRecord(r.repositories) && repoNames.length === 0)
     at(["repositories"], "no repositories: name at least one");
   const tz = typeof r.timezone === "string" ? r.timezone : undefined;
@@ -555,11 +633,30 @@ function toConfig(f: FileConfig, file: string, timezone: string | undefined): Da
       limits: { ...hostJob, ...jobLimits(p.limits) },
     });
   }
+  const https = f.api?.https;
+  const api: ApiConfig = {
+    socket: f.api?.socket ?? DEFAULT_SOCKET,
+    ...(https === undefined
+      ? {}
+      : {
+          https: {
+            ...https.listen,
+            ...(https.cert === undefined ? {} : { cert: https.cert }),
+            ...(https.key === undefined ? {} : { key: https.key }),
+          },
+        }),
+  };
+  const vms = new Map<string, StaticVm>();
+  for (const [name, v] of Object.entries(f.vms ?? {}))
+    vms.set(name, { name, sources: v.sources, tags: v.tags ?? [] });
   return {
     file,
     ...tz,
     ...(f.catalog === undefined ? {} : { catalog: f.catalog }),
     ...(f.inventory === undefined ? {} : { inventory: f.inventory }),
+    ...(f["state-dir"] === undefined ? {} : { stateDir: f["state-dir"] }),
+    api,
+    vms,
     repositories,
     limits: host,
     policies,

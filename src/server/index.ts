@@ -1,19 +1,26 @@
 /**
  * The server layer: the daemon, one per host, that protects VMs by policy.
  *
- * Built so far are the pieces it is made of, each usable and tested on its own:
  * - config.ts: the configuration file, checked with every problem on its line;
  * - jobs.ts: the jobs a configuration makes for the VMs found, synced into the catalog;
  * - schedule.ts: when a job is due (cron, every N, a per-job jitter);
  * - scheduler.ts: which jobs are due on an injected clock, catch-up after downtime, and runs a
- *   dead daemon left, rerun.
+ *   dead daemon left, rerun;
+ * - service.ts: the service loop: sleeps until the scheduler's next wake-up, starts due jobs
+ *   within the host's limits, records every run in the catalog, cancels on stop;
+ * - runner.ts: what each job kind does (backup through an adapter, retention, verify); the
+ *   daemon takes it injected, so tests run it over a real repository or replace it.
+ * - api.ts: the REST API (token roles, OpenAPI document, server-sent events, metrics);
+ *   listen.ts: its unix socket and HTTPS listeners, with a self-signed certificate made once.
  *
- * The service loop (sleep until the scheduler's next wake-up, start due jobs within the
- * configured limits, record runs in the catalog), the REST API and its token checks
- * (src/catalog/tokens.ts, roles.ts) come next. Platforms are reached only through the adapter
- * interface; the CLI's composition root builds the adapter registry and hands it down.
+ * Platforms are reached only through the adapter interface; the CLI's composition root builds
+ * the adapter registry and hands it down.
  */
+export * from "./api.js";
 export * from "./config.js";
 export * from "./jobs.js";
+export * from "./listen.js";
+export * from "./runner.js";
 export * from "./schedule.js";
 export * from "./scheduler.js";
+export * from "./service.js";

@@ -24,6 +24,16 @@ export type Schedule =
 /** The shortest `every` interval. */
 export const MIN_EVERY_MS = 60_000;
 
+/**
+ * The shortest `every` interval allowed now: {@link MIN_EVERY_MS}, unless the environment sets
+ * STRATA_TEST_MIN_EVERY (seconds, at least 1), which only tests do, so that a daemon started as a
+ * child process runs a scheduled job within seconds.
+ */
+export function minEveryMs(): number {
+  const s = Number(process.env.STRATA_TEST_MIN_EVERY);
+  return Number.isInteger(s) && s >= 1 ? Math.min(s * 1000, MIN_EVERY_MS) : MIN_EVERY_MS;
+}
+
 const EVERY_RE = /^every\s+(\d+)\s*(s|m|h|d)$/;
 const UNIT_MS = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 } as const;
 
@@ -51,7 +61,7 @@ export function parseSchedule(text: string, options: { timezone?: string } = {})
   const every = EVERY_RE.exec(t);
   if (every) {
     const everyMs = Number(every[1]) * UNIT_MS[every[2] as keyof typeof UNIT_MS];
-    if (everyMs < MIN_EVERY_MS)
+    if (everyMs < minEveryMs())
       throw new StrataError(ErrorCode.USAGE, `schedule "${text}" is shorter than the shortest, every 1m`);
     return { kind: "every", text: t, everyMs };
   }

@@ -4,7 +4,7 @@
  * pool sends each task to the least-loaded worker. Callers bound their own in-flight work; the
  * pool queues nothing of its own beyond what they send.
  */
-import { availableParallelism } from "node:os";
+import { availableParallelism, setPriority } from "node:os";
 import { isMainThread, parentPort, type Transferable, Worker, workerData } from "node:worker_threads";
 import { ErrorCode, StrataError } from "./errors.js";
 
@@ -40,11 +40,20 @@ export class WorkerPool {
   /**
    * @param moduleUrl URL of the worker module (it must call serveWorker).
    * @param size number of threads.
-   * @param data passed to each worker as workerData (keys, settings).
+   * @param data passed to each worker's handlers (keys, settings).
+   * @param options.nice the CPU priority each thread sets for itself when it starts (Linux: nice
+   *   is per thread), so that a job's codec work runs at its policy's priority.
    */
-  constructor(moduleUrl: URL, size: number = defaultWorkerCount(), data?: unknown) {
+  constructor(
+    moduleUrl: URL,
+    size: number = defaultWorkerCount(),
+    data?: unknown,
+    options: { nice?: number } = {},
+  ) {
     for (let i = 0; i < size; i++) {
-      const worker = new Worker(moduleUrl, { workerData: data });
+      const worker = new Worker(moduleUrl, {
+        workerData: { data, nice: options.nice } satisfies WorkerSetup,
+      });
       const slot: Slot = { worker, pending: new Map() };
       worker.on("message", (reply: Reply) => {
         const p = slot.pending.get(reply.id);
@@ -141,11 +150,25 @@ export function withTransfer(value: unknown, transfer: Transferable[]): WithTran
   return { [TRANSFER]: true, value, transfer: transfer.filter((t) => !(t instanceof SharedArrayBuffer)) };
 }
 
+/** What a pool hands each of its threads. */
+interface WorkerSetup {
+  data: unknown;
+  nice: number | undefined;
+}
+
 /** Call at the top level of a worker module: answers the pool's requests with `handlers`. */
 export function serveWorker(handlers: Record<string, Handler>): void {
   if (isMainThread || !parentPort) return;
   const port = parentPort;
-  const data: unknown = workerData;
+  const setup = workerData as WorkerSetup;
+  const data = setup.data;
+  if (setup.nice !== undefined) {
+    try {
+      setPriority(0, setup.nice); // this thread only
+    } catch {
+      // Lowering nice needs CAP_SYS_NICE; the thread keeps its creator's.
+    }
+  }
   port.on("message", async (req: Request) => {
     try {
       const handler = handlers[req.method];

@@ -36,6 +36,8 @@ test("daemon --check summarizes a good configuration: the VMs of each policy and
   await fs.writeFile(
     config,
     `inventory: ${inventory}
+vms:
+  web-lab: { sources: ["file:${dir}/web-lab.img"] }
 repositories:
   main: { path: ${dir}/repo }
 policies:
@@ -59,7 +61,11 @@ policies:
   const prod = s.policies.find((p) => p.name === "prod")!;
   assert.deepEqual(
     web.vms.map((v) => [v.name, v.source]),
-    [["web-a", "vm:web-a"]],
+    [
+      ["web-a", "vm:web-a"],
+      ["web-lab", `file:${dir}/web-lab.img`],
+    ],
+    "the inventory's VMs and those the file names by their sources",
   );
   assert.deepEqual(
     prod.vms.map((v) => v.name),
@@ -87,6 +93,7 @@ policies:
   );
   assert.match(text.stdout, /web-a\s+\S+Z\s+vm:web-a/);
   assert.match(text.stdout, /VMs no policy covers: .*lab1/);
+  assert.match(text.stdout, /\nAPI: unix socket \/run\/strata\/strata\.sock\n/);
 });
 
 test("daemon --check prints every problem with its line and exits 2", async (t) => {
@@ -145,7 +152,11 @@ policies:
   const missing = await strata(["daemon", "--check", "--config", join(dir, "none.yaml")]);
   assert.equal(missing.code, 2);
   assert.match(missing.stderr, /cannot read the configuration .*none\.yaml/);
+  // The service refuses to start on the same file, with the same problems.
   const noCheck = await strata(["daemon", "--config", config]);
   assert.equal(noCheck.code, 2);
-  assert.match(noCheck.stderr, /--check/);
+  assert.match(
+    noCheck.stderr,
+    /strata\.yaml: 5 problem\(s\):\n.*strata\.yaml:2:17: repositories\.main\.path/,
+  );
 });
