@@ -247,3 +247,29 @@ export async function processesUsing(dir: string): Promise<number[]> {
     throw err;
   }
 }
+
+/** Creates a bucket (with a fresh name unless given) on the gateway and returns its name. */
+export async function createBucket(
+  gw: Gateway,
+  name = `strata-${randomBytes(6).toString("hex")}`,
+): Promise<string> {
+  const { CreateBucketCommand, S3Client } = await import("@aws-sdk/client-s3");
+  process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
+  const client = new S3Client({
+    endpoint: gw.endpoint,
+    region: "us-east-1",
+    forcePathStyle: true,
+    credentials: { accessKeyId: gw.accessKeyId, secretAccessKey: gw.secretAccessKey },
+  });
+  try {
+    await client.send(new CreateBucketCommand({ Bucket: name }));
+  } finally {
+    client.destroy();
+  }
+  return name;
+}
+
+/** The environment a strata process needs to reach the gateway as its user. */
+export function gatewayEnv(gw: Gateway): Record<string, string> {
+  return { AWS_ACCESS_KEY_ID: gw.accessKeyId, AWS_SECRET_ACCESS_KEY: gw.secretAccessKey };
+}
