@@ -327,9 +327,11 @@ export class S3Store implements Store {
         { cause: err },
       );
     if (status === 403)
+      // A HEAD's 403 has no body to tell wrong keys from a missing permission.
       return new StrataError(
         ErrorCode.PERMISSION_DENIED,
-        `access denied (${name || "403"}) to ${what} ${this.name(key)} at ${at}`,
+        `access denied (HTTP 403${name && name !== "Unknown" ? ` ${name}` : ""}) to ${what} ${this.name(key)} at ${at}: ` +
+          "the S3 credentials are wrong or may not do this",
         { cause: err },
       );
     return new StrataError(ErrorCode.IO_ERROR, `${what} ${this.name(key)} at ${at}: ${this.describe(err)}`, {
