@@ -176,7 +176,10 @@ const TRANSIENT_NAMES = new Set([
   "RequestTimeoutException",
   "ThrottlingException",
   "Throttling",
-  "BadDigestTransient",
+  // The body the server got does not match its Content-MD5 or signed SHA-256: damaged on the
+  // way, sent again.
+  "BadDigest",
+  "XAmzContentSHA256Mismatch",
 ]);
 const TRANSIENT_CODES = new Set([
   "ECONNRESET",
