@@ -352,7 +352,8 @@ export class S3Store implements Store {
         }),
       );
       if (!res.Body) throw Object.assign(new Error("no body"), { code: "ESTRATATRUNCATED" });
-      const body = Buffer.from(await res.Body.transformToByteArray());
+      const bytes = await res.Body.transformToByteArray();
+      const body = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
       if (res.ContentLength !== undefined && body.length !== res.ContentLength)
         throw Object.assign(new Error(`the body ended after ${body.length} of ${res.ContentLength} bytes`), {
           code: "ESTRATATRUNCATED",

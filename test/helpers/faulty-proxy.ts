@@ -16,6 +16,8 @@ export interface FaultyProxy {
   plan: (n: number, method: string, url: string) => ProxyFault | undefined;
   readonly injected: Record<ProxyFault, number>;
   requests: number;
+  /** Most requests that were open at once. */
+  maxInFlight: number;
   /** Uploads (PUT with a body) that came without Content-MD5. */
   uploadsWithoutMd5: number;
   close(): Promise<void>;
@@ -38,13 +40,17 @@ export async function startFaultyProxy(target: string): Promise<FaultyProxy> {
     injected: { "503": 0, truncate: 0, reset: 0, "corrupt-upload": 0 },
     requests: 0,
     uploadsWithoutMd5: 0,
+    maxInFlight: 0,
     close: async () => {
       server.closeAllConnections();
       await new Promise<void>((r) => server.close(() => r()));
     },
   };
+  let open = 0;
   const server: Server = createServer(async (req, res) => {
     const n = ++proxy.requests;
+    proxy.maxInFlight = Math.max(proxy.maxInFlight, ++open);
+    res.once("close", () => open--);
     let input = await body(req);
     if (req.method === "PUT" && input.length > 0 && req.headers["content-md5"] === undefined)
       proxy.uploadsWithoutMd5++;

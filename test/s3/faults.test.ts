@@ -99,3 +99,13 @@ test("a store that keeps failing ends with an error naming the key and the last 
   );
   assert.equal(store.retries, 2);
 });
+
+test("no more requests are in flight than the store's concurrency", async () => {
+  const store = await viaProxy({ concurrency: 3 });
+  proxy.maxInFlight = 0;
+  await Promise.all(Array.from({ length: 40 }, (_, i) => store.put(`packs/${i}`, randomBytes(64 * 1024))));
+  const got = await Promise.all(Array.from({ length: 40 }, (_, i) => store.getRange(`packs/${i}`, 10, 100)));
+  assert.equal(got.length, 40);
+  assert.ok(proxy.maxInFlight <= 3, `${proxy.maxInFlight} requests were in flight at once`);
+  assert.ok(proxy.maxInFlight >= 2, "requests did run side by side");
+});
