@@ -7,7 +7,7 @@
  * ({@link S3Store.formatV1} is false; {@link S3Store.touch} and {@link S3Store.deleteIfUntouched}
  * throw).
  *
- * - put: one PutObject up to {@link S3StoreOptions.multipartThreshold}, else a multipart upload
+ * - put: one PutObject up to {@link S3StoreOptions.multipartThreshold} (64 MiB), else a multipart upload
  *   in parts of {@link S3StoreOptions.partSize}. S3 makes an object visible only when its PutObject
  *   or CompleteMultipartUpload returns, so a reader never sees half of one; a multipart upload
  *   that died mid-way is invisible and {@link S3Store.sweepTemporary} aborts it later.
@@ -142,7 +142,11 @@ function parseIni(text: string): Map<string, Map<string, string>> {
 
 export interface S3StoreOptions {
   credentials?: S3Credentials;
-  /** Objects larger than this go up in parts (default 16 MiB). */
+  /**
+   * Objects larger than this go up in parts (default 64 MiB). A pack is sealed once past 16 MiB,
+   * so it is a little larger than that: with a 16 MiB threshold nearly every pack would take a
+   * multipart upload of one full part and a small one (four requests instead of one).
+   */
   multipartThreshold?: number;
   /** Size of a multipart upload's parts (default 16 MiB; S3 wants at least 5 MiB). */
   partSize?: number;
@@ -226,7 +230,7 @@ export class S3Store implements Store {
     readonly where: S3Location,
     options: S3StoreOptions = {},
   ) {
-    this.multipartThreshold = options.multipartThreshold ?? 16 * MiB;
+    this.multipartThreshold = options.multipartThreshold ?? 64 * MiB;
     this.partSize = Math.max(options.partSize ?? 16 * MiB, 5 * MiB);
     this.concurrency = options.concurrency ?? 16;
     this.attempts = options.attempts ?? 6;
