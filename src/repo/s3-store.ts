@@ -156,7 +156,10 @@ export interface S3StoreOptions {
   attempts?: number;
   /** First backoff; each retry doubles it, up to 5 s, with jitter (default 200 ms). */
   backoffMs?: number;
-  /** A request that does not answer within this is abandoned and retried (default 60 s). */
+  /**
+   * A request whose answer does not begin within this, or whose connection is silent this long,
+   * is abandoned and retried (default 60 s).
+   */
   requestTimeoutMs?: number;
 }
 
@@ -249,7 +252,14 @@ export class S3Store implements Store {
       // this store sends Content-MD5 itself.
       requestChecksumCalculation: "WHEN_REQUIRED",
       responseChecksumValidation: "WHEN_REQUIRED",
-      requestHandler: { requestTimeout: timeout, connectionTimeout: Math.min(timeout, 10_000) },
+      // requestTimeout runs until the answer's headers (without throwOnRequestTimeout it only
+      // logs); socketTimeout catches a connection that goes quiet later, in the body.
+      requestHandler: {
+        requestTimeout: timeout,
+        throwOnRequestTimeout: true,
+        socketTimeout: timeout,
+        connectionTimeout: Math.min(timeout, 10_000),
+      },
     });
   }
 

@@ -1,14 +1,14 @@
 /**
  * An HTTP proxy in front of an S3 endpoint that fails on purpose, for the retry tests: it answers
  * chosen requests with 503 SlowDown itself, cuts chosen response bodies short (headers promise the
- * whole length), resets connections, or flips a byte of an upload's body on the way (the server
+ * whole length), resets connections, answers only after `stallMs` (a server that hangs), or flips a byte of an upload's body on the way (the server
  * must refuse it by its Content-MD5). Requests are forwarded with their Host header unchanged, so
  * S3 signatures still hold.
  */
 import { createServer, type IncomingMessage, request, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 
-export type ProxyFault = "503" | "truncate" | "reset" | "corrupt-upload";
+export type ProxyFault = "503" | "truncate" | "reset" | "corrupt-upload" | "stall";
 
 export interface FaultyProxy {
   readonly endpoint: string;
@@ -16,6 +16,8 @@ export interface FaultyProxy {
   plan: (n: number, method: string, url: string) => ProxyFault | undefined;
   readonly injected: Record<ProxyFault, number>;
   requests: number;
+  /** How long a "stall" holds the answer back (default 3 s). */
+  stallMs: number;
   /** Most requests that were open at once. */
   maxInFlight: number;
   /** Uploads (PUT with a body) that came without Content-MD5. */
@@ -37,8 +39,9 @@ export async function startFaultyProxy(target: string): Promise<FaultyProxy> {
   const proxy: FaultyProxy = {
     endpoint: "",
     plan: () => undefined,
-    injected: { "503": 0, truncate: 0, reset: 0, "corrupt-upload": 0 },
+    injected: { "503": 0, truncate: 0, reset: 0, "corrupt-upload": 0, stall: 0 },
     requests: 0,
+    stallMs: 3000,
     uploadsWithoutMd5: 0,
     maxInFlight: 0,
     close: async () => {
@@ -61,6 +64,11 @@ export async function startFaultyProxy(target: string): Promise<FaultyProxy> {
       res.writeHead(503, { "content-type": "application/xml", "content-length": Buffer.byteLength(xml) });
       res.end(xml);
       return;
+    }
+    if (fault === "stall") {
+      proxy.injected.stall++;
+      await new Promise((r) => setTimeout(r, proxy.stallMs));
+      if (res.destroyed) return;
     }
     if (fault === "reset") {
       proxy.injected.reset++;

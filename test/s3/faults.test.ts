@@ -109,3 +109,22 @@ test("no more requests are in flight than the store's concurrency", async () => 
   assert.ok(proxy.maxInFlight <= 3, `${proxy.maxInFlight} requests were in flight at once`);
   assert.ok(proxy.maxInFlight >= 2, "requests did run side by side");
 });
+
+test("a gateway that stops answering is given up on after the request timeout and asked again", async (t) => {
+  const store = await viaProxy({ requestTimeoutMs: 300 });
+  proxy.stallMs = 3000;
+  proxy.plan = (n) => (n % 3 === 0 ? "stall" : undefined);
+  t.after(() => {
+    proxy.plan = () => undefined;
+  });
+  const before = proxy.injected.stall;
+  const t0 = Date.now();
+  const data = randomBytes(200_000);
+  for (let i = 0; i < 6; i++) await store.put(`packs/s${i}`, data);
+  for (let i = 0; i < 6; i++)
+    assert.deepEqual(await store.getRange(`packs/s${i}`, 1000, 1000), data.subarray(1000, 2000));
+  const stalls = proxy.injected.stall - before;
+  assert.ok(stalls >= 3, `${stalls} requests stalled`);
+  assert.ok(store.retries >= stalls, `${store.retries} retries for ${stalls} stalls`);
+  assert.ok(Date.now() - t0 < stalls * 1500, `no stall was waited out: ${Date.now() - t0} ms for ${stalls}`);
+});
