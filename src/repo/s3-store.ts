@@ -477,16 +477,22 @@ export class S3Store implements Store {
         }
       };
       await Promise.all(Array.from({ length: Math.min(4, count) }, worker));
-      await this.request("complete multipart upload of", key, () =>
-        this.client.send(
-          new CompleteMultipartUploadCommand({
-            Bucket: this.where.bucket,
-            Key: this.key(key),
-            UploadId: uploadId,
-            MultipartUpload: { Parts: etags.map((ETag, i) => ({ ETag, PartNumber: i + 1 })) },
-          }),
-        ),
-      );
+      try {
+        await this.request("complete multipart upload of", key, () =>
+          this.client.send(
+            new CompleteMultipartUploadCommand({
+              Bucket: this.where.bucket,
+              Key: this.key(key),
+              UploadId: uploadId,
+              MultipartUpload: { Parts: etags.map((ETag, i) => ({ ETag, PartNumber: i + 1 })) },
+            }),
+          ),
+        );
+      } catch (err) {
+        // A retried completion whose first try went through (its answer lost) finds no upload:
+        // the HEAD below tells, by size and the parts' ETag, whether the object is this one.
+        if (!(err instanceof StrataError && s3Status(err.cause).name === "NoSuchUpload")) throw err;
+      }
     } catch (err) {
       await this.client
         .send(
@@ -501,10 +507,15 @@ export class S3Store implements Store {
     }
     const whole = `"${createHash("md5").update(Buffer.concat(digests)).digest("hex")}-${count}"`;
     const head = await this.head(key);
-    if (!head || head.size !== body.length)
+    if (!head)
+      throw new StrataError(
+        ErrorCode.IO_ERROR,
+        `the multipart upload of ${this.name(key)} was lost before it completed (at ${this.where.endpoint})`,
+      );
+    if (head.size !== body.length)
       throw new StrataError(
         ErrorCode.DATA_CORRUPT,
-        `${this.name(key)} holds ${head?.size ?? "no"} bytes after its multipart upload of ${body.length}`,
+        `${this.name(key)} holds ${head.size} bytes after its multipart upload of ${body.length}`,
       );
     this.checkEtag(key, head.etag, whole);
   }

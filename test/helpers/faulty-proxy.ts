@@ -1,14 +1,14 @@
 /**
  * An HTTP proxy in front of an S3 endpoint that fails on purpose, for the retry tests: it answers
  * chosen requests with 503 SlowDown itself, cuts chosen response bodies short (headers promise the
- * whole length), resets connections, answers only after `stallMs` (a server that hangs), or flips a byte of an upload's body on the way (the server
+ * whole length), resets connections (before forwarding, or after: the server acted, its answer lost), answers only after `stallMs` (a server that hangs), or flips a byte of an upload's body on the way (the server
  * must refuse it by its Content-MD5). Requests are forwarded with their Host header unchanged, so
  * S3 signatures still hold.
  */
 import { createServer, type IncomingMessage, request, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 
-export type ProxyFault = "503" | "truncate" | "reset" | "corrupt-upload" | "stall";
+export type ProxyFault = "503" | "truncate" | "reset" | "corrupt-upload" | "stall" | "lose-answer";
 
 export interface FaultyProxy {
   readonly endpoint: string;
@@ -39,7 +39,7 @@ export async function startFaultyProxy(target: string): Promise<FaultyProxy> {
   const proxy: FaultyProxy = {
     endpoint: "",
     plan: () => undefined,
-    injected: { "503": 0, truncate: 0, reset: 0, "corrupt-upload": 0, stall: 0 },
+    injected: { "503": 0, truncate: 0, reset: 0, "corrupt-upload": 0, stall: 0, "lose-answer": 0 },
     requests: 0,
     stallMs: 3000,
     uploadsWithoutMd5: 0,
@@ -84,6 +84,11 @@ export async function startFaultyProxy(target: string): Promise<FaultyProxy> {
       { host: to.hostname, port: to.port, method: req.method, path: req.url, headers: req.headers },
       async (upRes) => {
         const out = await body(upRes);
+        if (fault === "lose-answer") {
+          proxy.injected["lose-answer"]++;
+          req.socket.destroy();
+          return;
+        }
         res.writeHead(upRes.statusCode ?? 502, upRes.headers);
         if (fault === "truncate" && out.length > 1) {
           proxy.injected.truncate++;

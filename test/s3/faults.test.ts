@@ -128,3 +128,27 @@ test("a gateway that stops answering is given up on after the request timeout an
   assert.ok(store.retries >= stalls, `${store.retries} retries for ${stalls} stalls`);
   assert.ok(Date.now() - t0 < stalls * 1500, `no stall was waited out: ${Date.now() - t0} ms for ${stalls}`);
 });
+
+test("a multipart completion whose answer is lost is asked again and recognised as done", async (t) => {
+  const store = await viaProxy({ multipartThreshold: 6 * 1024 * 1024, partSize: 5 * 1024 * 1024 });
+  proxy.plan = (_n, method, url) => (method === "POST" && /uploadId=/.test(url) ? "lose-answer" : undefined);
+  t.after(() => {
+    proxy.plan = () => undefined;
+  });
+  const before = proxy.injected["lose-answer"];
+  const data = randomBytes(11 * 1024 * 1024);
+  // Never an answer: a clear error, after the store's tries.
+  await assert.rejects(
+    store.put("packs/lost", data),
+    /complete multipart upload of strata-\w+\/repo\/packs\/lost failed 6 times/,
+  );
+  assert.ok(proxy.injected["lose-answer"] - before >= 1);
+  // Only the first answer is lost: the retry finds the upload completed (RGW answers a repeated
+  // completion with success; services that answer NoSuchUpload are checked by HEAD instead).
+  let lost = 0;
+  proxy.plan = (_n, method, url) =>
+    method === "POST" && /uploadId=/.test(url) && lost++ === 0 ? "lose-answer" : undefined;
+  await store.put("packs/once", data);
+  assert.equal(lost, 2, "completion was asked twice");
+  assert.deepEqual(await store.get("packs/once"), data);
+});
