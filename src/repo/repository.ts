@@ -217,6 +217,9 @@ export class Repository {
           `no repository at ${store.location} (create one with "strata init")`,
         );
       }
+      // A store's own classified error (an S3 store's missing bucket, refused credentials, an
+      // unreachable endpoint) already says what is wrong and where.
+      if (err instanceof StrataError) throw err;
       throw new StrataError(
         ErrorCode.REPO_CORRUPT,
         `cannot read the repository config at ${store.location}: ${String(err)}`,

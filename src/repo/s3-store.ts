@@ -178,7 +178,6 @@ const TRANSIENT_NAMES = new Set([
   "ServiceUnavailable",
   "InternalError",
   "RequestTimeout",
-  "RequestTimeTooSkewed",
   "TimeoutError",
   "RequestTimeoutException",
   "ThrottlingException",
@@ -194,8 +193,8 @@ const TRANSIENT_CODES = new Set([
   "ECONNABORTED",
   "EPIPE",
   "ETIMEDOUT",
+  // EAI_AGAIN is a resolver that did not answer; ENOTFOUND (no such host) is not retried.
   "EAI_AGAIN",
-  "ENOTFOUND",
   "EHOSTUNREACH",
   "ENETUNREACH",
   "ERR_STREAM_PREMATURE_CLOSE",

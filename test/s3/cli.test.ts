@@ -102,7 +102,7 @@ test("init, backup, snapshots, restore bit-exact, verify --read-data, forget, gc
   );
 });
 
-test("no credentials, a missing bucket and wrong keys end with errors that say so", async (t) => {
+test("no credentials, a missing bucket, wrong keys and no gateway end with errors that say so", async (t) => {
   const dir = tempDir(t);
   const bucket = await createBucket(gw);
   const none = await strata(["init", "--repo", `s3:${gw.endpoint}/${bucket}`], {
@@ -134,6 +134,16 @@ test("no credentials, a missing bucket and wrong keys end with errors that say s
   assert.match(
     wrong.stderr,
     /access denied \(HTTP 403\) to stat strata-\w+\/config .*: the S3 credentials are wrong/,
+  );
+
+  // Nothing listens: retried with backoff (a gateway restarting), then named.
+  const refused = await strata(["snapshots", "--repo", "s3:http://127.0.0.1:1/bucket"], {
+    env: gatewayEnv(gw),
+  });
+  assert.notEqual(refused.code, 0);
+  assert.match(
+    refused.stderr,
+    /^strata: get bucket\/config failed 6 times, the last: connect ECONNREFUSED 127\.0\.0\.1:1$/m,
   );
 
   const help = await strataOk(["init", "--help"]);
