@@ -3,7 +3,6 @@ import { setPriority } from "node:os";
 import type { Command } from "commander";
 import { bootHint } from "../engine/vm-restore.js";
 import { ZSTD_STRONG } from "../repo/codec.js";
-import { FsStore } from "../repo/fs-store.js";
 import { manifestTotals } from "../repo/manifest.js";
 import { forget, forgetIds, gc } from "../repo/prune.js";
 import { Repository } from "../repo/repository.js";
@@ -11,7 +10,7 @@ import { verifyRepository } from "../repo/verify.js";
 import { parseDuration } from "../util/durations.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes, parseSize } from "../util/sizes.js";
-import { globals, interruptSignal, output, parseCount, password, repoPath, withRepo } from "./context.js";
+import { globals, interruptSignal, openStore, output, parseCount, password, withRepo } from "./context.js";
 import { kdfCacheFromEnv } from "./kdf-cache.js";
 
 export function registerRepoCommands(program: Command): void {
@@ -25,14 +24,21 @@ export function registerRepoCommands(program: Command): void {
 A password (--password-file FILE or STRATA_PASSWORD) makes the repository encrypted with
 AES-256-GCM; without one it is not encrypted. Keep the password: without it nothing can be restored.
 
-Example:
-  strata init --repo /backup/strata --password-file /root/.strata-pass`,
+The repository is a local directory, or a bucket (and key prefix) on an S3 service:
+  --repo s3:https://HOST[:PORT]/BUCKET[/PREFIX]   (s3:http:// for a local test gateway)
+The bucket must exist. Credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, else
+from the credentials file STRATA_S3_CREDENTIALS or ~/.aws/credentials (profile AWS_PROFILE),
+never from the command line. An S3 repository has format v2 (packs).
+
+Examples:
+  strata init --repo /backup/strata --password-file /root/.strata-pass
+  strata init --repo s3:https://s3.example.org/backups/site-a --password-file /root/.strata-pass`,
     )
     .action(async (opts: { chunkSize: string }, cmd: Command) => {
       const out = output(cmd);
       const g = globals(cmd);
       const pw = password(g);
-      const store = new FsStore(repoPath(g));
+      const store = openStore(g);
       const cache = pw === undefined ? undefined : kdfCacheFromEnv();
       const config = await Repository.init(store, {
         chunkSize: parseSize(opts.chunkSize),

@@ -5,6 +5,8 @@ import type { Command } from "commander";
 import { Catalog, DEFAULT_CATALOG } from "../catalog/catalog.js";
 import { FsStore } from "../repo/fs-store.js";
 import { Repository } from "../repo/repository.js";
+import { isS3Url, parseS3Url, S3Store } from "../repo/s3-store.js";
+import type { Store } from "../repo/store.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { kdfCacheFromEnv } from "./kdf-cache.js";
 import { makeOutput, type Output } from "./output.js";
@@ -27,10 +29,24 @@ export function output(cmd: Command): Output {
   return makeOutput({ json: g.json === true, quiet: g.quiet === true });
 }
 
+/** The repository as given: an absolute directory, or an `s3:` URL unchanged. */
 export function repoPath(g: GlobalOptions): string {
   const p = g.repo ?? process.env.STRATA_REPO;
-  if (!p) throw new StrataError(ErrorCode.USAGE, "no repository given: use --repo DIR or set STRATA_REPO");
-  return resolve(p);
+  if (!p)
+    throw new StrataError(
+      ErrorCode.USAGE,
+      "no repository given: use --repo DIR (or s3:https://HOST/BUCKET[/PREFIX]) or set STRATA_REPO",
+    );
+  return isS3Url(p) ? p : resolve(p);
+}
+
+/**
+ * The store behind --repo: a local directory, or an S3 bucket for `s3:http(s)://HOST[:PORT]/BUCKET[/PREFIX]`
+ * (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a credentials file, never flags).
+ */
+export function openStore(g: GlobalOptions): Store {
+  const p = repoPath(g);
+  return isS3Url(p) ? new S3Store(parseS3Url(p)) : new FsStore(p);
 }
 
 /** The password from --password-file or STRATA_PASSWORD, or undefined. */
@@ -51,9 +67,9 @@ export function password(g: GlobalOptions): string | undefined {
 export async function openRepo(cmd: Command): Promise<Repository> {
   const g = globals(cmd);
   const pw = password(g);
-  if (pw === undefined) return Repository.open(new FsStore(repoPath(g)));
+  if (pw === undefined) return Repository.open(openStore(g));
   const cache = kdfCacheFromEnv();
-  return Repository.open(new FsStore(repoPath(g)), { password: pw, ...(cache ? { kdfCache: cache } : {}) });
+  return Repository.open(openStore(g), { password: pw, ...(cache ? { kdfCache: cache } : {}) });
 }
 
 /** Runs `fn` with an open repository and closes it afterwards. */

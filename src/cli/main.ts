@@ -36,7 +36,10 @@ export const EXIT: Record<string, number> = {
 export function buildProgram(): Command {
   const program = new Command("strata")
     .description("host-level backup and recovery for KVM/QEMU virtual machines")
-    .option("-r, --repo <dir>", "repository directory (default: $STRATA_REPO)")
+    .option(
+      "-r, --repo <dir|s3-url>",
+      "repository: a directory, or s3:https://HOST[:PORT]/BUCKET[/PREFIX] (default: $STRATA_REPO)",
+    )
     .option("--password-file <file>", "file holding the repository password (default: $STRATA_PASSWORD)")
     .option("--json", "machine-readable output: JSON documents, or one JSON event per line for long commands")
     .option("-q, --quiet", "print only errors")

@@ -191,6 +191,7 @@ export class Repository {
     const version = options.formatVersion ?? FORMAT_VERSION;
     if (!FORMAT_VERSIONS.includes(version))
       throw new StrataError(ErrorCode.USAGE, `unknown repository format version ${version}`);
+    if (version === 1 && store.formatV1 === false) throw formatV1Refused(store.location);
     const config: RepoConfig = {
       format: "strata-repository",
       version,
@@ -219,6 +220,9 @@ export class Repository {
           `no repository at ${store.location} (create one with "strata init")`,
         );
       }
+      // A store's own classified error (an S3 store's missing bucket, refused credentials, an
+      // unreachable endpoint) already says what is wrong and where.
+      if (err instanceof StrataError) throw err;
       throw new StrataError(
         ErrorCode.REPO_CORRUPT,
         `cannot read the repository config at ${store.location}: ${String(err)}`,
@@ -240,6 +244,7 @@ export class Repository {
         `repository at ${where} has format version ${String(peek.version)}; this Strata reads versions ${FORMAT_VERSIONS.join(" and ")}`,
       );
     }
+    if (peek.version === 1 && store.formatV1 === false) throw formatV1Refused(where);
     const keyFile = await store.stat(keys.key("default"));
     const encrypted = peek.keyed || peek.encryption !== "none" || keyFile !== undefined;
     if (!encrypted) {
@@ -727,4 +732,13 @@ export class BackupWriter {
     await this.repo.store.deletePrefix(`${keys.snapshotDir(this.vm, this.time)}/`).catch(() => {});
     await this.lock.release().catch(() => {});
   }
+}
+
+/** Format v1 gc rests on touch and conditional delete, which an object store does not offer. */
+function formatV1Refused(where: string): StrataError {
+  return new StrataError(
+    ErrorCode.REPO_VERSION,
+    `${where} is an object store, which holds only format v2 repositories (format v1 keeps one object ` +
+      "per chunk and needs touch and conditional delete); keep it in a local directory",
+  );
 }

@@ -33,6 +33,12 @@ export interface Store {
   /** Where the store lives, for messages. */
   readonly location: string;
 
+  /**
+   * False for a store that cannot keep format v1's contract ({@link Store.touch},
+   * {@link Store.deleteIfUntouched}): an object store. Such a store holds format v2 only.
+   */
+  readonly formatV1?: boolean;
+
   /** The object's bytes. Throws an error for which {@link Store.isNotFound} is true if absent. */
   get(key: string): Promise<Buffer>;
 

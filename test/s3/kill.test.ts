@@ -1,0 +1,110 @@
+// kill -9 of a backup uploading to S3 (a real RADOS Gateway): only complete restore points show,
+// verify --read-data passes, the next backup finishes the work (the dead run's lock does not
+// block it), and gc removes the packs the killed run left and its lock. Multipart uploads a dead
+// writer left open are aborted by gc's sweep.
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { join } from "node:path";
+import { after, before, test } from "node:test";
+import { CreateMultipartUploadCommand, S3Client, UploadPartCommand } from "@aws-sdk/client-s3";
+import { sha256File, writeSyntheticImage } from "../../src/image/synthetic.js";
+import { parseS3Url, S3Store } from "../../src/repo/s3-store.js";
+import { createBucket, type Gateway, gatewayEnv, processesUsing, startGateway } from "../helpers/ceph.js";
+import { startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
+
+let gw: Gateway;
+before(async () => {
+  gw = await startGateway();
+});
+after(async () => {
+  await gw.stop();
+  assert.deepEqual(await processesUsing(gw.dir), [], "nothing of the cluster is left running");
+});
+
+const MiB = 1024 * 1024;
+
+async function keys(store: S3Store, prefix: string): Promise<string[]> {
+  const out: string[] = [];
+  for await (const o of store.list(prefix)) out.push(o.key);
+  return out.sort();
+}
+
+test("kill -9 during a backup's uploads: only complete restore points, the next run and gc finish", async (t) => {
+  const dir = tempDir(t);
+  const env = { env: gatewayEnv(gw) };
+  const bucket = await createBucket(gw);
+  const repo = `s3:${gw.endpoint}/${bucket}/r`;
+  const store = new S3Store(parseS3Url(repo), {
+    credentials: { accessKeyId: gw.accessKeyId, secretAccessKey: gw.secretAccessKey },
+  });
+  await strataOk(["init", "--repo", repo, "--chunk-size", "256K"], env);
+  const img = join(dir, "disk.img");
+  await writeSyntheticImage(img, { size: 32 * MiB, seed: "kill-a", holes: 0 });
+  const first = summary(
+    await strataOk(["backup", "--repo", repo, "--vm", "vm1", "--json", `file:${img}`], env),
+  );
+  const packsBefore = await keys(store, "packs/");
+  await writeSyntheticImage(img, { size: 96 * MiB, seed: "kill-b", holes: 0 });
+
+  const child = startStrata(["backup", "--repo", repo, "--vm", "vm1", `file:${img}`], env);
+  const exited = new Promise((r) => child.on("exit", r));
+  const deadline = Date.now() + 60_000;
+  while ((await keys(store, "packs/")).length < packsBefore.length + 2) {
+    assert.ok(Date.now() < deadline, "the backup uploaded no pack within 60 s");
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  child.kill("SIGKILL");
+  await exited;
+  const left = (await keys(store, "packs/")).filter((k) => !packsBefore.includes(k));
+  assert.ok(left.length >= 2, `packs the killed run left: ${left.length}`);
+  assert.equal((await keys(store, "locks/")).length, 1, "the killed run's lock is left");
+
+  const snaps = summary<{ id: string }[]>(await strataOk(["snapshots", "--repo", repo, "--json"], env));
+  assert.deepEqual(
+    snaps.map((s) => s.id),
+    [first.id],
+    "only the complete restore point shows",
+  );
+  assert.equal(summary(await strataOk(["verify", "--repo", repo, "--read-data", "--json"], env)).ok, true);
+
+  const next = summary(
+    await strataOk(["backup", "--repo", repo, "--vm", "vm1", "--json", `file:${img}`], env),
+  );
+  assert.equal(next.parent, first.time);
+  const gc = summary(await strataOk(["gc", "--repo", repo, "--grace", "0s", "--json"], env));
+  assert.equal(gc.orphansDeleted, left.length, "every pack the killed run left is deleted");
+  for (const k of left) assert.equal(await store.stat(k), undefined, `${k} is gone`);
+  assert.deepEqual(await keys(store, "locks/"), [], "the dead run's lock is gone");
+  const out = join(dir, "out");
+  await strataOk(["restore", "--repo", repo, "vm1/latest", "--target", out], env);
+  assert.equal(await sha256File(join(out, "disk.raw")), await sha256File(img));
+});
+
+test("a multipart upload left open by a dead writer is aborted by the sweep, a recent one kept", async () => {
+  const bucket = await createBucket(gw);
+  const credentials = { accessKeyId: gw.accessKeyId, secretAccessKey: gw.secretAccessKey };
+  const store = new S3Store(parseS3Url(`s3:${gw.endpoint}/${bucket}/r`), { credentials });
+  const client = new S3Client({
+    endpoint: gw.endpoint,
+    region: "us-east-1",
+    forcePathStyle: true,
+    credentials,
+  });
+  const open = await client.send(
+    new CreateMultipartUploadCommand({ Bucket: bucket, Key: "r/packs/aa/dead" }),
+  );
+  await client.send(
+    new UploadPartCommand({
+      Bucket: bucket,
+      Key: "r/packs/aa/dead",
+      UploadId: open.UploadId,
+      PartNumber: 1,
+      Body: randomBytes(5 * MiB),
+    }),
+  );
+  client.destroy();
+  assert.equal(await store.stat("packs/aa/dead"), undefined, "a part uploaded is no object");
+  assert.equal(await store.sweepTemporary(Date.now() - 3_600_000), 0, "younger than the cutoff: kept");
+  assert.equal(await store.sweepTemporary(Date.now() + 60_000), 1, "older than the cutoff: aborted");
+  assert.equal(await store.sweepTemporary(Date.now() + 60_000), 0);
+});
