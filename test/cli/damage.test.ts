@@ -118,7 +118,7 @@ test("bad input gets one clear line and a non-zero exit", async (t) => {
 
   const noRepo = await strata(["snapshots"]);
   assert.equal(noRepo.code, 2);
-  assert.match(noRepo.stderr, /--repo DIR or set STRATA_REPO/);
+  assert.match(noRepo.stderr, /--repo DIR \(or s3:https:\/\/HOST\/BUCKET\[\/PREFIX\]\) or set STRATA_REPO/);
 
   const env = { STRATA_PASSWORD: "right" };
   for (const src of [join(dir, "no-such.img"), dir]) {
