@@ -145,6 +145,15 @@ describe("QMP client against a fake peer", { timeout: 30_000 }, () => {
     });
   }
 
+  test("an event left over for the monitor's previous client, before the greeting, is skipped", async () => {
+    const leftover = '{"timestamp": {"seconds": 1795973840, "microseconds": 575790}, "event": "RESUME"}';
+    const { path, server } = await fakeQmp(() => {}, `${leftover}\r\n${GREETING}`);
+    const qmp = await QmpClient.connect(path);
+    assert.equal(qmp.greeting.version.qemu.major, 7);
+    await qmp.close();
+    server.close();
+  });
+
   test("a wrong greeting fails the connect with PROTOCOL", async () => {
     const { path, server } = await fakeQmp(() => {}, '{"return": {}}');
     await assert.rejects(QmpClient.connect(path), (err) => isStrataError(err, "PROTOCOL"));

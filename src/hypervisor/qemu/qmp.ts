@@ -257,6 +257,9 @@ export class QmpClient {
   private onMessage(msg: Record<string, unknown>): void {
     if (this.greetingWaiter) {
       const g = msg["QMP"];
+      // An event before the greeting was queued for the monitor's previous client, which QEMU had
+      // not yet seen leave (seen: a RESUME right after a backup's own connection closed): skipped.
+      if (typeof msg["event"] === "string" && g === undefined) return;
       if (typeof g !== "object" || g === null) {
         // thrown to onData, whose shutdown() rejects the greeting waiter with it
         throw new StrataError(
