@@ -163,14 +163,22 @@ export class GuestfishReader implements FileSystemReader {
       const started = await startGuarded(tmp, ["--ro", "--format=raw", ...drives], env);
       guard = started.guard;
       const cmd = (args: string[]) => fish(started.pid, env, args);
+      // The appliance's own messages go to the listening guestfish's log, not to the client that
+      // sent the command: a failed launch may show only there.
+      const withLog = async (err: unknown) => {
+        const log = await fs.readFile(join(tmp, "guestfish.log"), "utf8").catch(() => "");
+        const code = err instanceof StrataError ? err.code : ErrorCode.EXTERNAL;
+        return new StrataError(code, `${(err as Error).message}\n${log.slice(-2000)}`.trim());
+      };
       await abortable(
         cmd(["run"]).catch(async (err: unknown) => {
-          const log = await fs.readFile(join(tmp, "guestfish.log"), "utf8").catch(() => "");
-          throw new StrataError(ErrorCode.EXTERNAL, `${(err as Error).message}\n${log.slice(-2000)}`.trim());
+          throw await withLog(err);
         }),
         target.signal,
       );
-      const device = await deviceName(cmd, target);
+      const device = await deviceName(cmd, target).catch(async (err: unknown) => {
+        throw await withLog(err);
+      });
       const type = (await cmd(["vfs-type", device])).trim();
       if (type === "" || type === "unknown")
         throw new StrataError(
