@@ -149,12 +149,15 @@ export class ChunkWriter {
     const slots = this.slots;
     const stored = this.stored;
     if (!slots || !stored) {
-      for (let k = 0; k < count; k++) {
-        const i = first + k;
-        const data = await repo.readChunk(index.digest(i));
-        if (data.length !== index.chunkLength(i)) throw wrongLength(i);
-        await this.write(data, i * index.chunkSize);
-      }
+      // Through the page cache: the run's chunks fetched and written side by side.
+      await Promise.all(
+        Array.from({ length: count }, async (_, k) => {
+          const i = first + k;
+          const data = await repo.readChunk(index.digest(i));
+          if (data.length !== index.chunkLength(i)) throw wrongLength(i);
+          await this.write(data, i * index.chunkSize);
+        }),
+      );
       return length;
     }
     if (length > slots.slotSize || count * this.storedStride > stored.slotSize)
