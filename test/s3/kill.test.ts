@@ -44,7 +44,9 @@ test("kill -9 during a backup's uploads: only complete restore points, the next 
     await strataOk(["backup", "--repo", repo, "--vm", "vm1", "--json", `file:${img}`], env),
   );
   const packsBefore = await keys(store, "packs/");
-  await writeSyntheticImage(img, { size: 96 * MiB, seed: "kill-b", holes: 0 });
+  // Large enough that the run is still uploading when the kill lands (96 MiB once finished
+  // between the check for its second pack and the kill).
+  await writeSyntheticImage(img, { size: 256 * MiB, seed: "kill-b", holes: 0 });
 
   const child = startStrata(["backup", "--repo", repo, "--vm", "vm1", `file:${img}`], env);
   const exited = new Promise((r) => child.on("exit", r));
@@ -55,6 +57,7 @@ test("kill -9 during a backup's uploads: only complete restore points, the next 
   }
   child.kill("SIGKILL");
   await exited;
+  assert.equal(child.signalCode, "SIGKILL", "the backup was killed, not finished");
   const left = (await keys(store, "packs/")).filter((k) => !packsBefore.includes(k));
   assert.ok(left.length >= 2, `packs the killed run left: ${left.length}`);
   assert.equal((await keys(store, "locks/")).length, 1, "the killed run's lock is left");
