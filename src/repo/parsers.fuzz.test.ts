@@ -37,6 +37,14 @@ function mutated(valid: Buffer): fc.Arbitrary<Buffer> {
     });
 }
 
+/** `valid` mutated, or random bytes of at most `maxLength`. */
+function mutatedOrRandom(valid: Buffer, maxLength = 1024): fc.Arbitrary<Buffer> {
+  return fc.oneof(
+    mutated(valid),
+    fc.uint8Array({ maxLength }).map((u) => Buffer.from(u)),
+  );
+}
+
 function onlyStrataErrors(fn: () => void): boolean {
   try {
     fn();
@@ -52,20 +60,14 @@ test("fixed index: random bytes and mutations decode exactly or fail with DATA_C
   for (let i = 0; i < index.count; i++) index.setDigest(i, randomBytes(32));
   const valid = index.encode();
   fc.assert(
-    fc.property(
-      fc.oneof(
-        mutated(valid),
-        fc.uint8Array({ maxLength: 1024 }).map((u) => Buffer.from(u)),
-      ),
-      (bytes) => {
-        let decoded: FixedIndex | undefined;
-        if (onlyStrataErrors(() => (decoded = FixedIndex.decode(bytes, "fuzz")))) {
-          // Whatever decodes is self-consistent; a decode of the untouched bytes is the original.
-          assert.equal(decoded!.encode().equals(bytes), true);
-          if (bytes.equals(valid)) assert.equal(decoded!.checksum(), index.checksum());
-        }
-      },
-    ),
+    fc.property(mutatedOrRandom(valid), (bytes) => {
+      let decoded: FixedIndex | undefined;
+      if (onlyStrataErrors(() => (decoded = FixedIndex.decode(bytes, "fuzz")))) {
+        // Whatever decodes is self-consistent; a decode of the untouched bytes is the original.
+        assert.equal(decoded!.encode().equals(bytes), true);
+        if (bytes.equals(valid)) assert.equal(decoded!.checksum(), index.checksum());
+      }
+    }),
     params,
   );
 });
@@ -189,20 +191,14 @@ test("pack index: random bytes and mutations decode to what re-encodes to them, 
   const valid = encodeIndex(doc);
   assert.deepEqual(decodeIndex(valid, "fuzz"), doc);
   fc.assert(
-    fc.property(
-      fc.oneof(
-        mutated(valid),
-        fc.uint8Array({ maxLength: 1024 }).map((u) => Buffer.from(u)),
-      ),
-      (bytes) => {
-        let decoded: IndexDocument | undefined;
-        if (onlyStrataErrors(() => (decoded = decodeIndex(bytes, "fuzz")))) {
-          // Counts were checked against the length before any loop: nothing decodes past the bytes.
-          assert.ok(decoded!.packs.every((p) => p.entries.length <= PACK_MAX_ENTRIES));
-          assert.equal(encodeIndex(decoded!).equals(bytes), true);
-        }
-      },
-    ),
+    fc.property(mutatedOrRandom(valid), (bytes) => {
+      let decoded: IndexDocument | undefined;
+      if (onlyStrataErrors(() => (decoded = decodeIndex(bytes, "fuzz")))) {
+        // Counts were checked against the length before any loop: nothing decodes past the bytes.
+        assert.ok(decoded!.packs.every((p) => p.entries.length <= PACK_MAX_ENTRIES));
+        assert.equal(encodeIndex(decoded!).equals(bytes), true);
+      }
+    }),
     params,
   );
 });
@@ -211,27 +207,18 @@ test("pack directory and trailer: every entry decoded lies inside the pack's chu
   const valid = encodeDirectory([entry(0), entry(1), entry(2)]);
   const end = 16 + 3 * 1000;
   fc.assert(
-    fc.property(
-      fc.oneof(
-        mutated(valid),
-        fc.uint8Array({ maxLength: 512 }).map((u) => Buffer.from(u)),
-      ),
-      fc.integer({ min: 0, max: 1 << 30 }),
-      (bytes, packSize) => {
-        let entries: ReturnType<typeof decodeDirectory> | undefined;
-        if (onlyStrataErrors(() => (entries = decodeDirectory(bytes, end, "fuzz")))) {
-          assert.equal(bytes.length, 16 + entries!.length * PACK_ENTRY_SIZE);
-          for (const e of entries!) assert.ok(e.offset >= PACK_HEADER_SIZE && e.offset + e.length <= end);
-        }
-        const tail = bytes.subarray(0, PACK_TRAILER_SIZE);
-        let at: ReturnType<typeof parseTrailer> | undefined;
-        if (onlyStrataErrors(() => (at = parseTrailer(tail, packSize, "fuzz")))) {
-          assert.ok(
-            at!.offset >= PACK_HEADER_SIZE && at!.offset + at!.length + PACK_TRAILER_SIZE === packSize,
-          );
-        }
-      },
-    ),
+    fc.property(mutatedOrRandom(valid, 512), fc.integer({ min: 0, max: 1 << 30 }), (bytes, packSize) => {
+      let entries: ReturnType<typeof decodeDirectory> | undefined;
+      if (onlyStrataErrors(() => (entries = decodeDirectory(bytes, end, "fuzz")))) {
+        assert.equal(bytes.length, 16 + entries!.length * PACK_ENTRY_SIZE);
+        for (const e of entries!) assert.ok(e.offset >= PACK_HEADER_SIZE && e.offset + e.length <= end);
+      }
+      const tail = bytes.subarray(0, PACK_TRAILER_SIZE);
+      let at: ReturnType<typeof parseTrailer> | undefined;
+      if (onlyStrataErrors(() => (at = parseTrailer(tail, packSize, "fuzz")))) {
+        assert.ok(at!.offset >= PACK_HEADER_SIZE && at!.offset + at!.length + PACK_TRAILER_SIZE === packSize);
+      }
+    }),
     params,
   );
 });

@@ -14,6 +14,7 @@
  *  - order: mon, `ceph osd new`, osd, wait until the osd is active, user, then radosgw. Stop in
  *    reverse: radosgw before the osd.
  */
+import assert from "node:assert/strict";
 import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { randomBytes, randomUUID } from "node:crypto";
 import { existsSync } from "node:fs";
@@ -21,6 +22,7 @@ import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { after, before } from "node:test";
 import { promisify } from "node:util";
 
 const run = promisify(execFile);
@@ -235,6 +237,26 @@ rgw data = ${dir}/rgw
     await stopAll();
     throw Object.assign(err as Error, { osdLogTail: logs.slice(-2000) });
   }
+}
+
+/**
+ * One gateway for a test file: started before its tests, stopped after them, and checked to
+ * leave nothing running. Returns the gateway (call it from within a test).
+ */
+export function gatewayForFile(): () => Gateway {
+  let gw: Gateway | undefined;
+  before(async () => {
+    gw = await startGateway();
+  });
+  after(async () => {
+    if (!gw) return;
+    await gw.stop();
+    assert.deepEqual(await processesUsing(gw.dir), [], "nothing of the cluster is left running");
+  });
+  return () => {
+    if (!gw) throw new Error("the test gateway has not started");
+    return gw;
+  };
 }
 
 /** PIDs of processes whose command line names `dir` (what a stopped cluster must not leave). */

@@ -6,26 +6,19 @@ import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 import { sha256File, writeSyntheticImage } from "../../src/image/synthetic.js";
-import { createBucket, type Gateway, gatewayEnv, processesUsing, startGateway } from "../helpers/ceph.js";
+import { createBucket, gatewayEnv, gatewayForFile } from "../helpers/ceph.js";
 import { strata, strataOk, summary, tempDir } from "../helpers/cli.js";
 
-let gw: Gateway;
-before(async () => {
-  gw = await startGateway();
-});
-after(async () => {
-  await gw.stop();
-  assert.deepEqual(await processesUsing(gw.dir), [], "nothing of the cluster is left running");
-});
+const gateway = gatewayForFile();
 
 const MiB = 1024 * 1024;
 
 test("init, backup, snapshots, restore bit-exact, verify --read-data, forget, gc on s3:", async (t) => {
   const dir = tempDir(t);
-  const env = { env: gatewayEnv(gw) };
-  const repo = `s3:${gw.endpoint}/${await createBucket(gw)}/site-a/host1`;
+  const env = { env: gatewayEnv(gateway()) };
+  const repo = `s3:${gateway().endpoint}/${await createBucket(gateway())}/site-a/host1`;
   const img = join(dir, "disk.img");
   const size = 64 * MiB;
   await writeSyntheticImage(img, { size, seed: "s3-cli", holes: 0 });
@@ -104,8 +97,8 @@ test("init, backup, snapshots, restore bit-exact, verify --read-data, forget, gc
 
 test("no credentials, a missing bucket, wrong keys and no gateway end with errors that say so", async (t) => {
   const dir = tempDir(t);
-  const bucket = await createBucket(gw);
-  const none = await strata(["init", "--repo", `s3:${gw.endpoint}/${bucket}`], {
+  const bucket = await createBucket(gateway());
+  const none = await strata(["init", "--repo", `s3:${gateway().endpoint}/${bucket}`], {
     env: {
       AWS_ACCESS_KEY_ID: undefined,
       AWS_SECRET_ACCESS_KEY: undefined,
@@ -116,8 +109,8 @@ test("no credentials, a missing bucket, wrong keys and no gateway end with error
   assert.notEqual(none.code, 0);
   assert.match(none.stderr, /no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY/);
 
-  const missing = await strata(["snapshots", "--repo", `s3:${gw.endpoint}/strata-missing-bucket`], {
-    env: gatewayEnv(gw),
+  const missing = await strata(["snapshots", "--repo", `s3:${gateway().endpoint}/strata-missing-bucket`], {
+    env: gatewayEnv(gateway()),
   });
   assert.notEqual(missing.code, 0);
   assert.match(missing.stderr, /bucket strata-missing-bucket does not exist/);
@@ -125,9 +118,9 @@ test("no credentials, a missing bucket, wrong keys and no gateway end with error
   const creds = join(dir, "credentials");
   await fs.writeFile(
     creds,
-    `[default]\naws_access_key_id = ${gw.accessKeyId}\naws_secret_access_key = wrong\n`,
+    `[default]\naws_access_key_id = ${gateway().accessKeyId}\naws_secret_access_key = wrong\n`,
   );
-  const wrong = await strata(["init", "--repo", `s3:${gw.endpoint}/${bucket}`], {
+  const wrong = await strata(["init", "--repo", `s3:${gateway().endpoint}/${bucket}`], {
     env: { AWS_ACCESS_KEY_ID: undefined, AWS_SECRET_ACCESS_KEY: undefined, STRATA_S3_CREDENTIALS: creds },
   });
   assert.notEqual(wrong.code, 0);
@@ -138,7 +131,7 @@ test("no credentials, a missing bucket, wrong keys and no gateway end with error
 
   // Nothing listens: retried with backoff (a gateway restarting), then named.
   const refused = await strata(["snapshots", "--repo", "s3:http://127.0.0.1:1/bucket"], {
-    env: gatewayEnv(gw),
+    env: gatewayEnv(gateway()),
   });
   assert.notEqual(refused.code, 0);
   assert.match(

@@ -6,37 +6,30 @@
 import assert from "node:assert/strict";
 import { promises as fs } from "node:fs";
 import { basename, join } from "node:path";
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 import { sha256File, writeSyntheticImage } from "../../src/image/synthetic.js";
 import { Lock } from "../../src/repo/locks.js";
 import { parseS3Url, S3Store } from "../../src/repo/s3-store.js";
 import { systemClock } from "../../src/util/clock.js";
 import { ErrorCode, StrataError } from "../../src/util/errors.js";
-import { createBucket, type Gateway, gatewayEnv, processesUsing, startGateway } from "../helpers/ceph.js";
+import { createBucket, gatewayEnv, gatewayForFile } from "../helpers/ceph.js";
 import { collect, type RunOptions, startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
 
-let gw: Gateway;
-before(async () => {
-  gw = await startGateway();
-});
-after(async () => {
-  await gw.stop();
-  assert.deepEqual(await processesUsing(gw.dir), [], "nothing of the cluster is left running");
-});
+const gateway = gatewayForFile();
 
 const MiB = 1024 * 1024;
 
 /** Runs strata as if on host `name`: a UTS namespace of its own with that host name. */
 function on(name: string): RunOptions {
   return {
-    env: gatewayEnv(gw),
+    env: gatewayEnv(gateway()),
     prefix: ["unshare", "--uts", "sh", "-c", `hostname ${name} && exec "$@"`, "sh"],
   };
 }
 
 test("two hosts back up into one bucket while a third runs gc: everything verifies and restores", async (t) => {
   const dir = tempDir(t);
-  const repo = `s3:${gw.endpoint}/${await createBucket(gw)}`;
+  const repo = `s3:${gateway().endpoint}/${await createBucket(gateway())}`;
   const a = join(dir, "a.img");
   const b = join(dir, "b.img");
   await writeSyntheticImage(a, { size: 48 * MiB, seed: "host-a", holes: 0 });
@@ -109,8 +102,8 @@ test("two hosts back up into one bucket while a third runs gc: everything verifi
 });
 
 test("another host's lock on S3 holds while refreshed and is taken for dead once not refreshed for 30 min", async () => {
-  const store = new S3Store(parseS3Url(`s3:${gw.endpoint}/${await createBucket(gw)}`), {
-    credentials: { accessKeyId: gw.accessKeyId, secretAccessKey: gw.secretAccessKey },
+  const store = new S3Store(parseS3Url(`s3:${gateway().endpoint}/${await createBucket(gateway())}`), {
+    credentials: { accessKeyId: gateway().accessKeyId, secretAccessKey: gateway().secretAccessKey },
   });
   const theirs = (minutesAgo: number) => {
     const at = Date.now() - minutesAgo * 60_000;

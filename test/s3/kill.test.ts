@@ -5,21 +5,14 @@
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { join } from "node:path";
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 import { CreateMultipartUploadCommand, S3Client, UploadPartCommand } from "@aws-sdk/client-s3";
 import { sha256File, writeSyntheticImage } from "../../src/image/synthetic.js";
 import { parseS3Url, S3Store } from "../../src/repo/s3-store.js";
-import { createBucket, type Gateway, gatewayEnv, processesUsing, startGateway } from "../helpers/ceph.js";
+import { createBucket, gatewayEnv, gatewayForFile } from "../helpers/ceph.js";
 import { startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
 
-let gw: Gateway;
-before(async () => {
-  gw = await startGateway();
-});
-after(async () => {
-  await gw.stop();
-  assert.deepEqual(await processesUsing(gw.dir), [], "nothing of the cluster is left running");
-});
+const gateway = gatewayForFile();
 
 const MiB = 1024 * 1024;
 
@@ -31,11 +24,11 @@ async function keys(store: S3Store, prefix: string): Promise<string[]> {
 
 test("kill -9 during a backup's uploads: only complete restore points, the next run and gc finish", async (t) => {
   const dir = tempDir(t);
-  const env = { env: gatewayEnv(gw) };
-  const bucket = await createBucket(gw);
-  const repo = `s3:${gw.endpoint}/${bucket}/r`;
+  const env = { env: gatewayEnv(gateway()) };
+  const bucket = await createBucket(gateway());
+  const repo = `s3:${gateway().endpoint}/${bucket}/r`;
   const store = new S3Store(parseS3Url(repo), {
-    credentials: { accessKeyId: gw.accessKeyId, secretAccessKey: gw.secretAccessKey },
+    credentials: { accessKeyId: gateway().accessKeyId, secretAccessKey: gateway().secretAccessKey },
   });
   await strataOk(["init", "--repo", repo, "--chunk-size", "256K"], env);
   const img = join(dir, "disk.img");
@@ -84,11 +77,11 @@ test("kill -9 during a backup's uploads: only complete restore points, the next 
 });
 
 test("a multipart upload left open by a dead writer is aborted by the sweep, a recent one kept", async () => {
-  const bucket = await createBucket(gw);
-  const credentials = { accessKeyId: gw.accessKeyId, secretAccessKey: gw.secretAccessKey };
-  const store = new S3Store(parseS3Url(`s3:${gw.endpoint}/${bucket}/r`), { credentials });
+  const bucket = await createBucket(gateway());
+  const credentials = { accessKeyId: gateway().accessKeyId, secretAccessKey: gateway().secretAccessKey };
+  const store = new S3Store(parseS3Url(`s3:${gateway().endpoint}/${bucket}/r`), { credentials });
   const client = new S3Client({
-    endpoint: gw.endpoint,
+    endpoint: gateway().endpoint,
     region: "us-east-1",
     forcePathStyle: true,
     credentials,

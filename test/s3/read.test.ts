@@ -6,26 +6,19 @@ import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 import { promisify } from "node:util";
-import { createBucket, type Gateway, gatewayEnv, processesUsing, startGateway } from "../helpers/ceph.js";
+import { createBucket, gatewayEnv, gatewayForFile } from "../helpers/ceph.js";
 import { strataOk, tempDir } from "../helpers/cli.js";
 import { startServe, tool } from "../serve/helpers.js";
 
 const run = promisify(execFile);
-let gw: Gateway;
-before(async () => {
-  gw = await startGateway();
-});
-after(async () => {
-  await gw.stop();
-  assert.deepEqual(await processesUsing(gw.dir), [], "nothing of the cluster is left running");
-});
+const gateway = gatewayForFile();
 
 test("files ls and get, and serve over NBD, read an ext4 disk out of an S3 repository", async (t) => {
   const dir = tempDir(t);
-  const env = { env: gatewayEnv(gw) };
-  const repo = `s3:${gw.endpoint}/${await createBucket(gw)}/r`;
+  const env = { env: gatewayEnv(gateway()) };
+  const repo = `s3:${gateway().endpoint}/${await createBucket(gateway())}/r`;
   const tree = join(dir, "tree");
   await fs.mkdir(join(tree, "etc"), { recursive: true });
   const blob = randomBytes(3_000_000);
@@ -47,7 +40,7 @@ test("files ls and get, and serve over NBD, read an ext4 disk out of an S3 repos
   assert.deepEqual(await fs.readFile(join(out, "blob")), blob);
 
   const socket = join(dir, "s.sock");
-  const served = await startServe(t, ["--repo", repo, "v/latest", "--socket", socket], gatewayEnv(gw));
+  const served = await startServe(t, ["--repo", repo, "v/latest", "--socket", socket], gatewayEnv(gateway()));
   const copy = join(dir, "served.raw");
   await tool("qemu-img", ["convert", "-f", "raw", `nbd+unix:///fs?socket=${socket}`, "-O", "raw", copy]);
   assert.equal(Buffer.compare(await fs.readFile(copy), await fs.readFile(img)), 0, "served bytes = the disk");
