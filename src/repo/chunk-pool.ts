@@ -34,6 +34,14 @@ export class ChunkPool {
     return this.pool.size;
   }
 
+  /**
+   * Every thread has a call running and more wait behind them: the work in flight is bound by
+   * CPU, not by the disk that feeds it.
+   */
+  get saturated(): boolean {
+    return this.pool.pending > this.pool.size;
+  }
+
   /** Digest of `data`; `data` is moved to the worker and comes back in the result. */
   async hash(data: Buffer): Promise<{ data: Buffer; digest: Buffer }> {
     const r = await this.pool.run<{ data: Uint8Array; digest: Uint8Array }>("hash", { data }, [

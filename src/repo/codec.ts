@@ -64,6 +64,8 @@ export function chunkDigest(data: Uint8Array, keys?: CodecKeys, kind: DigestKind
  * all of them.
  */
 export const ZSTD_FAST = 1;
+/** A first backup's level while its codec threads are the bottleneck (src/repo/compression.ts). */
+export const ZSTD_BULK = -3;
 export const ZSTD_INCREMENTAL = 3;
 export const ZSTD_STRONG = 11;
 

@@ -576,7 +576,7 @@ export class Repository {
             await lock.release().catch(() => {});
             throw err;
           }
-          return new BackupWriter(this, vm, time, lock, session, backupLevel(incremental));
+          return new BackupWriter(this, vm, time, lock, session, incremental);
         } catch (err) {
           if (!(err instanceof StrataError && err.code === ErrorCode.LOCKED)) throw err;
         }
@@ -614,8 +614,8 @@ export class BackupWriter {
     readonly time: string,
     private readonly lock: Lock,
     private readonly chunks: ChunkSession,
-    /** zstd level of the chunks this backup adds. */
-    private readonly level: number = backupLevel(false),
+    /** The backup has a parent restore point: its new chunks get the incremental level ({@link backupLevel}). */
+    private readonly incremental = false,
   ) {}
 
   /** When this writer registered; gc keeps everything it touched since. */
@@ -652,7 +652,7 @@ export class BackupWriter {
       const slot = await out.take();
       try {
         const into = { memory: out.memory, offset: out.offset(slot), capacity: out.slotSize };
-        const encoded = await codec.encodeInto(data, this.level, into);
+        const encoded = await codec.encodeInto(data, backupLevel(this.incremental, codec.saturated), into);
         await this.chunks.put(hex, out.view(slot, encoded.length));
         return { state: "new" as const, stored: encoded.length, data: encoded.data };
       } finally {

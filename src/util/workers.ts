@@ -75,6 +75,13 @@ export class WorkerPool {
     return this.slots.length;
   }
 
+  /** Calls sent and not yet answered, over all threads. */
+  get pending(): number {
+    let n = 0;
+    for (const s of this.slots) n += s.pending.size;
+    return n;
+  }
+
   /** Runs `method` in the least busy worker. `transfer` lists buffers handed over (not copied). */
   run<T>(method: string, args: unknown, transfer: readonly Transferable[] = []): Promise<T> {
     if (this.closed) return Promise.reject(new StrataError(ErrorCode.INTERNAL, "worker pool is closed"));
