@@ -38,7 +38,7 @@ Examples:
       const out = output(cmd);
       const g = globals(cmd);
       const pw = password(g);
-      const store = openStore(g);
+      const store = await openStore(g);
       const cache = pw === undefined ? undefined : kdfCacheFromEnv();
       const config = await Repository.init(store, {
         chunkSize: parseSize(opts.chunkSize),

@@ -5,7 +5,7 @@ import type { Command } from "commander";
 import { Catalog, DEFAULT_CATALOG } from "../catalog/catalog.js";
 import { FsStore } from "../repo/fs-store.js";
 import { Repository } from "../repo/repository.js";
-import { isS3Url, parseS3Url, S3Store } from "../repo/s3-store.js";
+import { isS3Url } from "../repo/s3-url.js";
 import type { Store } from "../repo/store.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { kdfCacheFromEnv } from "./kdf-cache.js";
@@ -44,9 +44,12 @@ export function repoPath(g: GlobalOptions): string {
  * The store behind --repo: a local directory, or an S3 bucket for `s3:http(s)://HOST[:PORT]/BUCKET[/PREFIX]`
  * (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a credentials file, never flags).
  */
-export function openStore(g: GlobalOptions): Store {
+export async function openStore(g: GlobalOptions): Promise<Store> {
   const p = repoPath(g);
-  return isS3Url(p) ? new S3Store(parseS3Url(p)) : new FsStore(p);
+  if (!isS3Url(p)) return new FsStore(p);
+  // Loaded only for S3 repositories: the client's modules take longer to load than a small backup runs.
+  const { S3Store, parseS3Url } = await import("../repo/s3-store.js");
+  return new S3Store(parseS3Url(p));
 }
 
 /** The password from --password-file or STRATA_PASSWORD, or undefined. */
@@ -67,9 +70,9 @@ export function password(g: GlobalOptions): string | undefined {
 export async function openRepo(cmd: Command): Promise<Repository> {
   const g = globals(cmd);
   const pw = password(g);
-  if (pw === undefined) return Repository.open(openStore(g));
+  if (pw === undefined) return Repository.open(await openStore(g));
   const cache = kdfCacheFromEnv();
-  return Repository.open(openStore(g), { password: pw, ...(cache ? { kdfCache: cache } : {}) });
+  return Repository.open(await openStore(g), { password: pw, ...(cache ? { kdfCache: cache } : {}) });
 }
 
 /** Runs `fn` with an open repository and closes it afterwards. */

@@ -39,6 +39,7 @@ import {
   UploadPartCommand,
 } from "@aws-sdk/client-s3";
 import { describeError, ErrorCode, StrataError } from "../util/errors.js";
+import { isS3Url } from "./s3-url.js";
 import type { ObjectInfo, PutOptions, Store } from "./store.js";
 
 /** Where an `s3:` repository lives. */
@@ -50,10 +51,7 @@ export interface S3Location {
   prefix: string;
 }
 
-/** True when a --repo value names an S3 repository. */
-export function isS3Url(spec: string): boolean {
-  return spec.startsWith("s3:");
-}
+export { isS3Url };
 
 /** Parses `s3:http(s)://HOST[:PORT]/BUCKET[/PREFIX]`. */
 export function parseS3Url(spec: string): S3Location {
