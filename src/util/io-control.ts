@@ -144,10 +144,9 @@ export async function applyIoLimits(
       .filter(Boolean)
       .join(", ");
   const bps = (mibs: number) => Math.round(mibs * MiB);
-  if (
-    mechanism.kind === "cgroup2" &&
-    (limits.readMiBs !== undefined || limits.writeMiBs !== undefined || limits.weight !== undefined)
-  ) {
+  const hasRate = limits.readMiBs !== undefined || limits.writeMiBs !== undefined;
+  if (!hasRate && limits.weight === undefined) return { mechanism, summary: "no disk limit set", refused };
+  if (mechanism.kind === "cgroup2") {
     try {
       mkdirSync(mechanism.cgroup, { recursive: true });
       writeFileSync(join(mechanism.cgroup, "cgroup.procs"), `${pid}\n`);
@@ -186,7 +185,7 @@ export async function applyIoLimits(
       refused,
     };
   }
-  if (mechanism.kind === "blkio" && (limits.readMiBs !== undefined || limits.writeMiBs !== undefined)) {
+  if (mechanism.kind === "blkio" && hasRate) {
     try {
       mkdirSync(mechanism.cgroup, { recursive: true });
       writeFileSync(join(mechanism.cgroup, "cgroup.procs"), `${pid}\n`);
@@ -221,21 +220,12 @@ export async function applyIoLimits(
     }
     return { mechanism, summary, refused };
   }
-  // ioprio: the weight only (a cgroup mechanism with only a weight lands here too on v1).
-  const parts: string[] = [];
-  if (mechanism.kind === "ioprio" && (limits.readMiBs !== undefined || limits.writeMiBs !== undefined))
+  // ioprio: the weight only (on v1 without a rate too: blkio weights need the BFQ scheduler).
+  if (mechanism.kind === "ioprio" && hasRate)
     refused.push(`${rates(limits)}: no cgroup I/O controller here (${mechanism.why})`);
-  if (limits.weight !== undefined) {
-    const level = await setIoprio(pid, ioprioLevel(limits.weight), refused);
-    parts.push(`weight ${limits.weight} as ioprio best-effort ${level}`);
-  }
-  const name =
-    mechanism.kind === "ioprio"
-      ? "ioprio"
-      : mechanism.kind === "blkio"
-        ? "cgroup v1 blkio (unused: no rate set), ioprio"
-        : "cgroup v2";
-  return { mechanism, summary: `${name}: ${parts.join(", ") || "no I/O limit set"}`, refused };
+  if (limits.weight === undefined) return { mechanism, summary: "ioprio: no weight set", refused };
+  const level = await setIoprio(pid, ioprioLevel(limits.weight), refused);
+  return { mechanism, summary: `ioprio: weight ${limits.weight} as ioprio best-effort ${level}`, refused };
 }
 
 /** ionice -c2 -n LEVEL on every thread of `pid`; the level set. */
