@@ -19,6 +19,7 @@ interface BackupOpts {
   stateDir?: string;
   shutdown?: boolean;
   shutdownTimeout: string;
+  limitRead?: string;
 }
 
 function printBackupSummary(out: Output, r: BackupResult, ms: number, extra: Record<string, unknown>): void {
@@ -81,6 +82,10 @@ export function registerBackupCommands(program: Command): void {
     )
     .option("--inventory <file>", "VM inventory for vm:NAME", DEFAULT_INVENTORY)
     .option(
+      "--limit-read <MiB/s>",
+      "read the VM's disks at most this fast (live backups: also QEMU's block-job speed)",
+    )
+    .option(
       "--state-dir <dir>",
       "where fleecing images and the cleanup record live (default $STRATA_STATE_DIR or /var/lib/strata/state)",
     )
@@ -107,6 +112,7 @@ Examples:
   strata backup --vm web1 qmp:/var/run/qemu-server/100.qmp
   strata backup vm:web1 --mode pause
   strata backup vm:db1 --mode offline --shutdown
+  strata backup vm:web1 --limit-read 50         # keep the host's disks free for the VMs
   strata backup --vm web1 file:/var/lib/images/web1.qcow2,format=qcow2
   strata backup --vm db1 file:/dev/vg0/db1-root,name=root file:/dev/vg0/db1-data,name=data`,
     )
@@ -136,6 +142,12 @@ Examples:
           `--shutdown-timeout takes seconds, not "${opts.shutdownTimeout}"`,
         );
       }
+      const limitRead = opts.limitRead === undefined ? undefined : Number(opts.limitRead);
+      if (limitRead !== undefined && !(Number.isFinite(limitRead) && limitRead > 0 && limitRead <= 1_000_000))
+        throw new StrataError(
+          ErrorCode.USAGE,
+          `--limit-read takes MiB/s above 0 (up to 1000000), not "${opts.limitRead}"`,
+        );
       const request: { mode: BackupRequest["mode"]; quiesce: QuiescePolicy } = { mode, quiesce };
       await withRepo(cmd, async (repo) => {
         const t0 = Date.now();
@@ -146,6 +158,7 @@ Examples:
             ? { shutdown: opts.shutdown === true, shutdownTimeoutMs: timeout * 1000 }
             : {}),
           stateDir: opts.stateDir ?? defaultStateDir(),
+          ...(limitRead === undefined ? {} : { jobMiBs: limitRead }),
           progress: out.progress(),
           signal: interruptSignal(),
           log: (m) => out.warn(m),

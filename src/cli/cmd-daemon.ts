@@ -9,6 +9,7 @@ import {
   checkConfigFile,
   type DaemonConfig,
   DEFAULT_CONFIG,
+  type HostLimits,
   invalidConfig,
   type JobLimits,
 } from "../server/config.js";
@@ -18,6 +19,7 @@ import { createJobRunner } from "../server/runner.js";
 import { nextDue, nextSlot } from "../server/schedule.js";
 import { Daemon, reniceProcess } from "../server/service.js";
 import { formatDuration } from "../util/durations.js";
+import { applyIoLimits, describeMechanism, detectIoMechanism, type IoLimits } from "../util/io-control.js";
 import { printable } from "../util/names.js";
 import { buildRegistry, DEFAULT_INVENTORY, defaultStateDir, listHostVms, schemeOf } from "./adapters.js";
 import { output } from "./context.js";
@@ -53,7 +55,14 @@ the local administrator. Every refused call is logged with its reason.
 
 --check reads the file, prints every problem as FILE:LINE:COLUMN (and exits 2), or a summary:
 each policy, the VMs it covers now (asked from every platform adapter, as "strata vms" does)
-and when each job runs next.
+and when each job runs next, and how this host enforces the disk limits.
+
+Disk limits (io-read, io-write, io-weight) are the kernel's, on the daemon's whole process: a
+cgroup v2 child "strata" with io.max and io.weight when the v2 tree has the io controller (under
+systemd the unit delegates its cgroup); else a cgroup v1 blkio child with
+blkio.throttle.read_bps_device/write_bps_device (hybrid hosts), the weight as an ioprio; else
+only the weight, as an ioprio (ionice best-effort 4-7). A live backup's disk reads are QEMU's:
+job-bandwidth paces them and sets QEMU's block-job speed (the kernel limits do not reach them).
 
 A configuration:
 
@@ -68,7 +77,9 @@ A configuration:
     job-bandwidth: 200        # MiB/s read by one job
     worker-threads: 2
     nice: 10                  # (default 10)
-    io-weight: 50             # cgroup v2 io.weight, 1-10000
+    io-weight: 50             # disk share, 1-10000: cgroup v2 io.weight, else ioprio
+    io-read: 300              # MiB/s the daemon reads from each disk (kernel-enforced)
+    io-write: 300             # MiB/s it writes to each disk
   state-dir: /var/lib/strata/state
   api:
     socket: /run/strata/strata.sock
@@ -141,6 +152,12 @@ async function serve(file: string): Promise<void> {
   if (config.limits.nice !== undefined) {
     const r = reniceProcess(config.limits.nice);
     if (r.refused) log("warn", `cannot set nice ${config.limits.nice} on the daemon's threads: ${r.refused}`);
+  }
+  const io = ioLimits(config.limits);
+  if (io) {
+    const r = await applyIoLimits(io);
+    log("info", `disk limits: ${r.summary}`);
+    for (const refused of r.refused) log("warn", `disk limit not applied: ${refused}`);
   }
   const catalog = Catalog.open(resolve(config.catalog ?? process.env.STRATA_CATALOG ?? DEFAULT_CATALOG));
   const inventory = config.inventory ?? DEFAULT_INVENTORY;
@@ -242,18 +259,18 @@ function summarize(config: DaemonConfig, vms: VmSummary[], now: number) {
       warnings.push(`policy ${p.name} covers none of the VMs found now`);
   const backedUp = new Set(jobs.filter((j) => j.kind === "backup").map((j) => j.vm));
   const uncovered = vms.filter((vm) => !backedUp.has(vm.name)).map((v) => v.name);
+  const mechanism = detectIoMechanism();
   return {
     repositories: [...config.repositories.values()],
     limits: config.limits,
+    diskLimits: { mechanism, text: describeMechanism(mechanism) },
     policies,
     uncovered,
     warnings,
   };
 }
 
-function limitsText(
-  l: JobLimits & { jobs?: number; jobsPerRepository?: number; bandwidth?: number },
-): string {
+function limitsText(l: JobLimits & Partial<HostLimits>): string {
   const parts: string[] = [];
   if (l.jobs !== undefined) parts.push(`${l.jobs} job(s) at once`);
   if (l.jobsPerRepository !== undefined) parts.push(`${l.jobsPerRepository} per repository`);
@@ -262,7 +279,18 @@ function limitsText(
   if (l.workerThreads !== undefined) parts.push(`${l.workerThreads} worker thread(s)`);
   if (l.nice !== undefined) parts.push(`nice ${l.nice}`);
   if (l.ioWeight !== undefined) parts.push(`io weight ${l.ioWeight}`);
+  if (l.ioRead !== undefined) parts.push(`disk reads ${l.ioRead} MiB/s`);
+  if (l.ioWrite !== undefined) parts.push(`disk writes ${l.ioWrite} MiB/s`);
   return parts.length > 0 ? parts.join(", ") : "none";
+}
+
+function ioLimits(l: HostLimits): IoLimits | undefined {
+  if (l.ioRead === undefined && l.ioWrite === undefined && l.ioWeight === undefined) return undefined;
+  return {
+    ...(l.ioRead === undefined ? {} : { readMiBs: l.ioRead }),
+    ...(l.ioWrite === undefined ? {} : { writeMiBs: l.ioWrite }),
+    ...(l.ioWeight === undefined ? {} : { weight: l.ioWeight }),
+  };
 }
 
 function retentionText(k: KeepPolicy): string {
@@ -283,6 +311,7 @@ function render(config: DaemonConfig, s: ReturnType<typeof summarize>): string {
         `  ${r.name}  ${r.path}${r.passwordFile ? ` (password file ${r.passwordFile})` : " (not encrypted)"}`,
     ),
     `host limits: ${limitsText(s.limits)}`,
+    `disk limits by ${s.diskLimits.text}`,
     `API: unix socket ${config.api.socket}${config.api.https ? `, HTTPS on ${config.api.https.host}:${config.api.https.port}${config.api.https.cert ? ` (certificate ${config.api.https.cert})` : " (self-signed certificate)"}` : ""}`,
   ];
   for (const p of s.policies) {

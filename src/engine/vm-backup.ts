@@ -7,7 +7,7 @@
 import type { BackupRequest, CheckpointRecord, VmHandle } from "../hypervisor/adapter.js";
 import type { Repository } from "../repo/repository.js";
 import { noProgress, type ProgressSink } from "../util/progress.js";
-import type { Limiter } from "../util/throttle.js";
+import { allLimits, type Limiter, MiB, TokenBucket } from "../util/throttle.js";
 import { type BackupResult, backup } from "./backup.js";
 import { throttleDisk } from "./throttle.js";
 
@@ -22,8 +22,13 @@ export interface VmBackupOptions {
   progress?: ProgressSink;
   signal?: AbortSignal;
   log?: (message: string) => void;
-  /** Disk reads wait for this limiter (a job's bandwidth limit). */
+  /** Disk reads wait for this limiter (the host's bandwidth shared by jobs, say). */
   readLimit?: Limiter;
+  /**
+   * MiB/s this job reads at most: its own limiter before `readLimit`, and the rate the adapter
+   * gives the copy jobs it starts on the hypervisor (QEMU block-job speed).
+   */
+  jobMiBs?: number;
 }
 
 export interface VmBackupResult extends BackupResult {
@@ -54,14 +59,19 @@ export async function backupVm(repo: Repository, vm: VmHandle, o: VmBackupOption
       : {}),
     granularity: repo.chunkSize,
     stateDir: o.stateDir,
+    ...(o.jobMiBs === undefined ? {} : { speed: o.jobMiBs * MiB }),
     log,
     ...(o.signal === undefined ? {} : { signal: o.signal }),
   });
+  const limit = allLimits([
+    o.jobMiBs === undefined ? undefined : new TokenBucket(o.jobMiBs * MiB),
+    o.readLimit,
+  ]);
   let ok = false;
   try {
     const result = await backup(repo, {
       vm: o.vm,
-      disks: o.readLimit ? session.disks.map((d) => throttleDisk(d, o.readLimit!, o.signal)) : session.disks,
+      disks: limit ? session.disks.map((d) => throttleDisk(d, limit, o.signal)) : session.disks,
       mode: session.mode,
       consistency: session.consistency,
       ...(session.config ? { config: Buffer.from(JSON.stringify(session.config)) } : {}),

@@ -108,6 +108,12 @@ export interface BackupRequest {
   granularity: number;
   /** Where the adapter records what it creates (see the module comment). */
   stateDir: string;
+  /**
+   * Bytes/s the job may read (the job's bandwidth limit): adapters that start copy jobs on the
+   * hypervisor give them this rate (QEMU: the block job's `speed`). Strata's own reads are paced
+   * by the engine.
+   */
+  speed?: number;
   log: (message: string) => void;
   signal?: AbortSignal;
 }

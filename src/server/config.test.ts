@@ -38,6 +38,8 @@ limits:
   worker-threads: 2
   nice: 12
   io-weight: 50
+  io-read: 300
+  io-write: 200
 policies:
   web:
     repository: main
@@ -79,6 +81,8 @@ test("a full configuration is read into policies with the host's limits under th
     workerThreads: 2,
     nice: 12,
     ioWeight: 50,
+    ioRead: 300,
+    ioWrite: 200,
   });
   const web = c.policies.get("web")!;
   assert.equal(web.repository, "main");
@@ -96,13 +100,38 @@ test("a full configuration is read into policies with the host's limits under th
   assert.deepEqual(web.retention, { last: 4, daily: 7, weekly: 4, monthly: 6 });
   assert.equal(web.verify?.readData, true);
   assert.equal(web.verify?.schedule.text, "0 4 * * *");
-  assert.deepEqual(web.limits, { jobBandwidth: 100, workerThreads: 2, nice: 15, ioWeight: 50 });
+  // The kernel's I/O limits are the daemon process's, not a policy's.
+  assert.deepEqual(web.limits, { jobBandwidth: 100, workerThreads: 2, nice: 15 });
   const all = c.policies.get("everything")!;
   assert.equal(all.vms.all, true);
   assert.equal(all.schedule.kind, "cron");
   assert.equal(all.jitterMs, 0);
   assert.equal(all.retention, undefined);
-  assert.deepEqual(all.limits, { jobBandwidth: 150, workerThreads: 2, nice: 12, ioWeight: 50 });
+  assert.deepEqual(all.limits, { jobBandwidth: 150, workerThreads: 2, nice: 12 });
+});
+
+test("disk limits set on a policy are refused on their line: they hold for the daemon's whole process", () => {
+  const ps = problems(`repositories:
+  r: { path: /b }
+limits: { io-read: 0 }
+policies:
+  p:
+    repository: r
+    vms: all
+    schedule: every 1h
+    limits:
+      nice: 3
+      io-weight: 20
+      io-read: 10
+`);
+  hasProblem(ps, 3, /limits\.io-read: io-read must be more than 0 MiB\/s/);
+  hasProblem(
+    ps,
+    11,
+    /policies\.p\.limits\.io-weight: io-weight holds for the daemon's whole process: set it in the top-level limits/,
+  );
+  hasProblem(ps, 12, /io-read holds for the daemon's whole process/);
+  assert.equal(ps.length, 3, JSON.stringify(ps));
 });
 
 test("a minimal configuration gets the default limits", () => {

@@ -26,7 +26,9 @@
  *     job-bandwidth: 200               # MiB/s read by one job
  *     worker-threads: 2                # hashing/compression threads per job
  *     nice: 10                         # CPU priority of job work, 0-19
- *     io-weight: 50                    # cgroup v2 io.weight, 1-10000
+ *     io-weight: 50                    # the daemon's disk share: cgroup v2 io.weight (1-10000), else ioprio
+ *     io-read: 300                     # MiB/s the daemon reads from each disk: cgroup io.max / blkio
+ *     io-write: 300                    # MiB/s it writes to each disk
  *   policies:
  *     web:
  *       repository: main
@@ -41,7 +43,7 @@
  *       quiesce: try                   # require | try | off
  *       retention: { keep-last: 4, keep-daily: 7, keep-weekly: 4 }   # as strata forget
  *       verify: { schedule: "0 4 * * *", read-data: false }
- *       limits: { job-bandwidth: 100, worker-threads: 1, nice: 15, io-weight: 20 }
+ *       limits: { job-bandwidth: 100, worker-threads: 1, nice: 15 }
  *
  * {@link checkConfig} reports every problem at once, each with its line and column (YAML syntax
  * first; when the YAML parses, the schema's problems and the references between sections), so
@@ -82,10 +84,14 @@ export interface JobLimits {
   jobBandwidth?: number;
   workerThreads?: number;
   nice?: number;
-  ioWeight?: number;
 }
 
 export interface HostLimits extends JobLimits {
+  /** cgroup io.weight (1-10000) of the daemon's process, else its ioprio (src/util/io-control.ts). */
+  ioWeight?: number;
+  /** MiB/s the daemon's process reads from (writes to) each disk, enforced by the kernel (cgroup). */
+  ioRead?: number;
+  ioWrite?: number;
   /** Jobs running at once on this host. */
   jobs: number;
   jobsPerRepository: number;
@@ -215,8 +221,10 @@ const jobLimitsShape = {
   "job-bandwidth": mibs("job-bandwidth").optional(),
   "worker-threads": int("worker-threads", 1, 256).optional(),
   nice: int("nice", 0, 19).optional(),
-  "io-weight": int("io-weight", 1, 10000).optional(),
 };
+
+/** The kernel's I/O limits hold for the daemon's whole process: the host's only. */
+const HOST_ONLY_IO = ["io-weight", "io-read", "io-write"] as const;
 
 const hostLimitsSchema = z.strictObject(
   {
@@ -224,6 +232,9 @@ const hostLimitsSchema = z.strictObject(
     jobs: int("jobs", 1, 1024).optional(),
     "jobs-per-repository": int("jobs-per-repository", 1, 1024).optional(),
     bandwidth: mibs("bandwidth").optional(),
+    "io-weight": int("io-weight", 1, 10000).optional(),
+    "io-read": mibs("io-read").optional(),
+    "io-write": mibs("io-write").optional(),
   },
   { error: "limits must be a mapping" },
 );
@@ -274,7 +285,13 @@ const policySchema = z.strictObject(
         { error: "verify must be a mapping of schedule and read-data" },
       )
       .optional(),
-    limits: z.strictObject(jobLimitsShape, { error: "limits must be a mapping" }).optional(),
+    limits: z
+      .strictObject(
+        // Named here so that they are refused with a reason (below), not as unknown settings.
+        { ...jobLimitsShape, ...Object.fromEntries(HOST_ONLY_IO.map((k) => [k, z.unknown().optional()])) },
+        { error: "limits must be a mapping" },
+      )
+      .optional(),
   },
   { error: "a policy must be a mapping" },
 );
@@ -495,6 +512,14 @@ export function checkConfig(
         !["names", "globs", "tags"].some((k) => Array.isArray(sel[k]) && sel[k].length)
       )
         at(["policies", name, "vms"], "selects no VM: give all, names, globs or tags");
+      if (isRecord(p.limits))
+        for (const k of HOST_ONLY_IO)
+          if (k in p.limits)
+            at(
+              ["policies", name, "limits", k],
+              `${k} holds for the daemon's whole process: set it in the top-level limits`,
+              true,
+            );
       if (isRecord(p.retention) && Object.values(p.retention).every((v) => v === 0))
         at(
           ["policies", name, "retention"],
@@ -580,7 +605,6 @@ function toConfig(f: FileConfig, file: string, timezone: string | undefined): Da
     ...(l?.["job-bandwidth"] === undefined ? {} : { jobBandwidth: l["job-bandwidth"] }),
     ...(l?.["worker-threads"] === undefined ? {} : { workerThreads: l["worker-threads"] }),
     ...(l?.nice === undefined ? {} : { nice: l.nice }),
-    ...(l?.["io-weight"] === undefined ? {} : { ioWeight: l["io-weight"] }),
   });
   const host: HostLimits = {
     nice: 10,
@@ -588,6 +612,9 @@ function toConfig(f: FileConfig, file: string, timezone: string | undefined): Da
     jobs: f.limits?.jobs ?? 2,
     jobsPerRepository: f.limits?.["jobs-per-repository"] ?? 1,
     ...(f.limits?.bandwidth === undefined ? {} : { bandwidth: f.limits.bandwidth }),
+    ...(f.limits?.["io-weight"] === undefined ? {} : { ioWeight: f.limits["io-weight"] }),
+    ...(f.limits?.["io-read"] === undefined ? {} : { ioRead: f.limits["io-read"] }),
+    ...(f.limits?.["io-write"] === undefined ? {} : { ioWrite: f.limits["io-write"] }),
   };
   const repositories = new Map<string, RepositoryConfig>();
   for (const [name, r] of Object.entries(f.repositories))
@@ -598,7 +625,15 @@ function toConfig(f: FileConfig, file: string, timezone: string | undefined): Da
     });
   const policies = new Map<string, Policy>();
   for (const [name, p] of Object.entries(f.policies)) {
-    const { jobs: _j, jobsPerRepository: _r, bandwidth: _b, ...hostJob } = host;
+    const {
+      jobs: _j,
+      jobsPerRepository: _r,
+      bandwidth: _b,
+      ioWeight: _w,
+      ioRead: _ir,
+      ioWrite: _iw,
+      ...hostJob
+    } = host;
     const retention: KeepPolicy | undefined = p.retention && {
       ...(p.retention["keep-last"] === undefined ? {} : { last: p.retention["keep-last"] }),
       ...(p.retention["keep-hourly"] === undefined ? {} : { hourly: p.retention["keep-hourly"] }),

@@ -24,7 +24,7 @@ import { Repository } from "../repo/repository.js";
 import { verifyRepository } from "../repo/verify.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import type { ProgressSink } from "../util/progress.js";
-import { allLimits, type Limiter, MiB, TokenBucket } from "../util/throttle.js";
+import { type Limiter, MiB, TokenBucket } from "../util/throttle.js";
 import type { JobLimits, Policy, RepositoryConfig } from "./config.js";
 import { readPassword } from "./repositories.js";
 
@@ -88,13 +88,7 @@ export function createJobRunner(options: RunnerOptions): JobRunner {
     async run(ctx) {
       const repo = await openRepository(ctx.repository, ctx.limits.workerThreads, ctx.limits.nice);
       try {
-        if (ctx.job.kind === "backup") {
-          const own =
-            ctx.limits.jobBandwidth === undefined
-              ? undefined
-              : new TokenBucket(ctx.limits.jobBandwidth * MiB);
-          return await runBackup(repo, ctx, options, allLimits([own, host]));
-        }
+        if (ctx.job.kind === "backup") return await runBackup(repo, ctx, options, host);
         if (ctx.job.kind === "retention") return await runRetention(repo, ctx, options.catalog);
         if (ctx.job.kind === "verify") return await runVerify(repo, ctx);
         throw new StrataError(ErrorCode.USAGE, `jobs of kind ${ctx.job.kind} are not run by this build`);
@@ -134,6 +128,7 @@ async function runBackup(
     signal: ctx.signal,
     log: (m) => ctx.log("warn", m),
     ...(readLimit === undefined ? {} : { readLimit }),
+    ...(ctx.limits.jobBandwidth === undefined ? {} : { jobMiBs: ctx.limits.jobBandwidth }),
   });
   const t = manifestTotals(r.manifest);
   options.catalog.putRestorePoint(

@@ -160,3 +160,32 @@ policies:
     /strata\.yaml: 5 problem\(s\):\n.*strata\.yaml:2:17: repositories\.main\.path/,
   );
 });
+
+test("daemon --check names how this host enforces disk limits, and refuses them on a policy, on their line", async (t) => {
+  const dir = tempDir(t);
+  const config = join(dir, "strata.yaml");
+  const text = (policyLimits: string) => `repositories:
+  main: { path: ${dir}/repo }
+limits: { io-read: 50, io-write: 40, io-weight: 20 }
+policies:
+  p:
+    repository: main
+    vms: { names: [web1] }
+    schedule: every 1h
+${policyLimits}`;
+  await fs.writeFile(config, text(""));
+  const ok = await strataOk(["daemon", "--check", "--config", config]);
+  assert.match(ok.stdout, /host limits: .*io weight 20, disk reads 50 MiB\/s, disk writes 40 MiB\/s/);
+  // This host: cgroup v2 with the io controller, else v1 blkio, else ioprio; each is named.
+  assert.match(
+    ok.stdout,
+    /^disk limits by (cgroup v2 io\.max\/io\.weight|cgroup v1 blkio throttle|ioprio \(ionice\) only)/m,
+  );
+  await fs.writeFile(config, text("    limits: { nice: 15, io-read: 10 }\n"));
+  const bad = await strata(["daemon", "--check", "--config", config]);
+  assert.equal(bad.code, 2);
+  assert.match(
+    bad.stderr,
+    /strata\.yaml:9:25: policies\.p\.limits\.io-read: io-read holds for the daemon's whole process: set it in the top-level limits/,
+  );
+});

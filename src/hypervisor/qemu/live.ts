@@ -246,6 +246,12 @@ export interface CutOptions {
   granularity: number;
   /** Directory for fleecing images and the NBD socket (QEMU must be able to write there). */
   workDir: string;
+  /**
+   * The backup block jobs' `speed` (bytes/s), the job's bandwidth limit. A sync=none job copies
+   * only the old data of blocks the guest overwrites, which QEMU never delays for the rate; the
+   * reads through the export are paced by Strata's reader at the same rate.
+   */
+  speed?: number;
   log: (message: string) => void;
   /** Deadline of fsfreeze, below Windows VSS's 10 s. */
   freezeTimeoutMs?: number;
@@ -344,6 +350,7 @@ export async function cutView(o: CutOptions): Promise<PointInTimeView> {
           sync: "none",
           "job-id": names.job(d.name),
           "auto-dismiss": true,
+          ...(o.speed === undefined ? {} : { speed: Math.max(1, Math.round(o.speed)) }),
         },
       });
     }

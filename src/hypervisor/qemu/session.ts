@@ -211,6 +211,7 @@ async function openLive(vm: string, target: QemuTarget, request: BackupRequest):
         previous: trusted,
         granularity: request.granularity,
         workDir: stateDir,
+        ...(request.speed === undefined ? {} : { speed: request.speed }),
         log,
       });
       return { view, config, reasons: trust.reasons };
