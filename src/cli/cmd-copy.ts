@@ -121,7 +121,10 @@ export function registerCopyCommand(program: Command): void {
     .option("--from-password-file <file>", "the source's password (default: $STRATA_FROM_PASSWORD)")
     .option("--to-password-file <file>", "the target's password (default: $STRATA_TO_PASSWORD)")
     .option("--to-unencrypted", "allow copying from an encrypted repository into an unencrypted one")
-    .option("--bandwidth <size>", "send at most this many bytes per second to the target, e.g. 20M")
+    .option(
+      "--bandwidth <size>",
+      "send at most this many bytes per second to the target, e.g. 20M (MiB/s) or 512K",
+    )
     .addHelpText(
       "after",
       `
@@ -133,8 +136,9 @@ repository, so then every chunk is read from the source and named again; only th
 lacks are sent). A restore point appears in the target only once all it needs is stored there,
 its manifest written last.
 
-Interrupted (Ctrl-C, kill -9, a lost connection): run the same command again. What was stored
-before the interruption is found and not sent again; restore points are never left half copied.
+Interrupted (Ctrl-C, kill -9, a lost connection): run the same command again. The copy makes
+what it stored findable every 30 seconds, so the rerun sends again at most the last 30 seconds'
+work; restore points are never left half copied.
 The target is locked like a backup: gc may run on it meanwhile and removes nothing the copy
 needs. The source takes a read lock, like a restore.
 
