@@ -6,6 +6,7 @@ import { Command, CommanderError } from "commander";
 import { ErrorCode, errnoCode, ioError, StrataError } from "../util/errors.js";
 import { registerBackupCommands } from "./cmd-backup.js";
 import { registerCatalogCommands } from "./cmd-catalog.js";
+import { registerCopyCommand } from "./cmd-copy.js";
 import { registerDaemonCommand } from "./cmd-daemon.js";
 import { registerDemoCommand } from "./cmd-demo.js";
 import { registerDoctorCommand } from "./cmd-doctor.js";
@@ -66,6 +67,7 @@ Getting started:
   registerRepoCommands(program);
   registerBackupCommands(program);
   registerRestoreCommand(program);
+  registerCopyCommand(program);
   registerVmsCommand(program);
   registerServeCommand(program);
   registerFilesCommands(program);

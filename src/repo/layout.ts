@@ -33,6 +33,12 @@ export interface ChunkSession {
   put(hex: string, stored: Uint8Array): Promise<void>;
   /** Makes every chunk put so far durable and findable by readers (before the manifest). */
   finish(): Promise<void>;
+  /**
+   * Makes the chunks already durable findable by later writers and readers, before
+   * {@link finish} (a copy that may be killed and run again); returns how many packs it made
+   * findable. Absent where chunks are findable at once (v1).
+   */
+  checkpoint?(): Promise<number>;
   /** Gives up; waits for writes under way. */
   abandon(): Promise<void>;
 }
@@ -276,15 +282,38 @@ export class PackLayout implements ChunkLayout {
     const codec = this.codec();
     const packs = new PackWriter(this.store, codec, this.chunkSize, this.packTarget);
     const mine = new Set<string>();
+    // Packs already named by an index object this session wrote (checkpoints), and the
+    // checkpoint under way: one at a time, and finish waits for it.
+    let indexed = 0;
+    let indexing: Promise<void> = Promise.resolve();
+    const indexStored = (records: readonly PackRecord[]) => {
+      const run = indexing.then(async () => {
+        const todo = records.slice(indexed);
+        if (todo.length === 0) return 0;
+        await writeIndexObjects(this.store, codec, todo);
+        indexed += todo.length;
+        return todo.length;
+      });
+      // A failed checkpoint is reported to its caller; the next one tries the same packs again.
+      indexing = run.then(
+        () => {},
+        () => {},
+      );
+      return run;
+    };
     return {
       has: async (hex) => mine.has(hex) || index.hasLive(hex),
       put: async (hex, stored) => {
         await packs.add(hex, stored);
         mine.add(hex);
       },
+      checkpoint: async () => {
+        // Only packs whose put has returned are in `written`: each is whole in the store.
+        return packs.written.length > indexed ? indexStored([...packs.written]) : 0;
+      },
       finish: async () => {
         const written = await packs.finish();
-        if (written.length > 0) await writeIndexObjects(this.store, codec, written);
+        await indexStored(written);
         // Readers of this repository object see the new chunks.
         this.index = undefined;
       },

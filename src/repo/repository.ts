@@ -556,6 +556,26 @@ export class Repository {
   }
 
   /**
+   * Starts writing the restore point `vm`/`time` under a name fixed by the caller (a copy keeps
+   * the name it has in its source repository). Its backup lock claims the name: a second writer
+   * of the same restore point, live, is refused (LOCKED); a dead one's stale lock is taken over.
+   */
+  async startRestorePoint(vm: string, time: string, what: string): Promise<BackupWriter> {
+    checkName("VM", vm);
+    if (!TIME_RE.test(time))
+      throw new StrataError(ErrorCode.USAGE, `"${time}" is not a restore point time (YYYY-MM-DDTHH:MM:SSZ)`);
+    const lock = await this.lock("backup", what, `${vm}/${time}`);
+    let session: ChunkSession;
+    try {
+      session = await this.layout.session();
+    } catch (err) {
+      await lock.release().catch(() => {});
+      throw err;
+    }
+    return new BackupWriter(this, vm, time, lock, session, backupLevel(false));
+  }
+
+  /**
    * Starts writing a restore point of `vm`. `incremental`: it has a parent restore point, so few
    * chunks are expected to be new and those are compressed harder ({@link backupLevel}).
    */
@@ -681,6 +701,16 @@ export class BackupWriter {
     return false;
   }
 
+  /**
+   * Makes the chunks of every pack stored so far findable by later writers (format v2: an index
+   * object for them), so that a writer killed after this does not have to store them again.
+   * Cheap when nothing new was stored; calls may overlap. Returns how many packs it made findable.
+   */
+  async checkpoint(): Promise<number> {
+    this.lock.check();
+    return (await this.chunks.checkpoint?.()) ?? 0;
+  }
+
   async writeIndex(disk: string, index: FixedIndex): Promise<void> {
     this.lock.check();
     await this.repo.store.put(keys.index(this.vm, this.time, disk), index.encode());
@@ -699,6 +729,8 @@ export class BackupWriter {
   /** Makes everything durable, then writes the manifest: the restore point now exists. */
   async commit(
     manifest: Omit<Manifest, "format" | "version" | "vm" | "time" | "host" | "tool">,
+    /** The host that took the restore point (a copy keeps its source's). */
+    host: string = hostname(),
   ): Promise<Manifest> {
     const full: Manifest = {
       format: "strata-manifest",
@@ -706,7 +738,7 @@ export class BackupWriter {
       vm: this.vm,
       time: this.time,
       ...manifest,
-      host: hostname(),
+      host,
       tool: "strata",
     };
     await this.chunks.finish();

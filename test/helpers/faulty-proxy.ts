@@ -12,8 +12,8 @@ export type ProxyFault = "503" | "truncate" | "reset" | "corrupt-upload" | "stal
 
 export interface FaultyProxy {
   readonly endpoint: string;
-  /** Picks the fault for the n-th request (1-based), or none. */
-  plan: (n: number, method: string, url: string) => ProxyFault | undefined;
+  /** Picks the fault for the n-th request (1-based; `bytes` of body, read whole), or none. */
+  plan: (n: number, method: string, url: string, bytes: number) => ProxyFault | undefined;
   readonly injected: Record<ProxyFault, number>;
   requests: number;
   /** How long a "stall" holds the answer back (default 3 s). */
@@ -57,7 +57,7 @@ export async function startFaultyProxy(target: string): Promise<FaultyProxy> {
     let input = await body(req);
     if (req.method === "PUT" && input.length > 0 && req.headers["content-md5"] === undefined)
       proxy.uploadsWithoutMd5++;
-    const fault = proxy.plan(n, req.method ?? "", req.url ?? "");
+    const fault = proxy.plan(n, req.method ?? "", req.url ?? "", input.length);
     if (fault === "503") {
       proxy.injected["503"]++;
       const xml = '<?xml version="1.0"?><Error><Code>SlowDown</Code><Message>injected</Message></Error>';

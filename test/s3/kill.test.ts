@@ -1,13 +1,19 @@
 // kill -9 of a backup uploading to S3 (a real RADOS Gateway): only complete restore points show,
 // verify --read-data passes, the next backup finishes the work (the dead run's lock does not
 // block it), and gc removes the packs the killed run left and its lock. Multipart uploads a dead
-// writer left open are aborted by gc's sweep.
+// writer left open are aborted by gc's sweep. kill -9 of gc (condemning, repacking, deleting) at
+// instants spread over its work: every restore point stays and restores bit-exact, and the next
+// runs finish the work (every pack left is named by the index, nothing left to do).
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
+import { promises as fs } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
+import { setTimeout as sleep } from "node:timers/promises";
 import { CreateMultipartUploadCommand, S3Client, UploadPartCommand } from "@aws-sdk/client-s3";
-import { sha256File, writeSyntheticImage } from "../../src/image/synthetic.js";
+import { fillContent, Prng, sha256File, writeSyntheticImage } from "../../src/image/synthetic.js";
+import { loadPackIndex } from "../../src/repo/layout.js";
+import { Repository } from "../../src/repo/repository.js";
 import { parseS3Url, S3Store } from "../../src/repo/s3-store.js";
 import { createBucket, gatewayEnv, gatewayForFile } from "../helpers/ceph.js";
 import { startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
@@ -103,4 +109,124 @@ test("a multipart upload left open by a dead writer is aborted by the sweep, a r
   assert.equal(await store.sweepTemporary(Date.now() - 3_600_000), 0, "younger than the cutoff: kept");
   assert.equal(await store.sweepTemporary(Date.now() + 60_000), 1, "older than the cutoff: aborted");
   assert.equal(await store.sweepTemporary(Date.now() + 60_000), 0);
+});
+
+test("kill -9 during gc on S3: only complete restore points, nothing lost, the next runs finish", async (t) => {
+  const dir = tempDir(t);
+  const env = { env: gatewayEnv(gateway()) };
+  const repo = `s3:${gateway().endpoint}/${await createBucket(gateway())}/gc`;
+  const store = new S3Store(parseS3Url(repo), {
+    credentials: { accessKeyId: gateway().accessKeyId, secretAccessKey: gateway().secretAccessKey },
+  });
+  await strataOk(["init", "--repo", repo, "--chunk-size", "256K"], env);
+  const CHUNK = 256 * 1024;
+  const SIZE = 24 * MiB;
+  const img = join(dir, "disk.img");
+  const disk = Buffer.alloc(SIZE);
+  fillContent(disk, "random", new Prng("gc kill base"));
+  const expected = new Map<string, string>();
+  let version = 0;
+  /** A restore point in which three chunks of four changed; older ones forgotten: garbage for gc. */
+  const makeGarbage = async () => {
+    version++;
+    for (let i = 0; i < SIZE / CHUNK; i++)
+      if ((i + version) % 4 !== 0)
+        fillContent(
+          disk.subarray(i * CHUNK, (i + 1) * CHUNK),
+          "random",
+          new Prng(`gc kill v${version} ${i}`),
+        );
+    await fs.writeFile(img, disk);
+    const b = summary(
+      await strataOk(["backup", "--repo", repo, "--vm", "vm1", "--json", `file:${img}`], env),
+    );
+    expected.set(String(b.id), await sha256File(img));
+    await strataOk(["forget", "--repo", repo, "--keep-last", "2"], env);
+  };
+  const snapshots = async () =>
+    summary<{ id: string }[]>(await strataOk(["snapshots", "--repo", repo, "--json"], env)).map((s) => s.id);
+  const gcArgs = ["gc", "--repo", repo, "--grace", "0s", "--repack-unused", "10", "--json"];
+  /** Starts gc; resolves once its lock shows (its work begins), with how to wait for its end. */
+  const startGc = async () => {
+    const child = startStrata(gcArgs, env);
+    const exited = new Promise<void>((r) => child.on("exit", () => r()));
+    const deadline = Date.now() + 60_000;
+    while ((await keys(store, "locks/")).length === 0 && child.exitCode === null) {
+      assert.ok(Date.now() < deadline, "gc took no lock within 60 s");
+      await sleep(5);
+    }
+    return { child, exited, locked: Date.now() };
+  };
+  await makeGarbage();
+  await makeGarbage();
+  await makeGarbage();
+  // One unkilled run to learn how long gc's work takes, from its lock to its end.
+  const measured = await startGc();
+  await measured.exited;
+  assert.equal(measured.child.exitCode, 0);
+  let window = Date.now() - measured.locked;
+  t.diagnostic(`unkilled gc: ${window} ms of work`);
+
+  const objects = async () => [...(await keys(store, "packs/")), ...(await keys(store, "index/"))].join("\n");
+  const fractions = [0.1, 0.3, 0.5, 0.7, 0.9];
+  let kills = 0;
+  let changed = 0;
+  let attempts = 0;
+  while (kills < fractions.length) {
+    assert.ok(attempts++ < 3 * fractions.length, `only ${kills} of ${attempts} gc runs could be killed`);
+    await makeGarbage();
+    const before = await snapshots();
+    const objectsBefore = await objects();
+    const run = await startGc();
+    await sleep(Math.round(window * fractions[kills]!));
+    if (run.child.exitCode !== null) {
+      assert.equal(run.child.exitCode, 0, "gc ended with an error before it could be killed");
+      // It ended sooner than the window allowed for (the machine got less busy): aim earlier.
+      window = Math.max(1, Math.min(window, Date.now() - run.locked) * 0.8);
+      t.diagnostic(`gc ended before the kill; window now ${Math.round(window)} ms`);
+      continue;
+    }
+    run.child.kill("SIGKILL");
+    await run.exited;
+    kills++;
+    if ((await objects()) !== objectsBefore) changed++;
+    assert.deepEqual(await snapshots(), before, "gc never adds or removes a restore point");
+    const v = summary(await strataOk(["verify", "--repo", repo, "--json"], env));
+    assert.equal(v.ok, true, `verify after kill ${kills}`);
+    const latest = before.at(-1)!;
+    const out = join(dir, `out-${kills}`);
+    await strataOk(["restore", "--repo", repo, latest, "--target", out], env);
+    assert.equal(await sha256File(join(out, "disk.raw")), expected.get(latest), `${latest} after a kill`);
+    await fs.rm(out, { recursive: true, force: true });
+  }
+  t.diagnostic(`${kills} gc runs killed, ${changed} after they had changed packs or indexes`);
+  assert.ok(changed >= 1, "at least one kill landed after gc had changed the repository");
+
+  // The next runs finish the work: nothing left to condemn, delete or repack.
+  await strataOk(gcArgs, env);
+  await strataOk(gcArgs, env);
+  const last = summary(await strataOk(gcArgs, env));
+  assert.equal(last.packsDeleted, 0, JSON.stringify(last));
+  assert.equal(last.orphansDeleted, 0, JSON.stringify(last));
+  assert.equal(last.packsCondemned, 0, JSON.stringify(last));
+  const opened = await Repository.open(store);
+  try {
+    const index = await loadPackIndex(store, opened.codec());
+    const named = new Set([...index.packs.keys()].map((id) => `packs/${id.slice(0, 2)}/${id}`));
+    assert.deepEqual(
+      (await keys(store, "packs/")).filter((k) => !named.has(k)),
+      [],
+      "every pack left is named by the index",
+    );
+  } finally {
+    await opened.close();
+  }
+  assert.deepEqual(await keys(store, "locks/"), [], "no lock is left");
+  assert.equal(summary(await strataOk(["verify", "--repo", repo, "--read-data", "--json"], env)).ok, true);
+  for (const id of await snapshots()) {
+    const out = join(dir, "final");
+    await strataOk(["restore", "--repo", repo, id, "--target", out], env);
+    assert.equal(await sha256File(join(out, "disk.raw")), expected.get(id), `${id} restores bit-exact`);
+    await fs.rm(out, { recursive: true, force: true });
+  }
 });
