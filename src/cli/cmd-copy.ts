@@ -39,7 +39,7 @@ async function openSide(
   signal: AbortSignal,
   bandwidth?: number,
 ): Promise<Repository> {
-  let store = openStore({ repo: location });
+  let store = await openStore({ repo: location });
   if (bandwidth !== undefined) store = throttleStore(store, new TokenBucket(bandwidth), signal);
   const cache = pw.password === undefined ? undefined : kdfCacheFromEnv();
   try {

@@ -572,7 +572,7 @@ export class Repository {
       await lock.release().catch(() => {});
       throw err;
     }
-    return new BackupWriter(this, vm, time, lock, session, backupLevel(false));
+    return new BackupWriter(this, vm, time, lock, session, false);
   }
 
   /**

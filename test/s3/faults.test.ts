@@ -42,7 +42,9 @@ async function viaProxy(options: S3StoreOptions = {}): Promise<S3Store> {
 
 test("every Nth request failing (503, cut bodies, resets, damaged uploads) is survived with retries", async (t) => {
   const dir = tempDir(t);
-  const store = await viaProxy();
+  // Four object GETs in ten fail here, far more than any real store: six attempts (the default)
+  // all failed for one of the few hundred GETs in about one run in ten. Ten make that ~1e-4.
+  const store = await viaProxy({ attempts: 10 });
   // Objects are under /bucket/repo/...; bucket-level requests (list) only get 503s and resets.
   proxy.plan = (n, method, url) => {
     const object = url.split("?")[0]!.split("/").length > 3;

@@ -65,7 +65,9 @@ test("job-bandwidth holds a backup's reads to its MiB/s within 10 %; without it 
 test("the host's bandwidth is shared: two jobs at once read together at its MiB/s within 10 %", async (t) => {
   const s = await setup(t, {
     vms: ["a", "b"],
-    mib: 12,
+    // Six seconds at the limit: a stall of the event loop on a loaded host delays the progress
+    // events the rate is timed from, and weighs less the longer the run.
+    mib: 24,
     extra: "limits: { jobs: 2, jobs-per-repository: 2, bandwidth: 8 }",
     policies: `  p:
     repository: main
@@ -80,7 +82,7 @@ test("the host's bandwidth is shared: two jobs at once read together at its MiB/
     .map((j) => j.id);
   const both = await measure(d, ids);
   t.diagnostic(`two jobs under bandwidth 8: ${both.rate.toFixed(2)} MiB/s together`);
-  assert.equal(both.bytes, 24 * MiB);
+  assert.equal(both.bytes, 48 * MiB);
   assert.ok(Math.abs(both.rate - 8) <= 0.8, `8 MiB/s together within 10 %: ${both.rate.toFixed(2)} MiB/s`);
 });
 
