@@ -2,7 +2,7 @@
 import { existsSync } from "node:fs";
 import { setPriority } from "node:os";
 import type { Command } from "commander";
-import type { RestorePointRow } from "../catalog/catalog.js";
+import { Catalog, type RestorePointRow } from "../catalog/catalog.js";
 import { bootHint } from "../engine/vm-restore.js";
 import { ZSTD_STRONG } from "../repo/codec.js";
 import { manifestTotals } from "../repo/manifest.js";
@@ -22,7 +22,6 @@ import {
   output,
   parseCount,
   password,
-  withCatalog,
   withRepo,
 } from "./context.js";
 import { kdfCacheFromEnv } from "./kdf-cache.js";
@@ -35,15 +34,16 @@ async function bootVerifications(
 ): Promise<Map<string, RestorePointRow>> {
   const path = catalogPath(globals(cmd));
   if (!existsSync(path)) return new Map();
+  let cat: Catalog | undefined;
   try {
-    return await withCatalog(
-      cmd,
-      (cat) => new Map(cat.restorePoints({ repository }).map((r) => [`${r.vm}/${r.time}`, r])),
-      { create: false },
-    );
+    // Read-only: listing restore points never writes (or migrates) the daemon's catalog.
+    cat = Catalog.open(path, { readonly: true });
+    return new Map(cat.restorePoints({ repository }).map((r) => [`${r.vm}/${r.time}`, r]));
   } catch (err) {
     warn(`boot verifications not shown: ${describeError(err)}`);
     return new Map();
+  } finally {
+    cat?.close();
   }
 }
 
