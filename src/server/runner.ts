@@ -37,8 +37,6 @@ import { readPassword } from "./repositories.js";
 export interface RunContext {
   job: Job;
   runId: number;
-  /** The run a dead daemon left, when this one runs it again. */
-  rerunOf?: number;
   policy: Policy;
   repository: RepositoryConfig;
   /** The VM's source URIs (backup and retention jobs of a VM found now); [] for verify. */
@@ -130,13 +128,6 @@ async function runBackup(
       `VM ${ctx.job.vm} is not found on this host now (no adapter lists it and the configuration names no sources for it)`,
     );
   const handle = await options.registry.resolveAll(ctx.sources);
-  if (ctx.rerunOf !== undefined && handle.leftovers) {
-    // The interrupted run's process died: what it left on the VM (nodes, exports, bitmaps, a
-    // freeze, its state record) goes first, as strata doctor --fix would, or the backup is refused.
-    const found = await handle.leftovers(ctx.job.vm, options.stateDir, true);
-    for (const f of found)
-      ctx.log(f.fixed ? "info" : "warn", `run ${ctx.rerunOf} left ${f.what}${f.fixed ? ": removed" : ""}`);
-  }
   const mode = ctx.policy.mode ?? handle.defaults?.mode ?? "snapshot";
   const quiesce = ctx.policy.quiesce ?? handle.defaults?.quiesce ?? "try";
   ctx.log(

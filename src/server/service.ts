@@ -450,7 +450,6 @@ export class Daemon {
       const out = await this.o.runner.run({
         job: entry.job,
         runId: a.run.id,
-        ...(a.run.rerunOf === null ? {} : { rerunOf: a.run.rerunOf }),
         policy: entry.policy,
         repository,
         sources: vm?.sources ?? [],
