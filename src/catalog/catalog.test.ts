@@ -76,16 +76,20 @@ test("a catalog whose header was overwritten is refused as CATALOG_CORRUPT", (t)
 
 test("damage inside a catalog that opens is reported as CATALOG_CORRUPT by the call that meets it", (t) => {
   const path = join(tempDir(t), "catalog.db");
+  Catalog.open(path).close();
+  // The pages of an empty catalog: the schema (more than one page once it outgrows the first)
+  // and each table's empty root.
+  const schemaBytes = readFileSync(path).length;
   const c = Catalog.open(path);
   const job = c.ensureJob({ policy: "p", vm: "v", kind: "backup", repository: "main", schedule: null });
   const run = c.startRun(job.id, { trigger: "manual" });
   for (let i = 0; i < 2000; i++) c.log(run.id, "info", `line ${i} ${"x".repeat(200)}`);
   c.close();
-  // Overwrite every page but the first (the schema) with garbage.
+  // Overwrite every page the data added (the run logs' pages) with garbage.
   const bytes = readFileSync(path);
   const pageSize = bytes.readUInt16BE(16);
-  assert.ok(bytes.length > 4 * pageSize, "the catalog has several pages");
-  bytes.fill(0xa5, pageSize);
+  assert.ok(bytes.length > schemaBytes + 4 * pageSize, "the logs took several pages");
+  bytes.fill(0xa5, schemaBytes);
   writeFileSync(path, bytes);
   const damaged = Catalog.open(path);
   t.after(() => damaged.close());

@@ -21,6 +21,7 @@ import { type Clock, systemClock } from "../util/clock.js";
 import { ErrorCode, errnoCode, StrataError } from "../util/errors.js";
 import {
   APPLICATION_ID,
+  type BootOutcome,
   type JobKind,
   type LogLevel,
   MIGRATIONS,
@@ -95,6 +96,23 @@ export interface RestorePointRow {
   durationMs: number;
   host: string;
   runId: number | null;
+  /** The last boot verification (see {@link BootVerificationRow}); null when never verified. */
+  bootVerifiedAt: number | null;
+  bootOutcome: BootOutcome | null;
+  bootAnswerMs: number | null;
+  bootError: string | null;
+}
+
+/** A restore point's figures from its manifest: a row without what the catalog adds. */
+export type RestorePointFigures = Omit<RestorePointRow, "repository" | "runId" | keyof BootVerificationRow>;
+
+/** How a boot verification of a restore point went. */
+export interface BootVerificationRow {
+  bootVerifiedAt: number;
+  bootOutcome: BootOutcome;
+  /** Milliseconds from the start of the boot to the guest agent's answer; null when it never answered. */
+  bootAnswerMs: number | null;
+  bootError: string | null;
 }
 
 export interface TokenRow {
@@ -519,7 +537,7 @@ export class Catalog {
   /** Adds (or refreshes) one restore point, e.g. the one a backup run just made. */
   putRestorePoint(
     repository: { id: string; location: string },
-    row: Omit<RestorePointRow, "repository">,
+    row: RestorePointFigures & { runId: number | null },
   ): void {
     this.guard("saving a restore point", () =>
       this.db.transaction(() => {
@@ -536,7 +554,7 @@ export class Catalog {
    */
   replaceRestorePoints(
     repository: { id: string; location: string },
-    rows: ReadonlyArray<Omit<RestorePointRow, "repository" | "runId">>,
+    rows: ReadonlyArray<RestorePointFigures>,
   ): { added: number; removed: number; kept: number } {
     return this.guard("rebuilding restore points", () =>
       this.db.transaction(() => {
@@ -578,7 +596,41 @@ export class Catalog {
       .run(repository.id, repository.location, rebuiltAt ?? null);
   }
 
-  private upsertPoint(r: RestorePointRow): void {
+  /**
+   * Records a boot verification of a restore point, adding its row (from the manifest's
+   * figures) when the catalog does not have it yet.
+   */
+  recordBootVerification(
+    repository: { id: string; location: string },
+    point: RestorePointFigures,
+    result: BootVerificationRow,
+  ): void {
+    this.guard("saving a boot verification", () =>
+      this.db.transaction(() => {
+        this.upsertRepository(repository);
+        this.upsertPoint({ ...point, repository: repository.id, runId: null });
+        this.db
+          .prepare(
+            `UPDATE restore_points SET boot_verified_at = @bootVerifiedAt, boot_outcome = @bootOutcome,
+               boot_answer_ms = @bootAnswerMs, boot_error = @bootError
+             WHERE repository = @repository AND vm = @vm AND time = @time`,
+          )
+          .run({ ...result, repository: repository.id, vm: point.vm, time: point.time });
+      })(),
+    );
+  }
+
+  /** One restore point of a repository (id), if the catalog has it. */
+  restorePoint(repository: string, vm: string, time: string): RestorePointRow | undefined {
+    const row = this.guard("reading a restore point", () =>
+      this.db
+        .prepare("SELECT * FROM restore_points WHERE repository = ? AND vm = ? AND time = ?")
+        .get(repository, vm, time),
+    );
+    return row === undefined ? undefined : camel<RestorePointRow>(row);
+  }
+
+  private upsertPoint(r: Omit<RestorePointRow, keyof BootVerificationRow>): void {
     this.db
       .prepare(
         `INSERT INTO restore_points (repository, vm, time, time_ms, mode, consistency, parent, disks, size,

@@ -6,7 +6,7 @@
 import { type Manifest, manifestTotals } from "../repo/manifest.js";
 import type { Repository } from "../repo/repository.js";
 import type { StrataError } from "../util/errors.js";
-import type { Catalog, RestorePointRow } from "./catalog.js";
+import type { Catalog, RestorePointFigures } from "./catalog.js";
 
 export interface RebuildReport {
   repository: string;
@@ -21,7 +21,7 @@ export interface RebuildReport {
 }
 
 /** The catalog row of a restore point, from its manifest. */
-export function restorePointRow(m: Manifest): Omit<RestorePointRow, "repository" | "runId"> {
+export function restorePointRow(m: Manifest): RestorePointFigures {
   const t = manifestTotals(m);
   return {
     vm: m.vm,

@@ -26,6 +26,10 @@ export type RunOutcome = (typeof RUN_OUTCOMES)[number];
 export const LOG_LEVELS = ["debug", "info", "warn", "error"] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
 
+/** How a boot verification of a restore point ended. */
+export const BOOT_OUTCOMES = ["passed", "failed"] as const;
+export type BootOutcome = (typeof BOOT_OUTCOMES)[number];
+
 /** The roles an API token can have (what each may do: src/catalog/roles.ts). */
 export const ROLES = ["admin", "operator", "backup", "read"] as const;
 export type Role = (typeof ROLES)[number];
@@ -119,6 +123,13 @@ export const MIGRATIONS: readonly string[] = [
     last_used_at INTEGER,
     revoked_at INTEGER
   ) STRICT;
+  `,
+  // 2: the last boot verification of each restore point (strata verify --boot, a policy's boot step).
+  `
+  ALTER TABLE restore_points ADD COLUMN boot_verified_at INTEGER;
+  ALTER TABLE restore_points ADD COLUMN boot_outcome TEXT CHECK (boot_outcome IN (${oneOf(BOOT_OUTCOMES)}));
+  ALTER TABLE restore_points ADD COLUMN boot_answer_ms INTEGER;   -- boot start to the agent's answer
+  ALTER TABLE restore_points ADD COLUMN boot_error TEXT;
   `,
 ];
 

@@ -96,6 +96,8 @@ A configuration:
       quiesce: try            # require | try | off
       retention: { keep-last: 4, keep-daily: 7, keep-weekly: 4 }   # strata forget's rules
       verify: { schedule: "0 4 * * *", read-data: false }
+      # boot verification of each VM's newest restore point (strata verify --boot):
+      #   verify: { schedule: ..., boot: { schedule: "0 5 * * 0", timeout: 5m, command: "systemctl is-system-running" } }
       limits: { job-bandwidth: 100 }
 
 Tags come from the VM inventory (tags: [...] on an entry of /etc/strata/vms.yaml; inventory:
@@ -171,6 +173,17 @@ async function serve(file: string): Promise<void> {
       catalog,
       stateDir,
       ...(config.limits.bandwidth === undefined ? {} : { hostBandwidth: config.limits.bandwidth }),
+      serveCommand: (ref, r) => [
+        process.execPath,
+        resolve(process.argv[1]!),
+        "serve",
+        ref,
+        "--repo",
+        r.path,
+        ...(r.passwordFile === undefined ? [] : ["--password-file", r.passwordFile]),
+        "--cache-size",
+        "64M",
+      ],
     }),
     listVms: () => listHostVms({ inventory }),
     log,
@@ -207,7 +220,12 @@ interface PolicySummary {
   mode?: string;
   quiesce?: string;
   retention?: KeepPolicy;
-  verify?: { schedule: string; readData: boolean; nextRun: string };
+  verify?: {
+    schedule: string;
+    readData: boolean;
+    nextRun: string;
+    boot?: { schedule: string; timeoutMs: number; command?: string[] };
+  };
   limits: JobLimits;
 }
 
@@ -236,6 +254,15 @@ function summarize(config: DaemonConfig, vms: VmSummary[], now: number) {
               schedule: p.verify.schedule.text,
               readData: p.verify.readData,
               nextRun: next(mine.find((j) => j.kind === "verify")),
+              ...(p.verify.boot === undefined
+                ? {}
+                : {
+                    boot: {
+                      schedule: p.verify.boot.schedule.text,
+                      timeoutMs: p.verify.boot.timeoutMs,
+                      ...(p.verify.boot.command === undefined ? {} : { command: p.verify.boot.command }),
+                    },
+                  }),
             },
           }),
       limits: p.limits,
@@ -334,6 +361,11 @@ function render(config: DaemonConfig, s: ReturnType<typeof summarize>): string {
     if (p.verify)
       lines.push(
         `  verify     ${p.verify.schedule}${p.verify.readData ? ", reading all data" : ", metadata"}; next ${p.verify.nextRun}`,
+      );
+    if (p.verify?.boot)
+      lines.push(
+        `  boot       ${p.verify.boot.schedule}: each VM's newest restore point boots without a network; its agent must answer within ${Math.round(p.verify.boot.timeoutMs / 1000)} s` +
+          (p.verify.boot.command ? `, then ${printable(p.verify.boot.command.join(" "))} must exit 0` : ""),
       );
     lines.push(`  limits     ${limitsText(p.limits)}`);
   }

@@ -34,7 +34,7 @@ const stateDirOption = [
 ] as const;
 
 /** `strata serve REF --repo R [--password-file F]`: the serving process, run detached. */
-function serveCommand(cmd: Command, ref: string, cacheSize: string): string[] {
+export function serveCommand(cmd: Command, ref: string, cacheSize: string): string[] {
   const g = globals(cmd);
   const script = process.argv[1];
   if (!script) throw new StrataError(ErrorCode.EXTERNAL, "cannot tell how strata was started");

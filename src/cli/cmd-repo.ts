@@ -1,6 +1,8 @@
 /** init, snapshots, verify, forget, gc: commands on the repository itself. */
+import { existsSync } from "node:fs";
 import { setPriority } from "node:os";
 import type { Command } from "commander";
+import { Catalog, type RestorePointRow } from "../catalog/catalog.js";
 import { bootHint } from "../engine/vm-restore.js";
 import { ZSTD_STRONG } from "../repo/codec.js";
 import { manifestTotals } from "../repo/manifest.js";
@@ -8,10 +10,47 @@ import { forget, forgetIds, gc } from "../repo/prune.js";
 import { Repository } from "../repo/repository.js";
 import { verifyRepository } from "../repo/verify.js";
 import { parseDuration } from "../util/durations.js";
-import { ErrorCode, StrataError } from "../util/errors.js";
+import { describeError, ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes, parseSize } from "../util/sizes.js";
-import { globals, interruptSignal, openStore, output, parseCount, password, withRepo } from "./context.js";
+import { CATALOG_OPTION_HELP } from "./cmd-catalog.js";
+import { BOOT_VERIFY_HELP, type BootFlags, verifyBootCommand } from "./cmd-verify-boot.js";
+import {
+  catalogPath,
+  globals,
+  interruptSignal,
+  openStore,
+  output,
+  parseCount,
+  password,
+  withRepo,
+} from "./context.js";
 import { kdfCacheFromEnv } from "./kdf-cache.js";
+
+/** The boot verifications the catalog holds for a repository's restore points ("vm/time" → row). */
+async function bootVerifications(
+  cmd: Command,
+  repository: string,
+  warn: (m: string) => void,
+): Promise<Map<string, RestorePointRow>> {
+  const path = catalogPath(globals(cmd));
+  if (!existsSync(path)) return new Map();
+  let cat: Catalog | undefined;
+  try {
+    // Read-only: listing restore points never writes (or migrates) the daemon's catalog.
+    cat = Catalog.open(path, { readonly: true });
+    return new Map(cat.restorePoints({ repository }).map((r) => [`${r.vm}/${r.time}`, r]));
+  } catch (err) {
+    warn(`boot verifications not shown: ${describeError(err)}`);
+    return new Map();
+  } finally {
+    cat?.close();
+  }
+}
+
+function bootColumn(b: { outcome: string; answerMs: number | null } | null): string {
+  if (!b) return "-";
+  return b.outcome === "passed" ? `passed ${((b.answerMs ?? 0) / 1000).toFixed(1)} s` : "FAILED";
+}
 
 export function registerRepoCommands(program: Command): void {
   program
@@ -57,14 +96,17 @@ Examples:
     .command("snapshots")
     .description("list restore points")
     .option("--vm <name>", "only this VM's")
+    .option("--catalog <file>", `boot verifications recorded here are shown too; ${CATALOG_OPTION_HELP}`)
     .action(async (opts: { vm?: string }, cmd: Command) => {
       const out = output(cmd);
       await withRepo(cmd, async (repo) => {
         const snaps = await repo.snapshots(opts.vm, (vm, time, err) =>
           out.warn(`${vm}/${time}: ${err.message}`),
         );
+        const boots = await bootVerifications(cmd, repo.config.id, (m) => out.warn(m));
         const rows = snaps.map((s) => {
           const t = manifestTotals(s.manifest);
+          const b = boots.get(`${s.vm}/${s.time}`);
           return {
             id: `${s.vm}/${s.time}`,
             vm: s.vm,
@@ -76,6 +118,15 @@ Examples:
             size: t.size,
             bytesNew: t.bytesNew,
             bytesStored: t.bytesStored,
+            /** The last boot verification the catalog holds, null when none. */
+            boot: b?.bootOutcome
+              ? {
+                  outcome: b.bootOutcome,
+                  at: new Date(b.bootVerifiedAt!).toISOString(),
+                  answerMs: b.bootAnswerMs,
+                  error: b.bootError,
+                }
+              : null,
           };
         });
         out.result(rows, () => {
@@ -85,12 +136,12 @@ Examples:
               `${r.id.padEnd(36)} ${r.mode.padEnd(8)} ${r.consistency.padEnd(22)} ${r.disks
                 .map((d) => `${d.name}:${formatBytes(d.size)}`)
                 .join(" ")
-                .padEnd(24)} new ${formatBytes(r.bytesNew)}`,
+                .padEnd(24)} new ${formatBytes(r.bytesNew).padEnd(10)} ${bootColumn(r.boot)}`,
           );
           // What a VM restored from each kind of restore point goes through when it boots.
           const kinds = [...new Set(rows.map((r) => r.consistency))];
           return [
-            `${"ID".padEnd(36)} ${"MODE".padEnd(8)} ${"CONSISTENCY".padEnd(22)} ${"DISKS".padEnd(24)} ADDED`,
+            `${"ID".padEnd(36)} ${"MODE".padEnd(8)} ${"CONSISTENCY".padEnd(22)} ${"DISKS".padEnd(24)} ${"ADDED".padEnd(14)} BOOT`,
             ...lines,
             "",
             ...kinds.map((k) => `${k}: ${bootHint(k)}`),
@@ -101,10 +152,37 @@ Examples:
 
   program
     .command("verify")
-    .description("check that every restore point can be restored")
+    .description("check that every restore point can be restored (--boot: that one boots)")
     .option("--read-data", "read and check every chunk, not only that it exists")
-    .action(async (opts: { readData?: boolean }, cmd: Command) => {
+    .option(
+      "--boot <snapshot>",
+      "boot this restore point (VM/TIME or VM/latest) with no network and ask its guest agent",
+    )
+    .option(
+      "--timeout <s>",
+      "--boot: seconds from the boot to the agent's answer (default 300)",
+      parseCount("--timeout"),
+    )
+    .option("--check <command>", "--boot: a shell command run in the guest through the agent; it must exit 0")
+    .option(
+      "--state-dir <dir>",
+      "--boot: where the VM's record lives meanwhile (default $STRATA_STATE_DIR or /var/lib/strata/state)",
+    )
+    .option("--catalog <file>", `--boot: ${CATALOG_OPTION_HELP}`)
+    .addHelpText("after", BOOT_VERIFY_HELP)
+    .action(async (opts: { readData?: boolean } & Partial<BootFlags>, cmd: Command) => {
       const out = output(cmd);
+      if (opts.boot !== undefined) {
+        if (opts.readData)
+          throw new StrataError(
+            ErrorCode.USAGE,
+            "--boot and --read-data are separate checks: run them one at a time",
+          );
+        await verifyBootCommand({ ...opts, boot: opts.boot }, cmd);
+        return;
+      }
+      if (opts.timeout !== undefined || opts.check !== undefined)
+        throw new StrataError(ErrorCode.USAGE, "--timeout and --check go with --boot VM/TIME");
       await withRepo(cmd, async (repo) => {
         const lock = await repo.lock("read", "verify");
         try {

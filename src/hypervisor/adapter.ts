@@ -238,6 +238,11 @@ export interface InstantRequest {
   disks: NbdBackedDisk[];
   /** Seconds the VM's NBD client waits for a restarted server before failing requests. */
   reconnectDelay: number;
+  /**
+   * No network (boot verification): the VM's NICs reach nothing outside the VM (no NIC, or one
+   * on a private bridge). An adapter that cannot isolate refuses before creating anything.
+   */
+  isolateNetwork?: boolean;
   stateDir: string;
   log: (message: string) => void;
   /**
@@ -325,6 +330,25 @@ export interface InstantRuntime {
   migrate(vm: InstantVm, request: MigrateRequest): Promise<{ vm: InstantVm; disks: MigratedDisk[] }>;
   /** Stops the VM (a clean power-down first when `powerdownMs` > 0); overlays stay. */
   stop(vm: InstantVm, powerdownMs: number): Promise<"quit" | "powerdown" | "killed" | "not running">;
+  /**
+   * A client of the running VM's guest agent, or undefined when its configuration has no agent
+   * channel. Absent when the platform offers no way to reach the agent.
+   */
+  guestAgent?(vm: InstantVm): GuestAgent | undefined;
+}
+
+/** What boot verification asks of a guest agent (QEMU's qemu-ga protocol). */
+export interface GuestAgent {
+  /** Resolves once the agent answers; TIMEOUT after `timeoutMs`. */
+  waitUntilReady(timeoutMs: number): Promise<void>;
+  ping(options?: { timeoutMs?: number }): Promise<void>;
+  /** Runs a program in the guest and waits for it (output captured). */
+  exec(
+    path: string,
+    args?: string[],
+    options?: { timeoutMs?: number },
+  ): Promise<{ exitcode: number | undefined; signal: number | undefined; stdout: string; stderr: string }>;
+  close(): Promise<void>;
 }
 
 /** A leftover on a VM or host: Strata's own (fixable) or another tool's (reported). */

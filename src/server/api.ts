@@ -801,6 +801,10 @@ export class Api {
       durationMs: int,
       host: str,
       runId: nint,
+      bootVerifiedAt: nint,
+      bootOutcome: { type: "string", enum: ["passed", "failed"], nullable: true },
+      bootAnswerMs: nint,
+      bootError: nstr,
     });
     return {
       openapi: "3.0.3",

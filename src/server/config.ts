@@ -42,7 +42,14 @@
  *       mode: snapshot                 # snapshot | pause | offline
  *       quiesce: try                   # require | try | off
  *       retention: { keep-last: 4, keep-daily: 7, keep-weekly: 4 }   # as strata forget
- *       verify: { schedule: "0 4 * * *", read-data: false }
+ *       verify:
+ *         schedule: "0 4 * * *"
+ *         read-data: false
+ *         boot:                        # optional: boot verification of each VM's newest restore point
+ *           schedule: "0 5 * * 0"      # optional: else verify's schedule
+ *           timeout: 5m                # boot start to the guest agent's answer (default 5m)
+ *           command: ["/bin/sh", "-c", "test -f /etc/hostname"]   # optional: run through the agent,
+ *                                      # must exit 0; a string runs as /bin/sh -c STRING
  *       limits: { job-bandwidth: 100, worker-threads: 1, nice: 15 }
  *
  * {@link checkConfig} reports every problem at once, each with its line and column (YAML syntax
@@ -102,7 +109,19 @@ export interface HostLimits extends JobLimits {
 export interface VerifyPolicy {
   schedule: Schedule;
   readData: boolean;
+  /** Boot verification of each VM's newest restore point (src/engine/instant/boot-verify.ts). */
+  boot?: BootVerifyPolicy;
 }
+
+export interface BootVerifyPolicy {
+  schedule: Schedule;
+  /** Boot start to the guest agent's answer (and the command's end). */
+  timeoutMs: number;
+  /** Run in the guest through its agent; must exit 0. */
+  command?: string[];
+}
+
+export const DEFAULT_BOOT_TIMEOUT_MS = 5 * 60_000;
 
 export interface Policy {
   name: string;
@@ -265,6 +284,42 @@ const retentionSchema = z.strictObject(
   { error: "retention must be a mapping of keep-last, keep-hourly, ... keep-yearly" },
 );
 
+const guestCommand = z
+  .union(
+    [
+      z.string().min(1, "command must not be empty").max(4096, "command is longer than 4096 characters"),
+      z
+        .array(
+          z
+            .string({ error: "each word of command must be text" })
+            .max(4096, "a word of command is longer than 4096 characters"),
+          {
+            error: "command must be a list of words (the program first) or one shell command line",
+          },
+        )
+        .min(1, "command must name a program")
+        .max(256, "command has more than 256 words")
+        .refine(
+          (a) => a[0]!.startsWith("/") || /^[A-Za-z]:\\/.test(a[0]!),
+          "command's program must be an absolute path in the guest",
+        ),
+    ],
+    { error: "command must be a list of words (the program first) or one shell command line" },
+  )
+  .transform((c) => (typeof c === "string" ? ["/bin/sh", "-c", c] : c));
+
+const bootSchema = z.strictObject(
+  {
+    schedule: scheduleText("boot schedule").optional(),
+    timeout: durationText("boot timeout")
+      .refine((ms) => ms >= 10_000, "boot timeout must be at least 10s")
+      .refine((ms) => ms <= 3_600_000, "boot timeout must be at most 1h")
+      .optional(),
+    command: guestCommand.optional(),
+  },
+  { error: "boot must be a mapping of schedule, timeout and command" },
+);
+
 const policySchema = z.strictObject(
   {
     repository: z.string({ error: "repository must name a repository of this file" }),
@@ -281,8 +336,9 @@ const policySchema = z.strictObject(
         {
           schedule: scheduleText("verify schedule"),
           "read-data": z.boolean({ error: "read-data must be true or false" }).optional(),
+          boot: bootSchema.optional(),
         },
-        { error: "verify must be a mapping of schedule and read-data" },
+        { error: "verify must be a mapping of schedule, read-data and boot" },
       )
       .optional(),
     limits: z
@@ -663,6 +719,15 @@ function toConfig(f: FileConfig, file: string, timezone: string | undefined): Da
             verify: {
               schedule: parseSchedule(p.verify.schedule, tz),
               readData: p.verify["read-data"] === true,
+              ...(p.verify.boot === undefined
+                ? {}
+                : {
+                    boot: {
+                      schedule: parseSchedule(p.verify.boot.schedule ?? p.verify.schedule, tz),
+                      timeoutMs: p.verify.boot.timeout ?? DEFAULT_BOOT_TIMEOUT_MS,
+                      ...(p.verify.boot.command === undefined ? {} : { command: p.verify.boot.command }),
+                    },
+                  }),
             },
           }),
       limits: { ...hostJob, ...jobLimits(p.limits) },

@@ -1,6 +1,7 @@
 /**
  * From configuration to jobs: each policy makes, for every VM it covers, a backup job on the
- * policy's schedule and a retention job (run after each backup, so unscheduled), and one
+ * policy's schedule, a retention job (run after each backup, so unscheduled) and, with
+ * `verify.boot`, a boot-verify job of its newest restore point; and one
  * verify job for the policy's repository on the verification schedule. {@link syncJobs} makes
  * the catalog's jobs exactly these, keeping the runs of jobs that come and go.
  */
@@ -37,6 +38,15 @@ export function planJobs(
         timed: { key, schedule: p.schedule, jitterMs: p.jitterMs },
       });
       if (p.retention) out.push({ ...base, vm: vm.name, kind: "retention" });
+      if (p.verify?.boot) {
+        const bootKey = jobKey({ policy: p.name, vm: vm.name, kind: "boot-verify" });
+        out.push({
+          ...base,
+          vm: vm.name,
+          kind: "boot-verify",
+          timed: { key: bootKey, schedule: p.verify.boot.schedule, jitterMs: p.jitterMs },
+        });
+      }
     }
     if (p.verify) {
       const key = jobKey({ policy: p.name, vm: "", kind: "verify" });

@@ -10,12 +10,17 @@
  *   with the run that made it;
  * - retention: the policy's keep rules on the VM's restore points (strata forget), then the
  *   catalog's rows of that repository made what its manifests say;
- * - verify: the repository's metadata (and every chunk with read-data).
+ * - verify: the repository's metadata (and every chunk with read-data);
+ * - boot-verify: boots the VM's newest restore point with no network and asks its guest agent
+ *   (src/engine/instant/boot-verify.ts); the outcome and the time to answer go to the restore
+ *   point's catalog row, and a failed boot fails the run (BOOT_FAILED, or TIMEOUT).
  */
 import type { Catalog, Job } from "../catalog/catalog.js";
 import { rebuildRestorePoints, restorePointRow } from "../catalog/rebuild.js";
 import type { LogLevel } from "../catalog/schema.js";
+import { verifyBoot } from "../engine/instant/boot-verify.js";
 import { backupVm } from "../engine/vm-backup.js";
+import { readVmConfig } from "../engine/vm-restore.js";
 import type { AdapterRegistry } from "../hypervisor/registry.js";
 import { FsStore } from "../repo/fs-store.js";
 import { manifestTotals } from "../repo/manifest.js";
@@ -65,6 +70,11 @@ export interface RunnerOptions {
   stateDir: string;
   /** MiB/s read by all jobs together (the host's bandwidth limit), shared by every run. */
   hostBandwidth?: number;
+  /**
+   * The serving process of boot verification: `strata serve REF --repo ...` (argv, binary
+   * first, without --socket); the CLI's composition root knows the binary.
+   */
+  serveCommand?: (ref: string, repository: RepositoryConfig) => string[];
 }
 
 /** Opens a configured repository with the job's worker threads, at the job's nice. */
@@ -91,6 +101,7 @@ export function createJobRunner(options: RunnerOptions): JobRunner {
         if (ctx.job.kind === "backup") return await runBackup(repo, ctx, options, host);
         if (ctx.job.kind === "retention") return await runRetention(repo, ctx, options.catalog);
         if (ctx.job.kind === "verify") return await runVerify(repo, ctx);
+        if (ctx.job.kind === "boot-verify") return await runBootVerify(repo, ctx, options);
         throw new StrataError(ErrorCode.USAGE, `jobs of kind ${ctx.job.kind} are not run by this build`);
       } finally {
         await repo.close();
@@ -153,6 +164,54 @@ async function runRetention(repo: Repository, ctx: RunContext, catalog: Catalog)
   const report = await rebuildRestorePoints(catalog, repo);
   for (const d of report.damaged) ctx.log("warn", `damaged restore point ${d.id}: ${d.error}`);
   return report.damaged.length > 0 ? { outcome: "warning" } : {};
+}
+
+async function runBootVerify(repo: Repository, ctx: RunContext, options: RunnerOptions): Promise<RunOutput> {
+  const boot = ctx.policy.verify?.boot;
+  if (!boot) throw new StrataError(ErrorCode.USAGE, `policy ${ctx.policy.name} has no boot verification`);
+  if (!options.serveCommand)
+    throw new StrataError(ErrorCode.INTERNAL, "this daemon was built without a way to start strata serve");
+  const snap = await repo.findSnapshot(`${ctx.job.vm}/latest`);
+  const id = `${snap.vm}/${snap.time}`;
+  const stored = await readVmConfig(repo, snap, options.registry);
+  if (!stored)
+    throw new StrataError(
+      ErrorCode.USAGE,
+      `${id} holds no VM configuration (a file: backup): there is no VM to boot`,
+    );
+  const result = await verifyBoot(snap, stored, options.registry, {
+    repo: ctx.repository.path,
+    ...(ctx.repository.passwordFile === undefined ? {} : { passwordFile: ctx.repository.passwordFile }),
+    serveCommand: options.serveCommand(id, ctx.repository),
+    stateDir: options.stateDir,
+    timeoutMs: boot.timeoutMs,
+    ...(boot.command === undefined ? {} : { command: boot.command }),
+    signal: ctx.signal,
+    log: (m) => ctx.log("info", m),
+  });
+  options.catalog.recordBootVerification(
+    { id: repo.config.id, location: repo.store.location },
+    restorePointRow(snap.manifest),
+    {
+      bootVerifiedAt: result.startedAt,
+      bootOutcome: result.outcome,
+      bootAnswerMs: result.answerMs,
+      bootError: result.error,
+    },
+  );
+  if (result.command)
+    for (const [stream, text] of [
+      ["stdout", result.command.stdout],
+      ["stderr", result.command.stderr],
+    ] as const)
+      if (text.trim()) ctx.log("info", `check command ${stream}: ${text.trim().slice(-1000)}`);
+  if (result.outcome === "failed")
+    throw new StrataError(
+      result.errorCode === ErrorCode.TIMEOUT ? ErrorCode.TIMEOUT : ErrorCode.BOOT_FAILED,
+      `boot verification of ${id} failed: ${result.error}`,
+    );
+  ctx.log("info", `${id} boots: its guest agent answered after ${result.answerMs} ms`);
+  return { restorePoint: id };
 }
 
 async function runVerify(repo: Repository, ctx: RunContext): Promise<RunOutput> {

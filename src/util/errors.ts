@@ -75,6 +75,8 @@ export const ErrorCode = {
   UNAUTHORIZED: "UNAUTHORIZED",
   /** A valid API token whose role does not allow the action. */
   FORBIDDEN: "FORBIDDEN",
+  /** A restore point failed boot verification: its VM did not boot as far as its guest agent, or the check failed. */
+  BOOT_FAILED: "BOOT_FAILED",
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

@@ -189,3 +189,72 @@ ${policyLimits}`;
     /strata\.yaml:9:25: policies\.p\.limits\.io-read: io-read holds for the daemon's whole process: set it in the top-level limits/,
   );
 });
+
+test("daemon --check: a policy's boot verification, summarized, and its mistakes on their lines", async (t) => {
+  const dir = tempDir(t);
+  const config = join(dir, "strata.yaml");
+  await fs.writeFile(
+    config,
+    `vms:
+  web1: { sources: ["file:${dir}/web1.img"] }
+repositories:
+  main: { path: ${dir}/repo }
+policies:
+  web:
+    repository: main
+    vms: all
+    schedule: every 15m
+    verify:
+      schedule: "0 4 * * *"
+      boot:
+        schedule: "0 5 * * 0"
+        timeout: 2m
+        command: ["/bin/sh", "-c", "test -f /etc/hostname"]
+`,
+  );
+  const j = JSON.parse((await strataOk(["daemon", "--check", "--config", config, "--json"])).stdout) as {
+    policies: Array<{ verify: { boot: { schedule: string; timeoutMs: number; command: string[] } } }>;
+  };
+  assert.deepEqual(j.policies[0]!.verify.boot, {
+    schedule: "0 5 * * 0",
+    timeoutMs: 120_000,
+    command: ["/bin/sh", "-c", "test -f /etc/hostname"],
+  });
+  const text = await strataOk(["daemon", "--check", "--config", config]);
+  assert.match(
+    text.stdout,
+    /\n {2}boot {7}0 5 \* \* 0: each VM's newest restore point boots without a network; its agent must answer within 120 s, then \/bin\/sh -c test -f \/etc\/hostname must exit 0\n/,
+  );
+
+  await fs.writeFile(
+    config,
+    `repositories:
+  main: { path: ${dir}/repo }
+policies:
+  web:
+    repository: main
+    vms: all
+    schedule: every 15m
+    verify:
+      schedule: "0 4 * * *"
+      boot:
+        schedule: every 5 minutes
+        timeout: 3s
+        command: [sh, -c, "true"]
+        network: bridge
+`,
+  );
+  const r = await strata(["daemon", "--check", "--config", config, "--json"]);
+  assert.equal(r.code, 2, r.stderr);
+  const doc = JSON.parse(r.stdout) as { problems: Array<{ line: number; path: string; message: string }> };
+  assert.deepEqual(
+    doc.problems.map((p) => [p.line, p.path, p.message]),
+    [
+      [11, "policies.web.verify.boot.schedule", doc.problems[0]!.message],
+      [12, "policies.web.verify.boot.timeout", "boot timeout must be at least 10s"],
+      [13, "policies.web.verify.boot.command", "command's program must be an absolute path in the guest"],
+      [14, "policies.web.verify.boot.network", 'unknown setting "network"'],
+    ],
+  );
+  assert.match(doc.problems[0]!.message, /"every N<unit>"/);
+});

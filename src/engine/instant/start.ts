@@ -47,6 +47,8 @@ export interface InstantOptions {
   serveCommand: string[];
   stateDir: string;
   reconnectDelay?: number;
+  /** Start the VM without a network (boot verification; see InstantRequest.isolateNetwork). */
+  isolateNetwork?: boolean;
   log?: (message: string) => void;
 }
 
@@ -150,6 +152,7 @@ export async function startInstant(
       dir,
       disks: exports,
       reconnectDelay: record.reconnectDelay,
+      ...(o.isolateNetwork ? { isolateNetwork: true } : {}),
       stateDir: o.stateDir,
       log,
       record: async (vm) => {

@@ -157,6 +157,11 @@ export class LibvirtInstant implements InstantRuntime {
   }
 
   async start(config: VmConfigDocument, req: InstantRequest): Promise<InstantVm> {
+    if (req.isolateNetwork)
+      throw new StrataError(
+        ErrorCode.USAGE,
+        "libvirt domains are not started without their network yet: boot verification needs the QEMU adapter",
+      );
     const virsh = this.virsh();
     const available = req.disks.map((d) => ({ name: d.name, size: d.size }));
     const plan = planLibvirtRestore(

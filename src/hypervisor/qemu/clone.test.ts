@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import {
+  findAgentSocket,
   findConsoleLog,
   findQmpSocket,
   joinOpts,
@@ -229,4 +230,62 @@ test("without a recorded command line one is synthesised from the configuration"
   assert.deepEqual(pairs(r.argv, "-machine"), ["pc-q35-7.2,accel=tcg"]);
   assert.equal(r.qmpSocket, "/c/run/qmp.sock");
   assert.equal(findQmpSocket(r.argv), "/c/run/qmp.sock");
+});
+
+test("isolated (boot verification): NICs go to private hubs, -nic/-net are dropped, no default NIC; the agent socket is found", () => {
+  const withAgent = [
+    "qemu-system-x86_64",
+    ...buildCommandLine(
+      {
+        runDir: "/vms/web1/run",
+        name: "web1",
+        disks: [{ file: "/vms/web1/a.qcow2", format: "qcow2", nodeName: "disk0", id: "vblk0" }],
+        guestAgent: true,
+        extraArgs: [
+          "-netdev",
+          "tap,id=n0,ifname=tap0,vhost=on",
+          "-device",
+          "virtio-net-pci,netdev=n0,id=nic0",
+          "-netdev",
+          "bridge,id=n1,br=br0",
+          "-device",
+          "e1000,netdev=n1,id=nic1",
+          "-nic",
+          "user,model=virtio",
+          "-net",
+          "nic",
+          "-net",
+          "user",
+        ],
+      },
+      "tcg",
+    ),
+  ];
+  assert.equal(findAgentSocket(withAgent), "/vms/web1/run/qga.sock");
+  const r = rewriteCommandLine(
+    withAgent,
+    cloneRewrite({ isolate: true, files: new Map([["/vms/web1/a.qcow2", "/c/a.qcow2"]]) }),
+  );
+  assert.deepEqual(pairs(r.argv, "-netdev"), ["hubport,id=n0,hubid=4000", "hubport,id=n1,hubid=4001"]);
+  assert.deepEqual(pairs(r.argv, "-nic"), ["none"]);
+  assert.deepEqual(pairs(r.argv, "-net"), []);
+  assert.ok(!r.argv.some((a) => /tap0|br0|vhost/.test(a)), r.argv.join(" "));
+  // The NIC devices stay (the guest sees its hardware), on the isolated hubs.
+  assert.equal(
+    pairs(r.argv, "-device").filter((d) => /^(virtio-net-pci|e1000),netdev=n[01]/.test(d)).length,
+    2,
+  );
+  // The agent's socket moved with the clone's run files.
+  assert.equal(findAgentSocket(r.argv), "/clones/c1/run/qga.sock");
+  assert.equal(
+    findAgentSocket([
+      "qemu-system-x86_64",
+      ...buildCommandLine({ runDir: "/r", name: "x", disks: [], guestAgent: false }, "tcg"),
+    ]),
+    undefined,
+  );
+  // Not isolated: the network is as recorded.
+  const open = rewriteCommandLine(withAgent, cloneRewrite());
+  assert.ok(pairs(open.argv, "-netdev").includes("tap,id=n0,ifname=tap0,vhost=on"));
+  assert.ok(!pairs(open.argv, "-nic").includes("none"));
 });

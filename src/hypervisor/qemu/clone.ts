@@ -16,6 +16,9 @@
  *               ({@link chooseAccelerator}: KVM only where it works)
  *   dropped     `-daemonize` (Strata detaches QEMU itself and keeps its pid), `-incoming` (the
  *               VM boots from its restored disks instead of waiting for a migration)
+ *   isolated    (boot verification) every `-netdev` becomes a `hubport` on a hub of its own, so
+ *               the NICs stay but nothing they send leaves QEMU; `-nic` and `-net` are dropped
+ *               and `-nic none` keeps QEMU from adding its default NIC
  *
  * A restore to the original paths keeps identity, NICs and run files; only the accelerator is
  * adjusted. Values use QEMU's option syntax (`,,` is a comma inside a value); JSON-syntax
@@ -80,6 +83,41 @@ function set(opts: Opt[], key: string, value: string): void {
 
 const NIC_TYPE = /net|e1000|rtl8139|vmxnet|ne2k|pcnet|i8255|eepro/;
 
+/** First hub id of an isolated VM's NICs (one hub each; QEMU's own hubs count from 0). */
+const ISOLATED_HUB = 4000;
+
+/** The QEMU guest agent's channel name (`-device virtserialport,...,name=`). */
+export const GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0";
+
+/**
+ * The unix socket of the guest agent's channel in an argv (binary first): the `-chardev socket`
+ * of the `virtserialport` named {@link GUEST_AGENT_CHANNEL}, when QEMU is its server.
+ */
+export function findAgentSocket(argv: readonly string[]): string | undefined {
+  const sockets = new Map<string, string>();
+  let chardev: string | undefined;
+  for (let i = 1; i < argv.length - 1; i++) {
+    const o = splitOpts(argv[i + 1]!);
+    if (argv[i] === "-chardev") {
+      const id = get(o, "id");
+      const path = get(o, "path");
+      const server = get(o, "server");
+      if (
+        o[0]?.key === undefined &&
+        o[0]?.value === "socket" &&
+        id &&
+        path &&
+        (server === "on" || o.some((x) => x.key === undefined && x.value === "server"))
+      )
+        sockets.set(id, path);
+    } else if (argv[i] === "-device") {
+      const type = o[0]?.key === undefined ? o[0]?.value : get(o, "driver");
+      if (type === "virtserialport" && get(o, "name") === GUEST_AGENT_CHANNEL) chardev = get(o, "chardev");
+    }
+  }
+  return chardev === undefined ? undefined : sockets.get(chardev);
+}
+
 /** What the clone or restore changes; absent fields are kept. */
 export interface Rewrite {
   /** Old disk path (resolved) → new path. */
@@ -96,6 +134,8 @@ export interface Rewrite {
     runDir: string;
   };
   accel: Accelerator;
+  /** No network: NICs keep their devices but reach nothing (see the module comment). */
+  isolate?: boolean;
   /** Where a QMP socket goes when the recorded line has none (a clone's run directory otherwise). */
   runDir?: string;
 }
@@ -163,6 +203,7 @@ export function rewriteCommandLine(argv: readonly string[], rw: Rewrite): Rewrit
   };
   let sawUuid = false;
   let sawAccel = false;
+  let hubs = 0;
   const tcg = rw.accel === "tcg";
 
   const rewriteJson = (node: unknown, nodeName?: string): unknown => {
@@ -231,6 +272,7 @@ export function rewriteCommandLine(argv: readonly string[], rw: Rewrite): Rewrit
       case "-nic": {
         i++;
         if (val === undefined) break;
+        if (rw.isolate) break;
         const o = splitOpts(val);
         if (c && o[0]?.value !== "none") set(o, "mac", macFor(get(o, "id")));
         if (c && get(o, "ifname") !== undefined)
@@ -243,6 +285,7 @@ export function rewriteCommandLine(argv: readonly string[], rw: Rewrite): Rewrit
       case "-net": {
         i++;
         if (val === undefined) break;
+        if (rw.isolate) break;
         const o = splitOpts(val);
         if (c && o[0]?.key === undefined && o[0]?.value === "nic") set(o, "macaddr", macFor(undefined));
         out.push(flag, joinOpts(o));
@@ -252,6 +295,18 @@ export function rewriteCommandLine(argv: readonly string[], rw: Rewrite): Rewrit
         i++;
         if (val === undefined) break;
         const o = splitOpts(val);
+        if (rw.isolate) {
+          // A hub with one port: the NIC's frames go nowhere.
+          out.push(
+            flag,
+            joinOpts([
+              { key: undefined, value: "hubport" },
+              { key: "id", value: get(o, "id") ?? `strata-net${hubs}` },
+              { key: "hubid", value: String(ISOLATED_HUB + hubs++) },
+            ]),
+          );
+          break;
+        }
         if (c && get(o, "ifname") !== undefined)
           warnings.push(
             `-netdev ${val}: the clone uses the same host interface ${get(o, "ifname")} as the original; change it before running both`,
@@ -386,6 +441,7 @@ export function rewriteCommandLine(argv: readonly string[], rw: Rewrite): Rewrit
   }
   if (!sawAccel && !tcg) out.push("-accel", rw.accel);
   if (c && !sawUuid) out.push("-uuid", c.uuid);
+  if (rw.isolate) out.push("-nic", "none");
   let qmpSocket = findQmpSocket(out);
   if (qmpSocket === undefined) {
     qmpSocket = join(c?.runDir ?? rw.runDir ?? ".", "qmp.sock");

@@ -31,6 +31,7 @@ import { ErrorCode, StrataError } from "../../util/errors.js";
 import { processRunsWith, runProgram, socketAccepts, terminate, waitForExit } from "../../util/process.js";
 import type { InstantRequest, InstantRuntime, InstantVm, VmConfigDocument } from "../adapter.js";
 import {
+  findAgentSocket,
   findConsoleLog,
   newIdentity,
   type Rewrite,
@@ -50,6 +51,7 @@ import {
 } from "./instant-record.js";
 import { chooseAccelerator } from "./launcher.js";
 import type { VmConfig } from "./live.js";
+import { QgaClient } from "./qga.js";
 import { QmpClient } from "./qmp.js";
 import { startDetached } from "./start.js";
 
@@ -137,6 +139,7 @@ async function start(stored: VmConfigDocument, r: InstantRequest): Promise<Insta
       fileFormats: new Map(disks.map((d) => [resolve(d.file), "qcow2"])),
       accel: accelerator.accel,
       runDir,
+      ...(r.isolateNetwork ? { isolate: true } : {}),
       // Run files always go to DIR/run (the original may still run); identity only for a clone.
       clone: { name, uuid: uuid ?? identity.uuid, macs, runDir },
     };
@@ -146,10 +149,11 @@ async function start(stored: VmConfigDocument, r: InstantRequest): Promise<Insta
       ...config,
       name,
       uuid,
-      nics: config.nics.map((n) => ({ ...n, mac: macs.get(n.id) ?? n.mac })),
+      nics: r.isolateNetwork ? [] : config.nics.map((n) => ({ ...n, mac: macs.get(n.id) ?? n.mac })),
       disks: disks.map((d, i) => ({ ...d, file: overlays[i]!, format: "qcow2" })),
     };
     ({ argv: baseArgv, qmpSocket, warnings } = synthesiseCommandLine(synth, runDir, accelerator.accel));
+    if (r.isolateNetwork) baseArgv.push("-nic", "none");
   }
   const nodes: QemuInstantDisk[] = disks.map((d, i) => {
     const fileNode = fileChildOf(baseArgv, d.node);
@@ -266,6 +270,14 @@ async function stop(
   return how;
 }
 
+/** The agent of the VM's `virtserialport` channel (see findAgentSocket), when it has one. */
+function guestAgent(vm: InstantVm): QgaClient | undefined {
+  const socket = findAgentSocket(qemuData(vm).baseArgv);
+  return socket === undefined
+    ? undefined
+    : new QgaClient(socket, { connectTimeoutMs: 2000, syncTimeoutMs: 2000 });
+}
+
 /** Instant recovery on QEMU, the `instant` of the QEMU adapter. */
 export const qemuInstant: InstantRuntime = {
   start,
@@ -274,4 +286,5 @@ export const qemuInstant: InstantRuntime = {
   resume,
   migrate: migrateQemuInstant,
   stop,
+  guestAgent,
 };
