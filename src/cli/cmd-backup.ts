@@ -8,7 +8,7 @@ import { checkName } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes } from "../util/sizes.js";
 import { buildRegistry, DEFAULT_INVENTORY, defaultStateDir, schemeOf, sourceSyntaxes } from "./adapters.js";
-import { interruptSignal, output, withRepo } from "./context.js";
+import { interruptSignal, output, parseImmutability, withRepo } from "./context.js";
 import type { Output } from "./output.js";
 
 interface BackupOpts {
@@ -19,6 +19,8 @@ interface BackupOpts {
   stateDir?: string;
   shutdown?: boolean;
   shutdownTimeout: string;
+  immutableFor?: string;
+  immutableMode?: string;
 }
 
 function printBackupSummary(out: Output, r: BackupResult, ms: number, extra: Record<string, unknown>): void {
@@ -50,11 +52,15 @@ function printBackupSummary(out: Output, r: BackupResult, ms: number, extra: Rec
         ...(d.fullReadReason === undefined ? {} : { fullReadReason: d.fullReadReason }),
       })),
       durationMs: Math.round(ms),
+      ...(r.manifest.immutable ? { immutable: r.manifest.immutable } : {}),
       ...extra,
     },
     () =>
       [
         `restore point ${r.id} created (${r.manifest.consistency})`,
+        ...(r.manifest.immutable
+          ? [`immutable (${r.manifest.immutable.mode}) until ${r.manifest.immutable.until}`]
+          : []),
         `read ${formatBytes(t.bytesRead)} of ${formatBytes(t.size)} in ${seconds.toFixed(1)} s (${formatBytes(t.bytesRead / Math.max(seconds, 0.001))}/s)`,
         `new ${formatBytes(t.bytesNew)} (${formatBytes(t.bytesStored)} stored) in ${t.chunksNew} chunks; ${t.chunksReused} chunks reused, ${chunksZero} all-zero`,
       ].join("\n"),
@@ -84,6 +90,11 @@ export function registerBackupCommands(program: Command): void {
       "--state-dir <dir>",
       "where fleecing images and the cleanup record live (default $STRATA_STATE_DIR or /var/lib/strata/state)",
     )
+    .option(
+      "--immutable-for <duration>",
+      "lock the restore point (S3 Object Lock) for this long, e.g. 30d (default: the repository's setting)",
+    )
+    .option("--immutable-mode <mode>", "compliance (nobody can delete early) or governance", "compliance")
     .addHelpText(
       "after",
       () => `
@@ -137,20 +148,28 @@ Examples:
         );
       }
       const request: { mode: BackupRequest["mode"]; quiesce: QuiescePolicy } = { mode, quiesce };
-      await withRepo(cmd, async (repo) => {
-        const t0 = Date.now();
-        const r = await backupVm(repo, vmHandle, {
-          vm,
-          ...request,
-          ...(mode === "offline"
-            ? { shutdown: opts.shutdown === true, shutdownTimeoutMs: timeout * 1000 }
-            : {}),
-          stateDir: opts.stateDir ?? defaultStateDir(),
-          progress: out.progress(),
-          signal: interruptSignal(),
-          log: (m) => out.warn(m),
-        });
-        printBackupSummary(out, r, Date.now() - t0, r.details);
-      });
+      const immutable = parseImmutability(
+        opts.immutableFor,
+        cmd.getOptionValueSource("immutableMode") === "default" ? undefined : opts.immutableMode,
+      );
+      await withRepo(
+        cmd,
+        async (repo) => {
+          const t0 = Date.now();
+          const r = await backupVm(repo, vmHandle, {
+            vm,
+            ...request,
+            ...(mode === "offline"
+              ? { shutdown: opts.shutdown === true, shutdownTimeoutMs: timeout * 1000 }
+              : {}),
+            stateDir: opts.stateDir ?? defaultStateDir(),
+            progress: out.progress(),
+            signal: interruptSignal(),
+            log: (m) => out.warn(m),
+          });
+          printBackupSummary(out, r, Date.now() - t0, r.details);
+        },
+        immutable ? { immutable } : {},
+      );
     });
 }

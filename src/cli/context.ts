@@ -4,9 +4,10 @@ import { resolve } from "node:path";
 import type { Command } from "commander";
 import { Catalog, DEFAULT_CATALOG } from "../catalog/catalog.js";
 import { FsStore } from "../repo/fs-store.js";
-import { Repository } from "../repo/repository.js";
+import { type Immutability, type OpenOptions, Repository } from "../repo/repository.js";
 import { isS3Url, parseS3Url, S3Store } from "../repo/s3-store.js";
 import type { Store } from "../repo/store.js";
+import { parseDuration } from "../util/durations.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { kdfCacheFromEnv } from "./kdf-cache.js";
 import { makeOutput, type Output } from "./output.js";
@@ -64,17 +65,21 @@ export function password(g: GlobalOptions): string | undefined {
   return process.env.STRATA_PASSWORD;
 }
 
-export async function openRepo(cmd: Command): Promise<Repository> {
+export async function openRepo(cmd: Command, options: OpenOptions = {}): Promise<Repository> {
   const g = globals(cmd);
   const pw = password(g);
-  if (pw === undefined) return Repository.open(openStore(g));
+  if (pw === undefined) return Repository.open(openStore(g), options);
   const cache = kdfCacheFromEnv();
-  return Repository.open(openStore(g), { password: pw, ...(cache ? { kdfCache: cache } : {}) });
+  return Repository.open(openStore(g), { ...options, password: pw, ...(cache ? { kdfCache: cache } : {}) });
 }
 
 /** Runs `fn` with an open repository and closes it afterwards. */
-export async function withRepo<T>(cmd: Command, fn: (repo: Repository) => Promise<T>): Promise<T> {
-  const repo = await openRepo(cmd);
+export async function withRepo<T>(
+  cmd: Command,
+  fn: (repo: Repository) => Promise<T>,
+  options: OpenOptions = {},
+): Promise<T> {
+  const repo = await openRepo(cmd, options);
   try {
     return await fn(repo);
   } finally {
@@ -111,6 +116,31 @@ export function interruptSignal(): AbortSignal {
   process.once("SIGINT", () => stop("SIGINT"));
   process.once("SIGTERM", () => stop("SIGTERM"));
   return ac.signal;
+}
+
+/**
+ * `--immutable-for DURATION` with `--immutable-mode compliance|governance` (default compliance),
+ * or undefined when no duration is given.
+ */
+export function parseImmutability(
+  forText: string | undefined,
+  modeText: string | undefined,
+): Immutability | undefined {
+  if (forText === undefined) {
+    if (modeText !== undefined)
+      throw new StrataError(ErrorCode.USAGE, "--immutable-mode needs --immutable-for DURATION");
+    return undefined;
+  }
+  const mode = (modeText ?? "compliance").toUpperCase();
+  if (mode !== "COMPLIANCE" && mode !== "GOVERNANCE")
+    throw new StrataError(ErrorCode.USAGE, `--immutable-mode is compliance or governance, not "${modeText}"`);
+  const ms = parseDuration(forText);
+  if (ms < 1000 || ms % 1000 !== 0)
+    throw new StrataError(
+      ErrorCode.USAGE,
+      `--immutable-for takes whole seconds, at least 1s, not "${forText}"`,
+    );
+  return { mode, seconds: ms / 1000 };
 }
 
 export function parseCount(flag: string): (v: string) => number {

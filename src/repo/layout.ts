@@ -5,6 +5,7 @@
  * in both. {@link Repository} picks the layout from the config's version.
  */
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { forEachLimit } from "../util/pool.js";
 import type { ChunkPool, SharedSlot } from "./chunk-pool.js";
 import { storedSizeBound } from "./codec.js";
 import { INDEX_NAME_RE, keys } from "./format.js";
@@ -17,7 +18,7 @@ import {
   PackIndex,
   type PackRecord,
 } from "./pack-index.js";
-import type { Store } from "./store.js";
+import type { Retention, Store } from "./store.js";
 
 /** One writer's access to the chunk store, from its start to its commit. */
 export interface ChunkSession {
@@ -35,6 +36,12 @@ export interface ChunkSession {
   finish(): Promise<void>;
   /** Gives up; waits for writes under way. */
   abandon(): Promise<void>;
+  /**
+   * After {@link finish}: makes every object that holds one of these chunks, and every index
+   * object that names such a pack, stay locked at least until `retain.untilMs` (extending the
+   * retention of what an earlier restore point stored). Returns how many it extended.
+   */
+  retain?(hexes: Iterable<string>, retain: Retention): Promise<number>;
 }
 
 export interface ChunkLayout {
@@ -52,8 +59,11 @@ export interface ChunkLayout {
   readAdjacent?(hexes: readonly string[], scratch: SharedSlot): Promise<Buffer[] | undefined>;
   /** True when the chunk is stored (metadata only, for verify). */
   exists(hex: string): Promise<boolean>;
-  /** Starts a writer's session; call after the writer's lock is registered. */
-  session(): Promise<ChunkSession>;
+  /**
+   * Starts a writer's session; call after the writer's lock is registered. With `retain`, every
+   * object it stores is put under that retention.
+   */
+  session(retain?: Retention): Promise<ChunkSession>;
 }
 
 function missing(hex: string): StrataError {
@@ -150,6 +160,7 @@ export async function writeIndexObjects(
   packs: readonly PackRecord[],
   supersedes: readonly string[] = [],
   durable = false,
+  retain?: Retention,
 ): Promise<string[]> {
   const names: string[] = [];
   const parts = Math.max(1, Math.ceil(packs.length / PACKS_PER_INDEX_OBJECT));
@@ -164,7 +175,7 @@ export async function writeIndexObjects(
     const { digest, data } = await codec.hash(encodeIndex(doc));
     const { blob } = await codec.encode(data);
     const name = digest.toString("hex");
-    await store.put(keys.packIndex(name), blob, { durable });
+    await store.put(keys.packIndex(name), blob, { durable, ...(retain ? { retain } : {}) });
     names.push(name);
   }
   return names;
@@ -270,11 +281,12 @@ export class PackLayout implements ChunkLayout {
     return (await this.packKeys).has(keys.pack(at.pack));
   }
 
-  async session(): Promise<ChunkSession> {
+  async session(retain?: Retention): Promise<ChunkSession> {
     // Read now, after the writer's lock exists: gc protects what this index shows live (gc-packs.ts).
     const index = await this.packIndex(true);
     const codec = this.codec();
-    const packs = new PackWriter(this.store, codec, this.chunkSize, this.packTarget);
+    const packs = new PackWriter(this.store, codec, this.chunkSize, this.packTarget, 0, retain);
+    const store = this.store;
     const mine = new Set<string>();
     return {
       has: async (hex) => mine.has(hex) || index.hasLive(hex),
@@ -284,11 +296,38 @@ export class PackLayout implements ChunkLayout {
       },
       finish: async () => {
         const written = await packs.finish();
-        if (written.length > 0) await writeIndexObjects(this.store, codec, written);
+        if (written.length > 0) await writeIndexObjects(this.store, codec, written, [], false, retain);
         // Readers of this repository object see the new chunks.
         this.index = undefined;
       },
       abandon: () => packs.abandon(),
+      retain: async (hexes, until) => {
+        // Packs this session wrote carry the retention already; the others held chunks it reused.
+        const wrote = new Set(packs.written.map((p) => p.id));
+        const reused = new Set<string>();
+        for (const hex of hexes) {
+          const at = index.locate(hex);
+          if (at && !wrote.has(at.pack)) reused.add(at.pack);
+        }
+        const objects = new Set<string>([...reused].map((id) => keys.pack(id)));
+        // An index object naming such a pack must outlive the restore point too, or the pack
+        // could not be found.
+        const superseded = new Set(index.superseded);
+        for (const [name, doc] of index.objects)
+          if (!superseded.has(name) && doc.packs.some((p) => reused.has(p.id)))
+            objects.add(keys.packIndex(name));
+        let extended = 0;
+        await forEachLimit([...objects], 16, async (key) => {
+          if (!store.retention || !store.extendRetention) return;
+          const held = await store.retention(key);
+          if (held && held.untilMs >= until.untilMs) return;
+          // A COMPLIANCE retention can't become GOVERNANCE: it is extended in its own mode.
+          const mode = held?.mode === "COMPLIANCE" ? "COMPLIANCE" : until.mode;
+          await store.extendRetention(key, { mode, untilMs: until.untilMs });
+          extended++;
+        });
+        return extended;
+      },
     };
   }
 }
