@@ -3,12 +3,14 @@ import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import type { Command } from "commander";
 import { Catalog, DEFAULT_CATALOG } from "../catalog/catalog.js";
+import { CachedStore, DEFAULT_CACHE_BYTES, defaultCacheDir } from "../repo/cached-store.js";
 import { FsStore } from "../repo/fs-store.js";
 import { type Immutability, type OpenOptions, Repository } from "../repo/repository.js";
 import { isS3Url, parseS3Url, S3Store } from "../repo/s3-store.js";
 import type { Store } from "../repo/store.js";
 import { parseDuration } from "../util/durations.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { parseSize } from "../util/sizes.js";
 import { kdfCacheFromEnv } from "./kdf-cache.js";
 import { makeOutput, type Output } from "./output.js";
 
@@ -19,6 +21,8 @@ export interface GlobalOptions {
   passwordFile?: string;
   json?: boolean;
   quiet?: boolean;
+  cacheDir?: string;
+  cacheSize?: string;
 }
 
 export function globals(cmd: Command): GlobalOptions {
@@ -47,7 +51,12 @@ export function repoPath(g: GlobalOptions): string {
  */
 export function openStore(g: GlobalOptions): Store {
   const p = repoPath(g);
-  return isS3Url(p) ? new S3Store(parseS3Url(p)) : new FsStore(p);
+  if (!isS3Url(p)) return new FsStore(p);
+  const s3 = new S3Store(parseS3Url(p));
+  // Reads of packs (restore, serve, files, instant recovery) go through a bounded local cache.
+  const sizeText = g.cacheSize ?? process.env.STRATA_CACHE_SIZE;
+  const size = sizeText === undefined ? DEFAULT_CACHE_BYTES : parseSize(sizeText);
+  return size === 0 ? s3 : new CachedStore(s3, resolve(g.cacheDir ?? defaultCacheDir()), size);
 }
 
 /** The password from --password-file or STRATA_PASSWORD, or undefined. */
