@@ -130,8 +130,8 @@ describe("instant recovery from S3", { timeout: 600_000 }, () => {
 
     const fromLocal = await boot(local, backups.local!.id, "ir-local");
     await st(local, ["instant", "stop", "ir-local", "--discard"]);
-    // From S3 twice: the cache holds what the first boot read (the restore above read through
-    // another cache directory's worth: the cache is emptied first).
+    // From S3 twice: first with an empty cache (the restore above filled it, so it is emptied),
+    // then with what the first boot read in the cache.
     await rm(env.STRATA_CACHE_DIR, { recursive: true, force: true });
     const fromS3Cold = await boot(s3, backups.s3!.id, "ir-s3-cold");
     await st(s3, ["instant", "stop", "ir-s3-cold", "--discard"]);
