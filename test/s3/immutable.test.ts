@@ -311,6 +311,43 @@ test("a backup-only credential adds restore points but can't delete; immutabilit
     [first.id, second.id],
   );
 
+  // GOVERNANCE for one backup: the owner's delete of a version is refused too (no bypass asked).
+  const gov = summary<{ time: string; immutable: { mode: string } }>(
+    await strataOk(
+      [
+        "backup",
+        "--repo",
+        repo,
+        "--vm",
+        "vm1",
+        "--json",
+        "--immutable-for",
+        "1h",
+        "--immutable-mode",
+        "governance",
+        `file:${img}`,
+      ],
+      { env: gatewayEnv(gw) },
+    ),
+  );
+  assert.equal(gov.immutable.mode, "GOVERNANCE");
+  const govManifest = await retentionOf(admin, bucket, `r/vms/vm1/${gov.time}/manifest.json`);
+  assert.equal(govManifest.mode, "GOVERNANCE");
+  assert.equal(
+    (
+      await refusal(
+        admin.send(
+          new DeleteObjectCommand({
+            Bucket: bucket,
+            Key: `r/vms/vm1/${gov.time}/manifest.json`,
+            VersionId: govManifest.version,
+          }),
+        ),
+      )
+    ).status,
+    403,
+  );
+
   const user = await s3Client(gw, bk);
   t.after(() => user.destroy());
   const manifestKey = `r/vms/vm1/${first.time}/manifest.json`;
