@@ -8,7 +8,7 @@ import { checkName } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes } from "../util/sizes.js";
 import { buildRegistry, DEFAULT_INVENTORY, defaultStateDir, schemeOf, sourceSyntaxes } from "./adapters.js";
-import { interruptSignal, output, withRepo } from "./context.js";
+import { interruptSignal, output, parseImmutability, withRepo } from "./context.js";
 import type { Output } from "./output.js";
 
 interface BackupOpts {
@@ -20,6 +20,8 @@ interface BackupOpts {
   shutdown?: boolean;
   shutdownTimeout: string;
   limitRead?: string;
+  immutableFor?: string;
+  immutableMode?: string;
 }
 
 function printBackupSummary(out: Output, r: BackupResult, ms: number, extra: Record<string, unknown>): void {
@@ -51,11 +53,15 @@ function printBackupSummary(out: Output, r: BackupResult, ms: number, extra: Rec
         ...(d.fullReadReason === undefined ? {} : { fullReadReason: d.fullReadReason }),
       })),
       durationMs: Math.round(ms),
+      ...(r.manifest.immutable ? { immutable: r.manifest.immutable } : {}),
       ...extra,
     },
     () =>
       [
         `restore point ${r.id} created (${r.manifest.consistency})`,
+        ...(r.manifest.immutable
+          ? [`immutable (${r.manifest.immutable.mode}) until ${r.manifest.immutable.until}`]
+          : []),
         `read ${formatBytes(t.bytesRead)} of ${formatBytes(t.size)} in ${seconds.toFixed(1)} s (${formatBytes(t.bytesRead / Math.max(seconds, 0.001))}/s)`,
         `new ${formatBytes(t.bytesNew)} (${formatBytes(t.bytesStored)} stored) in ${t.chunksNew} chunks; ${t.chunksReused} chunks reused, ${chunksZero} all-zero`,
       ].join("\n"),
@@ -89,6 +95,11 @@ export function registerBackupCommands(program: Command): void {
       "--state-dir <dir>",
       "where fleecing images and the cleanup record live (default $STRATA_STATE_DIR or /var/lib/strata/state)",
     )
+    .option(
+      "--immutable-for <duration>",
+      "lock the restore point (S3 Object Lock) for this long, e.g. 30d (default: the repository's setting)",
+    )
+    .option("--immutable-mode <mode>", "compliance (nobody can delete early) or governance", "compliance")
     .addHelpText(
       "after",
       () => `
@@ -149,21 +160,29 @@ Examples:
           `--limit-read takes MiB/s above 0 (up to 1000000), not "${opts.limitRead}"`,
         );
       const request: { mode: BackupRequest["mode"]; quiesce: QuiescePolicy } = { mode, quiesce };
-      await withRepo(cmd, async (repo) => {
-        const t0 = Date.now();
-        const r = await backupVm(repo, vmHandle, {
-          vm,
-          ...request,
-          ...(mode === "offline"
-            ? { shutdown: opts.shutdown === true, shutdownTimeoutMs: timeout * 1000 }
-            : {}),
-          stateDir: opts.stateDir ?? defaultStateDir(),
-          ...(limitRead === undefined ? {} : { jobMiBs: limitRead }),
-          progress: out.progress(),
-          signal: interruptSignal(),
-          log: (m) => out.warn(m),
-        });
-        printBackupSummary(out, r, Date.now() - t0, r.details);
-      });
+      const immutable = parseImmutability(
+        opts.immutableFor,
+        cmd.getOptionValueSource("immutableMode") === "default" ? undefined : opts.immutableMode,
+      );
+      await withRepo(
+        cmd,
+        async (repo) => {
+          const t0 = Date.now();
+          const r = await backupVm(repo, vmHandle, {
+            vm,
+            ...request,
+            ...(mode === "offline"
+              ? { shutdown: opts.shutdown === true, shutdownTimeoutMs: timeout * 1000 }
+              : {}),
+            stateDir: opts.stateDir ?? defaultStateDir(),
+            ...(limitRead === undefined ? {} : { jobMiBs: limitRead }),
+            progress: out.progress(),
+            signal: interruptSignal(),
+            log: (m) => out.warn(m),
+          });
+          printBackupSummary(out, r, Date.now() - t0, r.details);
+        },
+        immutable ? { immutable } : {},
+      );
     });
 }

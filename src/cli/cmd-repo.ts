@@ -21,6 +21,7 @@ import {
   openStore,
   output,
   parseCount,
+  parseImmutability,
   password,
   withRepo,
 } from "./context.js";
@@ -52,11 +53,21 @@ function bootColumn(b: { outcome: string; answerMs: number | null } | null): str
   return b.outcome === "passed" ? `passed ${((b.answerMs ?? 0) / 1000).toFixed(1)} s` : "FAILED";
 }
 
+/** Restore points forget left because they are locked, for people. */
+function lockedLines(locked: readonly { id: string; until: string }[]): string[] {
+  return locked.map((l) => `locked ${l.id}  (immutable until ${l.until}: kept)`);
+}
+
 export function registerRepoCommands(program: Command): void {
   program
     .command("init")
     .description("create a repository (encrypted when a password is given)")
     .option("--chunk-size <size>", "chunk size, a power of two from 64K to 64M", "1M")
+    .option(
+      "--immutable-for <duration>",
+      "S3 bucket with Object Lock: lock every restore point for this long, e.g. 30d",
+    )
+    .option("--immutable-mode <mode>", "compliance (nobody can delete early) or governance", "compliance")
     .addHelpText(
       "after",
       `
@@ -69,28 +80,47 @@ The bucket must exist. Credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_AC
 from the credentials file STRATA_S3_CREDENTIALS or ~/.aws/credentials (profile AWS_PROFILE),
 never from the command line. An S3 repository has format v2 (packs).
 
+Immutable restore points: on a bucket created with S3 Object Lock, --immutable-for locks each
+restore point's manifest, indexes and every pack and pack index it needs for that long after its
+backup (a backup's own --immutable-for overrides it). Packs a later restore point reuses are
+locked longer. forget and gc leave what is locked and say so; nobody, not even the bucket's
+owner, can delete a COMPLIANCE-locked object early.
+
 Examples:
   strata init --repo /backup/strata --password-file /root/.strata-pass
-  strata init --repo s3:https://s3.example.org/backups/site-a --password-file /root/.strata-pass`,
+  strata init --repo s3:https://s3.example.org/backups/site-a --password-file /root/.strata-pass
+  strata init --repo s3:https://s3.example.org/locked-bucket --immutable-for 30d`,
     )
-    .action(async (opts: { chunkSize: string }, cmd: Command) => {
-      const out = output(cmd);
-      const g = globals(cmd);
-      const pw = password(g);
-      const store = await openStore(g);
-      const cache = pw === undefined ? undefined : kdfCacheFromEnv();
-      const config = await Repository.init(store, {
-        chunkSize: parseSize(opts.chunkSize),
-        ...(pw === undefined ? {} : { password: pw }),
-        ...(cache ? { kdfCache: cache } : {}),
-      });
-      out.result({ location: store.location, ...config }, () =>
-        [
-          `created repository ${config.id} at ${store.location}`,
-          `chunk size ${formatBytes(config.chunkSize)}, ${config.encryption === "none" ? "NOT encrypted" : "encrypted (AES-256-GCM)"}`,
-        ].join("\n"),
-      );
-    });
+    .action(
+      async (opts: { chunkSize: string; immutableFor?: string; immutableMode?: string }, cmd: Command) => {
+        const out = output(cmd);
+        const g = globals(cmd);
+        const pw = password(g);
+        const store = await openStore(g);
+        const cache = pw === undefined ? undefined : kdfCacheFromEnv();
+        const immutable = parseImmutability(
+          opts.immutableFor,
+          cmd.getOptionValueSource("immutableMode") === "default" ? undefined : opts.immutableMode,
+        );
+        const config = await Repository.init(store, {
+          chunkSize: parseSize(opts.chunkSize),
+          ...(immutable ? { immutable } : {}),
+          ...(pw === undefined ? {} : { password: pw }),
+          ...(cache ? { kdfCache: cache } : {}),
+        });
+        out.result({ location: store.location, ...config }, () =>
+          [
+            `created repository ${config.id} at ${store.location}`,
+            `chunk size ${formatBytes(config.chunkSize)}, ${config.encryption === "none" ? "NOT encrypted" : "encrypted (AES-256-GCM)"}`,
+            ...(config.immutable
+              ? [
+                  `restore points immutable (${config.immutable.mode}) for ${config.immutable.seconds} s after their backup`,
+                ]
+              : []),
+          ].join("\n"),
+        );
+      },
+    );
 
   program
     .command("snapshots")
@@ -248,9 +278,14 @@ Examples:
             if (Object.keys(opts).some((k) => k.startsWith("keep"))) {
               throw new StrataError(ErrorCode.USAGE, "give restore point ids or --keep-* rules, not both");
             }
-            const removed = await forgetIds(repo, ids, opts.dryRun === true);
-            out.result({ type: "summary", dryRun: opts.dryRun === true, keep: [], remove: removed }, () =>
-              removed.map((id) => `${opts.dryRun ? "would remove" : "removed"} ${id}`).join("\n"),
+            const { removed, locked } = await forgetIds(repo, ids, opts.dryRun === true);
+            out.result(
+              { type: "summary", dryRun: opts.dryRun === true, keep: [], remove: removed, locked },
+              () =>
+                [
+                  ...removed.map((id) => `${opts.dryRun ? "would remove" : "removed"} ${id}`),
+                  ...lockedLines(locked),
+                ].join("\n"),
             );
             return;
           }
@@ -270,7 +305,9 @@ Examples:
             [
               ...plan.keep.map((k) => `keep   ${k.id}  (${k.reasons.join(", ")})`),
               ...plan.remove.map((id) => `${opts.dryRun ? "would remove" : "remove"} ${id}`),
-              `${plan.keep.length} kept, ${plan.remove.length} ${opts.dryRun ? "would be removed" : "removed"}`,
+              ...lockedLines(plan.locked),
+              `${plan.keep.length} kept, ${plan.remove.length} ${opts.dryRun ? "would be removed" : "removed"}` +
+                (plan.locked.length > 0 ? `, ${plan.locked.length} locked (kept)` : ""),
             ].join("\n"),
           );
         });
@@ -353,6 +390,9 @@ the host is idle, e.g. nightly.`,
                 `${report.incompleteRemoved} incomplete restore points removed` +
                 (report.packsRecompressed
                   ? `; recompressed ${report.packsRecompressed} pack(s): ${formatBytes(report.repackedBytesBefore ?? 0)} → ${formatBytes(report.repackedBytesAfter ?? 0)}`
+                  : "") +
+                (report.locked.length > 0
+                  ? `\n${report.locked.length} object(s) locked (S3 Object Lock), kept until their retention passes:\n  ${report.locked.join("\n  ")}`
                   : ""),
           );
         });

@@ -3,11 +3,14 @@ import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import type { Command } from "commander";
 import { Catalog, DEFAULT_CATALOG } from "../catalog/catalog.js";
+import { CachedStore, DEFAULT_CACHE_BYTES, defaultCacheDir } from "../repo/cached-store.js";
 import { FsStore } from "../repo/fs-store.js";
-import { Repository } from "../repo/repository.js";
+import { type Immutability, type OpenOptions, Repository } from "../repo/repository.js";
 import { isS3Url } from "../repo/s3-url.js";
 import type { Store } from "../repo/store.js";
+import { parseDuration } from "../util/durations.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { parseSize } from "../util/sizes.js";
 import { kdfCacheFromEnv } from "./kdf-cache.js";
 import { makeOutput, type Output } from "./output.js";
 
@@ -18,6 +21,8 @@ export interface GlobalOptions {
   passwordFile?: string;
   json?: boolean;
   quiet?: boolean;
+  cacheDir?: string;
+  cacheSize?: string;
 }
 
 export function globals(cmd: Command): GlobalOptions {
@@ -49,7 +54,11 @@ export async function openStore(g: GlobalOptions): Promise<Store> {
   if (!isS3Url(p)) return new FsStore(p);
   // Loaded only for S3 repositories: the client's modules take longer to load than a small backup runs.
   const { S3Store, parseS3Url } = await import("../repo/s3-store.js");
-  return new S3Store(parseS3Url(p));
+  const s3 = new S3Store(parseS3Url(p));
+  // Reads of packs (restore, serve, files, instant recovery) go through a bounded local cache.
+  const sizeText = g.cacheSize ?? process.env.STRATA_CACHE_SIZE;
+  const size = sizeText === undefined ? DEFAULT_CACHE_BYTES : parseSize(sizeText);
+  return size === 0 ? s3 : new CachedStore(s3, resolve(g.cacheDir ?? defaultCacheDir()), size);
 }
 
 /** The password from --password-file or STRATA_PASSWORD, or undefined. */
@@ -67,17 +76,25 @@ export function password(g: GlobalOptions): string | undefined {
   return process.env.STRATA_PASSWORD;
 }
 
-export async function openRepo(cmd: Command): Promise<Repository> {
+export async function openRepo(cmd: Command, options: OpenOptions = {}): Promise<Repository> {
   const g = globals(cmd);
   const pw = password(g);
-  if (pw === undefined) return Repository.open(await openStore(g));
+  if (pw === undefined) return Repository.open(await openStore(g), options);
   const cache = kdfCacheFromEnv();
-  return Repository.open(await openStore(g), { password: pw, ...(cache ? { kdfCache: cache } : {}) });
+  return Repository.open(await openStore(g), {
+    ...options,
+    password: pw,
+    ...(cache ? { kdfCache: cache } : {}),
+  });
 }
 
 /** Runs `fn` with an open repository and closes it afterwards. */
-export async function withRepo<T>(cmd: Command, fn: (repo: Repository) => Promise<T>): Promise<T> {
-  const repo = await openRepo(cmd);
+export async function withRepo<T>(
+  cmd: Command,
+  fn: (repo: Repository) => Promise<T>,
+  options: OpenOptions = {},
+): Promise<T> {
+  const repo = await openRepo(cmd, options);
   try {
     return await fn(repo);
   } finally {
@@ -114,6 +131,31 @@ export function interruptSignal(): AbortSignal {
   process.once("SIGINT", () => stop("SIGINT"));
   process.once("SIGTERM", () => stop("SIGTERM"));
   return ac.signal;
+}
+
+/**
+ * `--immutable-for DURATION` with `--immutable-mode compliance|governance` (default compliance),
+ * or undefined when no duration is given.
+ */
+export function parseImmutability(
+  forText: string | undefined,
+  modeText: string | undefined,
+): Immutability | undefined {
+  if (forText === undefined) {
+    if (modeText !== undefined)
+      throw new StrataError(ErrorCode.USAGE, "--immutable-mode needs --immutable-for DURATION");
+    return undefined;
+  }
+  const mode = (modeText ?? "compliance").toUpperCase();
+  if (mode !== "COMPLIANCE" && mode !== "GOVERNANCE")
+    throw new StrataError(ErrorCode.USAGE, `--immutable-mode is compliance or governance, not "${modeText}"`);
+  const ms = parseDuration(forText);
+  if (ms < 1000 || ms % 1000 !== 0)
+    throw new StrataError(
+      ErrorCode.USAGE,
+      `--immutable-for takes whole seconds, at least 1s, not "${forText}"`,
+    );
+  return { mode, seconds: ms / 1000 };
 }
 
 export function parseCount(flag: string): (v: string) => number {

@@ -38,6 +38,7 @@ import { loadPackIndex, writeIndexObjects } from "./layout.js";
 import { PackWriter } from "./pack.js";
 import { PACK_FLAG_RECOMPRESSED, type PackRecord } from "./pack-index.js";
 import type { Repository } from "./repository.js";
+import type { Retention } from "./store.js";
 
 /** Repack a pack when more than this share of its bytes is unused. */
 export const DEFAULT_REPACK_UNUSED = 0.5;
@@ -58,6 +59,8 @@ export interface PackGcReport {
   packsRecompressed: number;
   /** Packs kept as they were because a chunk in them is damaged, with why. */
   packsNotRepacked: string[];
+  /** Packs that would have been deleted but are locked (S3 Object Lock); a later gc deletes them. */
+  packsLocked: number;
   /** Stored bytes of the chunks repacked, before and after. */
   repackedBytesBefore: number;
   repackedBytesAfter: number;
@@ -74,6 +77,10 @@ export async function gcPacks(
     recompress?: number;
     progress: ProgressSink;
     signal?: AbortSignal;
+    /** Retention for the index objects gc writes (S3 Object Lock). */
+    retain?: Retention;
+    /** Told of each object kept because it is locked ("key (until time)"). */
+    onLocked?: (what: string) => void;
   },
 ): Promise<PackGcReport> {
   const store = repo.store;
@@ -91,6 +98,7 @@ export async function gcPacks(
     chunksKeptInPacks: 0,
     packsRecompressed: 0,
     packsNotRepacked: [],
+    packsLocked: 0,
     repackedBytesBefore: 0,
     repackedBytesAfter: 0,
   };
@@ -154,6 +162,29 @@ export async function gcPacks(
       remove.push(id);
       report.orphansDeleted++;
     }
+  }
+
+  // Packs under a retention that has not passed can't be deleted yet: a condemned one stays in the
+  // index as it is (a later gc deletes it), an unfinished one stays where it is.
+  if (remove.length > 0 && store.retention && (await store.objectLock?.())) {
+    const now = repo.clock.now();
+    const held = new Set<string>();
+    await forEachLimit(remove, 16, async (id) => {
+      const r = await store.retention!(keys.pack(id));
+      if (r && r.untilMs > now) {
+        held.add(id);
+        options.onLocked?.(`${keys.pack(id)} (until ${new Date(r.untilMs).toISOString()})`);
+      }
+    });
+    for (const id of held) {
+      const p = index.packs.get(id);
+      if (p) {
+        next.push(p);
+        report.chunksRemoved -= p.entries.length;
+      } else report.orphansDeleted--;
+      report.packsLocked++;
+    }
+    remove.splice(0, remove.length, ...remove.filter((id) => !held.has(id)));
   }
 
   options.progress.emit({
@@ -230,10 +261,27 @@ export async function gcPacks(
     // T is taken now, just before the index that condemns is stored (see the top of this file).
     const t = Math.max(repo.clock.now(), cutoff + 1);
     for (const p of condemn) next.push({ ...p, condemnedAt: t });
-    const written = new Set(await writeIndexObjects(store, codec, next, [...index.objects.keys()], true));
+    const written = new Set(
+      await writeIndexObjects(store, codec, next, [...index.objects.keys()], true, options.retain),
+    );
     await store.flush();
-    for (const id of remove) await store.delete(keys.pack(id));
-    for (const name of index.objects.keys()) if (!written.has(name)) await store.delete(keys.packIndex(name));
+    const unlessLocked = async (key: string): Promise<boolean> => {
+      try {
+        await store.delete(key);
+        return true;
+      } catch (err) {
+        if (!store.isLocked?.(err)) throw err;
+        options.onLocked?.((err as Error).message);
+        return false;
+      }
+    };
+    for (const id of remove) {
+      if (await unlessLocked(keys.pack(id))) continue;
+      report.packsLocked++;
+      report.bytesFreed -= listed.get(id)?.size ?? 0;
+    }
+    // A superseded index object still locked stays; readers ignore it, the next gc supersedes it again.
+    for (const name of index.objects.keys()) if (!written.has(name)) await unlessLocked(keys.packIndex(name));
   }
   report.packsDeleted = remove.length - report.orphansDeleted;
   options.progress.emit({ type: "end", job: "gc" });

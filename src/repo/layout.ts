@@ -5,6 +5,7 @@
  * in both. {@link Repository} picks the layout from the config's version.
  */
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { forEachLimit } from "../util/pool.js";
 import type { ChunkPool, SharedSlot } from "./chunk-pool.js";
 import { storedSizeBound } from "./codec.js";
 import { INDEX_NAME_RE, keys } from "./format.js";
@@ -17,7 +18,7 @@ import {
   PackIndex,
   type PackRecord,
 } from "./pack-index.js";
-import type { Store } from "./store.js";
+import type { Retention, Store } from "./store.js";
 
 /** One writer's access to the chunk store, from its start to its commit. */
 export interface ChunkSession {
@@ -41,6 +42,12 @@ export interface ChunkSession {
   checkpoint?(): Promise<number>;
   /** Gives up; waits for writes under way. */
   abandon(): Promise<void>;
+  /**
+   * After {@link finish}: makes every object that holds one of these chunks, and every index
+   * object that names such a pack, stay locked at least until `retain.untilMs` (extending the
+   * retention of what an earlier restore point stored). Returns how many it extended.
+   */
+  retain?(hexes: Iterable<string>, retain: Retention): Promise<number>;
 }
 
 export interface ChunkLayout {
@@ -58,8 +65,11 @@ export interface ChunkLayout {
   readAdjacent?(hexes: readonly string[], scratch: SharedSlot): Promise<Buffer[] | undefined>;
   /** True when the chunk is stored (metadata only, for verify). */
   exists(hex: string): Promise<boolean>;
-  /** Starts a writer's session; call after the writer's lock is registered. */
-  session(): Promise<ChunkSession>;
+  /**
+   * Starts a writer's session; call after the writer's lock is registered. With `retain`, every
+   * object it stores is put under that retention.
+   */
+  session(retain?: Retention): Promise<ChunkSession>;
 }
 
 function missing(hex: string): StrataError {
@@ -156,6 +166,7 @@ export async function writeIndexObjects(
   packs: readonly PackRecord[],
   supersedes: readonly string[] = [],
   durable = false,
+  retain?: Retention,
 ): Promise<string[]> {
   const names: string[] = [];
   const parts = Math.max(1, Math.ceil(packs.length / PACKS_PER_INDEX_OBJECT));
@@ -170,7 +181,7 @@ export async function writeIndexObjects(
     const { digest, data } = await codec.hash(encodeIndex(doc));
     const { blob } = await codec.encode(data);
     const name = digest.toString("hex");
-    await store.put(keys.packIndex(name), blob, { durable });
+    await store.put(keys.packIndex(name), blob, { durable, ...(retain ? { retain } : {}) });
     names.push(name);
   }
   return names;
@@ -276,11 +287,12 @@ export class PackLayout implements ChunkLayout {
     return (await this.packKeys).has(keys.pack(at.pack));
   }
 
-  async session(): Promise<ChunkSession> {
+  async session(retain?: Retention): Promise<ChunkSession> {
     // Read now, after the writer's lock exists: gc protects what this index shows live (gc-packs.ts).
     const index = await this.packIndex(true);
     const codec = this.codec();
-    const packs = new PackWriter(this.store, codec, this.chunkSize, this.packTarget);
+    const packs = new PackWriter(this.store, codec, this.chunkSize, this.packTarget, 0, retain);
+    const store = this.store;
     const mine = new Set<string>();
     // Packs already named by an index object this session wrote (checkpoints), and the
     // checkpoint under way: one at a time, and finish waits for it.
@@ -290,7 +302,7 @@ export class PackLayout implements ChunkLayout {
       const run = indexing.then(async () => {
         const todo = records.slice(indexed);
         if (todo.length === 0) return 0;
-        await writeIndexObjects(this.store, codec, todo);
+        await writeIndexObjects(this.store, codec, todo, [], false, retain);
         indexed += todo.length;
         return todo.length;
       });
@@ -318,6 +330,33 @@ export class PackLayout implements ChunkLayout {
         this.index = undefined;
       },
       abandon: () => packs.abandon(),
+      retain: async (hexes, until) => {
+        // Packs this session wrote carry the retention already; the others held chunks it reused.
+        const wrote = new Set(packs.written.map((p) => p.id));
+        const reused = new Set<string>();
+        for (const hex of hexes) {
+          const at = index.locate(hex);
+          if (at && !wrote.has(at.pack)) reused.add(at.pack);
+        }
+        const objects = new Set<string>([...reused].map((id) => keys.pack(id)));
+        // An index object naming such a pack must outlive the restore point too, or the pack
+        // could not be found.
+        const superseded = new Set(index.superseded);
+        for (const [name, doc] of index.objects)
+          if (!superseded.has(name) && doc.packs.some((p) => reused.has(p.id)))
+            objects.add(keys.packIndex(name));
+        let extended = 0;
+        await forEachLimit([...objects], 16, async (key) => {
+          if (!store.retention || !store.extendRetention) return;
+          const held = await store.retention(key);
+          if (held && held.untilMs >= until.untilMs) return;
+          // A COMPLIANCE retention can't become GOVERNANCE: it is extended in its own mode.
+          const mode = held?.mode === "COMPLIANCE" ? "COMPLIANCE" : until.mode;
+          await store.extendRetention(key, { mode, untilMs: until.untilMs });
+          extended++;
+        });
+        return extended;
+      },
     };
   }
 }

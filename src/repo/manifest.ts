@@ -71,6 +71,11 @@ export interface Manifest {
   host: string;
   durationMs: number;
   tool: string;
+  /**
+   * Set when the restore point was stored under S3 Object Lock: the retention its manifest,
+   * indexes, blobs and every pack and index object it needs are locked under, at least.
+   */
+  immutable?: { mode: "COMPLIANCE" | "GOVERNANCE"; until: string };
 }
 
 export function manifestTotals(m: Manifest): {
@@ -113,6 +118,7 @@ export const ManifestSchema = z.object({
     "crash-consistent",
   ]),
   parent: z.string().regex(TIME_RE).nullable(),
+  immutable: z.object({ mode: z.enum(["COMPLIANCE", "GOVERNANCE"]), until: z.iso.datetime() }).optional(),
   disks: z
     .array(
       z.object({

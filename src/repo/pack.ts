@@ -36,7 +36,7 @@ import {
   PACK_TRAILER_SIZE,
 } from "./format.js";
 import type { PackEntry, PackRecord } from "./pack-index.js";
-import type { Store } from "./store.js";
+import type { Retention, Store } from "./store.js";
 
 export const PACK_HEADER_SIZE = 16;
 
@@ -124,6 +124,8 @@ export class PackWriter {
     private readonly target: number = PACK_TARGET_SIZE,
     /** Flags of the packs written (pack-index.ts). */
     private readonly flags = 0,
+    /** Retention every pack is stored under (an immutable restore point's). */
+    private readonly retain?: Retention,
   ) {
     this.buffers = new AlignedSlots(2, packCapacity(chunkSize));
   }
@@ -213,6 +215,9 @@ export class PackWriter {
     PACK_MAGIC.copy(trailer, 40);
     view.set(trailer, at);
     at += PACK_TRAILER_SIZE;
-    await this.store.put(keys.pack(pack.id), view.subarray(0, at), { aligned: true });
+    await this.store.put(keys.pack(pack.id), view.subarray(0, at), {
+      aligned: true,
+      ...(this.retain ? { retain: this.retain } : {}),
+    });
   }
 }

@@ -17,10 +17,13 @@ import { gcPacks, type PackGcReport } from "./gc-packs.js";
 import { isStale, type LockInfo, listLocks } from "./locks.js";
 import type { Repository, SnapshotRef } from "./repository.js";
 import { applyRetention, isEmptyPolicy, type KeepPolicy, type KeepRule } from "./retention.js";
+import type { Retention } from "./store.js";
 
 export interface ForgetPlan {
   keep: Array<{ id: string; reasons: KeepRule[] }>;
   remove: string[];
+  /** Restore points the policy would remove but that are locked (S3 Object Lock): kept, with until when. */
+  locked: Array<{ id: string; until: string }>;
 }
 
 /** Applies `policy` to each VM's restore points (or only `vm`'s); removes unless `dryRun`. */
@@ -35,17 +38,21 @@ export async function forget(
       "no keep policy given (e.g. --keep-last 7 --keep-daily 14): nothing would be kept, so nothing is removed",
     );
   }
+  if (!options.dryRun) await repo.store.checkDelete?.();
   const lock = options.dryRun ? undefined : await repo.lock("exclusive", "forget");
   try {
     const snaps = await repo.snapshots(options.vm);
     const byVm = new Map<string, SnapshotRef[]>();
     for (const s of snaps) byVm.set(s.vm, [...(byVm.get(s.vm) ?? []), s]);
-    const plan: ForgetPlan = { keep: [], remove: [] };
+    const plan: ForgetPlan = { keep: [], remove: [], locked: [] };
     for (const group of byVm.values()) {
       const d = applyRetention(group, policy, (s) => Date.parse(s.time));
       plan.keep.push(...d.keep.map((k) => ({ id: `${k.item.vm}/${k.item.time}`, reasons: k.reasons })));
       plan.remove.push(...d.remove.map((s) => `${s.vm}/${s.time}`));
     }
+    plan.locked = await lockedOf(repo, plan.remove);
+    const held = new Set(plan.locked.map((l) => l.id));
+    plan.remove = plan.remove.filter((id) => !held.has(id));
     if (!options.dryRun) await removeSnapshots(repo, plan.remove);
     return plan;
   } finally {
@@ -53,18 +60,50 @@ export async function forget(
   }
 }
 
-/** Removes the named restore points ("vm/time"); each must exist. Returns their ids. */
-export async function forgetIds(repo: Repository, ids: readonly string[], dryRun = false): Promise<string[]> {
+/**
+ * Removes the named restore points ("vm/time"); each must exist. Returns their ids, and those
+ * kept because they are locked.
+ */
+export async function forgetIds(
+  repo: Repository,
+  ids: readonly string[],
+  dryRun = false,
+): Promise<{ removed: string[]; locked: ForgetPlan["locked"] }> {
+  if (!dryRun) await repo.store.checkDelete?.();
   const lock = dryRun ? undefined : await repo.lock("exclusive", "forget");
   try {
     const snaps: SnapshotRef[] = [];
     for (const id of ids) snaps.push(await repo.findSnapshot(id));
     const resolved = [...new Set(snaps.map((s) => `${s.vm}/${s.time}`))];
-    if (!dryRun) await removeSnapshots(repo, resolved);
-    return resolved;
+    const locked = await lockedOf(repo, resolved);
+    const held = new Set(locked.map((l) => l.id));
+    const removed = resolved.filter((id) => !held.has(id));
+    if (!dryRun) await removeSnapshots(repo, removed);
+    return { removed, locked };
   } finally {
     await lock?.release();
   }
+}
+
+/**
+ * Which of the restore points can't be removed yet: an object of theirs is under a retention
+ * that has not passed (S3 Object Lock). Nothing of those is deleted, so none is left half gone.
+ */
+async function lockedOf(repo: Repository, ids: readonly string[]): Promise<ForgetPlan["locked"]> {
+  const store = repo.store;
+  if (ids.length === 0 || !store.retention || !(await store.objectLock?.())) return [];
+  const now = repo.clock.now();
+  const out: ForgetPlan["locked"] = [];
+  await forEachLimit(ids, 8, async (id) => {
+    const [vm, time] = id.split("/") as [string, string];
+    let until = 0;
+    for await (const o of store.list(`${keys.snapshotDir(vm, time)}/`)) {
+      const r = await store.retention!(o.key);
+      if (r && r.untilMs > now) until = Math.max(until, r.untilMs);
+    }
+    if (until > 0) out.push({ id, until: new Date(until).toISOString() });
+  });
+  return out.sort((a, b) => a.id.localeCompare(b.id));
 }
 
 async function removeSnapshots(repo: Repository, ids: readonly string[]): Promise<void> {
@@ -87,6 +126,11 @@ export interface GcReport extends Partial<PackGcReport> {
   incompleteRemoved: number;
   tempsRemoved: number;
   cutoff: string;
+  /**
+   * Objects gc would have deleted but kept because they are locked (S3 Object Lock), each as
+   * "key (until time)"; gc deletes them once their retention has passed.
+   */
+  locked: string[];
 }
 
 export const DEFAULT_GC_GRACE_MS = 60 * 60_000;
@@ -106,6 +150,7 @@ export async function gc(
 ): Promise<GcReport> {
   const progress = options.progress ?? noProgress;
   const grace = options.graceMs ?? DEFAULT_GC_GRACE_MS;
+  if (!options.dryRun) await repo.store.checkDelete?.();
   const lock = await repo.lock("exclusive", "gc");
   try {
     const start = repo.clock.now();
@@ -143,6 +188,11 @@ export async function gc(
       );
     }
 
+    const locked: string[] = [];
+    const keptLocked = (err: unknown): void => {
+      if (!repo.store.isLocked?.(err)) throw err;
+      locked.push((err as Error).message);
+    };
     // Restore points whose writer died before the manifest: their folders are garbage.
     let incompleteRemoved = 0;
     const folders = new Map<string, number>();
@@ -157,15 +207,28 @@ export async function gc(
       if (newest === Number.POSITIVE_INFINITY || claims.has(id) || newest >= cutoff) continue;
       if (!options.dryRun) {
         const [vm, time] = id.split("/") as [string, string];
-        await repo.store.deletePrefix(`${keys.snapshotDir(vm, time)}/`);
+        try {
+          await repo.store.deletePrefix(`${keys.snapshotDir(vm, time)}/`);
+        } catch (err) {
+          keptLocked(err);
+          continue;
+        }
       }
       incompleteRemoved++;
     }
 
+    // Index objects gc writes name every pack the restore points need: locked as long as the
+    // longest-locked restore point (a backup extends them later for its own).
+    const retain = longestRetention(snaps, repo.clock.now());
     const swept =
       repo.layout.version === 1
         ? await sweepChunkObjects(repo, marked, cutoff, { ...options, progress })
-        : await gcPacks(repo, marked, cutoff, { ...options, progress });
+        : await gcPacks(repo, marked, cutoff, {
+            ...options,
+            progress,
+            ...(retain ? { retain } : {}),
+            onLocked: (what) => locked.push(what),
+          });
     const tempsRemoved = options.dryRun ? 0 : await repo.store.sweepTemporary(cutoff);
     await repo.store.flush();
     return {
@@ -174,10 +237,24 @@ export async function gc(
       tempsRemoved,
       cutoff: new Date(cutoff).toISOString(),
       ...swept,
+      locked,
     };
   } finally {
     await lock.release();
   }
+}
+
+/** The latest retention of the restore points (COMPLIANCE if any of those is), if it has not passed. */
+function longestRetention(snaps: readonly SnapshotRef[], now: number): Retention | undefined {
+  let until = 0;
+  let compliance = false;
+  for (const s of snaps) {
+    const im = s.manifest.immutable;
+    if (!im) continue;
+    until = Math.max(until, Date.parse(im.until));
+    compliance ||= im.mode === "COMPLIANCE";
+  }
+  return until > now ? { mode: compliance ? "COMPLIANCE" : "GOVERNANCE", untilMs: until } : undefined;
 }
 
 /** Format v1: deletes every unreferenced chunk object not written or touched since the cutoff. */

@@ -35,7 +35,7 @@ import { type ChunkLayout, type ChunkSession, ObjectPerChunkLayout, PackLayout }
 import { Lock, type LockKind, listLocks } from "./locks.js";
 import { type Manifest, type ManifestBlob, manifestProblem } from "./manifest.js";
 import { sealJson, unsealJson } from "./sealed-json.js";
-import type { Store } from "./store.js";
+import type { Retention, RetentionMode, Store } from "./store.js";
 
 export interface RepoConfig {
   format: "strata-repository";
@@ -48,6 +48,17 @@ export interface RepoConfig {
   /** keyFingerprint() of the key, or null when unencrypted. */
   keyFingerprint: string | null;
   created: string;
+  /**
+   * Restore points are stored under S3 Object Lock for this long (a bucket with Object Lock only).
+   * Absent: no retention unless a backup asks for one.
+   */
+  immutable?: Immutability;
+}
+
+/** How restore points are locked: the mode and for how many seconds from their backup. */
+export interface Immutability {
+  mode: RetentionMode;
+  seconds: number;
 }
 
 export interface InitOptions {
@@ -61,9 +72,13 @@ export interface InitOptions {
   formatVersion?: number;
   /** Keeps the password's derived key for the commands that follow (see {@link KdfCache}). */
   kdfCache?: KdfCache;
+  /** Locks every restore point for this long (the bucket must have S3 Object Lock). */
+  immutable?: Immutability;
 }
 
 export interface OpenOptions {
+  /** Locks the restore points written through this repository object so (overrides the config's). */
+  immutable?: Immutability;
   password?: string;
   clock?: Clock;
   /** Worker threads for the chunk codec. */
@@ -140,6 +155,7 @@ export class Repository {
     private readonly lockRefreshMs?: number,
     packTarget?: number,
     private readonly workerNice?: number,
+    private readonly immutableOverride?: Immutability,
   ) {
     this.layout =
       config.version === 1
@@ -188,6 +204,7 @@ export class Repository {
       fingerprint = keyFingerprint(k);
       macKey = k.macKey;
     }
+    if (options.immutable) await checkObjectLock(store, options.immutable);
     const version = options.formatVersion ?? FORMAT_VERSION;
     if (!FORMAT_VERSIONS.includes(version))
       throw new StrataError(ErrorCode.USAGE, `unknown repository format version ${version}`);
@@ -201,6 +218,7 @@ export class Repository {
       encryption: options.password === undefined ? "none" : "aes-256-gcm",
       keyFingerprint: fingerprint,
       created,
+      ...(options.immutable ? { immutable: options.immutable } : {}),
     };
     // An encrypted repository's config is sealed with its MAC key: editing it (to say "no
     // encryption", another chunk size or id) breaks the seal, and only the key can make a new one.
@@ -268,6 +286,7 @@ export class Repository {
         options.lockRefreshMs,
         options.packTarget,
         options.workerNice,
+        options.immutable,
       );
     }
     if (peek.encryption !== "aes-256-gcm") {
@@ -332,6 +351,7 @@ export class Repository {
       options.lockRefreshMs,
       options.packTarget,
       options.workerNice,
+      options.immutable,
     );
   }
 
@@ -579,8 +599,15 @@ export class Repository {
    * Starts writing a restore point of `vm`. `incremental`: it has a parent restore point, so few
    * chunks are expected to be new and those are compressed harder ({@link backupLevel}).
    */
+  /** How new restore points are locked: the backup's own setting, else the repository's; or none. */
+  get immutability(): Immutability | undefined {
+    return this.immutableOverride ?? this.config.immutable;
+  }
+
   async startBackup(vm: string, what: string, incremental = false): Promise<BackupWriter> {
     checkName("VM", vm);
+    const immutable = this.immutability;
+    if (immutable) await checkObjectLock(this.store, immutable);
     for (;;) {
       const time = formatTime(this.clock.now());
       const taken =
@@ -589,14 +616,19 @@ export class Repository {
       if (!taken) {
         try {
           const lock = await this.lock("backup", what, `${vm}/${time}`);
+          // Counted from the backup's start: every object it stores is locked at least that long.
+          const retain = immutable && {
+            mode: immutable.mode,
+            untilMs: this.clock.now() + immutable.seconds * 1000,
+          };
           let session: ChunkSession;
           try {
-            session = await this.layout.session();
+            session = await this.layout.session(retain);
           } catch (err) {
             await lock.release().catch(() => {});
             throw err;
           }
-          return new BackupWriter(this, vm, time, lock, session, incremental);
+          return new BackupWriter(this, vm, time, lock, session, incremental, retain);
         } catch (err) {
           if (!(err instanceof StrataError && err.code === ErrorCode.LOCKED)) throw err;
         }
@@ -636,7 +668,18 @@ export class BackupWriter {
     private readonly chunks: ChunkSession,
     /** The backup has a parent restore point: its new chunks get the incremental level ({@link backupLevel}). */
     private readonly incremental = false,
+    /** The retention everything this restore point needs is locked under (Object Lock). */
+    readonly retain?: Retention,
   ) {}
+
+  /** Disk indexes written, for extending the retention of the packs they reference. */
+  private readonly indexes: FixedIndex[] = [];
+  /** Objects of earlier restore points whose retention this one extended (at commit). */
+  retentionsExtended = 0;
+
+  private putOptions(): { retain?: Retention } {
+    return this.retain ? { retain: this.retain } : {};
+  }
 
   /** When this writer registered; gc keeps everything it touched since. */
   get started(): number {
@@ -713,7 +756,8 @@ export class BackupWriter {
 
   async writeIndex(disk: string, index: FixedIndex): Promise<void> {
     this.lock.check();
-    await this.repo.store.put(keys.index(this.vm, this.time, disk), index.encode());
+    await this.repo.store.put(keys.index(this.vm, this.time, disk), index.encode(), this.putOptions());
+    if (this.retain) this.indexes.push(index);
   }
 
   /** Stores a blob (encrypted like a chunk) and returns its manifest entry. */
@@ -722,7 +766,7 @@ export class BackupWriter {
     const checksum = this.repo.blobChecksum(data);
     const size = data.length;
     const { blob: stored } = await this.repo.codec().encode(Buffer.from(data));
-    await this.repo.store.put(keys.blob(this.vm, this.time, name), stored);
+    await this.repo.store.put(keys.blob(this.vm, this.time, name), stored, this.putOptions());
     return { name, size, checksum };
   }
 
@@ -740,13 +784,26 @@ export class BackupWriter {
       ...manifest,
       host,
       tool: "strata",
+      ...(this.retain
+        ? { immutable: { mode: this.retain.mode, until: new Date(this.retain.untilMs).toISOString() } }
+        : {}),
     };
     await this.chunks.finish();
+    if (this.retain && this.chunks.retain) {
+      // Chunks reused from earlier restore points: their packs must stay as long as this one.
+      const indexes = this.indexes;
+      const hexes = function* () {
+        for (const index of indexes)
+          for (let i = 0; i < index.count; i++) if (!index.isZero(i)) yield index.digest(i).toString("hex");
+      };
+      this.retentionsExtended = await this.chunks.retain(hexes(), this.retain);
+    }
     await this.repo.store.flush();
     // The last moment to find out that gc may have taken this backup for dead.
     this.lock.check();
     await this.repo.store.put(keys.manifest(this.vm, this.time), sealJson(full, this.repo.keys?.macKey), {
       durable: true,
+      ...this.putOptions(),
     });
     this.done = true;
     // The restore point exists now: a lock that can't be removed does not undo that. It stops
@@ -764,6 +821,21 @@ export class BackupWriter {
     await this.repo.store.deletePrefix(`${keys.snapshotDir(this.vm, this.time)}/`).catch(() => {});
     await this.lock.release().catch(() => {});
   }
+}
+
+/** Refuses a retention on a store that can't keep one (a local directory, a bucket without Object Lock). */
+async function checkObjectLock(store: Store, immutable: Immutability): Promise<void> {
+  if (!Number.isInteger(immutable.seconds) || immutable.seconds < 1)
+    throw new StrataError(
+      ErrorCode.USAGE,
+      `an immutability period must be at least 1 second, not ${immutable.seconds}`,
+    );
+  if (!(await store.objectLock?.()))
+    throw new StrataError(
+      ErrorCode.USAGE,
+      `${store.location} can't keep restore points immutable: only an S3 bucket created with Object Lock ` +
+        "enabled can (create the bucket with Object Lock, or leave out the immutability setting)",
+    );
 }
 
 /** Format v1 gc rests on touch and conditional delete, which an object store does not offer. */

@@ -20,6 +20,13 @@
  *   with a {@link StrataError} naming the bucket and key. The SDK's own retries are off, so that
  *   one policy decides.
  * - At most {@link S3StoreOptions.concurrency} requests are in flight per store.
+ * - Object Lock: a put may carry a retention (mode and retain-until date); a multipart object gets
+ *   it by PutObjectRetention once complete (RGW ignores the lock headers of
+ *   CreateMultipartUpload). In a versioned bucket (every bucket with Object Lock is one) a plain
+ *   DeleteObject only hides an object behind a delete marker, so {@link S3Store.delete} removes
+ *   every version of the key; a version under retention is refused by the server and reported as
+ *   OBJECT_LOCKED. Credentials that may not list versions (a backup-only user) fall back to the
+ *   plain delete: that is how such a user releases its lock objects (see docs/architecture.md).
  */
 import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
@@ -30,17 +37,21 @@ import {
   CompleteMultipartUploadCommand,
   CreateMultipartUploadCommand,
   DeleteObjectCommand,
+  GetBucketVersioningCommand,
   GetObjectCommand,
+  GetObjectLockConfigurationCommand,
   HeadObjectCommand,
   ListMultipartUploadsCommand,
   ListObjectsV2Command,
+  ListObjectVersionsCommand,
   PutObjectCommand,
+  PutObjectRetentionCommand,
   S3Client,
   UploadPartCommand,
 } from "@aws-sdk/client-s3";
 import { describeError, ErrorCode, StrataError } from "../util/errors.js";
 import { isS3Url } from "./s3-url.js";
-import type { ObjectInfo, PutOptions, Store } from "./store.js";
+import type { ObjectInfo, PutOptions, Retention, RetentionMode, Store } from "./store.js";
 
 /** Where an `s3:` repository lives. */
 export interface S3Location {
@@ -165,6 +176,22 @@ const MiB = 1024 * 1024;
 const SHORT = "ESTRATASHORT";
 const NOT_FOUND = "ESTRATANOSUCHKEY";
 
+/** The S3 permission (IAM action) each operation of this store needs, for messages. */
+function permissionOf(what: string): string | undefined {
+  if (what.startsWith("delete version")) return "s3:DeleteObjectVersion";
+  if (what.startsWith("delete")) return "s3:DeleteObject";
+  if (what.includes("retention"))
+    return what.startsWith("extend") ? "s3:PutObjectRetention" : "s3:GetObjectRetention";
+  if (what.includes("multipart upload") && what.startsWith("list")) return "s3:ListBucketMultipartUploads";
+  if (what.startsWith("abort")) return "s3:AbortMultipartUpload";
+  if (what.startsWith("list versions")) return "s3:ListBucketVersions";
+  if (what.startsWith("list")) return "s3:ListBucket";
+  if (what.startsWith("put") || what.includes("upload")) return "s3:PutObject";
+  if (what.startsWith("get") || what.startsWith("range get") || what.startsWith("stat"))
+    return "s3:GetObject";
+  return undefined;
+}
+
 /** Status and S3 error name of an SDK error. */
 function s3Status(err: unknown): { status: number | undefined; name: string; code: string | undefined } {
   const e = err as { $metadata?: { httpStatusCode?: number }; name?: string; code?: string; Code?: string };
@@ -225,6 +252,8 @@ export class S3Store implements Store {
   private readonly waiting: (() => void)[] = [];
   /** Requests retried after a transient failure, for tests and progress. */
   retries = 0;
+  private versioning: Promise<boolean> | undefined;
+  private locking: Promise<boolean> | undefined;
 
   constructor(
     readonly where: S3Location,
@@ -340,14 +369,16 @@ export class S3Store implements Store {
         `${at} refused the S3 credentials (${name}) for ${what} ${this.name(key)}: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or the credentials file`,
         { cause: err },
       );
-    if (status === 403)
+    if (status === 403) {
       // A HEAD's 403 has no body to tell wrong keys from a missing permission.
+      const permission = permissionOf(what);
       return new StrataError(
         ErrorCode.PERMISSION_DENIED,
         `access denied (HTTP 403${name && name !== "Unknown" ? ` ${name}` : ""}) to ${what} ${this.name(key)} at ${at}: ` +
-          "the S3 credentials are wrong or may not do this",
+          `the S3 credentials are wrong or may not do this${permission ? ` (${permission})` : ""}`,
         { cause: err },
       );
+    }
     return new StrataError(ErrorCode.IO_ERROR, `${what} ${this.name(key)} at ${at}: ${this.describe(err)}`, {
       cause: err,
     });
@@ -403,8 +434,9 @@ export class S3Store implements Store {
     return body;
   }
 
-  async put(key: string, data: Uint8Array, _options?: PutOptions): Promise<void> {
+  async put(key: string, data: Uint8Array, options?: PutOptions): Promise<void> {
     const body = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+    const retain = options?.retain;
     if (body.length <= this.multipartThreshold) {
       const md5 = createHash("md5").update(body).digest();
       await this.request("put", key, async () => {
@@ -415,6 +447,9 @@ export class S3Store implements Store {
             Body: body,
             ContentLength: body.length,
             ContentMD5: md5.toString("base64"),
+            ...(retain
+              ? { ObjectLockMode: retain.mode, ObjectLockRetainUntilDate: new Date(retain.untilMs) }
+              : {}),
           }),
         );
         this.checkEtag(key, res.ETag, `"${md5.toString("hex")}"`);
@@ -422,6 +457,8 @@ export class S3Store implements Store {
       return;
     }
     await this.putMultipart(key, body);
+    // RGW ignores the lock headers of CreateMultipartUpload: the retention is set once complete.
+    if (retain) await this.extendRetention(key, retain);
   }
 
   private checkEtag(key: string, got: string | undefined, want: string): void {
@@ -517,12 +554,32 @@ export class S3Store implements Store {
     this.checkEtag(key, head.etag, whole);
   }
 
-  private async head(key: string): Promise<(ObjectInfo & { etag: string | undefined }) | undefined> {
+  private async head(
+    key: string,
+    versionId?: string,
+  ): Promise<(ObjectInfo & { etag: string | undefined; retention: Retention | undefined }) | undefined> {
     try {
       const res = await this.request("stat", key, () =>
-        this.client.send(new HeadObjectCommand({ Bucket: this.where.bucket, Key: this.key(key) })),
+        this.client.send(
+          new HeadObjectCommand({
+            Bucket: this.where.bucket,
+            Key: this.key(key),
+            ...(versionId ? { VersionId: versionId } : {}),
+          }),
+        ),
       );
-      return { key, size: res.ContentLength ?? 0, mtimeMs: res.LastModified?.getTime() ?? 0, etag: res.ETag };
+      const mode = res.ObjectLockMode;
+      const until = res.ObjectLockRetainUntilDate?.getTime();
+      return {
+        key,
+        size: res.ContentLength ?? 0,
+        mtimeMs: res.LastModified?.getTime() ?? 0,
+        etag: res.ETag,
+        retention:
+          (mode === "COMPLIANCE" || mode === "GOVERNANCE") && until !== undefined
+            ? { mode: mode as RetentionMode, untilMs: until }
+            : undefined,
+      };
     } catch (err) {
       if (this.isNotFound(err)) return undefined;
       throw err;
@@ -559,13 +616,195 @@ export class S3Store implements Store {
     } while (token);
   }
 
+  /** True when the bucket keeps versions (it has, or had, versioning on: every Object Lock bucket). */
+  private versioned(): Promise<boolean> {
+    this.versioning ??= this.request("get versioning of", undefined, () =>
+      this.client.send(new GetBucketVersioningCommand({ Bucket: this.where.bucket })),
+    ).then(
+      (r) => r.Status === "Enabled" || r.Status === "Suspended",
+      (err: unknown) => {
+        this.versioning = undefined;
+        throw err;
+      },
+    );
+    return this.versioning;
+  }
+
+  /** True when the bucket was created with Object Lock (so puts may carry a retention). */
+  async objectLock(): Promise<boolean> {
+    this.locking ??= this.request("get object lock configuration of", undefined, () =>
+      this.client.send(new GetObjectLockConfigurationCommand({ Bucket: this.where.bucket })),
+    ).then(
+      (r) => r.ObjectLockConfiguration?.ObjectLockEnabled === "Enabled",
+      (err: unknown) => {
+        if (
+          s3Status(err instanceof StrataError ? err.cause : err).name ===
+          "ObjectLockConfigurationNotFoundError"
+        )
+          return false;
+        this.locking = undefined;
+        throw err;
+      },
+    );
+    return this.locking;
+  }
+
+  async retention(key: string): Promise<Retention | undefined> {
+    return (await this.head(key))?.retention;
+  }
+
+  async extendRetention(key: string, retain: Retention): Promise<void> {
+    await this.request("extend retention of", key, () =>
+      this.client.send(
+        new PutObjectRetentionCommand({
+          Bucket: this.where.bucket,
+          Key: this.key(key),
+          Retention: { Mode: retain.mode, RetainUntilDate: new Date(retain.untilMs) },
+        }),
+      ),
+    );
+  }
+
+  async checkDelete(): Promise<void> {
+    // Deleting a key that does not exist is allowed exactly when deleting is (S3 answers 204).
+    const probe = ".strata-delete-check";
+    const res = await this.request("delete", probe, () =>
+      this.client.send(new DeleteObjectCommand({ Bucket: this.where.bucket, Key: this.key(probe) })),
+    ).catch((err: unknown) => {
+      if (err instanceof StrataError && err.code === ErrorCode.PERMISSION_DENIED)
+        throw new StrataError(
+          ErrorCode.PERMISSION_DENIED,
+          `the S3 credentials may not delete objects in bucket ${this.where.bucket} (s3:DeleteObject is refused): ` +
+            "this command removes restore points or packs and needs credentials that may delete; " +
+            "a backup-only credential can only add restore points",
+          { cause: err },
+        );
+      throw err;
+    });
+    // A versioned bucket answers with a delete marker: removed again, not left behind.
+    if (res.VersionId)
+      await this.request("delete version of", probe, () =>
+        this.client.send(
+          new DeleteObjectCommand({
+            Bucket: this.where.bucket,
+            Key: this.key(probe),
+            VersionId: res.VersionId,
+          }),
+        ),
+      ).catch(() => {});
+  }
+
+  isLocked(err: unknown): boolean {
+    return err instanceof StrataError && err.code === ErrorCode.OBJECT_LOCKED;
+  }
+
+  /** Every version (and delete marker) of the keys under `full` (a key or a folder-like prefix). */
+  private async *versions(full: string): AsyncIterable<{ key: string; versionId: string }> {
+    let keyMarker: string | undefined;
+    let idMarker: string | undefined;
+    for (;;) {
+      const page = await this.request("list versions of", full.slice(this.where.prefix.length), () =>
+        this.client.send(
+          new ListObjectVersionsCommand({
+            Bucket: this.where.bucket,
+            Prefix: full,
+            ...(keyMarker ? { KeyMarker: keyMarker } : {}),
+            ...(idMarker ? { VersionIdMarker: idMarker } : {}),
+          }),
+        ),
+      );
+      for (const v of [...(page.Versions ?? []), ...(page.DeleteMarkers ?? [])])
+        if (v.Key?.startsWith(this.where.prefix) && v.VersionId)
+          yield { key: v.Key.slice(this.where.prefix.length), versionId: v.VersionId };
+      if (!page.IsTruncated) return;
+      keyMarker = page.NextKeyMarker;
+      idMarker = page.NextVersionIdMarker;
+    }
+  }
+
+  /** Deletes one version; a version under retention is an OBJECT_LOCKED error naming its date. */
+  private async deleteVersion(key: string, versionId: string): Promise<void> {
+    try {
+      await this.request("delete version of", key, () =>
+        this.client.send(
+          new DeleteObjectCommand({ Bucket: this.where.bucket, Key: this.key(key), VersionId: versionId }),
+        ),
+      );
+    } catch (err) {
+      if (!(err instanceof StrataError && err.code === ErrorCode.PERMISSION_DENIED)) throw err;
+      const held = await this.head(key, versionId).catch(() => undefined);
+      if (held?.retention && held.retention.untilMs > Date.now())
+        throw new StrataError(
+          ErrorCode.OBJECT_LOCKED,
+          `${this.name(key)} is locked (${held.retention.mode} retention) until ${new Date(held.retention.untilMs).toISOString()}`,
+          { cause: err },
+        );
+      throw err;
+    }
+  }
+
+  /**
+   * Removes the object. In a versioned bucket every version of it goes (a plain delete would
+   * only hide it behind a delete marker and free nothing); credentials that may not list or
+   * delete versions get the plain delete, which hides it.
+   */
   async delete(key: string): Promise<void> {
+    if (await this.versioned()) {
+      const full = this.key(key);
+      let found: { key: string; versionId: string }[] | undefined = [];
+      try {
+        for await (const v of this.versions(full)) if (v.key === key) found.push(v);
+      } catch (err) {
+        if (!(err instanceof StrataError && err.code === ErrorCode.PERMISSION_DENIED)) throw err;
+        found = undefined;
+      }
+      if (found !== undefined) {
+        await this.deleteVersions(found);
+        return;
+      }
+    }
     await this.request("delete", key, () =>
       this.client.send(new DeleteObjectCommand({ Bucket: this.where.bucket, Key: this.key(key) })),
     );
   }
 
+  /** Deletes the versions, all of them tried; the first error (a locked one last) is thrown after. */
+  private async deleteVersions(found: readonly { key: string; versionId: string }[]): Promise<void> {
+    const locked: StrataError[] = [];
+    let failed: unknown;
+    let next = 0;
+    const worker = async () => {
+      for (let i = next++; i < found.length; i = next++) {
+        const v = found[i]!;
+        try {
+          await this.deleteVersion(v.key, v.versionId);
+        } catch (err) {
+          if (this.isLocked(err)) locked.push(err as StrataError);
+          else failed ??= err;
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(this.concurrency, found.length) }, worker));
+    if (failed !== undefined) throw failed;
+    if (locked.length === 1) throw locked[0];
+    if (locked.length > 1)
+      throw new StrataError(
+        ErrorCode.OBJECT_LOCKED,
+        `${locked.length} object versions are locked, the first: ${locked[0]!.message}`,
+        { cause: locked[0] },
+      );
+  }
+
   async deletePrefix(prefix: string): Promise<void> {
+    if (await this.versioned()) {
+      const found: { key: string; versionId: string }[] = [];
+      try {
+        for await (const v of this.versions(this.key(prefix))) found.push(v);
+      } catch (err) {
+        if (!(err instanceof StrataError && err.code === ErrorCode.PERMISSION_DENIED)) throw err;
+      }
+      if (found.length > 0) return this.deleteVersions(found);
+    }
     const batch: Promise<void>[] = [];
     for await (const o of this.list(prefix)) {
       batch.push(this.delete(o.key));

@@ -18,7 +18,18 @@ export interface ObjectInfo {
   mtimeMs: number;
 }
 
+/** S3 Object Lock modes: COMPLIANCE binds everyone; GOVERNANCE can be lifted with a special permission. */
+export type RetentionMode = "COMPLIANCE" | "GOVERNANCE";
+
+/** An object's retention: no one can delete or change it (that version of it) before `untilMs`. */
+export interface Retention {
+  mode: RetentionMode;
+  untilMs: number;
+}
+
 export interface PutOptions {
+  /** Puts the object under this retention (only on a store whose {@link Store.objectLock} is true). */
+  retain?: Retention;
   /** Durable when put returns, not only after the next flush. */
   durable?: boolean;
   /**
@@ -101,6 +112,30 @@ export interface Store {
 
   /** Lets go of what the store keeps open between calls (read handles); it may be used again after. */
   close?(): Promise<void>;
+
+  /**
+   * True when the store can keep objects under a retention (an S3 bucket with Object Lock
+   * enabled). Stores without it lack the retention methods or answer false.
+   */
+  objectLock?(): Promise<boolean>;
+
+  /** The retention of an object's current version, or undefined (none, or absent). */
+  retention?(key: string): Promise<Retention | undefined>;
+
+  /**
+   * Sets an existing object's retention to `retain` (a later time than it has; a store refuses
+   * to shorten one).
+   */
+  extendRetention?(key: string, retain: Retention): Promise<void>;
+
+  /**
+   * Fails with a PERMISSION_DENIED StrataError when these credentials may not delete objects
+   * outside `locks/` (a backup-only credential), before a command that deletes starts.
+   */
+  checkDelete?(): Promise<void>;
+
+  /** True when `err` means "the object is under a retention and can't be deleted yet". */
+  isLocked?(err: unknown): boolean;
 
   /** True when `err` means "no such object". */
   isNotFound(err: unknown): boolean;

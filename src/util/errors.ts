@@ -47,6 +47,8 @@ export const ErrorCode = {
    * so the holder stops.
    */
   LOCK_LOST: "LOCK_LOST",
+  /** A stored object is under a retention (S3 Object Lock) and can't be deleted or changed yet. */
+  OBJECT_LOCKED: "OBJECT_LOCKED",
   /** The operation was cancelled (signal, abort). */
   ABORTED: "ABORTED",
   /** No space left on a device. */

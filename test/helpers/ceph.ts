@@ -270,25 +270,62 @@ export async function processesUsing(dir: string): Promise<number[]> {
   }
 }
 
-/** Creates a bucket (with a fresh name unless given) on the gateway and returns its name. */
+/**
+ * Creates a bucket (with a fresh name unless given) on the gateway and returns its name. With
+ * `objectLock` the bucket has S3 Object Lock (and so versioning) enabled.
+ */
 export async function createBucket(
   gw: Gateway,
   name = `strata-${randomBytes(6).toString("hex")}`,
+  options: { objectLock?: boolean } = {},
 ): Promise<string> {
-  const { CreateBucketCommand, S3Client } = await import("@aws-sdk/client-s3");
-  process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
-  const client = new S3Client({
-    endpoint: gw.endpoint,
-    region: "us-east-1",
-    forcePathStyle: true,
-    credentials: { accessKeyId: gw.accessKeyId, secretAccessKey: gw.secretAccessKey },
-  });
+  const { CreateBucketCommand } = await import("@aws-sdk/client-s3");
+  const client = await s3Client(gw);
   try {
-    await client.send(new CreateBucketCommand({ Bucket: name }));
+    await client.send(
+      new CreateBucketCommand({
+        Bucket: name,
+        ...(options.objectLock ? { ObjectLockEnabledForBucket: true } : {}),
+      }),
+    );
   } finally {
     client.destroy();
   }
   return name;
+}
+
+/** An S3 client of the gateway, as its first user (the owner of the buckets tests create) or as `as`. */
+export async function s3Client(
+  gw: Gateway,
+  as: { accessKeyId: string; secretAccessKey: string } = gw,
+): Promise<import("@aws-sdk/client-s3").S3Client> {
+  const { S3Client } = await import("@aws-sdk/client-s3");
+  process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
+  return new S3Client({
+    endpoint: gw.endpoint,
+    region: "us-east-1",
+    forcePathStyle: true,
+    credentials: { accessKeyId: as.accessKeyId, secretAccessKey: as.secretAccessKey },
+    requestChecksumCalculation: "WHEN_REQUIRED",
+  });
+}
+
+/** Creates another gateway user and returns its uid and keys. */
+export async function createUser(
+  gw: Gateway,
+  uid: string,
+): Promise<{ uid: string; accessKeyId: string; secretAccessKey: string }> {
+  const accessKeyId = `STRATA${randomBytes(7).toString("hex").toUpperCase()}`;
+  const secretAccessKey = randomBytes(20).toString("base64url");
+  await gw.admin(
+    "user",
+    "create",
+    `--uid=${uid}`,
+    `--display-name=${uid}`,
+    `--access-key=${accessKeyId}`,
+    `--secret-key=${secretAccessKey}`,
+  );
+  return { uid, accessKeyId, secretAccessKey };
 }
 
 /** The environment a strata process needs to reach the gateway as its user. */

@@ -18,6 +18,7 @@ import { dirname, join } from "node:path";
 import { z } from "zod";
 import type { InstantRuntime, InstantVm, NbdBackedDisk } from "../../hypervisor/adapter.js";
 import type { AdapterRegistry } from "../../hypervisor/registry.js";
+import { parseS3Url } from "../../repo/s3-store.js";
 import { describeError, ErrorCode, isNotFound, StrataError } from "../../util/errors.js";
 import { processRunsWith, socketAccepts, terminate } from "../../util/process.js";
 import { absolutePath, list, object, oneOf, parseDocument, text, whole } from "../../util/schema.js";
@@ -102,7 +103,24 @@ const InstantRecordSchema = object(
     }),
     name: text("the name"),
     restorePoint: text("the restore point"),
-    repo: absolutePath("the repository"),
+    // A local directory, or an S3 bucket (s3:http(s)://HOST[:PORT]/BUCKET[/PREFIX]).
+    repo: z.union([
+      absolutePath("the repository"),
+      text("the repository").refine(
+        (v) => {
+          try {
+            parseS3Url(v);
+            return true;
+          } catch {
+            return false;
+          }
+        },
+        {
+          error: (iss) =>
+            `the repository ${JSON.stringify(iss.input)} is neither an absolute path nor an s3: URL`,
+        },
+      ),
+    ]),
     passwordFile: absolutePath("the password file").optional(),
     clone: z.boolean({ error: "clone is not true or false" }),
     dir: absolutePath("the directory"),
