@@ -29,8 +29,11 @@ import { type Clock, systemClock } from "../util/clock.js";
 import { describeError, ErrorCode, StrataError } from "../util/errors.js";
 import { type DataOptions, dataRoutes } from "./api-data.js";
 import type { Policy } from "./config.js";
+
+export { rpoOf } from "./rpo.js";
+
+import { rpoState } from "./rpo.js";
 import { openRepository } from "./runner.js";
-import { nextSlot } from "./schedule.js";
 import type { Daemon, DaemonLog, RunEvent } from "./service.js";
 
 export type Transport = "unix" | "https";
@@ -96,15 +99,6 @@ function queryInt(q: URLSearchParams, name: string, dflt: number, max: number): 
   const n = intParam(v, `query parameter ${name}`);
   if (n > max) throw new StrataError(ErrorCode.USAGE, `query parameter ${name} must be at most ${max}`);
   return n;
-}
-
-/** How long a VM may go without a new restore point under `p`: one interval plus the jitter. */
-export function rpoOf(p: Policy, now: number): number | undefined {
-  const s = p.schedule;
-  if (s.kind === "every") return s.everyMs + p.jitterMs;
-  const a = nextSlot(s, now);
-  const b = a === undefined ? undefined : nextSlot(s, a);
-  return a === undefined || b === undefined ? undefined : b - a + p.jitterMs;
 }
 
 export class Api {
@@ -252,11 +246,6 @@ export class Api {
     };
   }
 
-  private repoId(name: string): string | undefined {
-    const r = this.o.daemon.config.repositories.get(name);
-    return r && this.catalog.repositoryAt(r.path);
-  }
-
   private vmView(name: string) {
     const d = this.o.daemon;
     const now = this.clock.now();
@@ -265,11 +254,7 @@ export class Api {
       .entries()
       .filter((e) => e.job.vm === name && e.job.kind === "backup")
       .map((e) => {
-        const id = this.repoId(e.job.repository);
-        const points = id === undefined ? [] : this.catalog.restorePoints({ repository: id, vm: name });
-        const last = points.at(-1);
-        const rpoMs = rpoOf(e.policy, now);
-        const ageMs = last ? now - last.timeMs : null;
+        const { rpoMs, last, ageMs, met } = rpoState(this.catalog, d.config, e.policy, name, now);
         return {
           policy: e.policy.name,
           repository: e.job.repository,
@@ -278,8 +263,7 @@ export class Api {
           lastRestorePoint: last ? pointView(last) : null,
           ageMs,
           rpoMs: rpoMs ?? null,
-          // A restore point made within one interval (plus jitter) and the time it took to make.
-          rpoMet: last !== undefined && rpoMs !== undefined && ageMs! <= rpoMs + last.durationMs,
+          rpoMet: met,
           lastRun: this.catalog.lastRun(e.job.id) ?? null,
         };
       });
