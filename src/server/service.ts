@@ -307,6 +307,57 @@ export class Daemon {
     this.tick();
   }
 
+  /**
+   * Takes a new configuration (checked already): repositories, policies, VMs named by sources,
+   * limits and notifications apply from now. Jobs are synced as at a resync: new ones are
+   * scheduled from now, gone ones retired and unscheduled, and a job whose schedule or jitter
+   * changed is scheduled anew from now (no catch-up run for the change). Runs going on finish
+   * under the configuration they started with. The listeners, the catalog and the state folder
+   * are the process's: the caller says that those take a restart.
+   */
+  async reload(config: DaemonConfig, notifier?: Pick<Notifier, "send">): Promise<void> {
+    if (this.stopping) return;
+    const before = new Map([...this.byKey].map(([k, e]) => [k, e.spec.timed]));
+    this.o.config = config;
+    if (notifier) this.o.notifier = notifier;
+    else delete this.o.notifier;
+    await this.syncJobs(true);
+    const now = this.clock.now();
+    for (const [key, e] of this.byKey) {
+      const was = before.get(key);
+      const timed = e.spec.timed;
+      if (!before.has(key)) {
+        if (timed) this.scheduler.add(timed, this.o.catalog.lastScheduledFor(e.job.id) ?? e.job.createdAt);
+        this.log("info", `new job ${key}`);
+      } else if (
+        (was === undefined) !== (timed === undefined) ||
+        (was && timed && (was.schedule.text !== timed.schedule.text || was.jitterMs !== timed.jitterMs))
+      ) {
+        this.scheduler.remove(key);
+        if (timed) this.scheduler.add(timed, now);
+        this.log("info", `job ${key}: ${timed ? `schedule ${timed.schedule.text}` : "no schedule"} from now`);
+      }
+    }
+    for (const key of before.keys())
+      if (!this.byKey.has(key)) {
+        this.scheduler.remove(key);
+        this.log("info", `job ${key} retired: not in the configuration any more`);
+      }
+    this.pending = this.pending.filter((p) => this.byId.has(p.entry.job.id));
+    this.pending = this.pending.map((p) => ({ ...p, entry: this.byId.get(p.entry.job.id)! }));
+    clearInterval(this.rpoTimer);
+    this.rpoTimer = undefined;
+    this.rpoSeen.clear();
+    const rpoEvery = config.notifications?.rpoCheckMs;
+    if (this.o.timers !== false && this.o.notifier && rpoEvery !== undefined)
+      this.rpoTimer = setInterval(() => this.checkRpo(), rpoEvery);
+    this.log(
+      "info",
+      `configuration reloaded from ${config.file}: ${this.byId.size} job(s); ${config.limits.jobs} job(s) at once, ${config.limits.jobsPerRepository} per repository`,
+    );
+    this.tick();
+  }
+
   /** The VMs found at the last sync, with the configuration's own. */
   knownVms(): readonly KnownVm[] {
     return this.vms;
@@ -324,14 +375,21 @@ export class Daemon {
   }
 
   /** Lists the VMs and syncs the catalog's jobs; false (nothing changed) when listing failed. */
-  private async syncJobs(): Promise<boolean> {
+  private async syncJobs(evenIfUnlisted = false): Promise<boolean> {
     let listed: ListedVms;
     try {
       listed = await this.o.listVms();
     } catch (err) {
       this.log("warn", `cannot list the host's VMs: ${describeError(err)}`);
-      if (this.byId.size > 0) return false;
-      listed = { vms: [], unreachable: [] };
+      if (this.byId.size > 0 && !evenIfUnlisted) return false;
+      // Keep the VMs found before (a reload must not retire them for a failed listing).
+      listed = {
+        vms: [],
+        unreachable: [...new Set(this.vms.map((v) => v.adapter))].map((adapter) => ({
+          adapter,
+          error: describeError(err),
+        })),
+      };
     }
     for (const u of listed.unreachable) this.log("warn", `${u.adapter}: cannot list its VMs: ${u.error}`);
     const vms = new Map<string, KnownVm>();
