@@ -2,6 +2,7 @@
 import { resolve } from "node:path";
 import type { Command } from "commander";
 import { Catalog, DEFAULT_CATALOG } from "../catalog/catalog.js";
+import type { LogLevel } from "../catalog/schema.js";
 import type { VmSummary } from "../hypervisor/adapter.js";
 import type { KeepPolicy } from "../repo/retention.js";
 import { Api } from "../server/api.js";
@@ -9,16 +10,20 @@ import {
   checkConfigFile,
   type DaemonConfig,
   DEFAULT_CONFIG,
+  formatProblem,
   type HostLimits,
   invalidConfig,
   type JobLimits,
 } from "../server/config.js";
 import { type JobSpec, planJobs } from "../server/jobs.js";
 import { listenApi } from "../server/listen.js";
+import { Notifier } from "../server/notify.js";
 import { createJobRunner } from "../server/runner.js";
 import { nextDue, nextSlot } from "../server/schedule.js";
+import { monotonicUsec, sdNotify } from "../server/sd-notify.js";
 import { Daemon, reniceProcess } from "../server/service.js";
 import { formatDuration } from "../util/durations.js";
+import { describeError } from "../util/errors.js";
 import { applyIoLimits, describeMechanism, detectIoMechanism, type IoLimits } from "../util/io-control.js";
 import { printable } from "../util/names.js";
 import { buildRegistry, DEFAULT_INVENTORY, defaultStateDir, listHostVms, schemeOf } from "./adapters.js";
@@ -41,8 +46,12 @@ export function registerDaemonCommand(program: Command): void {
       `
 The daemon backs up VMs by policy: each policy names a repository, the VMs it covers, a
 schedule, retention, verification and limits. It runs in the foreground (systemd's
-Type=simple or exec), logs to stdout (info) and stderr (warnings, errors), and stops on SIGTERM
-or SIGINT, cancelling running jobs and recording them as cancelled. Every run is recorded in
+Type=notify: READY=1 once it listens, STOPPING=1 on stop, STATUS= lines, through
+systemd-notify), logs to stdout (info) and stderr (warnings, errors), and stops on SIGTERM or
+SIGINT, cancelling running jobs and recording them as cancelled. SIGHUP reads the file again:
+checked first, and on any problem (each logged with its line) the running configuration stays;
+runs going on finish under the one they started with; api, catalog, state-dir, inventory,
+limits.bandwidth and limits.nice take a restart. Every run is recorded in
 the catalog (catalog: in the file, else $STRATA_CATALOG or ${DEFAULT_CATALOG}): trigger, start and
 end, outcome, bytes, progress, errors and log lines; "strata jobs" lists them.
 
@@ -99,6 +108,14 @@ A configuration:
       # boot verification of each VM's newest restore point (strata verify --boot):
       #   verify: { schedule: ..., boot: { schedule: "0 5 * * 0", timeout: 5m, command: "systemctl is-system-running" } }
       limits: { job-bandwidth: 100 }
+  notifications:              # on failure, recovery, RPO missed and met again
+    webhooks:
+      - url: https://hooks.example.com/strata
+    email:
+      host: smtp.example.com
+      from: strata@backup1.example.com
+      to: [ops@example.com]
+      events: [failure, rpo-missed]
 
 Tags come from the VM inventory (tags: [...] on an entry of /etc/strata/vms.yaml; inventory:
 in this file names another). A schedule missed while the daemon was down runs once when it
@@ -144,12 +161,12 @@ Examples:
 
 /** The service, until SIGTERM or SIGINT. */
 async function serve(file: string): Promise<void> {
-  const config = (() => {
+  let config = (() => {
     const checked = checkConfigFile(file);
     if (!checked.config) throw invalidConfig(file, checked.problems);
     return checked.config;
   })();
-  const log = (level: string, message: string) =>
+  const log = (level: LogLevel, message: string) =>
     (level === "warn" || level === "error" ? process.stderr : process.stdout).write(`${level}: ${message}\n`);
   if (config.limits.nice !== undefined) {
     const r = reniceProcess(config.limits.nice);
@@ -165,7 +182,9 @@ async function serve(file: string): Promise<void> {
   const inventory = config.inventory ?? DEFAULT_INVENTORY;
   const registry = buildRegistry({ inventory });
   const stateDir = config.stateDir ?? defaultStateDir();
+  let notifier = config.notifications && new Notifier(config.notifications, { log });
   const daemon = new Daemon({
+    ...(notifier ? { notifier } : {}),
     config,
     catalog,
     runner: createJobRunner({
@@ -188,23 +207,86 @@ async function serve(file: string): Promise<void> {
     listVms: () => listHostVms({ inventory }),
     log,
   });
+  const status = () =>
+    `${daemon.entries().length} job(s), ${daemon.running().length} running; API on ${config.api.socket}` +
+    (config.api.https ? ` and https ${config.api.https.host}:${config.api.https.port}` : "");
+  /** SIGHUP: the file checked again; on any problem the running configuration stays. */
+  const reload = async () => {
+    await sdNotify(
+      { RELOADING: "1", MONOTONIC_USEC: monotonicUsec(), STATUS: "reloading the configuration" },
+      log,
+    );
+    const checked = checkConfigFile(file);
+    if (!checked.config) {
+      for (const p of checked.problems) log("error", `reload: ${formatProblem(file, p)}`);
+      log(
+        "error",
+        `reload: ${checked.problems.length} problem(s) in ${file}: the configuration running stays`,
+      );
+      await sdNotify(
+        { READY: "1", STATUS: `reload refused (${checked.problems.length} problem(s)); ${status()}` },
+        log,
+      );
+      return;
+    }
+    const next = checked.config;
+    for (const [what, a, b] of [
+      ["api", config.api, next.api],
+      ["catalog", config.catalog, next.catalog],
+      ["state-dir", config.stateDir, next.stateDir],
+      ["inventory", config.inventory, next.inventory],
+      ["limits.bandwidth", config.limits.bandwidth, next.limits.bandwidth],
+      ["limits.nice", config.limits.nice, next.limits.nice],
+    ] as const)
+      if (JSON.stringify(a) !== JSON.stringify(b))
+        log("warn", `reload: ${what} changed: it takes effect when the daemon restarts`);
+    const old = notifier;
+    notifier = next.notifications && new Notifier(next.notifications, { log });
+    await daemon.reload(next, notifier);
+    old?.close().catch(() => {});
+    config = next;
+    await sdNotify({ READY: "1", STATUS: status() }, log);
+  };
   let listening: Awaited<ReturnType<typeof listenApi>> | undefined;
+  const onHup = () => {
+    log("info", "SIGHUP: reloading the configuration");
+    reload().catch((err) => log("error", `reload: ${describeError(err)}`));
+  };
   try {
     await new Promise<void>((done, fail) => {
       const stop = (sig: string) => {
         log("info", `${sig}: stopping`);
-        daemon.stop(`the daemon received ${sig}`).then(done, fail);
+        process.off("SIGHUP", onHup);
+        sdNotify(
+          { STOPPING: "1", STATUS: `stopping (${sig}): cancelling ${daemon.running().length} run(s)` },
+          log,
+        )
+          .then(() => daemon.stop(`the daemon received ${sig}`))
+          .then(done, fail);
       };
       process.once("SIGTERM", () => stop("SIGTERM"));
       process.once("SIGINT", () => stop("SIGINT"));
+      process.on("SIGHUP", onHup);
       (async () => {
-        listening = await listenApi(new Api({ daemon, log }), config.api, { stateDir, log });
+        const api = new Api({
+          daemon,
+          log,
+          data: {
+            registry,
+            stateDir,
+            strataCommand: [process.execPath, resolve(process.argv[1] ?? "strata")],
+          },
+        });
+        listening = await listenApi(api, config.api, { stateDir, log });
         await daemon.start();
+        await sdNotify({ READY: "1", STATUS: status() }, log);
       })().catch(fail);
     });
     log("info", "stopped");
   } finally {
+    process.off("SIGHUP", onHup);
     await listening?.close();
+    await notifier?.close();
     catalog.close();
   }
 }

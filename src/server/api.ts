@@ -27,9 +27,13 @@ import { manifestTotals } from "../repo/manifest.js";
 import { forget } from "../repo/prune.js";
 import { type Clock, systemClock } from "../util/clock.js";
 import { describeError, ErrorCode, StrataError } from "../util/errors.js";
+import { type DataOptions, dataRoutes } from "./api-data.js";
 import type { Policy } from "./config.js";
+
+export { rpoOf } from "./rpo.js";
+
+import { rpoState } from "./rpo.js";
 import { openRepository } from "./runner.js";
-import { nextSlot } from "./schedule.js";
 import type { Daemon, DaemonLog, RunEvent } from "./service.js";
 
 export type Transport = "unix" | "https";
@@ -44,13 +48,15 @@ interface Call {
 
 /** One route: what it does, who may, how it is described, and its handler. */
 export interface Route {
-  method: "GET" | "POST";
+  method: "GET" | "POST" | "DELETE";
   path: string;
   /** The action a token's role must allow; a function when it depends on the target. */
   action: Action | ((params: Record<string, string>) => Action) | null;
   summary: string;
   description?: string;
   query?: Array<{ name: string; description: string; type: "integer" | "string" }>;
+  /** The JSON body's fields (all optional), as OpenAPI schemas. */
+  body?: Record<string, Record<string, unknown>>;
   /** Status → [description, schema name in components (or inline schema)]. */
   responses: Record<number, [string, string | Record<string, unknown>]>;
   /** The 200 answer's media type when it is not JSON. */
@@ -76,6 +82,8 @@ export interface ApiOptions {
   log?: DaemonLog;
   /** Heartbeat comment interval of event streams (default 15 s), so proxies keep them open. */
   heartbeatMs?: number;
+  /** Adapters, state dir and how to run strata: what restores, files and instant recovery need. */
+  data?: DataOptions;
 }
 
 function intParam(v: string | undefined, what: string): number {
@@ -91,15 +99,6 @@ function queryInt(q: URLSearchParams, name: string, dflt: number, max: number): 
   const n = intParam(v, `query parameter ${name}`);
   if (n > max) throw new StrataError(ErrorCode.USAGE, `query parameter ${name} must be at most ${max}`);
   return n;
-}
-
-/** How long a VM may go without a new restore point under `p`: one interval plus the jitter. */
-export function rpoOf(p: Policy, now: number): number | undefined {
-  const s = p.schedule;
-  if (s.kind === "every") return s.everyMs + p.jitterMs;
-  const a = nextSlot(s, now);
-  const b = a === undefined ? undefined : nextSlot(s, a);
-  return a === undefined || b === undefined ? undefined : b - a + p.jitterMs;
 }
 
 export class Api {
@@ -247,11 +246,6 @@ export class Api {
     };
   }
 
-  private repoId(name: string): string | undefined {
-    const r = this.o.daemon.config.repositories.get(name);
-    return r && this.catalog.repositoryAt(r.path);
-  }
-
   private vmView(name: string) {
     const d = this.o.daemon;
     const now = this.clock.now();
@@ -260,11 +254,7 @@ export class Api {
       .entries()
       .filter((e) => e.job.vm === name && e.job.kind === "backup")
       .map((e) => {
-        const id = this.repoId(e.job.repository);
-        const points = id === undefined ? [] : this.catalog.restorePoints({ repository: id, vm: name });
-        const last = points.at(-1);
-        const rpoMs = rpoOf(e.policy, now);
-        const ageMs = last ? now - last.timeMs : null;
+        const { rpoMs, last, ageMs, met } = rpoState(this.catalog, d.config, e.policy, name, now);
         return {
           policy: e.policy.name,
           repository: e.job.repository,
@@ -273,8 +263,7 @@ export class Api {
           lastRestorePoint: last ? pointView(last) : null,
           ageMs,
           rpoMs: rpoMs ?? null,
-          // A restore point made within one interval (plus jitter) and the time it took to make.
-          rpoMet: last !== undefined && rpoMs !== undefined && ageMs! <= rpoMs + last.durationMs,
+          rpoMet: met,
           lastRun: this.catalog.lastRun(e.job.id) ?? null,
         };
       });
@@ -592,6 +581,7 @@ export class Api {
           }
         },
       },
+      ...dataRoutes(d, this.o.data),
     ];
   }
 
@@ -710,8 +700,7 @@ export class Api {
       const names = [...r.path.matchAll(/\{(\w+)\}/g)].map((m) => m[1]!);
       const responses: Record<string, unknown> = {};
       for (const [status, [description, schema]] of Object.entries(r.responses)) {
-        const type =
-          r.path.endsWith("/events") && status === "200" ? "text/event-stream" : "application/json";
+        const type = status === "200" && r.contentType ? r.contentType : "application/json";
         responses[status] = { description, content: { [type]: { schema: schemaRef(schema) } } };
       }
       if (r.action !== null) {
@@ -753,6 +742,18 @@ export class Api {
             schema: { type: q.type },
           })),
         ],
+        ...(r.body
+          ? {
+              requestBody: {
+                required: false,
+                content: {
+                  "application/json": {
+                    schema: { type: "object", additionalProperties: false, properties: r.body },
+                  },
+                },
+              },
+            }
+          : {}),
         responses,
       };
     }
@@ -895,6 +896,86 @@ export class Api {
                 remove: { type: "array", items: str },
               }),
             },
+          }),
+          Layout: obj({
+            id: str,
+            disks: {
+              type: "array",
+              items: obj({
+                disk: str,
+                size: int,
+                scheme: str,
+                partitions: {
+                  type: "array",
+                  items: obj({
+                    number: int,
+                    start: int,
+                    size: int,
+                    typeName: str,
+                    label: str,
+                    filesystem: nstr,
+                    volumeGroup: str,
+                  }),
+                },
+              }),
+            },
+            volumeGroups: {
+              type: "array",
+              items: obj({
+                name: str,
+                size: int,
+                pvs: { type: "array", items: { type: "object" } },
+                lvs: { type: "array", items: obj({ name: str, size: int, layout: str }) },
+              }),
+            },
+            warnings: { type: "array", items: str },
+          }),
+          FilePage: obj({
+            id: str,
+            disk: str,
+            partition: nint,
+            volume: nstr,
+            filesystem: str,
+            path: str,
+            total: int,
+            offset: int,
+            limit: int,
+            nextOffset: nint,
+            entries: {
+              type: "array",
+              items: obj({
+                name: str,
+                path: str,
+                kind: { type: "string", enum: ["file", "directory", "symlink", "other"] },
+                mode: int,
+                uid: int,
+                gid: int,
+                size: int,
+                mtime: int,
+                atime: int,
+                target: str,
+              }),
+            },
+          }),
+          Forgotten: obj({ repository: str, removed: { type: "array", items: str } }),
+          Instant: obj({
+            name: str,
+            restorePoint: str,
+            phase: { type: "string", enum: ["starting", "running", "migrating", "migrated", "stopped"] },
+            adapter: str,
+            vm: obj({ pid: nint, running: { type: "boolean" }, where: nstr }),
+            serve: obj({ pid: nint, running: { type: "boolean" }, socket: str, log: str }),
+            disks: {
+              type: "array",
+              items: obj({ name: str, size: int, overlay: nstr, production: str, format: str }),
+            },
+            dir: str,
+            warnings: { type: "array", items: str },
+          }),
+          InstantStopped: obj({
+            name: str,
+            vm: { type: "string", enum: ["quit", "powerdown", "killed", "not running"] },
+            discarded: { type: "array", items: str },
           }),
           RepositoryStats: obj({
             name: str,

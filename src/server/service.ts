@@ -32,7 +32,9 @@ import { describeError, ErrorCode, StrataError } from "../util/errors.js";
 import type { ProgressSink } from "../util/progress.js";
 import type { DaemonConfig, Policy } from "./config.js";
 import { type JobSpec, planJobs, syncJobs } from "./jobs.js";
-import type { JobRunner } from "./runner.js";
+import { type Notice, Notifier } from "./notify.js";
+import { rpoState } from "./rpo.js";
+import type { JobRunner, RunOutput } from "./runner.js";
 import { jobKey, type Timed } from "./schedule.js";
 import { recoverAfterRestart, Scheduler } from "./scheduler.js";
 
@@ -74,6 +76,8 @@ export interface DaemonOptions {
   isAlive?: (pid: number) => boolean;
   /** How often a run's progress is stored in the catalog (default 1000 ms). */
   progressIntervalMs?: number;
+  /** Where failures, recoveries and RPOs missed and met again are told (the configuration's notifications). */
+  notifier?: Pick<Notifier, "send">;
 }
 
 interface Entry {
@@ -90,9 +94,33 @@ interface Pending {
   rerunOf?: number;
 }
 
+/** What a run started on demand (a restore, a migration, gc) does, given its context. */
+export type TaskWork = (ctx: {
+  runId: number;
+  signal: AbortSignal;
+  progress: ProgressSink;
+  log: (level: LogLevel, message: string) => void;
+}) => Promise<RunOutput>;
+
+/** A run the API starts on demand: the job it is recorded under, and its work. */
+export interface TaskSpec {
+  kind: "restore" | "instant" | "gc";
+  /** The VM it concerns ('' for a whole repository). */
+  vm: string;
+  repository: string;
+  work: TaskWork;
+}
+
+/** The policy name of jobs made for runs started on demand (no configured policy has it). */
+export const ON_DEMAND_POLICY = "(api)";
+
 interface Active {
   run: Run;
-  entry: Entry;
+  /** The configured job; undefined for a task started on demand. */
+  entry: Entry | undefined;
+  job: Job;
+  key: string;
+  work?: TaskWork;
   controller: AbortController;
   events: EventEmitter;
   progress: { done: number; total: number };
@@ -120,6 +148,9 @@ export class Daemon {
   private resyncTimer: NodeJS.Timeout | undefined;
   private stopping = false;
   private readonly idleWaiters: Array<() => void> = [];
+  /** Per policy/VM, the RPO state last seen (for rpo-missed and rpo-met notices). */
+  private readonly rpoSeen = new Map<string, "met" | "missed" | "pending">();
+  private rpoTimer: NodeJS.Timeout | undefined;
 
   constructor(private readonly o: DaemonOptions) {
     this.clock = o.clock ?? systemClock;
@@ -157,6 +188,100 @@ export class Daemon {
       this.resyncTimer = setInterval(() => {
         this.resync().catch((err) => this.log("error", `listing the VMs again: ${describeError(err)}`));
       }, every);
+    this.checkRpo();
+    const rpoEvery = this.o.config.notifications?.rpoCheckMs;
+    if (this.o.timers !== false && this.o.notifier && rpoEvery !== undefined)
+      this.rpoTimer = setInterval(() => this.checkRpo(), rpoEvery);
+  }
+
+  /**
+   * Looks at every backed-up VM's RPO and tells the notifier what changed: rpo-missed when a
+   * VM's newest restore point became older than its policy allows (a VM never backed up counts
+   * once its job is older than one RPO), rpo-met when it is within again. The state lives in
+   * memory: after a restart, a VM still missing its RPO is told once more.
+   */
+  checkRpo(): void {
+    const notifier = this.o.notifier;
+    if (!notifier) return;
+    const now = this.clock.now();
+    const seen = new Set<string>();
+    for (const e of this.byId.values()) {
+      if (e.job.kind !== "backup") continue;
+      const key = `${e.policy.name}/${e.job.vm}`;
+      seen.add(key);
+      let s: ReturnType<typeof rpoState>;
+      try {
+        s = rpoState(this.o.catalog, this.o.config, e.policy, e.job.vm, now);
+      } catch (err) {
+        this.log("warn", `RPO of ${key}: ${describeError(err)}`);
+        continue;
+      }
+      if (s.rpoMs === undefined) continue;
+      const state = s.met ? "met" : !s.last && now - e.job.createdAt <= s.rpoMs ? "pending" : "missed";
+      const before = this.rpoSeen.get(key);
+      this.rpoSeen.set(key, state);
+      const rpo = {
+        vm: e.job.vm,
+        policy: e.policy.name,
+        repository: e.job.repository,
+        rpoMs: s.rpoMs,
+        ageMs: s.ageMs,
+        lastRestorePoint: s.last ? `${s.last.vm}/${s.last.time}` : null,
+      };
+      if (state === "missed" && before !== "missed")
+        notifier.send(
+          Notifier.notice(
+            "rpo-missed",
+            `${e.job.vm} (policy ${e.policy.name}) missed its RPO of ${Math.round(s.rpoMs / 1000)} s: ${s.last ? `newest restore point ${rpo.lastRestorePoint}, ${Math.round(s.ageMs! / 1000)} s old` : "no restore point"}`,
+            { rpo },
+          ),
+        );
+      else if (state === "met" && before === "missed")
+        notifier.send(
+          Notifier.notice(
+            "rpo-met",
+            `${e.job.vm} (policy ${e.policy.name}) meets its RPO again: ${rpo.lastRestorePoint}`,
+            { rpo },
+          ),
+        );
+    }
+    for (const k of [...this.rpoSeen.keys()]) if (!seen.has(k)) this.rpoSeen.delete(k);
+  }
+
+  /** Tells the notifier of a failed run, or of a job's first success after a failure. */
+  private noticeRun(a: Active, end: Run): void {
+    const notifier = this.o.notifier;
+    if (!notifier) return;
+    const { id, policy, vm, kind, repository } = a.job;
+    const common: Omit<Notice, "event" | "time" | "host" | "summary"> = {
+      job: { id, policy, vm, kind, repository },
+      run: {
+        id: end.id,
+        outcome: end.outcome,
+        startedAt: end.startedAt,
+        endedAt: end.endedAt,
+        errorCode: end.errorCode,
+        error: end.error,
+      },
+    };
+    if (end.outcome === "failed") {
+      notifier.send(
+        Notifier.notice("failure", `${a.key}: run ${end.id} failed: ${end.error ?? end.errorCode}`, common),
+      );
+      return;
+    }
+    if (!a.entry || (end.outcome !== "success" && end.outcome !== "warning")) return;
+    const before = this.o.catalog
+      .runs(a.job.id, 50)
+      .find((r) => r.id !== end.id && r.outcome !== "running" && r.outcome !== "cancelled");
+    if (before?.outcome === "failed")
+      notifier.send(
+        Notifier.notice(
+          "recovered",
+          `${a.key}: run ${end.id} succeeded after run ${before.id} failed`,
+          common,
+        ),
+      );
   }
 
   /**
@@ -182,6 +307,57 @@ export class Daemon {
     this.tick();
   }
 
+  /**
+   * Takes a new configuration (checked already): repositories, policies, VMs named by sources,
+   * limits and notifications apply from now. Jobs are synced as at a resync: new ones are
+   * scheduled from now, gone ones retired and unscheduled, and a job whose schedule or jitter
+   * changed is scheduled anew from now (no catch-up run for the change). Runs going on finish
+   * under the configuration they started with. The listeners, the catalog and the state folder
+   * are the process's: the caller says that those take a restart.
+   */
+  async reload(config: DaemonConfig, notifier?: Pick<Notifier, "send">): Promise<void> {
+    if (this.stopping) return;
+    const before = new Map([...this.byKey].map(([k, e]) => [k, e.spec.timed]));
+    this.o.config = config;
+    if (notifier) this.o.notifier = notifier;
+    else delete this.o.notifier;
+    await this.syncJobs(true);
+    const now = this.clock.now();
+    for (const [key, e] of this.byKey) {
+      const was = before.get(key);
+      const timed = e.spec.timed;
+      if (!before.has(key)) {
+        if (timed) this.scheduler.add(timed, this.o.catalog.lastScheduledFor(e.job.id) ?? e.job.createdAt);
+        this.log("info", `new job ${key}`);
+      } else if (
+        (was === undefined) !== (timed === undefined) ||
+        (was && timed && (was.schedule.text !== timed.schedule.text || was.jitterMs !== timed.jitterMs))
+      ) {
+        this.scheduler.remove(key);
+        if (timed) this.scheduler.add(timed, now);
+        this.log("info", `job ${key}: ${timed ? `schedule ${timed.schedule.text}` : "no schedule"} from now`);
+      }
+    }
+    for (const key of before.keys())
+      if (!this.byKey.has(key)) {
+        this.scheduler.remove(key);
+        this.log("info", `job ${key} retired: not in the configuration any more`);
+      }
+    this.pending = this.pending.filter((p) => this.byId.has(p.entry.job.id));
+    this.pending = this.pending.map((p) => ({ ...p, entry: this.byId.get(p.entry.job.id)! }));
+    clearInterval(this.rpoTimer);
+    this.rpoTimer = undefined;
+    this.rpoSeen.clear();
+    const rpoEvery = config.notifications?.rpoCheckMs;
+    if (this.o.timers !== false && this.o.notifier && rpoEvery !== undefined)
+      this.rpoTimer = setInterval(() => this.checkRpo(), rpoEvery);
+    this.log(
+      "info",
+      `configuration reloaded from ${config.file}: ${this.byId.size} job(s); ${config.limits.jobs} job(s) at once, ${config.limits.jobsPerRepository} per repository`,
+    );
+    this.tick();
+  }
+
   /** The VMs found at the last sync, with the configuration's own. */
   knownVms(): readonly KnownVm[] {
     return this.vms;
@@ -199,14 +375,21 @@ export class Daemon {
   }
 
   /** Lists the VMs and syncs the catalog's jobs; false (nothing changed) when listing failed. */
-  private async syncJobs(): Promise<boolean> {
+  private async syncJobs(evenIfUnlisted = false): Promise<boolean> {
     let listed: ListedVms;
     try {
       listed = await this.o.listVms();
     } catch (err) {
       this.log("warn", `cannot list the host's VMs: ${describeError(err)}`);
-      if (this.byId.size > 0) return false;
-      listed = { vms: [], unreachable: [] };
+      if (this.byId.size > 0 && !evenIfUnlisted) return false;
+      // Keep the VMs found before (a reload must not retire them for a failed listing).
+      listed = {
+        vms: [],
+        unreachable: [...new Set(this.vms.map((v) => v.adapter))].map((adapter) => ({
+          adapter,
+          error: describeError(err),
+        })),
+      };
     }
     for (const u of listed.unreachable) this.log("warn", `${u.adapter}: cannot list its VMs: ${u.error}`);
     const vms = new Map<string, KnownVm>();
@@ -279,8 +462,8 @@ export class Daemon {
     if (this.active.size >= l.jobs) return false;
     let sameRepo = 0;
     for (const a of this.active.values()) {
-      if (a.entry.job.id === entry.job.id) return false;
-      if (a.entry.job.repository === entry.job.repository) sameRepo++;
+      if (a.job.id === entry.job.id) return false;
+      if (a.job.repository === entry.job.repository) sameRepo++;
     }
     return sameRepo < l.jobsPerRepository;
   }
@@ -307,10 +490,31 @@ export class Daemon {
       );
     if (this.stopping) throw new StrataError(ErrorCode.ABORTED, "the daemon is stopping");
     for (const a of this.active.values())
-      if (a.entry.job.id === jobId) return { status: "running", run: this.o.catalog.run(a.run.id)! };
+      if (a.job.id === jobId) return { status: "running", run: this.o.catalog.run(a.run.id)! };
     if (this.fits(entry)) return { status: "started", run: this.begin({ entry, trigger: "manual" }) };
     this.enqueue({ entry, trigger: "manual" });
     return { status: "queued", job: entry.job };
+  }
+
+  /**
+   * Starts a run on demand (a restore, an instant recovery's migration, gc), recorded like any
+   * other under a job of policy {@link ON_DEMAND_POLICY}, followed and cancelled the same way.
+   * It starts at once, beside the limits' jobs: a person is waiting for it.
+   */
+  startTask(spec: TaskSpec, who: string): Run {
+    if (this.stopping) throw new StrataError(ErrorCode.ABORTED, "the daemon is stopping");
+    const job = this.o.catalog.ensureJob({
+      policy: ON_DEMAND_POLICY,
+      vm: spec.vm,
+      kind: spec.kind,
+      repository: spec.repository,
+      schedule: null,
+    });
+    return this.launch(
+      { job, key: `${spec.kind}${spec.vm === "" ? "" : `/${spec.vm}`}@${spec.repository}`, work: spec.work },
+      { trigger: "manual" },
+      `started by ${who}`,
+    );
   }
 
   /** Cancels a running run; false when it is not running in this daemon. */
@@ -364,6 +568,7 @@ export class Daemon {
     this.stopping = true;
     clearTimeout(this.timer);
     clearInterval(this.resyncTimer);
+    clearInterval(this.rpoTimer);
     this.pending = [];
     const runs = [...this.active.values()];
     for (const a of runs) {
@@ -380,11 +585,23 @@ export class Daemon {
       this.log("error", `run ${a.run.id}: cannot write its log: ${describeError(err)}`);
     }
     a.events.emit("event", { type: "log", time: this.clock.now(), level, message } satisfies RunEvent);
-    this.log(level, `${a.entry.key} run ${a.run.id}: ${message}`);
+    this.log(level, `${a.key} run ${a.run.id}: ${message}`);
   }
 
   private begin(p: Pending): Run {
-    const run = this.o.catalog.startRun(p.entry.job.id, {
+    return this.launch(
+      { entry: p.entry, job: p.entry.job, key: p.entry.key },
+      p,
+      `started (${p.trigger}${p.rerunOf === undefined ? "" : ` of run ${p.rerunOf}`})`,
+    );
+  }
+
+  private launch(
+    what: { entry?: Entry; job: Job; key: string; work?: TaskWork },
+    p: { trigger: RunTrigger; scheduledFor?: number; rerunOf?: number },
+    first: string,
+  ): Run {
+    const run = this.o.catalog.startRun(what.job.id, {
       trigger: p.trigger,
       ...(p.scheduledFor === undefined ? {} : { scheduledFor: p.scheduledFor }),
       ...(p.rerunOf === undefined ? {} : { rerunOf: p.rerunOf }),
@@ -393,14 +610,17 @@ export class Daemon {
     events.setMaxListeners(0);
     const a: Active = {
       run,
-      entry: p.entry,
+      entry: what.entry,
+      job: what.job,
+      key: what.key,
+      ...(what.work ? { work: what.work } : {}),
       controller: new AbortController(),
       events,
       progress: { done: 0, total: 0 },
       done: Promise.resolve(),
     };
     this.active.set(run.id, a);
-    this.runLog(a, "info", `started (${p.trigger}${p.rerunOf === undefined ? "" : ` of run ${p.rerunOf}`})`);
+    this.runLog(a, "info", first);
     a.done = this.execute(a)
       .catch((err) => this.log("error", `run ${run.id}: ${describeError(err)}`))
       .finally(() => {
@@ -436,28 +656,40 @@ export class Daemon {
     };
   }
 
+  /** What a configured job's run does: the runner, with the job's policy and repository. */
+  private runJob(a: Active, entry: Entry): Promise<RunOutput> {
+    const repository = this.o.config.repositories.get(entry.job.repository);
+    if (!repository)
+      throw new StrataError(
+        ErrorCode.USAGE,
+        `repository ${entry.job.repository} is not in the configuration`,
+      );
+    const vm = this.vms.find((v) => v.name === entry.job.vm);
+    return this.o.runner.run({
+      job: entry.job,
+      runId: a.run.id,
+      policy: entry.policy,
+      repository,
+      sources: vm?.sources ?? [],
+      limits: entry.policy.limits,
+      signal: a.controller.signal,
+      progress: this.progressSink(a),
+      log: (level, message) => this.runLog(a, level, message),
+    });
+  }
+
   private async execute(a: Active): Promise<void> {
     const { entry } = a;
-    const repository = this.o.config.repositories.get(entry.job.repository);
     let end: Run;
     try {
-      if (!repository)
-        throw new StrataError(
-          ErrorCode.USAGE,
-          `repository ${entry.job.repository} is not in the configuration`,
-        );
-      const vm = this.vms.find((v) => v.name === entry.job.vm);
-      const out = await this.o.runner.run({
-        job: entry.job,
-        runId: a.run.id,
-        policy: entry.policy,
-        repository,
-        sources: vm?.sources ?? [],
-        limits: entry.policy.limits,
-        signal: a.controller.signal,
-        progress: this.progressSink(a),
-        log: (level, message) => this.runLog(a, level, message),
-      });
+      const out = a.work
+        ? await a.work({
+            runId: a.run.id,
+            signal: a.controller.signal,
+            progress: this.progressSink(a),
+            log: (level, message) => this.runLog(a, level, message),
+          })
+        : await this.runJob(a, entry!);
       this.o.catalog.progress(a.run.id, a.progress.done, a.progress.total);
       end = this.o.catalog.endRun(a.run.id, {
         outcome: out.outcome ?? "success",
@@ -466,7 +698,7 @@ export class Daemon {
         ...(out.bytesStored === undefined ? {} : { bytesStored: out.bytesStored }),
         ...(out.restorePoint === undefined ? {} : { restorePoint: out.restorePoint }),
       });
-      this.log("info", `${entry.key} run ${end.id}: ${end.outcome} in ${end.durationMs} ms`);
+      this.log("info", `${a.key} run ${end.id}: ${end.outcome} in ${end.durationMs} ms`);
     } catch (err) {
       const cancelled = a.controller.signal.aborted;
       const code = err instanceof StrataError ? err.code : cancelled ? ErrorCode.ABORTED : ErrorCode.INTERNAL;
@@ -479,7 +711,14 @@ export class Daemon {
       });
     }
     a.events.emit("event", { type: "end", run: end } satisfies RunEvent);
+    try {
+      this.noticeRun(a, end);
+      if (entry?.job.kind === "backup" && end.outcome !== "failed") this.checkRpo();
+    } catch (err) {
+      this.log("error", `run ${end.id}: notifying: ${describeError(err)}`);
+    }
     if (
+      entry &&
       end.outcome === "success" &&
       entry.job.kind === "backup" &&
       entry.policy.retention &&

@@ -6,6 +6,7 @@ import { rmSync } from "node:fs";
 import { test } from "node:test";
 import { FsStore } from "../../src/repo/fs-store.js";
 import { Repository } from "../../src/repo/repository.js";
+import { checkConfig } from "../../src/server/config.js";
 import type { JobRunner, RunContext } from "../../src/server/runner.js";
 import { FakeClock } from "../../src/util/clock.js";
 import { daemonOf, setup } from "./helpers.js";
@@ -287,4 +288,78 @@ test("after downtime the loop runs a missed due time once, and reruns a run a de
   assert.equal(rerun!.trigger, "rerun");
   assert.equal(rerun!.rerunOf, dead.id);
   assert.equal(rerun!.outcome, "success");
+});
+
+test("reload: a run going on finishes under its configuration; a new policy's jobs come, a changed schedule runs from now, no catch-up", async (t) => {
+  const clock = new FakeClock(T0);
+  const s = await setup(t, {
+    vms: ["vm1"],
+    clock,
+    policies: `  p:
+    repository: main
+    vms: all
+    schedule: every 15m`,
+  });
+  let release: () => void = () => {};
+  const held = new Promise<void>((r) => {
+    release = r;
+  });
+  const seen: string[] = [];
+  const runner: JobRunner = {
+    run: async (ctx) => {
+      seen.push(`${ctx.policy.name} ${ctx.policy.schedule.text}`);
+      await held;
+      return {};
+    },
+  };
+  const d = daemonOf(t, s, { runner, clock });
+  await d.start();
+  const job = s.catalog.jobs()[0]!;
+  assert.equal(d.runNow(job.id).status, "started");
+  const next = (text: string) => {
+    const checked = checkConfig(
+      `repositories:\n  main: { path: ${s.repoPath} }\nvms:\n  vm1: { sources: ["file:${s.images.vm1}"] }\npolicies:\n${text}`,
+      s.config.file,
+    );
+    assert.ok(checked.config, JSON.stringify(checked.problems));
+    return checked.config;
+  };
+  // 11:17: the new hourly slot 11:00 has passed; scheduled from the job's creation it would run now.
+  clock.advance(70 * MIN);
+  await d.reload(
+    next(`  p:
+    repository: main
+    vms: all
+    schedule: every 1h
+  q:
+    repository: main
+    vms: all
+    schedule: every 30m`),
+  );
+  assert.deepEqual(
+    d
+      .entries()
+      .map((e) => `${e.job.policy}/${e.job.vm}/${e.job.kind} ${e.policy.schedule.text}`)
+      .sort(),
+    ["p/vm1/backup every 1h", "q/vm1/backup every 30m"],
+  );
+  const pNext = d.nextDue(job.id)!;
+  assert.ok(pNext > clock.now(), "the changed schedule's next run is after the reload, not a catch-up");
+  assert.equal(d.queued().length, 0, "no catch-up run for the change");
+  release();
+  await d.idle();
+  assert.deepEqual(seen, ["p every 15m"], "the run going on kept the schedule it started with");
+  assert.equal(s.catalog.lastRun(job.id)?.outcome, "success");
+  // Removing a policy retires its jobs and unschedules them.
+  await d.reload(
+    next(`  q:
+    repository: main
+    vms: all
+    schedule: every 30m`),
+  );
+  assert.deepEqual(
+    d.entries().map((e) => e.job.policy),
+    ["q"],
+  );
+  assert.equal(d.nextDue(job.id), undefined);
 });
