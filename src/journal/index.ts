@@ -20,6 +20,7 @@
  */
 export * from "./format.js";
 export * from "./meta.js";
+export * from "./overlay.js";
 export * from "./reader.js";
 export * from "./targets.js";
 export * from "./writer.js";

@@ -94,7 +94,8 @@ export async function startInstant(
   const log = o.log ?? (() => {});
   const runtime: InstantRuntime = need(stored.adapter, "instant", "boot a VM from a restore point");
   await refuseTakenName(o.name, o.stateDir, adapters);
-  const id = `${snap.vm}/${snap.time}`;
+  // An instant of a protected VM (src/engine/pit.ts) is named VM@TIME.
+  const id = "instant" in snap ? `${snap.vm}@${snap.time}` : `${snap.vm}/${snap.time}`;
   const inRepo = new Map(snap.manifest.disks.map((d) => [d.name, d]));
   const absent = stored.config.disks.filter((d) => !inRepo.has(d.name));
   // A disk left out would be opened at its original path: the original VM's own image.
