@@ -81,12 +81,29 @@ export async function planInstant(
   const dropped = meta.droppedBeforeNs === undefined ? undefined : BigInt(meta.droppedBeforeNs);
   const synced = meta.syncedNs === undefined || dropped !== undefined ? undefined : BigInt(meta.syncedNs);
   const usable = meta.bases.filter((b) => dropped === undefined || BigInt(b.startNs) >= dropped);
-  const cutBefore = usable.filter((b) => BigInt(b.cutNs) <= o.atNs).at(-1);
-  const base =
-    cutBefore ??
-    (synced !== undefined && synced <= o.atNs
-      ? undefined
-      : chooseBase(usable, o.atNs, dropped, o.vm, synced));
+  // The newest base cut by T whose restore point is still there (one forgotten since is passed
+  // over: an older one plus more of the journal gives the same bytes); else the initial copy.
+  let base: JournalBase | undefined;
+  let snap: SnapshotRef | undefined;
+  const gone: string[] = [];
+  for (const b of usable.filter((x) => BigInt(x.cutNs) <= o.atNs).reverse()) {
+    try {
+      snap = await repo.findSnapshot(b.snapshot);
+      base = b;
+      break;
+    } catch (err) {
+      if (!(err instanceof StrataError && err.code === ErrorCode.NOT_FOUND)) throw err;
+      gone.push(b.snapshot);
+    }
+  }
+  if (!base && !(synced !== undefined && synced <= o.atNs)) {
+    if (gone.length > 0)
+      throw new StrataError(
+        ErrorCode.NOT_FOUND,
+        `${iso(o.atNs)} of VM ${o.vm} needs a base restore point the repository no longer holds (${gone.join(", ")}; forgotten?), and the journal before it was dropped`,
+      );
+    chooseBase(usable, o.atNs, dropped, o.vm, synced);
+  }
   const fromNs = base ? BigInt(base.cutNs) : synced!;
   const until = o.completeUntilNs ?? win.toNs ?? fromNs;
   if (o.atNs > until)
@@ -94,7 +111,6 @@ export async function planInstant(
       ErrorCode.NOT_FOUND,
       `${iso(o.atNs)} is after VM ${o.vm}'s protected window, which ends at ${iso(until)} (the journal knows nothing later)`,
     );
-  const snap = base ? await repo.findSnapshot(base.snapshot) : undefined;
   for (const d of meta.disks)
     if (snap && !snap.manifest.disks.some((x) => x.name === d.name))
       throw new StrataError(

@@ -9,42 +9,10 @@ import { join } from "node:path";
 import { describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Capture } from "../../src/hypervisor/qemu/cdp.js";
-import { JournalReader } from "../../src/journal/reader.js";
 import { JournalWriter } from "../../src/journal/writer.js";
 import { collect, startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
-import { parseLatencySummaries, parseRecord, verifyRecords } from "../helpers/records.js";
+import { journalRecordTimes, parseLatencySummaries, verifyRecords } from "../helpers/records.js";
 import { bootWorkloadVm, leftovers } from "../helpers/vm.js";
-
-/** Host time (ns) at which each record reached the journal, per disk and seq, for the newest run. */
-async function recordTimes(
-  dir: string,
-): Promise<{ times: Map<string, Map<number, bigint>>; skewNs: bigint[] }> {
-  const r = await JournalReader.open(dir, undefined);
-  const times = new Map<string, Map<number, bigint>>();
-  const skewNs: bigint[] = [];
-  let run: string | undefined;
-  await r.walk((e) => {
-    if (!e.data) return true;
-    for (let at = 0; at + 4096 <= e.data.length; at += 4096) {
-      const p = parseRecord(e.data.subarray(at, at + 4096));
-      if (p.kind !== "record") continue;
-      if (p.record.seq === 1) run = p.record.runId;
-      if (run !== undefined && p.record.runId !== run) continue;
-      const disk = r.diskName(e.disk);
-      let m = times.get(disk);
-      if (!m) {
-        m = new Map();
-        times.set(disk, m);
-      }
-      if (!m.has(p.record.seq)) m.set(p.record.seq, e.timeNs);
-      // Records the initial copy carried were written long before: no measure of the skew.
-      if (r.meta.syncedNs === undefined || e.timeNs >= BigInt(r.meta.syncedNs))
-        skewNs.push(e.timeNs - p.record.timeNs);
-    }
-    return true;
-  });
-  return { times, skewNs };
-}
 
 function contiguous(seqs: number[]): boolean {
   const s = [...seqs].sort((a, b) => a - b);
@@ -110,7 +78,7 @@ describe("continuous data protection of a running VM", { timeout: 600_000 }, () 
       [],
     );
     // Every record the guest wrote while capturing is in the journal, on both disks, none missing.
-    const { times } = await recordTimes(journalDir);
+    const { times } = await journalRecordTimes(journalDir);
     const a = [...(times.get("vblk0")?.keys() ?? [])];
     const b = [...(times.get("vblk1")?.keys() ?? [])];
     // The workload reports every 20 records: at least 380 were written while capturing.
@@ -231,7 +199,7 @@ describe("continuous data protection of a running VM", { timeout: 600_000 }, () 
     const l = await leftovers(g.vm, state);
     assert.deepEqual([l.nodes, l.jobs, l.exports, l.files], [[], [], [], []]);
 
-    const { times, skewNs } = await recordTimes(journal);
+    const { times, skewNs } = await journalRecordTimes(journal);
     const fromMs = Date.parse(st.from);
     const status = JSON.parse(await readFile(join(journal, "status.json"), "utf8")) as {
       completeUntil: string;
