@@ -5,10 +5,10 @@
  * the same bytes to files (pit-restore.ts); both choose the base here.
  */
 import { hostname } from "node:os";
-import type { JournalBase } from "../journal/meta.js";
+import type { JournalBase, JournalMeta } from "../journal/meta.js";
 import { JournalView } from "../journal/overlay.js";
 import { JournalReader } from "../journal/reader.js";
-import type { Manifest } from "../repo/manifest.js";
+import type { Consistency, Manifest } from "../repo/manifest.js";
 import type { Repository, SnapshotRef } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { type CacheStats, type DiskSource, type DiskViewRef, RestorePointSource } from "./serve.js";
@@ -168,7 +168,7 @@ function noCache(cacheBytes: number): CacheStats {
 export async function openInstant(
   repo: Repository,
   journal: string,
-  o: InstantPlanOptions & { cacheBytes?: number },
+  o: InstantPlanOptions & { cacheBytes?: number; consistency?: Consistency },
 ): Promise<InstantRef> {
   const plan = await planInstant(repo, journal, o);
   const view = await JournalView.open(plan.reader, repo.keys, {
@@ -188,7 +188,7 @@ export async function openInstant(
     vm: o.vm,
     time,
     mode: "snapshot",
-    consistency: "crash-consistent",
+    consistency: o.consistency ?? "crash-consistent",
     parent: plan.snap ? plan.snap.time : null,
     disks: plan.reader.meta.disks.map((d) => ({
       name: d.name,
@@ -230,4 +230,29 @@ export async function openInstant(
     },
     close: () => view.close(),
   };
+}
+
+/**
+ * The first instant the journal in `meta` can give (ns): the earliest cut of a base whose
+ * segments are kept and whose restore point the repository still holds, or the end of the
+ * initial copy while no segment was dropped; undefined when there is none yet.
+ */
+export async function protectedFrom(repo: Repository, meta: JournalMeta): Promise<bigint | undefined> {
+  const dropped = meta.droppedBeforeNs === undefined ? undefined : BigInt(meta.droppedBeforeNs);
+  if (dropped === undefined && meta.syncedNs !== undefined) {
+    const synced = BigInt(meta.syncedNs);
+    if (!meta.bases.some((b) => BigInt(b.cutNs) < synced)) return synced;
+  }
+  const held = new Set((await repo.snapshots(meta.vm, () => {})).map((s) => `${s.vm}/${s.time}`));
+  let from: bigint | undefined;
+  for (const b of meta.bases) {
+    if (dropped !== undefined && BigInt(b.startNs) < dropped) continue;
+    if (!held.has(b.snapshot)) continue;
+    if (from === undefined || BigInt(b.cutNs) < from) from = BigInt(b.cutNs);
+  }
+  if (dropped === undefined && meta.syncedNs !== undefined) {
+    const synced = BigInt(meta.syncedNs);
+    if (from === undefined || synced < from) from = synced;
+  }
+  return from;
 }

@@ -19,6 +19,7 @@
  * writes to.
  */
 export * from "./format.js";
+export * from "./marks.js";
 export * from "./meta.js";
 export * from "./overlay.js";
 export * from "./reader.js";
