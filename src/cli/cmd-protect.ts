@@ -62,6 +62,21 @@ interface ProtectStatus {
   foldError?: string;
 }
 
+/** Freezes the guest's filesystems through its agent, takes the instant (ms), thaws. */
+async function freezeInstant(socket: string): Promise<number> {
+  const qga = new QgaClient(socket, { timeoutMs: 30_000 });
+  try {
+    await qga.fsfreezeFreeze();
+    try {
+      return Date.now();
+    } finally {
+      await qga.fsfreezeThaw();
+    }
+  } finally {
+    await qga.close().catch(() => {});
+  }
+}
+
 /** DIR/status.json as the protect last wrote it; undefined when absent or unreadable. */
 async function readStatus(dir: string): Promise<ProtectStatus | undefined> {
   try {
@@ -150,7 +165,9 @@ Ctrl-C (SIGINT) or SIGTERM stops cleanly and leaves nothing on the VM. If protec
 the next protect of the VM or "strata doctor --fix" cleans up.
 
 Folding (--fold 5m): every interval, the disks at that instant (journal over the previous fold)
-become an ordinary restore point, crash-consistent, deduplicated, and listed by strata snapshots;
+become an ordinary restore point, deduplicated, listed by strata snapshots, crash-consistent
+(filesystem-consistent when the source names the guest agent, qmp:SOCKET,qga=SOCKET: the
+instant is taken while the guest's filesystems are frozen for a moment);
 later instants replay the journal from it. --window 24h then drops the journal's segments
 older than the window (keeping the fold the window starts from): instants stay restorable for
 the whole window, restore points for as long as retention keeps them. forget and gc work beside
@@ -241,17 +258,32 @@ Examples:
         // One fold at a time; a failed fold is reported and tried again at the next interval.
         const fold = () => {
           nextFoldAt = Date.now() + foldMs!;
-          // Half a second back: every write acknowledged before it is in the journal file.
-          const atNs = BigInt(Date.now() - 500) * 1_000_000n;
-          folding = foldJournal(repo, {
-            vm,
-            journal: dir,
-            writer: capture.journal,
-            atNs,
-            consistency: "crash-consistent",
-            ...(windowMs === undefined ? {} : { windowStartNs: BigInt(Date.now() - windowMs) * 1_000_000n }),
-            log: (m) => out.warn(`fold: ${m}`),
-          })
+          const run = async () => {
+            // With the guest agent: the instant is taken while the filesystems are frozen (every
+            // write before the freeze is journaled by then). Without it, or when the freeze
+            // fails: half a second back, crash-consistent (every write acknowledged before it is
+            // in the journal file).
+            let frozenMs: number | undefined;
+            if (target.qga !== undefined)
+              frozenMs = await freezeInstant(target.qga).catch((err: unknown) => {
+                out.warn(
+                  `fold: the guest agent could not freeze ${vm}'s filesystems, folding crash-consistent: ${err instanceof Error ? err.message : String(err)}`,
+                );
+                return undefined;
+              });
+            return foldJournal(repo, {
+              vm,
+              journal: dir,
+              writer: capture.journal,
+              atNs: BigInt(frozenMs ?? Date.now() - 500) * 1_000_000n,
+              consistency: frozenMs === undefined ? "crash-consistent" : "filesystem-consistent",
+              ...(windowMs === undefined
+                ? {}
+                : { windowStartNs: BigInt(Date.now() - windowMs) * 1_000_000n }),
+              log: (m) => out.warn(`fold: ${m}`),
+            });
+          };
+          folding = run()
             .then(
               (r) => {
                 folds++;
@@ -416,22 +448,13 @@ Examples:
                 ErrorCode.USAGE,
                 `--quiesce needs ${vm}'s guest agent: protect it with qmp:SOCKET,qga=SOCKET`,
               );
-            const qga = new QgaClient(socket, { timeoutMs: 30_000 });
             try {
-              const frozen = await qga.fsfreezeFreeze();
-              try {
-                atMs = Date.now();
-              } finally {
-                await qga.fsfreezeThaw();
-              }
-              out.info(`froze ${frozen} filesystem(s) of ${vm} for the mark`);
+              atMs = await freezeInstant(socket);
             } catch (err) {
               throw new StrataError(
                 ErrorCode.EXTERNAL,
                 `--quiesce: ${vm}'s guest agent could not freeze and thaw its filesystems: ${err instanceof Error ? err.message : String(err)}`,
               );
-            } finally {
-              await qga.close().catch(() => {});
             }
           } else atMs = Date.now();
           const mark = {
