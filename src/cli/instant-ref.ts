@@ -4,7 +4,7 @@
  * journal given by --journal DIR.
  */
 import { resolve } from "node:path";
-import { type InstantRef, openInstant } from "../engine/pit.js";
+import { type InstantRef, isInstantRef, openInstant } from "../engine/pit.js";
 import { MARK_NAME_RE, readMarks } from "../journal/marks.js";
 import type { CodecKeys } from "../repo/codec.js";
 import { checkName, type Repository, type SnapshotRef } from "../repo/repository.js";
@@ -106,5 +106,5 @@ export async function findRestorePoint(
 
 /** How a restore point is named in messages and ids: VM/TIME, or VM@TIME for an instant. */
 export function pointId(snap: SnapshotRef): string {
-  return "instant" in snap ? `${snap.vm}@${snap.time}` : `${snap.vm}/${snap.time}`;
+  return isInstantRef(snap) ? `${snap.vm}@${snap.time}` : `${snap.vm}/${snap.time}`;
 }
