@@ -19,10 +19,9 @@ export const JOURNAL_OPTION = [
 
 export const INSTANT_HELP = `Any instant of a VM protected by "strata protect" is a restore point too: VM@TIME (ISO,
 e.g. web1@2026-11-29T08:01:23.250Z), VM@-90s (90 seconds ago) or VM@mark:NAME (strata protect
-mark), with --journal DIR. Its disks
-are the journal's writes up to that instant over the journal's base, read on demand: no image is
-written first. It is crash-consistent (a power cut at that instant), or filesystem-consistent
-at a mark made with --quiesce.`;
+mark), with --journal DIR. Its disks are the journal's writes up to that instant over the
+journal's base, read on demand: no image is written first. It is crash-consistent (a power cut
+at that instant), or filesystem-consistent at a mark made with --quiesce.`;
 
 /** `VM@WHEN` split and checked; undefined when `ref` names no instant. WHEN may be mark:NAME. */
 export function parseInstantRef(
