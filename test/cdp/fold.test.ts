@@ -2,15 +2,25 @@
 // --fold interval a crash-consistent restore point appears (only what the journal wrote since the
 // previous one is read), segments older than --window are dropped, and with forget and gc run
 // beside the running protect nothing is lost: the latest instant and the oldest one of the
-// window restore with exactly the records written up to them, and a fold restore point restores
-// on its own like any backup.
+// window restore with exactly the records written up to them (served over the newest fold: the
+// same bytes), and a fold restore point restores on its own like any backup.
 import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { createHash } from "node:crypto";
+import { existsSync } from "node:fs";
 import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, test } from "node:test";
+import { promisify } from "node:util";
 import { collect, startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
 import { journalRecordTimes, verifyRecords } from "../helpers/records.js";
 import { bootWorkloadVm, until } from "../helpers/vm.js";
+
+const run = promisify(execFile);
+const sha = async (path: string) =>
+  createHash("sha256")
+    .update(await readFile(path))
+    .digest("hex");
 
 interface Status {
   folds?: number;
@@ -135,6 +145,44 @@ describe("folding the journal into restore points", { timeout: 900_000 }, () => 
       return last[0]!;
     };
     const latest = await check("latest", toMs - 200);
+    // Served from the journal's extents over the newest fold: the bytes the restore wrote.
+    const socket = join(dir, "latest.sock");
+    const server = startStrata(
+      [
+        "serve",
+        "--repo",
+        repo,
+        `live@${new Date(toMs - 200).toISOString()}`,
+        "--journal",
+        journal,
+        "--socket",
+        socket,
+      ],
+      { env },
+    );
+    const served = collect(server);
+    t.after(() => {
+      if (server.exitCode === null) server.kill("SIGKILL");
+    });
+    await until("the NBD socket", 60_000, async () => {
+      if (server.exitCode !== null) throw new Error(`serve ended: ${served.stderr}`);
+      return existsSync(socket) ? true : undefined;
+    });
+    for (const disk of ["vblk0", "vblk1"]) {
+      const copy = join(dir, `served-${disk}.raw`);
+      await run("qemu-img", [
+        "convert",
+        "-f",
+        "raw",
+        `nbd+unix:///${disk}?socket=${socket}`,
+        "-O",
+        "raw",
+        copy,
+      ]);
+      assert.equal(await sha(copy), await sha(join(dir, "latest", `${disk}.raw`)), `served ${disk}`);
+    }
+    server.kill("SIGINT");
+    assert.equal((await served.result).code, 0, served.stderr);
     const oldest = await check("oldest", fromMs + 500);
     assert.ok(latest > oldest, `${oldest} .. ${latest}`);
     // A fold restore point restores on its own, like any backup.
