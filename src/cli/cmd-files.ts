@@ -4,6 +4,7 @@ import type { Command } from "commander";
 import {
   type BtrfsSubvolume,
   type DiskLayout,
+  FILES_CACHE_BYTES,
   FileBrowser,
   type FsSelection,
   lvContents,
@@ -15,12 +16,13 @@ import {
   type VolumeGroupInfo,
 } from "../engine/files/index.js";
 import type { FsEntry } from "../image/fs-types.js";
-import type { Repository } from "../repo/repository.js";
+import type { Repository, SnapshotRef } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { printable } from "../util/names.js";
 import type { ProgressEvent } from "../util/progress.js";
 import { formatBytes } from "../util/sizes.js";
 import { interruptSignal, output, withRepo } from "./context.js";
+import { findRestorePoint, INSTANT_HELP, JOURNAL_OPTION, pointId } from "./instant-ref.js";
 
 interface GetFlags {
   to?: string;
@@ -30,6 +32,7 @@ interface GetFlags {
   overwrite?: boolean;
   sameOwner?: boolean;
   keepSetuid?: boolean;
+  journal?: string;
 }
 
 const SELECTION_HELP = `Which filesystem (DISK and PART may be left out when there is only one to choose):
@@ -47,12 +50,13 @@ export function registerFilesCommands(program: Command): void {
   files
     .command("ls")
     .description("list partitions and logical volumes, or a directory inside a restore point's filesystem")
-    .argument("<snapshot>", "VM/TIME or VM/latest (see strata snapshots)")
+    .argument("<snapshot>", "VM/TIME or VM/latest (see strata snapshots); VM@INSTANT with --journal")
     .argument("[where...]", "[DISK[:PART] | [DISK:]VG/LV] [PATH]: PATH starts with /")
     .option(
       "--subvolume <path>",
       "Btrfs: browse this subvolume (from the top level; / for the top level) instead of the default one",
     )
+    .option(...JOURNAL_OPTION)
     .addHelpText(
       "after",
       `
@@ -62,6 +66,8 @@ that file); listing / of a Btrfs filesystem also lists its subvolumes.
 
 ${SELECTION_HELP}
 
+${INSTANT_HELP}
+
 ext2/3/4 and FAT are read in-process; XFS, Btrfs, NTFS and logical volumes (whatever they hold)
 through libguestfs, whose appliance VM boots first (~20 s without KVM).
 
@@ -70,60 +76,67 @@ Examples:
   strata files ls web1/latest /etc
   strata files ls web1/2026-11-22T01:02:03Z root:2 /var/log
   strata files ls web1/latest vg0/root /etc
-  strata files ls web1/latest root:2 --subvolume @home /`,
+  strata files ls web1/latest root:2 --subvolume @home /
+  strata files ls web1@-5m --journal /srv/journal/web1 /etc`,
     )
-    .action(async (ref: string, where: string[], opts: { subvolume?: string }, cmd: Command) => {
-      const out = output(cmd);
-      if (where.length > 2)
-        throw new StrataError(ErrorCode.USAGE, "files ls takes at most a selection and a PATH");
-      const path = where.find((w) => w.startsWith("/"));
-      const specs = where.filter((w) => !w.startsWith("/"));
-      if (specs.length > 1 || where.filter((w) => w.startsWith("/")).length > 1)
-        throw new StrataError(
-          ErrorCode.USAGE,
-          "files ls takes one DISK[:PART] or [DISK:]VG/LV and one PATH (starting with /)",
-        );
-      const sel: FsSelection = {
-        ...(specs[0] === undefined ? {} : parseSelection(specs[0])),
-        ...(opts.subvolume === undefined ? {} : { subvolume: opts.subvolume }),
-      };
-      const signal = interruptSignal();
-      await withReadLock(cmd, `files ls of ${ref}`, async (repo) => {
-        const snap = await repo.findSnapshot(ref);
-        const id = `${snap.vm}/${snap.time}`;
-        if (path === undefined && sel.partition === undefined && !sel.volume && sel.subvolume === undefined) {
-          const layout = await restorePointLayout(repo, snap, sel.disk, undefined, signal);
-          out.result({ id, ...layout }, () => renderLayout(layout));
-          return;
-        }
-        const browser = await FileBrowser.open(repo, snap, sel, { signal });
-        try {
-          const entries = await browser.list(path ?? "/", signal);
-          const subvolumes = (path ?? "/") === "/" ? await browser.subvolumes() : [];
-          out.result(
-            {
-              id,
-              disk: browser.disk,
-              ...(browser.partition ? { partition: browser.partition.number } : {}),
-              ...(browser.volume ? { volume: browser.volume } : {}),
-              filesystem: browser.fs.type,
-              ...(sel.subvolume === undefined ? {} : { subvolume: sel.subvolume }),
-              ...(browser.fs.type === "btrfs" && (path ?? "/") === "/" ? { subvolumes } : {}),
-              path: path ?? "/",
-              entries,
-            },
-            () => [...entries.map(renderEntry), ...renderSubvolumes(subvolumes)].join("\n"),
+    .action(
+      async (ref: string, where: string[], opts: { subvolume?: string; journal?: string }, cmd: Command) => {
+        const out = output(cmd);
+        if (where.length > 2)
+          throw new StrataError(ErrorCode.USAGE, "files ls takes at most a selection and a PATH");
+        const path = where.find((w) => w.startsWith("/"));
+        const specs = where.filter((w) => !w.startsWith("/"));
+        if (specs.length > 1 || where.filter((w) => w.startsWith("/")).length > 1)
+          throw new StrataError(
+            ErrorCode.USAGE,
+            "files ls takes one DISK[:PART] or [DISK:]VG/LV and one PATH (starting with /)",
           );
-        } finally {
-          await browser.close();
-        }
-      });
-    });
+        const sel: FsSelection = {
+          ...(specs[0] === undefined ? {} : parseSelection(specs[0])),
+          ...(opts.subvolume === undefined ? {} : { subvolume: opts.subvolume }),
+        };
+        const signal = interruptSignal();
+        await withReadLock(cmd, `files ls of ${ref}`, ref, opts.journal, async (repo, snap) => {
+          const id = pointId(snap);
+          if (
+            path === undefined &&
+            sel.partition === undefined &&
+            !sel.volume &&
+            sel.subvolume === undefined
+          ) {
+            const layout = await restorePointLayout(repo, snap, sel.disk, undefined, signal);
+            out.result({ id, ...layout }, () => renderLayout(layout));
+            return;
+          }
+          const browser = await FileBrowser.open(repo, snap, sel, { signal });
+          try {
+            const entries = await browser.list(path ?? "/", signal);
+            const subvolumes = (path ?? "/") === "/" ? await browser.subvolumes() : [];
+            out.result(
+              {
+                id,
+                disk: browser.disk,
+                ...(browser.partition ? { partition: browser.partition.number } : {}),
+                ...(browser.volume ? { volume: browser.volume } : {}),
+                filesystem: browser.fs.type,
+                ...(sel.subvolume === undefined ? {} : { subvolume: sel.subvolume }),
+                ...(browser.fs.type === "btrfs" && (path ?? "/") === "/" ? { subvolumes } : {}),
+                path: path ?? "/",
+                entries,
+              },
+              () => [...entries.map(renderEntry), ...renderSubvolumes(subvolumes)].join("\n"),
+            );
+          } finally {
+            await browser.close();
+          }
+        });
+      },
+    );
 
   files
     .command("get")
     .description("restore files and directories (recursively) from inside a restore point")
-    .argument("<snapshot>", "VM/TIME or VM/latest (see strata snapshots)")
+    .argument("<snapshot>", "VM/TIME or VM/latest (see strata snapshots); VM@INSTANT with --journal")
     .argument("<paths...>", "absolute paths inside the filesystem")
     .option("--to <dir>", "write them into this directory (created if missing)")
     .option("--tar", "write a tar stream to stdout instead of --to")
@@ -135,6 +148,7 @@ Examples:
       "--subvolume <path>",
       "Btrfs: this subvolume (from the top level; / for the top level) instead of the default one",
     )
+    .option(...JOURNAL_OPTION)
     .option("--overwrite", "replace files and symlinks that exist under --to")
     .option("--same-owner", "give files the owners recorded in the guest (root only; default: yours)")
     .option("--keep-setuid", "keep setuid and setgid bits (default: dropped)")
@@ -155,11 +169,14 @@ it or its parent (a sticky directory like /tmp is fine); its own mode is never c
 
 ${SELECTION_HELP}
 
+${INSTANT_HELP}
+
 Examples:
   strata files get web1/latest /etc/nginx --to /tmp/nginx-restored
   strata files get web1/latest /home/alice --disk root:2 --tar > alice.tar
   strata files get web1/latest /var/lib/pgsql --disk vg0/data --to /tmp/pg
-  strata files get web1/latest /alice --disk root:2 --subvolume @home --to /tmp/home`,
+  strata files get web1/latest /alice --disk root:2 --subvolume @home --to /tmp/home
+  strata files get web1@2026-11-29T08:01:23Z /etc/nginx --journal /srv/journal/web1 --to /tmp/nginx`,
     )
     .action(async (ref: string, paths: string[], opts: GetFlags, cmd: Command) => {
       const out = output(cmd);
@@ -183,8 +200,7 @@ Examples:
         ...(opts.subvolume === undefined ? {} : { subvolume: opts.subvolume }),
       };
       const signal = interruptSignal();
-      await withReadLock(cmd, `files get of ${ref}`, async (repo) => {
-        const snap = await repo.findSnapshot(ref);
+      await withReadLock(cmd, `files get of ${ref}`, ref, opts.journal, async (repo, snap) => {
         const browser = await FileBrowser.open(repo, snap, sel, { signal });
         try {
           if (opts.tar) {
@@ -217,7 +233,7 @@ Examples:
           out.result(
             {
               type: "summary",
-              id: `${snap.vm}/${snap.time}`,
+              id: pointId(snap),
               disk: browser.disk,
               ...(browser.partition ? { partition: browser.partition.number } : {}),
               ...(browser.volume ? { volume: browser.volume } : {}),
@@ -239,15 +255,23 @@ Examples:
     });
 }
 
+/** Runs `fn` on the restore point (or instant) `ref` under the repository's read lock. */
 async function withReadLock(
   cmd: Command,
   what: string,
-  fn: (repo: Repository) => Promise<void>,
+  ref: string,
+  journal: string | undefined,
+  fn: (repo: Repository, snap: SnapshotRef) => Promise<void>,
 ): Promise<void> {
   await withRepo(cmd, async (repo) => {
     const lock = await repo.lock("read", what);
     try {
-      await fn(repo);
+      const found = await findRestorePoint(repo, ref, journal, { cacheBytes: FILES_CACHE_BYTES });
+      try {
+        await fn(repo, found.snap);
+      } finally {
+        await found.release();
+      }
     } finally {
       await lock.release();
     }

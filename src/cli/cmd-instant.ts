@@ -18,6 +18,7 @@ import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes } from "../util/sizes.js";
 import { buildRegistry } from "./adapters.js";
 import { globals, interruptSignal, output, parseCount, repoPath, withRepo } from "./context.js";
+import { findRestorePoint, INSTANT_HELP, JOURNAL_OPTION, pointId } from "./instant-ref.js";
 
 interface StartFlags {
   name?: string;
@@ -25,6 +26,7 @@ interface StartFlags {
   stateDir?: string;
   reconnectDelay?: number;
   cacheSize: string;
+  journal?: string;
 }
 
 const stateDirOption = [
@@ -32,8 +34,8 @@ const stateDirOption = [
   "where the records of instantly recovered VMs live (default $STRATA_STATE_DIR or /var/lib/strata/state)",
 ] as const;
 
-/** `strata serve REF --repo R [--password-file F]`: the serving process, run detached. */
-export function serveCommand(cmd: Command, ref: string, cacheSize: string): string[] {
+/** `strata serve REF --repo R [--password-file F] [--journal DIR]`: the serving process, run detached. */
+export function serveCommand(cmd: Command, ref: string, cacheSize: string, journal?: string): string[] {
   const g = globals(cmd);
   const script = process.argv[1];
   if (!script) throw new StrataError(ErrorCode.EXTERNAL, "cannot tell how strata was started");
@@ -41,6 +43,7 @@ export function serveCommand(cmd: Command, ref: string, cacheSize: string): stri
     repo: repoPath(g),
     ...(g.passwordFile === undefined ? {} : { passwordFile: resolve(g.passwordFile) }),
     cacheSize,
+    ...(journal === undefined ? {} : { journal: resolve(journal) }),
   });
 }
 
@@ -67,7 +70,8 @@ seconds whatever its disk sizes. Then:
   instant
     .command("start", { isDefault: true })
     .description("boot a VM from a restore point (the default: strata instant VM/TIME)")
-    .argument("<snapshot>", "VM/TIME or VM/latest (see strata snapshots)")
+    .argument("<snapshot>", "VM/TIME or VM/latest (see strata snapshots); VM@INSTANT with --journal")
+    .option(...JOURNAL_OPTION)
     .option("--name <name>", "run as a clone with this name (new UUID and MAC addresses)")
     .option("--target <dir>", "directory for the overlays and run files (default <state dir>/instant/NAME)")
     .option(...stateDirOption)
@@ -86,25 +90,38 @@ it is a clone that runs beside the original (new UUID and MACs). Its sockets, co
 logs go to DIR/run/. Where it runs (QEMU: its QMP socket; libvirt: a transient domain) and its
 console are printed.
 
+${INSTANT_HELP}
+The VM's configuration is that of its newest restore point at or before the instant.
+
 Examples:
   strata instant web1/latest --name web1-ir --target /srv/ir/web1
+  strata instant web1@-2m --journal /srv/journal/web1 --name web1-2m
   strata instant migrate web1-ir --target /var/lib/images/web1 --limit 100`,
     )
     .action(async (ref: string, opts: StartFlags, cmd: Command) => {
       const out = output(cmd);
       if (opts.name !== undefined) checkName("VM", opts.name);
       await withRepo(cmd, async (repo) => {
-        const snap = await repo.findSnapshot(ref);
-        const stored = await readVmConfig(repo, snap, buildRegistry());
+        const found = await findRestorePoint(repo, ref, opts.journal);
+        // The serving process opens the instant itself; here only its disks and time are needed.
+        await found.release();
+        const snap = found.snap;
+        const configFrom = found.instant ? found.instant.instant.configFrom : snap;
+        if (!configFrom)
+          throw new StrataError(
+            ErrorCode.USAGE,
+            `${pointId(snap)}: VM ${snap.vm} has no restore point in the repository whose configuration it could boot with (run strata backup of it once)`,
+          );
+        const stored = await readVmConfig(repo, configFrom, buildRegistry());
         if (!stored)
           throw new StrataError(
             ErrorCode.USAGE,
-            `${snap.vm}/${snap.time} holds no VM configuration (a file: backup): serve its disks with strata serve instead`,
+            `${pointId(configFrom)} holds no VM configuration (a file: backup): serve its disks with strata serve instead`,
           );
         // What the user typed names it (list, stop, migrate); QEMU keeps its recorded -name.
         const name = opts.name ?? snap.vm;
         checkName("VM", name);
-        const id = `${snap.vm}/${snap.time}`;
+        const id = pointId(snap);
         const dir = resolve(opts.target ?? join(instantStateDir(stateDirOf(opts)), name));
         const started = await startInstant(snap, stored, buildRegistry(), {
           dir,
@@ -114,7 +131,7 @@ Examples:
           ...(globals(cmd).passwordFile === undefined
             ? {}
             : { passwordFile: resolve(globals(cmd).passwordFile!) }),
-          serveCommand: serveCommand(cmd, id, opts.cacheSize),
+          serveCommand: serveCommand(cmd, id, opts.cacheSize, found.instant ? opts.journal : undefined),
           stateDir: stateDirOf(opts),
           ...(opts.reconnectDelay === undefined ? {} : { reconnectDelay: opts.reconnectDelay }),
           log: (m) => out.warn(m),

@@ -7,8 +7,14 @@
 import { promises as fs } from "node:fs";
 import { join, resolve } from "node:path";
 import type { Command } from "commander";
+import { foldJournal } from "../engine/fold.js";
+import { protectedFrom } from "../engine/pit.js";
 import { resolveQemuTarget } from "../hypervisor/qemu/adapter.js";
 import { Capture } from "../hypervisor/qemu/cdp.js";
+import { inspectVm } from "../hypervisor/qemu/doctor.js";
+import { QgaClient } from "../hypervisor/qemu/qga.js";
+import { StateRecord } from "../hypervisor/qemu/state.js";
+import { addMark, MARK_NAME_RE, readMarks } from "../journal/marks.js";
 import { JournalReader } from "../journal/reader.js";
 import { JournalWriter } from "../journal/writer.js";
 import { checkName } from "../repo/repository.js";
@@ -28,6 +34,8 @@ interface ProtectOpts {
   inventory: string;
   stateDir?: string;
   appendDeadline: string;
+  fold?: string;
+  window?: string;
 }
 
 /** What a running protect writes to DIR/status.json every second (plain figures, no secrets). */
@@ -48,6 +56,34 @@ interface ProtectStatus {
   stopped?: boolean;
   /** Set on a stop: the journal holds every write made before this instant (ISO). */
   completeUntil?: string;
+  /** The newest fold: its restore point, instant and duration. */
+  lastFold?: { id: string; at: string; durationMs: number; bytesRead: number; segmentsDropped: number };
+  folds?: number;
+  foldError?: string;
+}
+
+/** Freezes the guest's filesystems through its agent, takes the instant (ms), thaws. */
+async function freezeInstant(socket: string): Promise<number> {
+  const qga = new QgaClient(socket, { timeoutMs: 30_000 });
+  try {
+    await qga.fsfreezeFreeze();
+    try {
+      return Date.now();
+    } finally {
+      await qga.fsfreezeThaw();
+    }
+  } finally {
+    await qga.close().catch(() => {});
+  }
+}
+
+/** DIR/status.json as the protect last wrote it; undefined when absent or unreadable. */
+async function readStatus(dir: string): Promise<ProtectStatus | undefined> {
+  try {
+    return JSON.parse(await fs.readFile(join(dir, STATUS_FILE), "utf8")) as ProtectStatus;
+  } catch {
+    return undefined;
+  }
 }
 
 async function writeStatus(dir: string, s: ProtectStatus): Promise<void> {
@@ -91,6 +127,14 @@ export function registerProtectCommand(program: Command): void {
       "a guest write the journal has not taken by then fails the capture, never the guest",
       "5s",
     )
+    .option(
+      "--fold <duration>",
+      "every this often, the journal up to now becomes a restore point in the repository (e.g. 5m)",
+    )
+    .option(
+      "--window <duration>",
+      "with --fold: drop journal segments no instant of the last DURATION needs (e.g. 24h)",
+    )
     .option("--inventory <file>", "VM inventory for vm:NAME", DEFAULT_INVENTORY)
     .option(
       "--state-dir <dir>",
@@ -120,13 +164,24 @@ bitmap started with the capture (strata-cdp) keeps the record of what the journa
 Ctrl-C (SIGINT) or SIGTERM stops cleanly and leaves nothing on the VM. If protect is killed,
 the next protect of the VM or "strata doctor --fix" cleans up.
 
+Folding (--fold 5m): every interval, the disks at that instant (journal over the previous fold)
+become an ordinary restore point, deduplicated, listed by strata snapshots, crash-consistent
+(filesystem-consistent when the source names the guest agent, qmp:SOCKET,qga=SOCKET: the
+instant is taken while the guest's filesystems are frozen for a moment);
+later instants replay the journal from it. --window 24h then drops the journal's segments
+older than the window (keeping the fold the window starts from): instants stay restorable for
+the whole window, restore points for as long as retention keeps them. forget and gc work beside
+a running protect; an instant whose fold was forgotten is served from an older one if the
+journal still reaches back to it.
+
 Runs in the foreground; see "strata protect status VM --journal DIR" from another shell. DIR
 must be new (a journal continued after a stop would have a gap). The repository gives the
 journal its encryption keys (and will take its folded restore points).
 
 Examples:
   strata protect --repo /backup/strata --vm web1 qmp:/run/web1.qmp --journal /var/lib/strata/journal/web1
-  strata protect vm:db1 --journal /srv/journal/db1 --sync-interval 100ms`,
+  strata protect vm:db1 --journal /srv/journal/db1 --sync-interval 100ms
+  strata protect vm:web1 --journal /srv/journal/web1 --fold 5m --window 24h`,
     )
     .action(async (source: string, opts: ProtectOpts, cmd: Command) => {
       const out = output(cmd);
@@ -138,6 +193,20 @@ Examples:
       if (syncIntervalMs < 1 || syncIntervalMs > 60_000)
         throw new StrataError(ErrorCode.USAGE, "--sync-interval must be between 1ms and 60s");
       const appendDeadlineMs = parseDuration(opts.appendDeadline, "--append-deadline");
+      const foldMs = opts.fold === undefined ? undefined : parseDuration(opts.fold, "--fold");
+      const windowMs = opts.window === undefined ? undefined : parseDuration(opts.window, "--window");
+      if (foldMs !== undefined && foldMs < 1000)
+        throw new StrataError(ErrorCode.USAGE, "--fold must be at least 1s");
+      if (windowMs !== undefined && foldMs === undefined)
+        throw new StrataError(
+          ErrorCode.USAGE,
+          "--window needs --fold: segments are dropped only once a fold holds what they held",
+        );
+      if (windowMs !== undefined && foldMs !== undefined && windowMs < foldMs)
+        throw new StrataError(ErrorCode.USAGE, "--window must be at least as long as --fold");
+      // Segments small enough in time that the window drops in steps of an eighth of it.
+      const maxSegmentAgeMs =
+        windowMs === undefined ? undefined : Math.max(1000, Math.min(600_000, Math.floor(windowMs / 8)));
       const dir = resolve(opts.journal);
       const used = await fs.readdir(dir).then(
         (names) => names.length > 0,
@@ -171,6 +240,7 @@ Examples:
               repository: repo.config.id,
               disks: disks.map((d) => ({ name: d.name, size: d.size })),
               syncIntervalMs,
+              ...(maxSegmentAgeMs === undefined ? {} : { maxSegmentAgeMs }),
               onError: (err) => out.warn(`journal: ${err.message}`),
             }),
           log: (m) => out.warn(m),
@@ -180,6 +250,64 @@ Examples:
           },
         });
         const started = new Date().toISOString();
+        let lastFold: ProtectStatus["lastFold"];
+        let folds = 0;
+        let foldError: string | undefined;
+        let folding: Promise<void> | undefined;
+        let nextFoldAt = foldMs === undefined ? Number.POSITIVE_INFINITY : Date.now() + foldMs;
+        // One fold at a time; a failed fold is reported and tried again at the next interval.
+        const fold = () => {
+          nextFoldAt = Date.now() + foldMs!;
+          const run = async () => {
+            // With the guest agent: the instant is taken while the filesystems are frozen (every
+            // write before the freeze is journaled by then). Without it, or when the freeze
+            // fails: half a second back, crash-consistent (every write acknowledged before it is
+            // in the journal file).
+            let frozenMs: number | undefined;
+            if (target.qga !== undefined)
+              frozenMs = await freezeInstant(target.qga).catch((err: unknown) => {
+                out.warn(
+                  `fold: the guest agent could not freeze ${vm}'s filesystems, folding crash-consistent: ${err instanceof Error ? err.message : String(err)}`,
+                );
+                return undefined;
+              });
+            return foldJournal(repo, {
+              vm,
+              journal: dir,
+              writer: capture.journal,
+              atNs: BigInt(frozenMs ?? Date.now() - 500) * 1_000_000n,
+              consistency: frozenMs === undefined ? "crash-consistent" : "filesystem-consistent",
+              ...(windowMs === undefined
+                ? {}
+                : { windowStartNs: BigInt(Date.now() - windowMs) * 1_000_000n }),
+              log: (m) => out.warn(`fold: ${m}`),
+            });
+          };
+          folding = run()
+            .then(
+              (r) => {
+                folds++;
+                foldError = undefined;
+                lastFold = {
+                  id: r.id,
+                  at: iso(r.atNs),
+                  durationMs: r.durationMs,
+                  bytesRead: r.bytesRead,
+                  segmentsDropped: r.segmentsDropped,
+                };
+                out.info(
+                  `folded ${vm} at ${iso(r.atNs)} into ${r.id} in ${formatDuration(r.durationMs)} (${formatBytes(r.bytesRead)} read${r.segmentsDropped > 0 ? `, ${r.segmentsDropped} journal segment(s) dropped` : ""})`,
+                );
+              },
+              (err: unknown) => {
+                foldError = err instanceof Error ? err.message : String(err);
+                out.warn(`fold of ${vm} failed (tried again in ${formatDuration(foldMs!)}): ${foldError}`);
+              },
+            )
+            .finally(() => {
+              folding = undefined;
+            });
+        };
         const status = (extra: Partial<ProtectStatus> = {}): ProtectStatus => {
           const s = capture.journal.stats();
           return {
@@ -196,6 +324,8 @@ Examples:
             lastSyncAt: s.lastSyncAt,
             oldestUnsyncedAt: s.oldestUnsyncedAt,
             ...(brokenWhy === undefined ? {} : { broken: brokenWhy }),
+            ...(lastFold === undefined ? {} : { lastFold, folds }),
+            ...(foldError === undefined ? {} : { foldError }),
             ...extra,
           };
         };
@@ -210,6 +340,7 @@ Examples:
           while (!wake.signal.aborted) {
             await sleep(1000, wake.signal);
             await writeStatus(dir, status());
+            if (folding === undefined && Date.now() >= nextFoldAt && !wake.signal.aborted) fold();
             if (Date.now() - lastHealth >= 5000 && !wake.signal.aborted) {
               lastHealth = Date.now();
               // QMP busy (another client holds it) is no reason to stop: ask again next time.
@@ -226,6 +357,8 @@ Examples:
         } catch (err) {
           failure = err;
         } finally {
+          // A fold under way finishes first (its restore point is recorded as a base, or not at all).
+          await folding;
           // Writes after the mirrors are cancelled are not journaled: the journal is complete up to now.
           const completeUntil = new Date().toISOString();
           const { bitmapKept } = await capture.stop(brokenWhy !== undefined || failure !== undefined);
@@ -257,6 +390,164 @@ Examples:
     });
 
   protect
+    .command("mark")
+    .description("name the current instant of a protected VM (restorable as VM@mark:NAME)")
+    .argument("<vm>", "the VM's name")
+    .argument("<name>", "the mark's name: letters, digits, . _ - (e.g. before-upgrade)")
+    .option("--quiesce", "freeze the guest's filesystems through its agent for the instant")
+    .option(
+      "--state-dir <dir>",
+      "where protect's record lives (default $STRATA_STATE_DIR or /var/lib/strata/state)",
+    )
+    .addHelpText(
+      "after",
+      `
+Records the instant now (host time, the journal's clock) under NAME in DIR/marks.json. With
+--quiesce the guest's filesystems are frozen through the guest agent first (the protect's
+source must name it: qmp:SOCKET,qga=SOCKET), the instant taken while they are frozen (every
+write before the freeze is journaled by then), then thawed: restoring the mark gives clean
+filesystems. The protect of the VM must be running.
+
+Examples:
+  strata protect mark web1 before-upgrade --quiesce --journal /srv/journal/web1
+  strata restore web1@mark:before-upgrade --journal /srv/journal/web1 --target /srv/restored`,
+    )
+    .action(
+      async (vm: string, name: string, opts: { quiesce?: boolean; stateDir?: string }, cmd: Command) => {
+        const out = output(cmd);
+        if (!MARK_NAME_RE.test(name))
+          throw new StrataError(
+            ErrorCode.USAGE,
+            `"${name}" is not a mark name: 1-64 letters, digits, ".", "_" or "-", starting with a letter or digit`,
+          );
+        const dir = resolve((cmd.optsWithGlobals() as { journal: string }).journal);
+        const repo = await openRepo(cmd);
+        try {
+          const reader = await JournalReader.open(dir, repo.keys);
+          if (reader.meta.vm !== vm)
+            throw new StrataError(
+              ErrorCode.USAGE,
+              `journal ${dir} belongs to VM ${reader.meta.vm}, not ${vm}`,
+            );
+          const live = await readStatus(dir);
+          if (!live || live.stopped || !processAlive(live.pid))
+            throw new StrataError(
+              ErrorCode.USAGE,
+              `${vm} is not being protected into ${dir} (no running strata protect): a mark names an instant the journal holds`,
+            );
+          if ((await readMarks(dir, repo.keys)).some((m) => m.name === name))
+            throw new StrataError(ErrorCode.TARGET_CONFLICT, `${vm} has a mark named ${name} already`);
+          let atMs: number;
+          if (opts.quiesce) {
+            const rec = await StateRecord.load(
+              StateRecord.pathOf(opts.stateDir ?? defaultStateDir(), vm, "protect"),
+            );
+            const socket = rec?.data.qga;
+            if (!socket)
+              throw new StrataError(
+                ErrorCode.USAGE,
+                `--quiesce needs ${vm}'s guest agent: protect it with qmp:SOCKET,qga=SOCKET`,
+              );
+            try {
+              atMs = await freezeInstant(socket);
+            } catch (err) {
+              throw new StrataError(
+                ErrorCode.EXTERNAL,
+                `--quiesce: ${vm}'s guest agent could not freeze and thaw its filesystems: ${err instanceof Error ? err.message : String(err)}`,
+              );
+            }
+          } else atMs = Date.now();
+          const mark = {
+            name,
+            atNs: (BigInt(atMs) * 1_000_000n).toString(),
+            quiesced: opts.quiesce === true,
+            created: new Date().toISOString(),
+          };
+          await addMark(dir, repo.keys, mark);
+          out.result(
+            { vm, name, at: iso(atMs), quiesced: mark.quiesced, id: `${vm}@mark:${name}` },
+            () =>
+              `marked ${vm} at ${iso(atMs)} as ${name}${mark.quiesced ? " (filesystems frozen)" : ""}: restore it as ${vm}@mark:${name}`,
+          );
+        } finally {
+          await repo.close();
+        }
+      },
+    );
+
+  protect
+    .command("stop")
+    .description("stop the protection of a VM and leave nothing on it")
+    .argument("<vm>", "the VM's name")
+    .option(
+      "--state-dir <dir>",
+      "where protect's record lives (default $STRATA_STATE_DIR or /var/lib/strata/state)",
+    )
+    .option("--timeout <duration>", "how long to wait for the running protect to stop", "2m")
+    .addHelpText(
+      "after",
+      `
+Asks the running strata protect of the VM to stop (SIGTERM: it cancels its mirrors, removes
+its nodes and bitmap, syncs the journal and exits), and waits for it. If it is not running
+(killed), what it left on the VM (mirror jobs, NBD nodes, the strata-cdp bitmap) is removed, as
+strata doctor --fix would.
+
+Example:
+  strata protect stop web1 --journal /srv/journal/web1`,
+    )
+    .action(async (vm: string, opts: { stateDir?: string; timeout: string }, cmd: Command) => {
+      const out = output(cmd);
+      checkName("VM", vm);
+      const stateDir = opts.stateDir ?? defaultStateDir();
+      const timeoutMs = parseDuration(opts.timeout, "--timeout");
+      const path = StateRecord.pathOf(stateDir, vm, "protect");
+      const rec = await StateRecord.load(path);
+      if (!rec) {
+        out.result(
+          { vm, stopped: false, removed: [] },
+          () => `${vm} is not protected (no record in ${stateDir})`,
+        );
+        return;
+      }
+      let stopped = false;
+      if (rec.data.pid !== process.pid && processAlive(rec.data.pid)) {
+        process.kill(rec.data.pid, "SIGTERM");
+        const end = Date.now() + timeoutMs;
+        while (processAlive(rec.data.pid)) {
+          if (Date.now() > end)
+            throw new StrataError(
+              ErrorCode.TIMEOUT,
+              `strata protect of ${vm} (pid ${rec.data.pid}) did not stop within ${formatDuration(timeoutMs)}`,
+            );
+          await new Promise((r) => setTimeout(r, 200));
+        }
+        stopped = true;
+      }
+      // A clean stop removed its record; a dead protect's leftovers are removed here.
+      const removed: string[] = [];
+      if (await StateRecord.load(path)) {
+        const findings = await inspectVm(
+          { vm, qmp: rec.data.qmp, ...(rec.data.qga === undefined ? {} : { qga: rec.data.qga }) },
+          true,
+          stateDir,
+        );
+        const left = findings.filter((f) => f.owner === "strata" && !f.fixed);
+        removed.push(...findings.filter((f) => f.fixed).map((f) => f.what));
+        if (left.length > 0)
+          throw new StrataError(
+            ErrorCode.EXTERNAL,
+            `could not remove what protect left on ${vm}: ${left.map((f) => f.what).join("; ")}`,
+          );
+      }
+      out.result({ vm, stopped, pid: rec.data.pid, removed }, () =>
+        [
+          stopped ? `stopped protecting ${vm} (pid ${rec.data.pid})` : `the protect of ${vm} was not running`,
+          ...removed.map((r) => `removed ${r}`),
+        ].join("\n"),
+      );
+    });
+
+  protect
     .command("status")
     .description("the protected window of a VM: from, to, journal size, lag")
     .argument("<vm>", "the VM's name")
@@ -282,17 +573,9 @@ Example:
           throw new StrataError(ErrorCode.USAGE, `journal ${dir} belongs to VM ${reader.meta.vm}, not ${vm}`);
         const w = await reader.window();
         const bases = reader.meta.bases;
-        const starts = [
-          ...bases.map((b) => BigInt(b.cutNs)),
-          ...(reader.meta.syncedNs === undefined ? [] : [BigInt(reader.meta.syncedNs)]),
-        ];
-        const from = earliest(starts);
-        let live: ProtectStatus | undefined;
-        try {
-          live = JSON.parse(await fs.readFile(join(dir, STATUS_FILE), "utf8")) as ProtectStatus;
-        } catch {
-          live = undefined;
-        }
+        const from = await protectedFrom(repo, reader.meta);
+        const marks = await readMarks(dir, repo.keys);
+        const live = await readStatus(dir);
         const running = live !== undefined && !live.stopped && processAlive(live.pid);
         const now = Date.now();
         // As of the protect's last status write (every second).
@@ -320,6 +603,8 @@ Example:
             segments: w.segments,
             ...(lagMs === undefined ? {} : { lagMs }),
             ...(live?.broken ? { broken: live.broken } : {}),
+            ...(live?.lastFold ? { lastFold: live.lastFold, folds: live.folds } : {}),
+            marks: marks.map((m) => ({ name: m.name, at: iso(BigInt(m.atNs)), quiesced: m.quiesced })),
           },
           () =>
             [
@@ -332,6 +617,15 @@ Example:
                 ? []
                 : [`lag: ${formatDuration(lagMs)} (oldest write not yet fdatasynced)`]),
               ...(live?.broken ? [`stopped because: ${live.broken}`] : []),
+              ...(live?.lastFold
+                ? [
+                    `folds: ${live.folds}, the last at ${live.lastFold.at} into ${live.lastFold.id} (${formatDuration(live.lastFold.durationMs)})`,
+                  ]
+                : []),
+              ...marks.map(
+                (m) =>
+                  `mark ${m.name}: ${iso(BigInt(m.atNs))}${m.quiesced ? " (filesystems frozen)" : ""}, restore as ${vm}@mark:${m.name}`,
+              ),
             ].join("\n"),
         );
       } finally {
@@ -357,11 +651,4 @@ export async function journalCompleteUntil(dir: string): Promise<bigint | undefi
   if (!s.stopped && processAlive(s.pid)) return BigInt(Date.now()) * 1_000_000n;
   const t = Date.parse(s.completeUntil ?? "");
   return s.stopped && Number.isFinite(t) ? BigInt(t) * 1_000_000n : undefined;
-}
-
-/** The smallest of `xs` (Math.min takes no bigints), undefined for none. */
-function earliest(xs: readonly bigint[]): bigint | undefined {
-  let m: bigint | undefined;
-  for (const x of xs) if (m === undefined || x < m) m = x;
-  return m;
 }

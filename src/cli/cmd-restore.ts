@@ -6,13 +6,13 @@ import { checkRestoreOptions, type PointRestoreResult, restorePoint } from "../e
 import type { RestoreDiskResult } from "../engine/restore.js";
 import { bootHint, planVmRestore, readVmConfig, renderVmConfig } from "../engine/vm-restore.js";
 import { checkName, type Repository, type SnapshotRef } from "../repo/repository.js";
-import { parseInstant } from "../util/duration.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { writeNew } from "../util/files.js";
 import { formatBytes } from "../util/sizes.js";
 import { buildRegistry } from "./adapters.js";
 import { journalCompleteUntil } from "./cmd-protect.js";
 import { interruptSignal, output, withRepo } from "./context.js";
+import { parseInstantRef, resolveInstantRef } from "./instant-ref.js";
 import type { Output } from "./output.js";
 
 export function registerRestoreCommand(program: Command): void {
@@ -71,6 +71,7 @@ clean-shutdown one, cleanly ("strata snapshots" shows each restore point's consi
 Any instant of a VM protected by "strata protect" (its write journal in DIR):
   strata restore VM@2026-11-29T08:01:23.250Z --journal DIR --target OUT
   strata restore VM@-90s --journal DIR --target OUT
+  strata restore VM@mark:before-upgrade --journal DIR --target OUT
                                               the disks as they were at that instant (host
                                               clock, millisecond resolution), as OUT/<disk>.raw:
                                               the newest base restore point cut before it, and
@@ -218,14 +219,11 @@ function printRestore(out: Output, snap: SnapshotRef, r: PointRestoreResult, ms:
 /** VM@INSTANT --journal DIR --target OUT: a base restore point plus the journal replayed up to the instant. */
 async function restoreInstant(out: Output, ref: string, opts: RestoreFlags, cmd: Command): Promise<void> {
   const usage = (m: string) => new StrataError(ErrorCode.USAGE, m);
-  const m = /^([^@/]+)@(.+)$/.exec(ref);
-  if (!m)
-    throw usage(
-      `"${ref}" with --journal: name an instant as VM@TIME (e.g. web1@2026-11-29T08:01:23.250Z or web1@-90s)`,
-    );
-  const [, vm, when] = m as unknown as [string, string, string];
-  checkName("VM", vm);
   if (opts.journal === undefined) throw usage(`${ref}: give the VM's write journal with --journal DIR`);
+  if (!parseInstantRef(ref))
+    throw usage(
+      `"${ref}" with --journal: name an instant as VM@TIME (e.g. web1@2026-11-29T08:01:23.250Z or web1@-90s) or VM@mark:NAME`,
+    );
   if (opts.target === undefined) throw usage(`${ref}: give the directory the disks go to with --target DIR`);
   const other = [
     ["--disk", opts.disk],
@@ -240,9 +238,9 @@ async function restoreInstant(out: Output, ref: string, opts: RestoreFlags, cmd:
     throw usage(`${other[0]} does not apply to a restore at an instant (it restores every disk to --target)`);
   if (opts.format !== undefined && opts.format !== "raw")
     throw usage("a restore at an instant writes raw files");
-  const atMs = parseInstant(when, Date.now());
   const journal = resolve(opts.journal);
   await withRepo(cmd, async (repo) => {
+    const { vm, atMs, quiesced } = (await resolveInstantRef(ref, journal, repo.keys))!;
     const lock = await repo.lock("read", `restore of ${ref}`);
     try {
       const t0 = Date.now();
@@ -279,7 +277,7 @@ async function restoreInstant(out: Output, ref: string, opts: RestoreFlags, cmd:
         () =>
           [
             ...diskLines(r.disks, ms),
-            `${vm} at ${at}: base ${r.base} + ${r.replay.entries} journaled writes (${formatBytes(r.replay.bytes)})${r.replay.lastNs === undefined ? "" : `, the last one at ${new Date(Number(r.replay.lastNs / 1_000_000n)).toISOString()}`}; crash-consistent`,
+            `${vm} at ${at}: base ${r.base} + ${r.replay.entries} journaled writes (${formatBytes(r.replay.bytes)})${r.replay.lastNs === undefined ? "" : `, the last one at ${new Date(Number(r.replay.lastNs / 1_000_000n)).toISOString()}`}; ${quiesced ? "filesystem-consistent (a mark made with --quiesce)" : "crash-consistent"}`,
           ].join("\n"),
       );
     } finally {

@@ -8,6 +8,7 @@ import type { NbdTlsOptions } from "../nbd/index.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes, parseSize } from "../util/sizes.js";
 import { interruptSignal, output, parseCount, withRepo } from "./context.js";
+import { findRestorePoint, INSTANT_HELP, JOURNAL_OPTION, pointId } from "./instant-ref.js";
 
 interface ServeFlags {
   disk?: string;
@@ -19,6 +20,7 @@ interface ServeFlags {
   bind: string;
   cacheSize: string;
   readAhead: number;
+  journal?: string;
 }
 
 /** The TLS files, read; all three or none, and only with --port. */
@@ -64,8 +66,9 @@ export function registerServeCommand(program: Command): void {
   program
     .command("serve")
     .description("export a restore point's disks read-only over NBD until interrupted")
-    .argument("<snapshot>", "VM/TIME or VM/latest (see strata snapshots)")
+    .argument("<snapshot>", "VM/TIME or VM/latest (see strata snapshots); VM@INSTANT with --journal")
     .option("--disk <name>", "only this disk (default: every disk, one export each)")
+    .option(...JOURNAL_OPTION)
     .option(
       "--socket <path>",
       "listen on this unix socket, owner-only (default: $STRATA_RUN_DIR or /run/strata, VM.sock)",
@@ -92,8 +95,11 @@ The disks are served decrypted, so by default on a unix socket only its owner ca
 (--port) Strata requires TLS (NBD_OPT_STARTTLS, as QEMU's NBD server with tls-creds) and a
 client certificate signed by --tls-ca; plain TCP is refused.
 
+${INSTANT_HELP}
+
 Examples:
   strata serve web1/latest --socket /run/strata/web1.sock
+  strata serve web1@-10m --journal /srv/journal/web1 --socket /run/strata/web1-10m.sock
   qemu-img convert -p -f raw 'nbd+unix:///root?socket=/run/strata/web1.sock' -O qcow2 root.qcow2
   strata serve web1/2026-11-22T01:02:03Z --disk root --port 10809 \
       --tls-cert server-cert.pem --tls-key server-key.pem --tls-ca ca-cert.pem
@@ -112,62 +118,68 @@ Examples:
       await withRepo(cmd, async (repo) => {
         const lock = await repo.lock("read", `serve of ${ref}`);
         try {
-          const snap = await repo.findSnapshot(ref);
-          const socket =
-            opts.port !== undefined ? undefined : resolve(opts.socket ?? (await defaultSocket(snap.vm)));
-          const running = await serveRestorePoint(repo, snap, {
-            ...(opts.disk === undefined ? {} : { disks: [opts.disk] }),
-            ...(tls === undefined ? {} : { tls }),
-            listen: socket !== undefined ? { path: socket } : { port: opts.port!, host: opts.bind },
-            cacheBytes,
-            readAhead: opts.readAhead ?? DEFAULT_READ_AHEAD,
-            onError: (err) => out.warn(`NBD connection: ${err.message}`),
-          });
+          const found = await findRestorePoint(repo, ref, opts.journal, { cacheBytes });
+          const snap = found.snap;
+          const id = pointId(snap);
           try {
-            const addr = running.address;
-            // Over TCP always TLS: the NBD URI scheme for that is nbds:// (libnbd's nbdinfo, nbdcopy).
-            const uri = (name: string) =>
-              "path" in addr
-                ? `nbd+unix:///${name}?socket=${addr.path}`
-                : `nbds://${addr.host.includes(":") ? `[${addr.host}]` : addr.host}:${addr.port}/${name}`;
-            const exports = running.exports.map((d) => ({ name: d.name, size: d.size, uri: uri(d.name) }));
-            if (out.json) {
-              process.stdout.write(
-                `${JSON.stringify({
-                  type: "ready",
-                  id: `${snap.vm}/${snap.time}`,
-                  exports,
-                  ...("path" in addr ? { socket: addr.path } : { host: addr.host, port: addr.port }),
-                })}\n`,
-              );
-            } else {
-              const first = exports[0]!;
-              out.info(
-                [
-                  `serving ${snap.vm}/${snap.time} read-only over NBD:`,
-                  ...exports.map((e) => `  ${e.name} (${formatBytes(e.size)}): ${e.uri}`),
-                  "path" in addr
-                    ? `for example: qemu-img convert -p -f raw '${first.uri}' -O qcow2 ${first.name}.qcow2`
-                    : `for example: qemu-img convert -p --object tls-creds-x509,id=tls0,dir=DIR,endpoint=client --image-opts driver=nbd,host=${addr.host},port=${addr.port},export=${first.name},tls-creds=tls0 -O qcow2 ${first.name}.qcow2 (DIR holds ca-cert.pem, client-cert.pem, client-key.pem)`,
-                  "stop with Ctrl-C (SIGINT) or SIGTERM",
-                ].join("\n"),
-              );
+            const socket =
+              opts.port !== undefined ? undefined : resolve(opts.socket ?? (await defaultSocket(snap.vm)));
+            const running = await serveRestorePoint(repo, snap, {
+              ...(opts.disk === undefined ? {} : { disks: [opts.disk] }),
+              ...(tls === undefined ? {} : { tls }),
+              listen: socket !== undefined ? { path: socket } : { port: opts.port!, host: opts.bind },
+              cacheBytes,
+              readAhead: opts.readAhead ?? DEFAULT_READ_AHEAD,
+              onError: (err) => out.warn(`NBD connection: ${err.message}`),
+            });
+            try {
+              const addr = running.address;
+              // Over TCP always TLS: the NBD URI scheme for that is nbds:// (libnbd's nbdinfo, nbdcopy).
+              const uri = (name: string) =>
+                "path" in addr
+                  ? `nbd+unix:///${name}?socket=${addr.path}`
+                  : `nbds://${addr.host.includes(":") ? `[${addr.host}]` : addr.host}:${addr.port}/${name}`;
+              const exports = running.exports.map((d) => ({ name: d.name, size: d.size, uri: uri(d.name) }));
+              if (out.json) {
+                process.stdout.write(
+                  `${JSON.stringify({
+                    type: "ready",
+                    id,
+                    exports,
+                    ...("path" in addr ? { socket: addr.path } : { host: addr.host, port: addr.port }),
+                  })}\n`,
+                );
+              } else {
+                const first = exports[0]!;
+                out.info(
+                  [
+                    `serving ${id} read-only over NBD:`,
+                    ...exports.map((e) => `  ${e.name} (${formatBytes(e.size)}): ${e.uri}`),
+                    "path" in addr
+                      ? `for example: qemu-img convert -p -f raw '${first.uri}' -O qcow2 ${first.name}.qcow2`
+                      : `for example: qemu-img convert -p --object tls-creds-x509,id=tls0,dir=DIR,endpoint=client --image-opts driver=nbd,host=${addr.host},port=${addr.port},export=${first.name},tls-creds=tls0 -O qcow2 ${first.name}.qcow2 (DIR holds ca-cert.pem, client-cert.pem, client-key.pem)`,
+                    "stop with Ctrl-C (SIGINT) or SIGTERM",
+                  ].join("\n"),
+                );
+              }
+              if (!signal.aborted)
+                await new Promise<void>((r) => signal.addEventListener("abort", () => r(), { once: true }));
+            } finally {
+              await running.close();
             }
-            if (!signal.aborted)
-              await new Promise<void>((r) => signal.addEventListener("abort", () => r(), { once: true }));
+            const stats = running.exports.map((d) => ({ name: d.name, ...d.source.stats() }));
+            out.result({ type: "summary", id, exports: stats }, () =>
+              stats
+                .map(
+                  (s) =>
+                    `${s.name}: ${s.hits} cache hits, ${s.misses} fetches, ${s.readAheadFetches} read ahead, ` +
+                    `${s.fetchErrors} failed; cache peak ${formatBytes(s.peakCachedBytes)} of ${formatBytes(s.cacheBytes)}`,
+                )
+                .join("\n"),
+            );
           } finally {
-            await running.close();
+            await found.release();
           }
-          const stats = running.exports.map((d) => ({ name: d.name, ...d.source.stats() }));
-          out.result({ type: "summary", id: `${snap.vm}/${snap.time}`, exports: stats }, () =>
-            stats
-              .map(
-                (s) =>
-                  `${s.name}: ${s.hits} cache hits, ${s.misses} fetches, ${s.readAheadFetches} read ahead, ` +
-                  `${s.fetchErrors} failed; cache peak ${formatBytes(s.peakCachedBytes)} of ${formatBytes(s.cacheBytes)}`,
-              )
-              .join("\n"),
-          );
         } finally {
           await lock.release();
         }

@@ -13,12 +13,12 @@
  */
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
-import type { JournalBase } from "../journal/meta.js";
-import { JournalReader, type ReplayResult, replayJournal } from "../journal/reader.js";
+import { type ReplayResult, replayJournal } from "../journal/reader.js";
 import { RawFileTarget } from "../journal/targets.js";
 import type { Repository } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import type { ProgressSink } from "../util/progress.js";
+import { planInstant } from "./pit.js";
 import { type RestoreDiskResult, restoreDiskToFile } from "./restore.js";
 
 export interface InstantRestoreOptions {
@@ -47,63 +47,13 @@ export interface InstantRestoreResult {
   window: { fromNs: bigint | undefined; toNs: bigint | undefined };
 }
 
-const iso = (ns: bigint) => new Date(Number(ns / 1_000_000n)).toISOString();
-
-/** The newest usable base cut at or before `atNs`; a clear error naming the window otherwise. */
-/** The newest base cut at or before `atNs`; a clear error naming the window otherwise. */
-export function chooseBase(
-  bases: readonly JournalBase[],
-  atNs: bigint,
-  droppedBeforeNs: bigint | undefined,
-  vm: string,
-  syncedNs?: bigint,
-): JournalBase {
-  const usable = bases.filter((b) => droppedBeforeNs === undefined || BigInt(b.startNs) >= droppedBeforeNs);
-  const base = usable.filter((b) => BigInt(b.cutNs) <= atNs).at(-1);
-  if (base) return base;
-  const starts = [...usable.map((b) => BigInt(b.cutNs)), ...(syncedNs === undefined ? [] : [syncedNs])];
-  let from: bigint | undefined;
-  for (const x of starts) if (from === undefined || x < from) from = x;
-  throw new StrataError(
-    ErrorCode.NOT_FOUND,
-    from === undefined
-      ? `VM ${vm}'s journal does not hold its disks whole yet (no base, initial copy not done): nothing can be restored from it`
-      : `${iso(atNs)} is before VM ${vm}'s protected window, which starts at ${iso(from)}`,
-  );
-}
-
 export async function restoreAtInstant(
   repo: Repository,
   o: InstantRestoreOptions,
 ): Promise<InstantRestoreResult> {
-  const reader = await JournalReader.open(o.journal, repo.keys);
+  const plan = await planInstant(repo, o.journal, o);
+  const { reader, base, snap } = plan;
   const meta = reader.meta;
-  if (meta.vm !== o.vm)
-    throw new StrataError(ErrorCode.USAGE, `journal ${o.journal} belongs to VM ${meta.vm}, not ${o.vm}`);
-  if (meta.repository !== repo.config.id)
-    throw new StrataError(
-      ErrorCode.USAGE,
-      `journal ${o.journal} belongs to another repository (${meta.repository}), not ${repo.store.location}`,
-    );
-  const win = await reader.window();
-  const dropped = meta.droppedBeforeNs === undefined ? undefined : BigInt(meta.droppedBeforeNs);
-  const synced = meta.syncedNs === undefined || dropped !== undefined ? undefined : BigInt(meta.syncedNs);
-  // The newest base restore point cut by T; else the journal's own initial copy.
-  const usable = meta.bases.filter((b) => dropped === undefined || BigInt(b.startNs) >= dropped);
-  const cutBefore = usable.filter((b) => BigInt(b.cutNs) <= o.atNs).at(-1);
-  const base =
-    cutBefore ??
-    (synced !== undefined && synced <= o.atNs
-      ? undefined
-      : chooseBase(usable, o.atNs, dropped, o.vm, synced));
-  const fromNs = base ? BigInt(base.cutNs) : synced!;
-  const until = o.completeUntilNs ?? win.toNs ?? fromNs;
-  if (o.atNs > until)
-    throw new StrataError(
-      ErrorCode.NOT_FOUND,
-      `${iso(o.atNs)} is after VM ${o.vm}'s protected window, which ends at ${iso(until)} (the journal knows nothing later)`,
-    );
-  const snap = base ? await repo.findSnapshot(base.snapshot) : undefined;
   await fs.mkdir(o.target, { recursive: true });
   const disks: RestoreDiskResult[] = [];
   const files = new Map<string, string>();
@@ -117,12 +67,7 @@ export async function restoreAtInstant(
           `restore target ${final} exists (use --force to replace it)`,
         );
       files.set(d.name, partial(d.name));
-      if (snap && base) {
-        if (!snap.manifest.disks.some((x) => x.name === d.name))
-          throw new StrataError(
-            ErrorCode.DATA_MISSING,
-            `base restore point ${base.snapshot} has no disk ${d.name}`,
-          );
+      if (snap) {
         const r = await restoreDiskToFile(repo, snap, d.name, partial(d.name), {
           force: true,
           ...(o.progress ? { progress: o.progress } : {}),
@@ -144,7 +89,7 @@ export async function restoreAtInstant(
     let replay: ReplayResult;
     try {
       replay = await replayJournal(reader, target, {
-        ...(base ? { fromNs: BigInt(base.startNs) } : {}),
+        ...(plan.replayFromNs === undefined ? {} : { fromNs: plan.replayFromNs }),
         untilNs: o.atNs,
         ...(o.signal ? { signal: o.signal } : {}),
       });
@@ -156,7 +101,7 @@ export async function restoreAtInstant(
       base: base ? base.snapshot : "the journal's initial copy",
       disks,
       replay,
-      window: { fromNs, toNs: win.toNs },
+      window: plan.window,
     };
   } catch (err) {
     for (const p of files.values()) await fs.rm(p, { force: true }).catch(() => {});

@@ -19,7 +19,7 @@
  */
 import { promises as fs } from "node:fs";
 import { dirname } from "node:path";
-import type { Extent, NbdExport, NbdListenAddress, NbdTlsOptions } from "../nbd/index.js";
+import type { BlockSource, Extent, NbdExport, NbdListenAddress, NbdTlsOptions } from "../nbd/index.js";
 import { BASE_ALLOCATION, NbdServer, StateFlag } from "../nbd/index.js";
 import type { FixedIndex } from "../repo/fixed-index.js";
 import type { Repository, SnapshotRef } from "../repo/repository.js";
@@ -63,7 +63,36 @@ export interface CacheStats {
   peakFetches: number;
 }
 
-export class RestorePointSource {
+/** A disk as served: read (and block status), with the counters of its chunk cache. */
+export interface DiskSource extends BlockSource {
+  stats(): CacheStats;
+}
+
+/**
+ * A restore point whose disks are not (only) its chunks: an instant of a protected VM, its
+ * journal over a base (src/engine/pit.ts). Everything that opens a restore point's disks goes
+ * through {@link openSnapshotDisk}, so serve, files and instant take either.
+ */
+export interface DiskViewRef extends SnapshotRef {
+  openDisk(disk: string, options: ServeSourceOptions): Promise<DiskSource>;
+}
+
+export function isDiskViewRef(snap: SnapshotRef): snap is DiskViewRef {
+  return typeof (snap as Partial<DiskViewRef>).openDisk === "function";
+}
+
+/** Opens one disk of a restore point (or of an instant) as a source. */
+export function openSnapshotDisk(
+  repo: Repository,
+  snap: SnapshotRef,
+  disk: string,
+  options: ServeSourceOptions = {},
+): Promise<DiskSource> {
+  if (isDiskViewRef(snap)) return snap.openDisk(disk, options);
+  return RestorePointSource.open(repo, snap, disk, options);
+}
+
+export class RestorePointSource implements DiskSource {
   readonly size: number;
   /** digest hex → plaintext; Map order is recency (oldest first). */
   private readonly cache = new Map<string, Buffer>();
@@ -306,7 +335,7 @@ export interface ServeOptions extends ServeSourceOptions {
 export interface ServedDisk {
   name: string;
   size: number;
-  source: RestorePointSource;
+  source: DiskSource;
 }
 
 /** A running read-only NBD server over a restore point. */
@@ -337,7 +366,7 @@ export async function serveRestorePoint(
     throw new StrataError(ErrorCode.NOT_FOUND, `restore point ${snap.vm}/${snap.time} has no disks`);
   const served: ServedDisk[] = [];
   for (const name of names) {
-    const source = await RestorePointSource.open(repo, snap, name, options);
+    const source = await openSnapshotDisk(repo, snap, name, options);
     served.push({ name, size: source.size, source });
   }
   const exports: Record<string, NbdExport> = {};

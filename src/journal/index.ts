@@ -19,7 +19,9 @@
  * writes to.
  */
 export * from "./format.js";
+export * from "./marks.js";
 export * from "./meta.js";
+export * from "./overlay.js";
 export * from "./reader.js";
 export * from "./targets.js";
 export * from "./writer.js";

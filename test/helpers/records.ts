@@ -18,6 +18,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { crc32 } from "node:zlib";
+import { JournalReader } from "../../src/journal/reader.js";
+import type { CodecKeys } from "../../src/repo/codec.js";
 
 export const RECORD_SIZE = 4096;
 export const RECORD_MAGIC = "STRATAW1";
@@ -258,4 +260,36 @@ export function parseLatencySummaries(text: string): LatencySummary[] {
     });
   }
   return out;
+}
+
+/** Host time (ns) at which each record reached the journal, per disk and seq, for the newest run. */
+export async function journalRecordTimes(
+  dir: string,
+  keys?: CodecKeys,
+): Promise<{ times: Map<string, Map<number, bigint>>; skewNs: bigint[] }> {
+  const r = await JournalReader.open(dir, keys);
+  const times = new Map<string, Map<number, bigint>>();
+  const skewNs: bigint[] = [];
+  let run: string | undefined;
+  await r.walk((e) => {
+    if (!e.data) return true;
+    for (let at = 0; at + 4096 <= e.data.length; at += 4096) {
+      const p = parseRecord(e.data.subarray(at, at + 4096));
+      if (p.kind !== "record") continue;
+      if (p.record.seq === 1) run = p.record.runId;
+      if (run !== undefined && p.record.runId !== run) continue;
+      const disk = r.diskName(e.disk);
+      let m = times.get(disk);
+      if (!m) {
+        m = new Map();
+        times.set(disk, m);
+      }
+      if (!m.has(p.record.seq)) m.set(p.record.seq, e.timeNs);
+      // Records the initial copy carried were written long before: no measure of the skew.
+      if (r.meta.syncedNs === undefined || e.timeNs >= BigInt(r.meta.syncedNs))
+        skewNs.push(e.timeNs - p.record.timeNs);
+    }
+    return true;
+  });
+  return { times, skewNs };
 }

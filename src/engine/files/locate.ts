@@ -21,7 +21,7 @@ import { type Partition, readPartitionTable } from "../../image/partitions.js";
 import type { Repository, SnapshotRef } from "../../repo/repository.js";
 import { checkpoint } from "../../util/checkpoint.js";
 import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
-import { RestorePointSource, type ServeSourceOptions } from "../serve.js";
+import { type DiskSource, openSnapshotDisk, type ServeSourceOptions } from "../serve.js";
 
 /**
  * Chunk cache per disk for file restores. Reads are mostly sequential, so a small cache (which
@@ -125,8 +125,8 @@ export function openDisk(
   snap: SnapshotRef,
   disk: string,
   options: ServeSourceOptions = {},
-): Promise<RestorePointSource> {
-  return RestorePointSource.open(repo, snap, disk, options);
+): Promise<DiskSource> {
+  return openSnapshotDisk(repo, snap, disk, options);
 }
 
 /** The partitions of a disk and the filesystem in each. */

@@ -21,6 +21,7 @@ import type { AdapterRegistry } from "../../hypervisor/registry.js";
 import type { SnapshotRef } from "../../repo/repository.js";
 import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
 import { socketAccepts, terminate } from "../../util/process.js";
+import { isInstantRef } from "../pit.js";
 import { need, type StoredVm } from "../vm-restore.js";
 import {
   DEFAULT_RECONNECT_DELAY,
@@ -96,7 +97,8 @@ export async function startInstant(
   const log = o.log ?? (() => {});
   const runtime: InstantRuntime = need(stored.adapter, "instant", "boot a VM from a restore point");
   await refuseTakenName(o.name, o.stateDir, adapters);
-  const id = `${snap.vm}/${snap.time}`;
+  // An instant of a protected VM (src/engine/pit.ts) is named VM@TIME.
+  const id = isInstantRef(snap) ? `${snap.vm}@${snap.time}` : `${snap.vm}/${snap.time}`;
   const inRepo = new Map(snap.manifest.disks.map((d) => [d.name, d]));
   const absent = stored.config.disks.filter((d) => !inRepo.has(d.name));
   // A disk left out would be opened at its original path: the original VM's own image.

@@ -329,7 +329,7 @@ export async function describeInstant(r: InstantRecord, adapters: AdapterRegistr
 export function serveCommandLine(
   strata: readonly string[],
   ref: string,
-  o: { repo: string; passwordFile?: string; cacheSize: string },
+  o: { repo: string; passwordFile?: string; cacheSize: string; journal?: string },
 ): string[] {
   return [
     ...strata,
@@ -340,5 +340,6 @@ export function serveCommandLine(
     ...(o.passwordFile === undefined ? [] : ["--password-file", o.passwordFile]),
     "--cache-size",
     o.cacheSize,
+    ...(o.journal === undefined ? [] : ["--journal", o.journal]),
   ];
 }
