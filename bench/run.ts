@@ -28,8 +28,8 @@
  * Environment: STRATA_BENCH_DAYS (default 2), STRATA_BENCH_ROUNDS (default 2),
  * STRATA_BENCH_LIVE_ROUNDS (rounds of the live section, default 5),
  * STRATA_BENCH_ONLY ("|"-separated: run only the tools and sections whose name contains one of
- * them; "live" runs the live section alone, "strata" every Strata figure), STRATA_CACHE (default
- * .cache).
+ * them; "live" runs the live section alone, "strata" every Strata figure; a token naming a disk
+ * set, e.g. "Debian", runs that set alone), STRATA_CACHE (default .cache).
  */
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
@@ -373,7 +373,9 @@ async function main(): Promise<void> {
       debootstrap: "debootstrap",
     });
     const { sets, limitsImage } = offlineSets();
-    for (const set of sets) benchDiskSet(set, chosen);
+    // A token that names a disk set (e.g. "Debian") picks the sets too; otherwise every set runs.
+    const named = sets.filter((s) => only?.split("|").some((o) => s.title.includes(o)));
+    for (const set of named.length > 0 ? named : sets) benchDiskSet(set, chosen);
     const lim = limits(limitsImage);
     console.log("\nThis machine's limits, same run (reads: the Debian disk's day 0):");
     for (const [k, v] of Object.entries(lim)) console.log(`- ${k}: ${fmt(v, 0)}`);
