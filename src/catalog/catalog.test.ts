@@ -8,7 +8,7 @@ import type BetterSqlite3 from "better-sqlite3";
 import { FakeClock } from "../util/clock.js";
 import { ErrorCode, isStrataError } from "../util/errors.js";
 import { Catalog } from "./catalog.js";
-import { APPLICATION_ID, SCHEMA_VERSION } from "./schema.js";
+import { APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION } from "./schema.js";
 
 const Database = createRequire(import.meta.url)("better-sqlite3") as typeof BetterSqlite3;
 const T0 = Date.UTC(2026, 10, 20, 2, 0, 0);
@@ -323,4 +323,48 @@ test("a second connection reads while a run is written (WAL), and the data survi
   writer.close();
   const again = open(t, path);
   assert.equal(again.runs(job.id)[0]?.outcome, "success");
+});
+
+test("a version 1 catalog migrates to jobs of kind restore and instant, its runs and logs kept", (t) => {
+  const path = join(tempDir(t), "catalog.db");
+  const raw = new Database(path);
+  raw.exec(MIGRATIONS[0]!);
+  raw.pragma(`application_id = ${APPLICATION_ID}`);
+  raw.pragma("user_version = 1");
+  raw.exec(`INSERT INTO jobs (id, policy, vm, kind, repository, created_at, updated_at) VALUES (7, 'p', 'v', 'backup', 'main', 1, 1);
+            INSERT INTO runs (id, job_id, trigger, host, pid, started_at) VALUES (3, 7, 'manual', 'h', 1, 2);
+            INSERT INTO run_logs (run_id, time, level, message) VALUES (3, 2, 'info', 'kept');`);
+  assert.throws(() =>
+    raw.exec(
+      "INSERT INTO jobs (policy, vm, kind, repository, created_at, updated_at) VALUES ('x', 'v', 'restore', 'main', 1, 1)",
+    ),
+  );
+  raw.close();
+  const c = Catalog.open(path);
+  t.after(() => c.close());
+  assert.equal(c.schemaVersion, SCHEMA_VERSION);
+  assert.equal(c.job(7)?.kind, "backup");
+  assert.equal(c.run(3)?.jobId, 7);
+  assert.deepEqual(
+    c.logs(3).map((l) => l.message),
+    ["kept"],
+  );
+  const restore = c.ensureJob({
+    policy: "(api)",
+    vm: "v",
+    kind: "restore",
+    repository: "main",
+    schedule: null,
+  });
+  const instant = c.ensureJob({
+    policy: "(api)",
+    vm: "v",
+    kind: "instant",
+    repository: "main",
+    schedule: null,
+  });
+  assert.notEqual(restore.id, instant.id);
+  assert.equal(c.startRun(restore.id, { trigger: "manual" }).jobId, restore.id);
+  // Foreign keys hold again after the migration: a run of no job is refused.
+  assert.throws(() => c.startRun(999, { trigger: "manual" }));
 });

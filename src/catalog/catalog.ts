@@ -258,8 +258,8 @@ export class Catalog {
         ErrorCode.CATALOG_VERSION,
         `catalog ${this.path} has schema version ${version}, written by a newer Strata; this one knows versions up to ${SCHEMA_VERSION}`,
       );
-    db.pragma("foreign_keys = ON");
     if (readonly) {
+      db.pragma("foreign_keys = ON");
       if (version < SCHEMA_VERSION)
         throw new StrataError(
           ErrorCode.CATALOG_VERSION,
@@ -269,6 +269,8 @@ export class Catalog {
     }
     db.pragma("journal_mode = WAL");
     db.pragma("synchronous = NORMAL");
+    // Off while migrating: a migration that makes a table anew must not cascade into its children.
+    db.pragma("foreign_keys = OFF");
     for (let v = version; v < SCHEMA_VERSION; v++) {
       // Each step in its own transaction: a crash leaves the catalog at a version, never between.
       db.transaction(() => {
@@ -277,7 +279,23 @@ export class Catalog {
         db.exec(MIGRATIONS[v]!);
         db.pragma(`application_id = ${APPLICATION_ID}`);
         db.pragma(`user_version = ${v + 1}`);
+        const broken = db.pragma("foreign_key_check") as unknown[];
+        if (broken.length > 0)
+          throw new StrataError(
+            ErrorCode.CATALOG_CORRUPT,
+            `migrating ${this.path} to version ${v + 1} left ${broken.length} broken reference(s)`,
+          );
       }).immediate();
+    }
+    db.pragma("foreign_keys = ON");
+    // Migration 2 made a table anew, which leaves the schema spread over several pages: VACUUM
+    // writes it compact again. Only space is at stake, so a busy catalog is left as it is.
+    if (version < SCHEMA_VERSION && version < 2) {
+      try {
+        db.exec("VACUUM");
+      } catch {
+        // another process holds the catalog open; the schema stays as the migration left it
+      }
     }
   }
 

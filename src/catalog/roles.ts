@@ -3,7 +3,8 @@
  * each refusal; the table is here, beside the tokens, so that the CLI, the API and the docs read
  * one list.
  *
- * - `read`: sees state: VMs, restore points, jobs and their logs, retention previews, statistics.
+ * - `read`: sees state: VMs, restore points, jobs and their logs, retention previews, statistics,
+ *   instantly recovered VMs; never data (files, downloads, VM configurations) and never restores.
  * - `backup`: only adds restore points: starts backups and follows its jobs. It cannot forget,
  *   gc, restore or read any data, nor list restore points: a stolen backup token can't destroy
  *   or read what is protected.
@@ -23,6 +24,7 @@ const READ_ACTIONS = [
   "retention.preview",
   "repo.stats",
   "metrics.read",
+  "instant.list",
 ] as const;
 
 /** What the `operator` role may do: read, run jobs, restore, read data; never remove data. */

@@ -11,8 +11,21 @@
 /** "STRA" in ASCII: `PRAGMA application_id` of every Strata catalog. */
 export const APPLICATION_ID = 0x53545241;
 
-/** What each job does; the daemon's policies make them. */
-export const JOB_KINDS = ["backup", "verify", "retention", "gc", "boot-verify"] as const;
+/**
+ * What each job does; the daemon's policies make them, except `restore` and `instant` (a
+ * restore, an instant recovery's migration), whose runs the API starts on demand.
+ */
+export const JOB_KINDS = [
+  "backup",
+  "verify",
+  "retention",
+  "gc",
+  "boot-verify",
+  "restore",
+  "instant",
+] as const;
+/** The kinds schema version 1 allowed. */
+const JOB_KINDS_V1 = ["backup", "verify", "retention", "gc", "boot-verify"] as const;
 export type JobKind = (typeof JOB_KINDS)[number];
 
 /** Why a run started. */
@@ -39,7 +52,7 @@ export const MIGRATIONS: readonly string[] = [
     id INTEGER PRIMARY KEY,
     policy TEXT NOT NULL,
     vm TEXT NOT NULL DEFAULT '',          -- '' for a job on the whole repository (gc)
-    kind TEXT NOT NULL CHECK (kind IN (${oneOf(JOB_KINDS)})),
+    kind TEXT NOT NULL CHECK (kind IN (${oneOf(JOB_KINDS_V1)})),
     repository TEXT NOT NULL,             -- the repository's name in the configuration
     schedule TEXT,                        -- as the configuration writes it; NULL: on demand only
     created_at INTEGER NOT NULL,
@@ -119,6 +132,25 @@ export const MIGRATIONS: readonly string[] = [
     last_used_at INTEGER,
     revoked_at INTEGER
   ) STRICT;
+  `,
+  // 2: jobs of kind restore and instant (runs the API starts). SQLite can't change a CHECK, so the
+  // table is made anew (foreign keys are off while migrating; runs keep their job ids).
+  `
+  CREATE TABLE jobs_new (
+    id INTEGER PRIMARY KEY,
+    policy TEXT NOT NULL,
+    vm TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL CHECK (kind IN (${oneOf(JOB_KINDS)})),
+    repository TEXT NOT NULL,
+    schedule TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    removed_at INTEGER,
+    UNIQUE (policy, vm, kind)
+  ) STRICT;
+  INSERT INTO jobs_new SELECT id, policy, vm, kind, repository, schedule, created_at, updated_at, removed_at FROM jobs;
+  DROP TABLE jobs;
+  ALTER TABLE jobs_new RENAME TO jobs;
   `,
 ];
 

@@ -168,7 +168,16 @@ async function serve(file: string): Promise<void> {
       process.once("SIGTERM", () => stop("SIGTERM"));
       process.once("SIGINT", () => stop("SIGINT"));
       (async () => {
-        listening = await listenApi(new Api({ daemon, log }), config.api, { stateDir, log });
+        const api = new Api({
+          daemon,
+          log,
+          data: {
+            registry,
+            stateDir,
+            strataCommand: [process.execPath, resolve(process.argv[1] ?? "strata")],
+          },
+        });
+        listening = await listenApi(api, config.api, { stateDir, log });
         await daemon.start();
       })().catch(fail);
     });

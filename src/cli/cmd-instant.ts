@@ -6,11 +6,10 @@ import { migrateInstant } from "../engine/instant/migrate.js";
 import { startInstant } from "../engine/instant/start.js";
 import {
   DEFAULT_RECONNECT_DELAY,
-  type InstantRecord,
+  describeInstant,
   instantStateDir,
   listInstantRecords,
-  runtimeOf,
-  serverRuns,
+  serveCommandLine,
 } from "../engine/instant/state.js";
 import { bootHint, readVmConfig } from "../engine/vm-restore.js";
 import { defaultStateDir } from "../hypervisor/qemu/state.js";
@@ -38,48 +37,11 @@ function serveCommand(cmd: Command, ref: string, cacheSize: string): string[] {
   const g = globals(cmd);
   const script = process.argv[1];
   if (!script) throw new StrataError(ErrorCode.EXTERNAL, "cannot tell how strata was started");
-  return [
-    process.execPath,
-    resolve(script),
-    "serve",
-    ref,
-    "--repo",
-    repoPath(g),
-    ...(g.passwordFile === undefined ? [] : ["--password-file", resolve(g.passwordFile)]),
-    "--cache-size",
+  return serveCommandLine([process.execPath, resolve(script)], ref, {
+    repo: repoPath(g),
+    ...(g.passwordFile === undefined ? {} : { passwordFile: resolve(g.passwordFile) }),
     cacheSize,
-  ];
-}
-
-/** The record for people and --json: what runs, where, and how far migrated. */
-async function describe(r: InstantRecord) {
-  const vm = r.vm;
-  const running = vm ? await runtimeOf(r, buildRegistry()).running(vm) : false;
-  return {
-    name: r.name,
-    restorePoint: r.restorePoint,
-    phase: r.phase,
-    adapter: r.adapter,
-    vm: { pid: vm?.pid ?? null, running, where: vm?.where ?? null, ...vm?.details } as {
-      pid: number | null;
-      running: boolean;
-      where: string | null;
-      /** The adapter's details: QEMU's qmpSocket, console, log; libvirt's domain, uri, console. */
-      [detail: string]: string | number | boolean | null;
-    },
-    serve: { pid: r.serve.pid, running: serverRuns(r), socket: r.socket, log: r.serve.log },
-    disks: r.exports.map((e) => {
-      const d = vm?.disks.find((x) => x.name === e.name);
-      return {
-        name: e.name,
-        size: e.size,
-        overlay: d?.overlay ?? null,
-        ...(d?.production ? { production: d.production.path, format: d.production.format } : {}),
-      };
-    }),
-    dir: r.dir,
-    warnings: vm?.warnings ?? [],
-  };
+  });
 }
 
 const stateDirOf = (opts: { stateDir?: string }) => opts.stateDir ?? defaultStateDir();
@@ -157,7 +119,7 @@ Examples:
           ...(opts.reconnectDelay === undefined ? {} : { reconnectDelay: opts.reconnectDelay }),
           log: (m) => out.warn(m),
         });
-        const s = await describe(started.record);
+        const s = await describeInstant(started.record, buildRegistry());
         for (const w of s.warnings) out.warn(w);
         out.result({ type: "summary", id, ...s, startMs: started.startMs }, () =>
           [
@@ -183,7 +145,7 @@ Examples:
       const out = output(cmd);
       const { records, unreadable } = await listInstantRecords(stateDirOf(opts), buildRegistry());
       for (const u of unreadable) out.warn(`${u.file} not listed: ${u.error}`);
-      const states = await Promise.all(records.map(describe));
+      const states = await Promise.all(records.map((r) => describeInstant(r, buildRegistry())));
       out.result(states, () =>
         states.length === 0
           ? "no instantly recovered VMs"
@@ -259,17 +221,19 @@ Examples:
         buildRegistry(),
       );
       const m = r.interruptedMigration;
-      out.result({ type: "summary", restarted: r.restarted, ...(await describe(r.record)) }, () =>
-        [
-          r.restarted.length === 0
-            ? `"${name}" runs: nothing to restart`
-            : `restarted ${r.restarted.map((x) => (x === "serve" ? `the NBD server (pid ${r.record.serve.pid})` : `the VM (pid ${r.record.vm?.pid})`)).join(" and ")}`,
-          ...(m
-            ? [
-                `a migration to ${m.target} did not finish: run strata instant migrate ${name} --target ${m.target} --format ${m.format} again`,
-              ]
-            : []),
-        ].join("\n"),
+      out.result(
+        { type: "summary", restarted: r.restarted, ...(await describeInstant(r.record, buildRegistry())) },
+        () =>
+          [
+            r.restarted.length === 0
+              ? `"${name}" runs: nothing to restart`
+              : `restarted ${r.restarted.map((x) => (x === "serve" ? `the NBD server (pid ${r.record.serve.pid})` : `the VM (pid ${r.record.vm?.pid})`)).join(" and ")}`,
+            ...(m
+              ? [
+                  `a migration to ${m.target} did not finish: run strata instant migrate ${name} --target ${m.target} --format ${m.format} again`,
+                ]
+              : []),
+          ].join("\n"),
       );
     });
 

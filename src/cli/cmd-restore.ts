@@ -1,18 +1,10 @@
 /** restore: whole VMs, clones, single disks, configuration only. */
-import { promises as fs } from "node:fs";
-import { join, resolve } from "node:path";
+import { resolve } from "node:path";
 import type { Command } from "commander";
 import { restoreAtInstant } from "../engine/pit-restore.js";
-import { type RestoreDiskResult, restoreDiskToFile } from "../engine/restore.js";
-import { restoreDiskToDevice, restoreDiskToQcow2 } from "../engine/restore-sinks.js";
-import {
-  bootHint,
-  planVmRestore,
-  readVmConfig,
-  renderVmConfig,
-  restoreVm,
-  type StoredVm,
-} from "../engine/vm-restore.js";
+import { checkRestoreOptions, type PointRestoreResult, restorePoint } from "../engine/point-restore.js";
+import type { RestoreDiskResult } from "../engine/restore.js";
+import { bootHint, planVmRestore, readVmConfig, renderVmConfig } from "../engine/vm-restore.js";
 import { checkName, type Repository, type SnapshotRef } from "../repo/repository.js";
 import { parseInstant } from "../util/duration.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
@@ -105,63 +97,26 @@ Examples:
         const lock = await repo.lock("read", `restore of ${ref}`);
         try {
           const snap = await repo.findSnapshot(ref);
-          if (opts.disk !== undefined && !snap.manifest.disks.some((d) => d.name === opts.disk)) {
-            throw new StrataError(
-              ErrorCode.NOT_FOUND,
-              `restore point ${snap.vm}/${snap.time} has no disk "${opts.disk}" (it has: ${snap.manifest.disks.map((d) => d.name).join(", ")})`,
-            );
-          }
-          const stored =
-            opts.device === undefined ? await readVmConfig(repo, snap, buildRegistry()) : undefined;
-          if (stored) await restoreWholeVm(out, repo, snap, stored, opts);
-          else await restoreDisks(out, repo, snap, opts);
+          if (opts.configOnly) return await printConfig(out, repo, snap, opts);
+          const t0 = Date.now();
+          const r = await restorePoint(repo, snap, buildRegistry(), {
+            ...(opts.target === undefined ? {} : { target: opts.target }),
+            ...(opts.name === undefined ? {} : { name: opts.name }),
+            ...(opts.format === undefined ? {} : { format: opts.format as "raw" | "qcow2" }),
+            ...(opts.disk === undefined ? {} : { disk: opts.disk }),
+            ...(opts.device === undefined ? {} : { device: opts.device }),
+            ...(opts.start ? { start: true } : {}),
+            force: opts.force === true,
+            progress: out.progress(),
+            signal: interruptSignal(),
+            warn: (w) => out.warn(w),
+          });
+          printRestore(out, snap, r, Date.now() - t0);
         } finally {
           await lock.release();
         }
       });
     });
-}
-
-/** Disks of a restore point without a VM configuration (file: backups), or one disk onto a device. */
-async function restoreDisks(
-  out: Output,
-  repo: Repository,
-  snap: SnapshotRef,
-  opts: RestoreFlags,
-): Promise<void> {
-  const vmOnly = [
-    ["--name", opts.name],
-    ["--config-only", opts.configOnly],
-    ["--start", opts.start],
-  ].find(([, v]) => v !== undefined);
-  if (vmOnly)
-    throw new StrataError(
-      ErrorCode.USAGE,
-      `${vmOnly[0]}: restore point ${snap.vm}/${snap.time} was taken from image files and carries no VM configuration`,
-    );
-  if (opts.target === undefined && opts.device === undefined)
-    throw new StrataError(ErrorCode.USAGE, "give --target DIR or --device PATH");
-  const names = opts.disk === undefined ? snap.manifest.disks.map((d) => d.name) : [opts.disk];
-  const signal = interruptSignal();
-  const t0 = Date.now();
-  const results: RestoreDiskResult[] = [];
-  const common = { force: opts.force === true, progress: out.progress(), signal };
-  if (opts.device !== undefined) {
-    results.push(await restoreDiskToDevice(repo, snap, names[0]!, opts.device, common));
-  } else {
-    const dir = resolve(opts.target!);
-    await fs.mkdir(dir, { recursive: true });
-    const format = opts.format ?? "raw";
-    const sink = format === "qcow2" ? restoreDiskToQcow2 : restoreDiskToFile;
-    for (const name of names) {
-      results.push(await sink(repo, snap, name, join(dir, `${name}.${format}`), common));
-    }
-  }
-  const ms = Date.now() - t0;
-  out.result(
-    { type: "summary", id: `${snap.vm}/${snap.time}`, disks: results, durationMs: Math.round(ms) },
-    () => diskLines(results, ms).join("\n"),
-  );
 }
 
 function diskLines(results: readonly RestoreDiskResult[], ms: number): string[] {
@@ -175,14 +130,25 @@ function diskLines(results: readonly RestoreDiskResult[], ms: number): string[] 
   ];
 }
 
-/** Restore points with a VM configuration: in place, clone, one disk, configuration only, --start. */
-async function restoreWholeVm(
+/** --config-only: the definition, in place or for a clone, printed or written. */
+async function printConfig(
   out: Output,
   repo: Repository,
   snap: SnapshotRef,
-  stored: StoredVm,
   opts: RestoreFlags,
 ): Promise<void> {
+  const id = `${snap.vm}/${snap.time}`;
+  if (opts.disk !== undefined && !snap.manifest.disks.some((d) => d.name === opts.disk))
+    throw new StrataError(
+      ErrorCode.NOT_FOUND,
+      `restore point ${id} has no disk "${opts.disk}" (it has: ${snap.manifest.disks.map((d) => d.name).join(", ")})`,
+    );
+  const stored = await readVmConfig(repo, snap, buildRegistry());
+  if (!stored)
+    throw new StrataError(
+      ErrorCode.USAGE,
+      `--config-only: restore point ${id} was taken from image files and carries no VM configuration`,
+    );
   if (opts.name !== undefined) checkName("clone", opts.name);
   const plan = await planVmRestore(stored, snap, {
     ...(opts.target === undefined ? {} : { target: opts.target }),
@@ -191,40 +157,35 @@ async function restoreWholeVm(
     ...(opts.disk === undefined ? {} : { disk: opts.disk }),
   });
   for (const w of plan.warnings) out.warn(w);
-  const force = opts.force === true;
-  const id = `${snap.vm}/${snap.time}`;
-  if (opts.configOnly) {
-    const as = opts.as ?? "json";
-    const text = renderVmConfig(stored, plan, as);
-    if (opts.to !== undefined) {
-      await writeNew(resolve(opts.to), text, force);
-      out.result(
-        { type: "summary", id, definition: resolve(opts.to), as },
-        () => `wrote ${resolve(opts.to!)}`,
-      );
-    } else if (out.json) {
-      out.result({ type: "summary", id, as, text }, () => "");
-    } else {
-      process.stdout.write(text);
-    }
+  const as = opts.as ?? "json";
+  const text = renderVmConfig(stored, plan, as);
+  if (opts.to !== undefined) {
+    await writeNew(resolve(opts.to), text, opts.force === true);
+    out.result({ type: "summary", id, definition: resolve(opts.to), as }, () => `wrote ${resolve(opts.to!)}`);
+  } else if (out.json) {
+    out.result({ type: "summary", id, as, text }, () => "");
+  } else {
+    process.stdout.write(text);
+  }
+}
+
+/** What a restore did, for people and --json. */
+function printRestore(out: Output, snap: SnapshotRef, r: PointRestoreResult, ms: number): void {
+  const { plan, started, disks: results } = r;
+  const id = r.id;
+  if (!plan) {
+    out.result({ type: "summary", id, disks: results, durationMs: Math.round(ms) }, () =>
+      diskLines(results, ms).join("\n"),
+    );
     return;
   }
-  const t0 = Date.now();
-  const { disks: results, started } = await restoreVm(repo, snap, stored, plan, {
-    force,
-    ...(opts.start ? { start: true } : {}),
-    progress: out.progress(),
-    signal: interruptSignal(),
-  });
-  const ms = Date.now() - t0;
   const consistency = snap.manifest.consistency;
-  const scenario = opts.disk !== undefined ? "disk" : plan.clone ? "clone" : "in-place";
   const definition = plan.definition.file;
   out.result(
     {
       type: "summary",
       id,
-      scenario,
+      scenario: r.scenario,
       consistency,
       vm: { name: plan.config.name, uuid: plan.config.uuid, nics: plan.config.nics },
       disks: results,
@@ -343,20 +304,11 @@ interface RestoreFlags {
 
 function checkRestoreFlags(opts: RestoreFlags): void {
   const usage = (m: string) => new StrataError(ErrorCode.USAGE, m);
-  if (opts.format !== undefined && opts.format !== "raw" && opts.format !== "qcow2")
-    throw usage(`--format ${opts.format}: restores write raw or qcow2`);
-  if (opts.device !== undefined) {
-    if (opts.disk === undefined) throw usage("--device needs --disk NAME: one disk goes onto one device");
-    if (opts.target !== undefined) throw usage("give exactly one of --target DIR or --device PATH");
-    if (opts.format !== undefined)
-      throw usage("--format does not apply to --device (a device holds the raw disk)");
-    if (opts.name !== undefined || opts.configOnly || opts.start)
-      throw usage("--device restores one disk: --name, --config-only and --start do not apply");
-  }
-  if (opts.name !== undefined && opts.target === undefined)
-    throw usage("--name names a clone: give the directory it goes to with --target DIR");
-  if (opts.disk !== undefined && (opts.name !== undefined || opts.start || opts.configOnly))
+  if (opts.device !== undefined && opts.configOnly)
+    throw usage("--device restores one disk: --name, --config-only and --start do not apply");
+  if (opts.disk !== undefined && opts.configOnly)
     throw usage("--disk restores one disk, not a VM: --name, --start and --config-only do not apply");
+  checkRestoreOptions({ ...opts, start: opts.start === true });
   if (!opts.configOnly && (opts.as !== undefined || opts.to !== undefined))
     throw usage("--as and --to go with --config-only");
   if (opts.configOnly && opts.start) throw usage("--config-only restores nothing to start");

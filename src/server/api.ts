@@ -27,6 +27,7 @@ import { manifestTotals } from "../repo/manifest.js";
 import { forget } from "../repo/prune.js";
 import { type Clock, systemClock } from "../util/clock.js";
 import { describeError, ErrorCode, StrataError } from "../util/errors.js";
+import { type DataOptions, dataRoutes } from "./api-data.js";
 import type { Policy } from "./config.js";
 import { openRepository } from "./runner.js";
 import { nextSlot } from "./schedule.js";
@@ -47,13 +48,15 @@ interface Call {
 
 /** One route: what it does, who may, how it is described, and its handler. */
 export interface Route {
-  method: "GET" | "POST";
+  method: "GET" | "POST" | "DELETE";
   path: string;
   /** The action a token's role must allow; a function when it depends on the target. */
   action: Action | ((params: Record<string, string>) => Action) | null;
   summary: string;
   description?: string;
   query?: Array<{ name: string; description: string; type: "integer" | "string" }>;
+  /** The JSON body's fields (all optional), as OpenAPI schemas. */
+  body?: Record<string, Record<string, unknown>>;
   /** Status → [description, schema name in components (or inline schema)]. */
   responses: Record<number, [string, string | Record<string, unknown>]>;
   /** The 200 answer's media type when it is not JSON. */
@@ -81,6 +84,8 @@ export interface ApiOptions {
   heartbeatMs?: number;
   /** The web UI's built files, served at `/` (default dist/web; see static.ts). */
   webRoot?: string;
+  /** Adapters, state dir and how to run strata: what restores, files and instant recovery need. */
+  data?: DataOptions;
 }
 
 function intParam(v: string | undefined, what: string): number {
@@ -732,6 +737,7 @@ export class Api {
           }
         },
       },
+      ...dataRoutes(d, this.o.data),
     ];
   }
 
@@ -851,8 +857,7 @@ export class Api {
       const names = [...r.path.matchAll(/\{(\w+)\}/g)].map((m) => m[1]!);
       const responses: Record<string, unknown> = {};
       for (const [status, [description, schema]] of Object.entries(r.responses)) {
-        const type =
-          r.path.endsWith("/events") && status === "200" ? "text/event-stream" : "application/json";
+        const type = status === "200" && r.contentType ? r.contentType : "application/json";
         responses[status] = { description, content: { [type]: { schema: schemaRef(schema) } } };
       }
       if (r.action !== null) {
@@ -894,6 +899,18 @@ export class Api {
             schema: { type: q.type },
           })),
         ],
+        ...(r.body
+          ? {
+              requestBody: {
+                required: false,
+                content: {
+                  "application/json": {
+                    schema: { type: "object", additionalProperties: false, properties: r.body },
+                  },
+                },
+              },
+            }
+          : {}),
         responses,
       };
     }
@@ -1052,6 +1069,86 @@ export class Api {
                 restorePoints: int,
               }),
             },
+          }),
+          Layout: obj({
+            id: str,
+            disks: {
+              type: "array",
+              items: obj({
+                disk: str,
+                size: int,
+                scheme: str,
+                partitions: {
+                  type: "array",
+                  items: obj({
+                    number: int,
+                    start: int,
+                    size: int,
+                    typeName: str,
+                    label: str,
+                    filesystem: nstr,
+                    volumeGroup: str,
+                  }),
+                },
+              }),
+            },
+            volumeGroups: {
+              type: "array",
+              items: obj({
+                name: str,
+                size: int,
+                pvs: { type: "array", items: { type: "object" } },
+                lvs: { type: "array", items: obj({ name: str, size: int, layout: str }) },
+              }),
+            },
+            warnings: { type: "array", items: str },
+          }),
+          FilePage: obj({
+            id: str,
+            disk: str,
+            partition: nint,
+            volume: nstr,
+            filesystem: str,
+            path: str,
+            total: int,
+            offset: int,
+            limit: int,
+            nextOffset: nint,
+            entries: {
+              type: "array",
+              items: obj({
+                name: str,
+                path: str,
+                kind: { type: "string", enum: ["file", "directory", "symlink", "other"] },
+                mode: int,
+                uid: int,
+                gid: int,
+                size: int,
+                mtime: int,
+                atime: int,
+                target: str,
+              }),
+            },
+          }),
+          Forgotten: obj({ repository: str, removed: { type: "array", items: str } }),
+          Instant: obj({
+            name: str,
+            restorePoint: str,
+            phase: { type: "string", enum: ["starting", "running", "migrating", "migrated", "stopped"] },
+            adapter: str,
+            vm: obj({ pid: nint, running: { type: "boolean" }, where: nstr }),
+            serve: obj({ pid: nint, running: { type: "boolean" }, socket: str, log: str }),
+            disks: {
+              type: "array",
+              items: obj({ name: str, size: int, overlay: nstr, production: str, format: str }),
+            },
+            dir: str,
+            warnings: { type: "array", items: str },
+          }),
+          InstantStopped: obj({
+            name: str,
+            vm: { type: "string", enum: ["quit", "powerdown", "killed", "not running"] },
+            discarded: { type: "array", items: str },
           }),
           RepositoryStats: obj({
             name: str,

@@ -32,7 +32,7 @@ import { describeError, ErrorCode, StrataError } from "../util/errors.js";
 import type { ProgressSink } from "../util/progress.js";
 import type { DaemonConfig, Policy } from "./config.js";
 import { type JobSpec, planJobs, syncJobs } from "./jobs.js";
-import type { JobRunner } from "./runner.js";
+import type { JobRunner, RunOutput } from "./runner.js";
 import { jobKey, type Timed } from "./schedule.js";
 import { recoverAfterRestart, Scheduler } from "./scheduler.js";
 
@@ -90,9 +90,33 @@ interface Pending {
   rerunOf?: number;
 }
 
+/** What a run started on demand (a restore, a migration, gc) does, given its context. */
+export type TaskWork = (ctx: {
+  runId: number;
+  signal: AbortSignal;
+  progress: ProgressSink;
+  log: (level: LogLevel, message: string) => void;
+}) => Promise<RunOutput>;
+
+/** A run the API starts on demand: the job it is recorded under, and its work. */
+export interface TaskSpec {
+  kind: "restore" | "instant" | "gc";
+  /** The VM it concerns ('' for a whole repository). */
+  vm: string;
+  repository: string;
+  work: TaskWork;
+}
+
+/** The policy name of jobs made for runs started on demand (no configured policy has it). */
+export const ON_DEMAND_POLICY = "(api)";
+
 interface Active {
   run: Run;
-  entry: Entry;
+  /** The configured job; undefined for a task started on demand. */
+  entry: Entry | undefined;
+  job: Job;
+  key: string;
+  work?: TaskWork;
   controller: AbortController;
   events: EventEmitter;
   progress: { done: number; total: number };
@@ -279,8 +303,8 @@ export class Daemon {
     if (this.active.size >= l.jobs) return false;
     let sameRepo = 0;
     for (const a of this.active.values()) {
-      if (a.entry.job.id === entry.job.id) return false;
-      if (a.entry.job.repository === entry.job.repository) sameRepo++;
+      if (a.job.id === entry.job.id) return false;
+      if (a.job.repository === entry.job.repository) sameRepo++;
     }
     return sameRepo < l.jobsPerRepository;
   }
@@ -307,10 +331,31 @@ export class Daemon {
       );
     if (this.stopping) throw new StrataError(ErrorCode.ABORTED, "the daemon is stopping");
     for (const a of this.active.values())
-      if (a.entry.job.id === jobId) return { status: "running", run: this.o.catalog.run(a.run.id)! };
+      if (a.job.id === jobId) return { status: "running", run: this.o.catalog.run(a.run.id)! };
     if (this.fits(entry)) return { status: "started", run: this.begin({ entry, trigger: "manual" }) };
     this.enqueue({ entry, trigger: "manual" });
     return { status: "queued", job: entry.job };
+  }
+
+  /**
+   * Starts a run on demand (a restore, an instant recovery's migration, gc), recorded like any
+   * other under a job of policy {@link ON_DEMAND_POLICY}, followed and cancelled the same way.
+   * It starts at once, beside the limits' jobs: a person is waiting for it.
+   */
+  startTask(spec: TaskSpec, who: string): Run {
+    if (this.stopping) throw new StrataError(ErrorCode.ABORTED, "the daemon is stopping");
+    const job = this.o.catalog.ensureJob({
+      policy: ON_DEMAND_POLICY,
+      vm: spec.vm,
+      kind: spec.kind,
+      repository: spec.repository,
+      schedule: null,
+    });
+    return this.launch(
+      { job, key: `${spec.kind}${spec.vm === "" ? "" : `/${spec.vm}`}@${spec.repository}`, work: spec.work },
+      { trigger: "manual" },
+      `started by ${who}`,
+    );
   }
 
   /** Cancels a running run; false when it is not running in this daemon. */
@@ -380,11 +425,23 @@ export class Daemon {
       this.log("error", `run ${a.run.id}: cannot write its log: ${describeError(err)}`);
     }
     a.events.emit("event", { type: "log", time: this.clock.now(), level, message } satisfies RunEvent);
-    this.log(level, `${a.entry.key} run ${a.run.id}: ${message}`);
+    this.log(level, `${a.key} run ${a.run.id}: ${message}`);
   }
 
   private begin(p: Pending): Run {
-    const run = this.o.catalog.startRun(p.entry.job.id, {
+    return this.launch(
+      { entry: p.entry, job: p.entry.job, key: p.entry.key },
+      p,
+      `started (${p.trigger}${p.rerunOf === undefined ? "" : ` of run ${p.rerunOf}`})`,
+    );
+  }
+
+  private launch(
+    what: { entry?: Entry; job: Job; key: string; work?: TaskWork },
+    p: { trigger: RunTrigger; scheduledFor?: number; rerunOf?: number },
+    first: string,
+  ): Run {
+    const run = this.o.catalog.startRun(what.job.id, {
       trigger: p.trigger,
       ...(p.scheduledFor === undefined ? {} : { scheduledFor: p.scheduledFor }),
       ...(p.rerunOf === undefined ? {} : { rerunOf: p.rerunOf }),
@@ -393,14 +450,17 @@ export class Daemon {
     events.setMaxListeners(0);
     const a: Active = {
       run,
-      entry: p.entry,
+      entry: what.entry,
+      job: what.job,
+      key: what.key,
+      ...(what.work ? { work: what.work } : {}),
       controller: new AbortController(),
       events,
       progress: { done: 0, total: 0 },
       done: Promise.resolve(),
     };
     this.active.set(run.id, a);
-    this.runLog(a, "info", `started (${p.trigger}${p.rerunOf === undefined ? "" : ` of run ${p.rerunOf}`})`);
+    this.runLog(a, "info", first);
     a.done = this.execute(a)
       .catch((err) => this.log("error", `run ${run.id}: ${describeError(err)}`))
       .finally(() => {
@@ -436,28 +496,40 @@ export class Daemon {
     };
   }
 
+  /** What a configured job's run does: the runner, with the job's policy and repository. */
+  private runJob(a: Active, entry: Entry): Promise<RunOutput> {
+    const repository = this.o.config.repositories.get(entry.job.repository);
+    if (!repository)
+      throw new StrataError(
+        ErrorCode.USAGE,
+        `repository ${entry.job.repository} is not in the configuration`,
+      );
+    const vm = this.vms.find((v) => v.name === entry.job.vm);
+    return this.o.runner.run({
+      job: entry.job,
+      runId: a.run.id,
+      policy: entry.policy,
+      repository,
+      sources: vm?.sources ?? [],
+      limits: entry.policy.limits,
+      signal: a.controller.signal,
+      progress: this.progressSink(a),
+      log: (level, message) => this.runLog(a, level, message),
+    });
+  }
+
   private async execute(a: Active): Promise<void> {
     const { entry } = a;
-    const repository = this.o.config.repositories.get(entry.job.repository);
     let end: Run;
     try {
-      if (!repository)
-        throw new StrataError(
-          ErrorCode.USAGE,
-          `repository ${entry.job.repository} is not in the configuration`,
-        );
-      const vm = this.vms.find((v) => v.name === entry.job.vm);
-      const out = await this.o.runner.run({
-        job: entry.job,
-        runId: a.run.id,
-        policy: entry.policy,
-        repository,
-        sources: vm?.sources ?? [],
-        limits: entry.policy.limits,
-        signal: a.controller.signal,
-        progress: this.progressSink(a),
-        log: (level, message) => this.runLog(a, level, message),
-      });
+      const out = a.work
+        ? await a.work({
+            runId: a.run.id,
+            signal: a.controller.signal,
+            progress: this.progressSink(a),
+            log: (level, message) => this.runLog(a, level, message),
+          })
+        : await this.runJob(a, entry!);
       this.o.catalog.progress(a.run.id, a.progress.done, a.progress.total);
       end = this.o.catalog.endRun(a.run.id, {
         outcome: out.outcome ?? "success",
@@ -466,7 +538,7 @@ export class Daemon {
         ...(out.bytesStored === undefined ? {} : { bytesStored: out.bytesStored }),
         ...(out.restorePoint === undefined ? {} : { restorePoint: out.restorePoint }),
       });
-      this.log("info", `${entry.key} run ${end.id}: ${end.outcome} in ${end.durationMs} ms`);
+      this.log("info", `${a.key} run ${end.id}: ${end.outcome} in ${end.durationMs} ms`);
     } catch (err) {
       const cancelled = a.controller.signal.aborted;
       const code = err instanceof StrataError ? err.code : cancelled ? ErrorCode.ABORTED : ErrorCode.INTERNAL;
@@ -480,6 +552,7 @@ export class Daemon {
     }
     a.events.emit("event", { type: "end", run: end } satisfies RunEvent);
     if (
+      entry &&
       end.outcome === "success" &&
       entry.job.kind === "backup" &&
       entry.policy.retention &&

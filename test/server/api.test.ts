@@ -3,10 +3,8 @@
 // refused calls as roles.ts says; bad tokens refused (401) and logged; a run started through the
 // API followed to its end over server-sent events; the OpenAPI document naming every route.
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
-import { request as httpRequest } from "node:http";
 import { request as httpsRequest } from "node:https";
-import { type TestContext, test } from "node:test";
+import { test } from "node:test";
 import { Validator } from "@seriousme/openapi-schema-validator";
 import { allows } from "../../src/catalog/roles.js";
 import { ROLES } from "../../src/catalog/schema.js";
@@ -15,93 +13,7 @@ import { backupVm } from "../../src/engine/vm-backup.js";
 import { ImageFileAdapter } from "../../src/hypervisor/images/adapter.js";
 import { FsStore } from "../../src/repo/fs-store.js";
 import { Repository } from "../../src/repo/repository.js";
-import { Api } from "../../src/server/api.js";
-import { type Listening, listenApi } from "../../src/server/listen.js";
-import type { JobRunner } from "../../src/server/runner.js";
-import type { Daemon } from "../../src/server/service.js";
-import { daemonOf, type Setup, setup } from "./helpers.js";
-
-interface Reply {
-  status: number;
-  headers: Record<string, string | string[] | undefined>;
-  body: unknown;
-  text: string;
-}
-
-interface Harness {
-  s: Setup;
-  daemon: Daemon;
-  api: Api;
-  listening: Listening;
-  logs: string[];
-  ca: Buffer;
-  call(method: string, path: string, options?: { token?: string; via?: "unix" | "https" }): Promise<Reply>;
-}
-
-async function harness(t: TestContext, runner?: (inner: JobRunner) => JobRunner): Promise<Harness> {
-  const s = await setup(t, {
-    vms: ["vm1"],
-    policies: `  p:
-    repository: main
-    vms: all
-    schedule: every 1h
-    retention: { keep-last: 1 }`,
-  });
-  s.config.api.https = { host: "127.0.0.1", port: 0 };
-  const logs: string[] = [];
-  const log = (level: string, message: string) => logs.push(`${level}: ${message}`);
-  const daemon = daemonOf(t, s, { log, ...(runner ? { runner: runner(s.runner) } : {}) });
-  await daemon.start();
-  const api = new Api({ daemon, log, heartbeatMs: 200 });
-  const listening = await listenApi(api, s.config.api, { stateDir: `${s.dir}/state`, log });
-  t.after(() => listening.close());
-  const ca = readFileSync(listening.https!.cert);
-  const call: Harness["call"] = (method, path, options = {}) =>
-    new Promise((resolve, reject) => {
-      const headers: Record<string, string> = {};
-      if (options.token !== undefined) headers.authorization = `Bearer ${options.token}`;
-      const done = (res: import("node:http").IncomingMessage) => {
-        let text = "";
-        res.setEncoding("utf8");
-        res.on("data", (d: string) => {
-          text += d;
-        });
-        res.on("end", () => {
-          let body: unknown;
-          try {
-            body = JSON.parse(text);
-          } catch {
-            body = undefined;
-          }
-          resolve({ status: res.statusCode!, headers: res.headers, body, text });
-        });
-      };
-      const req =
-        (options.via ?? "https") === "unix"
-          ? httpRequest({ socketPath: listening.socket, path, method, headers }, done)
-          : httpsRequest(
-              {
-                host: "127.0.0.1",
-                port: listening.https!.port,
-                servername: "localhost",
-                ca,
-                path,
-                method,
-                headers,
-              },
-              done,
-            );
-      req.on("error", reject);
-      req.end();
-    });
-  return { s, daemon, api, listening, logs, ca, call };
-}
-
-const tokens = (h: Harness) =>
-  Object.fromEntries(ROLES.map((role) => [role, createToken(h.s.catalog, { role }).token])) as Record<
-    (typeof ROLES)[number],
-    string
-  >;
+import { harness, tokens } from "./api-harness.js";
 
 test("each role is allowed and refused as roles.ts says, over HTTPS with the self-signed certificate", async (t) => {
   const h = await harness(t);
@@ -193,12 +105,14 @@ test("a run started through the API is followed over server-sent events to its e
   const opened = new Promise<void>((r) => {
     open = r;
   });
-  const h = await harness(t, (inner) => ({
-    run: async (ctx) => {
-      await opened;
-      return inner.run(ctx);
-    },
-  }));
+  const h = await harness(t, {
+    runner: (inner) => ({
+      run: async (ctx) => {
+        await opened;
+        return inner.run(ctx);
+      },
+    }),
+  });
   const tok = tokens(h);
   const backup = h.s.catalog.jobs().find((j) => j.kind === "backup")!;
   const vmsBefore = (await h.call("GET", "/api/v1/vms", { token: tok.read })).body as Array<{
@@ -282,10 +196,12 @@ test("a run started through the API is followed over server-sent events to its e
 });
 
 test("a running run is cancelled through the API and ends cancelled", async (t) => {
-  const h = await harness(t, () => ({
-    run: (ctx) =>
-      new Promise((_, reject) => ctx.signal.addEventListener("abort", () => reject(ctx.signal.reason))),
-  }));
+  const h = await harness(t, {
+    runner: () => ({
+      run: (ctx) =>
+        new Promise((_, reject) => ctx.signal.addEventListener("abort", () => reject(ctx.signal.reason))),
+    }),
+  });
   const tok = tokens(h);
   const backup = h.s.catalog.jobs().find((j) => j.kind === "backup")!;
   const { run } = (await h.call("POST", `/api/v1/jobs/${backup.id}/run`, { token: tok.backup })).body as {

@@ -328,3 +328,30 @@ const ZERO = Buffer.alloc(READ_PIECE);
 function isZero(b: Buffer): boolean {
   return b.length <= ZERO.length && b.equals(ZERO.subarray(0, b.length));
 }
+
+/**
+ * Writes one regular file of `browser` to `out`, with backpressure (a download); its size was
+ * `entry.size` and exactly that many bytes are written, else the read fails.
+ */
+export async function streamFile(
+  browser: FileBrowser,
+  entry: FsEntry,
+  out: Writable,
+  signal?: AbortSignal,
+): Promise<number> {
+  if (entry.kind !== "file")
+    throw new StrataError(ErrorCode.USAGE, `${printable(entry.path)} is a ${entry.kind}, not a regular file`);
+  const tick = checkpoint(signal);
+  let n = 0;
+  for await (const piece of browser.fs.read(entry.path, pieceFor(entry.size))) {
+    await tick();
+    if (!out.write(piece)) await once(out, "drain");
+    n += piece.length;
+  }
+  if (n !== entry.size)
+    throw new StrataError(
+      ErrorCode.DATA_CORRUPT,
+      `${printable(entry.path)}: read ${n} bytes, its size is ${entry.size}`,
+    );
+  return n;
+}

@@ -275,3 +275,52 @@ export async function startServer(
     }
   }
 }
+
+/** The record for people and --json: what runs, where, and how far migrated. */
+export async function describeInstant(r: InstantRecord, adapters: AdapterRegistry) {
+  const vm = r.vm;
+  const running = vm ? await runtimeOf(r, adapters).running(vm) : false;
+  return {
+    name: r.name,
+    restorePoint: r.restorePoint,
+    phase: r.phase,
+    adapter: r.adapter,
+    vm: { pid: vm?.pid ?? null, running, where: vm?.where ?? null, ...vm?.details } as {
+      pid: number | null;
+      running: boolean;
+      where: string | null;
+      /** The adapter's details: QEMU's qmpSocket, console, log; libvirt's domain, uri, console. */
+      [detail: string]: string | number | boolean | null;
+    },
+    serve: { pid: r.serve.pid, running: serverRuns(r), socket: r.socket, log: r.serve.log },
+    disks: r.exports.map((e) => {
+      const d = vm?.disks.find((x) => x.name === e.name);
+      return {
+        name: e.name,
+        size: e.size,
+        overlay: d?.overlay ?? null,
+        ...(d?.production ? { production: d.production.path, format: d.production.format } : {}),
+      };
+    }),
+    dir: r.dir,
+    warnings: vm?.warnings ?? [],
+  };
+}
+
+/** The argv of `strata serve REF --repo R [--password-file F] --cache-size N`; `strata` is how to run strata. */
+export function serveCommandLine(
+  strata: readonly string[],
+  ref: string,
+  o: { repo: string; passwordFile?: string; cacheSize: string },
+): string[] {
+  return [
+    ...strata,
+    "serve",
+    ref,
+    "--repo",
+    o.repo,
+    ...(o.passwordFile === undefined ? [] : ["--password-file", o.passwordFile]),
+    "--cache-size",
+    o.cacheSize,
+  ];
+}
