@@ -2,11 +2,11 @@
 // strata CLI on image-file VMs, driven in Debian's headless chromium by playwright-core. Every
 // test asserts that the browser saw no console error and no page error.
 import assert from "node:assert/strict";
-import { mkdirSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { before, test } from "node:test";
 import type { Browser } from "playwright-core";
-import { makeExt4 } from "../files/images.js";
+import { makeExt4, sh } from "../files/images.js";
 import { strataOk } from "../helpers/cli.js";
 import { writeImage } from "../server/helpers.js";
 import {
@@ -182,7 +182,13 @@ test("a read token sees state but no run, cancel or restore controls; the API re
   await w.page.getByRole("link", { name: "web1" }).click();
   await w.page.getByText("3 in all", { exact: false }).or(w.page.getByText("in all")).first().waitFor();
   await w.page.getByTestId("point-table").locator("tbody tr").first().waitFor();
-  assert.equal(await w.page.getByRole("button", { name: /restore|browse|boot|run now|cancel/i }).count(), 0);
+  assert.equal(
+    await w.page
+      .getByRole("button", { name: /restore|browse|boot|configuration|forget|run now|cancel/i })
+      .count(),
+    0,
+  );
+  assert.equal(await w.page.getByRole("link", { name: /browse/i }).count(), 0);
   await w.page.getByRole("link", { name: "Policies and jobs" }).click();
   await w.page.getByTestId("job-table").locator("tbody tr").first().waitFor();
   assert.equal(await w.page.getByRole("button", { name: /run now|cancel/i }).count(), 0);
@@ -191,5 +197,41 @@ test("a read token sees state but no run, cancel or restore controls; the API re
   await w.page.getByTestId("retention-preview").waitFor();
   const refused = await fetchRaw(d, "/api/v1/jobs/1/run", { method: "POST", token: tokens.read! });
   assert.equal(refused.status, 403);
+  assert.deepEqual(w.errors, []);
+});
+
+test("browse into an ext4 restore point and download a file and a folder that match", async (t) => {
+  const w = await openPage(t, browser, d);
+  await logIn(w, tokens.operator!, "operator");
+  await w.page.getByRole("link", { name: "web1" }).click();
+  const newest = w.page.getByTestId("point-table").locator("tbody tr").first();
+  // An operator sees the restore controls.
+  await newest.getByRole("button", { name: "Restore…" }).waitFor();
+  for (const name of ["Restore…", "Configuration", "Boot (instant)"])
+    assert.equal(await newest.getByRole("button", { name }).count(), 1, name);
+  assert.equal(await newest.getByRole("button", { name: "Forget" }).count(), 0, "forget is admin's");
+  await newest.getByRole("link", { name: "Browse files" }).click();
+  // One filesystem on the disk: chosen at once, its root listed.
+  await w.page.getByText(/ext4 on /).waitFor();
+  await w.page.getByRole("button", { name: "etc/" }).click();
+  const motd = w.page.getByTestId("file-table").locator('tr[data-path="/etc/motd"]');
+  await motd.waitFor();
+  assert.match((await motd.textContent()) ?? "", /28\.3 KiB/);
+  await screenshot(w, "files");
+  const [file] = await Promise.all([
+    w.page.waitForEvent("download"),
+    motd.getByRole("button", { name: "Download motd" }).click(),
+  ]);
+  assert.equal(file.suggestedFilename(), "motd");
+  assert.equal(readFileSync((await file.path())!, "utf8"), FILE_TEXT);
+  const [tar] = await Promise.all([
+    w.page.waitForEvent("download"),
+    w.page.getByRole("button", { name: "Download this folder (tar)" }).click(),
+  ]);
+  assert.equal(tar.suggestedFilename(), "etc.tar");
+  const listing = await sh("tar", ["-tvf", (await tar.path())!]);
+  assert.match(listing, /etc\/motd/);
+  assert.match(listing, /etc\/hostname/);
+  assert.equal(await sh("tar", ["-xOf", (await tar.path())!, "etc/motd"]), FILE_TEXT);
   assert.deepEqual(w.errors, []);
 });

@@ -163,7 +163,7 @@ async function failure(res: Response): Promise<ApiError> {
 
 /** One call: JSON in, JSON out; a refusal or error becomes an ApiError with the API's message. */
 export async function call<T>(
-  method: "GET" | "POST",
+  method: "GET" | "POST" | "DELETE",
   path: string,
   body?: unknown,
   token?: string,
@@ -182,6 +182,72 @@ export async function call<T>(
 
 export const get = <T>(path: string) => call<T>("GET", path);
 export const post = <T>(path: string, body?: unknown) => call<T>("POST", path, body ?? {});
+export const del = <T>(path: string) => call<T>("DELETE", path);
+
+/** The API path of restore point `id` ("vm/time"). */
+export function pointPath(id: string): string {
+  const i = id.indexOf("/");
+  return `/restore-points/${encodeURIComponent(id.slice(0, i))}/${encodeURIComponent(id.slice(i + 1))}`;
+}
+
+export interface Layout {
+  id: string;
+  disks: Array<{
+    disk: string;
+    size: number;
+    scheme: string;
+    partitions: Array<{
+      number: number;
+      size: number;
+      typeName?: string;
+      label?: string;
+      filesystem: string | null;
+      volumeGroup?: string;
+    }>;
+  }>;
+  volumeGroups: Array<{
+    name: string;
+    size: number;
+    lvs: Array<{ name: string; size: number; layout: string; filesystem: string | null }>;
+  }>;
+  warnings: string[];
+}
+
+export interface FileEntry {
+  name: string;
+  path: string;
+  kind: "file" | "directory" | "symlink" | "other";
+  mode: number;
+  uid: number;
+  gid: number;
+  size: number;
+  mtime: number;
+  target?: string;
+}
+
+export interface FilePage {
+  id: string;
+  disk: string;
+  filesystem: string;
+  path: string;
+  total: number;
+  offset: number;
+  limit: number;
+  nextOffset: number | null;
+  entries: FileEntry[];
+}
+
+export interface Instant {
+  name: string;
+  restorePoint: string;
+  phase: string;
+  adapter: string;
+  vm: { pid: number | null; running: boolean; where: string | null };
+  serve: { pid: number | null; running: boolean; socket: string };
+  disks: Array<{ name: string; size: number; overlay: string | null; production?: string; format?: string }>;
+  dir: string;
+  warnings: string[];
+}
 
 /**
  * Downloads what `path` answers as a file named `name` (the browser cannot send the token

@@ -1,7 +1,10 @@
 import { render } from "preact";
 import { useEffect, useState } from "preact/hooks";
+import { PointButtons } from "./actions";
 import { call, savedToken, saveToken, setOnUnauthorized, type Whoami } from "./api";
+import { BrowsePage } from "./browse";
 import { Dashboard } from "./dashboard";
+import { InstantPage } from "./instant";
 import { JobsPage, RunPage } from "./jobs";
 import { Session } from "./session";
 import "./style.css";
@@ -77,7 +80,23 @@ function Login({ onLogin }: { onLogin: (w: Whoami, token: string) => void }) {
 
 function Page({ parts }: { parts: string[] }) {
   const [first, a] = parts;
-  if (first === "vm" && a) return <VmPage name={a} />;
+  if (first === "vm" && a)
+    return (
+      <VmPage
+        name={a}
+        actions={(vm, p) => <PointButtons vm={vm} point={p} onChange={() => location.reload()} />}
+      />
+    );
+  if (first === "browse" && a && parts[2])
+    return (
+      <BrowsePage
+        vm={a}
+        time={parts[2]}
+        {...(parts[3] ? { fs: parts[3] } : {})}
+        path={`/${parts.slice(4).join("/")}`}
+      />
+    );
+  if (first === "instant") return <InstantPage />;
   if (first === "jobs") return <JobsPage />;
   if (first === "run" && a && /^\d+$/.test(a)) return <RunPage id={Number(a)} />;
   return <Dashboard />;
@@ -122,6 +141,11 @@ function App() {
           <a href="#/jobs" aria-current={at === "jobs" || at === "run" ? "page" : undefined}>
             Policies and jobs
           </a>
+          {who.actions.includes("instant.list") ? (
+            <a href="#/instant" aria-current={at === "instant" ? "page" : undefined}>
+              Instant recovery
+            </a>
+          ) : null}
         </nav>
         <span class="who" data-testid="role">
           {who.token ? who.token.name : "local"} · role <strong>{who.role}</strong>
