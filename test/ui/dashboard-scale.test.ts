@@ -18,6 +18,7 @@ import {
   makeToken,
   openPage,
   type RunningDaemon,
+  screenshot,
   startDaemon,
 } from "./helpers.js";
 
@@ -137,6 +138,8 @@ test(`the dashboard of ${VMS} VMs with ${POINTS} restore points each loads fast,
     Array.from({ length: 20 }, (_, i) => `vm${String(i * 10 + 7).padStart(3, "0")}`),
   );
   await w.page.getByTestId("vm-count").filter({ hasText: "20 at risk" }).waitFor();
+  await w.page.locator(".chart canvas").waitFor();
+  await screenshot(w, "dashboard");
   // A handful of calls (whoami, VMs, jobs, repositories, a history per repository), not one per
   // VM or per restore point.
   assert.deepEqual([...new Set(calls)].sort(), [

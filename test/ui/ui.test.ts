@@ -128,7 +128,6 @@ test("log in, see the VMs failures first, open a VM's restore-point timeline", a
   // db1's last point is older than its RPO? Both were made now: both are protected, sorted by name.
   await w.page.getByText("stored", { exact: true }).first().waitFor();
   await w.page.locator(".chart canvas").first().waitFor();
-  await screenshot(w, "dashboard");
   await w.page.getByRole("link", { name: "web1" }).click();
   const points = w.page.getByTestId("point-table").locator("tbody tr");
   await w.page.getByText("3 in all").waitFor();

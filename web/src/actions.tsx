@@ -1,16 +1,6 @@
 import type { ComponentChildren } from "preact";
 import { useEffect, useRef, useState } from "preact/hooks";
-import {
-  del,
-  download,
-  get,
-  type Instant,
-  pointPath,
-  post,
-  type RestorePoint,
-  type Run,
-  type Vm,
-} from "./api";
+import { del, download, get, type Instant, pointPath, post, type RestorePoint, type Run } from "./api";
 import { RunProgress } from "./progress";
 import { useCan } from "./session";
 import { href } from "./util";
@@ -232,7 +222,7 @@ function InstantDialog({ point, onClose }: { point: RestorePoint; onClose: () =>
 }
 
 /** The buttons of one restore point, those the role may use only. */
-export function PointButtons({ point, onChange }: { vm: Vm; point: RestorePoint; onChange: () => void }) {
+export function PointButtons({ point, onChange }: { point: RestorePoint; onChange: () => void }) {
   const can = useCan();
   const [open, setOpen] = useState<"restore" | "config" | "instant">();
   const [error, setError] = useState<string>();

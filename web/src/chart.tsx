@@ -23,6 +23,13 @@ export function UsageChart({ samples, label }: { samples: HistorySample[]; label
         width: Math.max(300, el.clientWidth),
         height: 220,
         title: label,
+        // One day alone: a range of three days around it, not the scale's default of years.
+        scales: {
+          x: {
+            time: true,
+            range: (_u, min, max) => (min === max ? [min - 86_400, max + 86_400] : [min, max]),
+          },
+        },
         series: [
           {},
           {

@@ -127,32 +127,34 @@ export function InstantPage() {
                   </div>
                 ))}
               </td>
-              <td class="buttons">
-                {can("instant.manage") && v.phase === "running" ? (
-                  <Migrate vm={v} onDone={list.reload} />
-                ) : null}
-                {can("instant.manage") ? (
-                  <button
-                    type="button"
-                    class="danger"
-                    disabled={stopping === v.name}
-                    onClick={() => {
-                      setStopping(v.name);
-                      post(`/instant/${encodeURIComponent(v.name)}/stop`, { discard }).then(
-                        () => {
-                          setStopping(undefined);
-                          list.reload();
-                        },
-                        (e: Error) => {
-                          setStopping(undefined);
-                          setError(e.message);
-                        },
-                      );
-                    }}
-                  >
-                    {stopping === v.name ? "Stopping…" : "Stop"}
-                  </button>
-                ) : null}
+              <td>
+                <span class="buttons">
+                  {can("instant.manage") && v.phase === "running" ? (
+                    <Migrate vm={v} onDone={list.reload} />
+                  ) : null}
+                  {can("instant.manage") ? (
+                    <button
+                      type="button"
+                      class="danger"
+                      disabled={stopping === v.name}
+                      onClick={() => {
+                        setStopping(v.name);
+                        post(`/instant/${encodeURIComponent(v.name)}/stop`, { discard }).then(
+                          () => {
+                            setStopping(undefined);
+                            list.reload();
+                          },
+                          (e: Error) => {
+                            setStopping(undefined);
+                            setError(e.message);
+                          },
+                        );
+                      }}
+                    >
+                      {stopping === v.name ? "Stopping…" : "Stop"}
+                    </button>
+                  ) : null}
+                </span>
               </td>
             </tr>
           ))}

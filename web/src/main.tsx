@@ -81,12 +81,7 @@ function Login({ onLogin }: { onLogin: (w: Whoami, token: string) => void }) {
 function Page({ parts }: { parts: string[] }) {
   const [first, a] = parts;
   if (first === "vm" && a)
-    return (
-      <VmPage
-        name={a}
-        actions={(vm, p) => <PointButtons vm={vm} point={p} onChange={() => location.reload()} />}
-      />
-    );
+    return <VmPage name={a} actions={(p) => <PointButtons point={p} onChange={() => location.reload()} />} />;
   if (first === "browse" && a && parts[2])
     return (
       <BrowsePage

@@ -52,7 +52,7 @@ function Timeline({ points, selected }: { points: RestorePoint[]; selected?: str
 }
 
 /** A restore point's actions; filled in by the restore flows for roles that may use them. */
-export type PointActions = (vm: Vm, point: RestorePoint) => ComponentChildren;
+export type PointActions = (point: RestorePoint) => ComponentChildren;
 
 export function VmPage({ name, actions }: { name: string; actions?: PointActions }) {
   const vms = useGet<Vm[]>("/vms");
@@ -151,7 +151,9 @@ export function VmPage({ name, actions }: { name: string; actions?: PointActions
               >
                 <td>{when(p.time)}</td>
                 <td>
-                  <span class={`badge ${p.consistency === "crash" ? "warn" : "good"}`}>{p.consistency}</span>
+                  <span class={`badge ${p.consistency.startsWith("crash") ? "warn" : "good"}`}>
+                    {p.consistency}
+                  </span>
                 </td>
                 <td>{p.mode}</td>
                 <td>{p.disks}</td>
@@ -159,7 +161,9 @@ export function VmPage({ name, actions }: { name: string; actions?: PointActions
                 <td>{bytes(p.bytesStored)}</td>
                 <td>{duration(p.durationMs)}</td>
                 <td>{p.runId !== null ? <a href={href("run", String(p.runId))}>{p.runId}</a> : "–"}</td>
-                <td class="buttons">{vm && actions ? actions(vm, p) : null}</td>
+                <td>
+                  <span class="buttons">{actions ? actions(p) : null}</span>
+                </td>
               </tr>
             ))}
           </tbody>
