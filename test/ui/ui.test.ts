@@ -2,7 +2,7 @@
 // strata CLI on image-file VMs, driven in Debian's headless chromium by playwright-core. Every
 // test asserts that the browser saw no console error and no page error.
 import assert from "node:assert/strict";
-import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { before, test } from "node:test";
 import type { Browser } from "playwright-core";
@@ -232,5 +232,37 @@ test("browse into an ext4 restore point and download a file and a folder that ma
   assert.match(listing, /etc\/motd/);
   assert.match(listing, /etc\/hostname/);
   assert.equal(await sh("tar", ["-xOf", (await tar.path())!, "etc/motd"]), FILE_TEXT);
+  assert.deepEqual(w.errors, []);
+});
+
+test("restore one disk of a restore point into a folder from the restore dialog, bit-exact", async (t) => {
+  const w = await openPage(t, browser, d);
+  await logIn(w, tokens.operator!, "operator");
+  await w.page.getByRole("link", { name: "web1" }).click();
+  const newest = w.page.getByTestId("point-table").locator("tbody tr").first();
+  const id = (await newest.getAttribute("data-point"))!;
+  const [vm, time] = [id.slice(0, id.indexOf("/")), id.slice(id.indexOf("/") + 1)];
+  const layout = JSON.parse(
+    (
+      await fetchRaw(d, `/api/v1/restore-points/${vm}/${encodeURIComponent(time)}/layout`, {
+        token: tokens.operator!,
+      })
+    ).body.toString(),
+  ) as { disks: Array<{ disk: string }> };
+  const disk = layout.disks[0]!.disk;
+  await newest.getByRole("button", { name: "Restore…" }).click();
+  const dialog = w.page.getByRole("dialog");
+  await dialog.getByLabel("One disk").check();
+  await dialog.getByRole("textbox", { name: "Disk" }).fill(disk);
+  const target = join(dir, "restored");
+  mkdirSync(target);
+  await dialog.getByLabel(/^Host directory/).fill(target);
+  await dialog.getByLabel("Format").selectOption("raw");
+  await dialog.getByRole("button", { name: "Restore" }).click();
+  await dialog.locator('.run-progress[data-outcome="success"]').waitFor({ timeout: 120_000 });
+  assert.equal(await dialog.getByTestId("progress-pct").textContent(), "100 %");
+  const files = readdirSync(target);
+  assert.equal(files.length, 1, `one disk restored: ${files}`);
+  assert.ok(readFileSync(join(target, files[0]!)).equals(readFileSync(join(dir, "web1.img"))), "bit-exact");
   assert.deepEqual(w.errors, []);
 });
