@@ -58,10 +58,10 @@ before(async () => {
         consistency: "crash",
         parent: null,
         disks: 1,
-        size: 20 << 30,
-        bytesRead: 1 << 30,
+        size: 20 * 2 ** 30,
+        bytesRead: 2 ** 30,
         bytesNew: 200 << 20,
-        bytesStored: (k === 0 ? 8 << 30 : 100 << 20) + i * 1000,
+        bytesStored: (k === 0 ? 8 * 2 ** 30 : 100 * 2 ** 20) + i * 1000,
         durationMs: 60_000,
         host: "test",
       });

@@ -45,7 +45,7 @@ function RepositoryCard({ repo }: { repo: Repository }) {
         </div>
         <div>
           <dt>dedup × compression</dt>
-          <dd>{last?.ratio ? `${last.ratio.toFixed(2)} ×` : "–"}</dd>
+          <dd>{last?.ratio != null ? `${last.ratio.toFixed(2)} ×` : "–"}</dd>
         </div>
         <div>
           <dt>growth per day</dt>
