@@ -14,6 +14,7 @@ import {
 } from "../server/config.js";
 import { type JobSpec, planJobs } from "../server/jobs.js";
 import { listenApi } from "../server/listen.js";
+import { Notifier } from "../server/notify.js";
 import { createJobRunner } from "../server/runner.js";
 import { nextDue, nextSlot } from "../server/schedule.js";
 import { Daemon, reniceProcess } from "../server/service.js";
@@ -86,6 +87,14 @@ A configuration:
       retention: { keep-last: 4, keep-daily: 7, keep-weekly: 4 }   # strata forget's rules
       verify: { schedule: "0 4 * * *", read-data: false }
       limits: { job-bandwidth: 100 }
+  notifications:              # on failure, recovery, RPO missed and met again
+    webhooks:
+      - url: https://hooks.example.com/strata
+    email:
+      host: smtp.example.com
+      from: strata@backup1.example.com
+      to: [ops@example.com]
+      events: [failure, rpo-missed]
 
 Tags come from the VM inventory (tags: [...] on an entry of /etc/strata/vms.yaml; inventory:
 in this file names another). A schedule missed while the daemon was down runs once when it
@@ -146,7 +155,9 @@ async function serve(file: string): Promise<void> {
   const inventory = config.inventory ?? DEFAULT_INVENTORY;
   const registry = buildRegistry({ inventory });
   const stateDir = config.stateDir ?? defaultStateDir();
+  const notifier = config.notifications && new Notifier(config.notifications, { log });
   const daemon = new Daemon({
+    ...(notifier ? { notifier } : {}),
     config,
     catalog,
     runner: createJobRunner({
@@ -184,6 +195,7 @@ async function serve(file: string): Promise<void> {
     log("info", "stopped");
   } finally {
     await listening?.close();
+    await notifier?.close();
     catalog.close();
   }
 }

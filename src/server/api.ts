@@ -29,8 +29,11 @@ import { type Clock, systemClock } from "../util/clock.js";
 import { describeError, ErrorCode, StrataError } from "../util/errors.js";
 import { type DataOptions, dataRoutes } from "./api-data.js";
 import type { Policy } from "./config.js";
+
+export { rpoOf } from "./rpo.js";
+
+import { rpoOf, rpoStateOf } from "./rpo.js";
 import { openRepository } from "./runner.js";
-import { nextSlot } from "./schedule.js";
 import type { Daemon, DaemonLog, RunEvent } from "./service.js";
 import { StaticFiles } from "./static.js";
 
@@ -101,15 +104,6 @@ function queryInt(q: URLSearchParams, name: string, dflt: number, max: number): 
   const n = intParam(v, `query parameter ${name}`);
   if (n > max) throw new StrataError(ErrorCode.USAGE, `query parameter ${name} must be at most ${max}`);
   return n;
-}
-
-/** How long a VM may go without a new restore point under `p`: one interval plus the jitter. */
-export function rpoOf(p: Policy, now: number): number | undefined {
-  const s = p.schedule;
-  if (s.kind === "every") return s.everyMs + p.jitterMs;
-  const a = nextSlot(s, now);
-  const b = a === undefined ? undefined : nextSlot(s, a);
-  return a === undefined || b === undefined ? undefined : b - a + p.jitterMs;
 }
 
 export class Api {
@@ -304,9 +298,11 @@ export class Api {
     const { now } = ctx;
     const vm = ctx.known.get(name);
     const protection = (ctx.entries.get(name) ?? []).map((e) => {
-      const last = ctx.newestOf(e.job.repository, name);
-      const rpoMs = ctx.rpo(e.policy);
-      const ageMs = last ? now - last.timeMs : null;
+      const { rpoMs, last, ageMs, met } = rpoStateOf(
+        ctx.rpo(e.policy),
+        ctx.newestOf(e.job.repository, name),
+        now,
+      );
       return {
         policy: e.policy.name,
         repository: e.job.repository,
@@ -315,8 +311,7 @@ export class Api {
         lastRestorePoint: last ? pointView(last) : null,
         ageMs,
         rpoMs: rpoMs ?? null,
-        // A restore point made within one interval (plus jitter) and the time it took to make.
-        rpoMet: last !== undefined && rpoMs !== undefined && ageMs! <= rpoMs + last.durationMs,
+        rpoMet: met,
         lastRun: this.catalog.lastRun(e.job.id) ?? null,
       };
     });

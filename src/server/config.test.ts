@@ -243,3 +243,72 @@ vms:
   hasProblem(ps, 7, /api\.https: give both cert and key/);
   hasProblem(ps, 9, /vms\.lab1\.sources: sources must name at least one source/);
 });
+
+test("notifications: sinks, events, retries and timeouts are read; each problem is on its line", () => {
+  const ok = checkConfig(
+    `${GOOD}notifications:
+  retries: 5
+  timeout: 20s
+  events: [failure, rpo-missed]
+  webhooks:
+    - url: https://hooks.example.com/strata?token=x
+      headers: { X-Token: abc }
+    - url: http://10.0.0.9:8080/in
+      events: [recovered]
+  email:
+    host: smtp.example.com
+    user: strata
+    password-file: /etc/strata/smtp.pass
+    from: strata@backup1.example.com
+    to: [ops@example.com]
+`,
+    "strata.yaml",
+  );
+  assert.deepEqual(ok.problems, []);
+  assert.deepEqual(ok.config?.notifications, {
+    webhooks: [
+      {
+        url: "https://hooks.example.com/strata?token=x",
+        headers: { "X-Token": "abc" },
+        events: ["failure", "rpo-missed"],
+      },
+      { url: "http://10.0.0.9:8080/in", headers: {}, events: ["recovered"] },
+    ],
+    email: {
+      host: "smtp.example.com",
+      port: 587,
+      tls: false,
+      user: "strata",
+      passwordFile: "/etc/strata/smtp.pass",
+      from: "strata@backup1.example.com",
+      to: ["ops@example.com"],
+      events: ["failure", "rpo-missed"],
+    },
+    retries: 5,
+    timeoutMs: 20_000,
+    rpoCheckMs: 60_000,
+  });
+  const lines = GOOD.split("\n").length - 1;
+  const ps = problems(`${GOOD}notifications:
+  retries: 50
+  timeout: 2h
+  webhooks:
+    - url: ftp://example.com/x
+      headers: { "Bad Header": "x" }
+      events: [fire]
+  email:
+    host: smtp.example.com
+    user: strata
+    from: not-an-address
+    to: []
+`);
+  hasProblem(ps, lines + 2, /notifications\.retries: retries must be at most 10/);
+  hasProblem(ps, lines + 3, /notifications\.timeout: timeout must be from 1s to 5m/);
+  hasProblem(ps, lines + 5, /url must be an http:\/\/ or https:\/\/ URL/);
+  hasProblem(ps, lines + 6, /header names \(tokens such as X-Token\)/);
+  hasProblem(ps, lines + 7, /an event must be one of failure, recovered, rpo-missed, rpo-met/);
+  hasProblem(ps, lines + 11, /from must be an e-mail address/);
+  hasProblem(ps, lines + 12, /to must name at least one address/);
+  hasProblem(ps, lines + 9, /give both user and password-file, or neither/);
+  hasProblem(problems(`${GOOD}notifications: { retries: 1 }\n`), lines + 1, /nothing would be sent/);
+});

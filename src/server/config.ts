@@ -42,6 +42,23 @@
  *       retention: { keep-last: 4, keep-daily: 7, keep-weekly: 4 }   # as strata forget
  *       verify: { schedule: "0 4 * * *", read-data: false }
  *       limits: { job-bandwidth: 100, worker-threads: 1, nice: 15, io-weight: 20 }
+ *   notifications:                     # optional: on failure, recovery, RPO missed and met again
+ *     events: [failure, recovered, rpo-missed, rpo-met]   # default: all; per sink too
+ *     retries: 3                       # tries after the first, with backoff (default 3)
+ *     timeout: 10s                     # per try (default 10s)
+ *     rpo-check: 1m                    # how often RPOs are looked at (default 1m)
+ *     webhooks:                        # HTTP POST of a JSON document
+ *       - url: https://hooks.example.com/strata
+ *         headers: { Authorization: "Bearer ..." }
+ *         events: [failure, recovered]
+ *     email:                           # SMTP (STARTTLS when offered; tls: true for port 465)
+ *       host: smtp.example.com
+ *       port: 587
+ *       tls: false
+ *       user: strata                   # optional, with password-file
+ *       password-file: /etc/strata/smtp.pass
+ *       from: strata@backup1.example.com
+ *       to: [ops@example.com]
  *
  * {@link checkConfig} reports every problem at once, each with its line and column (YAML syntax
  * first; when the YAML parses, the schema's problems and the references between sections), so
@@ -130,6 +147,39 @@ export interface StaticVm {
 
 export const DEFAULT_SOCKET = "/run/strata/strata.sock";
 
+/** What notifications are sent about. */
+export const NOTICE_KINDS = ["failure", "recovered", "rpo-missed", "rpo-met"] as const;
+export type NoticeKind = (typeof NOTICE_KINDS)[number];
+
+export interface WebhookConfig {
+  url: string;
+  headers: Record<string, string>;
+  events: NoticeKind[];
+}
+
+export interface EmailConfig {
+  host: string;
+  port: number;
+  /** Implicit TLS (port 465); otherwise STARTTLS when the server offers it. */
+  tls: boolean;
+  user?: string;
+  passwordFile?: string;
+  from: string;
+  to: string[];
+  events: NoticeKind[];
+}
+
+export interface NotificationsConfig {
+  webhooks: WebhookConfig[];
+  email?: EmailConfig;
+  /** Tries after the first, with exponential backoff. */
+  retries: number;
+  /** Per try. */
+  timeoutMs: number;
+  /** How often the RPOs are looked at. */
+  rpoCheckMs: number;
+}
+
 export interface DaemonConfig {
   file: string;
   timezone?: string;
@@ -141,6 +191,7 @@ export interface DaemonConfig {
   repositories: Map<string, RepositoryConfig>;
   limits: HostLimits;
   policies: Map<string, Policy>;
+  notifications?: NotificationsConfig;
 }
 
 /** One problem in the file, where it is. */
@@ -317,6 +368,77 @@ const staticVmSchema = z.strictObject(
   { error: "a VM must be a mapping of sources and tags" },
 );
 
+const noticeKinds = list(
+  "events",
+  z.enum(NOTICE_KINDS, { error: `an event must be one of ${NOTICE_KINDS.join(", ")}` }),
+).min(1, "events must name at least one event");
+
+const EMAIL_RE = /^[^\s@<>,;"]{1,64}@[A-Za-z0-9.-]{1,253}$/;
+const email = (what: string) =>
+  z
+    .string({ error: `${what} must be an e-mail address` })
+    .regex(EMAIL_RE, `${what} must be an e-mail address such as ops@example.com`);
+
+const notificationsSchema = z.strictObject(
+  {
+    events: noticeKinds.optional(),
+    retries: int("retries", 0, 10).optional(),
+    timeout: durationText("timeout").optional(),
+    "rpo-check": durationText("rpo-check").optional(),
+    webhooks: list(
+      "webhooks",
+      z.strictObject(
+        {
+          url: z.string({ error: "url must be an http:// or https:// URL" }).refine((u) => {
+            try {
+              const x = new URL(u);
+              return (x.protocol === "http:" || x.protocol === "https:") && x.hostname !== "";
+            } catch {
+              return false;
+            }
+          }, "url must be an http:// or https:// URL"),
+          headers: z
+            .record(
+              z
+                .string()
+                .regex(
+                  /^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$/,
+                  "a header name must be a token such as X-Token",
+                ),
+              z
+                .string({ error: "a header value must be text" })
+                .max(4096, "a header value must be at most 4096 characters")
+                .refine((v) => !/[\r\n\0]/.test(v), "a header value must be one line"),
+              {
+                error:
+                  "headers must be a mapping of header names (tokens such as X-Token) to one-line values",
+              },
+            )
+            .optional(),
+          events: noticeKinds.optional(),
+        },
+        { error: "a webhook must be a mapping of url, headers and events" },
+      ),
+    ).optional(),
+    email: z
+      .strictObject(
+        {
+          host: z.string({ error: "host must be a host name" }).min(1, "host must be a host name"),
+          port: int("port", 1, 65535).optional(),
+          tls: z.boolean({ error: "tls must be true or false" }).optional(),
+          user: z.string({ error: "user must be text" }).optional(),
+          "password-file": absPath("password-file").optional(),
+          from: email("from"),
+          to: list("to", email("an address in to")).min(1, "to must name at least one address"),
+          events: noticeKinds.optional(),
+        },
+        { error: "email must be a mapping of host, port, tls, user, password-file, from, to and events" },
+      )
+      .optional(),
+  },
+  { error: "notifications must be a mapping of events, retries, timeout, rpo-check, webhooks and email" },
+);
+
 const fileSchema = z.strictObject(
   {
     timezone: z.string({ error: "timezone must be an IANA zone name" }).optional(),
@@ -340,6 +462,7 @@ const fileSchema = z.strictObject(
     policies: z.record(z.string(), policySchema, {
       error: "policies must be a mapping of names to policies",
     }),
+    notifications: notificationsSchema.optional(),
   },
   { error: "the file must be a mapping (repositories, policies, limits, ...)" },
 );
@@ -509,6 +632,17 @@ export function checkConfig(
       }
     }
   }
+  const n = isRecord(r.notifications) ? r.notifications : undefined;
+  if (n && isRecord(n.email) && (n.email.user === undefined) !== (n.email["password-file"] === undefined))
+    at(["notifications", "email"], "give both user and password-file, or neither");
+  if (n && n.webhooks === undefined && n.email === undefined)
+    at(["notifications"], "no webhooks and no email: nothing would be sent");
+  const timeout = n ? safeDuration(n.timeout) : undefined;
+  if (timeout !== undefined && (timeout < 1000 || timeout > 300_000))
+    at(["notifications", "timeout"], "timeout must be from 1s to 5m");
+  const rpoCheck = n ? safeDuration(n["rpo-check"]) : undefined;
+  if (rpoCheck !== undefined && (rpoCheck < 1000 || rpoCheck > 86_400_000))
+    at(["notifications", "rpo-check"], "rpo-check must be from 1s to 1d");
   if (problems.length > 0 || !parsed.success) {
     problems.sort((a, b) => a.line - b.line || a.col - b.col);
     return { problems };
@@ -649,9 +783,36 @@ function toConfig(f: FileConfig, file: string, timezone: string | undefined): Da
   const vms = new Map<string, StaticVm>();
   for (const [name, v] of Object.entries(f.vms ?? {}))
     vms.set(name, { name, sources: v.sources, tags: v.tags ?? [] });
+  const n = f.notifications;
+  const events = n?.events ?? [...NOTICE_KINDS];
+  const notifications: NotificationsConfig | undefined = n && {
+    webhooks: (n.webhooks ?? []).map((w) => ({
+      url: w.url,
+      headers: w.headers ?? {},
+      events: w.events ?? events,
+    })),
+    ...(n.email === undefined
+      ? {}
+      : {
+          email: {
+            host: n.email.host,
+            port: n.email.port ?? (n.email.tls ? 465 : 587),
+            tls: n.email.tls === true,
+            ...(n.email.user === undefined ? {} : { user: n.email.user }),
+            ...(n.email["password-file"] === undefined ? {} : { passwordFile: n.email["password-file"] }),
+            from: n.email.from,
+            to: n.email.to,
+            events: n.email.events ?? events,
+          },
+        }),
+    retries: n.retries ?? 3,
+    timeoutMs: n.timeout ?? 10_000,
+    rpoCheckMs: n["rpo-check"] ?? 60_000,
+  };
   return {
     file,
     ...tz,
+    ...(notifications === undefined ? {} : { notifications }),
     ...(f.catalog === undefined ? {} : { catalog: f.catalog }),
     ...(f.inventory === undefined ? {} : { inventory: f.inventory }),
     ...(f["state-dir"] === undefined ? {} : { stateDir: f["state-dir"] }),

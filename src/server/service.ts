@@ -32,6 +32,8 @@ import { describeError, ErrorCode, StrataError } from "../util/errors.js";
 import type { ProgressSink } from "../util/progress.js";
 import type { DaemonConfig, Policy } from "./config.js";
 import { type JobSpec, planJobs, syncJobs } from "./jobs.js";
+import { type Notice, Notifier } from "./notify.js";
+import { rpoState } from "./rpo.js";
 import type { JobRunner, RunOutput } from "./runner.js";
 import { jobKey, type Timed } from "./schedule.js";
 import { recoverAfterRestart, Scheduler } from "./scheduler.js";
@@ -74,6 +76,8 @@ export interface DaemonOptions {
   isAlive?: (pid: number) => boolean;
   /** How often a run's progress is stored in the catalog (default 1000 ms). */
   progressIntervalMs?: number;
+  /** Where failures, recoveries and RPOs missed and met again are told (the configuration's notifications). */
+  notifier?: Pick<Notifier, "send">;
 }
 
 interface Entry {
@@ -144,6 +148,9 @@ export class Daemon {
   private resyncTimer: NodeJS.Timeout | undefined;
   private stopping = false;
   private readonly idleWaiters: Array<() => void> = [];
+  /** Per policy/VM, the RPO state last seen (for rpo-missed and rpo-met notices). */
+  private readonly rpoSeen = new Map<string, "met" | "missed" | "pending">();
+  private rpoTimer: NodeJS.Timeout | undefined;
 
   constructor(private readonly o: DaemonOptions) {
     this.clock = o.clock ?? systemClock;
@@ -181,6 +188,100 @@ export class Daemon {
       this.resyncTimer = setInterval(() => {
         this.resync().catch((err) => this.log("error", `listing the VMs again: ${describeError(err)}`));
       }, every);
+    this.checkRpo();
+    const rpoEvery = this.o.config.notifications?.rpoCheckMs;
+    if (this.o.timers !== false && this.o.notifier && rpoEvery !== undefined)
+      this.rpoTimer = setInterval(() => this.checkRpo(), rpoEvery);
+  }
+
+  /**
+   * Looks at every backed-up VM's RPO and tells the notifier what changed: rpo-missed when a
+   * VM's newest restore point became older than its policy allows (a VM never backed up counts
+   * once its job is older than one RPO), rpo-met when it is within again. The state lives in
+   * memory: after a restart, a VM still missing its RPO is told once more.
+   */
+  checkRpo(): void {
+    const notifier = this.o.notifier;
+    if (!notifier) return;
+    const now = this.clock.now();
+    const seen = new Set<string>();
+    for (const e of this.byId.values()) {
+      if (e.job.kind !== "backup") continue;
+      const key = `${e.policy.name}/${e.job.vm}`;
+      seen.add(key);
+      let s: ReturnType<typeof rpoState>;
+      try {
+        s = rpoState(this.o.catalog, this.o.config, e.policy, e.job.vm, now);
+      } catch (err) {
+        this.log("warn", `RPO of ${key}: ${describeError(err)}`);
+        continue;
+      }
+      if (s.rpoMs === undefined) continue;
+      const state = s.met ? "met" : !s.last && now - e.job.createdAt <= s.rpoMs ? "pending" : "missed";
+      const before = this.rpoSeen.get(key);
+      this.rpoSeen.set(key, state);
+      const rpo = {
+        vm: e.job.vm,
+        policy: e.policy.name,
+        repository: e.job.repository,
+        rpoMs: s.rpoMs,
+        ageMs: s.ageMs,
+        lastRestorePoint: s.last ? `${s.last.vm}/${s.last.time}` : null,
+      };
+      if (state === "missed" && before !== "missed")
+        notifier.send(
+          Notifier.notice(
+            "rpo-missed",
+            `${e.job.vm} (policy ${e.policy.name}) missed its RPO of ${Math.round(s.rpoMs / 1000)} s: ${s.last ? `newest restore point ${rpo.lastRestorePoint}, ${Math.round(s.ageMs! / 1000)} s old` : "no restore point"}`,
+            { rpo },
+          ),
+        );
+      else if (state === "met" && before === "missed")
+        notifier.send(
+          Notifier.notice(
+            "rpo-met",
+            `${e.job.vm} (policy ${e.policy.name}) meets its RPO again: ${rpo.lastRestorePoint}`,
+            { rpo },
+          ),
+        );
+    }
+    for (const k of [...this.rpoSeen.keys()]) if (!seen.has(k)) this.rpoSeen.delete(k);
+  }
+
+  /** Tells the notifier of a failed run, or of a job's first success after a failure. */
+  private noticeRun(a: Active, end: Run): void {
+    const notifier = this.o.notifier;
+    if (!notifier) return;
+    const { id, policy, vm, kind, repository } = a.job;
+    const common: Omit<Notice, "event" | "time" | "host" | "summary"> = {
+      job: { id, policy, vm, kind, repository },
+      run: {
+        id: end.id,
+        outcome: end.outcome,
+        startedAt: end.startedAt,
+        endedAt: end.endedAt,
+        errorCode: end.errorCode,
+        error: end.error,
+      },
+    };
+    if (end.outcome === "failed") {
+      notifier.send(
+        Notifier.notice("failure", `${a.key}: run ${end.id} failed: ${end.error ?? end.errorCode}`, common),
+      );
+      return;
+    }
+    if (!a.entry || (end.outcome !== "success" && end.outcome !== "warning")) return;
+    const before = this.o.catalog
+      .runs(a.job.id, 50)
+      .find((r) => r.id !== end.id && r.outcome !== "running" && r.outcome !== "cancelled");
+    if (before?.outcome === "failed")
+      notifier.send(
+        Notifier.notice(
+          "recovered",
+          `${a.key}: run ${end.id} succeeded after run ${before.id} failed`,
+          common,
+        ),
+      );
   }
 
   /**
@@ -409,6 +510,7 @@ export class Daemon {
     this.stopping = true;
     clearTimeout(this.timer);
     clearInterval(this.resyncTimer);
+    clearInterval(this.rpoTimer);
     this.pending = [];
     const runs = [...this.active.values()];
     for (const a of runs) {
@@ -551,6 +653,12 @@ export class Daemon {
       });
     }
     a.events.emit("event", { type: "end", run: end } satisfies RunEvent);
+    try {
+      this.noticeRun(a, end);
+      if (entry?.job.kind === "backup" && end.outcome !== "failed") this.checkRpo();
+    } catch (err) {
+      this.log("error", `run ${end.id}: notifying: ${describeError(err)}`);
+    }
     if (
       entry &&
       end.outcome === "success" &&

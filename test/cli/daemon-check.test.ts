@@ -160,3 +160,36 @@ policies:
     /strata\.yaml: 5 problem\(s\):\n.*strata\.yaml:2:17: repositories\.main\.path/,
   );
 });
+
+test("daemon --check places notification problems on their lines", async (t) => {
+  const dir = tempDir(t);
+  const config = join(dir, "strata.yaml");
+  await fs.writeFile(
+    config,
+    `repositories:
+  main: { path: /backup/strata }
+policies:
+  web: { repository: main, vms: all, schedule: every 1h }
+notifications:
+  webhooks:
+    - url: hooks.example.com/in
+  email:
+    host: smtp.example.com
+    from: strata@example.com
+    to: [ops]
+    events: [failure, explosion]
+`,
+  );
+  const r = await strata(["daemon", "--check", "--config", config]);
+  assert.equal(r.code, 2, r.stderr);
+  const expected: Array<[number, RegExp]> = [
+    [7, /notifications\.webhooks\.0\.url: url must be an http:\/\/ or https:\/\/ URL/],
+    [11, /an address in to must be an e-mail address/],
+    [12, /an event must be one of failure, recovered, rpo-missed, rpo-met/],
+  ];
+  for (const [line, message] of expected) {
+    const found = r.stderr.split("\n").find((l) => l.includes(`${config}:${line}:`));
+    assert.ok(found && message.test(found), `line ${line} reported as ${message}:\n${r.stderr}`);
+  }
+  assert.match(r.stderr, /3 problem\(s\)/);
+});
