@@ -1,9 +1,9 @@
 // Instant recovery from the web UI: a live backup of the test guest made by the strata CLI, then
 // in the browser (operator token, real daemon over HTTPS) its captured configuration shown, the
-// VM booted from the restore point as a clone, seen running on the instant recovery page, and
-// stopped with its overlays discarded. QEMU runs under TCG here, so this file is the slow one.
+// VM booted from the restore point as a clone, seen running on the instant recovery page,
+// migrated to production storage at a speed limit, and stopped with its overlays discarded. QEMU runs under TCG here, so this file is the slow one.
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { strataOk, summary, tempDir } from "../helpers/cli.js";
@@ -102,6 +102,16 @@ policies:
   pids.push(s.vm.pid!, s.serve.pid!);
   assert.ok(alive(s.vm.pid) && alive(s.serve.pid), "QEMU and the server run");
   await screenshot(w, "instant");
+
+  // Migrate to production storage at a speed limit, followed to its end.
+  const prod = join(dir, "prod");
+  await row.getByLabel("production directory").fill(prod);
+  await row.getByLabel("format").selectOption("raw");
+  await row.getByLabel("speed limit MiB/s").fill("32");
+  await row.getByRole("button", { name: "Migrate" }).click();
+  await row.locator('.run-progress[data-outcome="success"]').waitFor({ timeout: 180_000 });
+  await row.getByTestId("instant-phase").filter({ hasText: "migrated" }).waitFor();
+  assert.ok(existsSync(join(prod, "vblk0.raw")), "the disk is in production storage");
 
   await row.getByRole("button", { name: "Stop" }).click();
   await w.page.getByTestId("instant-empty").waitFor({ timeout: 60_000 });

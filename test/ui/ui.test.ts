@@ -45,6 +45,8 @@ before(async () => {
   await makeExt4(web1, 32 << 20, tree);
   const db1 = join(dir, "db1.img");
   writeImage(db1, 24);
+  const big1 = join(dir, "big1.img");
+  writeImage(big1, 24);
   for (let i = 0; i < 3; i++) await strataOk(["backup", "--repo", repo, "--vm", "web1", `file:${web1}`]);
   await strataOk(["backup", "--repo", repo, "--vm", "db1", `file:${db1}`]);
   const catalog = join(dir, "catalog.db");
@@ -61,6 +63,7 @@ repositories:
 vms:
   web1: { sources: ["file:${web1}"] }
   db1: { sources: ["file:${db1}"] }
+  big1: { sources: ["file:${big1}"] }
 policies:
   nightly:
     repository: main
@@ -72,6 +75,11 @@ policies:
     vms: { names: [db1] }
     schedule: "0 4 * * *"
     limits: { job-bandwidth: 8 }
+  crawl:
+    repository: main
+    vms: { names: [big1] }
+    schedule: "0 5 * * *"
+    limits: { job-bandwidth: 1 }
 `,
     { catalog, stateDir, socket },
   );
@@ -121,11 +129,13 @@ test("log in, see the VMs failures first, open a VM's restore-point timeline", a
   await logIn(w, tokens.operator!, "operator");
   const rows = w.page.getByTestId("vm-table").locator("tbody tr");
   await rows.first().waitFor();
+  // big1 was never backed up: at risk, so first; the two others are protected, by name.
   assert.deepEqual(await rows.evaluateAll((trs) => trs.map((tr) => tr.getAttribute("data-vm"))), [
+    "big1",
     "db1",
     "web1",
   ]);
-  // db1's last point is older than its RPO? Both were made now: both are protected, sorted by name.
+  assert.match((await rows.first().textContent()) ?? "", /never backed up/);
   await w.page.getByText("stored", { exact: true }).first().waitFor();
   await w.page.locator(".chart canvas").first().waitFor();
   await w.page.getByRole("link", { name: "web1" }).click();
@@ -192,7 +202,11 @@ test("a read token sees state but no run, cancel or restore controls; the API re
   await w.page.getByTestId("job-table").locator("tbody tr").first().waitFor();
   assert.equal(await w.page.getByRole("button", { name: /run now|cancel/i }).count(), 0);
   // The preview is a read action: shown and answered.
-  await w.page.getByRole("button", { name: "Retention preview" }).first().click();
+  await w.page
+    .getByRole("listitem")
+    .filter({ hasText: "nightly" })
+    .getByRole("button", { name: "Retention preview" })
+    .click();
   await w.page.getByTestId("retention-preview").waitFor();
   const refused = await fetchRaw(d, "/api/v1/jobs/1/run", { method: "POST", token: tokens.read! });
   assert.equal(refused.status, 403);
@@ -264,5 +278,46 @@ test("restore one disk of a restore point into a folder from the restore dialog,
   const files = readdirSync(target);
   assert.equal(files.length, 1, `one disk restored: ${files}`);
   assert.ok(readFileSync(join(target, files[0]!)).equals(readFileSync(join(dir, "web1.img"))), "bit-exact");
+  assert.deepEqual(w.errors, []);
+});
+
+test("cancel a running backup from the jobs page: it ends cancelled", async (t) => {
+  const w = await openPage(t, browser, d);
+  await logIn(w, tokens.operator!, "operator");
+  await w.page.getByRole("link", { name: "Policies and jobs" }).click();
+  const row = w.page.locator("[data-job]").filter({ hasText: "crawl" }).filter({ hasText: "backup" });
+  await row.getByRole("button", { name: "Run now" }).click();
+  // 24 MiB at 1 MiB/s: long enough to cancel.
+  await row.getByRole("button", { name: "Cancel" }).click();
+  await row.locator('.run-progress[data-outcome="cancelled"]').waitFor({ timeout: 60_000 });
+  const jobs = JSON.parse(
+    (await fetchRaw(d, "/api/v1/jobs", { token: tokens.read! })).body.toString(),
+  ) as Array<{
+    policy: string;
+    kind: string;
+    runs: Array<{ outcome: string; error: string | null }>;
+  }>;
+  const run = jobs.find((j) => j.policy === "crawl" && j.kind === "backup")!.runs[0]!;
+  assert.equal(run.outcome, "cancelled");
+  assert.match(run.error ?? "", /through the API/);
+  assert.deepEqual(w.errors, []);
+});
+
+test("an admin forgets a restore point from the timeline; an operator has no such button", async (t) => {
+  const w = await openPage(t, browser, d);
+  await logIn(w, tokens.admin!, "admin");
+  await w.page.getByRole("link", { name: "web1" }).click();
+  await w.page.getByText("3 in all").waitFor();
+  const oldest = w.page.getByTestId("point-table").locator("tbody tr").last();
+  const id = (await oldest.getAttribute("data-point"))!;
+  w.page.once("dialog", (dlg) => dlg.accept());
+  await oldest.getByRole("button", { name: "Forget" }).click();
+  await w.page.getByText("2 in all").waitFor();
+  assert.equal(await w.page.locator(`tr[data-point="${id}"]`).count(), 0);
+  const left = JSON.parse(
+    (await fetchRaw(d, "/api/v1/vms/web1/restore-points", { token: tokens.read! })).body.toString(),
+  ) as { total: number; items: Array<{ id: string }> };
+  assert.equal(left.total, 2);
+  assert.ok(!left.items.some((p) => p.id === id));
   assert.deepEqual(w.errors, []);
 });

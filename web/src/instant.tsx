@@ -13,9 +13,10 @@ function Migrate({ vm, onDone }: { vm: Instant; onDone: () => void }) {
   if (run)
     return (
       <span>
-        migrating: <RunProgress id={run.id} onEnd={onDone} />
+        migration: <RunProgress id={run.id} onEnd={onDone} />
       </span>
     );
+  if (vm.phase !== "running") return null;
   return (
     <form
       class="inline-form"
@@ -129,9 +130,7 @@ export function InstantPage() {
               </td>
               <td>
                 <span class="buttons">
-                  {can("instant.manage") && v.phase === "running" ? (
-                    <Migrate vm={v} onDone={list.reload} />
-                  ) : null}
+                  {can("instant.manage") ? <Migrate vm={v} onDone={list.reload} /> : null}
                   {can("instant.manage") ? (
                     <button
                       type="button"
