@@ -184,12 +184,29 @@ test("run a backup from the jobs page and watch its progress reach 100 %", async
   assert.deepEqual(w.errors, []);
 });
 
-test("a read token sees state but no run, cancel or restore controls; the API refuses them anyway", async (t) => {
+test("a read token (logged in by keyboard) sees state but no run, cancel or restore controls; the API refuses them; the theme follows the system", async (t) => {
   const w = await openPage(t, browser, d);
-  await logIn(w, tokens.read!, "read");
+  // By keyboard alone: the token field has the focus, Enter logs in, Tab reaches a VM's link.
+  await w.page.goto("/");
+  await w.page.waitForFunction("document.activeElement?.id === 'token'");
+  await w.page.keyboard.type(tokens.read!);
+  await w.page.keyboard.press("Enter");
+  await w.page.getByTestId("role").filter({ hasText: "role read" }).waitFor();
   await w.page.getByTestId("vm-table").locator("tbody tr").first().waitFor();
-  await w.page.getByRole("link", { name: "web1" }).click();
-  await w.page.getByText("3 in all", { exact: false }).or(w.page.getByText("in all")).first().waitFor();
+  let tabs = 0;
+  while ((await w.page.evaluate("document.activeElement?.textContent")) !== "web1") {
+    assert.ok(++tabs <= 40, "Tab reaches the link to web1");
+    await w.page.keyboard.press("Tab");
+  }
+  await w.page.keyboard.press("Enter");
+  await w.page.getByText("in all").first().waitFor();
+  // The theme follows the system's: dark asked, dark given.
+  const bg = () => w.page.evaluate("getComputedStyle(document.documentElement).backgroundColor");
+  await w.page.emulateMedia({ colorScheme: "light" });
+  const light = await bg();
+  await w.page.emulateMedia({ colorScheme: "dark" });
+  assert.equal(await bg(), "rgb(20, 23, 28)");
+  assert.equal(light, "rgb(247, 248, 250)");
   await w.page.getByTestId("point-table").locator("tbody tr").first().waitFor();
   assert.equal(
     await w.page

