@@ -687,6 +687,27 @@ export class Catalog {
     );
   }
 
+  /** The newest restore point of each VM in `repository` (one query, for lists of many VMs). */
+  newestRestorePoints(repository: string): Map<string, RestorePointRow> {
+    return this.guard("listing restore points", () => {
+      const rows = this.db
+        .prepare(
+          `SELECT r.* FROM restore_points r
+           JOIN (SELECT vm, max(time_ms) AS newest FROM restore_points WHERE repository = ? GROUP BY vm) n
+             ON r.vm = n.vm AND r.time_ms = n.newest
+           WHERE r.repository = ?
+           ORDER BY r.vm, r.time`,
+        )
+        .all(repository, repository) as unknown[];
+      const out = new Map<string, RestorePointRow>();
+      for (const r of rows) {
+        const row = camel<RestorePointRow>(r);
+        out.set(row.vm, row); // same millisecond twice: the later time text wins, as in restorePoints
+      }
+      return out;
+    });
+  }
+
   // ---- API tokens (hashing and checking: src/catalog/tokens.ts) ----
 
   insertToken(row: Omit<TokenRow, "lastUsedAt" | "revokedAt">): void {

@@ -21,7 +21,7 @@
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Catalog, Job, RestorePointRow, Run } from "../catalog/catalog.js";
-import { type Action, allows } from "../catalog/roles.js";
+import { ACTIONS, type Action, allows } from "../catalog/roles.js";
 import { type TokenInfo, verifyToken } from "../catalog/tokens.js";
 import { manifestTotals } from "../repo/manifest.js";
 import { forget } from "../repo/prune.js";
@@ -32,9 +32,10 @@ import type { Policy } from "./config.js";
 
 export { rpoOf } from "./rpo.js";
 
-import { rpoState } from "./rpo.js";
+import { rpoOf, rpoStateOf } from "./rpo.js";
 import { openRepository } from "./runner.js";
 import type { Daemon, DaemonLog, RunEvent } from "./service.js";
+import { StaticFiles } from "./static.js";
 
 export type Transport = "unix" | "https";
 
@@ -44,6 +45,8 @@ interface Call {
   params: Record<string, string>;
   query: URLSearchParams;
   who: string;
+  /** The caller's token; undefined for the unix socket's local administrator. */
+  token?: TokenInfo;
 }
 
 /** One route: what it does, who may, how it is described, and its handler. */
@@ -82,6 +85,8 @@ export interface ApiOptions {
   log?: DaemonLog;
   /** Heartbeat comment interval of event streams (default 15 s), so proxies keep them open. */
   heartbeatMs?: number;
+  /** The web UI's built files, served at `/` (default dist/web; see static.ts). */
+  webRoot?: string;
   /** Adapters, state dir and how to run strata: what restores, files and instant recovery need. */
   data?: DataOptions;
 }
@@ -105,12 +110,14 @@ export class Api {
   private readonly clock: Clock;
   private readonly log: DaemonLog;
   readonly routes: Route[];
+  private readonly web: StaticFiles;
   private readonly compiled: Array<{ route: Route; re: RegExp; names: string[] }>;
 
   constructor(private readonly o: ApiOptions) {
     this.clock = o.clock ?? systemClock;
     this.log = o.log ?? (() => {});
     this.routes = this.makeRoutes();
+    this.web = new StaticFiles(o.webRoot);
     this.compiled = this.routes.map((route) => {
       const names: string[] = [];
       const re = new RegExp(
@@ -141,6 +148,7 @@ export class Api {
   private async serve(req: IncomingMessage, res: ServerResponse, transport: Transport): Promise<void> {
     const url = new URL(req.url ?? "/", "http://strata");
     const path = url.pathname.replace(/\/+$/, "") || "/";
+    if (!path.startsWith("/api/") && path !== "/metrics" && this.web.serve(req, res, url.pathname)) return;
     let found: { route: Route; params: Record<string, string> } | undefined;
     let pathKnown = false;
     for (const c of this.compiled) {
@@ -176,9 +184,10 @@ export class Api {
     const peer =
       transport === "unix" ? "unix socket" : `${req.socket.remoteAddress}:${req.socket.remotePort}`;
     let who = "local administrator (unix socket)";
+    let token: TokenInfo | undefined;
     try {
       if (route.action !== null) {
-        const token = this.authenticate(req, transport);
+        token = this.authenticate(req, transport);
         const action = typeof route.action === "function" ? route.action(params) : route.action;
         if (token) {
           who = `token ${token.id} (${token.name}, role ${token.role})`;
@@ -186,7 +195,14 @@ export class Api {
             throw new StrataError(ErrorCode.FORBIDDEN, `${who} may not do ${action}`);
         }
       }
-      const out = await route.handle({ req, res, params, query: url.searchParams, who });
+      const out = await route.handle({
+        req,
+        res,
+        params,
+        query: url.searchParams,
+        who,
+        ...(token === undefined ? {} : { token }),
+      });
       if (out) this.send(res, out[0], out[1]);
     } catch (err) {
       const code = err instanceof StrataError ? err.code : ErrorCode.INTERNAL;
@@ -246,27 +262,59 @@ export class Api {
     };
   }
 
-  private vmView(name: string) {
+  private repoId(name: string): string | undefined {
+    const r = this.o.daemon.config.repositories.get(name);
+    return r && this.catalog.repositoryAt(r.path);
+  }
+
+  /**
+   * What {@link vmView} reads, asked once for a whole list: the VMs known, the backup jobs by
+   * VM, each repository's newest restore point per VM, and each policy's RPO now.
+   */
+  private vmContext() {
     const d = this.o.daemon;
     const now = this.clock.now();
-    const vm = d.knownVms().find((v) => v.name === name);
-    const protection = d
-      .entries()
-      .filter((e) => e.job.vm === name && e.job.kind === "backup")
-      .map((e) => {
-        const { rpoMs, last, ageMs, met } = rpoState(this.catalog, d.config, e.policy, name, now);
-        return {
-          policy: e.policy.name,
-          repository: e.job.repository,
-          jobId: e.job.id,
-          schedule: e.policy.schedule.text,
-          lastRestorePoint: last ? pointView(last) : null,
-          ageMs,
-          rpoMs: rpoMs ?? null,
-          rpoMet: met,
-          lastRun: this.catalog.lastRun(e.job.id) ?? null,
-        };
-      });
+    const known = new Map(d.knownVms().map((v) => [v.name, v]));
+    const entries = new Map<string, ReturnType<Daemon["entries"]>>();
+    for (const e of d.entries())
+      if (e.job.kind === "backup") entries.set(e.job.vm, [...(entries.get(e.job.vm) ?? []), e]);
+    const newest = new Map<string, Map<string, RestorePointRow>>();
+    const newestOf = (repository: string, vm: string) => {
+      if (!newest.has(repository)) {
+        const id = this.repoId(repository);
+        newest.set(repository, id === undefined ? new Map() : this.catalog.newestRestorePoints(id));
+      }
+      return newest.get(repository)!.get(vm);
+    };
+    const rpos = new Map<string, number | undefined>();
+    const rpo = (p: Policy) => {
+      if (!rpos.has(p.name)) rpos.set(p.name, rpoOf(p, now));
+      return rpos.get(p.name);
+    };
+    return { now, known, entries, newestOf, rpo };
+  }
+
+  private vmView(name: string, ctx = this.vmContext()) {
+    const { now } = ctx;
+    const vm = ctx.known.get(name);
+    const protection = (ctx.entries.get(name) ?? []).map((e) => {
+      const { rpoMs, last, ageMs, met } = rpoStateOf(
+        ctx.rpo(e.policy),
+        ctx.newestOf(e.job.repository, name),
+        now,
+      );
+      return {
+        policy: e.policy.name,
+        repository: e.job.repository,
+        jobId: e.job.id,
+        schedule: e.policy.schedule.text,
+        lastRestorePoint: last ? pointView(last) : null,
+        ageMs,
+        rpoMs: rpoMs ?? null,
+        rpoMet: met,
+        lastRun: this.catalog.lastRun(e.job.id) ?? null,
+      };
+    });
     return {
       name,
       adapter: vm?.adapter ?? null,
@@ -276,6 +324,16 @@ export class Api {
       protected: protection.length > 0 && protection.every((p) => p.rpoMet),
       policies: protection,
     };
+  }
+
+  private repositoryOf(name: string) {
+    const r = this.o.daemon.config.repositories.get(name);
+    if (!r)
+      throw new StrataError(
+        ErrorCode.NOT_FOUND,
+        `no repository "${name}" (the configuration has ${[...this.o.daemon.config.repositories.keys()].join(", ")})`,
+      );
+    return r;
   }
 
   private runOf(params: Record<string, string>): Run {
@@ -370,6 +428,103 @@ export class Api {
       },
       {
         method: "GET",
+        path: "/api/v1/whoami",
+        // Every role may list jobs: this asks only that the token is good.
+        action: "jobs.list",
+        summary: "The caller's token, role and the actions that role may do",
+        description:
+          "What a client (the web UI) shows and hides: the token's id, name and role, and every action of src/catalog/roles.ts the role allows. The unix socket's local administrator has no token and every action.",
+        responses: { 200: ["The caller", "Whoami"] },
+        handle: ({ token }) => {
+          const role = token?.role ?? "admin";
+          return [
+            200,
+            {
+              token: token ? { id: token.id, name: token.name, expiresAt: token.expiresAt } : null,
+              role,
+              actions: ACTIONS.filter((a) => allows(role, a)),
+            },
+          ];
+        },
+      },
+      {
+        method: "GET",
+        path: "/api/v1/repositories",
+        action: "repo.stats",
+        summary: "The configured repositories",
+        responses: {
+          200: [
+            "Name, location and the catalog's figures of each",
+            { type: "array", items: { $ref: "#/components/schemas/Repository" } },
+          ],
+        },
+        handle: () => {
+          const out = [];
+          for (const r of d.config.repositories.values()) {
+            const id = this.repoId(r.name);
+            const points = id === undefined ? [] : this.catalog.restorePoints({ repository: id });
+            out.push({
+              name: r.name,
+              location: r.path,
+              restorePoints: points.length,
+              storedBytes: points.reduce((n, p) => n + p.bytesStored, 0),
+            });
+          }
+          return [200, out];
+        },
+      },
+      {
+        method: "GET",
+        path: "/api/v1/repositories/{name}/history",
+        action: "repo.stats",
+        summary: "A repository's usage over time, one sample per day, from the catalog",
+        description:
+          "Per UTC day that has restore points, the figures of the restore points the repository holds now that were made up to that day's end: logical bytes (their disks' sizes), stored bytes (what each added to the repository, compressed), the ratio of the two, and the stored bytes the day added. Restore points forgotten since are not counted, so the curve is that of what is kept. At most the last `days` days (default 365, at most 3650).",
+        query: [{ name: "days", description: "At most this many days (default 365)", type: "integer" }],
+        responses: {
+          200: ["The samples, oldest first", "RepositoryHistory"],
+          ...err(404, "No such repository"),
+        },
+        handle: ({ params, query }) => {
+          const days = queryInt(query, "days", 365, 3650);
+          const r = this.repositoryOf(params.name!);
+          const id = this.repoId(r.name);
+          const points = (id === undefined ? [] : this.catalog.restorePoints({ repository: id })).sort(
+            (a, b) => a.timeMs - b.timeMs,
+          );
+          const DAY = 86_400_000;
+          const samples: Array<{
+            day: string;
+            logicalBytes: number;
+            storedBytes: number;
+            ratio: number | null;
+            addedBytes: number;
+            restorePoints: number;
+          }> = [];
+          let logical = 0;
+          let stored = 0;
+          let count = 0;
+          for (const p of points) {
+            const day = new Date(Math.floor(p.timeMs / DAY) * DAY).toISOString().slice(0, 10);
+            logical += p.size;
+            stored += p.bytesStored;
+            count++;
+            let last = samples.at(-1);
+            if (last?.day !== day) {
+              last = { day, logicalBytes: 0, storedBytes: 0, ratio: null, addedBytes: 0, restorePoints: 0 };
+              samples.push(last);
+            }
+            last.logicalBytes = logical;
+            last.storedBytes = stored;
+            last.ratio = stored > 0 ? logical / stored : null;
+            last.addedBytes += p.bytesStored;
+            last.restorePoints = count;
+          }
+          return [200, { name: r.name, samples: samples.slice(-days) }];
+        },
+      },
+      {
+        method: "GET",
         path: "/api/v1/vms",
         action: "vms.list",
         summary: "VMs and their protection state",
@@ -379,7 +534,8 @@ export class Api {
         handle: () => {
           const names = new Set(d.knownVms().map((v) => v.name));
           for (const e of d.entries()) if (e.job.vm !== "") names.add(e.job.vm);
-          return [200, [...names].sort().map((n) => this.vmView(n))];
+          const ctx = this.vmContext();
+          return [200, [...names].sort().map((n) => this.vmView(n, ctx))];
         },
       },
       {
@@ -535,12 +691,7 @@ export class Api {
         summary: "A repository's figures, from its manifests",
         responses: { 200: ["The figures", "RepositoryStats"], ...err(404, "No such repository") },
         handle: async ({ params }) => {
-          const r = d.config.repositories.get(params.name!);
-          if (!r)
-            throw new StrataError(
-              ErrorCode.NOT_FOUND,
-              `no repository "${params.name}" (the configuration has ${[...d.config.repositories.keys()].join(", ")})`,
-            );
+          const r = this.repositoryOf(params.name!);
           const repo = await openRepository(r, 1);
           try {
             let damaged = 0;
@@ -599,13 +750,14 @@ export class Api {
     };
     add("strata_runs_running", "Runs going on now", "gauge", {}, d.running().length);
     add("strata_jobs_queued", "Jobs waiting for a slot within the limits", "gauge", {}, d.queued().length);
+    const ctx = this.vmContext();
     for (const name of new Set(
       d
         .entries()
         .filter((e) => e.job.kind === "backup")
         .map((e) => e.job.vm),
     )) {
-      for (const p of this.vmView(name).policies) {
+      for (const p of this.vmView(name, ctx).policies) {
         const labels = { vm: name, policy: p.policy, repository: p.repository };
         if (p.lastRestorePoint) {
           add(
@@ -894,6 +1046,26 @@ export class Api {
                 vm: str,
                 keep: { type: "array", items: obj({ id: str, reasons: { type: "array", items: str } }) },
                 remove: { type: "array", items: str },
+              }),
+            },
+          }),
+          Whoami: obj({
+            token: { ...obj({ id: str, name: str, expiresAt: nint }), nullable: true },
+            role: { type: "string", enum: ["admin", "operator", "backup", "read"] },
+            actions: { type: "array", items: str },
+          }),
+          Repository: obj({ name: str, location: str, restorePoints: int, storedBytes: int }),
+          RepositoryHistory: obj({
+            name: str,
+            samples: {
+              type: "array",
+              items: obj({
+                day: str,
+                logicalBytes: int,
+                storedBytes: int,
+                ratio: { type: "number", nullable: true },
+                addedBytes: int,
+                restorePoints: int,
               }),
             },
           }),

@@ -35,8 +35,15 @@ export function rpoState(
   const r = config.repositories.get(p.repository);
   const id = r && catalog.repositoryAt(r.path);
   const points = id === undefined ? [] : catalog.restorePoints({ repository: id, vm });
-  const last = points.at(-1);
-  const rpoMs = rpoOf(p, now);
+  return rpoStateOf(rpoOf(p, now), points.at(-1), now);
+}
+
+/** The RPO state at `now` given the RPO and the newest restore point (read once for many VMs). */
+export function rpoStateOf(
+  rpoMs: number | undefined,
+  last: RestorePointRow | undefined,
+  now: number,
+): RpoState {
   const ageMs = last ? now - last.timeMs : null;
   const met = last !== undefined && rpoMs !== undefined && ageMs! <= rpoMs + last.durationMs;
   return { rpoMs, last, ageMs, met };
