@@ -485,7 +485,7 @@ export function dataRoutes(daemon: Daemon, options: DataOptions | undefined): Ro
       method: "DELETE",
       path: `/api/v1/restore-points/${pointParams}`,
       action: "forget.run",
-      summary: "Forget a restore point (gc frees its space)",
+      summary: "Forget a restore point (gc frees its space); one under S3 Object Lock retention is kept and listed in locked",
       query: [repoQuery],
       responses: { 200: ["Removed", "Forgotten"], ...err(404, "No such restore point") },
       handle: async (call) => {
@@ -494,9 +494,10 @@ export function dataRoutes(daemon: Daemon, options: DataOptions | undefined): Ro
         const r = repositoryOf(vm, time, call.query.get("repository"));
         const repo = await openRepository(r, 1);
         try {
-          const removed = await forgetIds(repo, [`${vm}/${time}`]);
+          // A restore point under S3 Object Lock retention is kept and listed in `locked`.
+          const { removed, locked } = await forgetIds(repo, [`${vm}/${time}`]);
           await rebuildRestorePoints(catalog(), repo);
-          return [200, { repository: r.name, removed }];
+          return [200, { repository: r.name, removed, locked }];
         } finally {
           await repo.close();
         }

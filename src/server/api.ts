@@ -1129,7 +1129,11 @@ export class Api {
               }),
             },
           }),
-          Forgotten: obj({ repository: str, removed: { type: "array", items: str } }),
+          Forgotten: obj({
+            repository: str,
+            removed: { type: "array", items: str },
+            locked: { type: "array", items: obj({ id: str, until: str }) },
+          }),
           Instant: obj({
             name: str,
             restorePoint: str,
