@@ -22,6 +22,7 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Catalog, Job, RestorePointRow, Run } from "../catalog/catalog.js";
 import { type Action, allows } from "../catalog/roles.js";
+import type { Role } from "../catalog/schema.js";
 import { type TokenInfo, verifyToken } from "../catalog/tokens.js";
 import { manifestTotals } from "../repo/manifest.js";
 import { forget } from "../repo/prune.js";
@@ -44,6 +45,8 @@ interface Call {
   params: Record<string, string>;
   query: URLSearchParams;
   who: string;
+  /** The token's role; admin for the unix socket's local administrator. */
+  role: Role;
 }
 
 /** One route: what it does, who may, how it is described, and its handler. */
@@ -176,17 +179,19 @@ export class Api {
     const peer =
       transport === "unix" ? "unix socket" : `${req.socket.remoteAddress}:${req.socket.remotePort}`;
     let who = "local administrator (unix socket)";
+    let role: Role = "admin";
     try {
       if (route.action !== null) {
         const token = this.authenticate(req, transport);
         const action = typeof route.action === "function" ? route.action(params) : route.action;
         if (token) {
           who = `token ${token.id} (${token.name}, role ${token.role})`;
+          role = token.role;
           if (!allows(token.role, action))
             throw new StrataError(ErrorCode.FORBIDDEN, `${who} may not do ${action}`);
         }
       }
-      const out = await route.handle({ req, res, params, query: url.searchParams, who });
+      const out = await route.handle({ req, res, params, query: url.searchParams, who, role });
       if (out) this.send(res, out[0], out[1]);
     } catch (err) {
       const code = err instanceof StrataError ? err.code : ErrorCode.INTERNAL;
@@ -708,7 +713,7 @@ export class Api {
           description: "No token, or a malformed, unknown, revoked or expired one",
           content: { "application/json": { schema: schemaRef("Error") } },
         };
-        responses["403"] = {
+        responses["403"] ??= {
           description: "The token's role may not do this",
           content: { "application/json": { schema: schemaRef("Error") } },
         };
