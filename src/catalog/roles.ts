@@ -8,9 +8,11 @@
  * - `backup`: only adds restore points: starts backups and follows its jobs. It cannot forget,
  *   gc, restore or read any data, nor list restore points: a stolen backup token can't destroy
  *   or read what is protected.
- * - `operator`: everything `read` does, plus runs jobs (backup, verify), cancels them, restores,
- *   browses and downloads files, and runs instant recovery.
- * - `admin`: everything, including removing data (forget, gc), changing jobs and managing tokens.
+ * - `operator`: everything `read` does, plus runs jobs (backup, verify), cancels them, restores
+ *   to a new place (a directory or device the host's `api.restore-targets` / `restore-devices`
+ *   allow: src/server/restore-targets.ts), browses and downloads files, and runs instant recovery.
+ * - `admin`: everything, including removing data (forget, gc), restoring a VM or disk in place
+ *   (over its production disks: `restore.in-place`), changing jobs and managing tokens.
  */
 import { ErrorCode, StrataError } from "../util/errors.js";
 import type { Role } from "./schema.js";
@@ -38,7 +40,14 @@ const OPERATOR_ACTIONS = [
   "instant.manage",
 ] as const;
 
-export const ACTIONS = [...OPERATOR_ACTIONS, "forget.run", "gc.run", "jobs.manage", "tokens.manage"] as const;
+export const ACTIONS = [
+  ...OPERATOR_ACTIONS,
+  "restore.in-place",
+  "forget.run",
+  "gc.run",
+  "jobs.manage",
+  "tokens.manage",
+] as const;
 
 export type Action = (typeof ACTIONS)[number];
 

@@ -422,6 +422,7 @@ function render(config: DaemonConfig, s: ReturnType<typeof summarize>): string {
     `host limits: ${limitsText(s.limits)}`,
     `disk limits by ${s.diskLimits.text}`,
     `API: unix socket ${config.api.socket}${config.api.https ? `, HTTPS on ${config.api.https.host}:${config.api.https.port}${config.api.https.cert ? ` (certificate ${config.api.https.cert})` : " (self-signed certificate)"}` : ""}`,
+    `API restores may write under ${config.api.restoreTargets.join(", ")}; onto devices ${config.api.restoreDevices.length === 0 ? "none" : config.api.restoreDevices.join(", ")}`,
   ];
   for (const p of s.policies) {
     lines.push(

@@ -13,6 +13,7 @@
 import type { IncomingMessage } from "node:http";
 import { join, resolve } from "node:path";
 import { rebuildRestorePoints } from "../catalog/rebuild.js";
+import { allows } from "../catalog/roles.js";
 import {
   FILES_CACHE_BYTES,
   FileBrowser,
@@ -40,6 +41,7 @@ import { checkName, type Repository, type SnapshotRef } from "../repo/repository
 import { describeError, ErrorCode, StrataError } from "../util/errors.js";
 import type { Route } from "./api.js";
 import type { RepositoryConfig } from "./config.js";
+import { confineDevice, confineDirectory } from "./restore-targets.js";
 import { openRepository } from "./runner.js";
 import type { Daemon } from "./service.js";
 
@@ -228,13 +230,19 @@ export function dataRoutes(daemon: Daemon, options: DataOptions | undefined): Ro
       summary:
         "Restore a VM (in place or as a clone), one disk, or an image-file restore point's disks, as a run",
       description:
-        "Starts a run (202, with the run: follow it at /api/v1/runs/{id}/events). The body says what: {} restores the whole VM in place (refused while it runs, and over existing files without force); target (a host directory) and name make a clone there (new name, UUID and MACs); disk restores one disk (to its own path, into target, or onto device); format raw or qcow2; start starts the restored VM. Options are checked before the run starts (400).",
+        "Starts a run (202, with the run: follow it at /api/v1/runs/{id}/events). The body says what: {} restores the whole VM in place (admin only: action restore.in-place; refused while it runs, and over existing files without force); target (a host directory) and name make a clone there (new name, UUID and MACs); disk restores one disk (to its own path (admin only), into target, or onto device); format raw or qcow2; start starts the restored VM. target must resolve (symlinks followed, no '..') inside a directory of the daemon's api.restore-targets and device must match one of api.restore-devices, for every token, admin too; otherwise 403 naming the path and the setting. Options are checked before the run starts (400).",
       query: [repoQuery],
       body: {
-        target: { type: "string", description: "Host directory for a clone or the disks" },
+        target: {
+          type: "string",
+          description: "Host directory for a clone or the disks, inside one of api.restore-targets",
+        },
         name: { type: "string", description: "The clone's name (with target)" },
         disk: { type: "string", description: "Only this disk" },
-        device: { type: "string", description: "Write disk onto this block device" },
+        device: {
+          type: "string",
+          description: "Write disk onto this block device, matching one of api.restore-devices",
+        },
         format: { type: "string", enum: ["raw", "qcow2"] },
         force: { type: "boolean", description: "Replace existing files" },
         start: { type: "boolean", description: "Start the restored VM" },
@@ -242,6 +250,10 @@ export function dataRoutes(daemon: Daemon, options: DataOptions | undefined): Ro
       responses: {
         202: ["The run started", "Run"],
         ...err(400, "Bad options"),
+        ...err(
+          403,
+          "The token's role may not do this, or a path is outside api.restore-targets / api.restore-devices",
+        ),
         ...err(404, "No such restore point"),
       },
       handle: async (call) => {
@@ -266,6 +278,15 @@ export function dataRoutes(daemon: Daemon, options: DataOptions | undefined): Ro
         const { vm, time } = call.params as { vm: string; time: string };
         checkName("VM", vm);
         const r = repositoryOf(vm, time, call.query.get("repository"));
+        if (o.target === undefined && o.device === undefined && !allows(call.role, "restore.in-place"))
+          throw new StrataError(
+            ErrorCode.FORBIDDEN,
+            `${call.who} may not do restore.in-place: restoring ${vm}${o.disk ? `'s disk ${o.disk}` : ""} over its own disks takes an admin token; give target (or device) to restore beside it`,
+          );
+        if (o.target !== undefined)
+          o.target = await confineDirectory(daemon.config.api, str(b.target)!, "target");
+        if (o.device !== undefined)
+          o.device = await confineDevice(daemon.config.api, str(b.device)!, "device");
         const run = daemon.startTask(
           {
             kind: "restore",
@@ -485,7 +506,8 @@ export function dataRoutes(daemon: Daemon, options: DataOptions | undefined): Ro
       method: "DELETE",
       path: `/api/v1/restore-points/${pointParams}`,
       action: "forget.run",
-      summary: "Forget a restore point (gc frees its space); one under S3 Object Lock retention is kept and listed in locked",
+      summary:
+        "Forget a restore point (gc frees its space); one under S3 Object Lock retention is kept and listed in locked",
       query: [repoQuery],
       responses: { 200: ["Removed", "Forgotten"], ...err(404, "No such restore point") },
       handle: async (call) => {
@@ -558,14 +580,18 @@ export function dataRoutes(daemon: Daemon, options: DataOptions | undefined): Ro
       action: "instant.manage",
       summary: "Boot the VM straight from a restore point (instant recovery)",
       description:
-        "The VM runs on local overlays over the restore point, served by a detached strata serve; name (default: the VM's) makes it a clone with a new UUID and MACs; target is the directory of its overlays (default: the state dir's instant/NAME). Answers 201 with its state once it runs.",
+        "The VM runs on local overlays over the restore point, served by a detached strata serve; name (default: the VM's) makes it a clone with a new UUID and MACs; target is the directory of its overlays (default: the state dir's instant/NAME), inside one of the daemon's api.restore-targets (else 403). Answers 201 with its state once it runs.",
       query: [repoQuery],
       body: {
         name: { type: "string", description: "Run as a clone with this name" },
-        target: { type: "string", description: "Host directory for overlays and run files" },
+        target: {
+          type: "string",
+          description: "Host directory for overlays and run files, inside one of api.restore-targets",
+        },
       },
       responses: {
         201: ["It runs", "Instant"],
+        ...err(403, "The token's role may not do this, or a path is outside api.restore-targets"),
         ...err(404, "No such restore point"),
         ...err(409, "A VM of that name is recorded"),
       },
@@ -573,7 +599,10 @@ export function dataRoutes(daemon: Daemon, options: DataOptions | undefined): Ro
         const b = await readBody(call.req, { name: "string", target: "string" });
         const name = str(b.name);
         if (name !== undefined) checkName("VM", name);
-        const target = hostPath(b.target, "target");
+        const target =
+          b.target === undefined
+            ? undefined
+            : await confineDirectory(daemon.config.api, str(b.target)!, "target");
         return withPoint(call, "instant recovery", async (repo, snap, r) => {
           const o = opts();
           const stored = await readVmConfig(repo, snap, o.registry);
@@ -634,9 +663,12 @@ export function dataRoutes(daemon: Daemon, options: DataOptions | undefined): Ro
       action: "instant.manage",
       summary: "Move an instantly recovered VM's disks to production storage, live, as a run",
       description:
-        "Starts a run (202): every disk is mirrored to target (a host directory) as format (qcow2 default, or raw) while the guest runs, at most limitMiBps MiB/s; active mirrors every guest write synchronously so the copy converges under any write load. Then the server stops and the overlays go.",
+        "Starts a run (202): every disk is mirrored to target (a host directory inside one of the daemon's api.restore-targets, else 403) as format (qcow2 default, or raw) while the guest runs, at most limitMiBps MiB/s; active mirrors every guest write synchronously so the copy converges under any write load. Then the server stops and the overlays go.",
       body: {
-        target: { type: "string", description: "Host directory for the disks" },
+        target: {
+          type: "string",
+          description: "Host directory for the disks, inside one of api.restore-targets",
+        },
         format: { type: "string", enum: ["qcow2", "raw"] },
         limitMiBps: { type: "number", description: "Copy at most this fast" },
         active: { type: "boolean" },
@@ -644,6 +676,7 @@ export function dataRoutes(daemon: Daemon, options: DataOptions | undefined): Ro
       responses: {
         202: ["The run started", "Run"],
         ...err(400, "Bad options"),
+        ...err(403, "The token's role may not do this, or a path is outside api.restore-targets"),
         ...err(404, "No such instantly recovered VM"),
       },
       handle: async (call) => {
@@ -653,9 +686,9 @@ export function dataRoutes(daemon: Daemon, options: DataOptions | undefined): Ro
           limitMiBps: "number",
           active: "boolean",
         });
-        const target = hostPath(b.target, "target");
-        if (target === undefined)
+        if (b.target === undefined)
           throw new StrataError(ErrorCode.USAGE, 'give "target": the directory the disks go to');
+        hostPath(b.target, "target");
         const format = str(b.format) ?? "qcow2";
         if (format !== "qcow2" && format !== "raw")
           throw new StrataError(ErrorCode.USAGE, `format ${format}: migrate writes qcow2 or raw`);
@@ -663,6 +696,7 @@ export function dataRoutes(daemon: Daemon, options: DataOptions | undefined): Ro
         if (limit !== undefined && (!Number.isFinite(limit) || limit <= 0))
           throw new StrataError(ErrorCode.USAGE, `limitMiBps takes MiB/s above 0, not ${limit}`);
         const record = await instantRecord(call.params.name!);
+        const target = await confineDirectory(daemon.config.api, str(b.target)!, "target");
         const repository =
           [...daemon.config.repositories.values()].find((r) => resolve(r.path) === resolve(record.repo))
             ?.name ?? record.repo;

@@ -22,6 +22,7 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Catalog, Job, RestorePointRow, Run } from "../catalog/catalog.js";
 import { ACTIONS, type Action, allows } from "../catalog/roles.js";
+import type { Role } from "../catalog/schema.js";
 import { type TokenInfo, verifyToken } from "../catalog/tokens.js";
 import { manifestTotals } from "../repo/manifest.js";
 import { forget } from "../repo/prune.js";
@@ -47,6 +48,8 @@ interface Call {
   who: string;
   /** The caller's token; undefined for the unix socket's local administrator. */
   token?: TokenInfo;
+  /** The token's role; admin for the unix socket's local administrator. */
+  role: Role;
 }
 
 /** One route: what it does, who may, how it is described, and its handler. */
@@ -185,12 +188,14 @@ export class Api {
       transport === "unix" ? "unix socket" : `${req.socket.remoteAddress}:${req.socket.remotePort}`;
     let who = "local administrator (unix socket)";
     let token: TokenInfo | undefined;
+    let role: Role = "admin";
     try {
       if (route.action !== null) {
         token = this.authenticate(req, transport);
         const action = typeof route.action === "function" ? route.action(params) : route.action;
         if (token) {
           who = `token ${token.id} (${token.name}, role ${token.role})`;
+          role = token.role;
           if (!allows(token.role, action))
             throw new StrataError(ErrorCode.FORBIDDEN, `${who} may not do ${action}`);
         }
@@ -201,6 +206,7 @@ export class Api {
         params,
         query: url.searchParams,
         who,
+        role,
         ...(token === undefined ? {} : { token }),
       });
       if (out) this.send(res, out[0], out[1]);
@@ -860,7 +866,7 @@ export class Api {
           description: "No token, or a malformed, unknown, revoked or expired one",
           content: { "application/json": { schema: schemaRef("Error") } },
         };
-        responses["403"] = {
+        responses["403"] ??= {
           description: "The token's role may not do this",
           content: { "application/json": { schema: schemaRef("Error") } },
         };

@@ -259,7 +259,12 @@ vms:
 `,
     "strata.yaml",
   ).config!;
-  assert.deepEqual(c.api, { socket: "/run/strata/strata.sock", https: { host: "127.0.0.1", port: 8443 } });
+  assert.deepEqual(c.api, {
+    socket: "/run/strata/strata.sock",
+    https: { host: "127.0.0.1", port: 8443 },
+    restoreTargets: ["/var/lib/strata/restores"],
+    restoreDevices: [],
+  });
   assert.deepEqual(c.vms.get("lab1"), { name: "lab1", sources: ["file:/images/lab1.img"], tags: ["lab"] });
   const ps = problems(`${base}api:
   socket: run/strata.sock

@@ -11,6 +11,9 @@
  *       listen: 0.0.0.0:8443           # or a port number
  *       cert: /etc/strata/api.crt      # optional: else self-signed, made at first start
  *       key: /etc/strata/api.key
+ *     restore-targets: [/var/lib/strata/restores, /srv/vms]   # where API-started restores, clones,
+ *                                      # instant recovery and migrations may write (default: the first)
+ *     restore-devices: ["/dev/vg0/*"]  # block devices they may write onto (default: none)
  *   vms:                               # optional: VMs named by their sources (image files,
  *     lab1:                            # block devices), beside those the adapters find
  *       sources: ["file:/var/lib/images/lab1.img"]
@@ -161,7 +164,13 @@ export interface ApiConfig {
   socket: string;
   /** HTTPS on a TCP port, when configured. */
   https?: { host: string; port: number; cert?: string; key?: string };
+  /** The directories under which API-started restores, clones, instant recovery and migrations may write. */
+  restoreTargets: string[];
+  /** Globs of the block devices API-started restores may write onto (none by default). */
+  restoreDevices: string[];
 }
+
+export const DEFAULT_RESTORE_TARGETS: readonly string[] = ["/var/lib/strata/restores"];
 
 /** A VM the file names by its sources, not found through an adapter's inventory. */
 export interface StaticVm {
@@ -415,9 +424,22 @@ const listenSchema = z
     return { host: (m[1] ?? "0.0.0.0").replace(/^\[|\]$/g, ""), port };
   });
 
+/** A block device glob: an absolute path under /dev whose `*`, `?`, `[...]` stay within one segment. */
+const devicePattern = absPath("a restore device pattern")
+  .refine((p) => p.startsWith("/dev/"), "a restore device pattern must be under /dev/")
+  .refine(
+    (p) => /^[A-Za-z0-9._\-*?[\]!/]{1,256}$/.test(p),
+    "a restore device pattern must be a path of letters, digits, . _ - / and * ? [ ]",
+  );
+
 const apiSchema = z.strictObject(
   {
     socket: absPath("socket").optional(),
+    "restore-targets": list("restore-targets", absPath("a restore target"))
+      .min(1, "restore-targets must name at least one directory")
+      .refine((l) => !l.includes("/"), "restore-targets must not allow / (the whole host)")
+      .optional(),
+    "restore-devices": list("restore-devices", devicePattern).optional(),
     https: z
       .strictObject(
         { listen: listenSchema, cert: absPath("cert").optional(), key: absPath("key").optional() },
@@ -425,7 +447,7 @@ const apiSchema = z.strictObject(
       )
       .optional(),
   },
-  { error: "api must be a mapping of socket and https" },
+  { error: "api must be a mapping of socket, https, restore-targets and restore-devices" },
 );
 
 const staticVmSchema = z.strictObject(
@@ -870,6 +892,8 @@ function toConfig(f: FileConfig, file: string, timezone: string | undefined): Da
   const https = f.api?.https;
   const api: ApiConfig = {
     socket: f.api?.socket ?? DEFAULT_SOCKET,
+    restoreTargets: f.api?.["restore-targets"] ?? [...DEFAULT_RESTORE_TARGETS],
+    restoreDevices: f.api?.["restore-devices"] ?? [],
     ...(https === undefined
       ? {}
       : {

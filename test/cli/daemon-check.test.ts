@@ -94,6 +94,64 @@ policies:
   assert.match(text.stdout, /web-a\s+\S+Z\s+vm:web-a/);
   assert.match(text.stdout, /VMs no policy covers: .*lab1/);
   assert.match(text.stdout, /\nAPI: unix socket \/run\/strata\/strata\.sock\n/);
+  assert.match(
+    text.stdout,
+    /\nAPI restores may write under \/var\/lib\/strata\/restores; onto devices none\n/,
+  );
+});
+
+test("daemon --check: where API restores may write, summarized, and bad values on their lines", async (t) => {
+  const dir = tempDir(t);
+  const config = join(dir, "strata.yaml");
+  const text = (api: string) => `repositories:
+  main: { path: ${dir}/repo }
+policies:
+  p: { repository: main, vms: all, schedule: every 1h }
+api:
+${api}`;
+  await fs.writeFile(
+    config,
+    text("  restore-targets: [/srv/restores, /srv/vms]\n  restore-devices: [/dev/vg0/*]\n"),
+  );
+  const ok = await strataOk(["daemon", "--check", "--config", config]);
+  assert.match(
+    ok.stdout,
+    /API restores may write under \/srv\/restores, \/srv\/vms; onto devices \/dev\/vg0\/\*/,
+  );
+  await fs.writeFile(
+    config,
+    text(`  restore-targets:
+    - /srv/restores
+    - srv/relative
+    - /srv/../etc
+  restore-devices: [/dev/vg0/*, /etc/passwd]
+`),
+  );
+  const bad = await strata(["daemon", "--check", "--config", config]);
+  assert.equal(bad.code, 2, bad.stderr);
+  const expected: Array<[number, RegExp]> = [
+    [8, /api\.restore-targets\.1: a restore target must be an absolute path/],
+    [9, /api\.restore-targets\.2: a restore target must not have a "\.\." segment/],
+    [10, /api\.restore-devices\.1: a restore device pattern must be under \/dev\//],
+  ];
+  for (const [line, message] of expected) {
+    const found = bad.stderr.split("\n").find((l) => l.includes(`${config}:${line}:`) && message.test(l));
+    assert.ok(found, `line ${line} reported as ${message}:\n${bad.stderr}`);
+  }
+  assert.match(bad.stderr, /3 problem\(s\)/);
+  for (const [api, line, message] of [
+    ["  restore-targets: []\n", 6, /restore-targets must name at least one directory/],
+    ["  restore-targets: [/]\n", 6, /restore-targets must not allow \/ \(the whole host\)/],
+    ["  restore-targets: /srv/restores\n", 6, /api\.restore-targets: .*list/],
+  ] as const) {
+    await fs.writeFile(config, text(api));
+    const r = await strata(["daemon", "--check", "--config", config]);
+    assert.equal(r.code, 2, r.stderr);
+    assert.ok(
+      r.stderr.split("\n").some((l) => l.includes(`${config}:${line}:`) && message.test(l)),
+      `${api.trim()}: line ${line} reported as ${message}:\n${r.stderr}`,
+    );
+  }
 });
 
 test("daemon --check prints every problem with its line and exits 2", async (t) => {

@@ -10,7 +10,8 @@ import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { promises as fs, readFileSync } from "node:fs";
-import { join } from "node:path";
+import { tmpdir } from "node:os";
+import { basename, join } from "node:path";
 import { test } from "node:test";
 import { promisify } from "node:util";
 import { rebuildRestorePoints } from "../../src/catalog/rebuild.js";
@@ -335,10 +336,16 @@ test("a QEMU restore point: configuration, restore in place and as a clone, inst
   assert.match(args.text, /-uuid [0-9a-f-]{36} /);
   assert.ok(args.text.includes(cloneDir), "the clone's disks are in its directory");
 
-  // In place: the disk goes back to its recorded path.
-  const inPlace = await h.call("POST", `${base}/restore`, { token: tok.operator, body: {} });
+  // In place: the disk goes back to its recorded path, over production: admin only.
+  const notOperator = await h.call("POST", `${base}/restore`, { token: tok.operator, body: {} });
+  assert.equal(notOperator.status, 403, notOperator.text);
+  assert.match(notOperator.text, /may not do restore\.in-place/);
+  const oneDisk = await h.call("POST", `${base}/restore`, { token: tok.operator, body: { disk: "vblk0" } });
+  assert.equal(oneDisk.status, 403, oneDisk.text);
+  assert.ok(h.logs.some((l) => l.includes(`refused POST ${base}/restore`) && l.includes("restore.in-place")));
+  const inPlace = await h.call("POST", `${base}/restore`, { token: tok.admin, body: {} });
   assert.equal(inPlace.status, 202, inPlace.text);
-  const r1 = await follow(h, (inPlace.body as { id: number }).id, tok.operator);
+  const r1 = await follow(h, (inPlace.body as { id: number }).id, tok.admin);
   assert.equal(r1.run.outcome, "success", r1.run.error ?? "");
   assert.equal(sha(await fs.readFile(join(h.s.dir, "vms", "q1", "vblk0.raw"))), sha(data));
   // As a clone with a new name in a directory.
@@ -387,6 +394,20 @@ test("a QEMU restore point: configuration, restore in place and as a clone, inst
   );
   assert.equal((await h.call("GET", "/api/v1/instant/ir1", { token: tok.read })).status, 200);
   assert.equal((await h.call("POST", "/api/v1/instant/ir1/stop", { token: tok.read, body: {} })).status, 403);
+
+  // Migration targets are bound by api.restore-targets (here the test's directory).
+  const elsewhere = await fs.mkdtemp(join(tmpdir(), "strata-elsewhere-"));
+  t.after(() => fs.rm(elsewhere, { recursive: true, force: true }));
+  await fs.symlink(elsewhere, join(h.s.dir, "escape"));
+  for (const target of [`${h.s.dir}/../${basename(elsewhere)}`, join(h.s.dir, "escape", "prod"), elsewhere]) {
+    const r = await h.call("POST", "/api/v1/instant/ir1/migrate", {
+      token: tok.admin,
+      body: { target, format: "raw" },
+    });
+    assert.equal(r.status, 403, `${target}: ${r.text}`);
+    assert.match(r.text, /api\.restore-targets/);
+  }
+  assert.deepEqual(await fs.readdir(elsewhere), [], "nothing was written outside");
 
   const prod = join(h.s.dir, "prod");
   const t0 = Date.now();

@@ -46,6 +46,9 @@ export interface HarnessOptions {
   /** Before the daemon starts (images of the VMs made otherwise, ...). */
   prepare?: (s: Setup) => Promise<void>;
   mib?: number;
+  /** api.restore-targets (default: the test's directory) and api.restore-devices (default: none). */
+  restoreTargets?: (s: Setup) => string[];
+  restoreDevices?: string[];
 }
 
 export async function harness(t: TestContext, o: HarnessOptions = {}): Promise<Harness> {
@@ -60,6 +63,8 @@ export async function harness(t: TestContext, o: HarnessOptions = {}): Promise<H
   });
   await o.prepare?.(s);
   s.config.api.https = { host: "127.0.0.1", port: 0 };
+  s.config.api.restoreTargets = o.restoreTargets?.(s) ?? [s.dir];
+  s.config.api.restoreDevices = o.restoreDevices ?? [];
   const logs: string[] = [];
   const log = (level: string, message: string) => logs.push(`${level}: ${message}`);
   const daemon = daemonOf(t, s, { log, ...(o.runner ? { runner: o.runner(s.runner) } : {}) });
