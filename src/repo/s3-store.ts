@@ -50,7 +50,7 @@ import {
   UploadPartCommand,
 } from "@aws-sdk/client-s3";
 import { describeError, ErrorCode, StrataError } from "../util/errors.js";
-import { isS3Url, parseS3Url, type S3Location } from "./s3-url.js";
+import { isS3Url, parseS3Url, type S3Location, s3UrlOf } from "./s3-url.js";
 import type { ObjectInfo, PutOptions, Retention, RetentionMode, Store } from "./store.js";
 
 export { isS3Url, parseS3Url, type S3Location };
@@ -256,8 +256,7 @@ export class S3Store implements Store {
   }
 
   get location(): string {
-    const { endpoint, bucket, prefix } = this.where;
-    return `s3:${endpoint}/${bucket}${prefix ? `/${prefix.slice(0, -1)}` : ""}`;
+    return s3UrlOf(this.where);
   }
 
   private key(key: string): string {

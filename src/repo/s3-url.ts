@@ -42,3 +42,8 @@ export function parseS3Url(spec: string): S3Location {
   if (parts.some((p) => p === "." || p === "..")) throw bad("the prefix must not contain . or ..");
   return { endpoint: url.origin, bucket, prefix: parts.length > 0 ? `${parts.join("/")}/` : "" };
 }
+
+/** The canonical `s3:` URL of a location (what the store calls itself, and the catalog records). */
+export function s3UrlOf(where: S3Location): string {
+  return `s3:${where.endpoint}/${where.bucket}${where.prefix ? `/${where.prefix.slice(0, -1)}` : ""}`;
+}

@@ -352,7 +352,7 @@ test("S3 repositories: url, credentials file and read cache are read; immutabili
     password-file: /etc/strata/off.pass
     cache-dir: /var/cache/strata
     cache-size: 2G
-  off2: { url: "s3:http://10.0.0.5/bucket2", cache-size: 0 }
+  off2: { url: "s3:http://10.0.0.5:80/bucket2/", cache-size: 0 }
 policies:
   web:
     repository: off
@@ -379,6 +379,7 @@ policies:
     passwordFile: "/etc/strata/off.pass",
     s3: { credentialsFile: "/etc/strata/s3.cred", cacheDir: "/var/cache/strata", cacheBytes: 2 * 1024 ** 3 },
   });
+  // The URL as the store names itself: the catalog's restore points of it are found by it.
   assert.deepEqual(c.repositories.get("off2"), {
     name: "off2",
     path: "s3:http://10.0.0.5/bucket2",

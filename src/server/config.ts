@@ -90,7 +90,7 @@ import type { VmSummary } from "../hypervisor/adapter.js";
 import { NAME_RE } from "../repo/format.js";
 import type { Immutability } from "../repo/repository.js";
 import type { KeepPolicy } from "../repo/retention.js";
-import { parseS3Url } from "../repo/s3-url.js";
+import { parseS3Url, s3UrlOf } from "../repo/s3-url.js";
 import { parseDuration } from "../util/durations.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { hasDotDot } from "../util/schema.js";
@@ -101,7 +101,7 @@ export const DEFAULT_CONFIG = "/etc/strata/strata.yaml";
 
 export interface RepositoryConfig {
   name: string;
-  /** Where it is: an absolute directory, or the `s3:` URL of an S3 repository. */
+  /** Where it is: an absolute directory, or the `s3:` URL of an S3 repository (its canonical form). */
   path: string;
   passwordFile?: string;
   /** Set for an S3 repository. */
@@ -903,8 +903,8 @@ function toConfig(f: FileConfig, file: string, timezone: string | undefined): Da
   for (const [name, r] of Object.entries(f.repositories))
     repositories.set(name, {
       name,
-      // checkConfig saw exactly one of them.
-      path: r.url ?? r.path!,
+      // checkConfig saw exactly one of them. An S3 URL as the store names itself (and so the catalog).
+      path: r.url === undefined ? r.path! : s3UrlOf(parseS3Url(r.url)),
       ...(r["password-file"] === undefined ? {} : { passwordFile: r["password-file"] }),
       ...(r.url === undefined
         ? {}
