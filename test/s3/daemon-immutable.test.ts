@@ -5,7 +5,8 @@
 // a restore point whose manifest records GOVERNANCE retention 20 s after its backup, whose objects
 // the gateway keeps under that retention (a DeleteObject of the manifest's version is refused,
 // even for the bucket's owner), and whose catalog row names the run. A policy asking immutability
-// of a bucket without Object Lock fails its run with an error saying so, and writes nothing.
+// of a bucket without Object Lock fails its run with an error saying so, and writes nothing; a
+// credentials file without keys fails its run naming the repository and the file.
 import assert from "node:assert/strict";
 import { promises as fs } from "node:fs";
 import { join } from "node:path";
@@ -44,6 +45,7 @@ test("the daemon's backup to an S3 Object Lock bucket keeps the restore point im
     `[default]\naws_access_key_id = ${gw.accessKeyId}\naws_secret_access_key = ${gw.secretAccessKey}\n`,
     { mode: 0o600 },
   );
+  await fs.writeFile(join(dir, "empty.cred"), "[default]\n");
   const image = join(dir, "vm1.img");
   writeImage(image, 4);
 
@@ -58,6 +60,7 @@ repositories:
     credentials-file: ${credFile}
     cache-dir: ${dir}/cache
   nolock: { url: "s3:${gw.endpoint}/${plain}", credentials-file: ${credFile}, cache-size: 0 }
+  nokeys: { url: "s3:${gw.endpoint}/${plain}", credentials-file: ${dir}/empty.cred }
 policies:
   offsite:
     repository: off
@@ -69,6 +72,10 @@ policies:
     vms: all
     schedule: every 1h
     immutable: { for: 20s }
+  keyless:
+    repository: nokeys
+    vms: all
+    schedule: every 1h
 `,
     join(dir, "strata.yaml"),
   );
@@ -143,4 +150,14 @@ policies:
   assert.match(wrong.error ?? "", new RegExp(`${plain}.*can't keep restore points immutable`));
   const listed = await admin.send(new ListObjectsV2Command({ Bucket: plain, Prefix: "vms/" }));
   assert.equal(listed.KeyCount ?? 0, 0);
+
+  // A credentials file without keys: the run fails naming the repository and the file.
+  d.runNow(job("keyless").id);
+  await d.idle();
+  const keyless = catalog.lastRun(job("keyless").id)!;
+  assert.equal(keyless.outcome, "failed");
+  assert.match(
+    keyless.error ?? "",
+    /^repository nokeys: S3 credentials file \S+empty\.cred has no aws_access_key_id and aws_secret_access_key in \[default\]/,
+  );
 });
