@@ -4,6 +4,8 @@ import type { Command } from "commander";
 import { Catalog, DEFAULT_CATALOG } from "../catalog/catalog.js";
 import type { LogLevel } from "../catalog/schema.js";
 import type { VmSummary } from "../hypervisor/adapter.js";
+import { DEFAULT_CACHE_BYTES, defaultCacheDir } from "../repo/cached-store.js";
+import type { Immutability } from "../repo/repository.js";
 import type { KeepPolicy } from "../repo/retention.js";
 import { Api } from "../server/api.js";
 import {
@@ -26,6 +28,7 @@ import { formatDuration } from "../util/durations.js";
 import { describeError } from "../util/errors.js";
 import { applyIoLimits, describeMechanism, detectIoMechanism, type IoLimits } from "../util/io-control.js";
 import { printable } from "../util/names.js";
+import { formatBytes } from "../util/sizes.js";
 import { buildRegistry, DEFAULT_INVENTORY, defaultStateDir, listHostVms, schemeOf } from "./adapters.js";
 import { output } from "./context.js";
 
@@ -302,6 +305,7 @@ interface PolicySummary {
   mode?: string;
   quiesce?: string;
   retention?: KeepPolicy;
+  immutable?: Immutability;
   verify?: {
     schedule: string;
     readData: boolean;
@@ -329,6 +333,7 @@ function summarize(config: DaemonConfig, vms: VmSummary[], now: number) {
       ...(p.mode === undefined ? {} : { mode: p.mode }),
       ...(p.quiesce === undefined ? {} : { quiesce: p.quiesce }),
       ...(p.retention === undefined ? {} : { retention: p.retention }),
+      ...(p.immutable === undefined ? {} : { immutable: p.immutable }),
       ...(p.verify === undefined
         ? {}
         : {
@@ -417,7 +422,11 @@ function render(config: DaemonConfig, s: ReturnType<typeof summarize>): string {
     "repositories:",
     ...s.repositories.map(
       (r) =>
-        `  ${r.name}  ${r.path}${r.passwordFile ? ` (password file ${r.passwordFile})` : " (not encrypted)"}`,
+        `  ${r.name}  ${r.path}${r.passwordFile ? ` (password file ${r.passwordFile})` : " (not encrypted)"}` +
+        (r.s3 === undefined
+          ? ""
+          : `; S3 credentials ${r.s3.credentialsFile ? `from ${r.s3.credentialsFile}` : "from the environment"}` +
+            `, read cache ${r.s3.cacheBytes === 0 ? "off" : `${formatBytes(r.s3.cacheBytes ?? DEFAULT_CACHE_BYTES)} in ${r.s3.cacheDir ?? defaultCacheDir()}`}`),
     ),
     `host limits: ${limitsText(s.limits)}`,
     `disk limits by ${s.diskLimits.text}`,
@@ -441,6 +450,10 @@ function render(config: DaemonConfig, s: ReturnType<typeof summarize>): string {
         `  backup     mode ${p.mode ?? "(source default)"}, quiesce ${p.quiesce ?? "(source default)"}`,
       );
     if (p.retention) lines.push(`  retention  ${retentionText(p.retention)}, after each backup`);
+    if (p.immutable)
+      lines.push(
+        `  immutable  ${p.immutable.mode} for ${formatDuration(p.immutable.seconds * 1000)} after each backup (S3 Object Lock)`,
+      );
     if (p.verify)
       lines.push(
         `  verify     ${p.verify.schedule}${p.verify.readData ? ", reading all data" : ", metadata"}; next ${p.verify.nextRun}`,

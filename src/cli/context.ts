@@ -3,8 +3,7 @@ import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import type { Command } from "commander";
 import { Catalog, DEFAULT_CATALOG } from "../catalog/catalog.js";
-import { CachedStore, DEFAULT_CACHE_BYTES, defaultCacheDir } from "../repo/cached-store.js";
-import { FsStore } from "../repo/fs-store.js";
+import { openStoreAt } from "../repo/open-store.js";
 import { type Immutability, type OpenOptions, Repository } from "../repo/repository.js";
 import { isS3Url } from "../repo/s3-url.js";
 import type { Store } from "../repo/store.js";
@@ -51,14 +50,13 @@ export function repoPath(g: GlobalOptions): string {
  */
 export async function openStore(g: GlobalOptions): Promise<Store> {
   const p = repoPath(g);
-  if (!isS3Url(p)) return new FsStore(p);
-  // Loaded only for S3 repositories: the client's modules take longer to load than a small backup runs.
-  const { S3Store, parseS3Url } = await import("../repo/s3-store.js");
-  const s3 = new S3Store(parseS3Url(p));
+  if (!isS3Url(p)) return openStoreAt(p);
   // Reads of packs (restore, serve, files, instant recovery) go through a bounded local cache.
   const sizeText = g.cacheSize ?? process.env.STRATA_CACHE_SIZE;
-  const size = sizeText === undefined ? DEFAULT_CACHE_BYTES : parseSize(sizeText);
-  return size === 0 ? s3 : new CachedStore(s3, resolve(g.cacheDir ?? defaultCacheDir()), size);
+  return openStoreAt(p, {
+    ...(sizeText === undefined ? {} : { cacheBytes: parseSize(sizeText) }),
+    ...(g.cacheDir === undefined ? {} : { cacheDir: g.cacheDir }),
+  });
 }
 
 /** The password from --password-file or STRATA_PASSWORD, or undefined. */

@@ -50,44 +50,10 @@ import {
   UploadPartCommand,
 } from "@aws-sdk/client-s3";
 import { describeError, ErrorCode, StrataError } from "../util/errors.js";
-import { isS3Url } from "./s3-url.js";
+import { isS3Url, parseS3Url, type S3Location, s3UrlOf } from "./s3-url.js";
 import type { ObjectInfo, PutOptions, Retention, RetentionMode, Store } from "./store.js";
 
-/** Where an `s3:` repository lives. */
-export interface S3Location {
-  /** http(s)://host[:port] */
-  endpoint: string;
-  bucket: string;
-  /** Key prefix inside the bucket: "" or ending in "/". */
-  prefix: string;
-}
-
-export { isS3Url };
-
-/** Parses `s3:http(s)://HOST[:PORT]/BUCKET[/PREFIX]`. */
-export function parseS3Url(spec: string): S3Location {
-  const bad = (why: string) =>
-    new StrataError(
-      ErrorCode.USAGE,
-      `bad S3 repository "${spec}": ${why} (expected s3:https://HOST[:PORT]/BUCKET[/PREFIX])`,
-    );
-  if (!isS3Url(spec)) throw bad('it does not start with "s3:"');
-  let url: URL;
-  try {
-    url = new URL(spec.slice(3));
-  } catch {
-    throw bad("not a URL after s3:");
-  }
-  if (url.protocol !== "http:" && url.protocol !== "https:") throw bad("the scheme must be http or https");
-  if (url.username || url.password) throw bad("credentials do not belong in the URL (use the environment)");
-  if (url.search || url.hash) throw bad("no query or fragment");
-  const parts = url.pathname.split("/").filter((p) => p !== "");
-  const bucket = parts.shift();
-  if (!bucket) throw bad("no bucket");
-  if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(bucket)) throw bad(`"${bucket}" is not a valid bucket name`);
-  if (parts.some((p) => p === "." || p === "..")) throw bad("the prefix must not contain . or ..");
-  return { endpoint: url.origin, bucket, prefix: parts.length > 0 ? `${parts.join("/")}/` : "" };
-}
+export { isS3Url, parseS3Url, type S3Location };
 
 export interface S3Credentials {
   accessKeyId: string;
@@ -290,8 +256,7 @@ export class S3Store implements Store {
   }
 
   get location(): string {
-    const { endpoint, bucket, prefix } = this.where;
-    return `s3:${endpoint}/${bucket}${prefix ? `/${prefix.slice(0, -1)}` : ""}`;
+    return s3UrlOf(this.where);
   }
 
   private key(key: string): string {

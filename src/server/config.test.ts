@@ -346,3 +346,119 @@ test("notifications: sinks, events, retries and timeouts are read; each problem 
   hasProblem(ps, lines + 9, /give both user and password-file, or neither/);
   hasProblem(problems(`${GOOD}notifications: { retries: 1 }\n`), lines + 1, /nothing would be sent/);
 });
+
+test("S3 repositories: url, credentials file and read cache are read; immutability per policy", () => {
+  const r = checkConfig(
+    `repositories:
+  main: { path: /backup/strata }
+  off:
+    url: s3:https://s3.example.com:7480/backups/host1
+    credentials-file: /etc/strata/s3.cred
+    password-file: /etc/strata/off.pass
+    cache-dir: /var/cache/strata
+    cache-size: 2G
+  off2: { url: "s3:http://10.0.0.5:80/bucket2/", cache-size: 0 }
+policies:
+  web:
+    repository: off
+    vms: all
+    schedule: every 1h
+    immutable: { for: 30d, mode: governance }
+  db:
+    repository: off2
+    vms: all
+    schedule: every 1h
+    immutable: { for: 90s }
+  local:
+    repository: main
+    vms: all
+    schedule: every 1h
+`,
+    "strata.yaml",
+  );
+  assert.deepEqual(r.problems, []);
+  const c = r.config!;
+  assert.deepEqual(c.repositories.get("off"), {
+    name: "off",
+    path: "s3:https://s3.example.com:7480/backups/host1",
+    passwordFile: "/etc/strata/off.pass",
+    s3: { credentialsFile: "/etc/strata/s3.cred", cacheDir: "/var/cache/strata", cacheBytes: 2 * 1024 ** 3 },
+  });
+  // The URL as the store names itself: the catalog's restore points of it are found by it.
+  assert.deepEqual(c.repositories.get("off2"), {
+    name: "off2",
+    path: "s3:http://10.0.0.5/bucket2",
+    s3: { cacheBytes: 0 },
+  });
+  assert.deepEqual(c.repositories.get("main"), { name: "main", path: "/backup/strata" });
+  assert.deepEqual(c.policies.get("web")!.immutable, { mode: "GOVERNANCE", seconds: 30 * 86_400 });
+  assert.deepEqual(
+    c.policies.get("db")!.immutable,
+    { mode: "COMPLIANCE", seconds: 90 },
+    "compliance by default",
+  );
+  assert.equal(c.policies.get("local")!.immutable, undefined);
+});
+
+test("S3 repository and immutability problems are reported on their lines", () => {
+  const ps = problems(`repositories:
+  both: { path: /backup/a, url: "s3:https://h/bucket" }
+  neither: { password-file: /etc/strata/p }
+  badurl:
+    url: s3:ftp://h/bucket
+  nobucket: { url: "s3:https://h/" }
+  secret: { url: "s3:https://key:secret@h/bucket" }
+  local:
+    path: /backup/b
+    credentials-file: /etc/strata/s3.cred
+    cache-size: 1G
+  off:
+    url: s3:https://h/bucket
+    credentials-file: s3.cred
+    cache-size: lots
+policies:
+  a:
+    repository: local
+    vms: all
+    schedule: every 1h
+    immutable: { for: 30d }
+  b:
+    repository: off
+    vms: all
+    schedule: every 1h
+    immutable: { for: 1500ms, mode: forever }
+  c:
+    repository: off
+    vms: all
+    schedule: every 1h
+    immutable: 30d
+`);
+  hasProblem(ps, 2, /repositories\.both\.url: give path \(a directory\) or url \(an S3 bucket\), not both/);
+  hasProblem(ps, 3, /repositories\.neither: give path \(a directory\) or url/);
+  hasProblem(
+    ps,
+    5,
+    /repositories\.badurl\.url: bad S3 repository "s3:ftp:\/\/h\/bucket": the scheme must be http or https/,
+  );
+  hasProblem(ps, 6, /nobucket\.url: .*no bucket/);
+  hasProblem(ps, 7, /secret\.url: .*credentials do not belong in the URL/);
+  hasProblem(
+    ps,
+    10,
+    /repositories\.local\.credentials-file: credentials-file is for an S3 repository \(url\), not a directory/,
+    5,
+  );
+  hasProblem(ps, 11, /repositories\.local\.cache-size: cache-size is for an S3 repository/);
+  hasProblem(ps, 14, /off\.credentials-file: credentials-file must be an absolute path/);
+  hasProblem(ps, 15, /off\.cache-size: cache-size must be a size such as 512M or 2G, not "lots"/);
+  hasProblem(
+    ps,
+    21,
+    /policies\.a\.immutable: repository local is a directory: only an S3 repository \(url, a bucket with Object Lock\) keeps restore points immutable/,
+    5,
+  );
+  hasProblem(ps, 26, /immutable\.for: immutable for must be whole seconds, at least 1s/);
+  hasProblem(ps, 26, /immutable\.mode: immutable mode must be compliance or governance/);
+  hasProblem(ps, 31, /policies\.c\.immutable: immutable must be a mapping of for \(a duration\) and mode/);
+  assert.equal(ps.length, 13, ps.map((p) => `${p.line}: ${p.path}: ${p.message}`).join("\n"));
+});

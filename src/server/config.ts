@@ -22,6 +22,13 @@
  *     main:
  *       path: /backup/strata
  *       password-file: /etc/strata/main.pass   # optional: encrypted repositories
+ *     off:                             # an S3 bucket (exactly one of path and url)
+ *       url: s3:https://s3.example.com:7480/backups/host1
+ *       credentials-file: /etc/strata/s3.cred  # optional: [default] aws_access_key_id, ...
+ *                                      # (AWS_PROFILE picks another section); else the environment
+ *       password-file: /etc/strata/off.pass
+ *       cache-dir: /var/cache/strata   # optional: the read cache of packs (default as the CLI's)
+ *       cache-size: 2G                 # optional (default 1G; 0: no cache)
  *   limits:                            # the host's, for every job together
  *     jobs: 2                          # jobs running at once on this host
  *     jobs-per-repository: 1
@@ -54,6 +61,8 @@
  *           command: ["/bin/sh", "-c", "test -f /etc/hostname"]   # optional: run through the agent,
  *                                      # must exit 0; a string runs as /bin/sh -c STRING
  *       limits: { job-bandwidth: 100, worker-threads: 1, nice: 15 }
+ *       immutable: { for: 30d, mode: compliance }   # optional, an S3 repository with Object Lock only:
+ *                                      # each backup's objects under retention (mode default compliance)
  *   notifications:                     # optional: on failure, recovery, RPO missed and met again
  *     events: [failure, recovered, rpo-missed, rpo-met]   # default: all; per sink too
  *     retries: 3                       # tries after the first, with backoff (default 3)
@@ -82,18 +91,30 @@ import type { Document, LineCounter, Node as YamlNode } from "yaml";
 import { z } from "zod";
 import type { VmSummary } from "../hypervisor/adapter.js";
 import { NAME_RE } from "../repo/format.js";
+import type { Immutability } from "../repo/repository.js";
 import type { KeepPolicy } from "../repo/retention.js";
+import { parseS3Url, s3UrlOf } from "../repo/s3-url.js";
 import { parseDuration } from "../util/durations.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { hasDotDot } from "../util/schema.js";
+import { parseSize } from "../util/sizes.js";
 import { isTimeZone, parseSchedule, type Schedule } from "./schedule.js";
 
 export const DEFAULT_CONFIG = "/etc/strata/strata.yaml";
 
 export interface RepositoryConfig {
   name: string;
+  /** Where it is: an absolute directory, or the `s3:` URL of an S3 repository (its canonical form). */
   path: string;
   passwordFile?: string;
+  /** Set for an S3 repository. */
+  s3?: {
+    /** Its credentials' file; unset: the daemon's environment. */
+    credentialsFile?: string;
+    cacheDir?: string;
+    /** The read cache's size in bytes; 0: none. */
+    cacheBytes?: number;
+  };
 }
 
 /** Which VMs a policy covers: a VM is in when any of all/names/globs/tags takes it and no exclude does. */
@@ -156,6 +177,8 @@ export interface Policy {
   verify?: VerifyPolicy;
   /** The host's limits with the policy's own over them. */
   limits: JobLimits;
+  /** Each backup's restore point is kept under S3 Object Lock so (an S3 repository only). */
+  immutable?: Immutability;
 }
 
 /** The REST API's listeners. */
@@ -408,9 +431,47 @@ const policySchema = z.strictObject(
         { error: "limits must be a mapping" },
       )
       .optional(),
+    immutable: z
+      .strictObject(
+        {
+          for: durationText("immutable for").refine(
+            (ms) => ms >= 1000 && ms % 1000 === 0,
+            "immutable for must be whole seconds, at least 1s (e.g. 30d)",
+          ),
+          mode: z
+            .enum(["compliance", "governance"], { error: "immutable mode must be compliance or governance" })
+            .optional(),
+        },
+        { error: "immutable must be a mapping of for (a duration) and mode (compliance or governance)" },
+      )
+      .optional(),
   },
   { error: "a policy must be a mapping" },
 );
+
+const s3Url = z
+  .string({ error: "url must be an s3: URL such as s3:https://HOST[:PORT]/BUCKET" })
+  .superRefine((v, ctx) => {
+    try {
+      parseS3Url(v);
+    } catch (err) {
+      ctx.addIssue({ code: "custom", message: (err as Error).message });
+    }
+  });
+
+const cacheSize = z
+  .union([z.string(), z.number()], { error: "cache-size must be a size such as 512M or 2G" })
+  .transform((v, ctx) => {
+    try {
+      return parseSize(String(v));
+    } catch {
+      ctx.addIssue({ code: "custom", message: `cache-size must be a size such as 512M or 2G, not "${v}"` });
+      return z.NEVER;
+    }
+  });
+
+/** Settings that only an S3 repository has. */
+const S3_ONLY = ["credentials-file", "cache-dir", "cache-size"] as const;
 
 const listenSchema = z
   .union([z.number(), z.string()], { error: 'listen must be a port or "host:port"' })
@@ -546,10 +607,17 @@ const fileSchema = z.strictObject(
       z.string(),
       z.strictObject(
         {
-          path: absPath("path"),
+          path: absPath("path").optional(),
+          url: s3Url.optional(),
           "password-file": absPath("password-file").optional(),
+          "credentials-file": absPath("credentials-file").optional(),
+          "cache-dir": absPath("cache-dir").optional(),
+          "cache-size": cacheSize.optional(),
         },
-        { error: "a repository must be a mapping of path and password-file" },
+        {
+          error:
+            "a repository must be a mapping of path (or url, credentials-file, cache-dir and cache-size) and password-file",
+        },
       ),
       { error: "repositories must be a mapping of names to repositories" },
     ),
@@ -692,6 +760,20 @@ export function checkConfig(
     at(["api", "https"], "give both cert and key, or neither (a self-signed certificate is made)");
   if (isRecord(r.repositories) && repoNames.length === 0)
     at(["repositories"], "no repositories: name at least one");
+  const s3Repos = new Set<string>();
+  if (isRecord(r.repositories))
+    for (const [name, repo] of Object.entries(r.repositories)) {
+      if (!isRecord(repo)) continue;
+      if (repo.url !== undefined) s3Repos.add(name);
+      if (repo.path !== undefined && repo.url !== undefined)
+        at(["repositories", name, "url"], "give path (a directory) or url (an S3 bucket), not both", true);
+      else if (repo.path === undefined && repo.url === undefined)
+        at(["repositories", name], "give path (a directory) or url (s3:https://HOST[:PORT]/BUCKET[/PREFIX])");
+      else if (repo.url === undefined)
+        for (const k of S3_ONLY)
+          if (k in repo)
+            at(["repositories", name, k], `${k} is for an S3 repository (url), not a directory`, true);
+    }
   const tz = typeof r.timezone === "string" ? r.timezone : undefined;
   if (tz !== undefined && !isTimeZone(tz))
     at(["timezone"], `unknown time zone "${tz}" (e.g. Europe/Berlin, UTC)`);
@@ -721,6 +803,17 @@ export function checkConfig(
               `${k} holds for the daemon's whole process: set it in the top-level limits`,
               true,
             );
+      if (
+        p.immutable !== undefined &&
+        typeof p.repository === "string" &&
+        repoNames.includes(p.repository) &&
+        !s3Repos.has(p.repository)
+      )
+        at(
+          ["policies", name, "immutable"],
+          `repository ${p.repository} is a directory: only an S3 repository (url, a bucket with Object Lock) keeps restore points immutable`,
+          true,
+        );
       if (isRecord(p.retention) && Object.values(p.retention).every((v) => v === 0))
         at(
           ["policies", name, "retention"],
@@ -832,8 +925,18 @@ function toConfig(f: FileConfig, file: string, timezone: string | undefined): Da
   for (const [name, r] of Object.entries(f.repositories))
     repositories.set(name, {
       name,
-      path: r.path,
+      // checkConfig saw exactly one of them. An S3 URL as the store names itself (and so the catalog).
+      path: r.url === undefined ? r.path! : s3UrlOf(parseS3Url(r.url)),
       ...(r["password-file"] === undefined ? {} : { passwordFile: r["password-file"] }),
+      ...(r.url === undefined
+        ? {}
+        : {
+            s3: {
+              ...(r["credentials-file"] === undefined ? {} : { credentialsFile: r["credentials-file"] }),
+              ...(r["cache-dir"] === undefined ? {} : { cacheDir: r["cache-dir"] }),
+              ...(r["cache-size"] === undefined ? {} : { cacheBytes: r["cache-size"] }),
+            },
+          }),
     });
   const policies = new Map<string, Policy>();
   for (const [name, p] of Object.entries(f.policies)) {
@@ -887,6 +990,14 @@ function toConfig(f: FileConfig, file: string, timezone: string | undefined): Da
             },
           }),
       limits: { ...hostJob, ...jobLimits(p.limits) },
+      ...(p.immutable === undefined
+        ? {}
+        : {
+            immutable: {
+              mode: p.immutable.mode === "governance" ? "GOVERNANCE" : "COMPLIANCE",
+              seconds: p.immutable.for / 1000,
+            },
+          }),
     });
   }
   const https = f.api?.https;

@@ -22,10 +22,10 @@ import { verifyBoot } from "../engine/instant/boot-verify.js";
 import { backupVm } from "../engine/vm-backup.js";
 import { readVmConfig } from "../engine/vm-restore.js";
 import type { AdapterRegistry } from "../hypervisor/registry.js";
-import { FsStore } from "../repo/fs-store.js";
 import { manifestTotals } from "../repo/manifest.js";
+import { openStoreAt } from "../repo/open-store.js";
 import { forget } from "../repo/prune.js";
-import { Repository } from "../repo/repository.js";
+import { type Immutability, Repository } from "../repo/repository.js";
 import { verifyRepository } from "../repo/verify.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import type { ProgressSink } from "../util/progress.js";
@@ -77,17 +77,27 @@ export interface RunnerOptions {
   serveCommand?: (ref: string, repository: RepositoryConfig) => string[];
 }
 
-/** Opens a configured repository with the job's worker threads, at the job's nice. */
+/**
+ * Opens a configured repository (a directory or an S3 bucket) with the job's worker threads, at
+ * the job's nice; restore points written through it are kept `immutable` so when that is given.
+ */
 export async function openRepository(
   r: RepositoryConfig,
   threads?: number,
   workerNice?: number,
+  immutable?: Immutability,
 ): Promise<Repository> {
   const password = r.passwordFile === undefined ? undefined : readPassword(r);
-  return Repository.open(new FsStore(r.path), {
+  const store = await openStoreAt(r.path, r.s3 ?? {}).catch((err: unknown) => {
+    throw err instanceof StrataError
+      ? new StrataError(err.code, `repository ${r.name}: ${err.message}`, { cause: err })
+      : err;
+  });
+  return Repository.open(store, {
     ...(password === undefined ? {} : { password }),
     ...(threads === undefined ? {} : { threads }),
     ...(workerNice === undefined ? {} : { workerNice }),
+    ...(immutable === undefined ? {} : { immutable }),
   });
 }
 
@@ -96,7 +106,13 @@ export function createJobRunner(options: RunnerOptions): JobRunner {
   const host = options.hostBandwidth === undefined ? undefined : new TokenBucket(options.hostBandwidth * MiB);
   return {
     async run(ctx) {
-      const repo = await openRepository(ctx.repository, ctx.limits.workerThreads, ctx.limits.nice);
+      const repo = await openRepository(
+        ctx.repository,
+        ctx.limits.workerThreads,
+        ctx.limits.nice,
+        // Only backups write restore points; the others open the repository as it is configured.
+        ctx.job.kind === "backup" ? ctx.policy.immutable : undefined,
+      );
       try {
         if (ctx.job.kind === "backup") return await runBackup(repo, ctx, options, host);
         if (ctx.job.kind === "retention") return await runRetention(repo, ctx, options.catalog);
@@ -128,7 +144,10 @@ async function runBackup(
     "info",
     `backup of ${ctx.job.vm} (${ctx.sources.join(" ")}) to ${ctx.repository.name}, ${mode}` +
       (ctx.limits.jobBandwidth === undefined ? "" : `, reads at most ${ctx.limits.jobBandwidth} MiB/s`) +
-      (options.hostBandwidth === undefined ? "" : `, ${options.hostBandwidth} MiB/s for all jobs`),
+      (options.hostBandwidth === undefined ? "" : `, ${options.hostBandwidth} MiB/s for all jobs`) +
+      (ctx.policy.immutable === undefined
+        ? ""
+        : `, immutable (${ctx.policy.immutable.mode}) for ${ctx.policy.immutable.seconds} s`),
   );
   const r = await backupVm(repo, handle, {
     vm: ctx.job.vm,
@@ -146,7 +165,13 @@ async function runBackup(
     { id: repo.config.id, location: repo.store.location },
     { ...restorePointRow(r.manifest), runId: ctx.runId },
   );
-  ctx.log("info", `restore point ${r.id} created (${r.manifest.consistency})`);
+  ctx.log(
+    "info",
+    `restore point ${r.id} created (${r.manifest.consistency})` +
+      (r.manifest.immutable
+        ? `, immutable (${r.manifest.immutable.mode}) until ${r.manifest.immutable.until}`
+        : ""),
+  );
   return {
     bytesRead: t.bytesRead,
     bytesNew: t.bytesNew,

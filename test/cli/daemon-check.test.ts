@@ -349,3 +349,97 @@ notifications:
   }
   assert.match(r.stderr, /3 problem\(s\)/);
 });
+
+test("daemon --check: S3 repositories without their secrets, each policy's immutability, and their mistakes on their lines", async (t) => {
+  const dir = tempDir(t);
+  const config = join(dir, "strata.yaml");
+  const cred = join(dir, "s3.cred");
+  await fs.writeFile(
+    cred,
+    "[default]\naws_access_key_id = AKIDSHOWN\naws_secret_access_key = SECRETNEVERSHOWN\n",
+  );
+  await fs.writeFile(
+    config,
+    `vms:
+  web1: { sources: ["file:${dir}/web1.img"] }
+repositories:
+  off:
+    url: s3:https://s3.example.com:7480/backups/host1
+    credentials-file: ${cred}
+    cache-dir: ${dir}/cache
+    cache-size: 2G
+  env: { url: "s3:http://10.0.0.5/bucket2", cache-size: 0 }
+policies:
+  web:
+    repository: off
+    vms: all
+    schedule: every 15m
+    immutable: { for: 30d, mode: governance }
+  db:
+    repository: env
+    vms: all
+    schedule: every 1h
+`,
+  );
+  const json = (await strataOk(["daemon", "--check", "--config", config, "--json"])).stdout;
+  assert.doesNotMatch(json, /SECRETNEVERSHOWN|AKIDSHOWN/, "the credentials file is named, never read out");
+  const j = JSON.parse(json) as {
+    repositories: Array<{ name: string; path: string; s3?: object }>;
+    policies: Array<{ name: string; immutable?: { mode: string; seconds: number } }>;
+  };
+  assert.deepEqual(j.repositories[0], {
+    name: "off",
+    path: "s3:https://s3.example.com:7480/backups/host1",
+    s3: { credentialsFile: cred, cacheDir: `${dir}/cache`, cacheBytes: 2 * 1024 ** 3 },
+  });
+  assert.deepEqual(
+    j.policies.map((p) => [p.name, p.immutable]),
+    [
+      ["web", { mode: "GOVERNANCE", seconds: 2_592_000 }],
+      ["db", undefined],
+    ],
+  );
+  const text = (await strataOk(["daemon", "--check", "--config", config])).stdout;
+  assert.doesNotMatch(text, /SECRETNEVERSHOWN|AKIDSHOWN/);
+  assert.match(
+    text,
+    new RegExp(
+      `\\n {2}off {2}s3:https://s3\\.example\\.com:7480/backups/host1 \\(not encrypted\\); S3 credentials from ${cred.replace(/[.]/g, "\\.")}, read cache 2\\.0 GiB in ${dir.replace(/[.]/g, "\\.")}/cache\\n`,
+    ),
+  );
+  assert.match(
+    text,
+    /\n {2}env {2}s3:http:\/\/10\.0\.0\.5\/bucket2 \(not encrypted\); S3 credentials from the environment, read cache off\n/,
+  );
+  assert.match(text, /\n {2}immutable {2}GOVERNANCE for 30d after each backup \(S3 Object Lock\)\n/);
+
+  await fs.writeFile(
+    config,
+    `repositories:
+  main: { path: ${dir}/repo, cache-size: 1G }
+  off: { url: "s3:https://s3.example.com/Bad_Bucket" }
+policies:
+  web:
+    repository: main
+    vms: all
+    schedule: every 15m
+    immutable: { for: 30d, mode: forever }
+`,
+  );
+  const r = await strata(["daemon", "--check", "--config", config, "--json"]);
+  assert.equal(r.code, 2, r.stderr);
+  const doc = JSON.parse(r.stdout) as { problems: Array<{ line: number; path: string; message: string }> };
+  assert.deepEqual(
+    doc.problems.map((p) => [p.line, p.path]),
+    [
+      [2, "repositories.main.cache-size"],
+      [3, "repositories.off.url"],
+      [9, "policies.web.immutable"],
+      [9, "policies.web.immutable.mode"],
+    ],
+  );
+  assert.match(doc.problems[0]!.message, /cache-size is for an S3 repository \(url\), not a directory/);
+  assert.match(doc.problems[1]!.message, /"Bad_Bucket" is not a valid bucket name/);
+  assert.match(doc.problems[2]!.message, /repository main is a directory: only an S3 repository/);
+  assert.match(doc.problems[3]!.message, /immutable mode must be compliance or governance/);
+});
