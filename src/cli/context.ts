@@ -20,8 +20,8 @@ export interface GlobalOptions {
   passwordFile?: string;
   json?: boolean;
   quiet?: boolean;
-  cacheDir?: string;
-  cacheSize?: string;
+  s3CacheDir?: string;
+  s3CacheSize?: string;
 }
 
 export function globals(cmd: Command): GlobalOptions {
@@ -52,10 +52,10 @@ export async function openStore(g: GlobalOptions): Promise<Store> {
   const p = repoPath(g);
   if (!isS3Url(p)) return openStoreAt(p);
   // Reads of packs (restore, serve, files, instant recovery) go through a bounded local cache.
-  const sizeText = g.cacheSize ?? process.env.STRATA_CACHE_SIZE;
+  const sizeText = g.s3CacheSize ?? process.env.STRATA_S3_CACHE_SIZE;
   return openStoreAt(p, {
     ...(sizeText === undefined ? {} : { cacheBytes: parseSize(sizeText) }),
-    ...(g.cacheDir === undefined ? {} : { cacheDir: g.cacheDir }),
+    ...(g.s3CacheDir === undefined ? {} : { cacheDir: g.s3CacheDir }),
   });
 }
 

@@ -45,12 +45,12 @@ export function buildProgram(): Command {
     .option("--json", "machine-readable output: JSON documents, or one JSON event per line for long commands")
     .option("-q, --quiet", "print only errors")
     .option(
-      "--cache-dir <dir>",
-      "S3 repositories: where pack blocks read are cached (default: $STRATA_CACHE_DIR or ~/.cache/strata)",
+      "--s3-cache-dir <dir>",
+      "S3 repositories: where pack blocks read are cached (default: $STRATA_S3_CACHE_DIR or ~/.cache/strata)",
     )
     .option(
-      "--cache-size <size>",
-      "S3 repositories: cap of the read cache, least recently used goes first; 0: no cache (default: $STRATA_CACHE_SIZE or 1G)",
+      "--s3-cache-size <size>",
+      "S3 repositories: cap of the read cache, least recently used goes first; 0: no cache (default: $STRATA_S3_CACHE_SIZE or 1G)",
     )
     .showHelpAfterError()
     .exitOverride()

@@ -30,9 +30,9 @@ export const CACHE_BLOCK = 1024 * 1024;
 export const DEFAULT_CACHE_BYTES = 1024 * 1024 * 1024;
 const HASH = 32;
 
-/** $STRATA_CACHE_DIR, else $XDG_CACHE_HOME/strata, else ~/.cache/strata. */
+/** $STRATA_S3_CACHE_DIR, else $XDG_CACHE_HOME/strata, else ~/.cache/strata. */
 export function defaultCacheDir(env: NodeJS.ProcessEnv = process.env): string {
-  if (env.STRATA_CACHE_DIR) return env.STRATA_CACHE_DIR;
+  if (env.STRATA_S3_CACHE_DIR) return env.STRATA_S3_CACHE_DIR;
   return join(env.XDG_CACHE_HOME || join(homedir(), ".cache"), "strata");
 }
 

@@ -129,7 +129,7 @@ test("restore from S3 twice: the second reads no pack from the bucket; a small c
         "restore",
         "--repo",
         repo,
-        "--cache-dir",
+        "--s3-cache-dir",
         cacheDir,
         ...flags,
         "v/latest",
@@ -148,18 +148,21 @@ test("restore from S3 twice: the second reads no pack from the bucket; a small c
   assert.ok(cached >= 24 * MiB && cached <= 25 * MiB, `${cached} bytes cached`);
 
   // A cap of 4 MiB: the same restore, the directory trimmed to it.
-  assert.ok((await restore("r3", "--cache-size", "4M")) > 0);
+  assert.ok((await restore("r3", "--s3-cache-size", "4M")) > 0);
   const capped = (await files(cacheDir)).reduce((n, e) => n + e.size, 0);
   assert.ok(capped <= 4 * MiB, `${capped} bytes cached under a 4 MiB cap`);
-  // STRATA_CACHE_DIR names the directory too; --cache-size 0 turns the cache off.
+  // STRATA_S3_CACHE_DIR names the directory too; --s3-cache-size 0 turns the cache off.
   const envDir = join(dir, "env-cache");
   await strataOk(["restore", "--repo", repo, "v/latest", "--target", join(dir, "r4")], {
-    env: { ...gatewayEnv(gw), STRATA_CACHE_DIR: envDir },
+    env: { ...gatewayEnv(gw), STRATA_S3_CACHE_DIR: envDir },
   });
   assert.ok((await files(envDir)).length >= 24);
   packGets = 0;
-  await strataOk(["restore", "--repo", repo, "--cache-size", "0", "v/latest", "--target", join(dir, "r5")], {
-    env: { ...gatewayEnv(gw), STRATA_CACHE_DIR: envDir },
-  });
+  await strataOk(
+    ["restore", "--repo", repo, "--s3-cache-size", "0", "v/latest", "--target", join(dir, "r5")],
+    {
+      env: { ...gatewayEnv(gw), STRATA_S3_CACHE_DIR: envDir },
+    },
+  );
   assert.ok(packGets > 0, "no cache: packs read from the bucket");
 });

@@ -44,7 +44,7 @@ describe("instant recovery from S3", { timeout: 600_000 }, () => {
     const env = {
       ...gatewayEnv(gw),
       STRATA_STATE_DIR: join(dir, "state"),
-      STRATA_CACHE_DIR: join(dir, "cache"),
+      STRATA_S3_CACHE_DIR: join(dir, "cache"),
     };
     const st = (repo: string, args: string[]) => strataOk(["--repo", repo, ...args], { env });
     await st(local, ["init", "--chunk-size", "256K"]);
@@ -132,7 +132,7 @@ describe("instant recovery from S3", { timeout: 600_000 }, () => {
     await st(local, ["instant", "stop", "ir-local", "--discard"]);
     // From S3 twice: first with an empty cache (the restore above filled it, so it is emptied),
     // then with what the first boot read in the cache.
-    await rm(env.STRATA_CACHE_DIR, { recursive: true, force: true });
+    await rm(env.STRATA_S3_CACHE_DIR, { recursive: true, force: true });
     const fromS3Cold = await boot(s3, backups.s3!.id, "ir-s3-cold");
     await st(s3, ["instant", "stop", "ir-s3-cold", "--discard"]);
     const fromS3 = await boot(s3, backups.s3!.id, "ir-s3");

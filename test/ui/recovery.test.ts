@@ -56,7 +56,7 @@ test("start and stop an instant recovery of a test guest's restore point from th
     dir,
     `catalog: ${catalog}
 state-dir: ${stateDir}
-api: { socket: ${socket} }
+api: { socket: ${socket}, restore-targets: [${dir}] }
 repositories:
   main: { path: ${repo} }
 policies:

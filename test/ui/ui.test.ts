@@ -57,7 +57,7 @@ before(async () => {
     dir,
     `catalog: ${catalog}
 state-dir: ${stateDir}
-api: { socket: ${socket} }
+api: { socket: ${socket}, restore-targets: [${dir}] }
 repositories:
   main: { path: ${repo} }
 vms:
