@@ -11,7 +11,7 @@ import { JournalReader } from "../journal/reader.js";
 import type { Consistency, Manifest } from "../repo/manifest.js";
 import type { Repository, SnapshotRef } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
-import { type CacheStats, type DiskSource, type DiskViewRef, RestorePointSource } from "./serve.js";
+import { type DiskSource, type DiskViewRef, emptyCacheStats, RestorePointSource } from "./serve.js";
 
 const iso = (ns: bigint) => new Date(Number(ns / 1_000_000n)).toISOString();
 
@@ -143,22 +143,6 @@ export function isInstantRef(snap: SnapshotRef): snap is InstantRef {
   return "instant" in snap && typeof (snap as InstantRef).close === "function";
 }
 
-function noCache(cacheBytes: number): CacheStats {
-  return {
-    hits: 0,
-    misses: 0,
-    joined: 0,
-    zeroChunks: 0,
-    readAheadFetches: 0,
-    evictions: 0,
-    fetchErrors: 0,
-    cachedBytes: 0,
-    peakCachedBytes: 0,
-    cacheBytes,
-    peakFetches: 0,
-  };
-}
-
 /**
  * The VM's disks at T as a restore point: `time` is T (ISO with ms), consistency
  * crash-consistent, disks from the journal; each disk reads the journal's extents up to T over
@@ -225,7 +209,7 @@ export async function openInstant(
       return {
         size: bytes.size,
         read: (offset, length) => bytes.read(offset, length),
-        stats: () => base?.stats() ?? noCache(0),
+        stats: () => base?.stats() ?? emptyCacheStats(0),
       };
     },
     close: () => view.close(),

@@ -63,6 +63,23 @@ export interface CacheStats {
   peakFetches: number;
 }
 
+/** Counters of a cache of `cacheBytes` that has seen nothing yet. */
+export function emptyCacheStats(cacheBytes: number): CacheStats {
+  return {
+    hits: 0,
+    misses: 0,
+    joined: 0,
+    zeroChunks: 0,
+    readAheadFetches: 0,
+    evictions: 0,
+    fetchErrors: 0,
+    cachedBytes: 0,
+    peakCachedBytes: 0,
+    cacheBytes,
+    peakFetches: 0,
+  };
+}
+
 /** A disk as served: read (and block status), with the counters of its chunk cache. */
 export interface DiskSource extends BlockSource {
   stats(): CacheStats;
@@ -117,19 +134,7 @@ export class RestorePointSource implements DiskSource {
     const fit = Math.floor(this.cacheBytes / index.chunkSize / 2);
     this.readAhead = Math.max(0, Math.min(options.readAhead ?? DEFAULT_READ_AHEAD, fit));
     this.fetchConcurrency = Math.max(1, options.fetchConcurrency ?? repo.codec().threads * 2 + 2);
-    this.counters = {
-      hits: 0,
-      misses: 0,
-      joined: 0,
-      zeroChunks: 0,
-      readAheadFetches: 0,
-      evictions: 0,
-      fetchErrors: 0,
-      cachedBytes: 0,
-      peakCachedBytes: 0,
-      cacheBytes: this.cacheBytes,
-      peakFetches: 0,
-    };
+    this.counters = emptyCacheStats(this.cacheBytes);
   }
 
   /** Opens one disk of a restore point (its index is read and verified now). */
