@@ -10,6 +10,7 @@ import { describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Capture } from "../../src/hypervisor/qemu/cdp.js";
 import { JournalWriter } from "../../src/journal/writer.js";
+import { protectedGuest } from "../helpers/cdp.js";
 import { collect, startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
 import { journalRecordTimes, parseLatencySummaries, verifyRecords } from "../helpers/records.js";
 import { bootWorkloadVm, leftovers } from "../helpers/vm.js";
@@ -156,21 +157,7 @@ describe("continuous data protection of a running VM", { timeout: 600_000 }, () 
   });
 
   test("protect, then restore at random instants: records gap-free up to T, nothing after, both disks at one instant", async (t) => {
-    const dir = tempDir(t);
-    const repo = join(dir, "repo");
-    const state = join(dir, "state");
-    const journal = join(dir, "journal");
-    const env = { STRATA_STATE_DIR: state };
-    await strataOk(["init", "--repo", repo, "--chunk-size", "256K"]);
-    const g = await bootWorkloadVm(t, {
-      disks: [
-        { id: "vblk0", format: "qcow2", size: "64M" },
-        { id: "vblk1", format: "qcow2", size: "64M" },
-      ],
-      workload: ["/dev/vda", "/dev/vdb"],
-      wlsize: "32M",
-    });
-    await g.waitSeq(50);
+    const { dir, repo, state, journal, env, g } = await protectedGuest(t, { wlsize: "32M", seq: 50 });
     const child = startStrata(
       ["protect", "--repo", repo, "--vm", "live", `qmp:${g.vm.qmpSocket}`, "--journal", journal],
       { env },

@@ -12,9 +12,10 @@ import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, test } from "node:test";
 import { promisify } from "node:util";
-import { collect, startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
+import { protectedGuest } from "../helpers/cdp.js";
+import { collect, startStrata, strataOk, summary } from "../helpers/cli.js";
 import { journalRecordTimes, verifyRecords } from "../helpers/records.js";
-import { bootWorkloadVm, until } from "../helpers/vm.js";
+import { until } from "../helpers/vm.js";
 
 const run = promisify(execFile);
 const sha = async (path: string) =>
@@ -31,21 +32,7 @@ interface Status {
 
 describe("folding the journal into restore points", { timeout: 900_000 }, () => {
   test("fold + window + forget + gc beside a running protect lose nothing", async (t) => {
-    const dir = tempDir(t);
-    const repo = join(dir, "repo");
-    const state = join(dir, "state");
-    const journal = join(dir, "journal");
-    const env = { STRATA_STATE_DIR: state };
-    await strataOk(["init", "--repo", repo, "--chunk-size", "256K"]);
-    const g = await bootWorkloadVm(t, {
-      disks: [
-        { id: "vblk0", format: "qcow2", size: "64M" },
-        { id: "vblk1", format: "qcow2", size: "64M" },
-      ],
-      workload: ["/dev/vda", "/dev/vdb"],
-      wlsize: "16M",
-    });
-    await g.waitSeq(30);
+    const { dir, repo, journal, env, g } = await protectedGuest(t, { wlsize: "16M", seq: 30 });
     const child = startStrata(
       [
         "protect",

@@ -14,9 +14,10 @@ import { describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { promisify } from "node:util";
 import { QgaClient } from "../../src/hypervisor/qemu/qga.js";
-import { collect, startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
+import { protectedGuest } from "../helpers/cdp.js";
+import { collect, startStrata, strataOk, summary } from "../helpers/cli.js";
 import { journalRecordTimes, verifyRecords } from "../helpers/records.js";
-import { bootWorkloadVm, until } from "../helpers/vm.js";
+import { until } from "../helpers/vm.js";
 
 const run = promisify(execFile);
 
@@ -43,23 +44,12 @@ function alive(pid: number | null | undefined): boolean {
 
 describe("instants of a protected VM as restore points", { timeout: 900_000 }, () => {
   test("files ls/get, serve and instant recovery at T, from the journal's extents", async (t) => {
-    const dir = tempDir(t);
-    const repo = join(dir, "repo");
-    const state = join(dir, "state");
-    const journal = join(dir, "journal");
-    const env = { STRATA_STATE_DIR: state };
-    await strataOk(["init", "--repo", repo, "--chunk-size", "256K"]);
-    const g = await bootWorkloadVm(t, {
-      disks: [
-        { id: "vblk0", format: "qcow2", size: "64M" },
-        { id: "vblk1", format: "qcow2", size: "64M", ext4: true },
-      ],
-      workload: ["/dev/vda"],
-      data: "/dev/vdb",
+    const { dir, repo, journal, env, g } = await protectedGuest(t, {
+      data: true,
       wlsize: "16M",
       rate: 50,
+      seq: 20,
     });
-    await g.waitSeq(20);
     // A restore point of the VM first: instant recovery boots with its configuration.
     await strataOk(
       ["backup", "--repo", repo, "--vm", "live", `qmp:${g.vm.qmpSocket},qga=${g.vm.qgaSocket}`],

@@ -9,9 +9,10 @@ import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, test } from "node:test";
 import { QgaClient } from "../../src/hypervisor/qemu/qga.js";
-import { collect, startStrata, strata, strataOk, summary, tempDir } from "../helpers/cli.js";
+import { protectedGuest } from "../helpers/cdp.js";
+import { collect, startStrata, strata, strataOk, summary } from "../helpers/cli.js";
 import { verifyRecords } from "../helpers/records.js";
-import { bootWorkloadVm, leftovers, until } from "../helpers/vm.js";
+import { leftovers, until } from "../helpers/vm.js";
 
 async function guestSh(qga: QgaClient, script: string): Promise<string> {
   const r = await qga.exec("/bin/sh", ["-c", script], { timeoutMs: 60_000 });
@@ -21,22 +22,12 @@ async function guestSh(qga: QgaClient, script: string): Promise<string> {
 
 describe("marks and protect stop", { timeout: 900_000 }, () => {
   test("a quiesced mark restores by name; protect stop leaves nothing, also after kill -9", async (t) => {
-    const dir = tempDir(t);
-    const repo = join(dir, "repo");
-    const state = join(dir, "state");
-    const env = { STRATA_STATE_DIR: state };
-    await strataOk(["init", "--repo", repo, "--chunk-size", "256K"]);
-    const g = await bootWorkloadVm(t, {
-      disks: [
-        { id: "vblk0", format: "qcow2", size: "64M" },
-        { id: "vblk1", format: "qcow2", size: "64M", ext4: true },
-      ],
-      workload: ["/dev/vda"],
-      data: "/dev/vdb",
+    const { dir, repo, state, env, g } = await protectedGuest(t, {
+      data: true,
       wlsize: "16M",
       rate: 50,
+      seq: 20,
     });
-    await g.waitSeq(20);
     const protect = (journal: string, extra: string[] = []) => {
       const child = startStrata(
         [
