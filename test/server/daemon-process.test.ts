@@ -70,7 +70,9 @@ policies:
     throw new Error(`${(err as Error).message}\nstdout:\n${out.stdout}\nstderr:\n${out.stderr}`);
   });
   assert.equal(run.outcome, "success", `${run.error}\n${out.stderr}`);
-  assert.equal(run.trigger, "schedule");
+  // "missed" when the daemon took longer than one period to start (a loaded host): the first due
+  // time had passed, and it ran once, as a missed one does.
+  assert.ok(["schedule", "missed"].includes(run.trigger), `trigger ${run.trigger}`);
   assert.equal(run.pid, child.pid);
   assert.ok(run.bytesRead >= 1 << 20 && run.durationMs !== null);
   child.kill("SIGTERM");
