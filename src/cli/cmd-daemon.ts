@@ -8,6 +8,7 @@ import { DEFAULT_CACHE_BYTES, defaultCacheDir } from "../repo/cached-store.js";
 import type { Immutability } from "../repo/repository.js";
 import type { KeepPolicy } from "../repo/retention.js";
 import { Api } from "../server/api.js";
+import { CdpSupervisor } from "../server/cdp.js";
 import {
   checkConfigFile,
   type DaemonConfig,
@@ -209,6 +210,12 @@ async function serve(file: string): Promise<void> {
     }),
     listVms: () => listHostVms({ inventory }),
     log,
+    cdp: new CdpSupervisor({
+      strataCommand: [process.execPath, resolve(process.argv[1] ?? "strata")],
+      stateDir,
+      inventory,
+      log,
+    }),
   });
   const status = () =>
     `${daemon.entries().length} job(s), ${daemon.running().length} running; API on ${config.api.socket}` +
