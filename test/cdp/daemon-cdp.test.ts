@@ -118,19 +118,6 @@ ${cdp ? `    cdp: { journal-dir: ${journalDir}, window: 10m, fold: 5m }\n` : ""}
     console.log(
       `cdp window ${later.from}..${later.to}, journal ${later.journalBytes} bytes, lag ${later.lagMs} ms`,
     );
-    // A mark made beside it is listed, on the VM and its restore points.
-    await strataOk(
-      ["protect", "mark", "--repo", repo, "live", "before-upgrade", "--journal", later.journal!],
-      {
-        env: { STRATA_STATE_DIR: state },
-      },
-    );
-    const page = await get<{ cdp: Cdp | null }>(socket, "/api/v1/vms/live/restore-points");
-    assert.deepEqual(
-      page.cdp?.marks.map((m) => m.name),
-      ["before-upgrade"],
-    );
-
     // Killed, the child is started again (new pid, new journal), and the window shows again.
     process.kill(first.pid!, "SIGKILL");
     const second = await windowShown("the restarted protect's window", 2);
@@ -139,6 +126,19 @@ ${cdp ? `    cdp: { journal-dir: ${journalDir}, window: 10m, fold: 5m }\n` : ""}
     assert.match(
       out.stderr + out.stdout,
       /cdp live: strata protect exited \(signal SIGKILL\).*starting again in/,
+    );
+
+    // A mark made beside the restarted protect is listed, on the VM and its restore points.
+    await strataOk(
+      ["protect", "mark", "--repo", repo, "live", "before-upgrade", "--journal", second.journal!],
+      {
+        env: { STRATA_STATE_DIR: state },
+      },
+    );
+    const page = await get<{ cdp: Cdp | null }>(socket, "/api/v1/vms/live/restore-points");
+    assert.deepEqual(
+      page.cdp?.marks.map((m) => m.name),
+      ["before-upgrade"],
     );
 
     // The browser shows the window on the dashboard and on the VM's page.
