@@ -10,6 +10,7 @@ import type { KeepPolicy } from "../repo/retention.js";
 import { Api } from "../server/api.js";
 import { CdpSupervisor } from "../server/cdp.js";
 import {
+  type CdpPolicy,
   checkConfigFile,
   type DaemonConfig,
   DEFAULT_CONFIG,
@@ -313,6 +314,7 @@ interface PolicySummary {
   quiesce?: string;
   retention?: KeepPolicy;
   immutable?: Immutability;
+  cdp?: CdpPolicy;
   verify?: {
     schedule: string;
     readData: boolean;
@@ -341,6 +343,7 @@ function summarize(config: DaemonConfig, vms: VmSummary[], now: number) {
       ...(p.quiesce === undefined ? {} : { quiesce: p.quiesce }),
       ...(p.retention === undefined ? {} : { retention: p.retention }),
       ...(p.immutable === undefined ? {} : { immutable: p.immutable }),
+      ...(p.cdp === undefined ? {} : { cdp: p.cdp }),
       ...(p.verify === undefined
         ? {}
         : {
@@ -460,6 +463,10 @@ function render(config: DaemonConfig, s: ReturnType<typeof summarize>): string {
     if (p.immutable)
       lines.push(
         `  immutable  ${p.immutable.mode} for ${formatDuration(p.immutable.seconds * 1000)} after each backup (S3 Object Lock)`,
+      );
+    if (p.cdp)
+      lines.push(
+        `  cdp        one strata protect per VM into ${p.cdp.journalDir}/VM${p.cdp.foldMs === undefined ? "" : `, fold every ${formatDuration(p.cdp.foldMs)}`}${p.cdp.windowMs === undefined ? "" : `, window ${formatDuration(p.cdp.windowMs)}`}`,
       );
     if (p.verify)
       lines.push(
