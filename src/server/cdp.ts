@@ -6,6 +6,7 @@
  * ran 10 minutes); the daemon's stop, or a reload that drops the VM from every cdp policy, stops
  * it with SIGTERM (protect cancels its mirrors, removes its nodes and bitmap and exits) and, if it
  * did not stop in time and was killed, `strata protect stop` removes what it left on the VM.
+ * Before a VM's first protect, `strata protect stop` ends one a killed daemon left running.
  */
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
@@ -156,6 +157,9 @@ export class CdpSupervisor {
     slot.startedAt = Date.now();
     (async () => {
       mkdirSync(join(slot.want.cdp.journalDir, vm), { recursive: true, mode: 0o700 });
+      // A protect a killed daemon left running (or its leftovers on the VM) would refuse the new one.
+      if (slot.status.starts === 1) await this.protectStop(vm);
+      if (slot.stopped || this.closed) return;
       const [cmd] = this.o.strataCommand;
       const child = await Child.start(
         `strata protect of ${vm}`,
@@ -188,6 +192,19 @@ export class CdpSupervisor {
     });
   }
 
+  /** `strata protect stop VM`: stops a protect of the VM still running and removes what a dead one left. */
+  private async protectStop(vm: string): Promise<void> {
+    const [cmd, ...pre] = this.o.strataCommand;
+    await runProgram(cmd!, [...pre, "protect", "stop", vm, "--state-dir", this.o.stateDir], {
+      timeoutMs: 180_000,
+    }).then(
+      (out) => {
+        if (!/not protected/.test(out)) this.o.log("info", `cdp ${vm}: ${out.trim().replace(/\n/g, "; ")}`);
+      },
+      (err: unknown) => this.o.log("error", `cdp ${vm}: protect stop: ${describeError(err)}`),
+    );
+  }
+
   /** SIGTERM (protect's clean stop), SIGKILL after the grace, then what a killed one left is removed. */
   private async halt(slot: Slot): Promise<void> {
     slot.stopped = true;
@@ -206,15 +223,7 @@ export class CdpSupervisor {
       signal === "SIGKILL" ? "warn" : "info",
       `cdp ${vm}: strata protect (pid ${child.pid}) stopped${signal === "SIGKILL" ? ` only by SIGKILL after ${Math.round(grace / 1000)} s` : ""}`,
     );
-    if (signal === "SIGKILL") {
-      const [cmd, ...pre] = this.o.strataCommand;
-      await runProgram(cmd!, [...pre, "protect", "stop", vm, "--state-dir", this.o.stateDir], {
-        timeoutMs: 180_000,
-      }).then(
-        () => this.o.log("info", `cdp ${vm}: what the killed protect left on the VM was removed`),
-        (err: unknown) => this.o.log("error", `cdp ${vm}: protect stop: ${describeError(err)}`),
-      );
-    }
+    if (signal === "SIGKILL") await this.protectStop(vm);
     delete slot.status.pid;
     slot.status.state = "stopped";
   }
