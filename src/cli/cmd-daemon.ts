@@ -8,7 +8,9 @@ import { DEFAULT_CACHE_BYTES, defaultCacheDir } from "../repo/cached-store.js";
 import type { Immutability } from "../repo/repository.js";
 import type { KeepPolicy } from "../repo/retention.js";
 import { Api } from "../server/api.js";
+import { CdpSupervisor } from "../server/cdp.js";
 import {
+  type CdpPolicy,
   checkConfigFile,
   type DaemonConfig,
   DEFAULT_CONFIG,
@@ -209,6 +211,12 @@ async function serve(file: string): Promise<void> {
     }),
     listVms: () => listHostVms({ inventory }),
     log,
+    cdp: new CdpSupervisor({
+      strataCommand: [process.execPath, resolve(process.argv[1] ?? "strata")],
+      stateDir,
+      inventory,
+      log,
+    }),
   });
   const status = () =>
     `${daemon.entries().length} job(s), ${daemon.running().length} running; API on ${config.api.socket}` +
@@ -306,6 +314,7 @@ interface PolicySummary {
   quiesce?: string;
   retention?: KeepPolicy;
   immutable?: Immutability;
+  cdp?: CdpPolicy;
   verify?: {
     schedule: string;
     readData: boolean;
@@ -334,6 +343,7 @@ function summarize(config: DaemonConfig, vms: VmSummary[], now: number) {
       ...(p.quiesce === undefined ? {} : { quiesce: p.quiesce }),
       ...(p.retention === undefined ? {} : { retention: p.retention }),
       ...(p.immutable === undefined ? {} : { immutable: p.immutable }),
+      ...(p.cdp === undefined ? {} : { cdp: p.cdp }),
       ...(p.verify === undefined
         ? {}
         : {
@@ -453,6 +463,10 @@ function render(config: DaemonConfig, s: ReturnType<typeof summarize>): string {
     if (p.immutable)
       lines.push(
         `  immutable  ${p.immutable.mode} for ${formatDuration(p.immutable.seconds * 1000)} after each backup (S3 Object Lock)`,
+      );
+    if (p.cdp)
+      lines.push(
+        `  cdp        one strata protect per VM into ${p.cdp.journalDir}/VM${p.cdp.foldMs === undefined ? "" : `, fold every ${formatDuration(p.cdp.foldMs)}`}${p.cdp.windowMs === undefined ? "" : `, window ${formatDuration(p.cdp.windowMs)}`}`,
       );
     if (p.verify)
       lines.push(

@@ -7,8 +7,8 @@
 import { promises as fs } from "node:fs";
 import { join, resolve } from "node:path";
 import type { Command } from "commander";
+import { cdpWindow, type ProtectStatus, readProtectStatus, STATUS_FILE } from "../engine/cdp-status.js";
 import { foldJournal } from "../engine/fold.js";
-import { protectedFrom } from "../engine/pit.js";
 import { resolveQemuTarget } from "../hypervisor/qemu/adapter.js";
 import { Capture } from "../hypervisor/qemu/cdp.js";
 import { inspectVm } from "../hypervisor/qemu/doctor.js";
@@ -25,8 +25,6 @@ import { formatBytes } from "../util/sizes.js";
 import { DEFAULT_INVENTORY, defaultStateDir } from "./adapters.js";
 import { interruptSignal, openRepo, output, withRepo } from "./context.js";
 
-export const STATUS_FILE = "status.json";
-
 interface ProtectOpts {
   journal: string;
   vm?: string;
@@ -36,30 +34,6 @@ interface ProtectOpts {
   appendDeadline: string;
   fold?: string;
   window?: string;
-}
-
-/** What a running protect writes to DIR/status.json every second (plain figures, no secrets). */
-interface ProtectStatus {
-  pid: number;
-  vm: string;
-  started: string;
-  updated: string;
-  syncIntervalMs: number;
-  entries: number;
-  dataBytes: number;
-  journalBytes: number;
-  syncs: number;
-  maxSyncMs: number;
-  lastSyncAt: number;
-  oldestUnsyncedAt: number;
-  broken?: string;
-  stopped?: boolean;
-  /** Set on a stop: the journal holds every write made before this instant (ISO). */
-  completeUntil?: string;
-  /** The newest fold: its restore point, instant and duration. */
-  lastFold?: { id: string; at: string; durationMs: number; bytesRead: number; segmentsDropped: number };
-  folds?: number;
-  foldError?: string;
 }
 
 /** Freezes the guest's filesystems through its agent, takes the instant (ms), thaws. */
@@ -74,15 +48,6 @@ async function freezeInstant(socket: string): Promise<number> {
     }
   } finally {
     await qga.close().catch(() => {});
-  }
-}
-
-/** DIR/status.json as the protect last wrote it; undefined when absent or unreadable. */
-async function readStatus(dir: string): Promise<ProtectStatus | undefined> {
-  try {
-    return JSON.parse(await fs.readFile(join(dir, STATUS_FILE), "utf8")) as ProtectStatus;
-  } catch {
-    return undefined;
   }
 }
 
@@ -429,7 +394,7 @@ Examples:
               ErrorCode.USAGE,
               `journal ${dir} belongs to VM ${reader.meta.vm}, not ${vm}`,
             );
-          const live = await readStatus(dir);
+          const live = await readProtectStatus(dir);
           if (!live || live.stopped || !processAlive(live.pid))
             throw new StrataError(
               ErrorCode.USAGE,
@@ -568,65 +533,28 @@ Example:
       const dir = resolve((cmd.optsWithGlobals() as { journal: string }).journal);
       const repo = await openRepo(cmd);
       try {
-        const reader = await JournalReader.open(dir, repo.keys);
-        if (reader.meta.vm !== vm)
-          throw new StrataError(ErrorCode.USAGE, `journal ${dir} belongs to VM ${reader.meta.vm}, not ${vm}`);
-        const w = await reader.window();
-        const bases = reader.meta.bases;
-        const from = await protectedFrom(repo, reader.meta);
-        const marks = await readMarks(dir, repo.keys);
-        const live = await readStatus(dir);
-        const running = live !== undefined && !live.stopped && processAlive(live.pid);
-        const now = Date.now();
-        // As of the protect's last status write (every second).
-        const lagMs =
-          running && live
-            ? live.oldestUnsyncedAt > 0
-              ? Math.max(0, Date.parse(live.updated) - live.oldestUnsyncedAt)
-              : 0
-            : undefined;
-        // The newest instant restorable: the last entry, or now while a running protect has had no write since.
-        const to = running ? BigInt(now) * 1_000_000n : w.toNs;
-        out.result(
-          {
-            vm,
-            journal: dir,
-            running,
-            ...(running && live ? { pid: live.pid } : {}),
-            from: from === undefined ? null : iso(from),
-            to: to === undefined || from === undefined ? null : iso(to),
-            lastWrite: w.toNs === undefined ? null : iso(w.toNs),
-            bases: bases.map((b) => ({ snapshot: b.snapshot, from: iso(BigInt(b.cutNs)) })),
-            entries: w.entries,
-            dataBytes: w.dataBytes,
-            journalBytes: w.bytes,
-            segments: w.segments,
-            ...(lagMs === undefined ? {} : { lagMs }),
-            ...(live?.broken ? { broken: live.broken } : {}),
-            ...(live?.lastFold ? { lastFold: live.lastFold, folds: live.folds } : {}),
-            marks: marks.map((m) => ({ name: m.name, at: iso(BigInt(m.atNs)), quiesced: m.quiesced })),
-          },
-          () =>
-            [
-              `${vm}: ${running ? `protected (pid ${live!.pid})` : "not running"}`,
-              from === undefined
-                ? "window: none yet (the first copy of the disks is not done)"
-                : `window: ${iso(from)} .. ${to === undefined ? "-" : iso(to)}`,
-              `journal: ${w.entries} writes (${formatBytes(w.dataBytes)}) in ${formatBytes(w.bytes)}, ${w.segments} segment(s), ${bases.length} base(s)`,
-              ...(lagMs === undefined
-                ? []
-                : [`lag: ${formatDuration(lagMs)} (oldest write not yet fdatasynced)`]),
-              ...(live?.broken ? [`stopped because: ${live.broken}`] : []),
-              ...(live?.lastFold
-                ? [
-                    `folds: ${live.folds}, the last at ${live.lastFold.at} into ${live.lastFold.id} (${formatDuration(live.lastFold.durationMs)})`,
-                  ]
-                : []),
-              ...marks.map(
-                (m) =>
-                  `mark ${m.name}: ${iso(BigInt(m.atNs))}${m.quiesced ? " (filesystems frozen)" : ""}, restore as ${vm}@mark:${m.name}`,
-              ),
-            ].join("\n"),
+        const w = await cdpWindow(repo, dir, vm);
+        out.result(w, () =>
+          [
+            `${vm}: ${w.running ? `protected (pid ${w.pid})` : "not running"}`,
+            w.from === null
+              ? "window: none yet (the first copy of the disks is not done)"
+              : `window: ${w.from} .. ${w.to ?? "-"}`,
+            `journal: ${w.entries} writes (${formatBytes(w.dataBytes)}) in ${formatBytes(w.journalBytes)}, ${w.segments} segment(s), ${w.bases.length} base(s)`,
+            ...(w.lagMs === undefined
+              ? []
+              : [`lag: ${formatDuration(w.lagMs)} (oldest write not yet fdatasynced)`]),
+            ...(w.broken ? [`stopped because: ${w.broken}`] : []),
+            ...(w.lastFold
+              ? [
+                  `folds: ${w.folds}, the last at ${w.lastFold.at} into ${w.lastFold.id} (${formatDuration(w.lastFold.durationMs)})`,
+                ]
+              : []),
+            ...w.marks.map(
+              (m) =>
+                `mark ${m.name}: ${m.at}${m.quiesced ? " (filesystems frozen)" : ""}, restore as ${vm}@mark:${m.name}`,
+            ),
+          ].join("\n"),
         );
       } finally {
         await repo.close();

@@ -24,6 +24,7 @@ import type { Catalog, Job, RestorePointRow, Run } from "../catalog/catalog.js";
 import { ACTIONS, type Action, allows } from "../catalog/roles.js";
 import type { Role } from "../catalog/schema.js";
 import { type TokenInfo, verifyToken } from "../catalog/tokens.js";
+import { cdpWindow } from "../engine/cdp-status.js";
 import { manifestTotals } from "../repo/manifest.js";
 import { forget } from "../repo/prune.js";
 import { type Clock, systemClock } from "../util/clock.js";
@@ -33,6 +34,7 @@ import type { Policy } from "./config.js";
 
 export { rpoOf } from "./rpo.js";
 
+import type { CdpState } from "./cdp.js";
 import { rpoOf, rpoStateOf } from "./rpo.js";
 import { openRepository } from "./runner.js";
 import type { Daemon, DaemonLog, RunEvent } from "./service.js";
@@ -50,6 +52,21 @@ interface Call {
   token?: TokenInfo;
   /** The token's role; admin for the unix socket's local administrator. */
   role: Role;
+}
+
+/** A VM's continuous data protection as the API shows it. */
+interface CdpView {
+  state: CdpState;
+  policy: string;
+  journal: string | null;
+  pid: number | null;
+  starts: number;
+  lastExit: string | null;
+  from: string | null;
+  to: string | null;
+  journalBytes: number;
+  lagMs: number | null;
+  marks: Array<{ name: string; time: string }>;
 }
 
 /** One route: what it does, who may, how it is described, and its handler. */
@@ -332,6 +349,56 @@ export class Api {
     };
   }
 
+  /**
+   * The continuous data protection of each VM the daemon protects among `names`: its protect's
+   * state (src/server/cdp.ts) and the window its journal holds (src/engine/cdp-status.ts); null
+   * for the others. One repository opening per repository (it gives the journals their keys).
+   */
+  private async cdpViews(names: readonly string[]): Promise<Map<string, CdpView | null>> {
+    const d = this.o.daemon;
+    const out = new Map<string, CdpView | null>(names.map((n) => [n, null]));
+    const byRepo = new Map<string, NonNullable<ReturnType<Daemon["cdpStatus"]>>[]>();
+    for (const n of names) {
+      const s = d.cdpStatus(n);
+      if (s) byRepo.set(s.repository, [...(byRepo.get(s.repository) ?? []), s]);
+    }
+    for (const [name, statuses] of byRepo) {
+      const r = d.config.repositories.get(name);
+      const repo = r && (await openRepository(r, 1).catch(() => undefined));
+      try {
+        for (const s of statuses) {
+          const base: CdpView = {
+            state: s.state,
+            policy: s.policy,
+            journal: s.journal ?? null,
+            pid: s.pid ?? null,
+            starts: s.starts,
+            lastExit: s.lastExit ?? null,
+            from: null,
+            to: null,
+            journalBytes: 0,
+            lagMs: null,
+            marks: [],
+          };
+          if (repo && s.journal !== undefined) {
+            const w = await cdpWindow(repo, s.journal, s.vm).catch(() => undefined);
+            if (w) {
+              base.from = w.from;
+              base.to = w.to;
+              base.journalBytes = w.journalBytes;
+              base.lagMs = w.lagMs ?? null;
+              base.marks = w.marks.map((m) => ({ name: m.name, time: m.at }));
+            }
+          }
+          out.set(s.vm, base);
+        }
+      } finally {
+        await repo?.close();
+      }
+    }
+    return out;
+  }
+
   private repositoryOf(name: string) {
     const r = this.o.daemon.config.repositories.get(name);
     if (!r)
@@ -537,11 +604,13 @@ export class Api {
         description:
           "Every VM the daemon knows (found by an adapter or named in the configuration), with, per policy that backs it up, its last good restore point and whether the RPO is met: a restore point younger than the schedule's interval plus its jitter (plus the time that restore point took).",
         responses: { 200: ["The VMs", { type: "array", items: { $ref: "#/components/schemas/Vm" } }] },
-        handle: () => {
+        handle: async () => {
           const names = new Set(d.knownVms().map((v) => v.name));
           for (const e of d.entries()) if (e.job.vm !== "") names.add(e.job.vm);
           const ctx = this.vmContext();
-          return [200, [...names].sort().map((n) => this.vmView(n, ctx))];
+          const sorted = [...names].sort();
+          const cdp = await this.cdpViews(sorted);
+          return [200, sorted.map((n) => ({ ...this.vmView(n, ctx), cdp: cdp.get(n) ?? null }))];
         },
       },
       {
@@ -554,7 +623,7 @@ export class Api {
           { name: "offset", description: "Skip this many of the newest (default 0)", type: "integer" },
         ],
         responses: { 200: ["One page", "RestorePointPage"], ...err(404, "No such VM") },
-        handle: ({ params, query }) => {
+        handle: async ({ params, query }) => {
           const vm = params.vm!;
           const limit = queryInt(query, "limit", 50, 1000);
           const offset = queryInt(query, "offset", 0, Number.MAX_SAFE_INTEGER);
@@ -563,7 +632,8 @@ export class Api {
             throw new StrataError(ErrorCode.NOT_FOUND, `no VM "${vm}" and no restore points of it`);
           const items = all.slice(offset, offset + limit).map(pointView);
           const next = offset + items.length < all.length ? offset + items.length : null;
-          return [200, { vm, total: all.length, offset, limit, nextOffset: next, items }];
+          const cdp = (await this.cdpViews([vm])).get(vm) ?? null;
+          return [200, { vm, total: all.length, offset, limit, nextOffset: next, items, cdp }];
         },
       },
       {
@@ -1019,8 +1089,30 @@ export class Api {
             limit: int,
             nextOffset: nint,
             items: { type: "array", items: { $ref: "#/components/schemas/RestorePoint" } },
+            cdp: { allOf: [{ $ref: "#/components/schemas/Cdp" }], nullable: true },
           }),
+          Cdp: {
+            ...obj({
+              state: { type: "string", enum: ["starting", "running", "restarting", "stopping", "stopped"] },
+              policy: str,
+              journal: nstr,
+              pid: nint,
+              starts: int,
+              lastExit: nstr,
+              from: { type: "string", format: "date-time", nullable: true },
+              to: { type: "string", format: "date-time", nullable: true },
+              journalBytes: int,
+              lagMs: nint,
+              marks: {
+                type: "array",
+                items: obj({ name: str, time: { type: "string", format: "date-time" } }),
+              },
+            }),
+            description:
+              "Continuous data protection: the daemon's strata protect of the VM and the window its journal can restore (from..to), its size, and the lag of the oldest write not yet fdatasynced",
+          },
           Vm: obj({
+            cdp: { allOf: [{ $ref: "#/components/schemas/Cdp" }], nullable: true },
             name: str,
             adapter: nstr,
             state: str,

@@ -462,3 +462,77 @@ policies:
   hasProblem(ps, 31, /policies\.c\.immutable: immutable must be a mapping of for \(a duration\) and mode/);
   assert.equal(ps.length, 13, ps.map((p) => `${p.line}: ${p.path}: ${p.message}`).join("\n"));
 });
+
+test("cdp: journal-dir, window and fold are read; their problems are refused on their lines", () => {
+  const base = `repositories:
+  main: { path: /backup/strata }
+vms:
+  img1: { sources: ["file:/var/lib/images/img1.img"] }
+  live1: { sources: ["qmp:/run/live1.qmp,qga=/run/live1.qga"] }
+policies:
+  live:
+    repository: main
+    vms: { names: [live1] }
+    schedule: "0 3 * * *"
+    cdp:
+`;
+  const ok = checkConfig(
+    `${base}      journal-dir: /var/lib/strata/journal\n      window: 24h\n      fold: 15m\n`,
+    "s.yaml",
+  );
+  assert.deepEqual(ok.problems, []);
+  assert.deepEqual(ok.config?.policies.get("live")?.cdp, {
+    journalDir: "/var/lib/strata/journal",
+    windowMs: 86_400_000,
+    foldMs: 900_000,
+  });
+  const bare = checkConfig(`${base}      journal-dir: /srv/j\n`, "s.yaml");
+  assert.deepEqual(bare.config?.policies.get("live")?.cdp, { journalDir: "/srv/j" });
+  hasProblem(
+    problems(`${base}      journal-dir: var/journal\n`),
+    12,
+    /cdp\.journal-dir: journal-dir must be an absolute path/,
+  );
+  hasProblem(
+    problems(`${base}      window: 24h\n      fold: 15m\n`),
+    12,
+    /cdp\.journal-dir: "journal-dir" is required/,
+  );
+  hasProblem(
+    problems(`${base}      journal-dir: /j\n      window: 24h\n`),
+    13,
+    /cdp\.window: cdp window needs fold/,
+  );
+  hasProblem(
+    problems(`${base}      journal-dir: /j\n      window: 5m\n      fold: 15m\n`),
+    13,
+    /window must be at least as long as fold/,
+  );
+  hasProblem(
+    problems(`${base}      journal-dir: /j\n      fold: 10ms\n`),
+    13,
+    /cdp fold must be at least 1s/,
+  );
+  hasProblem(
+    problems(`${base}      journal-dir: /j\n      window: soon\n      fold: 1m\n`),
+    13,
+    /cdp window must be a duration/,
+  );
+  hasProblem(problems(`${base}      journal-dir: /j\n      keep: 3\n`), 13, /unknown setting "keep"/);
+  // A VM the file names by an image file is no running QEMU VM: refused on the policy's cdp.
+  const img = base.replace("names: [live1]", "names: [live1, img1]");
+  hasProblem(
+    problems(`${img}      journal-dir: /j\n`),
+    11,
+    /VM img1 is named by file:\/var\/lib\/images\/img1\.img: cdp needs a running QEMU VM/,
+  );
+  const all = base.replace("vms: { names: [live1] }", "vms: all");
+  hasProblem(problems(`${all}      journal-dir: /j\n`), 11, /VM img1 .*cdp needs a running QEMU VM/);
+  assert.deepEqual(
+    checkConfig(
+      `${all.replace("vms: all", 'vms: { all: true, exclude: ["img*"] }')}      journal-dir: /j\n`,
+      "s.yaml",
+    ).problems,
+    [],
+  );
+});

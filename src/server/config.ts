@@ -63,6 +63,10 @@
  *       limits: { job-bandwidth: 100, worker-threads: 1, nice: 15 }
  *       immutable: { for: 30d, mode: compliance }   # optional, an S3 repository with Object Lock only:
  *                                      # each backup's objects under retention (mode default compliance)
+ *       cdp:                           # optional: continuous data protection of each (live QEMU) VM:
+ *         journal-dir: /var/lib/strata/journal   # the daemon keeps one strata protect per VM running,
+ *         window: 24h                  # journaling into journal-dir/VM/START (optional, needs fold)
+ *         fold: 15m                    # optional: the journal becomes a restore point this often
  *   notifications:                     # optional: on failure, recovery, RPO missed and met again
  *     events: [failure, recovered, rpo-missed, rpo-met]   # default: all; per sink too
  *     retries: 3                       # tries after the first, with backoff (default 3)
@@ -179,7 +183,19 @@ export interface Policy {
   limits: JobLimits;
   /** Each backup's restore point is kept under S3 Object Lock so (an S3 repository only). */
   immutable?: Immutability;
+  /** Continuous data protection: one `strata protect` per VM, kept running by the daemon. */
+  cdp?: CdpPolicy;
 }
+
+export interface CdpPolicy {
+  /** Each protect journals into journalDir/VM/START (a new directory per start). */
+  journalDir: string;
+  windowMs?: number;
+  foldMs?: number;
+}
+
+/** Source schemes of a running QEMU VM, the only ones continuous data protection takes. */
+export const CDP_SOURCE_RE = /^(qmp|vm):/;
 
 /** The REST API's listeners. */
 export interface ApiConfig {
@@ -443,6 +459,18 @@ const policySchema = z.strictObject(
             .optional(),
         },
         { error: "immutable must be a mapping of for (a duration) and mode (compliance or governance)" },
+      )
+      .optional(),
+    cdp: z
+      .strictObject(
+        {
+          "journal-dir": absPath("journal-dir"),
+          window: durationText("cdp window").optional(),
+          fold: durationText("cdp fold")
+            .refine((ms) => ms >= 1000, "cdp fold must be at least 1s")
+            .optional(),
+        },
+        { error: "cdp must be a mapping of journal-dir, window and fold" },
       )
       .optional(),
   },
@@ -819,6 +847,44 @@ export function checkConfig(
           ["policies", name, "retention"],
           "keeps nothing: give at least one keep-* rule above 0, or leave it out",
         );
+      if (isRecord(p.cdp)) {
+        const window = safeDuration(p.cdp.window);
+        const fold = safeDuration(p.cdp.fold);
+        if (window !== undefined && p.cdp.fold === undefined)
+          at(
+            ["policies", name, "cdp", "window"],
+            "cdp window needs fold: journal segments are dropped only once a fold holds what they held",
+            true,
+          );
+        else if (window !== undefined && fold !== undefined && window < fold)
+          at(["policies", name, "cdp", "window"], "cdp window must be at least as long as fold", true);
+        // VMs this file names by their sources: protect needs a running QEMU VM (qmp: or vm:).
+        if (isRecord(r.vms) && isRecord(sel)) {
+          const picked = selectVms(
+            {
+              all: sel.all === true,
+              names: Array.isArray(sel.names) ? sel.names.map(String) : [],
+              globs: Array.isArray(sel.globs) ? sel.globs.map(String).filter((g) => GLOB_RE.test(g)) : [],
+              tags: Array.isArray(sel.tags) ? sel.tags.map(String) : [],
+              exclude: Array.isArray(sel.exclude)
+                ? sel.exclude.map(String).filter((g) => GLOB_RE.test(g))
+                : [],
+            },
+            Object.entries(r.vms).map(([vm, v]) => ({
+              name: vm,
+              tags: isRecord(v) && Array.isArray(v.tags) ? v.tags.map(String) : [],
+              sources: isRecord(v) && Array.isArray(v.sources) ? v.sources.map(String) : [],
+            })),
+          );
+          for (const vm of picked)
+            if (vm.sources.length > 0 && !vm.sources.every((s) => CDP_SOURCE_RE.test(s)))
+              at(
+                ["policies", name, "cdp"],
+                `VM ${vm.name} is named by ${vm.sources.join(", ")}: cdp needs a running QEMU VM (a qmp:SOCKET or vm:NAME source)`,
+                true,
+              );
+        }
+      }
       const jitter = safeDuration(p.jitter);
       if (jitter !== undefined && typeof p.schedule === "string") {
         const s = safeSchedule(p.schedule);
@@ -996,6 +1062,15 @@ function toConfig(f: FileConfig, file: string, timezone: string | undefined): Da
             immutable: {
               mode: p.immutable.mode === "governance" ? "GOVERNANCE" : "COMPLIANCE",
               seconds: p.immutable.for / 1000,
+            },
+          }),
+      ...(p.cdp === undefined
+        ? {}
+        : {
+            cdp: {
+              journalDir: p.cdp["journal-dir"],
+              ...(p.cdp.window === undefined ? {} : { windowMs: p.cdp.window }),
+              ...(p.cdp.fold === undefined ? {} : { foldMs: p.cdp.fold }),
             },
           }),
     });

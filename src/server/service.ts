@@ -30,7 +30,8 @@ import type { VmSummary } from "../hypervisor/adapter.js";
 import { type Clock, systemClock } from "../util/clock.js";
 import { describeError, ErrorCode, StrataError } from "../util/errors.js";
 import type { ProgressSink } from "../util/progress.js";
-import type { DaemonConfig, Policy } from "./config.js";
+import type { CdpSupervisor, CdpWant } from "./cdp.js";
+import { CDP_SOURCE_RE, type DaemonConfig, type Policy, selectVms } from "./config.js";
 import { type JobSpec, planJobs, syncJobs } from "./jobs.js";
 import { type Notice, Notifier } from "./notify.js";
 import { rpoState } from "./rpo.js";
@@ -78,6 +79,8 @@ export interface DaemonOptions {
   progressIntervalMs?: number;
   /** Where failures, recoveries and RPOs missed and met again are told (the configuration's notifications). */
   notifier?: Pick<Notifier, "send">;
+  /** Keeps the protects of the policies with cdp running (src/server/cdp.ts). */
+  cdp?: CdpSupervisor;
 }
 
 interface Entry {
@@ -169,6 +172,7 @@ export class Daemon {
   /** Syncs jobs, recovers what a dead daemon left, and starts what is due. */
   async start(): Promise<void> {
     await this.syncJobs();
+    await this.syncCdp();
     const timed: Array<{ job: Job; timed: Timed }> = [];
     for (const e of this.byId.values()) if (e.spec.timed) timed.push({ job: e.job, timed: e.spec.timed });
     const interrupted = recoverAfterRestart(this.o.catalog, this.scheduler, timed, {
@@ -293,6 +297,7 @@ export class Daemon {
     if (this.stopping) return;
     const before = new Set(this.byKey.keys());
     if (!(await this.syncJobs())) return;
+    await this.syncCdp();
     for (const [key, e] of this.byKey)
       if (!before.has(key) && e.spec.timed) {
         this.scheduler.add(e.spec.timed, this.o.catalog.lastScheduledFor(e.job.id) ?? e.job.createdAt);
@@ -322,6 +327,7 @@ export class Daemon {
     if (notifier) this.o.notifier = notifier;
     else delete this.o.notifier;
     await this.syncJobs(true);
+    await this.syncCdp();
     const now = this.clock.now();
     for (const [key, e] of this.byKey) {
       const was = before.get(key);
@@ -356,6 +362,43 @@ export class Daemon {
       `configuration reloaded from ${config.file}: ${this.byId.size} job(s); ${config.limits.jobs} job(s) at once, ${config.limits.jobsPerRepository} per repository`,
     );
     this.tick();
+  }
+
+  /** The protect of each VM of a policy with cdp: started, stopped, restarted (src/server/cdp.ts). */
+  private async syncCdp(): Promise<void> {
+    const sup = this.o.cdp;
+    if (!sup || this.stopping) return;
+    const wants = new Map<string, CdpWant>();
+    for (const policy of this.o.config.policies.values()) {
+      const repository = this.o.config.repositories.get(policy.repository);
+      if (!policy.cdp || !repository) continue;
+      for (const vm of selectVms(policy.vms, this.vms)) {
+        const source =
+          vm.sources.find((s) => CDP_SOURCE_RE.test(s)) ??
+          (vm.adapter === "qemu" ? `vm:${vm.name}` : undefined);
+        if (source === undefined) {
+          this.log(
+            "warn",
+            `cdp ${vm.name} (policy ${policy.name}): not a running QEMU VM (${vm.sources.join(", ")}): not protected`,
+          );
+          continue;
+        }
+        if (wants.has(vm.name)) {
+          this.log(
+            "warn",
+            `cdp ${vm.name}: policy ${policy.name} protects it too: the first policy's protect runs`,
+          );
+          continue;
+        }
+        wants.set(vm.name, { vm: vm.name, source, policy: policy.name, cdp: policy.cdp, repository });
+      }
+    }
+    await sup.sync([...wants.values()]);
+  }
+
+  /** The protect of a VM under a policy with cdp, as the daemon keeps it. */
+  cdpStatus(vm: string): ReturnType<CdpSupervisor["status"]> {
+    return this.o.cdp?.status(vm);
   }
 
   /** The VMs found at the last sync, with the configuration's own. */
@@ -575,7 +618,7 @@ export class Daemon {
       this.runLog(a, "warn", `cancelled: ${why}`);
       a.controller.abort(new StrataError(ErrorCode.ABORTED, `cancelled: ${why}`));
     }
-    await Promise.all(runs.map((a) => a.done));
+    await Promise.all([...runs.map((a) => a.done), this.o.cdp?.stop()]);
   }
 
   private runLog(a: Active, level: LogLevel, message: string): void {

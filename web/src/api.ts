@@ -70,6 +70,23 @@ export interface Vm {
   sources: string[];
   protected: boolean;
   policies: VmPolicy[];
+  /** Continuous data protection by the daemon, when a policy has cdp. */
+  cdp?: Cdp | null;
+}
+
+/** The daemon's strata protect of a VM and the window its journal can restore. */
+export interface Cdp {
+  state: string;
+  policy: string;
+  journal: string | null;
+  pid: number | null;
+  starts: number;
+  lastExit: string | null;
+  from: string | null;
+  to: string | null;
+  journalBytes: number;
+  lagMs: number | null;
+  marks: Array<{ name: string; time: string }>;
 }
 
 export interface Job {

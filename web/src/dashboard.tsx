@@ -1,5 +1,5 @@
 import { useMemo, useState } from "preact/hooks";
-import type { HistorySample, Job, Repository, Vm } from "./api";
+import type { Cdp, HistorySample, Job, Repository, Vm } from "./api";
 import { UsageChart } from "./chart";
 import { RunProgress } from "./progress";
 import { bytes, duration, href, useGet, when } from "./util";
@@ -145,7 +145,10 @@ export function Dashboard() {
                   <td>
                     <span class={`badge ${h.cls}`}>{h.label}</span>
                   </td>
-                  <td>{when(p?.lastRestorePoint?.time)}</td>
+                  <td>
+                    {when(p?.lastRestorePoint?.time)}
+                    {vm.cdp ? <CdpLine cdp={vm.cdp} /> : null}
+                  </td>
                   <td>
                     {duration(p?.ageMs)} / {duration(p?.rpoMs)}
                   </td>
@@ -185,5 +188,20 @@ export function Pager({
         next ›
       </button>
     </nav>
+  );
+}
+
+/** A VM's continuous data protection in one line: its window (from–to) and lag, or its state. */
+export function CdpLine({ cdp }: { cdp: Cdp }) {
+  return (
+    <div class="cdp" data-cdp={cdp.state}>
+      {cdp.from && cdp.to ? (
+        <>
+          CDP {when(cdp.from)} – {when(cdp.to)}, lag {cdp.lagMs === null ? "–" : `${cdp.lagMs} ms`}
+        </>
+      ) : (
+        <>CDP {cdp.state}</>
+      )}
+    </div>
   );
 }

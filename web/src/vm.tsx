@@ -1,6 +1,6 @@
 import type { ComponentChildren } from "preact";
 import { useMemo, useState } from "preact/hooks";
-import type { Job, Page, RestorePoint, Vm } from "./api";
+import type { Cdp, Job, Page, RestorePoint, Vm } from "./api";
 import { health } from "./dashboard";
 import { JobRows } from "./jobs";
 import { bytes, duration, href, useGet, when } from "./util";
@@ -48,6 +48,54 @@ function Timeline({ points, selected }: { points: RestorePoint[]; selected?: str
         {new Date(hi).toLocaleDateString()}
       </text>
     </svg>
+  );
+}
+
+/**
+ * The continuous data protection window under the timeline: a bar from its first to its newest
+ * restorable instant with its marks, then the same as text (the marks a list, for keyboards and
+ * screen readers).
+ */
+function CdpWindow({ cdp }: { cdp: Cdp }) {
+  const lo = cdp.from ? Date.parse(cdp.from) : undefined;
+  const hi = cdp.to ? Date.parse(cdp.to) : undefined;
+  const W = 1000;
+  const x = (t: string) =>
+    lo === undefined || hi === undefined ? 0 : 8 + ((Date.parse(t) - lo) / Math.max(1, hi - lo)) * (W - 16);
+  return (
+    <section class="cdp-window" aria-label="continuous data protection" data-cdp-window={cdp.state}>
+      {lo !== undefined && hi !== undefined ? (
+        <svg class="timeline" viewBox={`0 0 ${W} 24`} preserveAspectRatio="none" aria-hidden="true">
+          <rect x="8" y="6" width={W - 16} height="12" class="cdp-bar" />
+          {cdp.marks.map((m) => (
+            <rect key={m.name} x={x(m.time) - 2} y="0" width="4" height="24" class="cdp-mark" />
+          ))}
+        </svg>
+      ) : null}
+      <p>
+        CDP window{" "}
+        {cdp.from && cdp.to ? (
+          <>
+            {when(cdp.from)} – {when(cdp.to)} ({duration(Date.parse(cdp.to) - Date.parse(cdp.from))})
+          </>
+        ) : (
+          "none yet"
+        )}
+        ; protect {cdp.state}
+        {cdp.pid === null ? "" : ` (pid ${cdp.pid})`}, journal {bytes(cdp.journalBytes)}, lag{" "}
+        {cdp.lagMs === null ? "–" : `${cdp.lagMs} ms`}
+        {cdp.lastExit ? `; last exit: ${cdp.lastExit}` : ""}
+      </p>
+      {cdp.marks.length > 0 ? (
+        <ul class="cdp-marks" aria-label="marks">
+          {cdp.marks.map((m) => (
+            <li key={m.name}>
+              mark <strong>{m.name}</strong> {when(m.time)}
+            </li>
+          ))}
+        </ul>
+      ) : null}
+    </section>
   );
 }
 
@@ -105,6 +153,7 @@ export function VmPage({ name, actions }: { name: string; actions?: PointActions
         </h3>
         {points.error ? <p class="bad">{points.error.message}</p> : null}
         {page ? <Timeline points={page.items} {...(selected ? { selected } : {})} /> : null}
+        {vm?.cdp ? <CdpWindow cdp={vm.cdp} /> : null}
         {page && page.total > PAGE ? (
           <nav class="pager" aria-label="restore point pages">
             <button
