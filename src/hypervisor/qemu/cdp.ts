@@ -21,9 +21,11 @@
  * its source node ("Node is busy: block device is in use by block job: mirror"), and with a
  * backup job running the disk node is no longer a root node a mirror can start from.
  *
- * A dirty bitmap (`strata-cdp`) starts just before the mirrors: it records every write since
- * capture started, so when the journal loses writes (its target failed, the mirror was
- * cancelled) the bitmap still says where. It is removed on a clean stop and kept otherwise.
+ * A dirty bitmap (`strata-cdp-<n>`) starts just before the mirrors and anew every `rotateMs`
+ * (journal.json's `cover` names those that record every write the durable journal may lack), so
+ * when the journal loses writes (its target failed, the mirror was cancelled, Strata died) the
+ * bitmaps still say where, and a capture started again on the journal resumes by re-reading only
+ * those ranges (see {@link Capture.reread}). They are removed on a clean stop, kept otherwise.
  *
  * Never harm the guest: the source write happens before the target write in QEMU's active
  * mirror, and a target error only fails the mirror job (on-target-error=report), not the guest's
