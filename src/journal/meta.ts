@@ -65,7 +65,7 @@ const MetaSchema = z.object({
    */
   cover: z
     .object({
-      bitmaps: z.array(z.string().regex(/^strata-cdp-\d{1,12}$/, "not a capture bitmap")).max(16),
+      bitmaps: z.array(z.string().regex(/^strata-cdp-\d{1,12}$/, "not a capture bitmap")).max(256),
       seq: z.number().int().min(0).max(1e12),
     })
     .optional(),
