@@ -121,7 +121,7 @@ async function connect(vm: string, target: QemuTarget): Promise<QmpClient> {
  * Ranges of the disks being re-read by a resume: a write to the journal target overlapping one
  * waits until the re-read's entry is appended, so that the guest's write comes after it.
  */
-class Holds {
+export class Holds {
   private readonly held = new Map<string, Array<{ offset: number; end: number; done: Promise<void> }>>();
 
   async wait(disk: string, offset: number, length: number): Promise<void> {
@@ -147,7 +147,7 @@ class Holds {
 }
 
 /** The journaling target one disk is exported as. */
-function journalSource(
+export function journalSource(
   journal: JournalWriter,
   disk: LiveDisk,
   deadlineMs: number,
