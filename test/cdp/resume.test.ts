@@ -3,7 +3,8 @@
 // report) stays under 5 s; protect started again on the same journal resumes from the rotated
 // dirty bitmap, re-reading only what it marks (far less than the disks); an instant after the
 // resume restores exactly (records gap-free up to T, nothing after), an instant inside the gap
-// is refused naming the gap; a clean stop leaves no bitmap on the VM.
+// is refused naming the gap; a clean stop leaves no bitmap on the VM, and its journal is not
+// continued.
 import assert from "node:assert/strict";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
@@ -69,7 +70,7 @@ describe("resuming protection after a crash", { timeout: 900_000 }, () => {
     const p2 = protect();
     const said = await until("the resume", 180_000, async () => {
       if (p2.child.exitCode !== null) throw new Error(`protect ended: ${p2.out.stderr}`);
-      return /resumed from the dirty bitmap.*re-read (\d+) bytes/.exec(p2.out.stdout) ?? undefined;
+      return /resumed from the dirty bitmap.*re-read (\d+) bytes.*/.exec(p2.out.stdout) ?? undefined;
     });
     const reread = Number(said[1]);
     t.diagnostic(`resume: ${said[0]}`);
@@ -97,6 +98,13 @@ describe("resuming protection after a crash", { timeout: 900_000 }, () => {
     const l = await leftovers(g.vm, state);
     assert.deepEqual([l.nodes, l.jobs, l.exports, l.files], [[], [], [], []]);
     for (const [node, names] of Object.entries(l.bitmaps)) assert.deepEqual(names, [], `bitmaps on ${node}`);
+    // Stopped cleanly: no bitmap says what comes after, so the journal is not continued.
+    const again = await strata(
+      ["protect", "--repo", repo, "--vm", "live", `qmp:${g.vm.qmpSocket}`, "--journal", journal],
+      { env },
+    );
+    assert.notEqual(again.code, 0);
+    assert.match(again.stderr, /cannot be resumed \(it was stopped cleanly/);
 
     const { times } = await journalRecordTimes(journal);
     const status = JSON.parse(await readFile(join(journal, "status.json"), "utf8")) as {

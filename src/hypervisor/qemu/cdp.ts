@@ -621,12 +621,19 @@ function resumable(journal: JournalWriter, disks: readonly LiveDisk[]): { bitmap
   if (cover.length === 0)
     return { bitmaps: [], why: "it was stopped cleanly: no dirty bitmap records what came after" };
   for (const d of disks)
-    for (const b of cover)
-      if (!d.bitmaps.some((x) => x.name === b))
+    for (const b of cover) {
+      const have = d.bitmaps.find((x) => x.name === b);
+      if (!have)
         return {
           bitmaps: [],
           why: `disk ${d.name} lacks the dirty bitmap ${b} that records what the journal missed (was the VM restarted?)`,
         };
+      if (have.inconsistent)
+        return {
+          bitmaps: [],
+          why: `the dirty bitmap ${b} of disk ${d.name} is inconsistent (QEMU did not stop cleanly): it cannot say what the journal missed`,
+        };
+    }
   return { bitmaps: cover };
 }
 
