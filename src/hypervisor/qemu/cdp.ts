@@ -123,6 +123,19 @@ async function connect(vm: string, target: QemuTarget): Promise<QmpClient> {
  */
 export class Holds {
   private readonly held = new Map<string, Array<{ offset: number; end: number; done: Promise<void> }>>();
+  private readonly inFlight = new Set<Promise<unknown>>();
+
+  /** Counts `p` as an append in flight until it settles. */
+  track(p: Promise<unknown>): void {
+    this.inFlight.add(p);
+    const done = () => this.inFlight.delete(p);
+    p.then(done, done);
+  }
+
+  /** Resolves once every append in flight now has settled. */
+  async settled(): Promise<void> {
+    await Promise.allSettled([...this.inFlight]);
+  }
 
   async wait(disk: string, offset: number, length: number): Promise<void> {
     for (;;) {
@@ -156,6 +169,7 @@ export function journalSource(
 ): BlockSource {
   const timed = async (what: string, p: Promise<void>): Promise<void> => {
     let timer: NodeJS.Timeout | undefined;
+    holds.track(p);
     try {
       await Promise.race([
         p,
@@ -483,8 +497,8 @@ export class Capture {
    * Starts the next bitmap and drops the ones before it once the journal is durable past the
    * new one's start, so that a resume re-reads only what was written since the last rotation.
    * A write the new bitmap missed was on the disk before it was added; the mirror sends it to
-   * the journal at once (the source is written first, then the target), so one second and an
-   * fdatasync later it is durable in the journal.
+   * the journal at once (the source is written first, then the target), so one second, the end
+   * of every append then in flight, and an fdatasync later it is durable in the journal.
    */
   private async rotate(): Promise<void> {
     const old = this.journal.cover?.bitmaps ?? [];
@@ -498,6 +512,16 @@ export class Capture {
     }
     await this.journal.setCover([...old, name], this.seq);
     await new Promise((r) => setTimeout(r, 1000));
+    // An append slower than the deadline breaks the capture: waiting longer says nothing.
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      this.holds.settled(),
+      new Promise((r) => {
+        timer = setTimeout(r, this.o.appendDeadlineMs ?? 5000);
+      }),
+    ]);
+    clearTimeout(timer);
+    if (this.brokenWhy !== undefined || this.stopped) return;
     await this.journal.sync();
     if (this.brokenWhy !== undefined || this.stopped) return;
     await this.journal.setCover([name], this.seq);
