@@ -480,6 +480,18 @@ export class Catalog {
     );
   }
 
+  /** How many runs of the job before run `before` ended with an outcome of their own (not cancelled or interrupted). */
+  completedRunsBefore(jobId: number, before: number): number {
+    const row = this.guard("counting runs", () =>
+      this.db
+        .prepare(
+          "SELECT COUNT(*) AS n FROM runs WHERE job_id = ? AND id < ? AND outcome IN ('success', 'warning', 'failed')",
+        )
+        .get(jobId, before),
+    ) as { n: number };
+    return row.n;
+  }
+
   /** The job's newest run, whatever its outcome. */
   lastRun(jobId: number): Run | undefined {
     return this.runs(jobId, 1)[0];

@@ -318,6 +318,7 @@ interface PolicySummary {
   verify?: {
     schedule: string;
     readData: boolean;
+    readDataParts?: number;
     nextRun: string;
     boot?: { schedule: string; timeoutMs: number; command?: string[] };
   };
@@ -350,6 +351,7 @@ function summarize(config: DaemonConfig, vms: VmSummary[], now: number) {
             verify: {
               schedule: p.verify.schedule.text,
               readData: p.verify.readData,
+              ...(p.verify.readDataParts === undefined ? {} : { readDataParts: p.verify.readDataParts }),
               nextRun: next(mine.find((j) => j.kind === "verify")),
               ...(p.verify.boot === undefined
                 ? {}
@@ -470,7 +472,7 @@ function render(config: DaemonConfig, s: ReturnType<typeof summarize>): string {
       );
     if (p.verify)
       lines.push(
-        `  verify     ${p.verify.schedule}${p.verify.readData ? ", reading all data" : ", metadata"}; next ${p.verify.nextRun}`,
+        `  verify     ${p.verify.schedule}${p.verify.readData ? ", reading all data" : p.verify.readDataParts ? `, metadata and a rotating 1/${p.verify.readDataParts} of the data (all of it every ${p.verify.readDataParts} runs)` : ", metadata"}; next ${p.verify.nextRun}`,
       );
     if (p.verify?.boot)
       lines.push(

@@ -8,7 +8,7 @@ import { ZSTD_STRONG } from "../repo/codec.js";
 import { manifestTotals } from "../repo/manifest.js";
 import { forget, forgetIds, gc } from "../repo/prune.js";
 import { Repository } from "../repo/repository.js";
-import { verifyRepository } from "../repo/verify.js";
+import { parseDataSubset, verifyRepository } from "../repo/verify.js";
 import { parseDuration } from "../util/durations.js";
 import { describeError, ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes, parseSize } from "../util/sizes.js";
@@ -185,6 +185,10 @@ Examples:
     .description("check that every restore point can be restored (--boot: that one boots)")
     .option("--read-data", "read and check every chunk, not only that it exists")
     .option(
+      "--read-data-subset <N/T>",
+      "read and check part N of T of the chunks (by digest: parts 1..T together are every chunk once), the others only for presence",
+    )
+    .option(
       "--boot <snapshot>",
       "boot this restore point (VM/TIME or VM/latest) with no network and ask its guest agent",
     )
@@ -200,10 +204,13 @@ Examples:
     )
     .option("--catalog <file>", `--boot: ${CATALOG_OPTION_HELP}`)
     .addHelpText("after", BOOT_VERIFY_HELP)
-    .action(async (opts: { readData?: boolean } & Partial<BootFlags>, cmd: Command) => {
+    .action(async (opts: { readData?: boolean; readDataSubset?: string } & Partial<BootFlags>, cmd: Command) => {
       const out = output(cmd);
+      if (opts.readData && opts.readDataSubset !== undefined)
+        throw new StrataError(ErrorCode.USAGE, "--read-data reads every chunk: leave out --read-data-subset");
+      const subset = opts.readDataSubset === undefined ? undefined : parseDataSubset(opts.readDataSubset);
       if (opts.boot !== undefined) {
-        if (opts.readData)
+        if (opts.readData || subset)
           throw new StrataError(
             ErrorCode.USAGE,
             "--boot and --read-data are separate checks: run them one at a time",
@@ -218,12 +225,13 @@ Examples:
         try {
           const report = await verifyRepository(repo, {
             readData: opts.readData === true,
+            ...(subset ? { readDataSubset: subset } : {}),
             progress: out.progress(),
             signal: interruptSignal(),
           });
           out.result({ type: "summary", ...report }, () => {
             const lines = [
-              `${report.snapshotsChecked} restore points, ${report.chunksChecked} chunks ${opts.readData ? "read" : "checked"}`,
+              `${report.snapshotsChecked} restore points, ${report.chunksChecked} chunks checked, ${report.chunksRead} of them read${subset ? ` (part ${subset.part}/${subset.of})` : ""}`,
             ];
             for (const d of report.damagedSnapshots)
               lines.push(`DAMAGED ${d.id}:\n  ${d.problems.join("\n  ")}`);

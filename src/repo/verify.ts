@@ -3,8 +3,11 @@
  *
  * Metadata (always): every manifest's seal, every index's header and checksum against its
  * manifest, every blob and referenced chunk present. With readData: every referenced chunk and
- * blob is read and fully decoded (GCM tag, zstd, length, digest). The report names each damaged
- * restore point and each damaged chunk with the restore points that need it.
+ * blob is read and fully decoded (GCM tag, zstd, length, digest); with readDataSubset part N of
+ * T, only the chunks of that part (by digest, so the T parts of a repository split its chunks
+ * into T sets that together hold each chunk once, whatever restore points come and go) are read
+ * and the others checked for presence. The report names each damaged restore point and each
+ * damaged chunk with the restore points that need it.
  */
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { forEachLimit } from "../util/pool.js";
@@ -12,9 +15,35 @@ import { noProgress, type ProgressSink } from "../util/progress.js";
 import { keys } from "./format.js";
 import type { Repository, SnapshotRef } from "./repository.js";
 
+/** Part `part` (1-based) of `of` of a repository's chunks. */
+export interface DataSubset {
+  part: number;
+  of: number;
+}
+
+/** Parses "N/T" (1 ≤ N ≤ T ≤ 10000), as restic's --read-data-subset. */
+export function parseDataSubset(text: string): DataSubset {
+  const m = /^(\d+)\/(\d+)$/.exec(text.trim());
+  const part = m ? Number(m[1]) : Number.NaN;
+  const of = m ? Number(m[2]) : Number.NaN;
+  if (!m || part < 1 || of < 1 || part > of || of > 10_000)
+    throw new StrataError(
+      ErrorCode.USAGE,
+      `"${text}" is not a part of the chunks: give N/T with 1 <= N <= T <= 10000, e.g. 1/7`,
+    );
+  return { part, of };
+}
+
+/** Whether the chunk `hex` (its digest) falls in `subset`. */
+export function inSubset(hex: string, subset: DataSubset): boolean {
+  return Number.parseInt(hex.slice(0, 8), 16) % subset.of === subset.part - 1;
+}
+
 export interface VerifyReport {
   snapshotsChecked: number;
   chunksChecked: number;
+  /** Of chunksChecked, those read and decoded whole (all with readData, the part's with a subset). */
+  chunksRead: number;
   /** Restore points that can't be restored whole, with every reason found. */
   damagedSnapshots: Array<{ id: string; problems: string[] }>;
   /** Damaged or missing chunks, with the restore points that reference them. */
@@ -24,8 +53,17 @@ export interface VerifyReport {
 
 export async function verifyRepository(
   repo: Repository,
-  options: { readData?: boolean; progress?: ProgressSink; signal?: AbortSignal } = {},
+  options: {
+    readData?: boolean;
+    /** Read only this part of the chunks (the rest is checked for presence); implies readData. */
+    readDataSubset?: DataSubset;
+    progress?: ProgressSink;
+    signal?: AbortSignal;
+  } = {},
 ): Promise<VerifyReport> {
+  const subset = options.readDataSubset;
+  const reads = (hex: string) => options.readData === true || (subset !== undefined && inSubset(hex, subset));
+  const anyRead = options.readData === true || subset !== undefined;
   const progress = options.progress ?? noProgress;
   const problems = new Map<string, string[]>();
   const addProblem = (id: string, p: string) => problems.set(id, [...(problems.get(id) ?? []), p]);
@@ -50,7 +88,7 @@ export async function verifyRepository(
         addProblem(id, describe(err));
       }
     }
-    await checkBlob(repo, snap, options.readData === true).catch((err: unknown) =>
+    await checkBlob(repo, snap, anyRead).catch((err: unknown) =>
       addProblem(id, describe(err)),
     );
   }
@@ -60,15 +98,21 @@ export async function verifyRepository(
     type: "start",
     job: "verify",
     total: all.length,
-    message: options.readData ? "reading all chunks" : "checking chunks exist",
+    message: options.readData
+      ? "reading all chunks"
+      : subset
+        ? `reading part ${subset.part}/${subset.of} of the chunks, checking the others exist`
+        : "checking chunks exist",
   });
   let checked = 0;
+  let read = 0;
   await forEachLimit(
     all,
-    options.readData ? repo.codec().threads * 2 + 2 : 16,
+    anyRead ? repo.codec().threads * 2 + 2 : 16,
     async (hex) => {
       let problem: string | undefined;
-      if (options.readData) {
+      if (reads(hex)) {
+        read++;
         try {
           await repo.readChunk(Buffer.from(hex, "hex"));
         } catch (err) {
@@ -96,6 +140,7 @@ export async function verifyRepository(
     snapshotsChecked:
       snaps.length + damagedSnapshots.filter((d) => !snaps.some((s) => `${s.vm}/${s.time}` === d.id)).length,
     chunksChecked: checked,
+    chunksRead: read,
     damagedSnapshots,
     damagedChunks,
     ok: damagedSnapshots.length === 0 && damagedChunks.length === 0,

@@ -536,3 +536,26 @@ policies:
     [],
   );
 });
+
+test('verify read-data: true, false, or "1/T" for a rotating T-th of the chunks per run; anything else on its line', () => {
+  const policy = (readData: string) => `repositories:
+  main: { path: /backup/strata }
+policies:
+  p:
+    repository: main
+    vms: all
+    schedule: every 1h
+    verify: { schedule: "0 4 * * *", read-data: ${readData} }
+`;
+  const ok = checkConfig(policy("1/7"), "strata.yaml");
+  assert.deepEqual(ok.problems, []);
+  const v = ok.config!.policies.get("p")!.verify!;
+  assert.equal(v.readData, false);
+  assert.equal(v.readDataParts, 7);
+  assert.equal(
+    checkConfig(policy("true"), "strata.yaml").config!.policies.get("p")!.verify!.readDataParts,
+    undefined,
+  );
+  for (const bad of ["2/7", "1/1", "1/10000", "half", "0.5"])
+    hasProblem(problems(policy(bad)), 8, /read-data must be true, false, or "1\/T"/);
+});

@@ -54,7 +54,7 @@
  *       retention: { keep-last: 4, keep-daily: 7, keep-weekly: 4 }   # as strata forget
  *       verify:
  *         schedule: "0 4 * * *"
- *         read-data: false
+ *         read-data: false             # true: every chunk; "1/7": the next seventh each run
  *         boot:                        # optional: boot verification of each VM's newest restore point
  *           schedule: "0 5 * * 0"      # optional: else verify's schedule
  *           timeout: 5m                # boot start to the guest agent's answer (default 5m)
@@ -154,6 +154,8 @@ export interface HostLimits extends JobLimits {
 export interface VerifyPolicy {
   schedule: Schedule;
   readData: boolean;
+  /** `read-data: 1/T`: each run reads the next T-th of the chunks (src/repo/verify.ts), all in T runs. */
+  readDataParts?: number;
   /** Boot verification of each VM's newest restore point (src/engine/instant/boot-verify.ts). */
   boot?: BootVerifyPolicy;
 }
@@ -419,6 +421,9 @@ const bootSchema = z.strictObject(
   { error: "boot must be a mapping of schedule, timeout and command" },
 );
 
+const READ_DATA_ERROR =
+  'read-data must be true, false, or "1/T" (a rotating T-th of the chunks per run, T from 2 to 9999)';
+
 const policySchema = z.strictObject(
   {
     repository: z.string({ error: "repository must name a repository of this file" }),
@@ -434,7 +439,11 @@ const policySchema = z.strictObject(
       .strictObject(
         {
           schedule: scheduleText("verify schedule"),
-          "read-data": z.boolean({ error: "read-data must be true or false" }).optional(),
+          "read-data": z
+            .union([z.boolean(), z.string().regex(/^1\/([2-9]|[1-9]\d{1,3})$/, { error: READ_DATA_ERROR })], {
+              error: READ_DATA_ERROR,
+            })
+            .optional(),
           boot: bootSchema.optional(),
         },
         { error: "verify must be a mapping of schedule, read-data and boot" },
@@ -1044,6 +1053,9 @@ function toConfig(f: FileConfig, file: string, timezone: string | undefined): Da
             verify: {
               schedule: parseSchedule(p.verify.schedule, tz),
               readData: p.verify["read-data"] === true,
+              ...(typeof p.verify["read-data"] === "string"
+                ? { readDataParts: Number(p.verify["read-data"].slice(2)) }
+                : {}),
               ...(p.verify.boot === undefined
                 ? {}
                 : {

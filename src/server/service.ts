@@ -711,6 +711,7 @@ export class Daemon {
     return this.o.runner.run({
       job: entry.job,
       runId: a.run.id,
+      completedBefore: this.o.catalog.completedRunsBefore(entry.job.id, a.run.id),
       policy: entry.policy,
       repository,
       sources: vm?.sources ?? [],

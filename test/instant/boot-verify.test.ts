@@ -242,6 +242,7 @@ describe("boot verification", { timeout: 480_000 }, () => {
       runner.run({
         job,
         runId: runRow.id,
+        completedBefore: 0,
         policy,
         repository: checked.config!.repositories.get("main")!,
         sources: [],
