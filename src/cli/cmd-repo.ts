@@ -204,57 +204,62 @@ Examples:
     )
     .option("--catalog <file>", `--boot: ${CATALOG_OPTION_HELP}`)
     .addHelpText("after", BOOT_VERIFY_HELP)
-    .action(async (opts: { readData?: boolean; readDataSubset?: string } & Partial<BootFlags>, cmd: Command) => {
-      const out = output(cmd);
-      if (opts.readData && opts.readDataSubset !== undefined)
-        throw new StrataError(ErrorCode.USAGE, "--read-data reads every chunk: leave out --read-data-subset");
-      const subset = opts.readDataSubset === undefined ? undefined : parseDataSubset(opts.readDataSubset);
-      if (opts.boot !== undefined) {
-        if (opts.readData || subset)
+    .action(
+      async (opts: { readData?: boolean; readDataSubset?: string } & Partial<BootFlags>, cmd: Command) => {
+        const out = output(cmd);
+        if (opts.readData && opts.readDataSubset !== undefined)
           throw new StrataError(
             ErrorCode.USAGE,
-            "--boot and --read-data are separate checks: run them one at a time",
+            "--read-data reads every chunk: leave out --read-data-subset",
           );
-        await verifyBootCommand({ ...opts, boot: opts.boot }, cmd);
-        return;
-      }
-      if (opts.timeout !== undefined || opts.check !== undefined)
-        throw new StrataError(ErrorCode.USAGE, "--timeout and --check go with --boot VM/TIME");
-      await withRepo(cmd, async (repo) => {
-        const lock = await repo.lock("read", "verify");
-        try {
-          const report = await verifyRepository(repo, {
-            readData: opts.readData === true,
-            ...(subset ? { readDataSubset: subset } : {}),
-            progress: out.progress(),
-            signal: interruptSignal(),
-          });
-          out.result({ type: "summary", ...report }, () => {
-            const lines = [
-              `${report.snapshotsChecked} restore points, ${report.chunksChecked} chunks checked, ${report.chunksRead} of them read${subset ? ` (part ${subset.part}/${subset.of})` : ""}`,
-            ];
-            for (const d of report.damagedSnapshots)
-              lines.push(`DAMAGED ${d.id}:\n  ${d.problems.join("\n  ")}`);
-            for (const c of report.damagedChunks)
-              lines.push(`DAMAGED chunk ${c.digest}: ${c.problem} (used by ${c.usedBy.join(", ")})`);
-            lines.push(
-              report.ok
-                ? "no errors found"
-                : "errors found: the restore points above can't be restored whole",
-            );
-            return lines.join("\n");
-          });
-          if (!report.ok) {
+        const subset = opts.readDataSubset === undefined ? undefined : parseDataSubset(opts.readDataSubset);
+        if (opts.boot !== undefined) {
+          if (opts.readData || subset)
             throw new StrataError(
-              ErrorCode.DATA_CORRUPT,
-              `verify found ${report.damagedSnapshots.length} damaged restore point(s) and ${report.damagedChunks.length} damaged chunk(s)`,
+              ErrorCode.USAGE,
+              "--boot and --read-data are separate checks: run them one at a time",
             );
-          }
-        } finally {
-          await lock.release();
+          await verifyBootCommand({ ...opts, boot: opts.boot }, cmd);
+          return;
         }
-      });
-    });
+        if (opts.timeout !== undefined || opts.check !== undefined)
+          throw new StrataError(ErrorCode.USAGE, "--timeout and --check go with --boot VM/TIME");
+        await withRepo(cmd, async (repo) => {
+          const lock = await repo.lock("read", "verify");
+          try {
+            const report = await verifyRepository(repo, {
+              readData: opts.readData === true,
+              ...(subset ? { readDataSubset: subset } : {}),
+              progress: out.progress(),
+              signal: interruptSignal(),
+            });
+            out.result({ type: "summary", ...report }, () => {
+              const lines = [
+                `${report.snapshotsChecked} restore points, ${report.chunksChecked} chunks checked, ${report.chunksRead} of them read${subset ? ` (part ${subset.part}/${subset.of})` : ""}`,
+              ];
+              for (const d of report.damagedSnapshots)
+                lines.push(`DAMAGED ${d.id}:\n  ${d.problems.join("\n  ")}`);
+              for (const c of report.damagedChunks)
+                lines.push(`DAMAGED chunk ${c.digest}: ${c.problem} (used by ${c.usedBy.join(", ")})`);
+              lines.push(
+                report.ok
+                  ? "no errors found"
+                  : "errors found: the restore points above can't be restored whole",
+              );
+              return lines.join("\n");
+            });
+            if (!report.ok) {
+              throw new StrataError(
+                ErrorCode.DATA_CORRUPT,
+                `verify found ${report.damagedSnapshots.length} damaged restore point(s) and ${report.damagedChunks.length} damaged chunk(s)`,
+              );
+            }
+          } finally {
+            await lock.release();
+          }
+        });
+      },
+    );
 
   const count = (flag: string) => parseCount(flag);
   program

@@ -88,9 +88,7 @@ export async function verifyRepository(
         addProblem(id, describe(err));
       }
     }
-    await checkBlob(repo, snap, anyRead).catch((err: unknown) =>
-      addProblem(id, describe(err)),
-    );
+    await checkBlob(repo, snap, anyRead).catch((err: unknown) => addProblem(id, describe(err)));
   }
   const damagedChunks: VerifyReport["damagedChunks"] = [];
   const all = [...usedBy.keys()];
