@@ -103,6 +103,55 @@ describe("continuous data protection of a running VM", { timeout: 600_000 }, () 
     await g.waitSeq(s + 20);
   });
 
+  test("start and stop 20 times while the guest writes: QEMU lives on, nothing is left, every stop is quick", async (t) => {
+    // QEMU 7.2 died (heap corruption) in about one stop in ten when the write-blocking mirrors
+    // were cancelled with guest writes in flight; stop now cancels them with the VM paused.
+    const dir = tempDir(t);
+    const state = join(dir, "state");
+    const g = await bootWorkloadVm(t, {
+      disks: [
+        { id: "vblk0", format: "qcow2", size: "64M" },
+        { id: "vblk1", format: "raw", size: "64M" },
+      ],
+      workload: ["/dev/vda", "/dev/vdb"],
+      wlsize: "16M",
+    });
+    await g.waitSeq(50);
+    const stops: number[] = [];
+    for (let i = 0; i < 20; i++) {
+      const logs: string[] = [];
+      const capture = await Capture.start({
+        vm: "live",
+        sync: "none",
+        target: { qmp: g.vm.qmpSocket },
+        stateDir: state,
+        openJournal: (disks) =>
+          JournalWriter.open({
+            dir: join(dir, `journal-${i}`),
+            keys: undefined,
+            vm: "live",
+            repository: "test",
+            disks: disks.map((d) => ({ name: d.name, size: d.size })),
+          }),
+        log: (m) => logs.push(m),
+      });
+      const s = await g.seq();
+      await g.waitSeq(s + 20 + (i % 4) * 10, 120_000);
+      const t0 = Date.now();
+      const r = await capture.stop();
+      stops.push(Date.now() - t0);
+      assert.deepEqual(logs, [], `cycle ${i}`);
+      assert.equal(r.bitmapKept, false, `cycle ${i}`);
+      const l = await leftovers(g.vm, state);
+      assert.equal(l.status, "running", `cycle ${i}: the VM is ${l.status}`);
+      assert.deepEqual([l.nodes, l.jobs, l.exports, l.files], [[], [], [], []], `cycle ${i}`);
+    }
+    stops.sort((a, b) => a - b);
+    t.diagnostic(`stop (pause, cancel, resume, clean up): median ${stops[10]} ms, longest ${stops[19]} ms`);
+    const s = await g.seq();
+    await g.waitSeq(s + 20);
+  });
+
   test("a stalled journal ends the mirror, never the guest's writes; the bitmap keeps what was missed", async (t) => {
     const dir = tempDir(t);
     const state = join(dir, "state");

@@ -42,7 +42,7 @@ import { type BlockSource, NbdServer } from "../../nbd/server.js";
 import { processStart } from "../../repo/locks.js";
 import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
 import { processAlive, socketAccepts } from "../../util/process.js";
-import { type LiveDisk, listDisks, present, release } from "./live.js";
+import { type LiveDisk, listDisks, present, release, waitJobGone } from "./live.js";
 import { QmpClient } from "./qmp.js";
 import type { QemuTarget } from "./session.js";
 import { StateRecord } from "./state.js";
@@ -292,6 +292,11 @@ export class Capture {
         if (qmp) {
           const jobs = await qmp.execute<Array<{ id: string }>>("query-jobs");
           if (this.disks.some((d) => !jobs.some((j) => j.id === cdpNames.job(d.name)))) keep = true;
+          await cancelPaused(
+            qmp,
+            this.record,
+            jobs.map((j) => j.id).filter((id) => this.disks.some((d) => cdpNames.job(d.name) === id)),
+          );
           // release(): success keeps the bitmaps a record lists, failure removes them.
           await release(qmp, undefined, this.record, this.o.log, { success: keep });
         } else if (!reachable) {
@@ -357,4 +362,28 @@ async function recoverProtect(
     );
   log(`cleaning up after a protect of ${vm} that did not stop (${rec.items.length} item(s) in ${rec.path})`);
   await release(qmp, undefined, rec, log, { success: false });
+}
+
+/**
+ * Cancels the active mirrors with the VM paused: QEMU 7.2 corrupted its heap (and died) when a
+ * write-blocking mirror was cancelled while guest writes were in flight through it. `stop`
+ * drains every request first; the pause lasts as long as the cancel (milliseconds), and is
+ * recorded so that a Strata that dies inside it leaves a VM that `release` resumes.
+ */
+async function cancelPaused(qmp: QmpClient, record: StateRecord, ids: readonly string[]): Promise<void> {
+  if (ids.length === 0) return;
+  const status = await qmp.execute<{ running: boolean }>("query-status");
+  if (status.running) {
+    await record.add({ kind: "paused" });
+    await qmp.execute("stop");
+  }
+  try {
+    for (const id of ids) await qmp.execute("block-job-cancel", { device: id, force: true });
+    for (const id of ids) await waitJobGone(qmp, id);
+  } finally {
+    if (status.running) {
+      await qmp.execute("cont");
+      await record.remove({ kind: "paused" });
+    }
+  }
 }

@@ -547,7 +547,7 @@ export const present = {
 
 const sleepMs = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-async function waitJobGone(qmp: QmpClient, id: string): Promise<void> {
+export async function waitJobGone(qmp: QmpClient, id: string): Promise<void> {
   for (let i = 0; i < 400; i++) {
     if (!(await present.job(qmp, id))) return;
     await sleepMs(25);
