@@ -34,6 +34,7 @@ interface ProtectOpts {
   appendDeadline: string;
   fold?: string;
   window?: string;
+  bitmapInterval: string;
 }
 
 /** Freezes the guest's filesystems through its agent, takes the instant (ms), thaws. */
@@ -100,6 +101,11 @@ export function registerProtectCommand(program: Command): void {
       "--window <duration>",
       "with --fold: drop journal segments no instant of the last DURATION needs (e.g. 24h)",
     )
+    .option(
+      "--bitmap-interval <duration>",
+      "start a new dirty bitmap this often: a resume after a crash re-reads what was written since the last one",
+      "10s",
+    )
     .option("--inventory <file>", "VM inventory for vm:NAME", DEFAULT_INVENTORY)
     .option(
       "--state-dir <dir>",
@@ -125,9 +131,17 @@ before it, whether the guest flushed or not; Strata itself dying loses nothing a
 
 The guest is never harmed: a journal that fails or takes longer than --append-deadline ends
 the mirror (the guest's writes go on to its disks), protect stops with an error, and a dirty
-bitmap started with the capture (strata-cdp) keeps the record of what the journal missed.
-Ctrl-C (SIGINT) or SIGTERM stops cleanly and leaves nothing on the VM. If protect is killed,
-the next protect of the VM or "strata doctor --fix" cleans up.
+bitmap (strata-cdp-N, started anew every --bitmap-interval) keeps the record of what the
+journal missed. Ctrl-C (SIGINT) or SIGTERM stops cleanly and leaves nothing on the VM.
+
+Resume: if protect is killed (or its journal failed), run it again with the same --journal
+DIR. It starts new mirrors first (every write from then on is journaled), then re-reads from
+the disks only the ranges the bitmaps mark (written since the last bitmap started before the
+crash) into the journal, and reports how much it read. Instants from the journal's last entry
+before the crash to the end of the re-read are a gap: restores inside it are refused, naming
+it; every instant after it is exact. "strata protect stop VM" or "strata doctor --fix" instead
+removes what the dead protect left, bitmaps included (a journal stopped that way, or cleanly,
+cannot be resumed).
 
 Folding (--fold 5m): every interval, the disks at that instant (journal over the previous fold)
 become an ordinary restore point, deduplicated, listed by strata snapshots, crash-consistent
@@ -140,7 +154,7 @@ a running protect; an instant whose fold was forgotten is served from an older o
 journal still reaches back to it.
 
 Runs in the foreground; see "strata protect status VM --journal DIR" from another shell. DIR
-must be new (a journal continued after a stop would have a gap). The repository gives the
+must be new, or the journal of a protect of the VM that died (it is resumed). The repository gives the
 journal its encryption keys (and will take its folded restore points).
 
 Examples:
@@ -180,11 +194,19 @@ Examples:
           throw err;
         },
       );
-      if (used)
+      if (
+        used &&
+        !(await fs.stat(join(dir, "journal.json")).then(
+          () => true,
+          () => false,
+        ))
+      )
         throw new StrataError(
           ErrorCode.USAGE,
-          `--journal ${dir} is not empty: give each protect a new directory (a journal continued after a stop would have a gap)`,
+          `--journal ${dir} is not empty and holds no journal: give each protect a new directory`,
         );
+      const rotateMs = parseDuration(opts.bitmapInterval, "--bitmap-interval");
+      if (rotateMs < 2000) throw new StrataError(ErrorCode.USAGE, "--bitmap-interval must be at least 2s");
       const stateDir = opts.stateDir ?? defaultStateDir();
       const signal = interruptSignal();
       await withRepo(cmd, async (repo) => {
@@ -197,6 +219,7 @@ Examples:
           sync: "full",
           stateDir,
           appendDeadlineMs,
+          rotateMs,
           openJournal: (disks) =>
             JournalWriter.open({
               dir,
@@ -215,6 +238,17 @@ Examples:
           },
         });
         const started = new Date().toISOString();
+        const r = capture.resumed;
+        const resumed: ProtectStatus["resumed"] =
+          r === undefined
+            ? undefined
+            : {
+                bitmaps: r.bitmaps,
+                bytes: r.bytes,
+                ranges: r.ranges,
+                durationMs: r.durationMs,
+                gap: { from: iso(r.gap.fromNs), to: iso(r.gap.toNs) },
+              };
         let lastFold: ProtectStatus["lastFold"];
         let folds = 0;
         let foldError: string | undefined;
@@ -291,6 +325,7 @@ Examples:
             ...(brokenWhy === undefined ? {} : { broken: brokenWhy }),
             ...(lastFold === undefined ? {} : { lastFold, folds }),
             ...(foldError === undefined ? {} : { foldError }),
+            ...(resumed === undefined ? {} : { resumed }),
             ...extra,
           };
         };
@@ -300,7 +335,11 @@ Examples:
             `journaling ${capture.disks.map((d) => `${d.name} (${formatBytes(d.size)})`).join(", ")} of ${vm} into ${dir}`,
           );
           await writeStatus(dir, status());
-          out.info(`every disk copied: any instant from ${new Date().toISOString()} on can be restored`);
+          if (resumed)
+            out.info(
+              `resumed from the dirty bitmap${resumed.bitmaps.length > 1 ? "s" : ""} ${resumed.bitmaps.join(", ")}: re-read ${resumed.bytes} bytes (${formatBytes(resumed.bytes)}) in ${resumed.ranges} range(s) of ${capture.disks.length} disk(s) in ${formatDuration(resumed.durationMs)}, not the whole disks; the journal has a gap ${resumed.gap.from} .. ${resumed.gap.to} (instants inside are refused); any instant from ${resumed.gap.to} on can be restored`,
+            );
+          else out.info(`every disk copied: any instant from ${new Date().toISOString()} on can be restored`);
           let lastHealth = Date.now();
           while (!wake.signal.aborted) {
             await sleep(1000, wake.signal);
@@ -330,7 +369,7 @@ Examples:
           await writeStatus(dir, status({ stopped: true, completeUntil })).catch(() => {});
           if (bitmapKept)
             out.warn(
-              `the dirty bitmap strata-cdp stays on ${vm}'s disks: it records what the journal may lack`,
+              `the dirty bitmap ${capture.bitmap} stays on ${vm}'s disks: it records what the journal may lack; run protect again with --journal ${dir} to resume`,
             );
         }
         if (failure !== undefined) throw failure;
@@ -454,7 +493,7 @@ Examples:
       `
 Asks the running strata protect of the VM to stop (SIGTERM: it cancels its mirrors, removes
 its nodes and bitmap, syncs the journal and exits), and waits for it. If it is not running
-(killed), what it left on the VM (mirror jobs, NBD nodes, the strata-cdp bitmap) is removed, as
+(killed), what it left on the VM (mirror jobs, NBD nodes, the strata-cdp-N bitmaps) is removed, as
 strata doctor --fix would.
 
 Example:
@@ -541,6 +580,10 @@ Example:
               ? "window: none yet (the first copy of the disks is not done)"
               : `window: ${w.from} .. ${w.to ?? "-"}`,
             `journal: ${w.entries} writes (${formatBytes(w.dataBytes)}) in ${formatBytes(w.journalBytes)}, ${w.segments} segment(s), ${w.bases.length} base(s)`,
+            ...w.gaps.map(
+              (g) =>
+                `gap: ${g.from} .. ${g.to ?? "(resume not finished)"} (protection was down; instants inside are refused)`,
+            ),
             ...(w.lagMs === undefined
               ? []
               : [`lag: ${formatDuration(w.lagMs)} (oldest write not yet fdatasynced)`]),

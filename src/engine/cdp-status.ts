@@ -36,6 +36,14 @@ export interface ProtectStatus {
   lastFold?: { id: string; at: string; durationMs: number; bytesRead: number; segmentsDropped: number };
   folds?: number;
   foldError?: string;
+  /** Set when this protect resumed a dead one's journal. */
+  resumed?: {
+    bitmaps: string[];
+    bytes: number;
+    ranges: number;
+    durationMs: number;
+    gap: { from: string; to: string };
+  };
 }
 
 /** DIR/status.json as the protect last wrote it; undefined when absent or unreadable. */
@@ -61,6 +69,8 @@ export interface CdpWindow {
   to: string | null;
   lastWrite: string | null;
   bases: Array<{ snapshot: string; from: string }>;
+  /** Times protection was down (a protect died and a later one resumed); `to` null while resuming. */
+  gaps: Array<{ from: string; to: string | null }>;
   entries: number;
   dataBytes: number;
   journalBytes: number;
@@ -101,6 +111,10 @@ export async function cdpWindow(repo: Repository, dir: string, vm?: string): Pro
     to: to === undefined || from === undefined ? null : isoOf(to),
     lastWrite: w.toNs === undefined ? null : isoOf(w.toNs),
     bases: reader.meta.bases.map((b) => ({ snapshot: b.snapshot, from: isoOf(BigInt(b.cutNs)) })),
+    gaps: (reader.meta.gaps ?? []).map((g) => ({
+      from: isoOf(BigInt(g.fromNs)),
+      to: g.toNs === undefined ? null : isoOf(BigInt(g.toNs)),
+    })),
     entries: w.entries,
     dataBytes: w.dataBytes,
     journalBytes: w.bytes,

@@ -111,6 +111,14 @@ export async function planInstant(
       ErrorCode.NOT_FOUND,
       `${iso(o.atNs)} is after VM ${o.vm}'s protected window, which ends at ${iso(until)} (the journal knows nothing later)`,
     );
+  const gap = (meta.gaps ?? []).find(
+    (g) => o.atNs >= BigInt(g.fromNs) && (g.toNs === undefined || o.atNs < BigInt(g.toNs)),
+  );
+  if (gap)
+    throw new StrataError(
+      ErrorCode.NOT_FOUND,
+      `${iso(o.atNs)} of VM ${o.vm} is inside a gap of its journal, ${iso(BigInt(gap.fromNs))} .. ${gap.toNs === undefined ? "(resume not finished)" : iso(BigInt(gap.toNs))}: protection was down then and resumed from a dirty bitmap, so the journal does not hold the disks at that instant; choose one before or after the gap`,
+    );
   for (const d of meta.disks)
     if (snap && !snap.manifest.disks.some((x) => x.name === d.name))
       throw new StrataError(

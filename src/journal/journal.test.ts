@@ -400,3 +400,32 @@ test("dropping old segments keeps the rest readable and forgets the bases that n
   );
   assert.ok(BigInt(r.meta.droppedBeforeNs!) <= secondStart);
 });
+
+test("cover bitmaps and gaps are kept in journal.json (sealed), concurrent changes all land, and a reopened writer sees them", async (t) => {
+  const dir = await tmp(t);
+  const w = await JournalWriter.open({ ...opts(dir), keys });
+  await w.write("vda", 0, Buffer.alloc(4096, 1));
+  // Changes made at once are applied one after the other, none lost.
+  await Promise.all([
+    w.setCover(["strata-cdp-1", "strata-cdp-2"], 2),
+    w.openGap(w.window.lastNs + 1n),
+    w.addBase("web1/2026-11-29T08:00:00.000Z", 5n, 6n),
+    w.markSynced(7n),
+  ]);
+  const from = w.window.lastNs + 1n;
+  await w.closeGap(from + 1000n);
+  await w.close();
+  const r = await JournalReader.open(dir, keys);
+  assert.deepEqual(r.meta.cover, { bitmaps: ["strata-cdp-1", "strata-cdp-2"], seq: 2 });
+  assert.deepEqual(r.meta.gaps, [{ fromNs: from.toString(), toNs: (from + 1000n).toString() }]);
+  assert.equal(r.meta.bases.length, 1);
+  assert.equal(r.meta.syncedNs, "7");
+  const again = await JournalWriter.open({ ...opts(dir), keys });
+  assert.deepEqual(again.cover?.bitmaps, ["strata-cdp-1", "strata-cdp-2"]);
+  assert.equal(again.gaps.length, 1);
+  await again.close();
+  // Anything but a capture bitmap's name is refused as damage.
+  const raw = (await fs.readFile(join(dir, META_FILE), "utf8")).replace("strata-cdp-1", "other-bitmap");
+  await fs.writeFile(join(dir, META_FILE), raw);
+  await expectCorrupt(JournalReader.open(dir, keys), /journal\.json/);
+});

@@ -58,11 +58,32 @@ const MetaSchema = z.object({
   syncedNs: nsString.optional(),
   /** Segments with entries older than this (ns) were dropped (--window); absent: none were. */
   droppedBeforeNs: nsString.optional(),
+  /**
+   * The dirty bitmaps on the VM's disks whose union records every write the journal may lack
+   * (a capture rotates them; a protect started again on this journal re-reads their ranges),
+   * and the number the newest one's name carries (`strata-cdp-<seq>`).
+   */
+  cover: z
+    .object({
+      bitmaps: z.array(z.string().regex(/^strata-cdp-\d{1,12}$/, "not a capture bitmap")).max(256),
+      seq: z.number().int().min(0).max(1e12),
+    })
+    .optional(),
+  /**
+   * Spans (ns) the journal does not hold: from the last entry a dead capture left to the end of
+   * the re-read that resumed it (absent `toNs`: a resume under way or interrupted). Instants
+   * inside are refused.
+   */
+  gaps: z
+    .array(z.object({ fromNs: nsString, toNs: nsString.optional() }))
+    .max(100_000)
+    .optional(),
 });
 
 export type JournalMeta = z.infer<typeof MetaSchema>;
 export type JournalDisk = z.infer<typeof DiskSchema>;
 export type JournalBase = z.infer<typeof BaseSchema>;
+export type JournalGap = NonNullable<JournalMeta["gaps"]>[number];
 
 export function newJournalId(): string {
   return randomBytes(JOURNAL_ID_SIZE).toString("hex");

@@ -114,6 +114,7 @@ export class JournalWriter {
   private readonly clock: Clock;
   private readonly st: JournalStats;
   private unsyncedSince = 0;
+  private metaChain: Promise<void> = Promise.resolve();
 
   private constructor(
     private readonly o: JournalWriterOptions,
@@ -436,8 +437,7 @@ export class JournalWriter {
    */
   async addBase(snapshot: string, startNs: bigint, cutNs: bigint): Promise<void> {
     const base = { snapshot, startNs: startNs.toString(), cutNs: cutNs.toString() };
-    this.meta = { ...this.meta, bases: [...this.meta.bases, base] };
-    await writeMeta(this.o.dir, this.meta, this.o.keys);
+    await this.updateMeta((m) => ({ ...m, bases: [...m.bases, base] }));
   }
 
   /**
@@ -463,14 +463,16 @@ export class JournalWriter {
       });
       if (last !== undefined && last >= beforeNs) break;
       // journal.json first: a reader never finds a base whose entries are gone.
-      const prev = this.meta.droppedBeforeNs === undefined ? 0n : BigInt(this.meta.droppedBeforeNs);
-      const cut = last === undefined ? prev : last + 1n > prev ? last + 1n : prev;
-      this.meta = {
-        ...this.meta,
-        droppedBeforeNs: cut.toString(),
-        bases: this.meta.bases.filter((b) => BigInt(b.startNs) >= cut),
-      };
-      await writeMeta(this.o.dir, this.meta, this.o.keys);
+      const l = last;
+      await this.updateMeta((m) => {
+        const prev = m.droppedBeforeNs === undefined ? 0n : BigInt(m.droppedBeforeNs);
+        const cut = l === undefined ? prev : l + 1n > prev ? l + 1n : prev;
+        return {
+          ...m,
+          droppedBeforeNs: cut.toString(),
+          bases: m.bases.filter((b) => BigInt(b.startNs) >= cut),
+        };
+      });
       await fs.rm(s.path);
       dropped++;
     }
@@ -481,8 +483,50 @@ export class JournalWriter {
   /** Records that the journal holds every disk whole from `ns` on (the initial copy is done). */
   async markSynced(ns: bigint): Promise<void> {
     if (this.meta.syncedNs !== undefined) return;
-    this.meta = { ...this.meta, syncedNs: ns.toString() };
-    await writeMeta(this.o.dir, this.meta, this.o.keys);
+    await this.updateMeta((m) => ({ ...m, syncedNs: m.syncedNs ?? ns.toString() }));
+  }
+
+  /** The bitmaps that record what the journal may lack (journal.json's `cover`). */
+  get cover(): JournalMeta["cover"] {
+    return this.meta.cover;
+  }
+
+  /** The spans the journal does not hold (journal.json's `gaps`). */
+  get gaps(): NonNullable<JournalMeta["gaps"]> {
+    return this.meta.gaps ?? [];
+  }
+
+  /** The journal's metadata as last written. */
+  get metadata(): JournalMeta {
+    return this.meta;
+  }
+
+  /** Records which bitmaps now record every write the journal may lack. */
+  async setCover(bitmaps: readonly string[], seq: number): Promise<void> {
+    await this.updateMeta((m) => ({ ...m, cover: { bitmaps: [...bitmaps], seq } }));
+  }
+
+  /** Opens a gap from `fromNs` (the journal knows nothing from then on until it is closed). */
+  async openGap(fromNs: bigint): Promise<void> {
+    await this.updateMeta((m) => ({ ...m, gaps: [...(m.gaps ?? []), { fromNs: fromNs.toString() }] }));
+  }
+
+  /** Closes the open gap at `toNs`: from then on the journal holds every write again. */
+  async closeGap(toNs: bigint): Promise<void> {
+    await this.updateMeta((m) => ({
+      ...m,
+      gaps: (m.gaps ?? []).map((g) => (g.toNs === undefined ? { ...g, toNs: toNs.toString() } : g)),
+    }));
+  }
+
+  /** journal.json changes one at a time, each on the latest. */
+  private updateMeta(change: (m: JournalMeta) => JournalMeta): Promise<void> {
+    const run = this.metaChain.then(async () => {
+      this.meta = change(this.meta);
+      await writeMeta(this.o.dir, this.meta, this.o.keys);
+    });
+    this.metaChain = run.catch(() => {});
+    return run;
   }
 
   /** The base restore points journal.json lists, oldest first. */

@@ -10,7 +10,7 @@ import { describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Capture } from "../../src/hypervisor/qemu/cdp.js";
 import { JournalWriter } from "../../src/journal/writer.js";
-import { protectedGuest } from "../helpers/cdp.js";
+import { assertRecordsAt, protectedGuest } from "../helpers/cdp.js";
 import { collect, startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
 import { journalRecordTimes, parseLatencySummaries, verifyRecords } from "../helpers/records.js";
 import { bootWorkloadVm, leftovers } from "../helpers/vm.js";
@@ -202,7 +202,8 @@ describe("continuous data protection of a running VM", { timeout: 600_000 }, () 
     assert.equal(r.bitmapKept, true);
     const l = await leftovers(g.vm, state);
     assert.deepEqual([l.nodes, l.jobs, l.exports, l.files], [[], [], [], []]);
-    assert.deepEqual(l.bitmaps.disk0, ["strata-cdp"]);
+    assert.equal(l.bitmaps.disk0?.length, 1, `bitmaps: ${l.bitmaps.disk0}`);
+    assert.match(l.bitmaps.disk0![0]!, /^strata-cdp-\d+$/);
   });
 
   test("protect, then restore at random instants: records gap-free up to T, nothing after, both disks at one instant", async (t) => {
@@ -258,34 +259,7 @@ describe("continuous data protection of a running VM", { timeout: 600_000 }, () 
       const at = new Date(T).toISOString();
       const target = join(dir, `at-${i}`);
       await strataOk(["restore", "--repo", repo, `live@${at}`, "--journal", journal, "--target", target]);
-      const Tns = BigInt(T) * 1_000_000n;
-      const last: Record<string, number> = {};
-      for (const disk of ["vblk0", "vblk1"]) {
-        const scan = await verifyRecords(join(target, `${disk}.raw`));
-        assert.ok(
-          scan.gapFree,
-          `${at} ${disk}: missing ${scan.missing.slice(0, 5)} bad ${JSON.stringify(scan.badRecords.slice(0, 2))}`,
-        );
-        const L = scan.lastSeq;
-        last[disk] = L;
-        const m = times.get(disk)!;
-        const tL = m.get(L);
-        // The last record is one written at or before T ...
-        if (tL !== undefined) assert.ok(tL <= Tns, `${at} ${disk}: record ${L} was journaled after T`);
-        // ... and the next one was written after T: nothing written after T is there.
-        const tNext = m.get(L + 1);
-        if (tNext !== undefined) {
-          assert.ok(tNext > Tns, `${at} ${disk}: record ${L + 1}, journaled before T, is missing`);
-          // The guest writes 100 records/s: the last one is less than 1 s before T.
-          if (tL !== undefined)
-            assert.ok(
-              Tns - tL <= 1_000_000_000n,
-              `${at} ${disk}: last record ${Number(Tns - tL) / 1e6} ms before T`,
-            );
-        }
-      }
-      const d = last.vblk0! - last.vblk1!;
-      assert.ok(d === 0 || d === 1, `${at}: vda at ${last.vblk0}, vdb at ${last.vblk1}`);
+      await assertRecordsAt(target, times, T);
       await rm(target, { recursive: true, force: true });
     }
     t.diagnostic(`20 restores at random instants: ${((Date.now() - t0) / 20 / 1000).toFixed(1)} s each`);

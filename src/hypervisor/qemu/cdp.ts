@@ -21,9 +21,11 @@
  * its source node ("Node is busy: block device is in use by block job: mirror"), and with a
  * backup job running the disk node is no longer a root node a mirror can start from.
  *
- * A dirty bitmap (`strata-cdp`) starts just before the mirrors: it records every write since
- * capture started, so when the journal loses writes (its target failed, the mirror was
- * cancelled) the bitmap still says where. It is removed on a clean stop and kept otherwise.
+ * A dirty bitmap (`strata-cdp-<n>`) starts just before the mirrors and anew every `rotateMs`
+ * (journal.json's `cover` names those that record every write the durable journal may lack), so
+ * when the journal loses writes (its target failed, the mirror was cancelled, Strata died) the
+ * bitmaps still say where, and a capture started again on the journal resumes by re-reading only
+ * those ranges (see {@link Capture.reread}). They are removed on a clean stop, kept otherwise.
  *
  * Never harm the guest: the source write happens before the target write in QEMU's active
  * mirror, and a target error only fails the mirror job (on-target-error=report), not the guest's
@@ -38,6 +40,7 @@
 import { promises as fs } from "node:fs";
 import { join, resolve } from "node:path";
 import type { JournalWriter } from "../../journal/writer.js";
+import { NbdClient } from "../../nbd/client.js";
 import { type BlockSource, NbdServer } from "../../nbd/server.js";
 import { processStart } from "../../repo/locks.js";
 import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
@@ -50,8 +53,15 @@ import { StateRecord } from "./state.js";
 export const cdpNames = {
   node: (disk: string) => `strata-cdp-${disk}`,
   job: (disk: string) => `strata-cdp-job-${disk}`,
-  bitmap: "strata-cdp",
+  /** The capture's dirty bitmaps, one after the other (see {@link Capture.rotate}). */
+  bitmap: (seq: number) => `strata-cdp-${seq}`,
+  isBitmap: (name: string) => /^strata-cdp(-\d+)?$/.test(name),
+  /** The read-only exports of the disks a resume re-reads. */
+  readExport: (disk: string) => `strata-cdp-read-${disk}`,
 };
+
+/** Largest range a resume re-reads (and holds guest writes to) at once. */
+const REREAD_PIECE = 1024 * 1024;
 
 export interface CaptureOptions {
   vm: string;
@@ -72,6 +82,20 @@ export interface CaptureOptions {
   log: (message: string) => void;
   /** Called once when the journal side failed: the caller should stop the capture. */
   onBroken?: (why: string) => void;
+  /**
+   * How often the dirty bitmap starts anew (default 10 s): a resume re-reads what was written
+   * since the last rotation before the crash, plus what was written until the new mirror ran.
+   */
+  rotateMs?: number;
+}
+
+/** What a resume did: the bitmaps it read, the bytes it re-read, the gap it left in the journal. */
+export interface ResumeReport {
+  bitmaps: string[];
+  bytes: number;
+  ranges: number;
+  durationMs: number;
+  gap: { fromNs: bigint; toNs: bigint };
 }
 
 export interface CaptureHealth {
@@ -93,15 +117,59 @@ async function connect(vm: string, target: QemuTarget): Promise<QmpClient> {
   }
 }
 
+/**
+ * Ranges of the disks being re-read by a resume: a write to the journal target overlapping one
+ * waits until the re-read's entry is appended, so that the guest's write comes after it.
+ */
+export class Holds {
+  private readonly held = new Map<string, Array<{ offset: number; end: number; done: Promise<void> }>>();
+  private readonly inFlight = new Set<Promise<unknown>>();
+
+  /** Counts `p` as an append in flight until it settles. */
+  track(p: Promise<unknown>): void {
+    this.inFlight.add(p);
+    const done = () => this.inFlight.delete(p);
+    p.then(done, done);
+  }
+
+  /** Resolves once every append in flight now has settled. */
+  async settled(): Promise<void> {
+    await Promise.allSettled([...this.inFlight]);
+  }
+
+  async wait(disk: string, offset: number, length: number): Promise<void> {
+    for (;;) {
+      const h = this.held.get(disk)?.find((x) => x.offset < offset + length && offset < x.end);
+      if (!h) return;
+      await h.done;
+    }
+  }
+
+  /** Holds writes to the range until the returned release is called. */
+  hold(disk: string, offset: number, length: number): () => void {
+    let release!: () => void;
+    const h = { offset, end: offset + length, done: new Promise<void>((r) => (release = r)) };
+    const list = this.held.get(disk) ?? [];
+    list.push(h);
+    this.held.set(disk, list);
+    return () => {
+      list.splice(list.indexOf(h), 1);
+      release();
+    };
+  }
+}
+
 /** The journaling target one disk is exported as. */
-function journalSource(
+export function journalSource(
   journal: JournalWriter,
   disk: LiveDisk,
   deadlineMs: number,
   broken: (why: string) => void,
+  holds: Holds,
 ): BlockSource {
   const timed = async (what: string, p: Promise<void>): Promise<void> => {
     let timer: NodeJS.Timeout | undefined;
+    holds.track(p);
     try {
       await Promise.race([
         p,
@@ -124,9 +192,21 @@ function journalSource(
     size: disk.size,
     // The mirror never reads its target with sync=none; whatever is read is not the disk.
     read: async (_offset, length) => Buffer.alloc(length),
-    write: (offset, data) => timed("append", journal.write(disk.name, offset, data)),
-    writeZeroes: (offset, length) => timed("append", journal.writeZeroes(disk.name, offset, length)),
-    trim: (offset, length) => timed("append", journal.trim(disk.name, offset, length)),
+    write: (offset, data) =>
+      timed(
+        "append",
+        holds.wait(disk.name, offset, data.length).then(() => journal.write(disk.name, offset, data)),
+      ),
+    writeZeroes: (offset, length) =>
+      timed(
+        "append",
+        holds.wait(disk.name, offset, length).then(() => journal.writeZeroes(disk.name, offset, length)),
+      ),
+    trim: (offset, length) =>
+      timed(
+        "append",
+        holds.wait(disk.name, offset, length).then(() => journal.trim(disk.name, offset, length)),
+      ),
     flush: () => timed("sync", journal.sync()),
   };
 }
@@ -135,6 +215,12 @@ function journalSource(
 export class Capture {
   private stopped: Promise<{ bitmapKept: boolean }> | undefined;
   private brokenWhy: string | undefined;
+  /** The number of the newest bitmap (`strata-cdp-<seq>`). */
+  private seq = 0;
+  private rotation: Promise<void> | undefined;
+  private rotateTimer: NodeJS.Timeout | undefined;
+  /** Set when this capture resumed an earlier one of the same journal. */
+  resumed: ResumeReport | undefined;
 
   private constructor(
     private readonly o: CaptureOptions,
@@ -143,6 +229,7 @@ export class Capture {
     readonly journal: JournalWriter,
     private readonly server: NbdServer,
     readonly socket: string,
+    private readonly holds: Holds,
   ) {}
 
   /** Why the journal side failed, when it did. */
@@ -150,9 +237,17 @@ export class Capture {
     return this.brokenWhy;
   }
 
+  /** The bitmap that records the writes since its creation. */
+  get bitmap(): string {
+    return cdpNames.bitmap(this.seq);
+  }
+
   /**
    * Starts capturing: cleans up what a dead protect of the VM left, opens the journal, starts
-   * the NBD server, then per disk the bitmap, the nbd node and the mirror.
+   * the NBD server, then per disk the bitmap, the nbd node and the mirror. When the journal
+   * holds an earlier capture whose bitmaps are still on the disks (its protect died), it
+   * resumes: the new mirrors journal every write from now on, then what the bitmaps mark is
+   * re-read from the disks into the journal (see {@link Capture.reread}).
    */
   static async start(o: CaptureOptions): Promise<Capture> {
     const stateDir = resolve(o.stateDir);
@@ -164,13 +259,39 @@ export class Capture {
     let record: StateRecord | undefined;
     let server: NbdServer | undefined;
     let journal: JournalWriter | undefined;
+    let old: string[] = [];
     try {
       await recoverProtect(stateDir, o.vm, qmp, o.log);
       const disks = await listDisks(qmp);
       if (disks.length === 0)
         throw new StrataError(ErrorCode.SOURCE_UNREADABLE, `VM ${o.vm} has no writable disks`);
       journal = await o.openJournal(disks);
+      const resume = resumable(journal, disks);
+      if (resume.why !== undefined)
+        throw new StrataError(
+          ErrorCode.USAGE,
+          `journal ${journal.dir} holds an earlier capture of ${o.vm} that cannot be resumed (${resume.why}): give protect a new --journal directory`,
+        );
+      old = resume.bitmaps;
+      // Bitmaps of earlier captures that record nothing this journal needs.
+      for (const d of disks)
+        for (const b of d.bitmaps)
+          if (cdpNames.isBitmap(b.name) && !old.includes(b.name))
+            await qmp.execute("block-dirty-bitmap-remove", { node: d.node, name: b.name });
+      let gapFrom: bigint | undefined;
+      if (old.length > 0) {
+        // From the last entry the dead capture left to the end of the re-read, the journal
+        // does not know the disks: recorded before anything else (an interrupted resume's
+        // gap stays open and is closed by this one).
+        const open = journal.gaps.find((g) => g.toNs === undefined);
+        gapFrom = open ? BigInt(open.fromNs) : journal.window.lastNs + 1n;
+        if (!open) await journal.openGap(gapFrom);
+        o.log(
+          `resuming the capture of ${o.vm} from the dirty bitmap${old.length > 1 ? "s" : ""} ${old.join(", ")} (the journal ends at ${new Date(Number(gapFrom / 1_000_000n)).toISOString()})`,
+        );
+      }
       record = await StateRecord.create(stateDir, o.vm, o.target.qmp, o.target.qga, "protect");
+      for (const d of disks) for (const b of old) await record.add({ kind: "bitmap", node: d.node, name: b });
       let cap: Capture | undefined;
       const broken = (why: string) => {
         if (!cap || cap.brokenWhy !== undefined) return;
@@ -180,9 +301,10 @@ export class Capture {
       };
       const deadline = o.appendDeadlineMs ?? 5000;
       const j = journal;
+      const holds = new Holds();
       server = new NbdServer({
         exports: Object.fromEntries(
-          disks.map((d) => [d.name, { source: journalSource(j, d, deadline, broken) }]),
+          disks.map((d) => [d.name, { source: journalSource(j, d, deadline, broken, holds) }]),
         ),
         maxInFlight: 64,
         onError: (err) => o.log(`journal NBD server: ${err.message}`),
@@ -191,19 +313,10 @@ export class Capture {
       await fs.rm(socket, { force: true });
       await server.listen({ path: socket });
       await fs.chmod(socket, 0o600);
-      cap = new Capture(o, record, disks, journal, server, socket);
-      for (const d of disks) {
-        // A bitmap of an earlier capture that stopped badly: what it recorded is in the base
-        // backup this protect takes next, so it starts afresh.
-        if (await present.bitmap(qmp, d.node, cdpNames.bitmap))
-          await qmp.execute("block-dirty-bitmap-remove", { node: d.node, name: cdpNames.bitmap });
-        await record.add({ kind: "bitmap", node: d.node, name: cdpNames.bitmap });
-        await qmp.execute("block-dirty-bitmap-add", {
-          node: d.node,
-          name: cdpNames.bitmap,
-          persistent: d.format === "qcow2",
-        });
-      }
+      cap = new Capture(o, record, disks, journal, server, socket, holds);
+      cap.seq = (journal.cover?.seq ?? 0) + 1;
+      await cap.addBitmap(qmp, cap.bitmap);
+      await journal.setCover([...old, cap.bitmap], cap.seq);
       for (const d of disks) {
         await record.add({ kind: "node", node: cdpNames.node(d.name) });
         await qmp.execute("blockdev-add", {
@@ -217,7 +330,8 @@ export class Capture {
           "job-id": cdpNames.job(d.name),
           device: d.node,
           target: cdpNames.node(d.name),
-          sync: o.sync,
+          // A resumed journal holds the disks already but for what the bitmaps mark.
+          sync: old.length > 0 ? "none" : o.sync,
           "copy-mode": "write-blocking",
           "on-target-error": "report",
           "auto-dismiss": true,
@@ -231,17 +345,189 @@ export class Capture {
         o.readyTimeoutMs ?? 3_600_000,
         () => cap?.brokenWhy,
       );
-      if (o.sync === "full") await journal.markSynced(journal.nowNs());
+      if (gapFrom !== undefined) cap.resumed = await cap.reread(qmp, old, gapFrom, stateDir);
+      else if (o.sync === "full") await journal.markSynced(journal.nowNs());
+      const every = o.rotateMs ?? 10_000;
+      cap.rotateTimer = setInterval(() => cap.rotateSoon(), every);
+      cap.rotateTimer.unref();
       return cap;
     } catch (err) {
       if (record) {
-        await release(qmp, undefined, record, o.log, { success: false }).catch((e: unknown) =>
+        // A failed resume keeps the bitmaps: the next protect of the journal resumes from them.
+        await releaseCapture(qmp, record, o.log, { success: old.length > 0 }).catch((e: unknown) =>
           o.log(`cleanup after a failed capture start: ${describeError(e)}`),
         );
       }
       await server?.close().catch(() => {});
       await journal?.close().catch(() => {});
       throw err;
+    } finally {
+      await qmp.close().catch(() => {});
+    }
+  }
+
+  /** Adds `name` on every disk (recorded first). */
+  private async addBitmap(qmp: QmpClient, name: string): Promise<void> {
+    for (const d of this.disks) {
+      await this.record.add({ kind: "bitmap", node: d.node, name });
+      await qmp.execute("block-dirty-bitmap-add", { node: d.node, name, persistent: d.format === "qcow2" });
+    }
+  }
+
+  /** Removes `names` from every disk where they are, and from the record. */
+  private async removeBitmaps(qmp: QmpClient, names: readonly string[]): Promise<void> {
+    for (const d of this.disks)
+      for (const name of names) {
+        if (await present.bitmap(qmp, d.node, name))
+          await qmp.execute("block-dirty-bitmap-remove", { node: d.node, name });
+        await this.record.remove({ kind: "bitmap", node: d.node, name });
+      }
+  }
+
+  /**
+   * Re-reads into the journal what the bitmaps `old` mark (the writes a dead capture may not
+   * have journaled), beside the running mirrors: the bitmaps are disabled (the new mirrors and
+   * bitmap record every write from here on), the disks exported read-only by QEMU with the
+   * bitmaps, and each dirty range read and appended while writes to it are held at the journal
+   * target. Whatever the read saw (old, new or torn data), a guest write to the range made
+   * meanwhile is appended after the re-read, so the journal replayed in order ends with it.
+   * Instants from the dead capture's last entry to the end of the re-read are a gap.
+   */
+  private async reread(
+    qmp: QmpClient,
+    old: readonly string[],
+    gapFrom: bigint,
+    stateDir: string,
+  ): Promise<ResumeReport> {
+    const t0 = Date.now();
+    const sock = join(stateDir, `strata-cdp-read-${this.o.vm}.sock`);
+    for (const d of this.disks)
+      for (const b of old) await qmp.execute("block-dirty-bitmap-disable", { node: d.node, name: b });
+    await this.record.add({ kind: "file", path: sock });
+    await this.record.add({ kind: "nbd-server", socket: sock });
+    await fs.rm(sock, { force: true });
+    await qmp
+      .execute("nbd-server-start", { addr: { type: "unix", data: { path: sock } } })
+      .catch((err: unknown) => {
+        throw new StrataError(
+          ErrorCode.EXTERNAL,
+          `cannot start QEMU's NBD server to re-read what the journal missed (${describeError(err)}); is a backup of ${this.o.vm} running?`,
+          { cause: err },
+        );
+      });
+    for (const d of this.disks) {
+      await this.record.add({ kind: "export", id: cdpNames.readExport(d.name) });
+      await qmp.execute("block-export-add", {
+        type: "nbd",
+        id: cdpNames.readExport(d.name),
+        "node-name": d.node,
+        name: d.name,
+        writable: false,
+        bitmaps: [...old],
+      });
+    }
+    let bytes = 0;
+    let ranges = 0;
+    for (const d of this.disks) {
+      const contexts = old.map((b) => `qemu:dirty-bitmap:${b}`);
+      const client = await NbdClient.connect({ path: sock }, { exportName: d.name, metaContexts: contexts });
+      try {
+        const dirty: Array<[number, number]> = [];
+        for (const c of contexts)
+          for (const e of await client.blockStatus(0, d.size, c))
+            if (e.flags & 1) dirty.push([e.offset, e.offset + e.length]);
+        dirty.sort((a, b) => a[0] - b[0]);
+        const merged: Array<[number, number]> = [];
+        for (const r of dirty) {
+          const last = merged.at(-1);
+          if (last && r[0] <= last[1]) last[1] = Math.max(last[1], r[1]);
+          else merged.push([r[0], r[1]]);
+        }
+        for (const [start, end] of merged)
+          for (let at = start; at < end; at += REREAD_PIECE) {
+            const len = Math.min(REREAD_PIECE, end - at);
+            const unhold = this.holds.hold(d.name, at, len);
+            try {
+              await this.journal.write(d.name, at, await client.read(at, len));
+            } finally {
+              unhold();
+            }
+            bytes += len;
+            ranges++;
+          }
+      } finally {
+        await client.close().catch(() => {});
+      }
+    }
+    await this.journal.sync();
+    const now = this.journal.nowNs();
+    const last = this.journal.window.lastNs + 1n;
+    const gapTo = now > last ? now : last;
+    await this.journal.closeGap(gapTo);
+    await this.journal.setCover([this.bitmap], this.seq);
+    for (const d of this.disks) {
+      const item = { kind: "export", id: cdpNames.readExport(d.name) } as const;
+      await qmp.execute("block-export-del", { id: item.id, mode: "hard" });
+      await this.record.remove(item);
+    }
+    await qmp.execute("nbd-server-stop");
+    await this.record.remove({ kind: "nbd-server", socket: sock });
+    await fs.rm(sock, { force: true });
+    await this.record.remove({ kind: "file", path: sock });
+    await this.removeBitmaps(qmp, old);
+    return {
+      bitmaps: [...old],
+      bytes,
+      ranges,
+      durationMs: Date.now() - t0,
+      gap: { fromNs: gapFrom, toNs: gapTo },
+    };
+  }
+
+  private rotateSoon(): void {
+    if (this.rotation || this.brokenWhy !== undefined || this.stopped) return;
+    this.rotation = this.rotate()
+      .catch((err: unknown) => this.o.log(`dirty bitmap rotation (tried again later): ${describeError(err)}`))
+      .finally(() => {
+        this.rotation = undefined;
+      });
+  }
+
+  /**
+   * Starts the next bitmap and drops the ones before it once the journal is durable past the
+   * new one's start, so that a resume re-reads only what was written since the last rotation.
+   * A write the new bitmap missed was on the disk before it was added; the mirror sends it to
+   * the journal at once (the source is written first, then the target), so one second, the end
+   * of every append then in flight, and an fdatasync later it is durable in the journal.
+   */
+  private async rotate(): Promise<void> {
+    const old = this.journal.cover?.bitmaps ?? [];
+    this.seq++;
+    const name = this.bitmap;
+    let qmp = await connect(this.o.vm, this.o.target);
+    try {
+      await this.addBitmap(qmp, name);
+    } finally {
+      await qmp.close().catch(() => {});
+    }
+    await this.journal.setCover([...old, name], this.seq);
+    await new Promise((r) => setTimeout(r, 1000));
+    // An append slower than the deadline breaks the capture: waiting longer says nothing.
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      this.holds.settled(),
+      new Promise((r) => {
+        timer = setTimeout(r, this.o.appendDeadlineMs ?? 5000);
+      }),
+    ]);
+    clearTimeout(timer);
+    if (this.brokenWhy !== undefined || this.stopped) return;
+    await this.journal.sync();
+    if (this.brokenWhy !== undefined || this.stopped) return;
+    await this.journal.setCover([name], this.seq);
+    qmp = await connect(this.o.vm, this.o.target);
+    try {
+      await this.removeBitmaps(qmp, old);
     } finally {
       await qmp.close().catch(() => {});
     }
@@ -276,6 +562,8 @@ export class Capture {
    */
   stop(keepBitmap = false): Promise<{ bitmapKept: boolean }> {
     this.stopped ??= (async () => {
+      clearInterval(this.rotateTimer);
+      await this.rotation;
       let keep = keepBitmap || this.brokenWhy !== undefined;
       let qmp: QmpClient | undefined;
       let reachable = true;
@@ -292,13 +580,8 @@ export class Capture {
         if (qmp) {
           const jobs = await qmp.execute<Array<{ id: string }>>("query-jobs");
           if (this.disks.some((d) => !jobs.some((j) => j.id === cdpNames.job(d.name)))) keep = true;
-          await cancelPaused(
-            qmp,
-            this.record,
-            jobs.map((j) => j.id).filter((id) => this.disks.some((d) => cdpNames.job(d.name) === id)),
-          );
           // release(): success keeps the bitmaps a record lists, failure removes them.
-          await release(qmp, undefined, this.record, this.o.log, { success: keep });
+          await releaseCapture(qmp, this.record, this.o.log, { success: keep });
         } else if (!reachable) {
           // QEMU is gone, and with it everything capture made inside it: only files are left.
           await release(undefined, undefined, this.record, this.o.log, { success: false });
@@ -308,6 +591,8 @@ export class Capture {
       } finally {
         await qmp?.close().catch(() => {});
         await this.server.close().catch(() => {});
+        // Stopped with every write journaled: no bitmap is left to resume from.
+        if (!keep) await this.journal.setCover([], this.seq).catch(() => {});
         await this.journal.close().catch((err: unknown) => {
           keep = true;
           this.o.log(`journal: ${message(err)}`);
@@ -345,6 +630,37 @@ async function waitReady(
   }
 }
 
+/**
+ * Whether the capture can resume the journal: an earlier capture's bitmaps (journal.json's
+ * `cover`) are on every disk. `bitmaps` is empty for a new journal; `why` says why a journal
+ * that holds a capture cannot be resumed.
+ */
+function resumable(journal: JournalWriter, disks: readonly LiveDisk[]): { bitmaps: string[]; why?: string } {
+  const meta = journal.metadata;
+  const used = meta.syncedNs !== undefined || journal.window.nextSeq > 1n || meta.bases.length > 0;
+  if (!used) return { bitmaps: [] };
+  const cover = meta.cover?.bitmaps ?? [];
+  if (meta.syncedNs === undefined)
+    return { bitmaps: [], why: "its first copy of the disks was never finished" };
+  if (cover.length === 0)
+    return { bitmaps: [], why: "it was stopped cleanly: no dirty bitmap records what came after" };
+  for (const d of disks)
+    for (const b of cover) {
+      const have = d.bitmaps.find((x) => x.name === b);
+      if (!have)
+        return {
+          bitmaps: [],
+          why: `disk ${d.name} lacks the dirty bitmap ${b} that records what the journal missed (was the VM restarted?)`,
+        };
+      if (have.inconsistent)
+        return {
+          bitmaps: [],
+          why: `the dirty bitmap ${b} of disk ${d.name} is inconsistent (QEMU did not stop cleanly): it cannot say what the journal missed`,
+        };
+    }
+  return { bitmaps: cover };
+}
+
 /** Releases what a dead protect of `vm` left; refuses when one is still running. */
 async function recoverProtect(
   stateDir: string,
@@ -361,7 +677,9 @@ async function recoverProtect(
       `VM ${vm} is already protected by another Strata process (pid ${pid})`,
     );
   log(`cleaning up after a protect of ${vm} that did not stop (${rec.items.length} item(s) in ${rec.path})`);
-  await release(qmp, undefined, rec, log, { success: false });
+  // Its bitmaps stay: they record what its journal may lack, for a resume (the capture starting
+  // next removes those its journal does not name).
+  await releaseCapture(qmp, rec, log, { success: true });
 }
 
 /**
@@ -370,6 +688,26 @@ async function recoverProtect(
  * drains every request first; the pause lasts as long as the cancel (milliseconds), and is
  * recorded so that a Strata that dies inside it leaves a VM that `release` resumes.
  */
+/**
+ * {@link release} for what a capture made, its mirrors first cancelled with the VM paused
+ * (`cancelPaused`). `qmp` undefined: QEMU is gone, only files are left to remove.
+ */
+export async function releaseCapture(
+  qmp: QmpClient | undefined,
+  record: StateRecord,
+  log: (m: string) => void,
+  how: { success: boolean },
+): Promise<void> {
+  if (qmp && !qmp.closed) {
+    const jobs = await qmp.execute<Array<{ id: string; status: string }>>("query-jobs");
+    const running = record.items
+      .flatMap((i) => (i.kind === "job" ? [i.id] : []))
+      .filter((id) => jobs.some((j) => j.id === id && !["concluded", "aborting", "null"].includes(j.status)));
+    await cancelPaused(qmp, record, running);
+  }
+  await release(qmp, undefined, record, log, how);
+}
+
 async function cancelPaused(qmp: QmpClient, record: StateRecord, ids: readonly string[]): Promise<void> {
   if (ids.length === 0) return;
   const status = await qmp.execute<{ running: boolean }>("query-status");

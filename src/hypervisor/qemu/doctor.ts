@@ -11,6 +11,7 @@ import { basename, join, resolve } from "node:path";
 import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
 import { processAlive } from "../../util/process.js";
 import type { Finding } from "../adapter.js";
+import { cdpNames, releaseCapture } from "./cdp.js";
 import { names, present, release } from "./live.js";
 import { QgaClient } from "./qga.js";
 import { QmpClient } from "./qmp.js";
@@ -96,7 +97,7 @@ export async function inspectVm(t: DoctorTarget, fix: boolean, stateDir: string)
     if (protect && !protecting) {
       await found(
         `unfinished protect (pid ${protect.data.pid}, ${protect.data.started}): ${protect.items.map((i) => i.kind).join(", ") || "nothing listed"}`,
-        () => release(qmp, qga, protect, log, { success: false }),
+        () => releaseCapture(qmp, protect, log, { success: false }),
       );
     }
     if (!qmp) {
@@ -161,6 +162,14 @@ export async function inspectVm(t: DoctorTarget, fix: boolean, stateDir: string)
         if (bm.name === names.tmpBitmap) {
           await found(
             `temporary bitmap ${bm.name} on ${dev}`,
+            () => q.execute("block-dirty-bitmap-remove", { node: ins["node-name"], name: bm.name }),
+            size,
+          );
+        } else if (cdpNames.isBitmap(bm.name) && !protecting) {
+          // A dead protect's bitmap (what its journal may lack): kept for a resume, a leftover
+          // once nobody resumes.
+          await found(
+            `protect's dirty bitmap ${bm.name} on ${dev} (no protect runs; resume it or remove it)`,
             () => q.execute("block-dirty-bitmap-remove", { node: ins["node-name"], name: bm.name }),
             size,
           );
