@@ -127,9 +127,8 @@ export class GuestfishReader implements FileSystemReader {
     readonly type: string,
     /** The device mounted, as the appliance names it ("/dev/sda2", "/dev/vg0/root"). */
     readonly device: string,
-    private readonly pid: string,
+    private readonly cmd: Fish,
     private readonly guard: ChildProcess,
-    private readonly env: NodeJS.ProcessEnv,
     private readonly serve: RunningServe,
     private readonly tmp: string,
   ) {}
@@ -162,7 +161,7 @@ export class GuestfishReader implements FileSystemReader {
       const drives = target.disks.flatMap((d) => ["-a", `nbd:///${d}?socket=${socket}`]);
       const started = await startGuarded(tmp, ["--ro", "--format=raw", ...drives], env);
       guard = started.guard;
-      const cmd = (args: string[]) => fish(started.pid, env, args);
+      const cmd = remoteFish(started.pid, env, join(tmp, "guestfish.log"));
       // The appliance's own messages go to the listening guestfish's log, not to the client that
       // sent the command: a failed launch may show only there.
       const withLog = async (err: unknown) => {
@@ -170,8 +169,23 @@ export class GuestfishReader implements FileSystemReader {
         const code = err instanceof StrataError ? err.code : ErrorCode.EXTERNAL;
         return new StrataError(code, `${(err as Error).message}\n${log.slice(-2000)}`.trim());
       };
+      // A launch that fails goes back to the configured state and can be tried again: under
+      // load the appliance was seen failing to come up once, then starting fine.
+      const launch = async () => {
+        try {
+          await cmd(["run"]);
+        } catch (err) {
+          if (target.signal?.aborted) throw err;
+          await cmd(["run"]).catch((again: unknown) => {
+            throw new StrataError(
+              ErrorCode.EXTERNAL,
+              `the libguestfs appliance did not start, twice: ${(err as Error).message}; then ${(again as Error).message}`,
+            );
+          });
+        }
+      };
       await abortable(
-        cmd(["run"]).catch(async (err: unknown) => {
+        launch().catch(async (err: unknown) => {
           throw await withLog(err);
         }),
         target.signal,
@@ -187,7 +201,7 @@ export class GuestfishReader implements FileSystemReader {
         );
       if (NOT_FILESYSTEMS.has(type))
         throw new StrataError(ErrorCode.USAGE, `${target.where} holds ${type}, not a filesystem`);
-      const opened = new GuestfishReader(type, device, started.pid, guard, env, serve, tmp);
+      const opened = new GuestfishReader(type, device, cmd, guard, serve, tmp);
       await opened.mount(target);
       return opened;
     } catch (err) {
@@ -324,7 +338,7 @@ export class GuestfishReader implements FileSystemReader {
   }
 
   private fish(args: string[]): Promise<string> {
-    return fish(this.pid, this.env, args);
+    return this.cmd(args);
   }
 
   /** A command about `path`, with "no such file" turned into NOT_FOUND. */
@@ -344,15 +358,43 @@ export class GuestfishReader implements FileSystemReader {
 export type Fish = (args: string[]) => Promise<string>;
 
 /**
- * One command in the appliance of daemon `pid`. The "-" prefix keeps the guestfish server alive
- * when the command fails (it exits otherwise); the failure is then only on stderr.
+ * Commands in the appliance of daemon `pid`, one at a time. The "-" prefix keeps the guestfish
+ * server alive when a command fails (it exits otherwise). A failed command still exits 0 with
+ * nothing on the client's stdout or stderr: libguestfs's error goes to the *server's* stderr,
+ * which is `log`. So each command's error is the part of the log it added.
  */
-async function fish(pid: string, env: NodeJS.ProcessEnv, args: string[]): Promise<string> {
-  const [cmd, ...rest] = args;
-  const { stdout, stderr } = await run("guestfish", [`--remote=${pid}`, "--", `-${cmd}`, ...rest], env);
-  const error = /libguestfs: error: (.*)/.exec(stderr)?.[1];
-  if (error) throw new StrataError(ErrorCode.EXTERNAL, `guestfish ${cmd}: ${error}`);
-  return stdout;
+export function remoteFish(pid: string, env: NodeJS.ProcessEnv, log: string): Fish {
+  let queue: Promise<unknown> = Promise.resolve();
+  const one = async (args: string[]): Promise<string> => {
+    const [cmd, ...rest] = args;
+    const before = await fs.stat(log).then(
+      (st) => st.size,
+      () => 0,
+    );
+    const { stdout, stderr } = await run("guestfish", [`--remote=${pid}`, "--", `-${cmd}`, ...rest], env);
+    const added = await readFrom(log, before);
+    const error = /libguestfs: error: (.*)/.exec(`${stderr}\n${added}`)?.[1];
+    if (error) throw new StrataError(ErrorCode.EXTERNAL, `guestfish ${cmd}: ${error}`);
+    return stdout;
+  };
+  return (args) => {
+    const p = queue.then(() => one(args));
+    queue = p.catch(() => {});
+    return p;
+  };
+}
+
+/** What `path` holds from byte `offset` on (at most 64 KiB of it). */
+async function readFrom(path: string, offset: number): Promise<string> {
+  const h = await fs.open(path, "r").catch(() => undefined);
+  if (!h) return "";
+  try {
+    const buf = Buffer.alloc(64 * 1024);
+    const { bytesRead } = await h.read(buf, 0, buf.length, offset);
+    return buf.subarray(0, bytesRead).toString("utf8");
+  } finally {
+    await h.close();
+  }
 }
 
 /** The appliance's name for the target's partition or logical volume. */
