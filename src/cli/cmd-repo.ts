@@ -1,8 +1,10 @@
 /** init, snapshots, verify, forget, gc: commands on the repository itself. */
 import { existsSync } from "node:fs";
 import { setPriority } from "node:os";
+import { resolve } from "node:path";
 import type { Command } from "commander";
 import { Catalog, type RestorePointRow } from "../catalog/catalog.js";
+import { type CdpWindow, cdpWindow } from "../engine/cdp-status.js";
 import { bootHint } from "../engine/vm-restore.js";
 import { ZSTD_STRONG } from "../repo/codec.js";
 import { manifestTotals } from "../repo/manifest.js";
@@ -127,9 +129,27 @@ Examples:
     .description("list restore points")
     .option("--vm <name>", "only this VM's")
     .option("--catalog <file>", `boot verifications recorded here are shown too; ${CATALOG_OPTION_HELP}`)
-    .action(async (opts: { vm?: string }, cmd: Command) => {
+    .option(
+      "--journal <dir...>",
+      "also show the protected window of these write journals (strata protect --journal DIR)",
+    )
+    .addHelpText(
+      "after",
+      `
+With --journal, every instant of a VM that "strata protect" keeps can be restored, besides its
+restore points: the window (from the first full copy to the newest write, or to now while protect
+runs), the journal's size, the lag and the named marks are listed after the restore points, and
+--json prints {"restorePoints": [...], "windows": [...]} instead of the list alone.
+
+Examples:
+  strata snapshots --vm web1
+  strata snapshots --vm web1 --journal /srv/journal/web1`,
+    )
+    .action(async (opts: { vm?: string; journal?: string[] }, cmd: Command) => {
       const out = output(cmd);
       await withRepo(cmd, async (repo) => {
+        const windows: CdpWindow[] = [];
+        for (const dir of opts.journal ?? []) windows.push(await cdpWindow(repo, resolve(dir), opts.vm));
         const snaps = await repo.snapshots(opts.vm, (vm, time, err) =>
           out.warn(`${vm}/${time}: ${err.message}`),
         );
@@ -159,8 +179,21 @@ Examples:
               : null,
           };
         });
-        out.result(rows, () => {
-          if (rows.length === 0) return "no restore points";
+        const windowLines = windows.map((w) =>
+          [
+            `${w.vm}: ${w.from === null ? "no window yet (the first copy of the disks is not done)" : `any instant ${w.from} .. ${w.to ?? "-"}`}${w.running ? ` (protect runs, pid ${w.pid})` : " (protect not running)"}`,
+            `  journal ${w.journal}: ${w.entries} writes (${formatBytes(w.dataBytes)}) in ${formatBytes(w.journalBytes)}${w.lagMs === undefined ? "" : `, lag ${w.lagMs} ms`}`,
+            ...w.gaps.map(
+              (g) => `  gap ${g.from} .. ${g.to ?? "(resume not finished)"}: instants inside are refused`,
+            ),
+            ...w.marks.map((m) => `  mark ${m.name} at ${m.at}: ${w.vm}@mark:${m.name}`),
+            `  restore an instant: strata restore ${w.vm}@TIME --journal ${w.journal} --target OUT`,
+          ].join("\n"),
+        );
+        const result = opts.journal === undefined ? rows : { restorePoints: rows, windows };
+        out.result(result, () => {
+          const tail = windowLines.length === 0 ? [] : ["", "protected windows:", ...windowLines];
+          if (rows.length === 0) return ["no restore points", ...tail].join("\n");
           const lines = rows.map(
             (r) =>
               `${r.id.padEnd(36)} ${r.mode.padEnd(8)} ${r.consistency.padEnd(22)} ${r.disks
@@ -175,6 +208,7 @@ Examples:
             ...lines,
             "",
             ...kinds.map((k) => `${k}: ${bootHint(k)}`),
+            ...tail,
           ].join("\n");
         });
       });

@@ -230,6 +230,22 @@ describe("continuous data protection of a running VM", { timeout: 600_000 }, () 
     );
     assert.equal(st.running, true);
     t.diagnostic(`status while running: ${JSON.stringify(st)}`);
+    // strata snapshots shows the same window beside the restore points.
+    const listed = summary<{
+      restorePoints: Array<{ id: string }>;
+      windows: Array<{ vm: string; from: string; running: boolean; journal: string }>;
+    }>(await strataOk(["snapshots", "--repo", repo, "--vm", "live", "--journal", journal, "--json"]));
+    assert.ok(Array.isArray(listed.restorePoints));
+    assert.deepEqual(
+      listed.windows.map((w) => [w.vm, w.from, w.running, w.journal]),
+      [["live", st.from, true, journal]],
+    );
+    const text = (await strataOk(["snapshots", "--repo", repo, "--journal", journal])).stdout;
+    assert.match(
+      text,
+      new RegExp(`^live: any instant ${st.from} \\.\\. \\S+ \\(protect runs, pid \\d+\\)$`, "m"),
+    );
+    assert.match(text, /^ {2}restore an instant: strata restore live@TIME --journal /m);
     child.kill("SIGINT");
     const res = await out.result;
     assert.equal(res.code, 0, res.stderr);
