@@ -66,6 +66,8 @@ interface CdpView {
   to: string | null;
   journalBytes: number;
   lagMs: number | null;
+  /** When protection was down (a protect died, a later one resumed); `to` null while resuming. */
+  gaps: Array<{ from: string; to: string | null }>;
   marks: Array<{ name: string; time: string }>;
 }
 
@@ -378,6 +380,7 @@ export class Api {
             to: null,
             journalBytes: 0,
             lagMs: null,
+            gaps: [],
             marks: [],
           };
           if (repo && s.journal !== undefined) {
@@ -387,6 +390,7 @@ export class Api {
               base.to = w.to;
               base.journalBytes = w.journalBytes;
               base.lagMs = w.lagMs ?? null;
+              base.gaps = w.gaps;
               base.marks = w.marks.map((m) => ({ name: m.name, time: m.at }));
             }
           }
@@ -1103,13 +1107,20 @@ export class Api {
               to: { type: "string", format: "date-time", nullable: true },
               journalBytes: int,
               lagMs: nint,
+              gaps: {
+                type: "array",
+                items: obj({
+                  from: { type: "string", format: "date-time" },
+                  to: { type: "string", format: "date-time", nullable: true },
+                }),
+              },
               marks: {
                 type: "array",
                 items: obj({ name: str, time: { type: "string", format: "date-time" } }),
               },
             }),
             description:
-              "Continuous data protection: the daemon's strata protect of the VM and the window its journal can restore (from..to), its size, and the lag of the oldest write not yet fdatasynced",
+              "Continuous data protection: the daemon's strata protect of the VM and the window its journal can restore (from..to), the gaps inside it when protection was down, its size, and the lag of the oldest write not yet fdatasynced",
           },
           Vm: obj({
             cdp: { allOf: [{ $ref: "#/components/schemas/Cdp" }], nullable: true },

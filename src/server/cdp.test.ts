@@ -1,6 +1,7 @@
 // The cdp supervisor with a stand-in for the strata binary (a real node process, not QEMU: the
 // test guest's end to end run is test/cdp/daemon-cdp.test.ts): a child that exits is started
-// again after a doubling backoff with a new journal directory; one that ignores SIGTERM is killed
+// again after a doubling backoff on the same journal (protect resumes it), on a new one when protect
+// says that journal cannot be resumed; one that ignores SIGTERM is killed
 // after the grace and `protect stop VM` runs after it; sync([]) stops every child.
 import assert from "node:assert/strict";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -16,6 +17,7 @@ fs.appendFileSync(process.env.CALLS, JSON.stringify(args) + "\\n");
 if (args[1] === "stop") process.exit(0);
 const mode = fs.readFileSync(process.env.MODE, "utf8").trim();
 if (mode === "exit") setTimeout(() => process.exit(3), 100);
+else if (mode === "spent") { process.stderr.write("strata: journal J holds an earlier capture of live that cannot be resumed (x): give protect a new --journal directory\\n"); process.exit(2); }
 else if (mode === "stubborn") { process.on("SIGTERM", () => {}); setInterval(() => {}, 1000); }
 else setInterval(() => {}, 1000);
 `;
@@ -88,9 +90,30 @@ test("protects restart with backoff, stop with SIGTERM, and a stubborn one is ki
     "60000ms",
   ]);
   assert.ok(started[0]![5]!.startsWith(join(dir, "journal", "live")));
-  assert.equal(new Set(started.map((a) => a[5])).size, started.length, "a new journal each start");
+  assert.deepEqual(new Set(started.map((a) => a[5])), new Set([started[0]![5]]), "the journal resumed");
+  assert.ok(
+    logs.some((l) => l.includes(`resuming the journal ${started[0]![5]}`)),
+    logs.join("\n"),
+  );
   const waits = logs.flatMap((l) => /starting again in (\d+) s/.exec(l)?.[1] ?? []);
   assert.ok(waits.length >= 3, logs.join("\n"));
+
+  // Protect says the journal cannot be resumed: the next start takes a new one.
+  const before = started.length;
+  writeFileSync(mode, "spent");
+  const journals = await until("a new journal", () => {
+    const js = readFileSync(calls, "utf8")
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as string[])
+      .filter((a) => a[1] !== "stop")
+      .map((a) => a[5]!);
+    return js.length >= before + 3 ? js : undefined;
+  });
+  const after = journals.slice(before);
+  assert.equal(after[0], started[0]![5], "the first start after the switch still resumes");
+  assert.notEqual(after[1], after[0], "then a new journal");
+  assert.notEqual(after[2], after[1], "and a new one each time it is refused");
 
   // Running for good now: sync([]) stops it with SIGTERM.
   writeFileSync(mode, "run");

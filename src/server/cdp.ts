@@ -1,9 +1,10 @@
 /**
  * Continuous data protection under the daemon: for every VM of a policy with `cdp`, one
  * `strata protect` child process (the same binary, like instant recovery's serve) journaling
- * into journal-dir/VM/START (protect takes only a new directory, so each start has its own).
- * A child that exits is started again after a backoff (1 s doubling to 5 min, reset once a child
- * ran 10 minutes); the daemon's stop, or a reload that drops the VM from every cdp policy, stops
+ * into journal-dir/VM/START. A child that exits is started again after a backoff (1 s doubling
+ * to 5 min, reset once a child ran 10 minutes) on the same journal, which protect resumes from
+ * the dirty bitmaps the dead one left (re-reading only what they mark); when protect says that
+ * journal cannot be resumed, the next start takes a new directory; the daemon's stop, or a reload that drops the VM from every cdp policy, stops
  * it with SIGTERM (protect cancels its mirrors, removes its nodes and bitmap and exits) and, if it
  * did not stop in time and was killed, `strata protect stop` removes what it left on the VM.
  * Before a VM's first protect, `strata protect stop` ends one a killed daemon left running.
@@ -55,9 +56,14 @@ export interface CdpOptions {
   maxBackoffMs?: number;
 }
 
+/** What protect says when a journal it was given cannot be continued: a new one is needed. */
+const NOT_RESUMABLE = /cannot be resumed|holds no journal/;
+
 interface Slot {
   want: CdpWant;
   status: CdpStatus;
+  /** The journal the next start resumes (that of a child that died). */
+  resume?: string;
   child?: Child | undefined;
   timer?: NodeJS.Timeout | undefined;
   backoffMs: number;
@@ -149,7 +155,12 @@ export class CdpSupervisor {
     slot.timer = undefined;
     if (slot.stopped || this.closed) return;
     const { vm } = slot.want;
-    const journal = join(slot.want.cdp.journalDir, vm, new Date().toISOString().replace(/[:.]/g, "-"));
+    const journal =
+      slot.resume ?? join(slot.want.cdp.journalDir, vm, new Date().toISOString().replace(/[:.]/g, "-"));
+    const resuming = slot.resume !== undefined;
+    delete slot.resume;
+    /** Set when protect said this journal cannot be continued. */
+    let spent = false;
     slot.status.state = "starting";
     slot.status.journal = journal;
     slot.status.starts++;
@@ -170,9 +181,13 @@ export class CdpSupervisor {
       slot.child = child;
       slot.status.state = "running";
       slot.status.pid = child.pid!;
-      this.o.log("info", `cdp ${vm}: strata protect started (pid ${child.pid}) journaling into ${journal}`);
+      this.o.log(
+        "info",
+        `cdp ${vm}: strata protect started (pid ${child.pid}) ${resuming ? "resuming the journal" : "journaling into"} ${journal}`,
+      );
       await child.exited;
       const code = child.child.exitCode;
+      spent = NOT_RESUMABLE.test(child.stderr);
       const why = `exited (${code === null ? `signal ${child.child.signalCode}` : `code ${code}`})${child.stderr ? `: ${child.stderr.split("\n").slice(-2).join(" ")}` : ""}`;
       slot.child = undefined;
       delete slot.status.pid;
@@ -181,6 +196,8 @@ export class CdpSupervisor {
     })().catch((err: unknown) => {
       if (slot.stopped || this.closed) return;
       const why = describeError(err);
+      // Started again on this journal, unless protect said it cannot go on with it.
+      if (!spent && !NOT_RESUMABLE.test(why)) slot.resume = journal;
       slot.status.lastExit = why;
       if (Date.now() - slot.startedAt >= 600_000) slot.backoffMs = this.o.backoffMs ?? 1000;
       const wait = slot.backoffMs;

@@ -1,7 +1,7 @@
 // Continuous data protection under the daemon: the real binary (bin/strata daemon) runs a policy
 // with cdp over a running test guest (real QEMU, TCG). Its strata protect child comes up, the API
 // (GET /api/v1/vms, the VM's restore points) shows the window growing, the journal's size, the
-// lag and a mark; the child killed with -9 is started again (a new pid, a new journal) and the
+// lag and a mark; the child killed with -9 is started again (a new pid, resuming its journal) and the
 // window shows again; a reload without cdp stops the child and leaves nothing on the VM; cdp
 // put back and the daemon stopped (SIGTERM) leaves nothing on the VM either (no mirror job, no
 // strata-cdp bitmap, no NBD node or export, no state record). The web UI shows the window on the
@@ -23,6 +23,7 @@ interface Cdp {
   to: string | null;
   journalBytes: number;
   lagMs: number | null;
+  gaps: Array<{ from: string; to: string | null }>;
   starts: number;
   marks: Array<{ name: string; time: string }>;
 }
@@ -118,14 +119,25 @@ ${cdp ? `    cdp: { journal-dir: ${journalDir}, window: 10m, fold: 5m }\n` : ""}
     console.log(
       `cdp window ${later.from}..${later.to}, journal ${later.journalBytes} bytes, lag ${later.lagMs} ms`,
     );
-    // Killed, the child is started again (new pid, new journal), and the window shows again.
+    // Killed, the child is started again on the same journal, which it resumes from the dirty
+    // bitmaps: the window keeps its start, with a gap for the time protection was down.
     process.kill(first.pid!, "SIGKILL");
     const second = await windowShown("the restarted protect's window", 2);
     assert.notEqual(second.pid, first.pid);
-    assert.notEqual(second.journal, first.journal);
+    assert.equal(second.journal, first.journal);
+    assert.equal(second.from, first.from);
+    const resumed = await until("the resume's gap closed", 120_000, async () => {
+      const c = await cdpOf();
+      return c && c.gaps.length === 1 && c.gaps[0]!.to !== null ? c : undefined;
+    });
+    assert.ok(Date.parse(resumed.gaps[0]!.from) < Date.parse(resumed.gaps[0]!.to!));
     assert.match(
       out.stderr + out.stdout,
       /cdp live: strata protect exited \(signal SIGKILL\).*starting again in/,
+    );
+    assert.match(
+      out.stderr + out.stdout,
+      /cdp live: strata protect started \(pid \d+\) resuming the journal /,
     );
 
     // A mark made beside the restarted protect is listed, on the VM and its restore points.
@@ -158,6 +170,8 @@ ${cdp ? `    cdp: { journal-dir: ${journalDir}, window: 10m, fold: 5m }\n` : ""}
     const text = (await win.textContent()) ?? "";
     assert.match(text, /CDP window .+ – .+; protect running \(pid \d+\), journal/);
     assert.match(text, /mark before-upgrade/);
+    assert.match(text, /gap .+ – .+: protection was down, instants inside\s+cannot be restored/);
+    assert.equal(await w.page.locator(".cdp-window rect.cdp-gap").count(), 1);
     assert.deepEqual(w.errors, []);
 
     // A reload without cdp stops the child; nothing stays on the VM.

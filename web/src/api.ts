@@ -86,6 +86,7 @@ export interface Cdp {
   to: string | null;
   journalBytes: number;
   lagMs: number | null;
+  gaps: Array<{ from: string; to: string | null }>;
   marks: Array<{ name: string; time: string }>;
 }
 

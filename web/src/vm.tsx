@@ -67,6 +67,16 @@ function CdpWindow({ cdp }: { cdp: Cdp }) {
       {lo !== undefined && hi !== undefined ? (
         <svg class="timeline" viewBox={`0 0 ${W} 24`} preserveAspectRatio="none" aria-hidden="true">
           <rect x="8" y="6" width={W - 16} height="12" class="cdp-bar" />
+          {cdp.gaps.map((g) => (
+            <rect
+              key={g.from}
+              x={x(g.from)}
+              y="6"
+              width={Math.max(2, x(g.to ?? cdp.to!) - x(g.from))}
+              height="12"
+              class="cdp-gap"
+            />
+          ))}
           {cdp.marks.map((m) => (
             <rect key={m.name} x={x(m.time) - 2} y="0" width="4" height="24" class="cdp-mark" />
           ))}
@@ -86,6 +96,16 @@ function CdpWindow({ cdp }: { cdp: Cdp }) {
         {cdp.lagMs === null ? "–" : `${cdp.lagMs} ms`}
         {cdp.lastExit ? `; last exit: ${cdp.lastExit}` : ""}
       </p>
+      {cdp.gaps.length > 0 ? (
+        <ul class="cdp-gaps" aria-label="gaps">
+          {cdp.gaps.map((g) => (
+            <li key={g.from}>
+              gap {when(g.from)} – {g.to ? when(g.to) : "resuming"}: protection was down, instants inside
+              cannot be restored
+            </li>
+          ))}
+        </ul>
+      ) : null}
       {cdp.marks.length > 0 ? (
         <ul class="cdp-marks" aria-label="marks">
           {cdp.marks.map((m) => (
