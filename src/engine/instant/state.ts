@@ -18,7 +18,7 @@ import { dirname, join } from "node:path";
 import { z } from "zod";
 import type { InstantRuntime, InstantVm, NbdBackedDisk } from "../../hypervisor/adapter.js";
 import type { AdapterRegistry } from "../../hypervisor/registry.js";
-import { parseS3Url } from "../../repo/s3-store.js";
+import { parseS3Url } from "../../repo/s3-url.js";
 import { describeError, ErrorCode, isNotFound, StrataError } from "../../util/errors.js";
 import { processRunsWith, socketAccepts, terminate } from "../../util/process.js";
 import { absolutePath, list, object, oneOf, parseDocument, text, whole } from "../../util/schema.js";
