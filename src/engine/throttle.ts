@@ -3,12 +3,13 @@
  * `read` changes; allocation and change tracking are the source's own, so skipped chunks cost
  * nothing against the limit.
  */
-import type { Limiter } from "../util/throttle.js";
+import { type Limiter, takeWith } from "../util/throttle.js";
 import type { DiskSource } from "./backup.js";
 
 export function throttleDisk<D extends DiskSource>(disk: D, limiter: Limiter, signal?: AbortSignal): D {
+  const take = takeWith(limiter, signal);
   const read = async (offset: number, length: number, into?: Buffer) => {
-    await limiter.take(length, signal);
+    await take(length);
     return disk.read(offset, length, into);
   };
   return new Proxy(disk, {

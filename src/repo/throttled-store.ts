@@ -3,12 +3,13 @@
  * changes, so what a command sends to the store is held to the limit, and reads, listings and
  * deletes are not counted. `strata copy --limit` puts one around the target repository's store.
  */
-import type { Limiter } from "../util/throttle.js";
+import { type Limiter, takeWith } from "../util/throttle.js";
 import type { Store } from "./store.js";
 
 export function throttleStore(store: Store, limiter: Limiter, signal?: AbortSignal): Store {
+  const take = takeWith(limiter, signal);
   const put: Store["put"] = async (key, data, options) => {
-    await limiter.take(data.length, signal);
+    await take(data.length);
     return store.put(key, data, options);
   };
   return new Proxy(store, {

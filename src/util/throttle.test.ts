@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { allLimits, MiB, TokenBucket } from "./throttle.js";
+import { allLimits, MiB, TokenBucket, takeWith } from "./throttle.js";
 
 test("a token bucket holds its rate over overlapping takes, after its burst", async () => {
   const rate = 8 * MiB;
@@ -21,4 +21,24 @@ test("a take is cancelled by its signal; a zero or negative rate is refused", as
   await assert.rejects(pending, /stop/);
   assert.throws(() => new TokenBucket(0), /above 0/);
   assert.equal(allLimits([undefined, undefined]), undefined);
+});
+
+test("many waits in flight on one job's signal are no listener-leak warning", async () => {
+  const warnings: string[] = [];
+  const onWarning = (w: Error) => warnings.push(w.name);
+  process.on("warning", onWarning);
+  try {
+    const bucket = new TokenBucket(256 * MiB);
+    const ac = new AbortController();
+    const take = takeWith(bucket, ac.signal);
+    // 32 reads in flight, each waiting past the burst with the same signal.
+    await Promise.all(Array.from({ length: 32 }, () => take(4 * MiB)));
+    await new Promise((r) => setImmediate(r));
+    assert.deepEqual(
+      warnings.filter((w) => w === "MaxListenersExceededWarning"),
+      [],
+    );
+  } finally {
+    process.off("warning", onWarning);
+  }
 });

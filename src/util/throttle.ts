@@ -9,6 +9,7 @@
  * `rate` however many reads are in flight, and a read larger than the burst is allowed too (its
  * wait is longer).
  */
+import { setMaxListeners } from "node:events";
 import { setTimeout as sleep } from "node:timers/promises";
 
 export interface Limiter {
@@ -62,4 +63,14 @@ export function allLimits(limiters: ReadonlyArray<Limiter | undefined>): Limiter
       for (const l of list) await l.take(bytes, signal);
     },
   };
+}
+
+/**
+ * `limiter.take` bound to one job's signal. Every read or upload in flight waits with it, one
+ * abort listener each (removed when its wait ends): more than Node's default of 10 is expected
+ * there, not a leak, so the signal's limit is raised instead of warning.
+ */
+export function takeWith(limiter: Limiter, signal?: AbortSignal): (bytes: number) => Promise<void> {
+  if (signal) setMaxListeners(1024, signal);
+  return (bytes) => limiter.take(bytes, signal);
 }
