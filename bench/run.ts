@@ -23,12 +23,13 @@
  *
  * Then live incrementals of a running VM through its dirty bitmap (./live.ts): the test guest
  * under QEMU writes 0 to 256 MiB into its disk between backups, and the table shows how the time
- * and the stored bytes follow the change.
+ * and the stored bytes follow the change. And what continuous data protection's journal costs for a
+ * day of the Debian disk's workload (./journal-day.ts).
  *
  * Environment: STRATA_BENCH_DAYS (default 2), STRATA_BENCH_ROUNDS (default 2),
  * STRATA_BENCH_LIVE_ROUNDS (rounds of the live section, default 5),
  * STRATA_BENCH_ONLY ("|"-separated: run only the tools and sections whose name contains one of
- * them; "live" runs the live section alone, "strata" every Strata figure; a token naming a disk
+ * them; "live" runs the live section alone, "journal" the journal's, "strata" every Strata figure; a token naming a disk
  * set, e.g. "Debian", runs that set alone), STRATA_CACHE (default .cache).
  */
 import { execFileSync } from "node:child_process";
@@ -41,6 +42,7 @@ import { compress } from "zstd-napi";
 import { fillContent, Prng } from "../src/image/synthetic.js";
 import { debianDisks } from "./debian-disk.js";
 import { benchDisks } from "./disk.js";
+import { benchJournalDay, JOURNAL_NAME } from "./journal-day.js";
 import { benchLive, LIVE_NAME } from "./live.js";
 import { dropCaches, du, ensureCommands, fmt, type Measure, MiB, timed } from "./measure.js";
 
@@ -352,9 +354,10 @@ async function main(): Promise<void> {
   const picked = (name: string) => !only || only.split("|").some((o) => name.includes(o));
   const chosen = tools.filter((x) => picked(x.name));
   const live = picked(LIVE_NAME);
-  if (chosen.length === 0 && !live)
+  const journal = picked(JOURNAL_NAME);
+  if (chosen.length === 0 && !live && !journal)
     throw new Error(
-      `STRATA_BENCH_ONLY=${only} matches none of: ${[...tools.map((t) => t.name), LIVE_NAME].join("; ")}`,
+      `STRATA_BENCH_ONLY=${only} matches none of: ${[...tools.map((t) => t.name), LIVE_NAME, JOURNAL_NAME].join("; ")}`,
     );
   ensureCommands({ "/usr/bin/time": "time" });
   mkdirSync(WORK, { recursive: true });
@@ -380,6 +383,7 @@ async function main(): Promise<void> {
     console.log("\nThis machine's limits, same run (reads: the Debian disk's day 0):");
     for (const [k, v] of Object.entries(lim)) console.log(`- ${k}: ${fmt(v, 0)}`);
   }
+  if (journal) await benchJournalDay(debianDisks(ROOT, CACHE, DAYS).images, WORK);
   if (live) await benchLive({ work: join(WORK, "live"), rounds: LIVE_ROUNDS, strataBin });
   clearWork(false);
 }
