@@ -4,6 +4,8 @@
  * (`index/<name>`). The rest of the repository (manifests, fixed indexes, blobs, locks) is the same
  * in both. {@link Repository} picks the layout from the config's version.
  */
+
+import { DIRECT_IO_ALIGN } from "../util/aligned.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { forEachLimit } from "../util/pool.js";
 import type { ChunkPool, SharedSlot } from "./chunk-pool.js";
@@ -11,6 +13,7 @@ import { storedSizeBound } from "./codec.js";
 import { INDEX_NAME_RE, keys } from "./format.js";
 import { PackWriter } from "./pack.js";
 import {
+  type ChunkLocation,
   decodeIndex,
   encodeIndex,
   INDEX_MAX_BYTES,
@@ -58,11 +61,12 @@ export interface ChunkLayout {
    */
   read(hex: string, scratch?: SharedSlot): Promise<Buffer>;
   /**
-   * The stored bytes of several chunks read with one read, into `scratch` (as for {@link read}),
-   * when they lie back to back in one place (a pack); undefined when they don't, or when the
-   * layout can't tell: the caller reads them one by one.
+   * The stored bytes of several chunks (a restore's run of consecutive chunks of a disk) with as
+   * few reads as their places allow, all into `scratch` (as for {@link read}): one read per pack
+   * for those close together there, one per chunk for the others. Undefined when they don't fit
+   * in `scratch` that way, or when the layout can't tell: the caller reads them one by one.
    */
-  readAdjacent?(hexes: readonly string[], scratch: SharedSlot): Promise<Buffer[] | undefined>;
+  readRun?(hexes: readonly string[], scratch: SharedSlot): Promise<Buffer[] | undefined>;
   /** True when the chunk is stored (metadata only, for verify). */
   exists(hex: string): Promise<boolean>;
   /**
@@ -230,29 +234,56 @@ export class PackLayout implements ChunkLayout {
     }
   }
 
-  async readAdjacent(hexes: readonly string[], scratch: SharedSlot): Promise<Buffer[] | undefined> {
+  async readRun(hexes: readonly string[], scratch: SharedSlot): Promise<Buffer[] | undefined> {
     const index = await this.packIndex();
     const at = hexes.map((hex) => index.locate(hex));
-    const first = at[0];
-    if (!first) return undefined;
-    let end = first.offset;
-    for (const a of at) {
-      if (!a || a.pack !== first.pack || a.offset !== end) return undefined;
-      end += a.length;
+    // A chunk twice in the run (repeated content) needs two copies: an encrypted one is
+    // decrypted in place.
+    if (at.some((a) => a === undefined) || new Set(hexes).size !== hexes.length) return undefined;
+    const located = at as ChunkLocation[];
+    // The chunks of a run were packed in the order the backup's workers finished them: mostly
+    // near each other in one pack, seldom back to back. A pack's chunks are read as one span
+    // when the span holds at most twice their bytes (the rest is other chunks, read and
+    // ignored), else one by one; each read gets a page-aligned region of `scratch`.
+    const reads: Array<{ pack: string; offset: number; length: number; chunks: number[] }> = [];
+    const byPack = new Map<string, number[]>();
+    for (const [k, a] of located.entries()) byPack.set(a.pack, [...(byPack.get(a.pack) ?? []), k]);
+    for (const [pack, ks] of byPack) {
+      const lo = Math.min(...ks.map((k) => located[k]!.offset));
+      const hi = Math.max(...ks.map((k) => located[k]!.offset + located[k]!.length));
+      const bytes = ks.reduce((sum, k) => sum + located[k]!.length, 0);
+      if (hi - lo <= 2 * bytes) reads.push({ pack, offset: lo, length: hi - lo, chunks: ks });
+      else for (const k of ks) reads.push({ ...located[k]!, chunks: [k] });
     }
-    let span: Buffer;
-    try {
-      span = await this.store.getRange(
-        keys.pack(first.pack),
-        first.offset,
-        end - first.offset,
-        new Uint8Array(scratch.memory, scratch.offset, scratch.capacity),
-      );
-    } catch {
-      // Moved by a gc, or damaged: the one-by-one reads retry and name what is wrong.
-      return undefined;
-    }
-    return at.map((a) => span.subarray(a!.offset - first.offset, a!.offset - first.offset + a!.length));
+    const aligned = (offset: number, length: number) =>
+      Math.ceil((offset + length) / DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN -
+      (offset - (offset % DIRECT_IO_ALIGN));
+    let room = 0;
+    const regions = reads.map((r) => {
+      const start = room;
+      room += aligned(r.offset, r.length);
+      return start;
+    });
+    if (room > scratch.capacity) return undefined;
+    const out: Buffer[] = [];
+    // Every read ends before this returns: a caller that then reads one by one reuses `scratch`.
+    const settled = await Promise.allSettled(
+      reads.map(async (r, i) => {
+        const span = await this.store.getRange(
+          keys.pack(r.pack),
+          r.offset,
+          r.length,
+          new Uint8Array(scratch.memory, scratch.offset + regions[i]!, aligned(r.offset, r.length)),
+        );
+        for (const k of r.chunks) {
+          const a = located[k]!;
+          out[k] = span.subarray(a.offset - r.offset, a.offset - r.offset + a.length);
+        }
+      }),
+    );
+    // Moved by a gc, or damaged: the one-by-one reads retry and name what is wrong.
+    if (settled.some((x) => x.status === "rejected")) return undefined;
+    return out;
   }
 
   private async readFrom(index: PackIndex, hex: string, scratch?: SharedSlot): Promise<Buffer> {

@@ -430,9 +430,7 @@ export class Repository {
   ): Promise<number[]> {
     const hexes = digests.map((d) => d.toString("hex"));
     const stored =
-      digests.length > 1 && this.layout.readAdjacent
-        ? await this.layout.readAdjacent(hexes, scratch)
-        : undefined;
+      digests.length > 1 && this.layout.readRun ? await this.layout.readRun(hexes, scratch) : undefined;
     return Promise.all(
       digests.map(async (digest, k) => {
         const at = stored
