@@ -10,47 +10,55 @@ import { describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Capture } from "../../src/hypervisor/qemu/cdp.js";
 import { JournalWriter } from "../../src/journal/writer.js";
-import { assertRecordsAt, protectedGuest } from "../helpers/cdp.js";
-import { collect, startStrata, strataOk, summary, tempDir } from "../helpers/cli.js";
+import { assertRecordsAt, protectedGuest, protectSynced, startProtect } from "../helpers/cdp.js";
+import { strataOk, summary, tempDir } from "../helpers/cli.js";
 import { journalRecordTimes, parseLatencySummaries, verifyRecords } from "../helpers/records.js";
-import { bootWorkloadVm, leftovers } from "../helpers/vm.js";
+import { bootWorkloadVm, leftovers, type WorkloadVm } from "../helpers/vm.js";
 
 function contiguous(seqs: number[]): boolean {
   const s = [...seqs].sort((a, b) => a - b);
   return s.every((x, i) => i === 0 || x === s[i - 1]! + 1);
 }
 
+/** The test guest with its record workload on two 64 MiB disks, a qcow2 and a raw one. */
+const bootTwoDisks = (t: Parameters<typeof bootWorkloadVm>[0]) =>
+  bootWorkloadVm(t, {
+    disks: [
+      { id: "vblk0", format: "qcow2", size: "64M" },
+      { id: "vblk1", format: "raw", size: "64M" },
+    ],
+    workload: ["/dev/vda", "/dev/vdb"],
+    wlsize: "16M",
+  });
+
+/** A capture of `g` (sync none) into an unencrypted journal in `journalDir`; its log into `logs`. */
+const startCapture = (g: WorkloadVm, state: string, journalDir: string, logs: string[]) =>
+  Capture.start({
+    vm: "live",
+    sync: "none",
+    target: { qmp: g.vm.qmpSocket },
+    stateDir: state,
+    openJournal: (disks) =>
+      JournalWriter.open({
+        dir: journalDir,
+        keys: undefined,
+        vm: "live",
+        repository: "test",
+        disks: disks.map((d) => ({ name: d.name, size: d.size })),
+      }),
+    log: (m) => logs.push(m),
+  });
+
 describe("continuous data protection of a running VM", { timeout: 600_000 }, () => {
   test("capture: the journal gets every guest write of both disks in order; stop leaves nothing on the VM", async (t) => {
     const dir = tempDir(t);
     const state = join(dir, "state");
     const journalDir = join(dir, "journal");
-    const g = await bootWorkloadVm(t, {
-      disks: [
-        { id: "vblk0", format: "qcow2", size: "64M" },
-        { id: "vblk1", format: "raw", size: "64M" },
-      ],
-      workload: ["/dev/vda", "/dev/vdb"],
-      wlsize: "16M",
-    });
+    const g = await bootTwoDisks(t);
     await g.waitSeq(100);
     const consoleBefore = (await g.vm.console()).length;
     const logs: string[] = [];
-    const capture = await Capture.start({
-      vm: "live",
-      sync: "none",
-      target: { qmp: g.vm.qmpSocket },
-      stateDir: state,
-      openJournal: (disks) =>
-        JournalWriter.open({
-          dir: journalDir,
-          keys: undefined,
-          vm: "live",
-          repository: "test",
-          disks: disks.map((d) => ({ name: d.name, size: d.size })),
-        }),
-      log: (m) => logs.push(m),
-    });
+    const capture = await startCapture(g, state, journalDir, logs);
     let stopped = false;
     t.after(async () => {
       if (!stopped) await capture.stop().catch(() => {});
@@ -108,33 +116,12 @@ describe("continuous data protection of a running VM", { timeout: 600_000 }, () 
     // were cancelled with guest writes in flight; stop now cancels them with the VM paused.
     const dir = tempDir(t);
     const state = join(dir, "state");
-    const g = await bootWorkloadVm(t, {
-      disks: [
-        { id: "vblk0", format: "qcow2", size: "64M" },
-        { id: "vblk1", format: "raw", size: "64M" },
-      ],
-      workload: ["/dev/vda", "/dev/vdb"],
-      wlsize: "16M",
-    });
+    const g = await bootTwoDisks(t);
     await g.waitSeq(50);
     const stops: number[] = [];
     for (let i = 0; i < 20; i++) {
       const logs: string[] = [];
-      const capture = await Capture.start({
-        vm: "live",
-        sync: "none",
-        target: { qmp: g.vm.qmpSocket },
-        stateDir: state,
-        openJournal: (disks) =>
-          JournalWriter.open({
-            dir: join(dir, `journal-${i}`),
-            keys: undefined,
-            vm: "live",
-            repository: "test",
-            disks: disks.map((d) => ({ name: d.name, size: d.size })),
-          }),
-        log: (m) => logs.push(m),
-      });
+      const capture = await startCapture(g, state, join(dir, `journal-${i}`), logs);
       const s = await g.seq();
       await g.waitSeq(s + 20 + (i % 4) * 10, 120_000);
       const t0 = Date.now();
@@ -207,23 +194,10 @@ describe("continuous data protection of a running VM", { timeout: 600_000 }, () 
   });
 
   test("protect, then restore at random instants: records gap-free up to T, nothing after, both disks at one instant", async (t) => {
-    const { dir, repo, state, journal, env, g } = await protectedGuest(t, { wlsize: "32M", seq: 50 });
-    const child = startStrata(
-      ["protect", "--repo", repo, "--vm", "live", `qmp:${g.vm.qmpSocket}`, "--journal", journal],
-      { env },
-    );
-    const out = collect(child);
-    t.after(() => {
-      if (child.exitCode === null) child.kill("SIGKILL");
-    });
-    const end = Date.now() + 180_000;
-    for (;;) {
-      const meta = await readFile(join(journal, "journal.json"), "utf8").catch(() => "");
-      if (/"syncedNs": "\d+"/.test(meta)) break;
-      if (child.exitCode !== null || Date.now() > end)
-        throw new Error(`protect never finished its first copy: ${out.stderr}`);
-      await sleep(200);
-    }
+    const pg = await protectedGuest(t, { wlsize: "32M", seq: 50 });
+    const { dir, repo, state, journal, g } = pg;
+    const { child, out } = startProtect(t, pg);
+    await protectSynced({ child, out }, journal);
     await sleep(15_000);
     const st = summary<{ running: boolean; from: string; to: string; journalBytes: number; lagMs?: number }>(
       await strataOk(["protect", "status", "live", "--repo", repo, "--journal", journal, "--json"]),
@@ -287,29 +261,10 @@ describe("continuous data protection of a running VM", { timeout: 600_000 }, () 
     const journal = join(dir, "journal");
     const env = { STRATA_STATE_DIR: state, STRATA_PASSWORD: "correct horse battery staple" };
     await strataOk(["init", "--repo", repo, "--chunk-size", "256K"], { env });
-    const g = await bootWorkloadVm(t, {
-      disks: [
-        { id: "vblk0", format: "qcow2", size: "64M" },
-        { id: "vblk1", format: "raw", size: "64M" },
-      ],
-      workload: ["/dev/vda", "/dev/vdb"],
-      wlsize: "16M",
-    });
+    const g = await bootTwoDisks(t);
     await g.waitSeq(40);
-    const child = startStrata(
-      ["protect", "--repo", repo, "--vm", "live", `qmp:${g.vm.qmpSocket}`, "--journal", journal],
-      { env },
-    );
-    const out = collect(child);
-    t.after(() => {
-      if (child.exitCode === null) child.kill("SIGKILL");
-    });
-    const end = Date.now() + 180_000;
-    while (!/"syncedNs": "\d+"/.test(await readFile(join(journal, "journal.json"), "utf8").catch(() => ""))) {
-      if (child.exitCode !== null || Date.now() > end)
-        throw new Error(`protect never finished its first copy: ${out.stderr}`);
-      await sleep(200);
-    }
+    const { child, out } = startProtect(t, { repo, journal, env, g });
+    await protectSynced({ child, out }, journal);
     await sleep(5000);
     const consoleBefore = (await g.vm.console()).length;
     child.kill("SIGKILL");

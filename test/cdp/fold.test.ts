@@ -12,7 +12,7 @@ import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, test } from "node:test";
 import { promisify } from "node:util";
-import { protectedGuest } from "../helpers/cdp.js";
+import { protectedGuest, startProtect } from "../helpers/cdp.js";
 import { collect, startStrata, strataOk, summary } from "../helpers/cli.js";
 import { journalRecordTimes, verifyRecords } from "../helpers/records.js";
 import { until } from "../helpers/vm.js";
@@ -32,28 +32,9 @@ interface Status {
 
 describe("folding the journal into restore points", { timeout: 900_000 }, () => {
   test("fold + window + forget + gc beside a running protect lose nothing", async (t) => {
-    const { dir, repo, journal, env, g } = await protectedGuest(t, { wlsize: "16M", seq: 30 });
-    const child = startStrata(
-      [
-        "protect",
-        "--repo",
-        repo,
-        "--vm",
-        "live",
-        `qmp:${g.vm.qmpSocket}`,
-        "--journal",
-        journal,
-        "--fold",
-        "10s",
-        "--window",
-        "40s",
-      ],
-      { env },
-    );
-    const out = collect(child);
-    t.after(() => {
-      if (child.exitCode === null) child.kill("SIGKILL");
-    });
+    const pg = await protectedGuest(t, { wlsize: "16M", seq: 30 });
+    const { dir, repo, journal, env } = pg;
+    const { child, out } = startProtect(t, pg, { extra: ["--fold", "10s", "--window", "40s"] });
     const status = async () =>
       JSON.parse(await readFile(join(journal, "status.json"), "utf8").catch(() => "{}")) as Status;
     const folds = (n: number) =>

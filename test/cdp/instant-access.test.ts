@@ -14,7 +14,7 @@ import { describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { promisify } from "node:util";
 import { QgaClient } from "../../src/hypervisor/qemu/qga.js";
-import { protectedGuest } from "../helpers/cdp.js";
+import { protectedGuest, protectSynced, startProtect } from "../helpers/cdp.js";
 import { collect, startStrata, strataOk, summary } from "../helpers/cli.js";
 import { journalRecordTimes, verifyRecords } from "../helpers/records.js";
 import { until } from "../helpers/vm.js";
@@ -57,20 +57,8 @@ describe("instants of a protected VM as restore points", { timeout: 900_000 }, (
         env,
       },
     );
-    const child = startStrata(
-      ["protect", "--repo", repo, "--vm", "live", `qmp:${g.vm.qmpSocket}`, "--journal", journal],
-      { env },
-    );
-    const out = collect(child);
-    t.after(() => {
-      if (child.exitCode === null) child.kill("SIGKILL");
-    });
-    await until("protect's first copy", 180_000, async () => {
-      if (child.exitCode !== null) throw new Error(`protect ended: ${out.stderr}`);
-      return /"syncedNs": "\d+"/.test(await readFile(join(journal, "journal.json"), "utf8").catch(() => ""))
-        ? true
-        : undefined;
-    });
+    const { child, out } = startProtect(t, { repo, journal, env, g });
+    await protectSynced({ child, out }, journal);
     // Stamp k is on the disk (synced, and the filesystem clean: frozen once) from after[k] on,
     // and stamp k+1 not before before[k+1].
     const qga = new QgaClient(g.vm.qgaSocket!, { timeoutMs: 60_000 });

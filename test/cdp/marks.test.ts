@@ -9,8 +9,8 @@ import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, test } from "node:test";
 import { QgaClient } from "../../src/hypervisor/qemu/qga.js";
-import { protectedGuest } from "../helpers/cdp.js";
-import { collect, startStrata, strata, strataOk, summary } from "../helpers/cli.js";
+import { protectedGuest, protectSynced, startProtect } from "../helpers/cdp.js";
+import { strata, strataOk, summary } from "../helpers/cli.js";
 import { verifyRecords } from "../helpers/records.js";
 import { leftovers, until } from "../helpers/vm.js";
 
@@ -22,40 +22,16 @@ async function guestSh(qga: QgaClient, script: string): Promise<string> {
 
 describe("marks and protect stop", { timeout: 900_000 }, () => {
   test("a quiesced mark restores by name; protect stop leaves nothing, also after kill -9", async (t) => {
-    const { dir, repo, state, env, g } = await protectedGuest(t, {
+    const pg = await protectedGuest(t, {
       data: true,
       wlsize: "16M",
       rate: 50,
       seq: 20,
     });
-    const protect = (journal: string, extra: string[] = []) => {
-      const child = startStrata(
-        [
-          "protect",
-          "--repo",
-          repo,
-          "--vm",
-          "live",
-          `qmp:${g.vm.qmpSocket},qga=${g.vm.qgaSocket}`,
-          "--journal",
-          journal,
-          ...extra,
-        ],
-        { env },
-      );
-      const out = collect(child);
-      t.after(() => {
-        if (child.exitCode === null) child.kill("SIGKILL");
-      });
-      return { child, out };
-    };
-    const synced = (journal: string, p: ReturnType<typeof protect>) =>
-      until("protect's first copy", 180_000, async () => {
-        if (p.child.exitCode !== null) throw new Error(`protect ended: ${p.out.stderr}`);
-        return /"syncedNs": "\d+"/.test(await readFile(join(journal, "journal.json"), "utf8").catch(() => ""))
-          ? true
-          : undefined;
-      });
+    const { dir, repo, state, env, g } = pg;
+    const protect = (journal: string, extra: string[] = []) =>
+      startProtect(t, pg, { journal, qga: true, extra });
+    const synced = (journal: string, p: ReturnType<typeof protect>) => protectSynced(p, journal);
     const journal = join(dir, "journal");
     // Folds every 20 s, each at an instant the agent froze: filesystem-consistent restore points.
     const p = protect(journal, ["--fold", "20s"]);

@@ -10,8 +10,8 @@ import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, test } from "node:test";
 import { readMeta } from "../../src/journal/meta.js";
-import { assertRecordsAt, protectedGuest } from "../helpers/cdp.js";
-import { collect, startStrata, strata, strataOk, summary } from "../helpers/cli.js";
+import { assertRecordsAt, protectedGuest, protectSynced, startProtect } from "../helpers/cdp.js";
+import { strata, strataOk, summary } from "../helpers/cli.js";
 import { journalRecordTimes, parseLatencySummaries } from "../helpers/records.js";
 import { leftovers, until } from "../helpers/vm.js";
 
@@ -19,36 +19,11 @@ const DISK = 64 * 1024 * 1024;
 
 describe("resuming protection after a crash", { timeout: 900_000 }, () => {
   test("kill -9 of protect: the guest writes on, protect resumes from the bitmap without a full read, instants after the gap are exact", async (t) => {
-    const { dir, repo, state, journal, env, g } = await protectedGuest(t, { wlsize: "32M", seq: 50 });
-    const protect = () => {
-      const child = startStrata(
-        [
-          "protect",
-          "--repo",
-          repo,
-          "--vm",
-          "live",
-          `qmp:${g.vm.qmpSocket}`,
-          "--journal",
-          journal,
-          "--bitmap-interval",
-          "3s",
-        ],
-        { env },
-      );
-      const out = collect(child);
-      t.after(() => {
-        if (child.exitCode === null) child.kill("SIGKILL");
-      });
-      return { child, out };
-    };
+    const pg = await protectedGuest(t, { wlsize: "32M", seq: 50 });
+    const { dir, repo, state, journal, env, g } = pg;
+    const protect = () => startProtect(t, pg, { extra: ["--bitmap-interval", "3s"] });
     const p1 = protect();
-    await until("protect's first copy", 180_000, async () => {
-      if (p1.child.exitCode !== null) throw new Error(`protect ended: ${p1.out.stderr}`);
-      return /"syncedNs": "\d+"/.test(await readFile(join(journal, "journal.json"), "utf8").catch(() => ""))
-        ? true
-        : undefined;
-    });
+    await protectSynced(p1, journal);
     // Bitmaps rotate every 3 s: the one the resume reads covers the last few seconds only.
     await until("two bitmap rotations", 120_000, async () => {
       if (p1.child.exitCode !== null) throw new Error(`protect ended: ${p1.out.stderr}`);

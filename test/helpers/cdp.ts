@@ -4,10 +4,11 @@
  * both, or (`data`) on the first while the second holds an ext4 file system the test writes to.
  */
 import assert from "node:assert/strict";
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { strataOk, tempDir } from "./cli.js";
+import { collect, startStrata, strataOk, tempDir } from "./cli.js";
 import { verifyRecords } from "./records.js";
-import { bootWorkloadVm, type WorkloadVm } from "./vm.js";
+import { bootWorkloadVm, until, type WorkloadVm } from "./vm.js";
 
 type Teardown = Parameters<typeof tempDir>[0] & Parameters<typeof bootWorkloadVm>[0];
 
@@ -90,4 +91,51 @@ export async function assertRecordsAt(
     );
   }
   return last;
+}
+
+/** A `strata protect` of the test guest running in the background; killed when the test ends. */
+export interface RunningProtect {
+  child: ReturnType<typeof startStrata>;
+  out: ReturnType<typeof collect>;
+}
+
+/**
+ * Starts `strata protect` of `pg`'s guest into `journal` (default: pg.journal), its source the
+ * guest's QMP socket (and its agent with `qga`), with `extra` options.
+ */
+export function startProtect(
+  t: Teardown,
+  pg: { repo: string; journal: string; env: Record<string, string>; g: WorkloadVm },
+  o: { journal?: string; qga?: boolean; extra?: readonly string[] } = {},
+): RunningProtect {
+  const source = `qmp:${pg.g.vm.qmpSocket}${o.qga ? `,qga=${pg.g.vm.qgaSocket}` : ""}`;
+  const child = startStrata(
+    [
+      "protect",
+      "--repo",
+      pg.repo,
+      "--vm",
+      "live",
+      source,
+      "--journal",
+      o.journal ?? pg.journal,
+      ...(o.extra ?? []),
+    ],
+    { env: pg.env },
+  );
+  const out = collect(child);
+  t.after(() => {
+    if (child.exitCode === null) child.kill("SIGKILL");
+  });
+  return { child, out };
+}
+
+/** Waits until the protect's first copy is done (journal.json has `syncedNs`). */
+export function protectSynced(p: RunningProtect, journal: string, timeoutMs = 180_000): Promise<true> {
+  return until("protect's first copy", timeoutMs, async () => {
+    if (p.child.exitCode !== null) throw new Error(`protect ended: ${p.out.stderr}`);
+    return /"syncedNs": "\d+"/.test(await readFile(join(journal, "journal.json"), "utf8").catch(() => ""))
+      ? true
+      : undefined;
+  });
 }
