@@ -18,6 +18,7 @@ import {
   type HostLimits,
   invalidConfig,
   type JobLimits,
+  repoArgs,
 } from "../server/config.js";
 import { type JobSpec, planJobs } from "../server/jobs.js";
 import { listenApi } from "../server/listen.js";
@@ -202,9 +203,7 @@ async function serve(file: string): Promise<void> {
         resolve(process.argv[1]!),
         "serve",
         ref,
-        "--repo",
-        r.path,
-        ...(r.passwordFile === undefined ? [] : ["--password-file", r.passwordFile]),
+        ...repoArgs(r),
         "--cache-size",
         "64M",
       ],

@@ -17,7 +17,7 @@ import { checkName } from "../repo/repository.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
 import { formatBytes } from "../util/sizes.js";
 import { buildRegistry } from "./adapters.js";
-import { globals, interruptSignal, output, parseCount, repoPath, withRepo } from "./context.js";
+import { globals, interruptSignal, output, parseCount, repoArgs, repoPath, withRepo } from "./context.js";
 import { findRestorePoint, INSTANT_HELP, JOURNAL_OPTION, pointId } from "./instant-ref.js";
 
 interface StartFlags {
@@ -40,8 +40,7 @@ export function serveCommand(cmd: Command, ref: string, cacheSize: string, journ
   const script = process.argv[1];
   if (!script) throw new StrataError(ErrorCode.EXTERNAL, "cannot tell how strata was started");
   return serveCommandLine([process.execPath, resolve(script)], ref, {
-    repo: repoPath(g),
-    ...(g.passwordFile === undefined ? {} : { passwordFile: resolve(g.passwordFile) }),
+    repoArgs: repoArgs(g),
     cacheSize,
     ...(journal === undefined ? {} : { journal: resolve(journal) }),
   });

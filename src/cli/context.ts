@@ -20,6 +20,7 @@ export interface GlobalOptions {
   passwordFile?: string;
   json?: boolean;
   quiet?: boolean;
+  s3Credentials?: string;
   s3CacheDir?: string;
   s3CacheSize?: string;
 }
@@ -56,7 +57,23 @@ export async function openStore(g: GlobalOptions): Promise<Store> {
   return openStoreAt(p, {
     ...(sizeText === undefined ? {} : { cacheBytes: parseSize(sizeText) }),
     ...(g.s3CacheDir === undefined ? {} : { cacheDir: g.s3CacheDir }),
+    ...(g.s3Credentials === undefined ? {} : { credentialsFile: resolve(g.s3Credentials) }),
   });
+}
+
+/**
+ * The options that name this command's repository, for a strata child process (serve, protect):
+ * --repo, --password-file and the S3 options given, paths made absolute.
+ */
+export function repoArgs(g: GlobalOptions): string[] {
+  return [
+    "--repo",
+    repoPath(g),
+    ...(g.passwordFile === undefined ? [] : ["--password-file", resolve(g.passwordFile)]),
+    ...(g.s3Credentials === undefined ? [] : ["--s3-credentials", resolve(g.s3Credentials)]),
+    ...(g.s3CacheDir === undefined ? [] : ["--s3-cache-dir", resolve(g.s3CacheDir)]),
+    ...(g.s3CacheSize === undefined ? [] : ["--s3-cache-size", g.s3CacheSize]),
+  ];
 }
 
 /** The password from --password-file or STRATA_PASSWORD, or undefined. */

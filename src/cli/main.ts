@@ -45,6 +45,10 @@ export function buildProgram(): Command {
     .option("--json", "machine-readable output: JSON documents, or one JSON event per line for long commands")
     .option("-q, --quiet", "print only errors")
     .option(
+      "--s3-credentials <file>",
+      "S3 repositories: a credentials file (AWS format, profile $AWS_PROFILE or default) used instead of AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (default: $STRATA_S3_CREDENTIALS or ~/.aws/credentials)",
+    )
+    .option(
       "--s3-cache-dir <dir>",
       "S3 repositories: where pack blocks read are cached (default: $STRATA_S3_CACHE_DIR or ~/.cache/strata)",
     )

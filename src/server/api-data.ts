@@ -40,7 +40,7 @@ import { forgetIds, gc } from "../repo/prune.js";
 import { checkName, type Repository, type SnapshotRef } from "../repo/repository.js";
 import { describeError, ErrorCode, StrataError } from "../util/errors.js";
 import type { Route } from "./api.js";
-import type { RepositoryConfig } from "./config.js";
+import { type RepositoryConfig, repoArgs } from "./config.js";
 import { confineDevice, confineDirectory } from "./restore-targets.js";
 import { openRepository } from "./runner.js";
 import type { Daemon } from "./service.js";
@@ -622,8 +622,7 @@ export function dataRoutes(daemon: Daemon, options: DataOptions | undefined): Ro
             repo: r.path,
             ...(r.passwordFile === undefined ? {} : { passwordFile: r.passwordFile }),
             serveCommand: serveCommandLine(o.strataCommand, id, {
-              repo: r.path,
-              ...(r.passwordFile === undefined ? {} : { passwordFile: r.passwordFile }),
+              repoArgs: repoArgs(r),
               cacheSize: "256M",
             }),
             stateDir: o.stateDir,

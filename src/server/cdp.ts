@@ -13,7 +13,7 @@ import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { describeError } from "../util/errors.js";
 import { Daemon as Child, runProgram } from "../util/process.js";
-import type { CdpPolicy, RepositoryConfig } from "./config.js";
+import { type CdpPolicy, type RepositoryConfig, repoArgs } from "./config.js";
 import type { DaemonLog } from "./service.js";
 
 /** One VM the daemon protects continuously. */
@@ -131,7 +131,6 @@ export class CdpSupervisor {
 
   private args(slot: Slot, journal: string): string[] {
     const { want } = slot;
-    const r = want.repository;
     return [
       ...this.o.strataCommand.slice(1),
       "protect",
@@ -140,9 +139,7 @@ export class CdpSupervisor {
       want.vm,
       "--journal",
       journal,
-      "--repo",
-      r.path,
-      ...(r.passwordFile === undefined ? [] : ["--password-file", r.passwordFile]),
+      ...repoArgs(want.repository),
       "--state-dir",
       this.o.stateDir,
       ...(this.o.inventory === undefined ? [] : ["--inventory", this.o.inventory]),

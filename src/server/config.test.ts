@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { type ConfigProblem, checkConfig, globRegExp, selectVms } from "./config.js";
+import { type ConfigProblem, checkConfig, globRegExp, repoArgs, selectVms } from "./config.js";
 
 /** The problems of `text`, as "LINE:COL path: message". */
 function problems(text: string): ConfigProblem[] {
@@ -558,4 +558,30 @@ policies:
   );
   for (const bad of ["2/7", "1/1", "1/10000", "half", "0.5"])
     hasProblem(problems(policy(bad)), 8, /read-data must be true, false, or "1\/T"/);
+});
+
+test("a repository's options for the strata children the daemon starts name its S3 credentials and cache", () => {
+  assert.deepEqual(repoArgs({ name: "local", path: "/backup/strata", passwordFile: "/etc/strata/p" }), [
+    "--repo",
+    "/backup/strata",
+    "--password-file",
+    "/etc/strata/p",
+  ]);
+  assert.deepEqual(
+    repoArgs({
+      name: "offsite",
+      path: "s3:https://rgw.example:7480/strata",
+      s3: { credentialsFile: "/etc/strata/s3.cred", cacheDir: "/var/cache/strata", cacheBytes: 0 },
+    }),
+    [
+      "--repo",
+      "s3:https://rgw.example:7480/strata",
+      "--s3-credentials",
+      "/etc/strata/s3.cred",
+      "--s3-cache-dir",
+      "/var/cache/strata",
+      "--s3-cache-size",
+      "0",
+    ],
+  );
 });

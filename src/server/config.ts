@@ -121,6 +121,21 @@ export interface RepositoryConfig {
   };
 }
 
+/**
+ * The options that name repository `r` to a strata child process the daemon starts (serve,
+ * protect): its path, password file, and for S3 its credentials file and read cache.
+ */
+export function repoArgs(r: RepositoryConfig): string[] {
+  return [
+    "--repo",
+    r.path,
+    ...(r.passwordFile === undefined ? [] : ["--password-file", r.passwordFile]),
+    ...(r.s3?.credentialsFile === undefined ? [] : ["--s3-credentials", r.s3.credentialsFile]),
+    ...(r.s3?.cacheDir === undefined ? [] : ["--s3-cache-dir", r.s3.cacheDir]),
+    ...(r.s3?.cacheBytes === undefined ? [] : ["--s3-cache-size", String(r.s3.cacheBytes)]),
+  ];
+}
+
 /** Which VMs a policy covers: a VM is in when any of all/names/globs/tags takes it and no exclude does. */
 export interface VmSelection {
   all: boolean;

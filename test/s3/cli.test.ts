@@ -129,6 +129,16 @@ test("no credentials, a missing bucket, wrong keys and no gateway end with error
     /access denied \(HTTP 403\) to stat strata-\w+\/config .*: the S3 credentials are wrong/,
   );
 
+  // --s3-credentials names the file to use, before the environment and STRATA_S3_CREDENTIALS.
+  const good = join(dir, "good.credentials");
+  await fs.writeFile(
+    good,
+    `[default]\naws_access_key_id = ${gateway().accessKeyId}\naws_secret_access_key = ${gateway().secretAccessKey}\n`,
+  );
+  await strataOk(["init", "--repo", `s3:${gateway().endpoint}/${bucket}`, "--s3-credentials", good], {
+    env: { AWS_ACCESS_KEY_ID: "wrong", AWS_SECRET_ACCESS_KEY: "wrong", STRATA_S3_CREDENTIALS: creds },
+  });
+
   // Nothing listens: retried with backoff (a gateway restarting), then named.
   const refused = await strata(["snapshots", "--repo", "s3:http://127.0.0.1:1/bucket"], {
     env: gatewayEnv(gateway()),

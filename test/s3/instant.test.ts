@@ -6,11 +6,11 @@
 // from `strata instant` to the guest's workload running, local against S3.
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { readFile, rm } from "node:fs/promises";
+import { readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, type TestContext, test } from "node:test";
 import { promisify } from "node:util";
-import { createBucket, gatewayEnv, gatewayForFile } from "../helpers/ceph.js";
+import { createBucket, gatewayForFile } from "../helpers/ceph.js";
 import { strataOk, summary, tempDir } from "../helpers/cli.js";
 import { parseLatencySummaries, verifyRecords } from "../helpers/records.js";
 import { bootWorkloadVm, until } from "../helpers/vm.js";
@@ -41,12 +41,23 @@ describe("instant recovery from S3", { timeout: 600_000 }, () => {
     const dir = tempDir(t);
     const local = join(dir, "repo");
     const s3 = `s3:${gw.endpoint}/${await createBucket(gw)}/vms`;
+    // The credentials only in a file named by --s3-credentials, none in the environment: the
+    // detached strata serve that instant recovery starts must be handed the same option.
+    const creds = join(dir, "s3.credentials");
+    await writeFile(
+      creds,
+      `[default]\naws_access_key_id = ${gw.accessKeyId}\naws_secret_access_key = ${gw.secretAccessKey}\n`,
+      { mode: 0o600 },
+    );
     const env = {
-      ...gatewayEnv(gw),
+      AWS_ACCESS_KEY_ID: undefined,
+      AWS_SECRET_ACCESS_KEY: undefined,
+      STRATA_S3_CREDENTIALS: join(dir, "no-such-file"),
       STRATA_STATE_DIR: join(dir, "state"),
       STRATA_S3_CACHE_DIR: join(dir, "cache"),
     };
-    const st = (repo: string, args: string[]) => strataOk(["--repo", repo, ...args], { env });
+    const st = (repo: string, args: string[]) =>
+      strataOk(["--repo", repo, "--s3-credentials", creds, ...args], { env });
     await st(local, ["init", "--chunk-size", "256K"]);
     await st(s3, ["init", "--chunk-size", "256K"]);
     const started: Array<number | null> = [];

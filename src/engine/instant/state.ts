@@ -329,15 +329,13 @@ export async function describeInstant(r: InstantRecord, adapters: AdapterRegistr
 export function serveCommandLine(
   strata: readonly string[],
   ref: string,
-  o: { repo: string; passwordFile?: string; cacheSize: string; journal?: string },
+  o: { repoArgs: readonly string[]; cacheSize: string; journal?: string },
 ): string[] {
   return [
     ...strata,
     "serve",
     ref,
-    "--repo",
-    o.repo,
-    ...(o.passwordFile === undefined ? [] : ["--password-file", o.passwordFile]),
+    ...o.repoArgs,
     "--cache-size",
     o.cacheSize,
     ...(o.journal === undefined ? [] : ["--journal", o.journal]),
