@@ -29,8 +29,9 @@
  * Environment: STRATA_BENCH_DAYS (default 2), STRATA_BENCH_ROUNDS (default 2),
  * STRATA_BENCH_LIVE_ROUNDS (rounds of the live section, default 5),
  * STRATA_BENCH_ONLY ("|"-separated: run only the tools and sections whose name contains one of
- * them; "live" runs the live section alone, "journal" the journal's, "strata" every Strata figure; a token naming a disk
- * set, e.g. "Debian", runs that set alone), STRATA_CACHE (default .cache).
+ * them; "live" runs the live section alone, "journal" the journal's, "strata" every Strata
+ * figure; a token naming a disk set, e.g. "Debian 12", runs that set alone; "Debian" also picks
+ * the journal section), STRATA_CACHE (default .cache).
  */
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";

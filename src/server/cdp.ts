@@ -4,9 +4,10 @@
  * into journal-dir/VM/START. A child that exits is started again after a backoff (1 s doubling
  * to 5 min, reset once a child ran 10 minutes) on the same journal, which protect resumes from
  * the dirty bitmaps the dead one left (re-reading only what they mark); when protect says that
- * journal cannot be resumed, the next start takes a new directory; the daemon's stop, or a reload that drops the VM from every cdp policy, stops
- * it with SIGTERM (protect cancels its mirrors, removes its nodes and bitmap and exits) and, if it
- * did not stop in time and was killed, `strata protect stop` removes what it left on the VM.
+ * journal cannot be resumed, the next start takes a new directory. The daemon's stop, or a
+ * reload that drops the VM from every cdp policy, stops it with SIGTERM (protect cancels its
+ * mirrors, removes its nodes and bitmap and exits) and, if it did not stop in time and was
+ * killed, `strata protect stop` removes what it left on the VM.
  * Before a VM's first protect, `strata protect stop` ends one a killed daemon left running.
  */
 import { mkdirSync } from "node:fs";
