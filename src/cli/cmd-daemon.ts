@@ -287,8 +287,12 @@ async function serve(file: string): Promise<void> {
             strataCommand: [process.execPath, resolve(process.argv[1] ?? "strata")],
           },
         });
+        // Started first: its first listing of the VMs is under way before the API takes a call,
+        // and every call waits for it. Listening comes right after, so a port in use is known at once.
+        const starting = daemon.start();
+        starting.catch(() => {}); // awaited below, after listening
         listening = await listenApi(api, config.api, { stateDir, log });
-        await daemon.start();
+        await starting;
         await sdNotify({ READY: "1", STATUS: status() }, log);
       })().catch(fail);
     });

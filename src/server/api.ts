@@ -171,6 +171,7 @@ export class Api {
     const url = new URL(req.url ?? "/", "http://strata");
     const path = url.pathname.replace(/\/+$/, "") || "/";
     if (!path.startsWith("/api/") && path !== "/metrics" && this.web.serve(req, res, url.pathname)) return;
+    await this.o.daemon.ready;
     let found: { route: Route; params: Record<string, string> } | undefined;
     let pathKnown = false;
     for (const c of this.compiled) {

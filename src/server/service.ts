@@ -154,6 +154,8 @@ export class Daemon {
   /** Per policy/VM, the RPO state last seen (for rpo-missed and rpo-met notices). */
   private readonly rpoSeen = new Map<string, "met" | "missed" | "pending">();
   private rpoTimer: NodeJS.Timeout | undefined;
+  /** The first listing of the host's VMs, once start() began it. */
+  private firstSync: Promise<void> = Promise.resolve();
 
   constructor(private readonly o: DaemonOptions) {
     this.clock = o.clock ?? systemClock;
@@ -169,10 +171,20 @@ export class Daemon {
     return this.o.catalog;
   }
 
+  /** Settles once start() has listed the host's VMs and synced their jobs (at once before start()). */
+  get ready(): Promise<void> {
+    return this.firstSync.catch(() => {});
+  }
+
   /** Syncs jobs, recovers what a dead daemon left, and starts what is due. */
   async start(): Promise<void> {
-    await this.syncJobs();
-    await this.syncCdp();
+    // Set before the first await: the API, listening already, answers after it (a VM list asked
+    // for during start-up is the host's, not an empty one).
+    this.firstSync = (async () => {
+      await this.syncJobs();
+      await this.syncCdp();
+    })();
+    await this.firstSync;
     const timed: Array<{ job: Job; timed: Timed }> = [];
     for (const e of this.byId.values()) if (e.spec.timed) timed.push({ job: e.job, timed: e.spec.timed });
     const interrupted = recoverAfterRestart(this.o.catalog, this.scheduler, timed, {

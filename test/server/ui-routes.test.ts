@@ -129,3 +129,35 @@ test("whoami, repositories and usage history answer what the catalog and roles s
     ],
   );
 });
+
+test("a call made while the daemon still lists the host's VMs waits for that listing", async (t) => {
+  const s = await setup(t, {
+    vms: ["vm1"],
+    policies: `  p:
+    repository: main
+    vms: all
+    schedule: every 1h`,
+  });
+  let listed = false;
+  const daemon = daemonOf(t, s, {
+    // A slow adapter (libvirt on a busy host): its VMs come after half a second.
+    listVms: async () => {
+      await new Promise((r) => setTimeout(r, 500));
+      listed = true;
+      return {
+        vms: [{ name: "slow1", adapter: "qemu", state: "running", source: "vm:slow1" }],
+        unreachable: [],
+      };
+    },
+  });
+  // As `strata daemon` does: start, then listen at once, before the listing is done.
+  const starting = daemon.start();
+  const api = new Api({ daemon });
+  const listening = await listenApi(api, s.config.api, { stateDir: `${s.dir}/state` });
+  t.after(() => listening.close());
+  assert.equal(listed, false);
+  const r = await get(listening.socket, "/api/v1/vms");
+  assert.equal(r.status, 200);
+  assert.deepEqual((r.body as Array<{ name: string }>).map((v) => v.name).sort(), ["slow1", "vm1"]);
+  await starting;
+});
