@@ -45,7 +45,15 @@ import { type BlockSource, NbdServer } from "../../nbd/server.js";
 import { processStart } from "../../repo/locks.js";
 import { describeError, ErrorCode, StrataError } from "../../util/errors.js";
 import { processAlive, socketAccepts } from "../../util/process.js";
-import { type LiveDisk, listDisks, present, release, waitJobGone } from "./live.js";
+import {
+  type LiveDisk,
+  listDisks,
+  present,
+  release,
+  startNbdServer,
+  waitJobGone,
+  whilePaused,
+} from "./live.js";
 import { QmpClient } from "./qmp.js";
 import type { QemuTarget } from "./session.js";
 import { StateRecord } from "./state.js";
@@ -403,18 +411,13 @@ export class Capture {
     const sock = join(stateDir, `strata-cdp-read-${this.o.vm}.sock`);
     for (const d of this.disks)
       for (const b of old) await qmp.execute("block-dirty-bitmap-disable", { node: d.node, name: b });
-    await this.record.add({ kind: "file", path: sock });
-    await this.record.add({ kind: "nbd-server", socket: sock });
-    await fs.rm(sock, { force: true });
-    await qmp
-      .execute("nbd-server-start", { addr: { type: "unix", data: { path: sock } } })
-      .catch((err: unknown) => {
-        throw new StrataError(
-          ErrorCode.EXTERNAL,
-          `cannot start QEMU's NBD server to re-read what the journal missed (${describeError(err)}); is a backup of ${this.o.vm} running?`,
-          { cause: err },
-        );
-      });
+    await startNbdServer(
+      qmp,
+      this.record,
+      sock,
+      "to re-read what the journal missed",
+      `is a backup of ${this.o.vm} running?`,
+    );
     for (const d of this.disks) {
       await this.record.add({ kind: "export", id: cdpNames.readExport(d.name) });
       await qmp.execute("block-export-add", {
@@ -683,12 +686,6 @@ async function recoverProtect(
 }
 
 /**
- * Cancels the active mirrors with the VM paused: QEMU 7.2 corrupted its heap (and died) when a
- * write-blocking mirror was cancelled while guest writes were in flight through it. `stop`
- * drains every request first; the pause lasts as long as the cancel (milliseconds), and is
- * recorded so that a Strata that dies inside it leaves a VM that `release` resumes.
- */
-/**
  * {@link release} for what a capture made, its mirrors first cancelled with the VM paused
  * (`cancelPaused`). `qmp` undefined: QEMU is gone, only files are left to remove.
  */
@@ -708,20 +705,15 @@ export async function releaseCapture(
   await release(qmp, undefined, record, log, how);
 }
 
-async function cancelPaused(qmp: QmpClient, record: StateRecord, ids: readonly string[]): Promise<void> {
-  if (ids.length === 0) return;
-  const status = await qmp.execute<{ running: boolean }>("query-status");
-  if (status.running) {
-    await record.add({ kind: "paused" });
-    await qmp.execute("stop");
-  }
-  try {
+/**
+ * Cancels the active mirrors with the VM paused: QEMU 7.2 corrupted its heap (and died) when a
+ * write-blocking mirror was cancelled while guest writes were in flight through it. The pause
+ * ({@link whilePaused}) lasts as long as the cancel, milliseconds.
+ */
+function cancelPaused(qmp: QmpClient, record: StateRecord, ids: readonly string[]): Promise<void> {
+  if (ids.length === 0) return Promise.resolve();
+  return whilePaused(qmp, record, async () => {
     for (const id of ids) await qmp.execute("block-job-cancel", { device: id, force: true });
     for (const id of ids) await waitJobGone(qmp, id);
-  } finally {
-    if (status.running) {
-      await qmp.execute("cont");
-      await record.remove({ kind: "paused" });
-    }
-  }
+  });
 }

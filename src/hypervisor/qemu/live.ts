@@ -279,6 +279,50 @@ async function tracked(record: StateRecord, item: StateItem, fn: () => Promise<u
   await fn();
 }
 
+/**
+ * Starts QEMU's NBD server on `socket` (`purpose`, and a `hint` when it can't, for the message).
+ * Socket and server are in `record` first: QEMU removes its socket when the server stops, and if
+ * QEMU dies first, release() removes the file.
+ */
+export async function startNbdServer(
+  qmp: QmpClient,
+  record: StateRecord,
+  socket: string,
+  purpose: string,
+  hint: string,
+): Promise<void> {
+  await record.add({ kind: "file", path: socket });
+  await record.add({ kind: "nbd-server", socket });
+  await fs.rm(socket, { force: true });
+  await qmp
+    .execute("nbd-server-start", { addr: { type: "unix", data: { path: socket } } })
+    .catch((err: unknown) => {
+      throw new StrataError(
+        ErrorCode.EXTERNAL,
+        `cannot start QEMU's NBD server ${purpose} (${describeError(err)}); ${hint}`,
+        { cause: err },
+      );
+    });
+}
+
+/**
+ * Runs `fn` with the VM paused (`stop` drains the guest's requests first), then resumes it. The
+ * pause is in `record` meanwhile, so a Strata that dies inside it leaves a VM that release()
+ * resumes. A VM that is not running is left as it is.
+ */
+export async function whilePaused<T>(qmp: QmpClient, record: StateRecord, fn: () => Promise<T>): Promise<T> {
+  const status = await qmp.execute<{ running: boolean }>("query-status");
+  if (!status.running) return fn();
+  await record.add({ kind: "paused" });
+  await qmp.execute("stop");
+  try {
+    return await fn();
+  } finally {
+    await qmp.execute("cont");
+    await record.remove({ kind: "paused" });
+  }
+}
+
 export async function cutView(o: CutOptions): Promise<PointInTimeView> {
   const { qmp, record } = o;
   // Recorded paths are absolute (state.ts refuses others when it reads a record back).
@@ -359,19 +403,7 @@ export async function cutView(o: CutOptions): Promise<PointInTimeView> {
     );
     // 3. Exports. QEMU removes its socket when the server stops; if QEMU dies first, the socket
     // file stays: it is recorded, so that release() removes it either way.
-    await record.add({ kind: "file", path: socket });
-    await tracked(record, { kind: "nbd-server", socket }, async () => {
-      await fs.rm(socket, { force: true });
-      await qmp
-        .execute("nbd-server-start", { addr: { type: "unix", data: { path: socket } } })
-        .catch((err: unknown) => {
-          throw new StrataError(
-            ErrorCode.EXTERNAL,
-            `cannot start QEMU's NBD server for the backup (${describeError(err)}); is another backup tool using it?`,
-            { cause: err },
-          );
-        });
-    });
+    await startNbdServer(qmp, record, socket, "for the backup", "is another backup tool using it?");
     const exports: ViewExport[] = [];
     for (const d of o.disks) {
       const hasPrev = o.previous.has(d.name);
@@ -408,21 +440,11 @@ async function quiesced(
 ): Promise<{ consistency: PointInTimeView["consistency"]; quiescedMs: number; frozen: number }> {
   const { qmp, record } = o;
   if (o.mode === "pause") {
-    const status = await qmp.execute<{ status: string; running: boolean }>("query-status");
-    if (!status.running) {
-      const t0 = Date.now();
-      await cut();
-      return { consistency: "paused", quiescedMs: Date.now() - t0, frozen: 0 };
-    }
-    await record.add({ kind: "paused" });
-    const t0 = Date.now();
-    await qmp.execute("stop");
-    try {
-      await cut();
-    } finally {
-      await qmp.execute("cont");
-      await record.remove({ kind: "paused" });
-    }
+    let t0 = 0;
+    await whilePaused(qmp, record, () => {
+      t0 = Date.now();
+      return cut();
+    });
     return { consistency: "paused", quiescedMs: Date.now() - t0, frozen: 0 };
   }
   let frozen = 0;
