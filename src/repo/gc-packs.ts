@@ -23,7 +23,8 @@
  * at a fast level to keep up with the disk, and an idle host can then make the stored bytes
  * smaller. Chunk names come from the plaintext, so no restore point changes.
  * Packs that no index names (a backup or a repack that died before its index was stored) are
- * deleted once they were created before the cutoff: a live writer's packs are all newer.
+ * deleted once they were created before the cutoff (less the stores' time slack): a live
+ * writer's packs are all newer.
  *
  * Crash safety: new packs are stored before the index that names them; the new index is stored
  * (naming the index objects it replaces as superseded) before any pack or old index object is
@@ -38,7 +39,7 @@ import { loadPackIndex, writeIndexObjects } from "./layout.js";
 import { PackWriter } from "./pack.js";
 import { PACK_FLAG_RECOMPRESSED, type PackRecord } from "./pack-index.js";
 import type { Repository } from "./repository.js";
-import type { Retention } from "./store.js";
+import { type Retention, STORE_TIME_SLACK_MS } from "./store.js";
 
 /** Repack a pack when more than this share of its bytes is unused. */
 export const DEFAULT_REPACK_UNUSED = 0.5;
@@ -156,9 +157,11 @@ export async function gcPacks(
     }
   }
 
-  // Orphans: stored, named by no index, and older than any live writer.
+  // Orphans: stored, named by no index, and older than any live writer. A pack's stored time may
+  // lie a little before the moment it was written (store.ts): one a writer stored just after it
+  // started must not look older than the writer.
   for (const [id, info] of listed) {
-    if (!index.packs.has(id) && info.created < cutoff) {
+    if (!index.packs.has(id) && info.created < cutoff - STORE_TIME_SLACK_MS) {
       remove.push(id);
       report.orphansDeleted++;
     }

@@ -6,6 +6,8 @@
  * cutoff = min(gc start, start of the oldest live backup) − grace. Format v1 sweeps chunk objects
  * with Store.deleteIfUntouched(cutoff): a backup touches every chunk it reuses and writes every
  * chunk it stores after it started, so nothing a live backup relies on is older than the cutoff.
+ * Stored times are compared against the cutoff less STORE_TIME_SLACK_MS: a store may stamp an
+ * object a little before the moment it was written.
  * Format v2 condemns packs first and deletes them in a later run (gc-packs.ts). A damaged manifest or index stops gc before it sweeps anything: it
  * can't know what such a restore point needs.
  */
@@ -17,7 +19,7 @@ import { gcPacks, type PackGcReport } from "./gc-packs.js";
 import { isStale, type LockInfo, listLocks } from "./locks.js";
 import type { Repository, SnapshotRef } from "./repository.js";
 import { applyRetention, isEmptyPolicy, type KeepPolicy, type KeepRule } from "./retention.js";
-import type { Retention } from "./store.js";
+import { type Retention, STORE_TIME_SLACK_MS } from "./store.js";
 
 export interface ForgetPlan {
   keep: Array<{ id: string; reasons: KeepRule[] }>;
@@ -163,6 +165,8 @@ export async function gc(
     }
     const oldestWriter = Math.min(start, ...live.filter((l) => l.kind === "backup").map((l) => l.started));
     const cutoff = oldestWriter - grace;
+    // Stored times may lie a little before the moment they stand for (store.ts).
+    const storedCutoff = cutoff - STORE_TIME_SLACK_MS;
     const claims = new Set(live.map((l) => l.claim).filter((c): c is string => c !== undefined));
 
     const damaged: string[] = [];
@@ -204,7 +208,7 @@ export async function gc(
       folders.set(id, parts[3] === "manifest.json" ? Number.POSITIVE_INFINITY : newest);
     }
     for (const [id, newest] of folders) {
-      if (newest === Number.POSITIVE_INFINITY || claims.has(id) || newest >= cutoff) continue;
+      if (newest === Number.POSITIVE_INFINITY || claims.has(id) || newest >= storedCutoff) continue;
       if (!options.dryRun) {
         const [vm, time] = id.split("/") as [string, string];
         try {
@@ -222,14 +226,14 @@ export async function gc(
     const retain = longestRetention(snaps, repo.clock.now());
     const swept =
       repo.layout.version === 1
-        ? await sweepChunkObjects(repo, marked, cutoff, { ...options, progress })
+        ? await sweepChunkObjects(repo, marked, storedCutoff, { ...options, progress })
         : await gcPacks(repo, marked, cutoff, {
             ...options,
             progress,
             ...(retain ? { retain } : {}),
             onLocked: (what) => locked.push(what),
           });
-    const tempsRemoved = options.dryRun ? 0 : await repo.store.sweepTemporary(cutoff);
+    const tempsRemoved = options.dryRun ? 0 : await repo.store.sweepTemporary(storedCutoff);
     await repo.store.flush();
     return {
       chunksReferenced: marked.size,

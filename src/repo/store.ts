@@ -18,6 +18,16 @@ export interface ObjectInfo {
   mtimeMs: number;
 }
 
+/**
+ * How much earlier than the writer's clock at the moment of writing an object's stored time
+ * ({@link ObjectInfo.mtimeMs}) may be: object stores keep whole seconds, some file systems too
+ * (ext4 with small inodes, FAT, NFS servers), and Linux stamps files from a clock that lags the
+ * one processes read by up to a tick. gc compares stored times against its cutoff less this, so
+ * that what a backup wrote just after it started never looks older than the backup. Clock skew
+ * between hosts is what gc's grace covers, on top of this.
+ */
+export const STORE_TIME_SLACK_MS = 2_000;
+
 /** S3 Object Lock modes: COMPLIANCE binds everyone; GOVERNANCE can be lifted with a special permission. */
 export type RetentionMode = "COMPLIANCE" | "GOVERNANCE";
 
