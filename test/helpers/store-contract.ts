@@ -10,8 +10,14 @@ import type { Store } from "../../src/repo/store.js";
 
 export function storeContract(
   name: string,
-  make: (t: import("node:test").TestContext) => Promise<Store>,
+  makeStore: (t: import("node:test").TestContext) => Promise<Store>,
 ): void {
+  // Stores keep read handles open between reads: each test closes its store.
+  const make = async (t: import("node:test").TestContext): Promise<Store> => {
+    const s = await makeStore(t);
+    t.after(() => s.close?.());
+    return s;
+  };
   test(`${name}: put, get, range get, stat, list with creation times, delete; missing keys are not-found`, async (t) => {
     const s = await make(t);
     const t0 = Date.now();
