@@ -18,7 +18,7 @@
 import { promises as fs } from "node:fs";
 import { basename } from "node:path";
 import { vetImageSource } from "../../image/image-safety.js";
-import { imageMap, refuseIfWrittenByVm } from "../../image/qemu-img.js";
+import { imageMap, type MapExtent, refuseIfWrittenByVm } from "../../image/qemu-img.js";
 import { RawFileSource } from "../../image/raw-file.js";
 import { StorageDaemon } from "../../image/storage-daemon.js";
 import { BASE_ALLOCATION, NbdClient, StateFlag } from "../../nbd/index.js";
@@ -104,7 +104,8 @@ export interface OpenedDisk {
   close(): Promise<void>;
 }
 
-async function openRaw(spec: FileSpec, withMap: boolean): Promise<OpenedDisk> {
+/** `map`: the file's allocation map, asked for early (none for a block device: read whole). */
+async function openRaw(spec: FileSpec, map: Promise<MapExtent[]> | undefined): Promise<OpenedDisk> {
   const src = await RawFileSource.open(spec.path);
   const disk: OpenedDisk = {
     name: spec.name,
@@ -114,9 +115,9 @@ async function openRaw(spec: FileSpec, withMap: boolean): Promise<OpenedDisk> {
     read: (o, l, into) => src.read(o, l, into),
     close: () => src.close(),
   };
-  if (withMap) {
+  if (map) {
     disk.allocation = async () =>
-      (await imageMap(spec.path, "raw")).map((e) => ({
+      (await map).map((e) => ({
         offset: e.offset,
         length: e.length,
         zero: e.zero || !e.data,
@@ -167,13 +168,22 @@ async function openOne(spec: FileSpec, warn: (message: string) => void): Promise
       ErrorCode.SOURCE_UNREADABLE,
       `source ${spec.path} is neither a file nor a block device`,
     );
-  const { format } = await vetImageSource(spec.path, spec.format, warn);
   // Block devices are read whole (no hole map); zero chunks are still never stored. Strata reads
   // raw sources itself, which takes no image lock: QEMU's own lock protocol is asked first, so
   // that a disk a running VM writes is refused instead of copied while it changes.
+  // Each of these runs a program (qemu-img, qemu-io); a raw file's three run side by side, the
+  // map (a few hundred ms on a cold cache) while the backup starts. Only reads: a source refused
+  // by the checks has had nothing done to it.
+  const raw = (spec.format ?? "raw") === "raw";
+  const map = raw && st.isFile() ? imageMap(spec.path, "raw") : undefined;
+  map?.catch(() => {});
+  const vetted = vetImageSource(spec.path, spec.format, warn);
+  const unlocked = raw ? refuseIfWrittenByVm(spec.path) : undefined;
+  unlocked?.catch(() => {});
+  const { format } = await vetted;
   if (format === "raw") {
-    await refuseIfWrittenByVm(spec.path);
-    return openRaw(spec, st.isFile());
+    await unlocked;
+    return openRaw(spec, map);
   }
   return openViaNbd(spec, format);
 }
@@ -183,13 +193,14 @@ export async function openFileDisks(
   specs: readonly FileSpec[],
   options: { warn?: (message: string) => void } = {},
 ): Promise<OpenedDisk[]> {
-  const opened: OpenedDisk[] = [];
   const warn = options.warn ?? (() => {});
-  try {
-    for (const s of specs) opened.push(await openOne(s, warn));
-    return opened;
-  } catch (err) {
+  // All at once: each waits on programs and the disk, not on the CPU.
+  const settled = await Promise.allSettled(specs.map((s) => openOne(s, warn)));
+  const opened = settled.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
+  const failed = settled.find((r): r is PromiseRejectedResult => r.status === "rejected");
+  if (failed) {
     await Promise.all(opened.map((d) => d.close()));
-    throw err;
+    throw failed.reason;
   }
+  return opened;
 }
