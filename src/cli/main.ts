@@ -2,6 +2,7 @@
  * The strata command. Commands parse their arguments, call the engine or the repository, and
  * render; this file alone prints errors and picks exit codes.
  */
+import { createRequire } from "node:module";
 import { Command, CommanderError } from "commander";
 import { ErrorCode, errnoCode, ioError, StrataError } from "../util/errors.js";
 import { registerBackupCommands } from "./cmd-backup.js";
@@ -34,9 +35,19 @@ export const EXIT: Record<string, number> = {
   [ErrorCode.ABORTED]: 130,
 };
 
+/** Strata's version, from the package.json beside dist/ (a checkout and the .deb both have it). */
+function version(): string {
+  try {
+    return (createRequire(import.meta.url)("../../../package.json") as { version: string }).version;
+  } catch {
+    return "unknown";
+  }
+}
+
 export function buildProgram(): Command {
   const program = new Command("strata")
     .description("host-level backup and recovery for KVM/QEMU virtual machines")
+    .version(version(), "-V, --version", "print Strata's version")
     .option(
       "-r, --repo <dir|s3-url>",
       "repository: a directory, or s3:https://HOST[:PORT]/BUCKET[/PREFIX] (default: $STRATA_REPO)",

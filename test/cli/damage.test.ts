@@ -153,7 +153,7 @@ test("bad input gets one clear line and a non-zero exit", async (t) => {
   assert.match(changed.stderr, /config .* fails its keyed seal \(it was changed\): checksum mismatch/);
 });
 
-test("init refuses an existing repository; --help teaches", async (t) => {
+test("init refuses an existing repository; --help teaches, --version answers", async (t) => {
   const dir = tempDir(t);
   const repo = join(dir, "repo");
   await strataOk(["init", "--repo", repo]);
@@ -164,6 +164,10 @@ test("init refuses an existing repository; --help teaches", async (t) => {
   for (const cmd of ["init", "backup", "snapshots", "restore", "verify", "forget", "gc"])
     assert.match(help.stdout, new RegExp(`\\n  ${cmd}\\b`));
   assert.match((await strataOk(["backup", "--help"])).stdout, /Examples:/);
+  const { version } = JSON.parse(
+    await fs.readFile(new URL("../../../package.json", import.meta.url), "utf8"),
+  );
+  assert.equal((await strataOk(["--version"])).stdout.trim(), version);
 });
 
 test("a resealed manifest naming a disk ../../x is refused before anything is written", async (t) => {
