@@ -88,9 +88,17 @@ export interface MapExtent {
   zero: boolean;
 }
 
-/** Allocation map of an image (uses SEEK_DATA/SEEK_HOLE on raw files, metadata on others). */
-export async function imageMap(path: string, format: string): Promise<MapExtent[]> {
-  const text = await runProgram("qemu-img", ["map", "--output=json", "-f", format, resolve(path)]);
+/**
+ * Allocation map of an image (uses SEEK_DATA/SEEK_HOLE on raw files, metadata on others).
+ * `shared`: takes no image lock (-U), so that it can't disturb a lock check running beside it.
+ */
+export async function imageMap(
+  path: string,
+  format: string,
+  options: { shared?: boolean } = {},
+): Promise<MapExtent[]> {
+  const args = ["map", "--output=json", "-f", format, ...(options.shared ? ["-U"] : []), resolve(path)];
+  const text = await runProgram("qemu-img", args);
   const rows = JSON.parse(text) as Array<{ start: number; length: number; data: boolean; zero: boolean }>;
   return rows.map((r) => ({ offset: r.start, length: r.length, data: r.data, zero: r.zero }));
 }

@@ -172,10 +172,10 @@ async function openOne(spec: FileSpec, warn: (message: string) => void): Promise
   // raw sources itself, which takes no image lock: QEMU's own lock protocol is asked first, so
   // that a disk a running VM writes is refused instead of copied while it changes.
   // Each of these runs a program (qemu-img, qemu-io); a raw file's three run side by side, the
-  // map (a few hundred ms on a cold cache) while the backup starts. Only reads: a source refused
-  // by the checks has had nothing done to it.
+  // map (a few hundred ms on a cold cache) while the backup starts. The map takes no image lock,
+  // so it can't make the lock check fail; it only reads, and is used only once the checks passed.
   const raw = (spec.format ?? "raw") === "raw";
-  const map = raw && st.isFile() ? imageMap(spec.path, "raw") : undefined;
+  const map = raw && st.isFile() ? imageMap(spec.path, "raw", { shared: true }) : undefined;
   map?.catch(() => {});
   const vetted = vetImageSource(spec.path, spec.format, warn);
   const unlocked = raw ? refuseIfWrittenByVm(spec.path) : undefined;
