@@ -2,7 +2,17 @@ import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { test } from "node:test";
 import { isStrataError } from "../util/errors.js";
-import { chunkDigest, decodeChunk, encodeChunk, encodeChunkInto, storedSizeBound } from "./codec.js";
+import {
+  chunkDigest,
+  decodeChunk,
+  encodeChunk,
+  encodeChunkInto,
+  storedSizeBound,
+  ZSTD_BULK,
+  ZSTD_FAST,
+  ZSTD_INCREMENTAL,
+  ZSTD_STRONG,
+} from "./codec.js";
 import { CHUNK_FLAG_ENCRYPTED, CHUNK_FLAG_ZSTD, CHUNK_HEADER_SIZE } from "./format.js";
 
 const keys = { encKey: randomBytes(32), macKey: randomBytes(32) };
@@ -14,6 +24,25 @@ test("round trip, plain and encrypted, compressible and not", () => {
     for (const data of [text, random, Buffer.from([1])]) {
       const stored = encodeChunk(data, k);
       assert.deepEqual(decodeChunk(stored, chunkDigest(data, k), k, "t"), data);
+    }
+  }
+});
+
+test("every level a backup or gc uses round-trips, the bulk level's tuned context among them", () => {
+  // Mixed content: text, random bytes, and text again (a chunk a disk might hold).
+  const mixed = Buffer.concat([
+    text.subarray(0, 50_000),
+    random.subarray(0, 30_000),
+    text.subarray(7, 60_007),
+  ]);
+  for (const k of [undefined, keys]) {
+    for (const level of [ZSTD_BULK, ZSTD_FAST, ZSTD_INCREMENTAL, ZSTD_STRONG, ZSTD_BULK]) {
+      for (const data of [mixed, random, text]) {
+        const stored = encodeChunk(data, k, level);
+        assert.deepEqual(decodeChunk(stored, chunkDigest(data, k), k, "t"), data, `level ${level}`);
+      }
+      // After a chunk that did not shrink (its compression failed for want of room), the next is compressed.
+      assert.ok(encodeChunk(text, k, level).length < text.length / 10, `level ${level}`);
     }
   }
 });

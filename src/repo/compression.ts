@@ -3,7 +3,8 @@
  *
  * A first backup stores nearly every chunk it reads. While the disk feeds the workers faster than
  * they compress (every thread busy and more chunks waiting), its chunks get the bulk level, a
- * fast negative one, so the backup runs at the speed of its CPUs rather than of level 1; when
+ * fast negative one with two parameters tuned (codec.ts), so the backup runs at the speed of its
+ * CPUs rather than of level 1; when
  * the threads keep up (more cores than the disk needs, or a slow disk), level 1. Measured on the
  * benchmark's Debian disk, one core: level 1 634 MiB/s storing 33.9 % of the bytes, -1 687 MiB/s
  * 37.2 %, -2 732 MiB/s 39.2 %, -3 766 MiB/s 41.7 %. `strata gc --recompress`, run when the host is
