@@ -22,9 +22,9 @@ import {
 import { sha256File, writeSyntheticImage } from "../../src/image/synthetic.js";
 import { Repository } from "../../src/repo/repository.js";
 import { parseS3Url, S3Store } from "../../src/repo/s3-store.js";
-import { STORE_TIME_SLACK_MS } from "../../src/repo/store.js";
 import { createBucket, createUser, gatewayEnv, gatewayForFile, s3Client } from "../helpers/ceph.js";
 import { strata, strataOk, summary, tempDir } from "../helpers/cli.js";
+import { pastGcTimeSlack } from "../helpers/stored.js";
 
 const gateway = gatewayForFile();
 const MiB = 1024 * 1024;
@@ -178,7 +178,7 @@ test("restore points are locked; reused packs are locked longer; forget and gc k
     ...(await Promise.all(orphans.map(async (k) => (await retentionOf(admin, bucket, k)).until))),
   );
   // Old enough that gc takes them for a dead writer's (it allows stored times a little slack).
-  await sleepUntil(Date.now() + STORE_TIME_SLACK_MS + 1000);
+  await pastGcTimeSlack();
   const g1 = summary<{ locked: string[]; orphansDeleted: number }>(
     await strataOk(["gc", "--repo", repo, "--grace", "0s", "--json"], env),
   );
