@@ -84,7 +84,8 @@ export function storedSizeBound(n: number): number {
 
 /** One compression and one decompression context per thread, reused for every chunk. */
 let cctx: CCtx | undefined;
-/** The context for {@link ZSTD_BULK}, its parameters set once. */
+let dctx: DCtx | undefined;
+/** The compression context for {@link ZSTD_BULK}, its parameters set once. */
 let bulkCctx: CCtx | undefined;
 
 function bulkContext(): CCtx {
@@ -97,7 +98,6 @@ function bulkContext(): CCtx {
   }
   return bulkCctx;
 }
-let dctx: DCtx | undefined;
 
 /**
  * Writes the stored form of `plain` into `out` (at least {@link storedSizeBound} long) and returns
