@@ -1,9 +1,10 @@
-// deviceName against a scripted appliance (the real one is driven in test/files/guestfs.test.ts;
-// an appliance that answers "no drives" could not be made to happen on purpose).
+// deviceName and launchAppliance against a scripted appliance (the real one is driven in
+// test/files/guestfs.test.ts; an appliance that answers "no drives", or that is not ready after a
+// run that reported nothing, could not be made to happen on purpose).
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { isStrataError } from "../../util/errors.js";
-import { deviceName, type Fish, type GuestfsTarget } from "./guestfs.js";
+import { deviceName, type Fish, type GuestfsTarget, launchAppliance } from "./guestfs.js";
 
 function scripted(answers: string[]): { fish: Fish; asked: string[][] } {
   const asked: string[][] = [];
@@ -44,4 +45,19 @@ test("an empty drive list is asked for again once, then named in the error", asy
   });
   const short = scripted(["/dev/sda\n"]);
   await assert.rejects(deviceName(short.fish, target), /it lists \/dev\/sda\)/);
+});
+
+test("an appliance still unlaunched after run is started once more; twice is an error naming both", async () => {
+  const once = scripted(["", "true\n", "", "false\n"]);
+  await launchAppliance(once.fish);
+  assert.deepEqual(once.asked, [["run"], ["is-config"], ["run"], ["is-config"]]);
+  const ready = scripted(["", "false\n"]);
+  await launchAppliance(ready.fish);
+  assert.equal(ready.asked.length, 2, "a running appliance is started once");
+  const never = scripted(["", "true", "", "true"]);
+  await assert.rejects(launchAppliance(never.fish), (err: unknown) => {
+    assert.ok(isStrataError(err));
+    assert.match(err.message, /did not start, twice: .*is-config: true.*then .*is-config: true/);
+    return true;
+  });
 });

@@ -169,23 +169,8 @@ export class GuestfishReader implements FileSystemReader {
         const code = err instanceof StrataError ? err.code : ErrorCode.EXTERNAL;
         return new StrataError(code, `${(err as Error).message}\n${log.slice(-2000)}`.trim());
       };
-      // A launch that fails goes back to the configured state and can be tried again: under
-      // load the appliance was seen failing to come up once, then starting fine.
-      const launch = async () => {
-        try {
-          await cmd(["run"]);
-        } catch (err) {
-          if (target.signal?.aborted) throw err;
-          await cmd(["run"]).catch((again: unknown) => {
-            throw new StrataError(
-              ErrorCode.EXTERNAL,
-              `the libguestfs appliance did not start, twice: ${(err as Error).message}; then ${(again as Error).message}`,
-            );
-          });
-        }
-      };
       await abortable(
-        launch().catch(async (err: unknown) => {
+        launchAppliance(cmd, target.signal).catch(async (err: unknown) => {
           throw await withLog(err);
         }),
         target.signal,
@@ -382,6 +367,37 @@ export function remoteFish(pid: string, env: NodeJS.ProcessEnv, log: string): Fi
     queue = p.catch(() => {});
     return p;
   };
+}
+
+/**
+ * Starts the appliance (guestfish `run`) and checks that it left the configured state. A launch that fails goes
+ * back to the configured state and can be tried again: under load the appliance was seen failing
+ * to come up once, then starting fine. Such a failure does not always leave an error in the log
+ * before `run` answers (a CI run's next command was told "call launch before using this
+ * function"), hence the check.
+ */
+export async function launchAppliance(cmd: Fish, signal?: AbortSignal): Promise<void> {
+  const start = async () => {
+    await cmd(["run"]);
+    // guestfish has no is-ready; a launch that failed left the handle in the configured state.
+    const config = (await cmd(["is-config"])).trim();
+    if (config !== "false")
+      throw new StrataError(
+        ErrorCode.EXTERNAL,
+        `the appliance is not running after run (is-config: ${config || "no answer"})`,
+      );
+  };
+  try {
+    await start();
+  } catch (err) {
+    if (signal?.aborted) throw err;
+    await start().catch((again: unknown) => {
+      throw new StrataError(
+        ErrorCode.EXTERNAL,
+        `the libguestfs appliance did not start, twice: ${(err as Error).message}; then ${(again as Error).message}`,
+      );
+    });
+  }
 }
 
 /** What `path` holds from byte `offset` on (at most 64 KiB of it). */
