@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import type { Daemon, RunEvent } from "../../src/server/service.js";
-import { daemonOf, setup } from "./helpers.js";
+import { daemonOf, HOURLY_ALL, setup } from "./helpers.js";
 
 const MiB = 1 << 20;
 
@@ -69,10 +69,7 @@ test("the host's bandwidth is shared: two jobs at once read together at its MiB/
     // events the rate is timed from, and weighs less the longer the run.
     mib: 24,
     extra: "limits: { jobs: 2, jobs-per-repository: 2, bandwidth: 8 }",
-    policies: `  p:
-    repository: main
-    vms: all
-    schedule: every 1h`,
+    policies: HOURLY_ALL,
   });
   const d = daemonOf(t, s);
   await d.start();

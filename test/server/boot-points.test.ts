@@ -10,7 +10,7 @@ import { FsStore } from "../../src/repo/fs-store.js";
 import { Repository } from "../../src/repo/repository.js";
 import { Api } from "../../src/server/api.js";
 import { listenApi } from "../../src/server/listen.js";
-import { daemonOf, setup } from "./helpers.js";
+import { daemonOf, HOURLY_ALL, setup } from "./helpers.js";
 
 function get(socket: string, path: string): Promise<{ status: number; body: unknown }> {
   return new Promise((resolve, reject) => {
@@ -38,10 +38,7 @@ interface Point {
 test("the API lists each restore point's last boot verification; a rebuild keeps it", async (t) => {
   const s = await setup(t, {
     vms: ["vm1"],
-    policies: `  p:
-    repository: main
-    vms: all
-    schedule: every 1h`,
+    policies: HOURLY_ALL,
   });
   const d = daemonOf(t, s);
   await d.start();

@@ -35,6 +35,12 @@ export function writeImage(path: string, mib: number): void {
  * (image-file adapter). `policies` is YAML for the configuration's policies section (indented by
  * two spaces); `extra` more top-level YAML.
  */
+/** A policy `p` backing up every VM of the host hourly into `main`: the `policies` of many tests. */
+export const HOURLY_ALL = `  p:
+    repository: main
+    vms: all
+    schedule: every 1h`;
+
 export async function setup(
   t: TestContext,
   options: { vms: string[]; policies: string; clock?: Clock; extra?: string; mib?: number },

@@ -16,7 +16,7 @@ import type { Notice } from "../../src/server/notify.js";
 import { Notifier } from "../../src/server/notify.js";
 import type { JobRunner } from "../../src/server/runner.js";
 import { FakeClock } from "../../src/util/clock.js";
-import { daemonOf, setup } from "./helpers.js";
+import { daemonOf, HOURLY_ALL, setup } from "./helpers.js";
 
 const HOUR = 3_600_000;
 
@@ -110,10 +110,7 @@ test("failure, recovered, rpo-missed and rpo-met reach a webhook (retried) and S
   const s = await setup(t, {
     vms: ["vm1"],
     clock,
-    policies: `  p:
-    repository: main
-    vms: all
-    schedule: every 1h`,
+    policies: HOURLY_ALL,
     extra: `notifications:
   retries: 2
   timeout: 5s
@@ -222,10 +219,7 @@ test("failing notifiers never break a job; retries are bounded; a 4xx is not ret
   const hung = await webhook(t, [0]);
   const s = await setup(t, {
     vms: ["vm1"],
-    policies: `  p:
-    repository: main
-    vms: all
-    schedule: every 1h`,
+    policies: HOURLY_ALL,
     extra: `notifications:
   retries: 2
   timeout: 1s

@@ -11,7 +11,7 @@ import { FsStore } from "../../src/repo/fs-store.js";
 import { Repository } from "../../src/repo/repository.js";
 import { Api } from "../../src/server/api.js";
 import { listenApi } from "../../src/server/listen.js";
-import { daemonOf, setup } from "./helpers.js";
+import { daemonOf, HOURLY_ALL, setup } from "./helpers.js";
 
 // biome-ignore lint/suspicious/noExplicitAny: answers are checked field by field below
 function get(socket: string, path: string, token?: string): Promise<{ status: number; body: any }> {
@@ -35,10 +35,7 @@ function get(socket: string, path: string, token?: string): Promise<{ status: nu
 test("whoami, repositories and usage history answer what the catalog and roles say", async (t) => {
   const s = await setup(t, {
     vms: ["vm1", "vm2"],
-    policies: `  p:
-    repository: main
-    vms: all
-    schedule: every 1h`,
+    policies: HOURLY_ALL,
   });
   const daemon = daemonOf(t, s);
   await daemon.start();
@@ -133,10 +130,7 @@ test("whoami, repositories and usage history answer what the catalog and roles s
 test("a call made while the daemon still lists the host's VMs waits for that listing", async (t) => {
   const s = await setup(t, {
     vms: ["vm1"],
-    policies: `  p:
-    repository: main
-    vms: all
-    schedule: every 1h`,
+    policies: HOURLY_ALL,
   });
   let listed = false;
   const daemon = daemonOf(t, s, {

@@ -370,11 +370,11 @@ export function remoteFish(pid: string, env: NodeJS.ProcessEnv, log: string): Fi
 }
 
 /**
- * Starts the appliance (guestfish `run`) and checks that it left the configured state. A launch that fails goes
- * back to the configured state and can be tried again: under load the appliance was seen failing
- * to come up once, then starting fine. Such a failure does not always leave an error in the log
- * before `run` answers (a CI run's next command was told "call launch before using this
- * function"), hence the check.
+ * Starts the appliance (guestfish `run`) and checks that it left the configured state. A launch
+ * that fails goes back to the configured state and can be tried again: under load the appliance
+ * was seen failing to come up once, then starting fine. Such a failure does not always leave an
+ * error in the log before `run` answers (a CI run's next command was told "call launch before
+ * using this function"), hence the check.
  */
 export async function launchAppliance(cmd: Fish, signal?: AbortSignal): Promise<void> {
   const start = async () => {

@@ -273,7 +273,7 @@ export interface PointInTimeView {
   frozen: number;
 }
 
-/** Runs `fn` with `item` recorded before and struck off after. */
+/** Runs `fn` with `item` recorded before it; release() strikes the item off. */
 async function tracked(record: StateRecord, item: StateItem, fn: () => Promise<unknown>): Promise<void> {
   await record.add(item);
   await fn();
