@@ -308,17 +308,32 @@ export async function startNbdServer(
 /**
  * Runs `fn` with the VM paused (`stop` drains the guest's requests first), then resumes it. The
  * pause is in `record` meanwhile, so a Strata that dies inside it leaves a VM that release()
- * resumes. A VM that is not running is left as it is.
+ * resumes. A VM that is not running is left as it is. `paused.ms` is set to how long the guest
+ * stood still: from `stop` (its drain included) until `cont` returned; for a VM that was not
+ * running, how long `fn` took.
  */
-export async function whilePaused<T>(qmp: QmpClient, record: StateRecord, fn: () => Promise<T>): Promise<T> {
+export async function whilePaused<T>(
+  qmp: QmpClient,
+  record: StateRecord,
+  fn: () => Promise<T>,
+  paused: { ms: number } = { ms: 0 },
+): Promise<T> {
   const status = await qmp.execute<{ running: boolean }>("query-status");
-  if (!status.running) return fn();
+  let t0 = Date.now();
+  if (!status.running)
+    try {
+      return await fn();
+    } finally {
+      paused.ms = Date.now() - t0;
+    }
   await record.add({ kind: "paused" });
+  t0 = Date.now();
   await qmp.execute("stop");
   try {
     return await fn();
   } finally {
     await qmp.execute("cont");
+    paused.ms = Date.now() - t0;
     await record.remove({ kind: "paused" });
   }
 }
@@ -440,12 +455,9 @@ async function quiesced(
 ): Promise<{ consistency: PointInTimeView["consistency"]; quiescedMs: number; frozen: number }> {
   const { qmp, record } = o;
   if (o.mode === "pause") {
-    let t0 = 0;
-    await whilePaused(qmp, record, () => {
-      t0 = Date.now();
-      return cut();
-    });
-    return { consistency: "paused", quiescedMs: Date.now() - t0, frozen: 0 };
+    const paused = { ms: 0 };
+    await whilePaused(qmp, record, cut, paused);
+    return { consistency: "paused", quiescedMs: paused.ms, frozen: 0 };
   }
   let frozen = 0;
   let windows = false;

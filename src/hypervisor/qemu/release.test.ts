@@ -5,6 +5,8 @@
 // this checks that release() does so, and that such an error is reported, never swallowed.
 // The NBD server the record names is Strata's own NBD server on a unix socket (a real one).
 // doctor's own scan is held to the same rule. release() and doctor against a real QEMU are run by test/live/ (kill -9, doctor --fix, live backups).
+// whilePaused's timing is checked here too: it needs a `stop` whose drain takes a known time,
+// which a real QEMU does not offer on demand.
 import assert from "node:assert/strict";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, type Server } from "node:net";
@@ -15,7 +17,7 @@ import { MemorySource } from "../../nbd/memory-source.js";
 import { NbdServer } from "../../nbd/server.js";
 import { ErrorCode, isStrataError } from "../../util/errors.js";
 import { inspectVm } from "./doctor.js";
-import { release } from "./live.js";
+import { release, whilePaused } from "./live.js";
 import { QmpClient } from "./qmp.js";
 import { type StateItem, StateRecord } from "./state.js";
 import { LineSplitter, QemuCommandError } from "./wire.js";
@@ -36,7 +38,14 @@ type Failure = { class: string; desc: string };
  * change `vm` — unless `failures` names the command, which then answers with that error and
  * changes nothing. Every command is logged in `sent`.
  */
-async function fakeQemu(t: TestContext, dir: string, vm: FakeVm, failures: Record<string, Failure> = {}) {
+async function fakeQemu(
+  t: TestContext,
+  dir: string,
+  vm: FakeVm,
+  failures: Record<string, Failure> = {},
+  /** Milliseconds a command takes before it answers (a `stop` draining the guest's requests). */
+  delays: Record<string, number> = {},
+) {
   const path = join(dir, "qmp.sock");
   const sent: string[] = [];
   const run = async (cmd: string, a: Record<string, unknown>): Promise<unknown> => {
@@ -59,7 +68,11 @@ async function fakeQemu(t: TestContext, dir: string, vm: FakeVm, failures: Recor
     }
     const fail = failures[cmd];
     if (fail) return { error: fail };
+    await new Promise((r) => setTimeout(r, delays[cmd] ?? 0));
     switch (cmd) {
+      case "stop":
+        vm.status = "paused";
+        break;
       case "cont":
         vm.status = "running";
         break;
@@ -247,4 +260,41 @@ test("doctor --fix: a leftover whose removal fails stays unfixed and says why", 
   assert.equal(byWhat(/^fleecing node strata-fleece-vda/)?.fixed, true);
   assert.deepEqual([...vm.nodes.keys()], []);
   assert.equal(existsSync(join(dir, "strata-fleece-vda.qcow2")), false, "its image went too");
+});
+
+test("whilePaused reports the guest's whole pause, the drain inside `stop` included", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "strata-release-"));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const rec = await StateRecord.create(dir, "web1", join(dir, "qmp.sock"));
+  const vm: FakeVm = {
+    status: "running",
+    exports: new Set(),
+    jobs: new Map(),
+    nodes: new Map(),
+    nbd: undefined,
+  };
+  const { qmp, sent } = await fakeQemu(t, dir, vm, {}, { stop: 300 });
+  const paused = { ms: 0 };
+  const during = await whilePaused(
+    qmp,
+    rec,
+    async () => {
+      await new Promise((r) => setTimeout(r, 100));
+      return { status: vm.status, items: (await StateRecord.load(rec.path))?.data.items };
+    },
+    paused,
+  );
+  assert.deepEqual(during, { status: "paused", items: [{ kind: "paused" }] });
+  assert.ok(paused.ms >= 390, `the pause counted ${paused.ms} ms of the 300 ms drain and 100 ms cut`);
+  assert.deepEqual(sent, ["stop", "cont"]);
+  assert.equal(vm.status, "running");
+  assert.deepEqual((await StateRecord.load(rec.path))?.data.items, [], "the pause is struck off the record");
+
+  // A VM that was already paused stays so; the time reported is fn's.
+  vm.status = "paused";
+  const before = { ms: 0 };
+  await whilePaused(qmp, rec, () => new Promise((r) => setTimeout(r, 100)), before);
+  assert.deepEqual(sent, ["stop", "cont"], "no stop or cont for a VM that was not running");
+  assert.equal(vm.status, "paused");
+  assert.ok(before.ms >= 90 && before.ms < 5000, `${before.ms} ms`);
 });
