@@ -16,11 +16,11 @@
  * Every timing is to durable state: dirty pages are flushed before a command starts, and the
  * time of `sync -f` on the repository (backups) or the restored image (restores) after it ends is
  * added to its wall time (restic and borg return from a restore before the kernel has written
- * it; Strata fsyncs before it returns). Tools run in interleaved rounds, each tool's turn after
- * a pause that lets the filesystem settle (see clearWork), and each figure is the fastest
- * round's, so a burst of load from a neighbour on this shared machine costs one round, not the
- * comparison; stored bytes are the mean of the rounds (restic's chunker polynomial is random per
- * repository, so its figures move between rounds).
+ * it; Strata fsyncs before it returns). Tools run in interleaved rounds, each round in an order
+ * rotated by one tool (see clearWork), and each figure is the fastest round's, so a burst of
+ * load from a neighbour on this shared machine costs one round, not the comparison; stored
+ * bytes are the mean of the rounds (restic's chunker polynomial is random per repository, so its
+ * figures move between rounds).
  *
  * Then live incrementals of a running VM through its dirty bitmap (./live.ts): the test guest
  * under QEMU writes 0 to 256 MiB into its disk between backups, and the table shows how the time
@@ -174,7 +174,7 @@ function runTool(tool: Tool, images: string[]): Row {
   const restore = tool.restore(repo, target, images.at(-1)!);
   const got = sha(tool.restoredPath(target, images.at(-1)!));
   if (got !== sha(images.at(-1)!)) throw new Error(`${tool.name}: restored image differs from the source`);
-  // The repository stays until the next tool's turn (see clearWork).
+  // The repository stays until the round ends (see clearWork).
   rmSync(target, { recursive: true, force: true });
   const row = { tool: tool.name, full, incr, restore, storedFull, storedPerDay };
   console.error(`bench: ${JSON.stringify(row)}`);
@@ -182,14 +182,20 @@ function runTool(tool: Tool, images: string[]): Row {
 }
 
 /**
- * Removes the last tool's repository, then lets the filesystem settle, before every tool's turn,
- * so that each starts from the same state. ext4 skips inodes freed in the last 60 s (300 s while
- * their table block is dirty) when it allocates new ones, reading each to check, so a tool that
- * creates many files right after another tool's thousands were deleted pays for the deletion
- * (measured: 15 % of a Strata full backup's CPU time). And a tool that starts right after another
- * one's restore (4 GiB written, hashed, deleted) was measured 10-20 % slower in every command than
- * after a pause, in CPU time as well as wall time: the encrypted Strata full backup 3.34 s
- * against 2.87 s, its restore 2.60 s against 2.33 s.
+ * Removes the round's repositories, then lets the filesystem settle: ext4 skips inodes freed in
+ * the last 60 s (300 s while their table block is dirty) when it allocates new ones, reading each
+ * to check, so a tool that creates many files right after another tool's thousands were deleted
+ * pays for the deletion (measured: 15 % of a Strata full backup's CPU time).
+ *
+ * Inside a round the order still counts, both ways, so the rounds rotate it (benchDiskSet). This
+ * machine is a VM that hands freed memory back to its host. A tool that reads through the page
+ * cache after memory sat free pays a fault in the host for every page it fills: borg's full
+ * backup of the Debian disk took 10-13 s, 5.5-6.2 s of it system time in read(), when it ran
+ * alone or after a pause, against 5.8-9.7 s right after another tool whose cache had just been
+ * dropped. And a tool that runs while the host takes back what the one before it freed runs
+ * 10-20 % slower (the encrypted Strata full backup 3.34 s against 2.87 s, its restore 2.60 s
+ * against 2.33 s). Settling before every tool, not only every round, was tried: borg's full
+ * backup then took 13.2 s in both rounds.
  */
 function clearWork(settle: boolean): void {
   rmSync(WORK, { recursive: true, force: true });
@@ -263,8 +269,11 @@ interface DiskSet {
 function benchDiskSet(set: DiskSet, chosen: Tool[]): void {
   const runs = new Map<string, Row[]>(chosen.map((t) => [t.name, []]));
   for (let round = 1; round <= ROUNDS; round++) {
-    for (const t of chosen) {
-      clearWork(true);
+    clearWork(true);
+    // Each round starts with the next tool: which tool follows which moves its figures (see
+    // clearWork), so no tool keeps the first turn or one predecessor in every round.
+    const start = (round - 1) % chosen.length;
+    for (const t of [...chosen.slice(start), ...chosen.slice(0, start)]) {
       console.error(`bench: ${set.title}: round ${round} of ${ROUNDS}`);
       try {
         runs.get(t.name)!.push(runTool(t, set.images));
