@@ -318,23 +318,16 @@ export async function whilePaused<T>(
   fn: () => Promise<T>,
   paused: { ms: number } = { ms: 0 },
 ): Promise<T> {
-  const status = await qmp.execute<{ running: boolean }>("query-status");
-  let t0 = Date.now();
-  if (!status.running)
-    try {
-      return await fn();
-    } finally {
-      paused.ms = Date.now() - t0;
-    }
-  await record.add({ kind: "paused" });
-  t0 = Date.now();
-  await qmp.execute("stop");
+  const { running } = await qmp.execute<{ running: boolean }>("query-status");
+  if (running) await record.add({ kind: "paused" });
+  const t0 = Date.now();
+  if (running) await qmp.execute("stop");
   try {
     return await fn();
   } finally {
-    await qmp.execute("cont");
+    if (running) await qmp.execute("cont");
     paused.ms = Date.now() - t0;
-    await record.remove({ kind: "paused" });
+    if (running) await record.remove({ kind: "paused" });
   }
 }
 
