@@ -4,12 +4,11 @@
  * A first backup stores nearly every chunk it reads. While the disk feeds the workers faster than
  * they compress (every thread busy and more chunks waiting), its chunks get the bulk level, a
  * fast negative one with two parameters tuned (codec.ts), so the backup runs at the speed of its
- * CPUs rather than of level 1; when
- * the threads keep up (more cores than the disk needs, or a slow disk), level 1. Measured on the
- * benchmark's Debian disk, one core: level 1 634 MiB/s storing 33.9 % of the bytes, -1 687 MiB/s
- * 37.2 %, -2 732 MiB/s 39.2 %, -3 766 MiB/s 41.7 %. `strata gc --recompress`, run when the host is
- * idle, brings them to the strong level later (chunk names come from the plaintext: nothing else
- * changes).
+ * CPUs rather than of level 1; when the threads keep up (more cores than the disk needs, or a slow
+ * disk), level 1. Measured on the benchmark's Debian disk, one core: level 1 634 MiB/s storing
+ * 33.9 % of the bytes, -1 687 MiB/s 37.2 %, -2 732 MiB/s 39.2 %, -3 766 MiB/s 41.7 %.
+ * `strata gc --recompress`, run when the host is idle, brings them to the strong level later
+ * (chunk names come from the plaintext: nothing else changes).
  *
  * A backup with a parent stores few chunks (a day's changes) and compresses them at a middle
  * level whatever the load: on the 304 chunks of 1 MiB one day changed, level 1 stored 98.8 MiB in

@@ -11,10 +11,6 @@ import { Repository } from "../../src/repo/repository.js";
 import { STORE_TIME_SLACK_MS } from "../../src/repo/store.js";
 
 /**
- * Files holding stored chunks: chunk files (v1) or packs (v2), sorted. `temporaries` adds files
- * still being written (or left by a killed writer) beside them.
- */
-/**
  * Waits until what was stored before the call is older than gc's slack for stored times
  * (store.ts): a gc with no grace then takes what killed runs left for a dead writer's.
  */
@@ -22,6 +18,10 @@ export async function pastGcTimeSlack(): Promise<void> {
   await new Promise((r) => setTimeout(r, STORE_TIME_SLACK_MS + 500));
 }
 
+/**
+ * Files holding stored chunks: chunk files (v1) or packs (v2), sorted. `temporaries` adds files
+ * still being written (or left by a killed writer) beside them.
+ */
 export function storedFiles(repo: string, options: { temporaries?: boolean } = {}): string[] {
   const out: string[] = [];
   for (const top of ["chunks", "packs"]) {
