@@ -77,6 +77,9 @@ const BULK_HASH_LOG = 12;
 export const ZSTD_INCREMENTAL = 3;
 export const ZSTD_STRONG = 11;
 
+/** Where a stored chunk's header gives the length of its plaintext (u32, docs/format.md). */
+export const CHUNK_PLAIN_LENGTH_AT = 12;
+
 /** Largest stored form of an `n`-byte plaintext: header, crypto fields, and the payload kept raw. */
 export function storedSizeBound(n: number): number {
   return CHUNK_HEADER_SIZE + CHUNK_CRYPTO_SIZE + n;
@@ -134,7 +137,7 @@ export function encodeChunkInto(
   o.fill(0, 0, CHUNK_HEADER_SIZE);
   CHUNK_MAGIC.copy(o, 0);
   o[8] = (useZstd ? CHUNK_FLAG_ZSTD : 0) | (keys ? CHUNK_FLAG_ENCRYPTED : 0);
-  o.writeUInt32LE(plain.length, 12);
+  o.writeUInt32LE(plain.length, CHUNK_PLAIN_LENGTH_AT);
   if (!keys) return start + payloadLength;
   const nonce = randomBytes(12);
   const cipher = createCipheriv("aes-256-gcm", keys.encKey, nonce);
@@ -199,7 +202,7 @@ export function decodeChunk(
   ) {
     throw bad("unknown flags");
   }
-  const length = buf.readUInt32LE(12);
+  const length = buf.readUInt32LE(CHUNK_PLAIN_LENGTH_AT);
   if (length > MAX_CHUNK_SIZE) throw bad("length out of range");
   const encrypted = (flags & CHUNK_FLAG_ENCRYPTED) !== 0;
   if (encrypted !== (keys !== undefined)) {
