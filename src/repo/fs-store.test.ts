@@ -78,6 +78,34 @@ test("aligned puts and getInto give back exactly the bytes, direct or buffered",
   }
 });
 
+test("written is called once, when the bytes are written and before put returns; the memory is free from then on", async (t) => {
+  const { AlignedSlots } = await import("../util/aligned.js");
+  const { randomBytes } = await import("node:crypto");
+  const { dir } = store(t);
+  const slots = new AlignedSlots(1, 1024 * 1024);
+  for (const directIo of [true, false]) {
+    const s = new FsStore(join(dir, String(directIo)), { directIo });
+    for (const size of [4096, 100_003]) {
+      const data = randomBytes(size);
+      slots.view(0, size).set(data);
+      let calls = 0;
+      await s.put(`o/${size}`, slots.view(0, size), {
+        aligned: true,
+        // The caller reuses the memory at once: what was stored must not change.
+        written: () => {
+          calls++;
+          slots.view(0).fill(0x55);
+        },
+      });
+      assert.equal(calls, 1, `written once (direct ${directIo}, ${size} bytes)`);
+      assert.ok(
+        (await s.get(`o/${size}`)).equals(data),
+        `stored as given (direct ${directIo}, ${size} bytes)`,
+      );
+    }
+  }
+});
+
 test("getRange reads exact ranges, direct or buffered, through kept handles that a put or delete lets go", async (t) => {
   const { s } = store(t);
   const data = Buffer.alloc(3 * 4096 + 123);

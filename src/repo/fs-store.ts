@@ -74,11 +74,18 @@ export class FsStore implements Store {
         data.buffer.byteLength >= data.byteOffset + padded;
       if (
         !direct ||
-        !(await this.putDirect(tmp, dir, new Uint8Array(data.buffer, data.byteOffset, padded), data.length))
+        !(await this.putDirect(
+          tmp,
+          dir,
+          new Uint8Array(data.buffer, data.byteOffset, padded),
+          data.length,
+          options?.written,
+        ))
       ) {
         const fh = await this.openTemp(tmp, dir, "w");
         try {
           await fh.writeFile(data);
+          options?.written?.();
           await fh.sync();
         } finally {
           await fh.close();
@@ -98,9 +105,16 @@ export class FsStore implements Store {
   /**
    * Writes `padded` (the data and the rest of its last 4 KiB block) with O_DIRECT and cuts the
    * file back to `length`. False when the filesystem refuses O_DIRECT: then nothing is written
-   * and later puts don't try again.
+   * and later puts don't try again. `written` is called once the bytes are on their way to the
+   * device (O_DIRECT reads them before the write returns); from then on every error is thrown.
    */
-  private async putDirect(tmp: string, dir: string, padded: Uint8Array, length: number): Promise<boolean> {
+  private async putDirect(
+    tmp: string,
+    dir: string,
+    padded: Uint8Array,
+    length: number,
+    written?: () => void,
+  ): Promise<boolean> {
     let fh: fs.FileHandle;
     try {
       fh = await this.openTemp(
@@ -113,16 +127,18 @@ export class FsStore implements Store {
       this.directIo = false;
       return false;
     }
+    let off = 0;
     try {
-      let off = 0;
       while (off < padded.length) {
         const { bytesWritten } = await fh.write(padded, off, padded.length - off, off);
         off += bytesWritten;
       }
+      written?.();
       if (length !== padded.length) await fh.truncate(length);
       await fh.datasync();
     } catch (err) {
-      if (errnoCode(err) !== "EINVAL") throw err;
+      // After the write the caller may have reused the data: no second try from it.
+      if (errnoCode(err) !== "EINVAL" || off === padded.length) throw err;
       this.directIo = false;
       return false;
     } finally {

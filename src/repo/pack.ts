@@ -186,7 +186,16 @@ export class PackWriter {
     const pack = this.open;
     if (!pack) return;
     this.open = undefined;
-    const write = this.store_(pack).then(
+    // The buffer is free once the store has the bytes: a local store's write returns well before
+    // its sync and rename, and the next pack may fill it meanwhile (with two buffers, waiting for
+    // the whole put held up the chunks behind it: the put took 40 ms, filling a pack 37 ms).
+    let given = false;
+    const release = () => {
+      if (given) return;
+      given = true;
+      this.buffers.give(pack.slot);
+    };
+    const write = this.store_(pack, release).then(
       () => {
         this.written.push({ id: pack.id, condemnedAt: 0, flags: this.flags, entries: pack.entries });
       },
@@ -196,13 +205,13 @@ export class PackWriter {
     );
     const tracked = write.finally(() => {
       this.writes.delete(tracked);
-      this.buffers.give(pack.slot);
+      release();
     });
     this.writes.add(tracked);
   }
 
   /** Appends directory and trailer, then stores the pack in one put. */
-  private async store_(pack: OpenPack): Promise<void> {
+  private async store_(pack: OpenPack, written: () => void): Promise<void> {
     const view = this.buffers.view(pack.slot);
     const plain = encodeDirectory(pack.entries);
     const { digest } = await this.codec.hash(Buffer.from(plain));
@@ -217,6 +226,7 @@ export class PackWriter {
     at += PACK_TRAILER_SIZE;
     await this.store.put(keys.pack(pack.id), view.subarray(0, at), {
       aligned: true,
+      written,
       ...(this.retain ? { retain: this.retain } : {}),
     });
   }

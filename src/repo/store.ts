@@ -48,6 +48,12 @@ export interface PutOptions {
    * (O_DIRECT).
    */
   aligned?: boolean;
+  /**
+   * Called at most once, when the store no longer reads `data` (it is written, or copied): the
+   * caller may reuse that memory before put returns. A store may never call it; the memory is
+   * then the caller's again when put settles.
+   */
+  written?: () => void;
 }
 
 export interface Store {

@@ -219,6 +219,45 @@ test("packs no index names are removed once older than the cutoff, kept within t
   assert.deepEqual(await restored(repo, s.id, dir), image("kept"));
 });
 
+test("a pack's buffer is free once the store has its bytes: the next packs fill while earlier puts still sync", async (t) => {
+  const dir = tempDir(t);
+  const root = join(dir, "repo");
+  const repo = await openRepo(t, new FsStore(root));
+  // A store whose pack puts write at once but return only when let go (a slow sync).
+  let letGo!: () => void;
+  const gate = new Promise<void>((r) => {
+    letGo = r;
+  });
+  const inner = repo.store;
+  const slow: Store = Object.create(inner);
+  slow.put = async (key, data, options) => {
+    await inner.put(key, data, options);
+    if (key.startsWith("packs/")) await gate;
+  };
+  // Two pack buffers; four packs' worth of chunks. Had a buffer waited for its whole put, the
+  // third pack could not open.
+  const w = new PackWriter(slow, repo.codec(), CHUNK, PACK);
+  const chunks = Array.from({ length: 16 }, (_, i) => image(`buffer-${i}`).subarray(0, CHUNK));
+  const added = (async () => {
+    for (const [i, c] of chunks.entries()) await w.add(i.toString(16).padStart(64, "0"), c);
+  })();
+  const stuck = new Promise<string>((r) => setTimeout(() => r("stuck"), 10_000).unref());
+  assert.notEqual(
+    await Promise.race([added.then(() => "added"), stuck]),
+    "stuck",
+    "every chunk found a buffer",
+  );
+  letGo();
+  const records = await w.finish();
+  assert.equal(records.length, 4);
+  // Each pack holds the chunks added to it, untouched by the packs filled after it.
+  for (const r of records) {
+    const bytes = await inner.get(`packs/${r.id.slice(0, 2)}/${r.id}`);
+    for (const e of r.entries)
+      assert.ok(bytes.subarray(e.offset, e.offset + e.length).equals(chunks[Number.parseInt(e.digest, 16)]!));
+  }
+});
+
 test("a running backup's packs are kept when the store stamped them before the backup started", async (t) => {
   const dir = tempDir(t);
   const root = join(dir, "repo");
