@@ -239,11 +239,9 @@ export async function backup(repo: Repository, options: BackupOptions): Promise<
               index.setDigest(i, ZERO_DIGEST);
               stats.chunksZero++;
             } else {
-              const hashed = await repo.codec().hash(data);
-              current = hashed.data;
-              index.setDigest(i, hashed.digest);
-              const r = await writer.putChunk(hashed.digest, hashed.data);
+              const r = await writer.putData(data);
               current = r.data;
+              index.setDigest(i, r.digest);
               if (r.state === "new") {
                 stats.chunksNew++;
                 stats.bytesNew += length;

@@ -102,6 +102,24 @@ export class ChunkPool {
     return { length: r.length, data: toBuffer(r.data) };
   }
 
+  /**
+   * {@link hash} and {@link encodeInto} in one call: the digest of `data`, and its stored form
+   * written into `into`.
+   */
+  async hashEncodeInto(
+    data: Buffer,
+    level: number | undefined,
+    into: SharedSlot,
+  ): Promise<{ digest: Buffer; length: number; data: Buffer }> {
+    const { memory, offset, capacity } = into;
+    const r = await this.pool.run<{ digest: Uint8Array; length: number; data: Uint8Array }>(
+      "hashEncodeInto",
+      { data, level, into: memory, offset, capacity },
+      [ownBuffer(data)],
+    );
+    return { digest: toBuffer(r.digest), length: r.length, data: toBuffer(r.data) };
+  }
+
   /** Verified plaintext of a stored chunk (moved to the worker; shared memory is used up). */
   async decode(stored: Buffer, digest: Buffer, what: string): Promise<Buffer> {
     // Small by both its sizes: what it says its plaintext is (decodeChunk checks that) and its own.

@@ -72,6 +72,16 @@ serveWorker({
     const length = encodeChunkInto(args.data, out, keys(data), args.level);
     return withTransfer({ length, data: args.data }, [args.data.buffer as ArrayBuffer]);
   },
+  /** encodeInto, and the plaintext's digest. */
+  hashEncodeInto: (
+    args: { data: Uint8Array; level?: number; into: SharedArrayBuffer; offset: number; capacity: number },
+    data,
+  ) => {
+    const digest = chunkDigest(args.data, keys(data), kind(data));
+    const out = new Uint8Array(args.into, args.offset, args.capacity);
+    const length = encodeChunkInto(args.data, out, keys(data), args.level);
+    return withTransfer({ digest, length, data: args.data }, [args.data.buffer as ArrayBuffer]);
+  },
   /** Verified plaintext of a stored chunk, decoded into shared memory at `offset`; returns its length. */
   decodeInto: (
     args: {

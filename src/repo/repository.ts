@@ -593,15 +593,15 @@ export class Repository {
     return new BackupWriter(this, vm, time, lock, session, false);
   }
 
-  /**
-   * Starts writing a restore point of `vm`. `incremental`: it has a parent restore point, so few
-   * chunks are expected to be new and those are compressed harder ({@link backupLevel}).
-   */
   /** How new restore points are locked: the backup's own setting, else the repository's; or none. */
   get immutability(): Immutability | undefined {
     return this.immutableOverride ?? this.config.immutable;
   }
 
+  /**
+   * Starts writing a restore point of `vm`. `incremental`: it has a parent restore point, so few
+   * chunks are expected to be new and those are compressed harder ({@link backupLevel}).
+   */
   async startBackup(vm: string, what: string, incremental = false): Promise<BackupWriter> {
     checkName("VM", vm);
     const immutable = this.immutability;
@@ -644,6 +644,9 @@ export class Repository {
  * 16, 5.9 s.
  */
 const PUTS_PER_THREAD = 4;
+
+/** What {@link BackupWriter.putChunk} did; `data` is the chunk's memory, back from the worker. */
+export type PutResult = { state: "reused"; data: Buffer } | { state: "new"; stored: number; data: Buffer };
 
 /**
  * Writes one restore point: chunks, then indexes and blobs, then the manifest (commit). Until
@@ -689,37 +692,75 @@ export class BackupWriter {
    * gc keeps it), else encodes `data` on a worker and stores it: "new" with the stored size.
    * `data` is moved to the worker and back: use the returned `data`, not the argument, afterwards.
    */
-  async putChunk(
-    digest: Buffer,
-    data: Buffer,
-  ): Promise<{ state: "reused"; data: Buffer } | { state: "new"; stored: number; data: Buffer }> {
+  async putChunk(digest: Buffer, data: Buffer): Promise<PutResult> {
     this.lock.check();
     const hex = digest.toString("hex");
-    if (this.present.has(hex)) return { state: "reused", data };
-    // The same chunk twice at once (a disk repeating itself): the second waits for the first.
-    const pending = this.storing.get(hex);
-    if (pending) {
-      await pending;
-      return { state: "reused", data };
-    }
-    const work = (async () => {
-      if (await this.chunks.has(hex)) return { state: "reused" as const, data };
+    let current = data;
+    const stored = await this.once(hex, async () => {
       const codec = this.repo.codec();
-      this.out ??= new AlignedSlots(
-        codec.threads * PUTS_PER_THREAD + 2,
-        storedSizeBound(this.repo.chunkSize),
-      );
-      const out = this.out;
+      const out = this.outSlots();
       const slot = await out.take();
       try {
         const into = { memory: out.memory, offset: out.offset(slot), capacity: out.slotSize };
-        const encoded = await codec.encodeInto(data, backupLevel(this.incremental, codec.saturated), into);
+        const encoded = await codec.encodeInto(current, backupLevel(this.incremental, codec.saturated), into);
+        current = encoded.data;
         await this.chunks.put(hex, out.view(slot, encoded.length));
-        return { state: "new" as const, stored: encoded.length, data: encoded.data };
+        return encoded.length;
       } finally {
         out.give(slot);
       }
-    })();
+    });
+    return stored === undefined
+      ? { state: "reused", data: current }
+      : { state: "new", stored, data: current };
+  }
+
+  /**
+   * Digests `data` and makes sure it is stored, like {@link putChunk}; also returns the digest.
+   * A backup without a parent expects nearly every chunk to be new: its worker digests and encodes
+   * in one call, and the encoding is dropped for a chunk found stored. A backup with a parent
+   * digests first and encodes only what is new.
+   */
+  async putData(data: Buffer): Promise<PutResult & { digest: Buffer }> {
+    this.lock.check();
+    const codec = this.repo.codec();
+    if (this.incremental) {
+      const hashed = await codec.hash(data);
+      return { ...(await this.putChunk(hashed.digest, hashed.data)), digest: hashed.digest };
+    }
+    const out = this.outSlots();
+    const slot = await out.take();
+    try {
+      const into = { memory: out.memory, offset: out.offset(slot), capacity: out.slotSize };
+      const encoded = await codec.hashEncodeInto(data, backupLevel(false, codec.saturated), into);
+      const hex = encoded.digest.toString("hex");
+      const stored = await this.once(hex, async () => {
+        await this.chunks.put(hex, out.view(slot, encoded.length));
+        return encoded.length;
+      });
+      const r: PutResult =
+        stored === undefined
+          ? { state: "reused", data: encoded.data }
+          : { state: "new", stored, data: encoded.data };
+      return { ...r, digest: encoded.digest };
+    } finally {
+      out.give(slot);
+    }
+  }
+
+  /**
+   * Runs `store` (which returns the stored size) unless chunk `hex` is stored already (touched so
+   * gc keeps it) or being stored by another call: then undefined. The same chunk twice at once
+   * (a disk repeating itself): the second waits for the first.
+   */
+  private async once(hex: string, store: () => Promise<number>): Promise<number | undefined> {
+    if (this.present.has(hex)) return undefined;
+    const pending = this.storing.get(hex);
+    if (pending) {
+      await pending;
+      return undefined;
+    }
+    const work = (async () => ((await this.chunks.has(hex)) ? undefined : await store()))();
     this.storing.set(hex, work);
     try {
       const r = await work;
@@ -728,6 +769,15 @@ export class BackupWriter {
     } finally {
       this.storing.delete(hex);
     }
+  }
+
+  /** Page-aligned memory the workers encode into and the store writes from. */
+  private outSlots(): AlignedSlots {
+    this.out ??= new AlignedSlots(
+      this.repo.codec().threads * PUTS_PER_THREAD + 2,
+      storedSizeBound(this.repo.chunkSize),
+    );
+    return this.out;
   }
 
   /** True (and touched) when the chunk is already stored. */

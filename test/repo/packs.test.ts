@@ -258,6 +258,28 @@ test("a pack's buffer is free once the store has its bytes: the next packs fill 
   }
 });
 
+test("putData stores a chunk repeated at once only once, with a parent (digest first) and without (one call)", async (t) => {
+  const dir = tempDir(t);
+  const repo = await openRepo(t, new FsStore(join(dir, "repo")), "pw");
+  const a = image("repeated").subarray(0, CHUNK);
+  const b = image("other").subarray(0, CHUNK);
+  for (const incremental of [false, true]) {
+    const w = await repo.startBackup(`vm-${incremental}`, "test", incremental);
+    const rs = await Promise.all([a, a, b, a].map((c) => w.putData(Buffer.from(c))));
+    // The first writer is aborted: its packs are not indexed, the second stores them again.
+    assert.deepEqual(
+      rs.map((r) => r.state),
+      ["new", "reused", "new", "reused"],
+    );
+    const digest = (await repo.codec().hash(Buffer.from(a))).digest;
+    assert.ok(rs[0]!.digest.equals(digest) && rs[3]!.digest.equals(digest));
+    assert.ok(!rs[2]!.digest.equals(digest));
+    // The memory comes back whole.
+    assert.ok(rs.every((r, i) => r.data.equals([a, a, b, a][i]!)));
+    await w.abort();
+  }
+});
+
 test("a running backup's packs are kept when the store stamped them before the backup started", async (t) => {
   const dir = tempDir(t);
   const root = join(dir, "repo");
