@@ -4,6 +4,7 @@
 // it back when such a backup committed; repacking keeps exactly the needed chunks; packs that no
 // index names are removed once old; a damaged pack index stops gc before it deletes anything.
 import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
 import { promises as fs, readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
@@ -278,6 +279,47 @@ test("putData stores a chunk repeated at once only once, with a parent (digest f
     assert.ok(rs.every((r, i) => r.data.equals([a, a, b, a][i]!)));
     await w.abort();
   }
+});
+
+test("a first backup turns to digesting first after a few copies (no compression spent on them), and back when chunks are new again", async (t) => {
+  const dir = tempDir(t);
+  const repo = await openRepo(t, new FsStore(join(dir, "repo")));
+  const codec = repo.codec();
+  const calls = { fused: 0, digest: 0, encode: 0 };
+  const fused = codec.hashEncodeInto.bind(codec);
+  const hash = codec.hash.bind(codec);
+  const encode = codec.encodeInto.bind(codec);
+  // Chunks only: pack directories are digested and encoded too.
+  codec.hashEncodeInto = (...a) => {
+    calls.fused++;
+    return fused(...a);
+  };
+  codec.hash = (...a) => {
+    if (a[0].length === CHUNK) calls.digest++;
+    return hash(...a);
+  };
+  codec.encodeInto = (...a) => {
+    calls.encode++;
+    return encode(...a);
+  };
+  t.after(() => {
+    Object.assign(codec, { hashEncodeInto: fused, hash, encodeInto: encode });
+  });
+  const w = await repo.startBackup("vm", "test", false);
+  const one = image("copied").subarray(0, CHUNK);
+  // New chunks: one call each.
+  for (let i = 0; i < 8; i++) await w.putData(randomBytes(CHUNK));
+  assert.deepEqual(calls, { fused: 8, digest: 0, encode: 0 });
+  // The same chunk over and over: after a few, only digests.
+  for (let i = 0; i < 40; i++) await w.putData(Buffer.from(one));
+  assert.ok(calls.fused < 8 + 10, `fused calls ${calls.fused}`);
+  assert.equal(calls.digest, 8 + 40 - calls.fused);
+  assert.equal(calls.encode, 0, "none of the copies was encoded");
+  // New chunks again: one call each once copies are rare again.
+  const before = calls.fused;
+  for (let i = 0; i < 200; i++) await w.putData(randomBytes(CHUNK));
+  assert.ok(calls.fused - before > 100, `fused again ${calls.fused - before} of 200`);
+  await w.abort();
 });
 
 test("a running backup's packs are kept when the store stamped them before the backup started", async (t) => {
