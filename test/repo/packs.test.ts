@@ -330,6 +330,10 @@ test("a running backup's packs are kept when the store stamped them before the b
   const g = heldBackup(repo, "vm", data, (CHUNKS / 2) * CHUNK);
   await g.atGate;
   const [lock] = await listLocks(repo.store, repo.clock);
+  // The packs sealed before the gate may still be syncing: a pack's buffer is reused once its
+  // bytes are written, so the chunks can reach the gate before the puts end.
+  const deadline = Date.now() + 10_000;
+  while (packsIn(root).length < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
   const unindexed = packsIn(root);
   assert.ok(unindexed.length >= 2, `packs the held backup stored: ${unindexed.length}`);
   // What a whole-second object store or a file system's coarse clock does: the stored time lies
