@@ -658,6 +658,11 @@ const REUSED_RATE_WEIGHT = 1 / 32;
 /** What {@link BackupWriter.putChunk} did; `data` is the chunk's memory, back from the worker. */
 export type PutResult = { state: "reused"; data: Buffer } | { state: "new"; stored: number; data: Buffer };
 
+/** "new" with its stored size, or "reused" when nothing was stored (`stored` undefined). */
+function putResult(stored: number | undefined, data: Buffer): PutResult {
+  return stored === undefined ? { state: "reused", data } : { state: "new", stored, data };
+}
+
 /**
  * Writes one restore point: chunks, then indexes and blobs, then the manifest (commit). Until
  * commit nothing is visible to listings; abort (or a crash) leaves only garbage for gc.
@@ -722,9 +727,7 @@ export class BackupWriter {
         out.give(slot);
       }
     });
-    return stored === undefined
-      ? { state: "reused", data: current }
-      : { state: "new", stored, data: current };
+    return putResult(stored, current);
   }
 
   /**
@@ -758,11 +761,7 @@ export class BackupWriter {
         await this.chunks.put(hex, out.view(slot, encoded.length));
         return encoded.length;
       });
-      const r: PutResult =
-        stored === undefined
-          ? { state: "reused", data: encoded.data }
-          : { state: "new", stored, data: encoded.data };
-      return { ...r, digest: encoded.digest };
+      return { ...putResult(stored, encoded.data), digest: encoded.digest };
     } finally {
       out.give(slot);
     }
