@@ -97,6 +97,7 @@ Examples:
       await withRepo(cmd, async (repo) => {
         const lock = await repo.lock("read", `restore of ${ref}`);
         try {
+          if (!opts.configOnly) repo.prepareReads();
           const snap = await repo.findSnapshot(ref);
           if (opts.configOnly) return await printConfig(out, repo, snap, opts);
           const t0 = Date.now();

@@ -69,6 +69,8 @@ export interface ChunkLayout {
   readRun?(hexes: readonly string[], scratch: SharedSlot): Promise<Buffer[] | undefined>;
   /** True when the chunk is stored (metadata only, for verify). */
   exists(hex: string): Promise<boolean>;
+  /** Starts reading what {@link read} needs first (the pack index), in the background. */
+  prefetch?(): void;
   /**
    * Starts a writer's session; call after the writer's lock is registered. With `retain`, every
    * object it stores is put under that retention.
@@ -204,6 +206,11 @@ export class PackLayout implements ChunkLayout {
     /** Pack size at which a writer seals a pack (tests make it small). */
     private readonly packTarget?: number,
   ) {}
+
+  prefetch(): void {
+    // packIndex() handles its own rejection; the first read awaits the same promise and throws.
+    void this.packIndex();
+  }
 
   /** The pack index, read once; `fresh` reads it again (another process may have written). */
   packIndex(fresh = false): Promise<PackIndex> {

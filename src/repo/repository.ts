@@ -361,6 +361,17 @@ export class Repository {
     return this.pool;
   }
 
+  /**
+   * Starts, in the background, what reading chunks will need: the codec's threads and (format v2)
+   * the pack index. A restore calls it once its lock is held, so that both are ready by the time
+   * it has found its restore point and opened its target (~60 ms at a command's start). A failure
+   * here is the first read's to report.
+   */
+  prepareReads(): void {
+    this.codec();
+    this.layout.prefetch?.();
+  }
+
   async close(): Promise<void> {
     await this.pool?.close();
     this.pool = undefined;
@@ -460,14 +471,7 @@ export class Repository {
     vm?: string,
     onDamaged?: (vm: string, time: string, err: StrataError) => void,
   ): Promise<SnapshotRef[]> {
-    const found: Array<{ vm: string; time: string }> = [];
-    for await (const obj of this.store.list(vm === undefined ? "vms/" : `${keys.vmDir(vm)}/`)) {
-      const parts = obj.key.split("/");
-      if (parts.length === 4 && parts[3] === "manifest.json" && TIME_RE.test(parts[2]!)) {
-        found.push({ vm: parts[1]!, time: parts[2]! });
-      }
-    }
-    found.sort((a, b) => (a.vm === b.vm ? a.time.localeCompare(b.time) : a.vm.localeCompare(b.vm)));
+    const found = await this.snapshotNames(vm);
     const out: SnapshotRef[] = [];
     for (const f of found) {
       try {
@@ -480,7 +484,24 @@ export class Repository {
     return out;
   }
 
-  /** Resolves "vm/time" or "vm/latest" to a restore point. */
+  /** Restore points with a manifest (not read), oldest first, by VM. */
+  private async snapshotNames(vm?: string): Promise<Array<{ vm: string; time: string }>> {
+    const found: Array<{ vm: string; time: string }> = [];
+    for await (const obj of this.store.list(vm === undefined ? "vms/" : `${keys.vmDir(vm)}/`)) {
+      const parts = obj.key.split("/");
+      if (parts.length === 4 && parts[3] === "manifest.json" && TIME_RE.test(parts[2]!)) {
+        found.push({ vm: parts[1]!, time: parts[2]! });
+      }
+    }
+    found.sort((a, b) => (a.vm === b.vm ? a.time.localeCompare(b.time) : a.vm.localeCompare(b.vm)));
+    return found;
+  }
+
+  /**
+   * Resolves "vm/time" or "vm/latest" to a restore point. "latest" reads one manifest, the
+   * newest's, however many restore points the VM has; a damaged one is an error, not a reason to
+   * fall back to an older point unasked.
+   */
   async findSnapshot(ref: string): Promise<SnapshotRef> {
     const m = /^([^/]+)\/([^/]+)$/.exec(ref);
     if (!m)
@@ -491,14 +512,13 @@ export class Repository {
     const [, vm, time] = m as unknown as [string, string, string];
     checkName("VM", vm);
     if (time === "latest") {
-      const all = await this.snapshots(vm);
-      const last = all.at(-1);
+      const last = (await this.snapshotNames(vm)).at(-1);
       if (!last)
         throw new StrataError(
           ErrorCode.NOT_FOUND,
           `no restore points of VM "${vm}" in ${this.store.location}`,
         );
-      return last;
+      return { ...last, manifest: await this.manifest(last.vm, last.time) };
     }
     if (!TIME_RE.test(time)) {
       throw new StrataError(
