@@ -120,7 +120,7 @@ export class ChunkPool {
     return { digest: toBuffer(r.digest), length: r.length, data: toBuffer(r.data) };
   }
 
-  /** Verified plaintext of a stored chunk (moved to the worker; shared memory is used up). */
+  /** Verified plaintext of a stored chunk (moved to the worker unless it is shared memory). */
   async decode(stored: Buffer, digest: Buffer, what: string): Promise<Buffer> {
     // Small by both its sizes: what it says its plaintext is (decodeChunk checks that) and its own.
     if (stored.length <= storedSizeBound(INLINE_MAX) && stored.length >= CHUNK_HEADER_SIZE) {
@@ -135,9 +135,9 @@ export class ChunkPool {
   }
 
   /**
-   * Verified plaintext of a stored chunk (moved to the worker; shared memory is used up: an
-   * encrypted chunk is decrypted in place), written by the worker into
-   * `into` at `offset`; returns its length. A plaintext longer than `capacity` is an error.
+   * Verified plaintext of a stored chunk (moved to the worker unless it is shared memory, which
+   * it only reads), written by the worker into `into` at `offset`; returns its length. A
+   * plaintext longer than `capacity` is an error.
    */
   decodeInto(stored: Buffer, digest: Buffer, what: string, into: SharedSlot): Promise<number> {
     const { memory, offset, capacity } = into;

@@ -107,6 +107,19 @@ test("decoding into given memory: exact bytes, and a chunk longer than its place
   }
 });
 
+test("decoding leaves the stored bytes as they were: a chunk read once decodes twice", () => {
+  for (const k of [undefined, keys]) {
+    for (const data of [text, random]) {
+      const stored = encodeChunk(data, k);
+      const copy = Buffer.from(stored);
+      const into = new Uint8Array(new SharedArrayBuffer(data.length));
+      assert.deepEqual(decodeChunk(stored, chunkDigest(data, k), k, "t", into), data);
+      assert.deepEqual(decodeChunk(stored, chunkDigest(data, k), k, "t"), data);
+      assert.deepEqual(stored, copy);
+    }
+  }
+});
+
 test("encodeChunkInto writes the same stored form into given memory and asks for room enough", () => {
   const out = new Uint8Array(new SharedArrayBuffer(storedSizeBound(text.length)));
   const n = encodeChunkInto(text, out, undefined, 1);

@@ -244,9 +244,9 @@ export class PackLayout implements ChunkLayout {
   async readRun(hexes: readonly string[], scratch: SharedSlot): Promise<Buffer[] | undefined> {
     const index = await this.packIndex();
     const at = hexes.map((hex) => index.locate(hex));
-    // A chunk twice in the run (repeated content) needs two copies: an encrypted one is
-    // decrypted in place.
-    if (at.some((a) => a === undefined) || new Set(hexes).size !== hexes.length) return undefined;
+    // A chunk twice in the run (repeated content) is read once: decoding leaves stored bytes as
+    // they are, so both decode from the same place.
+    if (at.some((a) => a === undefined)) return undefined;
     const located = at as ChunkLocation[];
     // The chunks of a run were packed in the order the backup's workers finished them: mostly
     // near each other in one pack, seldom back to back. A pack's chunks are read as one span
