@@ -165,7 +165,8 @@ export async function backup(repo: Repository, options: BackupOptions): Promise<
   if (options.disks.length === 0)
     throw new StrataError(ErrorCode.USAGE, "nothing to back up: no disks given");
   const started = repo.clock.now();
-  const previous = (await repo.snapshots(options.vm, () => {})).at(-1);
+  repo.startCodec();
+  const previous = await repo.latestSnapshot(options.vm, () => {});
   const writer = await repo.startBackup(options.vm, `backup of ${options.vm}`, previous !== undefined);
   try {
     const total = options.disks.reduce((n, d) => n + d.size, 0);

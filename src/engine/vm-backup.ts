@@ -46,7 +46,8 @@ export function checkpointOf(bitmap: Record<string, unknown> | null | undefined)
 
 export async function backupVm(repo: Repository, vm: VmHandle, o: VmBackupOptions): Promise<VmBackupResult> {
   const log = o.log ?? (() => {});
-  const previous = (await repo.snapshots(o.vm, () => {})).at(-1);
+  repo.startCodec();
+  const previous = await repo.latestSnapshot(o.vm, () => {});
   const session = await vm.openBackup({
     vm: o.vm,
     repository: repo.config.id,

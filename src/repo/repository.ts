@@ -368,8 +368,16 @@ export class Repository {
    * here is the first read's to report.
    */
   prepareReads(): void {
-    this.codec();
+    this.startCodec();
     this.layout.prefetch?.();
+  }
+
+  /**
+   * Starts the codec's threads now rather than at the first chunk: they take ~60 ms to start, and
+   * a backup's session waits for them to read the pack index before its first chunk.
+   */
+  startCodec(): void {
+    this.codec();
   }
 
   async close(): Promise<void> {
@@ -498,6 +506,28 @@ export class Repository {
   }
 
   /**
+   * The newest restore point of `vm`, undefined when it has none. Reads manifests newest first:
+   * one, unless it is damaged; then, with `onDamaged`, it is reported and the next older one is
+   * read, else its error is thrown.
+   */
+  async latestSnapshot(
+    vm: string,
+    onDamaged?: (vm: string, time: string, err: StrataError) => void,
+  ): Promise<SnapshotRef | undefined> {
+    const names = await this.snapshotNames(vm);
+    for (let i = names.length - 1; i >= 0; i--) {
+      const { time } = names[i]!;
+      try {
+        return { vm, time, manifest: await this.manifest(vm, time) };
+      } catch (err) {
+        if (!(err instanceof StrataError) || !onDamaged) throw err;
+        onDamaged(vm, time, err);
+      }
+    }
+    return undefined;
+  }
+
+  /**
    * Resolves "vm/time" or "vm/latest" to a restore point. "latest" reads one manifest, the
    * newest's, however many restore points the VM has; a damaged one is an error, not a reason to
    * fall back to an older point unasked.
@@ -512,13 +542,13 @@ export class Repository {
     const [, vm, time] = m as unknown as [string, string, string];
     checkName("VM", vm);
     if (time === "latest") {
-      const last = (await this.snapshotNames(vm)).at(-1);
+      const last = await this.latestSnapshot(vm);
       if (!last)
         throw new StrataError(
           ErrorCode.NOT_FOUND,
           `no restore points of VM "${vm}" in ${this.store.location}`,
         );
-      return { ...last, manifest: await this.manifest(last.vm, last.time) };
+      return last;
     }
     if (!TIME_RE.test(time)) {
       throw new StrataError(

@@ -1,5 +1,6 @@
-// What a restore reads before its first chunk: "VM/latest" reads the newest restore point's
-// manifest and no other, and prepareReads() has the pack index on its way while the restore
+// What a restore or a backup reads before its first chunk: "VM/latest" (and a backup's parent)
+// reads the newest restore point's manifest and no other (the next older one when that is
+// damaged, for a backup), and prepareReads() has the pack index on its way while the restore
 // point is being found, read once for the whole restore.
 import assert from "node:assert/strict";
 import { promises as fs } from "node:fs";
@@ -55,6 +56,12 @@ async function repoWithPoints(t: TestContext, points: number) {
   return { dir, repo, gets, times };
 }
 
+async function restoredBytes(repo: Repository, id: string, dir: string): Promise<Buffer> {
+  const out = join(dir, "restored.raw");
+  await restoreDiskToFile(repo, await repo.findSnapshot(id), "disk", out, { force: true });
+  return fs.readFile(out);
+}
+
 const manifests = (gets: string[]) => gets.filter((k) => k.endsWith("/manifest.json"));
 
 test("VM/latest reads the newest manifest only, and finds it past a damaged older one", async (t) => {
@@ -72,6 +79,31 @@ test("VM/latest names a damaged newest manifest instead of falling back to an ol
   const { dir, repo, times } = await repoWithPoints(t, 2);
   await fs.writeFile(join(dir, "repo", "vms", "vm1", times[1]!, "manifest.json"), "damaged");
   await assert.rejects(repo.findSnapshot("vm1/latest"), new RegExp(`manifest of vm1/${times[1]} is damaged`));
+});
+
+test("the newest intact restore point: damaged newer ones are reported and passed over", async (t) => {
+  const { dir, repo, gets, times } = await repoWithPoints(t, 3);
+  await fs.writeFile(join(dir, "repo", "vms", "vm1", times[2]!, "manifest.json"), "damaged");
+  gets.length = 0;
+  const damaged: string[] = [];
+  const snap = await repo.latestSnapshot("vm1", (vm, time) => damaged.push(`${vm}/${time}`));
+  assert.equal(snap?.time, times[1]);
+  assert.deepEqual(damaged, [`vm1/${times[2]}`]);
+  // Newest first, and no further than the first intact one.
+  assert.deepEqual(manifests(gets), [
+    `vms/vm1/${times[2]}/manifest.json`,
+    `vms/vm1/${times[1]}/manifest.json`,
+  ]);
+  await assert.rejects(repo.latestSnapshot("vm1"), /is damaged/);
+  assert.equal(await repo.latestSnapshot("vm2"), undefined);
+  // A backup's parent is that restore point: its next backup reads only what changed since.
+  const next = await backup(repo, {
+    vm: "vm1",
+    disks: [memoryDisk(await restoredBytes(repo, `vm1/${times[1]}`, dir))],
+    mode: "file",
+    consistency: "crash-consistent",
+  });
+  assert.equal(next.manifest.parent, times[1]);
 });
 
 test("prepareReads starts reading the pack index before the restore asks, and it is read once", async (t) => {
