@@ -27,7 +27,7 @@
  * and the stored bytes follow the change. And what continuous data protection's journal costs for a
  * day of the Debian disk's workload (./journal-day.ts).
  *
- * Environment: STRATA_BENCH_DAYS (default 2), STRATA_BENCH_ROUNDS (default 2),
+ * Environment: STRATA_BENCH_DAYS (default 2), STRATA_BENCH_ROUNDS (default 3),
  * STRATA_BENCH_LIVE_ROUNDS (rounds of the live section, default 5),
  * STRATA_BENCH_ONLY ("|"-separated: run only the tools and sections whose name contains one of
  * them; "live" runs the live section alone, "journal" the journal's, "strata" every Strata
@@ -51,7 +51,11 @@ import { dropCaches, du, ensureCommands, fmt, type Measure, MiB, timed } from ".
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const CACHE = resolve(process.env.STRATA_CACHE ?? join(ROOT, ".cache"));
 const DAYS = Number(process.env.STRATA_BENCH_DAYS ?? 2);
-const ROUNDS = Math.max(1, Number(process.env.STRATA_BENCH_ROUNDS ?? 2));
+// Three: on this shared machine a tool's figure moves 10-25 % between rounds (borg's full backup
+// of the Debian disk 5.4-8.4 s, restic's restore 5.2-7.0 s, Strata's encrypted restore 2.3-3.3 s
+// over fourteen runs of two rounds), and with two rounds one slow round of either tool decided a
+// ratio in most runs.
+const ROUNDS = Math.max(1, Number(process.env.STRATA_BENCH_ROUNDS ?? 3));
 const LIVE_ROUNDS = Math.max(1, Number(process.env.STRATA_BENCH_LIVE_ROUNDS ?? 5));
 const WORK = join(CACHE, "bench-run");
 const PASSWORD = "bench password";
