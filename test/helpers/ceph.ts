@@ -11,8 +11,10 @@
  *  - memstore with `osd fast shutdown = false`, a bounded device size (past the full ratio writes
  *    hang rather than fail) and every address on 127.0.0.1 in a port range of this cluster's own,
  *    so that two clusters (two test files) can run side by side.
+ *  - `mon data avail crit = 0`: a mon exits at start when its file system has under 5 % free
+ *    (it keeps a few MiB here), and every S3 test then failed on a nearly full disk.
  *  - order: mon, `ceph osd new`, osd, wait until the osd is active, user, then radosgw. Stop in
- *    reverse: radosgw before the osd.
+ *    reverse: radosgw before the osd. A mon that exits is reported with its own words.
  */
 import assert from "node:assert/strict";
 import { type ChildProcess, execFile, spawn } from "node:child_process";
@@ -120,6 +122,7 @@ osd pool default pg num = 8
 osd pool default pgp num = 8
 osd pool default pg autoscale mode = off
 mon warn on pool no redundancy = false
+mon data avail crit = 0
 paxos propose interval = 0.01
 paxos min wait = 0.001
 run dir = ${dir}/run
@@ -187,7 +190,12 @@ rgw data = ${dir}/rgw
     await ceph("ceph-mon", "--mkfs", "-i", "a", "--monmap", join(dir, "monmap"));
     await ceph("ceph-osd", "-i", "0", "--mkfs", "--no-mon-config", "--osd-uuid", osdUuid);
     const mon = daemon("ceph-mon", "ceph-mon", ["-i", "a"]);
-    await ceph("ceph", "--connect-timeout", "30", "osd", "new", osdUuid, "0");
+    // A mon that refuses to start (it exits at once) would leave this waiting out its timeout.
+    const monDied = new Promise<never>((_, reject) =>
+      mon.child.once("exit", () => setImmediate(() => reject(new Error(mon.exited)))),
+    );
+    monDied.catch(() => {});
+    await Promise.race([ceph("ceph", "--connect-timeout", "30", "osd", "new", osdUuid, "0"), monDied]);
     const osd = daemon("ceph-osd", "ceph-osd", ["-i", "0"]);
     const osdLog = join(dir, "log", "osd.0.log");
     await waitFor(
