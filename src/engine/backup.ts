@@ -81,6 +81,11 @@ export interface BackupOptions {
   bitmap?: Record<string, unknown>;
   /** Where notes for the user go (full reads and why). */
   log?: (message: string) => void;
+  /**
+   * The VM's newest restore point, when the caller has looked it up already (null: it has none);
+   * else it is looked up here.
+   */
+  previous?: SnapshotRef | null;
 }
 
 export interface BackupResult {
@@ -166,7 +171,10 @@ export async function backup(repo: Repository, options: BackupOptions): Promise<
     throw new StrataError(ErrorCode.USAGE, "nothing to back up: no disks given");
   const started = repo.clock.now();
   repo.startCodec();
-  const previous = await repo.latestSnapshot(options.vm, () => {});
+  const previous =
+    options.previous === undefined
+      ? await repo.latestSnapshot(options.vm, () => {})
+      : (options.previous ?? undefined);
   const writer = await repo.startBackup(options.vm, `backup of ${options.vm}`, previous !== undefined);
   try {
     const total = options.disks.reduce((n, d) => n + d.size, 0);

@@ -80,6 +80,7 @@ export async function backupVm(repo: Repository, vm: VmHandle, o: VmBackupOption
       progress: o.progress ?? noProgress,
       ...(o.signal === undefined ? {} : { signal: o.signal }),
       log,
+      previous: previous ?? null,
     });
     ok = true;
     return { ...result, details: session.details };
