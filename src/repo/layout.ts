@@ -31,10 +31,16 @@ export interface ChunkSession {
    */
   has(hex: string): Promise<boolean>;
   /**
-   * Stores an encoded chunk. `stored` is page-aligned, with readable memory up to the next 4 KiB
-   * boundary; it may be reused once this returns.
+   * Stores an encoded chunk; `stored` may be reused once this returns. Unless {@link copies},
+   * `stored` is page-aligned, with readable memory up to the next 4 KiB boundary.
    */
   put(hex: string, stored: Uint8Array): Promise<void>;
+  /**
+   * True when {@link put} copies the bytes (into a pack) rather than writing them from where they
+   * are: they need not be page-aligned, and are best encoded where their payload is as aligned
+   * as it will be in the pack (pack.ts, payloadPad).
+   */
+  readonly copies: boolean;
   /** Makes every chunk put so far durable and findable by readers (before the manifest). */
   finish(): Promise<void>;
   /**
@@ -116,6 +122,7 @@ export class ObjectPerChunkLayout implements ChunkLayout {
     return {
       has: (hex) => store.touch(keys.chunk(hex)),
       put: (hex, stored) => store.put(keys.chunk(hex), stored, { aligned: true }),
+      copies: false,
       finish: async () => {},
       abandon: async () => {},
     };
@@ -357,6 +364,7 @@ export class PackLayout implements ChunkLayout {
         await packs.add(hex, stored);
         mine.add(hex);
       },
+      copies: true,
       checkpoint: async () => {
         // Only packs whose put has returned are in `written`: each is whole in the store.
         return packs.written.length > indexed ? indexStored([...packs.written]) : 0;

@@ -3,7 +3,8 @@
  *
  *   0   8  magic PACK_MAGIC
  *   8   8  reserved, zero
- *  16   …  stored chunks back to back, each exactly as a v1 chunk object (header, crypto, payload)
+ *  16   …  stored chunks, each exactly as a v1 chunk object (header, crypto, payload), each after
+ *          0-7 zero bytes that put its payload on a multiple of 8 ({@link payloadPad})
  *       …  the directory, stored like a chunk: its plaintext is
  *            0  8  magic PACK_DIRECTORY_MAGIC
  *            8  4  u32 E: entries
@@ -26,6 +27,9 @@ import { ErrorCode, StrataError } from "../util/errors.js";
 import type { ChunkPool } from "./chunk-pool.js";
 import { storedSizeBound } from "./codec.js";
 import {
+  CHUNK_CRYPTO_SIZE,
+  CHUNK_FLAG_ENCRYPTED,
+  CHUNK_HEADER_SIZE,
   DIGEST_SIZE,
   keys,
   PACK_DIRECTORY_MAGIC,
@@ -39,6 +43,30 @@ import type { PackEntry, PackRecord } from "./pack-index.js";
 import type { Retention, Store } from "./store.js";
 
 export const PACK_HEADER_SIZE = 16;
+
+/**
+ * A pack's chunk payloads start on multiples of this. The stored bytes are copied from shared
+ * memory (where a worker encoded them) into shared memory (the pack's buffer), and V8 copies
+ * between shared buffers 8 bytes at a time only when both sides are equally aligned, else byte by
+ * byte: measured here, 17 GB/s against 3 GB/s, and 9 % of an encrypted full backup's CPU time
+ * went to such copies (the worker's too: it puts the cipher's output, in memory malloc aligned,
+ * after the chunk's 44 bytes of header and crypto fields).
+ */
+export const PAYLOAD_ALIGN = 8;
+
+/** Where a stored chunk's payload starts: after its header, and its crypto fields when encrypted. */
+function payloadStart(encrypted: boolean): number {
+  return CHUNK_HEADER_SIZE + (encrypted ? CHUNK_CRYPTO_SIZE : 0);
+}
+
+/**
+ * Zero bytes to put before a chunk at `at` so its payload starts on a multiple of
+ * {@link PAYLOAD_ALIGN}; with `at` 0, where in an aligned slot a chunk to be packed is best
+ * encoded.
+ */
+export function payloadPad(at: number, encrypted: boolean): number {
+  return (PAYLOAD_ALIGN - ((at + payloadStart(encrypted)) % PAYLOAD_ALIGN)) % PAYLOAD_ALIGN;
+}
 
 export function encodeDirectory(entries: readonly PackEntry[]): Buffer {
   const b = Buffer.alloc(16 + entries.length * PACK_ENTRY_SIZE);
@@ -88,11 +116,15 @@ export function parseTrailer(
   return { digest: Buffer.from(tail.subarray(0, 32)), offset, length };
 }
 
-/** Bytes a pack buffer needs: the target, one more chunk past it, the largest directory, header, trailer. */
+/**
+ * Bytes a pack buffer needs: the target, one more chunk past it (and its padding), the largest
+ * directory, header, trailer.
+ */
 function packCapacity(chunkSize: number): number {
   return (
     PACK_HEADER_SIZE +
     PACK_TARGET_SIZE +
+    PAYLOAD_ALIGN +
     storedSizeBound(chunkSize) +
     storedSizeBound(16 + PACK_MAX_ENTRIES * PACK_ENTRY_SIZE) +
     PACK_TRAILER_SIZE
@@ -137,9 +169,12 @@ export class PackWriter {
     while (!this.open) await this.startPack();
     this.throwIfFailed();
     const pack = this.open;
-    const at = pack.length;
-    this.buffers.view(pack.slot).set(stored, at);
-    pack.length += stored.length;
+    const view = this.buffers.view(pack.slot);
+    const pad = payloadPad(pack.length, stored.length > 8 && (stored[8]! & CHUNK_FLAG_ENCRYPTED) !== 0);
+    view.fill(0, pack.length, pack.length + pad);
+    const at = pack.length + pad;
+    view.set(stored, at);
+    pack.length = at + stored.length;
     pack.entries.push({ digest, offset: at, length: stored.length });
     if (pack.length - PACK_HEADER_SIZE >= this.target || pack.entries.length >= PACK_MAX_ENTRIES) this.seal();
   }

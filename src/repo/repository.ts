@@ -34,6 +34,7 @@ import {
 import { type ChunkLayout, type ChunkSession, ObjectPerChunkLayout, PackLayout } from "./layout.js";
 import { Lock, type LockKind, listLocks } from "./locks.js";
 import { type Manifest, type ManifestBlob, manifestProblem } from "./manifest.js";
+import { PAYLOAD_ALIGN, payloadPad } from "./pack.js";
 import { sealJson, unsealJson } from "./sealed-json.js";
 import type { Retention, RetentionMode, Store } from "./store.js";
 
@@ -768,10 +769,10 @@ export class BackupWriter {
       const out = this.outSlots();
       const slot = await out.take();
       try {
-        const into = { memory: out.memory, offset: out.offset(slot), capacity: out.slotSize };
+        const into = this.slotFor(out, slot);
         const encoded = await codec.encodeInto(current, backupLevel(this.incremental, codec.saturated), into);
         current = encoded.data;
-        await this.chunks.put(hex, out.view(slot, encoded.length));
+        await this.chunks.put(hex, new Uint8Array(into.memory, into.offset, encoded.length));
         return encoded.length;
       } finally {
         out.give(slot);
@@ -804,11 +805,11 @@ export class BackupWriter {
     const out = this.outSlots();
     const slot = await out.take();
     try {
-      const into = { memory: out.memory, offset: out.offset(slot), capacity: out.slotSize };
+      const into = this.slotFor(out, slot);
       const encoded = await codec.hashEncodeInto(data, backupLevel(false, codec.saturated), into);
       const hex = encoded.digest.toString("hex");
       const stored = await this.once(hex, async () => {
-        await this.chunks.put(hex, out.view(slot, encoded.length));
+        await this.chunks.put(hex, new Uint8Array(into.memory, into.offset, encoded.length));
         return encoded.length;
       });
       return { ...putResult(stored, encoded.data), digest: encoded.digest };
@@ -844,9 +845,18 @@ export class BackupWriter {
   private outSlots(): AlignedSlots {
     this.out ??= new AlignedSlots(
       this.repo.codec().threads * PUTS_PER_THREAD + 2,
-      storedSizeBound(this.repo.chunkSize),
+      storedSizeBound(this.repo.chunkSize) + PAYLOAD_ALIGN,
     );
     return this.out;
+  }
+
+  /**
+   * Where in slot `slot` a worker encodes a chunk: at its start when the store writes it from
+   * there (v1, page-aligned for O_DIRECT), else where its payload is aligned as in a pack.
+   */
+  private slotFor(out: AlignedSlots, slot: number): SharedSlot {
+    const skip = this.chunks.copies ? payloadPad(0, this.repo.encrypted) : 0;
+    return { memory: out.memory, offset: out.offset(slot) + skip, capacity: out.slotSize - skip };
   }
 
   /** True (and touched) when the chunk is already stored. */

@@ -98,6 +98,49 @@ for (const password of [undefined, "pw"]) {
   });
 }
 
+for (const password of [undefined, "pw"]) {
+  test(`every chunk's payload starts on a multiple of 8 in its pack, zero bytes before it (${password ? "encrypted" : "plain"})`, async (t) => {
+    const dir = tempDir(t);
+    const root = join(dir, "repo");
+    const repo = await openRepo(t, new FsStore(root), password);
+    // Compressible chunks of many lengths, so that chunks start at every offset modulo 8.
+    const data = Buffer.alloc(CHUNK * CHUNKS);
+    const rng = new Prng("lengths");
+    for (let i = 0; i < CHUNKS; i++) {
+      const chunk = data.subarray(i * CHUNK, (i + 1) * CHUNK);
+      const cut = 1 + rng.below(CHUNK - 1);
+      fillContent(chunk.subarray(0, cut), "text", rng);
+      fillContent(chunk.subarray(cut), "random", rng);
+    }
+    const s = await take(repo, "vm", memoryDisk(data));
+    assert.equal(s.manifest.disks[0]!.chunksNew, CHUNKS);
+    const index = await (repo.layout as PackLayout).packIndex(true);
+    const before = password ? 16 + 28 : 16;
+    const starts = new Set<number>();
+    for (const path of packsIn(root)) {
+      const bytes = await fs.readFile(path);
+      const id = path.slice(path.lastIndexOf("/") + 1);
+      let end = PACK_HEADER_SIZE;
+      for (const e of [...index.packs.get(id)!.entries].sort((a, b) => a.offset - b.offset)) {
+        assert.equal((e.offset + before) % 8, 0, `pack ${id}: payload at ${e.offset + before}`);
+        assert.ok(
+          e.offset - end >= 0 && e.offset - end < 8,
+          `pack ${id}: ${e.offset - end} bytes before a chunk`,
+        );
+        assert.ok(
+          bytes.subarray(end, e.offset).every((b) => b === 0),
+          "the bytes before a chunk are zero",
+        );
+        starts.add(end % 8);
+        end = e.offset + e.length;
+      }
+    }
+    assert.ok(starts.size > 2, "chunks ended at several offsets modulo 8");
+    assert.deepEqual(await restored(repo, s.id, dir), data);
+    assert.equal((await verifyRepository(repo, { readData: true })).ok, true);
+  });
+}
+
 test("backup, incremental, forget, gc, verify and restore use only object-store operations", async (t) => {
   const dir = tempDir(t);
   const store = new ObjectStoreOnly(new FsStore(join(dir, "repo")));
