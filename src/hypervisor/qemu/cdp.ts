@@ -112,6 +112,12 @@ export interface CaptureHealth {
   problems: string[];
 }
 
+/** A job as query-jobs lists it (the fields used here). */
+interface QemuJob {
+  id: string;
+  status: string;
+}
+
 const message = (err: unknown) => (err instanceof Error ? err.message : String(err));
 
 async function connect(vm: string, target: QemuTarget): Promise<QmpClient> {
@@ -540,7 +546,7 @@ export class Capture {
   async health(): Promise<CaptureHealth> {
     const qmp = await connect(this.o.vm, this.o.target);
     try {
-      const jobs = await qmp.execute<Array<{ id: string; status: string }>>("query-jobs");
+      const jobs = await qmp.execute<QemuJob[]>("query-jobs");
       const problems: string[] = [];
       for (const d of this.disks) {
         const j = jobs.find((x) => x.id === cdpNames.job(d.name));
@@ -581,10 +587,10 @@ export class Capture {
       }
       try {
         if (qmp) {
-          const jobs = await qmp.execute<Array<{ id: string }>>("query-jobs");
+          const jobs = await qmp.execute<QemuJob[]>("query-jobs");
           if (this.disks.some((d) => !jobs.some((j) => j.id === cdpNames.job(d.name)))) keep = true;
           // release(): success keeps the bitmaps a record lists, failure removes them.
-          await releaseCapture(qmp, this.record, this.o.log, { success: keep });
+          await releaseCapture(qmp, this.record, this.o.log, { success: keep }, jobs);
         } else if (!reachable) {
           // QEMU is gone, and with it everything capture made inside it: only files are left.
           await release(undefined, undefined, this.record, this.o.log, { success: false });
@@ -687,19 +693,23 @@ async function recoverProtect(
 
 /**
  * {@link release} for what a capture made, its mirrors first cancelled with the VM paused
- * (`cancelPaused`). `qmp` undefined: QEMU is gone, only files are left to remove.
+ * (`cancelPaused`). `qmp` undefined: QEMU is gone, only files are left to remove. `jobs`: what
+ * query-jobs answered just now, when the caller asked already.
  */
 export async function releaseCapture(
   qmp: QmpClient | undefined,
   record: StateRecord,
   log: (m: string) => void,
   how: { success: boolean },
+  jobs?: readonly QemuJob[],
 ): Promise<void> {
   if (qmp && !qmp.closed) {
-    const jobs = await qmp.execute<Array<{ id: string; status: string }>>("query-jobs");
+    const listed = jobs ?? (await qmp.execute<QemuJob[]>("query-jobs"));
     const running = record.items
       .flatMap((i) => (i.kind === "job" ? [i.id] : []))
-      .filter((id) => jobs.some((j) => j.id === id && !["concluded", "aborting", "null"].includes(j.status)));
+      .filter((id) =>
+        listed.some((j) => j.id === id && !["concluded", "aborting", "null"].includes(j.status)),
+      );
     await cancelPaused(qmp, record, running);
   }
   await release(qmp, undefined, record, log, how);
