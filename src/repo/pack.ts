@@ -170,7 +170,7 @@ export class PackWriter {
     this.throwIfFailed();
     const pack = this.open;
     const view = this.buffers.view(pack.slot);
-    const pad = payloadPad(pack.length, stored.length > 8 && (stored[8]! & CHUNK_FLAG_ENCRYPTED) !== 0);
+    const pad = payloadPad(pack.length, ((stored[8] ?? 0) & CHUNK_FLAG_ENCRYPTED) !== 0);
     view.fill(0, pack.length, pack.length + pad);
     const at = pack.length + pad;
     view.set(stored, at);
