@@ -352,8 +352,8 @@ function benchDiskSet(set: DiskSet, chosen: Tool[]): void {
   }
 }
 
-const STRATA_DEFAULT = "strata (1 MiB fixed, zstd -3..1/3)";
-const STRATA_AES = "strata (1 MiB fixed, zstd -3..1/3, AES)";
+const STRATA_DEFAULT = "strata (1 MiB fixed, zstd -3..1/2)";
+const STRATA_AES = "strata (1 MiB fixed, zstd -3..1/2, AES)";
 
 function offlineSets(): { sets: DiskSet[]; limitsImage: string } {
   const debian = debianDisks(ROOT, CACHE, DAYS);
@@ -386,8 +386,8 @@ async function main(): Promise<void> {
   const tools: Tool[] = [
     strataTool(STRATA_DEFAULT, "1M", false),
     strataTool(STRATA_AES, "1M", true),
-    strataTool("strata (4 MiB fixed, zstd -3..1/3)", "4M", false),
-    strataTool("strata (256 KiB fixed, zstd -3..1/3)", "256K", false),
+    strataTool("strata (4 MiB fixed, zstd -3..1/2)", "4M", false),
+    strataTool("strata (256 KiB fixed, zstd -3..1/2)", "256K", false),
     restic,
     borgTool("borg 1.2 (fixed 4 MiB, lz4)", ["--chunker-params", "fixed,4194304"], "lz4"),
     borgTool("borg 1.2 (buzhash CDC 2 MiB, lz4)", [], "lz4"),

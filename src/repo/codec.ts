@@ -75,7 +75,7 @@ export const ZSTD_FAST = 1;
 export const ZSTD_BULK = -3;
 const BULK_MIN_MATCH = 7;
 const BULK_HASH_LOG = 12;
-export const ZSTD_INCREMENTAL = 3;
+export const ZSTD_INCREMENTAL = 2;
 export const ZSTD_STRONG = 11;
 
 /** Where a stored chunk's header gives the length of its plaintext (u32, docs/format.md). */
