@@ -164,6 +164,8 @@ Examples:
         opts.immutableFor,
         cmd.getOptionValueSource("immutableMode") === "default" ? undefined : opts.immutableMode,
       );
+      // The sources' own checks run while the repository opens.
+      vmHandle.prepare?.((m) => out.warn(m));
       await withRepo(
         cmd,
         async (repo) => {

@@ -158,6 +158,12 @@ export interface VmHandle {
   defaultName: string | undefined;
   /** Defaults the source carries (an inventory entry's mode and quiesce policy). */
   defaults?: { mode?: BackupRequest["mode"]; quiesce?: QuiescePolicy };
+  /**
+   * Starts what {@link openBackup} will check that depends on the source alone and leaves nothing
+   * behind (an image file's probes), so that it runs while the caller opens the repository.
+   * `openBackup` uses what it found; a failure surfaces there. Optional, and a no-op to skip.
+   */
+  prepare?(log: (message: string) => void): void;
   /** Opens a backup session (see {@link BackupSession}); the VM must exist. */
   openBackup(request: BackupRequest): Promise<BackupSession>;
   /**

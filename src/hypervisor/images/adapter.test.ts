@@ -85,3 +85,40 @@ test("several file: sources are one VM: a crash-consistent session with a files 
     (err: unknown) => isStrataError(err, ErrorCode.SOURCE_UNREADABLE),
   );
 });
+
+test("prepare vets the sources ahead of openBackup, which uses what it found; a failure surfaces there", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "strata-images-"));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  // A raw disk that begins like a qcow2 image: vetting it warns, once per vetting.
+  const a = join(dir, "a.img");
+  const head = Buffer.alloc(1 << 20, 5);
+  head.write("QFI\xfb", 0, "latin1");
+  writeFileSync(a, head);
+  const vm = await new ImageFileAdapter().resolveGroup([`file:${a}`]);
+  const early: string[] = [];
+  const late: string[] = [];
+  vm.prepare!((m) => early.push(m));
+  const s = await vm.openBackup({ ...request(dir), log: (m) => late.push(m) });
+  try {
+    assert.equal(early.length, 1, "prepare vetted the source");
+    assert.match(early[0]!, /begins like a qcow2 image but is read as raw/);
+    assert.equal(late.length, 0, "openBackup used the vetting prepare started, not a second one");
+    assert.deepEqual((await s.disks[0]!.read(4096, 4)).toJSON().data, [5, 5, 5, 5]);
+  } finally {
+    await s.finish(true);
+  }
+  // The next session vets again, and tells its own log.
+  await (await vm.openBackup({ ...request(dir), log: (m) => late.push(m) })).finish(true);
+  assert.equal(late.length, 1);
+
+  const gone = await new ImageFileAdapter().resolveGroup([`file:${join(dir, "missing.img")}`]);
+  gone.prepare!(() => {});
+  // Nothing reports the failure until openBackup, which names the source.
+  await new Promise((r) => setTimeout(r, 50));
+  await assert.rejects(
+    gone.openBackup(request(dir)),
+    (err: unknown) =>
+      isStrataError(err, ErrorCode.SOURCE_UNREADABLE) &&
+      /cannot open source .*missing\.img/.test(String(err)),
+  );
+});

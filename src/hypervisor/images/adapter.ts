@@ -6,7 +6,7 @@
  * data; unchanged chunks are deduplicated), and their configuration lists the files.
  */
 import type { BackupRequest, BackupSession, VmAdapter, VmConfigDocument, VmHandle } from "../adapter.js";
-import { type FileSpec, openFileDisks, parseFileSpecs } from "./index.js";
+import { type FileSpec, openFileDisks, parseFileSpecs, type VettedSource, vetFileSources } from "./index.js";
 
 export const FILE_USAGE = "file:PATH[,name=DISK][,format=FMT] (image files and block devices, one disk each)";
 
@@ -19,8 +19,12 @@ export interface FilesConfig extends VmConfigDocument {
   disks: Array<{ name: string; source: string; file: string; format: string; size: number }>;
 }
 
-async function openFilesSession(specs: readonly FileSpec[], request: BackupRequest): Promise<BackupSession> {
-  const opened = await openFileDisks(specs, { warn: request.log });
+async function openFilesSession(
+  specs: readonly FileSpec[],
+  request: BackupRequest,
+  vetted: ReadonlyArray<Promise<VettedSource>> | undefined,
+): Promise<BackupSession> {
+  const opened = await openFileDisks(specs, vetted ? { vetted } : { warn: request.log });
   let closing: Promise<void> | undefined;
   const config: FilesConfig = {
     kind: "files",
@@ -69,11 +73,20 @@ export class ImageFileAdapter implements VmAdapter {
   /** Every `file:` source one disk of the same VM; disk names made unique. */
   async resolveGroup(uris: readonly string[]): Promise<VmHandle> {
     const specs = parseFileSpecs(uris);
+    // Vetted once: by prepare (while the repository opens), else by openBackup itself.
+    let vetted: Array<Promise<VettedSource>> | undefined;
     return {
       adapter: this,
       source: uris.join(" "),
       defaultName: undefined,
-      openBackup: (request) => openFilesSession(specs, request),
+      prepare: (log) => {
+        vetted ??= vetFileSources(specs, log);
+      },
+      openBackup: (request) => {
+        const early = vetted;
+        vetted = undefined;
+        return openFilesSession(specs, request, early);
+      },
     };
   }
 }

@@ -156,7 +156,19 @@ async function openViaNbd(spec: FileSpec, format: string): Promise<OpenedDisk> {
   }
 }
 
-async function openOne(spec: FileSpec, warn: (message: string) => void): Promise<OpenedDisk> {
+/**
+ * What opening a file source checks first: it exists and is a file or block device, its format
+ * (raw unless stated) passes image-safety's checks, and for raw sources no running QEMU holds its
+ * write lock. Programs and reads only: nothing is left open, so it may start before it is known
+ * that the source will be opened (see {@link vetFileSources}).
+ */
+export interface VettedSource {
+  format: string;
+  /** A raw file's allocation map, still being asked for (none for a block device: read whole). */
+  map?: Promise<MapExtent[]>;
+}
+
+async function vetOne(spec: FileSpec, warn: (message: string) => void): Promise<VettedSource> {
   let st: import("node:fs").Stats;
   try {
     st = await fs.stat(spec.path);
@@ -181,21 +193,40 @@ async function openOne(spec: FileSpec, warn: (message: string) => void): Promise
   const unlocked = raw ? refuseIfWrittenByVm(spec.path) : undefined;
   unlocked?.catch(() => {});
   const { format } = await vetted;
-  if (format === "raw") {
-    await unlocked;
-    return openRaw(spec, map);
-  }
-  return openViaNbd(spec, format);
+  if (format !== "raw") return { format };
+  await unlocked;
+  return map ? { format, map } : { format };
+}
+
+/**
+ * Starts vetting every source now (see {@link VettedSource}), for {@link openFileDisks} to use
+ * later: a backup vets its sources while it opens the repository (on an encrypted one, asking
+ * the keyring for the key), instead of after. A failure surfaces when the result is used.
+ */
+export function vetFileSources(
+  specs: readonly FileSpec[],
+  warn: (message: string) => void = () => {},
+): Array<Promise<VettedSource>> {
+  return specs.map((s) => {
+    const p = vetOne(s, warn);
+    p.catch(() => {});
+    return p;
+  });
+}
+
+async function openOne(spec: FileSpec, vetting: Promise<VettedSource>): Promise<OpenedDisk> {
+  const { format, map } = await vetting;
+  return format === "raw" ? openRaw(spec, map) : openViaNbd(spec, format);
 }
 
 /** Opens every file source; closes what it opened if one fails. */
 export async function openFileDisks(
   specs: readonly FileSpec[],
-  options: { warn?: (message: string) => void } = {},
+  options: { warn?: (message: string) => void; vetted?: ReadonlyArray<Promise<VettedSource>> } = {},
 ): Promise<OpenedDisk[]> {
-  const warn = options.warn ?? (() => {});
   // All at once: each waits on programs and the disk, not on the CPU.
-  const settled = await Promise.allSettled(specs.map((s) => openOne(s, warn)));
+  const vetting = options.vetted ?? vetFileSources(specs, options.warn);
+  const settled = await Promise.allSettled(specs.map((s, i) => openOne(s, vetting[i]!)));
   const opened = settled.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
   const failed = settled.find((r): r is PromiseRejectedResult => r.status === "rejected");
   if (failed) {
