@@ -15,24 +15,30 @@ import { ErrorCode, StrataError } from "../util/errors.js";
 
 const DEFAULT_TTL_SECONDS = 12 * 3600;
 
-function keyctl(args: string[], input?: Buffer): Promise<Buffer> {
+function run(file: string, args: string[], input?: Buffer): Promise<Buffer> {
   return new Promise((resolve, reject) => {
-    const child = execFile("keyctl", args, { encoding: "buffer", timeout: 5000 }, (err, stdout) =>
+    const child = execFile(file, args, { encoding: "buffer", timeout: 5000 }, (err, stdout) =>
       err ? reject(err) : resolve(stdout),
     );
     child.stdin?.end(input);
   });
 }
 
+const keyctl = (args: string[], input?: Buffer) => run("keyctl", args, input);
+
+/**
+ * Finds the key in the user keyring and prints it, in one program run: every command with a
+ * password looks, and each program this process starts costs it a fork (tens of ms, and a fault
+ * on each page it writes afterwards).
+ */
+const LOOKUP =
+  'id=$(keyctl search @u user "$1") || exit 1; case "$id" in *[!0-9]*|"") exit 1;; esac; exec keyctl pipe "$id"';
+
 export class KeyringKdfCache implements KdfCache {
   constructor(private readonly ttlSeconds: number = DEFAULT_TTL_SECONDS) {}
 
   async get(name: string): Promise<Buffer | undefined> {
-    const id = (await keyctl(["search", "@u", "user", `strata:${name}`]).catch(() => undefined))
-      ?.toString()
-      .trim();
-    if (!id || !/^\d+$/.test(id)) return undefined;
-    return keyctl(["pipe", id]);
+    return run("sh", ["-c", LOOKUP, "sh", `strata:${name}`]).catch(() => undefined);
   }
 
   async set(name: string, value: Buffer): Promise<void> {
