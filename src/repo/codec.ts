@@ -13,12 +13,12 @@ import {
   createHash,
   createHmac,
   type Decipher,
-  type DecipherGCM,
   randomBytes,
 } from "node:crypto";
 import { Blake3Hasher, blake3 } from "@napi-rs/blake-hash";
 import zstd, { type CCtx, type DCtx } from "zstd-napi/binding.js";
 import { ErrorCode, StrataError } from "../util/errors.js";
+import { nativeAead } from "./aead.js";
 import {
   CHUNK_CRYPTO_SIZE,
   CHUNK_FLAG_ENCRYPTED,
@@ -141,12 +141,19 @@ export function encodeChunkInto(
   o.writeUInt32LE(plain.length, CHUNK_PLAIN_LENGTH_AT);
   if (!keys) return start + payloadLength;
   const nonce = randomBytes(12);
-  const cipher = createCipheriv("aes-256-gcm", keys.encKey, nonce);
-  cipher.setAAD(o.subarray(0, CHUNK_HEADER_SIZE));
   const payload = o.subarray(start, start + payloadLength);
-  gcmPieces(cipher, payload, payload);
+  const aead = nativeAead();
+  if (aead) {
+    // In place, the tag straight into its field.
+    const tag = o.subarray(CHUNK_HEADER_SIZE + 12, CHUNK_HEADER_SIZE + CHUNK_CRYPTO_SIZE);
+    aead.seal(keys.encKey, nonce, o.subarray(0, CHUNK_HEADER_SIZE), payload, tag);
+  } else {
+    const cipher = createCipheriv("aes-256-gcm", keys.encKey, nonce);
+    cipher.setAAD(o.subarray(0, CHUNK_HEADER_SIZE));
+    gcmPieces(cipher, payload, payload);
+    cipher.getAuthTag().copy(o, CHUNK_HEADER_SIZE + 12);
+  }
   nonce.copy(o, CHUNK_HEADER_SIZE);
-  cipher.getAuthTag().copy(o, CHUNK_HEADER_SIZE + 12);
   return start + payloadLength;
 }
 
@@ -182,6 +189,14 @@ function gcmOpen(decipher: Decipher, sealed: Buffer): Buffer {
   if (plain.length !== sealed.length || decipher.final().length !== 0)
     throw new StrataError(ErrorCode.INTERNAL, "AES-GCM returned a different length than it was given");
   return plain;
+}
+
+/** Where the addon decrypts a compressed payload for zstd to read (this thread's; grown to the largest). */
+let scratch: Buffer | undefined;
+
+function openScratch(length: number): Buffer {
+  if (!scratch || scratch.length < length) scratch = Buffer.allocUnsafeSlow(Math.max(length, 1 << 20));
+  return scratch.subarray(0, length);
 }
 
 /** The stored form of `plain` in a buffer of its own. */
@@ -227,17 +242,22 @@ export function decodeChunk(
     );
   }
   if (into && length > into.length) throw bad(`longer than its place (${length} bytes)`);
-  let decipher: DecipherGCM | undefined;
-  if (keys) {
-    if (buf.length < CHUNK_HEADER_SIZE + CHUNK_CRYPTO_SIZE) throw bad("truncated");
+  if (keys && buf.length < CHUNK_HEADER_SIZE + CHUNK_CRYPTO_SIZE) throw bad("truncated");
+  const sealed = buf.subarray(CHUNK_HEADER_SIZE + (keys ? CHUNK_CRYPTO_SIZE : 0));
+  /** The payload decrypted into `to`, else into memory of its own (the addon: this thread's scratch). */
+  const open = (k: CodecKeys, to?: Buffer): Buffer => {
     const nonce = buf.subarray(CHUNK_HEADER_SIZE, CHUNK_HEADER_SIZE + 12);
     const tag = buf.subarray(CHUNK_HEADER_SIZE + 12, CHUNK_HEADER_SIZE + CHUNK_CRYPTO_SIZE);
-    decipher = createDecipheriv("aes-256-gcm", keys.encKey, nonce);
-    decipher.setAAD(buf.subarray(0, CHUNK_HEADER_SIZE));
-    decipher.setAuthTag(tag);
-  }
-  const sealed = buf.subarray(CHUNK_HEADER_SIZE + (keys ? CHUNK_CRYPTO_SIZE : 0));
-  const open = (d: Decipher, to?: Buffer): Buffer => {
+    const aad = buf.subarray(0, CHUNK_HEADER_SIZE);
+    const aead = nativeAead();
+    if (aead) {
+      const dst = to ?? openScratch(sealed.length);
+      if (!aead.open(k.encKey, nonce, aad, sealed, dst, tag)) throw bad("authentication failed");
+      return dst;
+    }
+    const d = createDecipheriv("aes-256-gcm", k.encKey, nonce);
+    d.setAAD(aad);
+    d.setAuthTag(tag);
     try {
       if (!to) return gcmOpen(d, sealed);
       gcmPieces(d, sealed, to);
@@ -248,7 +268,7 @@ export function decodeChunk(
   };
   let plain: Buffer;
   if (flags & CHUNK_FLAG_ZSTD) {
-    const payload = decipher ? open(decipher) : sealed;
+    const payload = keys ? open(keys) : sealed;
     const out = into ? Buffer.from(into.buffer, into.byteOffset, length) : Buffer.allocUnsafe(length);
     dctx ??= new zstd.DCtx();
     let n: number;
@@ -262,7 +282,7 @@ export function decodeChunk(
   } else {
     if (sealed.length !== length) throw bad(`length ${sealed.length}, header says ${length}`);
     const out = into ? Buffer.from(into.buffer, into.byteOffset, length) : undefined;
-    if (decipher) plain = open(decipher, out);
+    if (keys) plain = open(keys, out ?? Buffer.allocUnsafe(length));
     else if (out) {
       out.set(sealed);
       plain = out;

@@ -1,0 +1,9 @@
+{
+  "targets": [
+    {
+      "target_name": "strata_aead",
+      "sources": ["aead.c"],
+      "cflags": ["-O2", "-Wall", "-Wextra", "-Werror"]
+    }
+  ]
+}
