@@ -31,37 +31,50 @@ static int fixed(napi_env env, size_t n, size_t want, const char* what) {
   return 0;
 }
 
+/* The arguments of seal (key, nonce, aad, data, tag: src and dst both data) and of open (key,
+   nonce, aad, src, dst, tag), checked; 0 with a JavaScript exception pending when they are wrong. */
+typedef struct {
+  uint8_t *key, *nonce, *aad, *src, *dst, *tag;
+  size_t aad_len, len;
+} gcm_args;
+
+static int parse(napi_env env, napi_callback_info info, int opening, gcm_args* g) {
+  size_t argc = 6, want = opening ? 6 : 5, n, dst_len;
+  napi_value a[6];
+  int i = 3;
+  if (napi_get_cb_info(env, info, &argc, a, NULL, NULL) != napi_ok) return 0;
+  if (argc != want) {
+    napi_throw_type_error(env, NULL, opening ? "open(key, nonce, aad, src, dst, tag)" : "seal(key, nonce, aad, data, tag)");
+    return 0;
+  }
+  if (!bytes(env, a[0], "key: Uint8Array", &g->key, &n) || !fixed(env, n, 32, "key: 32 bytes") ||
+      !bytes(env, a[1], "nonce: Uint8Array", &g->nonce, &n) || !fixed(env, n, 12, "nonce: 12 bytes") ||
+      !bytes(env, a[2], "aad: Uint8Array", &g->aad, &g->aad_len) ||
+      !bytes(env, a[i++], opening ? "src: Uint8Array" : "data: Uint8Array", &g->src, &g->len))
+    return 0;
+  g->dst = g->src;
+  if (opening && (!bytes(env, a[i++], "dst: Uint8Array", &g->dst, &dst_len) ||
+                  !fixed(env, dst_len, g->len, "dst: as long as src")))
+    return 0;
+  if (!bytes(env, a[i], "tag: Uint8Array", &g->tag, &n) || !fixed(env, n, 16, "tag: 16 bytes")) return 0;
+  if (g->aad_len > INT_MAX || g->len > INT_MAX) {
+    napi_throw_range_error(env, NULL, "longer than 2 GiB");
+    return 0;
+  }
+  return 1;
+}
+
 /* seal(key, nonce, aad, data, tag): encrypts data in place, writes its tag into tag. */
 static napi_value Seal(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
-  napi_value a[5];
-  uint8_t *key, *nonce, *aad, *data, *tag;
-  size_t kl, nl, al, dl, tl;
-  int len = 0, ok = 1;
-  if (napi_get_cb_info(env, info, &argc, a, NULL, NULL) != napi_ok) return NULL;
-  if (argc != 5) {
-    napi_throw_type_error(env, NULL, "seal(key, nonce, aad, data, tag)");
-    return NULL;
-  }
-  if (!bytes(env, a[0], "key: Uint8Array", &key, &kl) || !fixed(env, kl, 32, "key: 32 bytes") ||
-      !bytes(env, a[1], "nonce: Uint8Array", &nonce, &nl) || !fixed(env, nl, 12, "nonce: 12 bytes") ||
-      !bytes(env, a[2], "aad: Uint8Array", &aad, &al) || !bytes(env, a[3], "data: Uint8Array", &data, &dl) ||
-      !bytes(env, a[4], "tag: Uint8Array", &tag, &tl) || !fixed(env, tl, 16, "tag: 16 bytes"))
-    return NULL;
-  if (al > INT_MAX || dl > INT_MAX) {
-    napi_throw_range_error(env, NULL, "longer than 2 GiB");
-    return NULL;
-  }
+  gcm_args g;
+  int len = 0, ok;
+  if (!parse(env, info, 0, &g)) return NULL;
   EVP_CIPHER_CTX* c = EVP_CIPHER_CTX_new();
-  if (!c) {
-    napi_throw_error(env, NULL, "EVP_CIPHER_CTX_new failed");
-    return NULL;
-  }
-  ok = ok && EVP_EncryptInit_ex(c, EVP_aes_256_gcm(), NULL, key, nonce) == 1;
-  ok = ok && (al == 0 || EVP_EncryptUpdate(c, NULL, &len, aad, (int)al) == 1);
-  ok = ok && (dl == 0 || (EVP_EncryptUpdate(c, data, &len, data, (int)dl) == 1 && (size_t)len == dl));
-  ok = ok && EVP_EncryptFinal_ex(c, data + dl, &len) == 1 && len == 0;
-  ok = ok && EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, 16, tag) == 1;
+  ok = c && EVP_EncryptInit_ex(c, EVP_aes_256_gcm(), NULL, g.key, g.nonce) == 1;
+  ok = ok && (g.aad_len == 0 || EVP_EncryptUpdate(c, NULL, &len, g.aad, (int)g.aad_len) == 1);
+  ok = ok && (g.len == 0 || (EVP_EncryptUpdate(c, g.dst, &len, g.src, (int)g.len) == 1 && (size_t)len == g.len));
+  ok = ok && EVP_EncryptFinal_ex(c, g.dst + g.len, &len) == 1 && len == 0;
+  ok = ok && EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, 16, g.tag) == 1;
   EVP_CIPHER_CTX_free(c);
   if (!ok) napi_throw_error(env, NULL, "AES-256-GCM encryption failed");
   return NULL;
@@ -70,36 +83,20 @@ static napi_value Seal(napi_env env, napi_callback_info info) {
 /* open(key, nonce, aad, src, dst, tag) -> bool: decrypts src into dst (as long; may be src).
    False when the tag does not match: dst then holds garbage. */
 static napi_value Open(napi_env env, napi_callback_info info) {
-  size_t argc = 6;
-  napi_value a[6], result;
-  uint8_t *key, *nonce, *aad, *src, *dst, *tag;
-  size_t kl, nl, al, sl, dl, tl;
-  int len = 0, ok = 1;
-  if (napi_get_cb_info(env, info, &argc, a, NULL, NULL) != napi_ok) return NULL;
-  if (argc != 6) {
-    napi_throw_type_error(env, NULL, "open(key, nonce, aad, src, dst, tag)");
-    return NULL;
-  }
-  if (!bytes(env, a[0], "key: Uint8Array", &key, &kl) || !fixed(env, kl, 32, "key: 32 bytes") ||
-      !bytes(env, a[1], "nonce: Uint8Array", &nonce, &nl) || !fixed(env, nl, 12, "nonce: 12 bytes") ||
-      !bytes(env, a[2], "aad: Uint8Array", &aad, &al) || !bytes(env, a[3], "src: Uint8Array", &src, &sl) ||
-      !bytes(env, a[4], "dst: Uint8Array", &dst, &dl) || !fixed(env, dl, sl, "dst: as long as src") ||
-      !bytes(env, a[5], "tag: Uint8Array", &tag, &tl) || !fixed(env, tl, 16, "tag: 16 bytes"))
-    return NULL;
-  if (al > INT_MAX || sl > INT_MAX) {
-    napi_throw_range_error(env, NULL, "longer than 2 GiB");
-    return NULL;
-  }
+  gcm_args g;
+  napi_value result;
+  int len = 0, ok;
+  if (!parse(env, info, 1, &g)) return NULL;
   EVP_CIPHER_CTX* c = EVP_CIPHER_CTX_new();
   if (!c) {
     napi_throw_error(env, NULL, "EVP_CIPHER_CTX_new failed");
     return NULL;
   }
-  ok = ok && EVP_DecryptInit_ex(c, EVP_aes_256_gcm(), NULL, key, nonce) == 1;
-  ok = ok && (al == 0 || EVP_DecryptUpdate(c, NULL, &len, aad, (int)al) == 1);
-  ok = ok && (sl == 0 || (EVP_DecryptUpdate(c, dst, &len, src, (int)sl) == 1 && (size_t)len == sl));
-  ok = ok && EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, 16, tag) == 1;
-  ok = ok && EVP_DecryptFinal_ex(c, dst + sl, &len) == 1 && len == 0;
+  ok = EVP_DecryptInit_ex(c, EVP_aes_256_gcm(), NULL, g.key, g.nonce) == 1;
+  ok = ok && (g.aad_len == 0 || EVP_DecryptUpdate(c, NULL, &len, g.aad, (int)g.aad_len) == 1);
+  ok = ok && (g.len == 0 || (EVP_DecryptUpdate(c, g.dst, &len, g.src, (int)g.len) == 1 && (size_t)len == g.len));
+  ok = ok && EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, 16, g.tag) == 1;
+  ok = ok && EVP_DecryptFinal_ex(c, g.dst + g.len, &len) == 1 && len == 0;
   EVP_CIPHER_CTX_free(c);
   napi_get_boolean(env, ok, &result);
   return result;
