@@ -282,6 +282,17 @@ export interface InstantVm {
   warnings: string[];
 }
 
+/**
+ * The mirror buffer (QEMU's blockdev-mirror buf-size, virsh blockcopy --buf-size) for a copy
+ * limited to `limitBytes` per second. QEMU copies up to a whole buffer of consecutive data before
+ * its rate limit waits (16 MiB by default): at a few MiB/s that is seconds of unthrottled copying.
+ * A quarter of a second's worth (a power of two, 256 KiB to 16 MiB) keeps bursts within the limit.
+ */
+export function mirrorBufferBytes(limitBytes: number): number {
+  const quarter = Math.max(1, limitBytes / 4);
+  return Math.min(16 << 20, Math.max(256 << 10, 2 ** Math.floor(Math.log2(quarter))));
+}
+
 export interface MigrateRequest {
   /** Directory on production storage. */
   target: string;

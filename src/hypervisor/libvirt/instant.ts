@@ -25,13 +25,14 @@ import { z } from "zod";
 import { ErrorCode, isStrataError, StrataError } from "../../util/errors.js";
 import { runProgram } from "../../util/process.js";
 import { absolutePath, matching, object, parseDocument, whole } from "../../util/schema.js";
-import type {
-  InstantRequest,
-  InstantRuntime,
-  InstantVm,
-  MigratedDisk,
-  MigrateRequest,
-  VmConfigDocument,
+import {
+  type InstantRequest,
+  type InstantRuntime,
+  type InstantVm,
+  type MigratedDisk,
+  type MigrateRequest,
+  mirrorBufferBytes,
+  type VmConfigDocument,
 } from "../adapter.js";
 import { instantVmSchema } from "../instant-vm.js";
 import { checkReachable, qemuUser } from "./access.js";
@@ -340,7 +341,14 @@ export class LibvirtInstant implements InstantRuntime {
         await virsh.run(["blockjob", d.domain, disk.name, "--abort"]).catch(() => {});
         await fs.rm(path, { force: true });
         const args = ["blockcopy", d.domain, disk.name, path, "--format", req.format];
-        if (req.limitBytes !== null) args.push("--bandwidth", String(Math.round(req.limitBytes)), "--bytes");
+        if (req.limitBytes !== null)
+          args.push(
+            "--bandwidth",
+            String(Math.round(req.limitBytes)),
+            "--bytes",
+            "--buf-size",
+            String(mirrorBufferBytes(req.limitBytes)),
+          );
         if (req.active) args.push("--synchronous-writes");
         const t0 = Date.now();
         await virsh.run(args);

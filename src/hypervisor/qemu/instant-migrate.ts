@@ -15,7 +15,7 @@
 import { join, resolve } from "node:path";
 import { ErrorCode, StrataError } from "../../util/errors.js";
 import { runProgram } from "../../util/process.js";
-import type { InstantVm, MigratedDisk, MigrateRequest } from "../adapter.js";
+import { type InstantVm, type MigratedDisk, type MigrateRequest, mirrorBufferBytes } from "../adapter.js";
 import { checkQemuInstantVm, type QemuInstantData } from "./instant-record.js";
 import { QmpClient } from "./qmp.js";
 
@@ -116,7 +116,9 @@ export async function migrateQemuInstant(
           target: node,
           sync: "full",
           "auto-dismiss": false,
-          ...(o.limitBytes ? { speed: Math.round(o.limitBytes) } : {}),
+          ...(o.limitBytes
+            ? { speed: Math.round(o.limitBytes), "buf-size": mirrorBufferBytes(o.limitBytes) }
+            : {}),
           ...(o.active ? { "copy-mode": "write-blocking" } : {}),
         });
         o.progress?.(d.name, 0, size);
