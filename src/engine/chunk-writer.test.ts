@@ -1,8 +1,12 @@
 import assert from "node:assert/strict";
+import { promises as fs } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { test } from "node:test";
 import { FixedIndex } from "../repo/fixed-index.js";
 import { MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ZERO_DIGEST } from "../repo/format.js";
 import {
+  ChunkWriter,
   chunkRuns,
   RESTORE_INFLIGHT_BYTES,
   RESTORE_RUN_BYTES,
@@ -42,4 +46,35 @@ test("chunkRuns groups consecutive non-zero chunks, at most `max` per run", () =
     [8, 3],
   ]);
   assert.deepEqual(chunkRuns(index, 1).length, 8);
+});
+
+test("early datasyncs run beside direct and buffered writes alike", async (t) => {
+  const dir = await fs.mkdtemp(join(tmpdir(), "strata-chunk-writer-"));
+  t.after(() => fs.rm(dir, { recursive: true, force: true }));
+  const MiB = 1 << 20;
+  for (const direct of [true, false]) {
+    const path = join(dir, `disk-${direct}`);
+    const fh = await fs.open(path, "w+");
+    try {
+      const writer = await ChunkWriter.open(fh, path, {
+        chunkSize: MiB,
+        inflight: 1,
+        direct,
+        zeroWrite: MiB,
+        flushEvery: MiB,
+      });
+      // Sequential, so that each write finds the last datasync done or still running.
+      for (let i = 0; i < 8; i++) await writer.zeros(i * MiB, MiB);
+      await writer.finish();
+      // The test directory is on a file system that takes O_DIRECT (ext4 here).
+      assert.deepEqual(
+        [writer.stats.directBytes, writer.stats.bufferedBytes],
+        direct ? [8 * MiB, 0] : [0, 8 * MiB],
+      );
+      assert.ok(writer.stats.earlyFlushes >= 1, `early flushes: ${writer.stats.earlyFlushes}`);
+    } finally {
+      await fh.close();
+    }
+    assert.equal((await fs.stat(path)).size, 8 * MiB);
+  }
 });

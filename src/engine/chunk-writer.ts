@@ -7,9 +7,13 @@
  * CPU-bound in the kernel's copy into the page cache, and then still had to be flushed; direct
  * writes at ~1.6 GB/s. Targets without O_DIRECT (ramfs, tmpfs before Linux 6.6), a write that is not whole 4 KiB blocks
  * (the short last chunk of a disk), and a target that opened with O_DIRECT but refuses a write
- * (EINVAL) go through the page cache, whose writeback is started every 256 MiB so the disk
- * writes while chunks decode instead of all at the final sync. With direct writes, the stored
- * chunks are read around the page cache as well, into aligned memory beside each slot.
+ * (EINVAL) go through the page cache. With direct writes, the stored chunks are read around the
+ * page cache as well, into aligned memory beside each slot.
+ *
+ * Every 256 MiB written, direct or not, a datasync starts beside the writes, so that the disk
+ * flushes while chunks decode instead of all at the final sync: the page cache's writeback, and
+ * the write cache under direct writes too (a virtual disk's host cache). Measured here on a 2.6 GB
+ * restore: the final sync took 0.65 s after direct writes alone, 0.07 s after early datasyncs.
  */
 import { constants, promises as fs } from "node:fs";
 import { storedSizeBound } from "../repo/codec.js";
@@ -20,7 +24,7 @@ import { ErrorCode, errnoCode, StrataError } from "../util/errors.js";
 
 const roundUp = (n: number) => Math.ceil(n / DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN;
 
-/** Buffered bytes between early flushes. */
+/** Bytes written between early flushes. */
 const EARLY_FLUSH_BYTES = 256 * 1024 * 1024;
 
 /** Writes all of `data` at `position`. */
@@ -83,11 +87,16 @@ export interface ChunkWriterOptions {
   direct?: boolean;
   /** Largest {@link ChunkWriter.zeros} write, for its aligned zero buffer (default 0: none). */
   zeroWrite?: number;
+  /** Bytes written between early datasyncs (default 256 MiB). */
+  flushEvery?: number;
 }
 
 export class ChunkWriter {
-  private buffered = 0;
+  /** Bytes written so far, and when the last early flush started. */
+  private written = 0;
   private flushedAt = 0;
+  /** What went where: around the page cache, through it, and the early datasyncs started. */
+  readonly stats = { directBytes: 0, bufferedBytes: 0, earlyFlushes: 0 };
   private flushing: Promise<void> | undefined;
   private flushError: unknown;
 
@@ -103,6 +112,7 @@ export class ChunkWriter {
     private readonly zero: Uint8Array,
     /** Bytes of `stored` per chunk of a run: page-aligned, with room for a direct read's edges. */
     private readonly storedStride: number,
+    private readonly flushEvery: number,
   ) {
     this.direct = directHandle;
   }
@@ -124,7 +134,15 @@ export class ChunkWriter {
     // Never written to, so all zeros; aligned when direct writes are possible.
     const zero =
       direct && zeroWrite > 0 ? new AlignedSlots(1, zeroWrite).view(0, zeroWrite) : new Uint8Array(zeroWrite);
-    return new ChunkWriter(fh, direct, slots, stored, zero, storedStride);
+    return new ChunkWriter(
+      fh,
+      direct,
+      slots,
+      stored,
+      zero,
+      storedStride,
+      options.flushEvery ?? EARLY_FLUSH_BYTES,
+    );
   }
 
   /**
@@ -194,10 +212,11 @@ export class ChunkWriter {
 
   private async write(data: Uint8Array, position: number): Promise<void> {
     const d = this.direct;
+    let written = false;
     if (d && position % DIRECT_IO_ALIGN === 0 && data.length % DIRECT_IO_ALIGN === 0) {
       try {
         await writeAll(d, data, position);
-        return;
+        written = true;
       } catch (err) {
         if (errnoCode(err) !== "EINVAL") throw err;
         // Opened with O_DIRECT but refuses this write: the page cache from here on (other
@@ -205,10 +224,15 @@ export class ChunkWriter {
         this.direct = undefined;
       }
     }
-    await writeAll(this.fh, data, position);
-    this.buffered += data.length;
-    if (this.buffered - this.flushedAt >= EARLY_FLUSH_BYTES && !this.flushing) {
-      this.flushedAt = this.buffered;
+    if (written) this.stats.directBytes += data.length;
+    else {
+      await writeAll(this.fh, data, position);
+      this.stats.bufferedBytes += data.length;
+    }
+    this.written += data.length;
+    if (this.written - this.flushedAt >= this.flushEvery && !this.flushing) {
+      this.flushedAt = this.written;
+      this.stats.earlyFlushes++;
       // A writeback error is reported to one sync only: keep it for the final check.
       this.flushing = this.fh
         .datasync()
