@@ -7,7 +7,7 @@ test("a limited mirror's buffer holds about a quarter second of its rate, 256 Ki
   assert.equal(mirrorBufferBytes(1 << 20), 256 << 10);
   assert.equal(mirrorBufferBytes(1000), 256 << 10);
   assert.equal(mirrorBufferBytes(100 << 20), 16 << 20);
-  assert.equal(mirrorBufferBytes(10 << 30), 16 << 20);
+  assert.equal(mirrorBufferBytes(10 * 2 ** 30), 16 << 20);
   // Powers of two: QEMU rounds the buffer up to its granularity.
   assert.equal(mirrorBufferBytes(50 << 20), 8 << 20);
 });
