@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { test } from "node:test";
 import { pathToFileURL } from "node:url";
 import { isStrataError } from "./errors.js";
+import { prestartWorkers } from "./prestart.js";
 import { WorkerPool } from "./workers.js";
 
 test("closing the pool rejects calls still pending instead of leaving them hanging", async (t) => {
@@ -40,4 +41,31 @@ serveWorker({ wait: (ms) => new Promise((r) => setTimeout(() => r(ms), ms)) });`
   assert.equal(pool.pending, 3);
   await Promise.all(calls);
   assert.equal(pool.pending, 0);
+});
+
+test("a pool takes over threads started ahead, sends them its setup, and stops the spare ones", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "strata-workers-"));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const mod = join(dir, "data-worker.mjs");
+  writeFileSync(
+    mod,
+    `import { threadId } from "node:worker_threads";
+import { serveWorker } from ${JSON.stringify(pathToFileURL(join(import.meta.dirname, "workers.js")).href)};
+serveWorker({ data: (_a, data) => ({ data, threadId }) });`,
+  );
+  const url = pathToFileURL(mod);
+  prestartWorkers(url, 3);
+  const pool = new WorkerPool(url, 2, { key: "k1" });
+  t.after(() => pool.close());
+  assert.equal(pool.prestartedTaken, 2);
+  const replies = await Promise.all(
+    [1, 2, 3, 4].map(() => pool.run<{ data: unknown; threadId: number }>("data", null)),
+  );
+  for (const r of replies) assert.deepEqual(r.data, { key: "k1" });
+  assert.equal(new Set(replies.map((r) => r.threadId)).size, 2, "both threads answer");
+  // Taken once: the next pool of the module starts its own.
+  const later = new WorkerPool(url, 1, { key: "k2" });
+  t.after(() => later.close());
+  assert.equal(later.prestartedTaken, 0);
+  assert.deepEqual((await later.run<{ data: unknown }>("data", null)).data, { key: "k2" });
 });

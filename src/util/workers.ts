@@ -7,6 +7,7 @@
 import { availableParallelism, setPriority } from "node:os";
 import { isMainThread, parentPort, type Transferable, Worker, workerData } from "node:worker_threads";
 import { ErrorCode, StrataError } from "./errors.js";
+import { PRESTARTED, takePrestarted } from "./prestart.js";
 
 interface Request {
   id: number;
@@ -36,6 +37,8 @@ export class WorkerPool {
   private readonly slots: Slot[] = [];
   private nextId = 1;
   private closed = false;
+  /** How many of the threads had been started ahead ({@link prestartWorkers}). */
+  readonly prestartedTaken: number;
 
   /**
    * @param moduleUrl URL of the worker module (it must call serveWorker).
@@ -50,10 +53,14 @@ export class WorkerPool {
     data?: unknown,
     options: { nice?: number } = {},
   ) {
+    const setup: WorkerSetup = { data, nice: options.nice };
+    const ahead = takePrestarted(moduleUrl, size);
+    this.prestartedTaken = ahead.length;
     for (let i = 0; i < size; i++) {
-      const worker = new Worker(moduleUrl, {
-        workerData: { data, nice: options.nice } satisfies WorkerSetup,
-      });
+      const early = ahead[i];
+      // A thread started ahead (bin/strata) gets its setup as its first message.
+      early?.postMessage({ setup } satisfies SetupMessage);
+      const worker = early ?? new Worker(moduleUrl, { workerData: setup });
       const slot: Slot = { worker, pending: new Map() };
       worker.on("message", (reply: Reply) => {
         const p = slot.pending.get(reply.id);
@@ -163,20 +170,36 @@ interface WorkerSetup {
   nice: number | undefined;
 }
 
+/** The first message to a thread started ahead. */
+interface SetupMessage {
+  setup: WorkerSetup;
+}
+
 /** Call at the top level of a worker module: answers the pool's requests with `handlers`. */
 export function serveWorker(handlers: Record<string, Handler>): void {
   if (isMainThread || !parentPort) return;
   const port = parentPort;
-  const setup = workerData as WorkerSetup;
-  const data = setup.data;
-  if (setup.nice !== undefined) {
-    try {
-      setPriority(0, setup.nice); // this thread only
-    } catch {
-      // Lowering nice needs CAP_SYS_NICE; the thread keeps its creator's.
+  let data: unknown;
+  const apply = (setup: WorkerSetup) => {
+    data = setup.data;
+    if (setup.nice !== undefined) {
+      try {
+        setPriority(0, setup.nice); // this thread only
+      } catch {
+        // Lowering nice needs CAP_SYS_NICE; the thread keeps its creator's.
+      }
     }
-  }
-  port.on("message", async (req: Request) => {
+  };
+  // Started ahead (prestart.ts): the setup is the first message, before any request.
+  let waiting = workerData === PRESTARTED;
+  if (!waiting) apply(workerData as WorkerSetup);
+  port.on("message", async (req: Request | SetupMessage) => {
+    if (waiting) {
+      waiting = false;
+      apply((req as SetupMessage).setup);
+      return;
+    }
+    if (!("method" in req)) return;
     try {
       const handler = handlers[req.method];
       if (!handler) throw new Error(`unknown worker method ${req.method}`);
