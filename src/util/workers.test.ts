@@ -2,22 +2,29 @@ import assert from "node:assert/strict";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { test } from "node:test";
+import { type TestContext, test } from "node:test";
 import { pathToFileURL } from "node:url";
 import { isStrataError } from "./errors.js";
 import { prestartWorkers } from "./prestart.js";
 import { WorkerPool } from "./workers.js";
 
-test("closing the pool rejects calls still pending instead of leaving them hanging", async (t) => {
+const SERVE = `import { serveWorker } from ${JSON.stringify(pathToFileURL(join(import.meta.dirname, "workers.js")).href)};`;
+
+/** A worker module in a directory of its own (removed after the test): `SERVE`, then `body`. */
+function workerModule(t: TestContext, body: string, head = ""): URL {
   const dir = mkdtempSync(join(tmpdir(), "strata-workers-"));
   t.after(() => rmSync(dir, { recursive: true, force: true }));
-  const mod = join(dir, "slow-worker.mjs");
-  writeFileSync(
-    mod,
-    `import { serveWorker } from ${JSON.stringify(pathToFileURL(join(import.meta.dirname, "workers.js")).href)};
-serveWorker({ slow: () => new Promise((r) => setTimeout(() => r(1), 60_000)), echo: (a) => a });`,
+  const mod = join(dir, "worker.mjs");
+  writeFileSync(mod, `${head}${SERVE}\n${body}`);
+  return pathToFileURL(mod);
+}
+
+test("closing the pool rejects calls still pending instead of leaving them hanging", async (t) => {
+  const mod = workerModule(
+    t,
+    "serveWorker({ slow: () => new Promise((r) => setTimeout(() => r(1), 60_000)), echo: (a) => a });",
   );
-  const pool = new WorkerPool(pathToFileURL(mod), 1);
+  const pool = new WorkerPool(mod, 1);
   assert.equal(await pool.run("echo", 42), 42);
   const pending = pool.run("slow", null);
   await new Promise((r) => setTimeout(r, 50));
@@ -26,15 +33,8 @@ serveWorker({ slow: () => new Promise((r) => setTimeout(() => r(1), 60_000)), ec
 });
 
 test("pending counts the calls sent and not yet answered over all threads", async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), "strata-workers-"));
-  t.after(() => rmSync(dir, { recursive: true, force: true }));
-  const mod = join(dir, "wait-worker.mjs");
-  writeFileSync(
-    mod,
-    `import { serveWorker } from ${JSON.stringify(pathToFileURL(join(import.meta.dirname, "workers.js")).href)};
-serveWorker({ wait: (ms) => new Promise((r) => setTimeout(() => r(ms), ms)) });`,
-  );
-  const pool = new WorkerPool(pathToFileURL(mod), 2);
+  const mod = workerModule(t, "serveWorker({ wait: (ms) => new Promise((r) => setTimeout(() => r(ms), ms)) });");
+  const pool = new WorkerPool(mod, 2);
   t.after(() => pool.close());
   assert.equal(pool.pending, 0);
   const calls = [pool.run("wait", 200), pool.run("wait", 200), pool.run("wait", 200)];
@@ -44,16 +44,11 @@ serveWorker({ wait: (ms) => new Promise((r) => setTimeout(() => r(ms), ms)) });`
 });
 
 test("a pool takes over threads started ahead, sends them its setup, and stops the spare ones", async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), "strata-workers-"));
-  t.after(() => rmSync(dir, { recursive: true, force: true }));
-  const mod = join(dir, "data-worker.mjs");
-  writeFileSync(
-    mod,
-    `import { threadId } from "node:worker_threads";
-import { serveWorker } from ${JSON.stringify(pathToFileURL(join(import.meta.dirname, "workers.js")).href)};
-serveWorker({ data: (_a, data) => ({ data, threadId }) });`,
+  const url = workerModule(
+    t,
+    "serveWorker({ data: (_a, data) => ({ data, threadId }) });",
+    'import { threadId } from "node:worker_threads";\n',
   );
-  const url = pathToFileURL(mod);
   prestartWorkers(url, 3);
   const pool = new WorkerPool(url, 2, { key: "k1" });
   t.after(() => pool.close());
