@@ -1,8 +1,8 @@
 {
   "targets": [
     {
-      "target_name": "strata_aead",
-      "sources": ["aead.c"],
+      "target_name": "strata_native",
+      "sources": ["strata.c"],
       "cflags": ["-O2", "-Wall", "-Wextra", "-Werror"]
     }
   ]

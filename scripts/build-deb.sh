@@ -55,9 +55,9 @@ install -m 0755 bin/strata "$OPT/bin/strata"
 (cd dist && find src -type f -name '*.js' ! -name '*.test.js' ! -name '*.fixtures.js' -print0 |
   cpio --quiet -0 -pdm "$OPT/dist")
 cp package.json package-lock.json "$OPT/"
-# The AES-GCM addon (scripts/build-native.mjs), built against the node installed beside it.
-if [ -f native/build/Release/strata_aead.node ]; then
-  install -D -m 0755 native/build/Release/strata_aead.node "$OPT/native/build/Release/strata_aead.node"
+# The native addon (scripts/build-native.mjs: AES-GCM, huge pages), built against the node installed beside it.
+if [ -f native/build/Release/strata_native.node ]; then
+  install -D -m 0755 native/build/Release/strata_native.node "$OPT/native/build/Release/strata_native.node"
 fi
 # Production packages only: a copy of node_modules with the development ones pruned (offline;
 # the native builds are kept as they are).

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
-// Builds native/strata_aead.node (native/aead.c: AES-256-GCM in the caller's memory, see
-// src/repo/aead.ts) with node-gyp, against the headers of the node that runs this (the Debian and
+// Builds native/build/Release/strata_native.node (native/strata.c: AES-256-GCM in the caller's
+// memory and huge pages for shared buffers, see src/util/native.ts) with node-gyp, against the headers of the node that runs this (the Debian and
 // NodeSource packages put them in /usr/include/node; nothing is downloaded). Skipped when the
 // addon is newer than its sources. Strata runs without it (Node's own AES-GCM, slower), so a
 // machine that can't build it gets a warning, not a failed build; the test suite checks it loaded.
@@ -9,8 +9,8 @@ import { existsSync, statSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 
 const dir = "native";
-const addon = join(dir, "build", "Release", "strata_aead.node");
-const sources = [join(dir, "aead.c"), join(dir, "binding.gyp")];
+const addon = join(dir, "build", "Release", "strata_native.node");
+const sources = [join(dir, "strata.c"), join(dir, "binding.gyp")];
 const mtime = (p) => statSync(p, { throwIfNoEntry: false })?.mtimeMs ?? -1;
 if (mtime(addon) > Math.max(...sources.map(mtime))) process.exit(0);
 
@@ -35,7 +35,9 @@ const candidates = [
 const nodeDir = resolve(process.execPath, "..", "..");
 const headers = existsSync(join(nodeDir, "include", "node", "node_api.h"));
 const warn = (why) => {
-  console.error(`build-native: ${addon} not built (${why}); AES-GCM runs through Node's crypto, slower`);
+  console.error(
+    `build-native: ${addon} not built (${why}); AES-GCM runs through Node's crypto and chunk buffers in small pages, slower`,
+  );
   process.exit(0);
 };
 if (candidates.length === 0) warn("node-gyp not found beside npm");

@@ -3,7 +3,8 @@ import { execFileSync } from "node:child_process";
 import { createCipheriv, createDecipheriv, randomBytes } from "node:crypto";
 import { test } from "node:test";
 import { isStrataError } from "../util/errors.js";
-import { NATIVE_AEAD_PATH, nativeAead } from "./aead.js";
+import { NATIVE_ADDON_PATH } from "../util/native.js";
+import { nativeAead } from "./aead.js";
 import { chunkDigest, decodeChunk, encodeChunk } from "./codec.js";
 
 const key = randomBytes(32);
@@ -18,7 +19,7 @@ function nodeSeal(nonce: Buffer, plain: Buffer): { sealed: Buffer; tag: Buffer }
 
 test("the AES-GCM addon is built and seals and opens exactly as Node's crypto does", () => {
   const aead = nativeAead();
-  assert.ok(aead, `${NATIVE_AEAD_PATH} loads (npm run build makes it)`);
+  assert.ok(aead, `${NATIVE_ADDON_PATH} loads (npm run build makes it)`);
   for (const size of [0, 1, 15, 16, 17, 65_539, 1 << 20]) {
     const plain = randomBytes(size);
     const nonce = randomBytes(12);

@@ -1,5 +1,6 @@
 /**
- * AES-256-GCM in memory the caller gives: native/aead.c, built by scripts/build-native.mjs.
+ * AES-256-GCM in memory the caller gives: the native addon's seal and open (native/strata.c, see
+ * src/util/native.ts).
  *
  * Node's Cipher and Decipher return every output in new memory, zero-filled and freed only when
  * the collector runs. For chunk payloads that is a second pass over every byte and, where a first
@@ -9,41 +10,11 @@
  * binary is linked with and produces the same bytes; where it is missing (not built, or
  * STRATA_NATIVE_AEAD=0), codec.ts uses Node's crypto as before.
  */
-import { createRequire } from "node:module";
-import { fileURLToPath } from "node:url";
+import { type NativeAddon, nativeAddon } from "../util/native.js";
 
-export interface NativeAead {
-  /** Encrypts `data` in place with AES-256-GCM; writes the 16-byte tag into `tag`. */
-  seal(key: Uint8Array, nonce: Uint8Array, aad: Uint8Array, data: Uint8Array, tag: Uint8Array): void;
-  /** Decrypts `src` into `dst` (as long; may be the same memory); false when the tag doesn't match. */
-  open(
-    key: Uint8Array,
-    nonce: Uint8Array,
-    aad: Uint8Array,
-    src: Uint8Array,
-    dst: Uint8Array,
-    tag: Uint8Array,
-  ): boolean;
-}
+export type NativeAead = Pick<NativeAddon, "seal" | "open">;
 
-/** Where the addon is built: the checkout's native/ (dist/src/repo and dist/src/bundle sit three deep). */
-export const NATIVE_AEAD_PATH = fileURLToPath(
-  new URL("../../../native/build/Release/strata_aead.node", import.meta.url),
-);
-
-let loaded: NativeAead | null | undefined;
-
-/** The addon, or undefined when it isn't built or STRATA_NATIVE_AEAD=0 turns it off. */
+/** The addon's AES-GCM, or undefined when it isn't built or STRATA_NATIVE_AEAD=0 turns it off. */
 export function nativeAead(): NativeAead | undefined {
-  if (loaded === undefined) {
-    loaded = null;
-    if (process.env.STRATA_NATIVE_AEAD !== "0") {
-      try {
-        loaded = createRequire(import.meta.url)(NATIVE_AEAD_PATH) as NativeAead;
-      } catch {
-        loaded = null;
-      }
-    }
-  }
-  return loaded ?? undefined;
+  return process.env.STRATA_NATIVE_AEAD === "0" ? undefined : nativeAddon();
 }

@@ -33,7 +33,10 @@ test("closing the pool rejects calls still pending instead of leaving them hangi
 });
 
 test("pending counts the calls sent and not yet answered over all threads", async (t) => {
-  const mod = workerModule(t, "serveWorker({ wait: (ms) => new Promise((r) => setTimeout(() => r(ms), ms)) });");
+  const mod = workerModule(
+    t,
+    "serveWorker({ wait: (ms) => new Promise((r) => setTimeout(() => r(ms), ms)) });",
+  );
   const pool = new WorkerPool(mod, 2);
   t.after(() => pool.close());
   assert.equal(pool.pending, 0);
