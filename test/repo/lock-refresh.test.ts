@@ -68,7 +68,18 @@ for (const how of ["the locks folder becomes read-only", "the lock object is rem
         // EBUSY while a refresh has a file open for writing in it: try again.
         await retryBusy(() => runProgram("mount", ["-o", "remount,bind,ro", locks]));
       } else {
-        await fs.rm(join(locks, lockFile));
+        // A refresh between its check and its write puts the object back once: remove it until
+        // it stays gone for two refresh periods.
+        const path = join(locks, lockFile);
+        let goneSince = Date.now();
+        await fs.rm(path);
+        while (Date.now() - goneSince < REFRESH_MS * 2) {
+          await new Promise((r) => setTimeout(r, REFRESH_MS / 4));
+          if (await fs.stat(path).then(() => true, () => false)) {
+            await fs.rm(path, { force: true });
+            goneSince = Date.now();
+          }
+        }
       }
       // A few refresh periods: the failure is noticed by the timer, not by luck.
       await new Promise((r) => setTimeout(r, REFRESH_MS * 4));
