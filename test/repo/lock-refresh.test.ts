@@ -75,7 +75,11 @@ for (const how of ["the locks folder becomes read-only", "the lock object is rem
         await fs.rm(path);
         while (Date.now() - goneSince < REFRESH_MS * 2) {
           await new Promise((r) => setTimeout(r, REFRESH_MS / 4));
-          if (await fs.stat(path).then(() => true, () => false)) {
+          const back = await fs.access(path).then(
+            () => true,
+            () => false,
+          );
+          if (back) {
             await fs.rm(path, { force: true });
             goneSince = Date.now();
           }
