@@ -92,8 +92,7 @@ export interface ChunkWriterOptions {
 }
 
 export class ChunkWriter {
-  /** Bytes written so far, and when the last early flush started. */
-  private written = 0;
+  /** Bytes written when the last early flush started. */
   private flushedAt = 0;
   /** What went where: around the page cache, through it, and the early datasyncs started. */
   readonly stats = { directBytes: 0, bufferedBytes: 0, earlyFlushes: 0 };
@@ -212,11 +211,11 @@ export class ChunkWriter {
 
   private async write(data: Uint8Array, position: number): Promise<void> {
     const d = this.direct;
-    let written = false;
+    let direct = false;
     if (d && position % DIRECT_IO_ALIGN === 0 && data.length % DIRECT_IO_ALIGN === 0) {
       try {
         await writeAll(d, data, position);
-        written = true;
+        direct = true;
       } catch (err) {
         if (errnoCode(err) !== "EINVAL") throw err;
         // Opened with O_DIRECT but refuses this write: the page cache from here on (other
@@ -224,14 +223,14 @@ export class ChunkWriter {
         this.direct = undefined;
       }
     }
-    if (written) this.stats.directBytes += data.length;
+    if (direct) this.stats.directBytes += data.length;
     else {
       await writeAll(this.fh, data, position);
       this.stats.bufferedBytes += data.length;
     }
-    this.written += data.length;
-    if (this.written - this.flushedAt >= this.flushEvery && !this.flushing) {
-      this.flushedAt = this.written;
+    const written = this.stats.directBytes + this.stats.bufferedBytes;
+    if (written - this.flushedAt >= this.flushEvery && !this.flushing) {
+      this.flushedAt = written;
       this.stats.earlyFlushes++;
       // A writeback error is reported to one sync only: keep it for the final check.
       this.flushing = this.fh

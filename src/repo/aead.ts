@@ -14,7 +14,9 @@ import { type NativeAddon, nativeAddon } from "../util/native.js";
 
 export type NativeAead = Pick<NativeAddon, "seal" | "open">;
 
+const disabled = process.env.STRATA_NATIVE_AEAD === "0";
+
 /** The addon's AES-GCM, or undefined when it isn't built or STRATA_NATIVE_AEAD=0 turns it off. */
 export function nativeAead(): NativeAead | undefined {
-  return process.env.STRATA_NATIVE_AEAD === "0" ? undefined : nativeAddon();
+  return disabled ? undefined : nativeAddon();
 }
