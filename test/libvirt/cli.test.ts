@@ -106,7 +106,10 @@ describe("libvirt through the CLI", { timeout: 600_000 }, () => {
     );
     assert.ok(b2.disks[0]!.bytesRead > 0, "the workload's writes are read");
     assert.equal(b2.disks[1]!.bytesRead, 0, "vdb did not change");
-    assert.ok(b2.bytesRead < b1.bytesRead / 4, `incremental read ${b2.bytesRead} of ${b1.bytesRead}`);
+    // The workload writes only vda's first 8 MiB; how much of it has changed by now depends on the
+    // guest's pace, so the bound is the region, and the whole is less than the first backup read.
+    assert.ok(b2.disks[0]!.bytesRead <= 8 << 20, `vda incremental read ${b2.disks[0]!.bytesRead}`);
+    assert.ok(b2.bytesRead < b1.bytesRead, `incremental read ${b2.bytesRead} of ${b1.bytesRead}`);
 
     // 2. The restore points, with how each boots.
     const listed = await st(["snapshots"]);
