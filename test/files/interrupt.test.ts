@@ -1,5 +1,6 @@
-// Ctrl-C and SIGTERM end a `files get` walk or a `files ls` of a huge directory within a second,
-// with the interrupted exit code (130), on an ext4 image of 20,000 files built here.
+// Ctrl-C and SIGTERM end a `files get` walk or a `files ls` of a huge directory long before it
+// would have finished, with the interrupted exit code (130), on an ext4 image of 20,000 files
+// built here.
 import assert from "node:assert/strict";
 import { promises as fs } from "node:fs";
 import { tmpdir } from "node:os";
@@ -10,6 +11,12 @@ import { collect, startStrata, strataOk } from "../helpers/cli.js";
 import { sh } from "./images.js";
 
 const MiB = 1024 * 1024;
+/**
+ * How soon after the signal the command must be gone. On a quiet machine it takes 0.1 s; under the
+ * whole suite's load it took 1.2 s once. The listing of /huge takes 6.3 s whole here, so signalled
+ * at 1.5 s a command that finished its work before it stopped would still be running at 3 s.
+ */
+const PROMPT_MS = 3000;
 let dir = "";
 let repo = "";
 
@@ -59,19 +66,19 @@ async function interrupt(
   return { code, afterSignalMs: Date.now() - sent, stdout, stderr };
 }
 
-test("SIGTERM ends a files get walk within a second, before anything is written", async () => {
+test("SIGTERM ends a files get walk promptly, before anything is written", async () => {
   const to = join(dir, "target");
   const r = await interrupt(["files", "get", "--repo", repo, "big/latest", "/", "--to", to], "SIGTERM", 2000);
   assert.equal(r.code, 130, r.stderr);
-  assert.ok(r.afterSignalMs < 1000, `${r.afterSignalMs} ms after SIGTERM`);
+  assert.ok(r.afterSignalMs < PROMPT_MS, `${r.afterSignalMs} ms after SIGTERM`);
   assert.match(r.stderr, /interrupted by SIGTERM/);
   // Interrupted during the walk, which comes before the target is made.
   assert.equal(await fs.stat(to).catch(() => undefined), undefined);
 });
 
-test("Ctrl-C (SIGINT) ends a files ls of a directory of 15,000 entries within a second", async () => {
+test("Ctrl-C (SIGINT) ends a files ls of a directory of 15,000 entries promptly", async () => {
   const r = await interrupt(["files", "ls", "--repo", repo, "big/latest", "/huge"], "SIGINT", 1500);
   assert.equal(r.code, 130, r.stderr);
-  assert.ok(r.afterSignalMs < 1000, `${r.afterSignalMs} ms after SIGINT`);
+  assert.ok(r.afterSignalMs < PROMPT_MS, `${r.afterSignalMs} ms after SIGINT`);
   assert.equal(r.stdout, "");
 });
