@@ -13,8 +13,9 @@ import { sh } from "./images.js";
 const MiB = 1024 * 1024;
 /**
  * How soon after the signal the command must be gone. On a quiet machine it takes 0.1 s; under the
- * whole suite's load it took 1.2 s once. The listing of /huge takes 6.3 s whole here, so signalled
- * at 1.5 s a command that finished its work before it stopped would still be running at 3 s.
+ * whole suite's load it took 1.2 s once. Whole, the listing of /huge takes 6.3 s here and the get
+ * of / 23 s: signalled at 1.5 s and 2 s, a command that finished its work before it stopped would
+ * still be running at 3 s.
  */
 const PROMPT_MS = 3000;
 let dir = "";
